@@ -1,0 +1,278 @@
+"""Model and engine configuration.
+
+`ModelConfig.from_dir` reads a HF checkpoint's `config.json` for the architectures
+we run (LLaVA-1.5 with a CLIP tower, Llama, Mistral); anything else is an error
+that names the architecture or field.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+SUPPORTED_ARCHITECTURES = ("LlavaForConditionalGeneration", "LlamaForCausalLM", "MistralForCausalLM")
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ConfigError(ValueError):
+    """A checkpoint or engine setting we cannot serve; the message names the field."""
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        if name not in _DTYPES.values():
+            raise ConfigError(f"dtype {name} is not supported; use one of {sorted(_DTYPES)}")
+        return name
+    aliases = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16", "float": "float32"}
+    key = aliases.get(name, name)
+    if key not in _DTYPES:
+        raise ConfigError(f"dtype {name!r} is not supported; use one of {sorted(_DTYPES)} or 'auto'")
+    return _DTYPES[key]
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    theta: float = 10000.0
+    kind: str = "default"  # default | linear | llama3
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+    def inv_freq(self, head_dim: int) -> torch.Tensor:
+        """[head_dim // 2] fp32 inverse frequencies, computed exactly as HF does."""
+        exponent = torch.arange(0, head_dim, 2, dtype=torch.int64).to(torch.float) / head_dim
+        inv_freq = 1.0 / (self.theta**exponent)
+        if self.kind == "linear":
+            return inv_freq / self.factor
+        if self.kind == "llama3":
+            low_wavelen = self.original_max_position_embeddings / self.low_freq_factor
+            high_wavelen = self.original_max_position_embeddings / self.high_freq_factor
+            wavelen = 2 * math.pi / inv_freq
+            scaled = torch.where(wavelen > low_wavelen, inv_freq / self.factor, inv_freq)
+            smooth = (self.original_max_position_embeddings / wavelen - self.low_freq_factor) / (
+                self.high_freq_factor - self.low_freq_factor
+            )
+            smoothed = (1 - smooth) * scaled / self.factor + smooth * scaled
+            medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+            return torch.where(medium, smoothed, scaled)
+        return inv_freq
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    max_position_embeddings: int
+    rope: RopeConfig
+    tie_word_embeddings: bool
+    bos_token_id: int | None
+    eos_token_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    image_size: int
+    patch_size: int
+    layer_norm_eps: float
+    hidden_act: str  # quick_gelu | gelu
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    architecture: str
+    text: TextConfig
+    vision: VisionConfig | None = None
+    image_token_id: int | None = None
+    vision_feature_layer: int = -2
+    vision_feature_select_strategy: str = "default"  # default drops CLS; full keeps it
+    projector_hidden_act: str = "gelu"
+    projector_bias: bool = True
+    checkpoint_dtype: torch.dtype = torch.float32
+    raw: dict = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def is_multimodal(self) -> bool:
+        return self.vision is not None
+
+    @property
+    def image_tokens_per_image(self) -> int:
+        assert self.vision is not None
+        return self.vision.num_patches + (1 if self.vision_feature_select_strategy == "full" else 0)
+
+    @property
+    def vision_layers_used(self) -> int:
+        """How many encoder layers run: hidden_states[k] is the output of the first k layers."""
+        assert self.vision is not None
+        n = self.vision.num_layers
+        return self.vision_feature_layer if self.vision_feature_layer >= 0 else n + 1 + self.vision_feature_layer
+
+    @classmethod
+    def from_dir(cls, model_dir: str | Path) -> ModelConfig:
+        path = Path(model_dir)
+        if not path.is_dir():
+            raise ConfigError(f"model directory not found: {path}")
+        cfg_path = path / "config.json"
+        if not cfg_path.is_file():
+            raise ConfigError(f"{path} has no config.json; expected a HF checkpoint directory")
+        try:
+            raw = json.loads(cfg_path.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{cfg_path}: invalid JSON ({e})") from e
+        return cls.from_dict(raw)
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> ModelConfig:
+        archs = raw.get("architectures") or []
+        arch = archs[0] if archs else {"llava": "LlavaForConditionalGeneration", "llama": "LlamaForCausalLM",
+                                       "mistral": "MistralForCausalLM"}.get(raw.get("model_type", ""), "")
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise ConfigError(
+                f"architecture {arch or raw.get('model_type')!r} is not supported; "
+                f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+            )
+        dtype = _checkpoint_dtype(raw)
+        if arch != "LlavaForConditionalGeneration":
+            return cls(architecture=arch, text=_text_config(raw, arch), checkpoint_dtype=dtype, raw=raw)
+
+        text_raw = dict(raw.get("text_config") or {})
+        text_arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}.get(
+            text_raw.get("model_type", "llama")
+        )
+        if text_arch is None:
+            raise ConfigError(f"text_config.model_type {text_raw.get('model_type')!r} is not supported; use llama")
+        vision_raw = raw.get("vision_config") or {}
+        if vision_raw.get("model_type", "clip_vision_model") != "clip_vision_model":
+            raise ConfigError(f"vision_config.model_type {vision_raw.get('model_type')!r} is not supported; "
+                              "use clip_vision_model")
+        feature_layer = raw.get("vision_feature_layer", -2)
+        if not isinstance(feature_layer, int):
+            raise ConfigError(f"vision_feature_layer {feature_layer!r}: only a single layer index is supported")
+        strategy = raw.get("vision_feature_select_strategy", "default")
+        if strategy not in ("default", "full"):
+            raise ConfigError(f"vision_feature_select_strategy {strategy!r} is not supported; use default or full")
+        act = raw.get("projector_hidden_act", "gelu")
+        if act not in ("gelu", "quick_gelu"):
+            raise ConfigError(f"projector_hidden_act {act!r} is not supported; use gelu or quick_gelu")
+        vision = VisionConfig(
+            hidden_size=vision_raw.get("hidden_size", 1024),
+            intermediate_size=vision_raw.get("intermediate_size", 4096),
+            num_layers=vision_raw.get("num_hidden_layers", 24),
+            num_heads=vision_raw.get("num_attention_heads", 16),
+            image_size=vision_raw.get("image_size", 336),
+            patch_size=vision_raw.get("patch_size", 14),
+            layer_norm_eps=vision_raw.get("layer_norm_eps", 1e-5),
+            hidden_act=vision_raw.get("hidden_act", "quick_gelu"),
+        )
+        if vision.hidden_act not in ("gelu", "quick_gelu"):
+            raise ConfigError(f"vision_config.hidden_act {vision.hidden_act!r} is not supported")
+        if not -vision.num_layers - 1 <= feature_layer <= vision.num_layers:
+            raise ConfigError(f"vision_feature_layer {feature_layer} is outside the tower's "
+                              f"{vision.num_layers} layers")
+        image_token = raw.get("image_token_index", raw.get("image_token_id"))
+        if image_token is None:
+            raise ConfigError("LLaVA config has no image_token_index")
+        if "tie_word_embeddings" in raw and "tie_word_embeddings" not in text_raw:
+            text_raw["tie_word_embeddings"] = raw["tie_word_embeddings"]
+        return cls(
+            architecture=arch,
+            text=_text_config(text_raw, text_arch),
+            vision=vision,
+            image_token_id=int(image_token),
+            vision_feature_layer=feature_layer,
+            vision_feature_select_strategy=strategy,
+            projector_hidden_act=act,
+            projector_bias=raw.get("multimodal_projector_bias", True),
+            checkpoint_dtype=dtype,
+            raw=raw,
+        )
+
+
+def _checkpoint_dtype(raw: dict) -> torch.dtype:
+    name = raw.get("dtype") or raw.get("torch_dtype") or (raw.get("text_config") or {}).get("torch_dtype")
+    return _DTYPES.get(str(name), torch.float32)
+
+
+def _rope_config(raw: dict) -> RopeConfig:
+    params = dict(raw.get("rope_parameters") or raw.get("rope_scaling") or {})
+    theta = params.get("rope_theta", raw.get("rope_theta", 10000.0))
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind not in ("default", "linear", "llama3"):
+        raise ConfigError(f"rope type {kind!r} is not supported; supported: default, linear, llama3")
+    if kind == "default":
+        return RopeConfig(theta=theta)
+    if "factor" not in params:
+        raise ConfigError(f"rope_scaling of type {kind} needs a 'factor'")
+    if kind == "linear":
+        return RopeConfig(theta=theta, kind=kind, factor=float(params["factor"]))
+    for key in ("low_freq_factor", "high_freq_factor"):
+        if key not in params:
+            raise ConfigError(f"rope_scaling of type llama3 needs {key!r}")
+    return RopeConfig(
+        theta=theta,
+        kind=kind,
+        factor=float(params["factor"]),
+        low_freq_factor=float(params["low_freq_factor"]),
+        high_freq_factor=float(params["high_freq_factor"]),
+        original_max_position_embeddings=int(
+            params.get("original_max_position_embeddings", raw.get("max_position_embeddings", 8192))
+        ),
+    )
+
+
+def _text_config(raw: dict, arch: str) -> TextConfig:
+    for key in ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size", "vocab_size"):
+        if key not in raw:
+            raise ConfigError(f"{arch} config is missing {key!r}")
+    if raw.get("hidden_act", "silu") != "silu":
+        raise ConfigError(f"hidden_act {raw['hidden_act']!r} is not supported; Llama uses silu")
+    if raw.get("attention_bias") or raw.get("mlp_bias"):
+        raise ConfigError("attention_bias/mlp_bias = true is not supported")
+    num_heads = raw["num_attention_heads"]
+    num_kv = raw.get("num_key_value_heads") or num_heads
+    if num_heads % num_kv:
+        raise ConfigError(f"num_attention_heads {num_heads} is not a multiple of num_key_value_heads {num_kv}")
+    max_pos = raw.get("max_position_embeddings", 4096)
+    window = raw.get("sliding_window") if arch == "MistralForCausalLM" else None
+    if window is not None:
+        # Without sliding-window attention we serve exactly the context in which it is a no-op.
+        max_pos = min(max_pos, int(window))
+    eos = raw.get("eos_token_id")
+    eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
+    return TextConfig(
+        vocab_size=raw["vocab_size"],
+        hidden_size=raw["hidden_size"],
+        intermediate_size=raw["intermediate_size"],
+        num_layers=raw["num_hidden_layers"],
+        num_heads=num_heads,
+        num_kv_heads=num_kv,
+        head_dim=raw.get("head_dim") or raw["hidden_size"] // num_heads,
+        rms_norm_eps=raw.get("rms_norm_eps", 1e-6),
+        max_position_embeddings=max_pos,
+        rope=_rope_config(raw),
+        tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+        bos_token_id=raw.get("bos_token_id"),
+        eos_token_ids=eos_ids,
+    )

@@ -1,0 +1,194 @@
+"""Offline API: `LLM(model_dir).generate(requests, sampling)` and the streaming `LLM.stream`."""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import torch
+
+from engine.block_manager import BlockManager
+from engine.config import ConfigError, ModelConfig, parse_dtype
+from engine.images import ImageProcessor, ImageProcessorConfig
+from engine.request import Request, RequestOutput, Sequence, Status, TokenEvent
+from engine.runner import ModelRunner
+from engine.sampling import RequestError, SamplingParams
+from engine.scheduler import Scheduler
+from engine.tokenizer import IncrementalDetokenizer, Tokenizer
+
+
+class LLM:
+    """Loads a checkpoint and serves batches of requests in this process.
+
+    backend: "torch" (reference ops, any device), "cuda" (our kernels), "auto" (cuda where
+    available). dtype: "auto" (the checkpoint's), "float32", "bfloat16" or "float16".
+    kv_cache_tokens: KV arena capacity in tokens (default: 4 x max_model_len).
+    """
+
+    def __init__(
+        self,
+        model: str | Path,
+        backend: str = "auto",
+        dtype: str | torch.dtype = "auto",
+        device: str | None = None,
+        max_model_len: int | None = None,
+        block_size: int = 16,
+        kv_cache_tokens: int | None = None,
+        max_num_seqs: int = 64,
+        max_num_batched_tokens: int = 8192,
+        seed: int = 0,
+        progress: bool | None = None,
+    ) -> None:
+        self.model_dir = Path(model)
+        self.cfg = ModelConfig.from_dir(self.model_dir)
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.dtype = self.cfg.checkpoint_dtype if dtype == "auto" else parse_dtype(dtype)
+        limit = self.cfg.text.max_position_embeddings
+        if max_model_len is not None and not 1 <= max_model_len <= limit:
+            raise ConfigError(f"max_model_len = {max_model_len}; the model's context is {limit} tokens")
+        self.max_model_len = max_model_len or limit
+        if block_size not in (8, 16, 32, 64, 128):
+            raise ConfigError(f"block_size = {block_size}; use one of 8, 16, 32, 64, 128")
+        num_blocks = -(-(kv_cache_tokens or 4 * self.max_model_len) // block_size)
+        self.tokenizer = Tokenizer(self.model_dir, self.cfg)
+        self.image_processor = (
+            ImageProcessor(ImageProcessorConfig.from_model_dir(self.model_dir, self.cfg.vision.image_size))
+            if self.cfg.vision
+            else None
+        )
+        self.runner = ModelRunner(
+            self.cfg, str(self.model_dir), self.dtype, self.device, backend, block_size, num_blocks, progress
+        )
+        self.scheduler = Scheduler(BlockManager(num_blocks), block_size, max_num_seqs, max_num_batched_tokens)
+        self._rng = random.Random(seed)
+        self._next_id = 0
+
+    # ------------------------------------------------------------------ requests
+
+    def make_sequence(self, request: Request | str, sampling: SamplingParams | None = None) -> Sequence:
+        """Validate, preprocess and tokenize one request (errors name the field and the limit)."""
+        req = Request(prompt=request) if isinstance(request, str) else request
+        sp = req.sampling or sampling or SamplingParams()
+        if not isinstance(req.prompt, str):
+            raise RequestError(f"prompt must be a string, got {type(req.prompt).__name__}")
+        images = list(req.images or [])
+        if images and self.image_processor is None:
+            raise RequestError(f"{self.cfg.architecture} takes no images; got {len(images)}")
+        text = self.tokenizer.build_prompt(req.prompt, len(images), raw=req.raw_prompt)
+        ids = self.tokenizer.encode(text, len(images))
+        vocab = self.cfg.text.vocab_size
+        if any(t >= vocab for t in sp.stop_token_ids):
+            raise RequestError(f"sampling.stop_token_ids {sp.stop_token_ids}: ids must be < vocab size {vocab}")
+        total = len(ids) + sp.max_tokens
+        if total > self.max_model_len:
+            raise RequestError(
+                f"prompt has {len(ids)} tokens and max_tokens is {sp.max_tokens}: {total} > the context "
+                f"length {self.max_model_len}"
+            )
+        blocks_needed = -(-total // self.runner.block_size)
+        if blocks_needed > self.scheduler.blocks.num_blocks:
+            raise RequestError(
+                f"request needs {blocks_needed} KV blocks ({total} tokens); the cache has "
+                f"{self.scheduler.blocks.num_blocks}; raise kv_cache_tokens"
+            )
+        pixels = self.image_processor.preprocess(images) if images else None
+        stops = set(sp.stop_token_ids) | (set() if sp.ignore_eos else set(self.tokenizer.eos_token_ids))
+        seq = Sequence(
+            seq_id=self._next_id,
+            prompt_ids=ids,
+            sampling=sp,
+            seed=sp.seed if sp.seed is not None else self._rng.getrandbits(63),
+            detok=IncrementalDetokenizer(self.tokenizer, sp.skip_special_tokens),
+            stop_token_ids=frozenset(stops),
+            pixel_values=pixels,
+        )
+        self._next_id += 1
+        return seq
+
+    # ------------------------------------------------------------------ serving loop
+
+    def stream(
+        self, requests: Iterable[Request | str] | Request | str, sampling: SamplingParams | None = None
+    ) -> Iterator[TokenEvent]:
+        """Yield a TokenEvent per generated token, for all requests batched together.
+
+        Every request is validated before any runs: one bad request raises RequestError and
+        nothing is queued."""
+        reqs = [requests] if isinstance(requests, (Request, str)) else list(requests)
+        seqs = [self.make_sequence(r, sampling) for r in reqs]
+        index = {s.seq_id: i for i, s in enumerate(seqs)}
+        for s in seqs:
+            self.scheduler.add(s)
+        try:
+            while any(s.status is not Status.FINISHED for s in seqs):
+                batch, is_prefill = self.scheduler.schedule()
+                if not batch:
+                    raise RuntimeError("scheduler made no progress (KV cache too small for one sequence)")
+                out = self.runner.step(batch, is_prefill)
+                now = time.perf_counter()
+                for seq, token in zip(batch, out.token_ids):
+                    yield self._append(seq, token, now, index[seq.seq_id])
+        finally:
+            for s in seqs:  # a consumer that stops early must not leak blocks
+                if s.status is not Status.FINISHED:
+                    if s in self.scheduler.running:
+                        self.scheduler.finish(s)
+                    elif s in self.scheduler.waiting:
+                        self.scheduler.waiting.remove(s)
+                    s.status = Status.FINISHED
+
+    def generate(
+        self, requests: Iterable[Request | str] | Request | str, sampling: SamplingParams | None = None
+    ) -> list[RequestOutput]:
+        """Run all requests to completion; outputs in request order."""
+        single = isinstance(requests, (Request, str))
+        outputs: dict[int, RequestOutput] = {}
+        for ev in self.stream(requests, sampling):
+            if ev.output is not None:
+                outputs[ev.index] = ev.output
+        result = [outputs[i] for i in range(len(outputs))]
+        return result[:1] if single else result
+
+    def _append(self, seq: Sequence, token: int, now: float, index: int) -> TokenEvent:
+        seq.output_ids.append(token)
+        if seq.metrics.first_token is None:
+            seq.metrics.first_token = now
+        delta = seq.detok.add(token)
+        sp = seq.sampling
+        if token in seq.stop_token_ids:
+            seq.finish_reason = "stop"
+        elif len(seq.output_ids) >= sp.max_tokens:
+            seq.finish_reason = "length"
+        if seq.finish_reason:
+            delta += seq.detok.flush()
+        delta = self._apply_stop_strings(seq, delta)
+        if seq.finish_reason is None:
+            return TokenEvent(index, token, delta)
+        seq.metrics.finished = now
+        self.scheduler.finish(seq)
+        m = seq.metrics
+        output = RequestOutput(
+            text=seq.text,
+            token_ids=list(seq.output_ids),
+            prompt_token_ids=list(seq.prompt_ids),
+            finish_reason=seq.finish_reason,
+            ttft_s=m.ttft_s(),
+            tokens_per_s=m.decode_tokens_per_s(len(seq.output_ids)),
+            e2e_s=now - m.arrival,
+        )
+        return TokenEvent(index, token, delta, output)
+
+    @staticmethod
+    def _apply_stop_strings(seq: Sequence, delta: str) -> str:
+        """Append delta to seq.text; on a stop string, cut the text there and finish."""
+        before = len(seq.text)
+        seq.text += delta
+        for stop in seq.sampling.stop:
+            # only look where the new text could complete a match
+            hit = seq.text.find(stop, max(0, before - len(stop) + 1))
+            if hit != -1:
+                seq.text = seq.text[:hit]
+                seq.finish_reason = "stop"
+        return seq.text[before:] if len(seq.text) > before else ""

@@ -1,0 +1,93 @@
+"""A request as the user gives it, and the sequence state the engine keeps for it."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from engine.sampling import SamplingParams
+from engine.tokenizer import IncrementalDetokenizer
+
+
+@dataclass
+class Request:
+    """prompt: user text (`<image>` marks where each image goes); images: paths, bytes,
+    PIL images or data URLs; raw_prompt: use the prompt as is, no chat template."""
+
+    prompt: str
+    images: list[Any] = field(default_factory=list)
+    raw_prompt: bool = False
+    sampling: SamplingParams | None = None
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class Metrics:
+    arrival: float = field(default_factory=time.perf_counter)
+    first_token: float | None = None
+    finished: float | None = None
+
+    def ttft_s(self) -> float:
+        return (self.first_token or self.arrival) - self.arrival
+
+    def decode_tokens_per_s(self, num_tokens: int) -> float:
+        """Tokens after the first over the time they took (the decode rate)."""
+        if num_tokens < 2 or self.first_token is None or self.finished is None:
+            return 0.0
+        return (num_tokens - 1) / max(self.finished - self.first_token, 1e-9)
+
+
+@dataclass(eq=False)
+class Sequence:
+    seq_id: int
+    prompt_ids: list[int]
+    sampling: SamplingParams
+    seed: int
+    detok: IncrementalDetokenizer
+    stop_token_ids: frozenset[int]
+    pixel_values: torch.Tensor | None = None  # [num_images, 3, S, S]
+    output_ids: list[int] = field(default_factory=list)
+    block_table: list[int] = field(default_factory=list)
+    num_cached: int = 0  # tokens whose K/V are in the arena
+    status: Status = Status.WAITING
+    finish_reason: str | None = None
+    text: str = ""  # output text so far, stop strings cut
+    metrics: Metrics = field(default_factory=Metrics)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def all_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+
+@dataclass
+class RequestOutput:
+    text: str
+    token_ids: list[int]
+    prompt_token_ids: list[int]
+    finish_reason: str  # "length" | "stop"
+    ttft_s: float
+    tokens_per_s: float  # decode rate: tokens after the first over their time
+    e2e_s: float
+
+
+@dataclass
+class TokenEvent:
+    """One streamed token: which request, the token, the new text, and the output when done."""
+
+    index: int
+    token_id: int
+    text_delta: str
+    output: RequestOutput | None = None

@@ -1,0 +1,122 @@
+"""Prompt building, tokenization, `<image>` expansion and incremental detokenization."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from engine.config import ConfigError, ModelConfig
+from engine.sampling import RequestError
+
+IMAGE_TAG = "<image>"
+LLAVA_FALLBACK = "USER: {prompt} ASSISTANT:"
+
+
+class Tokenizer:
+    """The checkpoint's HF tokenizer plus the prompt conventions of LLaVA."""
+
+    def __init__(self, model_dir: str | Path, cfg: ModelConfig) -> None:
+        from transformers import AutoTokenizer
+
+        model_dir = Path(model_dir)
+        try:
+            self.hf = AutoTokenizer.from_pretrained(str(model_dir))
+        except Exception as e:  # transformers raises many types for a bad/missing tokenizer
+            raise ConfigError(f"cannot load the tokenizer from {model_dir}: {e}") from e
+        self.cfg = cfg
+        self.chat_template = self.hf.chat_template or _template_file(model_dir)
+        self.image_token_id = cfg.image_token_id
+        self.bos_id = self.hf.bos_token_id
+        eos = set(cfg.text.eos_token_ids)
+        if self.hf.eos_token_id is not None:
+            eos.add(self.hf.eos_token_id)
+        gen_cfg = model_dir / "generation_config.json"
+        if gen_cfg.is_file():
+            gen_eos = json.loads(gen_cfg.read_text()).get("eos_token_id")
+            eos.update(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
+        self.eos_token_ids = tuple(sorted(eos))
+
+    def build_prompt(self, prompt: str, num_images: int, raw: bool = False) -> str:
+        """Render the text the model sees. Without `<image>` tags, one per image is put first."""
+        if raw:
+            return prompt
+        if num_images and IMAGE_TAG not in prompt:
+            prompt = (IMAGE_TAG + "\n") * num_images + prompt
+        if self.chat_template is None:
+            return LLAVA_FALLBACK.format(prompt=prompt)
+        content = [
+            {"type": "image"} if piece == IMAGE_TAG else {"type": "text", "text": piece}
+            for piece in re.split(f"({re.escape(IMAGE_TAG)})", prompt)
+            if piece
+        ]
+        return self.hf.apply_chat_template(
+            [{"role": "user", "content": content}],
+            chat_template=self.chat_template,
+            add_generation_prompt=True,
+            tokenize=False,
+        )
+
+    def encode(self, text: str, num_images: int) -> list[int]:
+        """Token ids with a single BOS and each image token expanded to the tower's token count."""
+        ids = self.hf.encode(text, add_special_tokens=True)
+        if self.bos_id is not None and ids[:2] == [self.bos_id, self.bos_id]:
+            ids = ids[1:]  # the template already wrote BOS
+        image_id = self.image_token_id
+        found = ids.count(image_id) if image_id is not None else 0
+        if found != num_images:
+            raise RequestError(
+                f"prompt has {found} {IMAGE_TAG} tag(s) but {num_images} image(s) were given; "
+                "they must match"
+            )
+        if not found:
+            return ids
+        per_image = self.cfg.image_tokens_per_image
+        out: list[int] = []
+        for t in ids:
+            out.extend([t] * per_image if t == image_id else [t])
+        return out
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.hf.decode(ids, skip_special_tokens=skip_special_tokens)
+
+
+def _template_file(model_dir: Path) -> str | None:
+    jinja = model_dir / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text()
+    js = model_dir / "chat_template.json"
+    if js.is_file():
+        return json.loads(js.read_text()).get("chat_template")
+    return None
+
+
+class IncrementalDetokenizer:
+    """Turns a growing list of token ids into text deltas, holding back incomplete UTF-8."""
+
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True) -> None:
+        self.tok = tokenizer
+        self.skip = skip_special_tokens
+        self.ids: list[int] = []
+        self.prefix_offset = 0
+        self.read_offset = 0
+        self.text = ""
+
+    def add(self, token_id: int) -> str:
+        """Append one token; return the newly complete text (possibly empty)."""
+        self.ids.append(token_id)
+        prefix = self.tok.decode(self.ids[self.prefix_offset : self.read_offset], self.skip)
+        full = self.tok.decode(self.ids[self.prefix_offset :], self.skip)
+        if len(full) > len(prefix) and not full.endswith("\ufffd"):
+            delta = full[len(prefix) :]
+            self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+            self.text += delta
+            return delta
+        return ""
+
+    def flush(self) -> str:
+        """Text still held back at the end of generation."""
+        full = self.tok.decode(self.ids, self.skip)
+        delta = full[len(self.text) :] if full.startswith(self.text) else ""
+        self.text += delta
+        return delta

@@ -1,0 +1,44 @@
+"""Ops and their backends.
+
+Every op the model calls lives in a backend module with the same function names:
+`kernels.reference` (torch, runs anywhere; the oracle) and, where the CUDA extension
+is built, `kernels.cuda_ops` (our kernels + cuBLAS). `get_backend` picks one.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+
+BACKENDS = ("torch", "cuda", "auto")
+
+
+def cuda_available() -> bool:
+    """True when a GPU is present and the compiled extension imports."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        from kernels import cuda_ops  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def get_backend(name: str, device: torch.device) -> types.ModuleType:
+    """Return the ops module for `name` ("torch" | "cuda" | "auto") on `device`."""
+    if name not in BACKENDS:
+        raise ValueError(f"backend {name!r} is not one of {', '.join(BACKENDS)}")
+    if name == "auto":
+        name = "cuda" if device.type == "cuda" and cuda_available() else "torch"
+    if name == "cuda":
+        if device.type != "cuda":
+            raise ValueError(f"backend 'cuda' needs a CUDA device, got device {device}")
+        try:
+            from kernels import cuda_ops
+        except ImportError as e:
+            raise ValueError(f"backend 'cuda' is not available: the CUDA extension did not import ({e})") from e
+        return cuda_ops
+    from kernels import reference
+
+    return reference
