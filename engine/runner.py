@@ -90,6 +90,7 @@ class ModelRunner:
             seq_lens=self._tensor([s.num_tokens for s in seqs], torch.int32),
             block_tables=self._block_tables(seqs),
             cu_seqlens_q=self._tensor(cu, torch.int32) if is_prefill else None,
+            max_seqlen_q=max(b - a for a, b in zip(cu, cu[1:])),
         )
         hidden = self.model(
             self.ops,

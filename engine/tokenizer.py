@@ -41,10 +41,11 @@ class Tokenizer:
         """Render the text the model sees. Without `<image>` tags, one per image is put first."""
         if raw:
             return prompt
-        if num_images and IMAGE_TAG not in prompt:
-            prompt = (IMAGE_TAG + "\n") * num_images + prompt
+        auto = num_images and IMAGE_TAG not in prompt
         if self.chat_template is None:
+            prompt = (IMAGE_TAG + "\n") * num_images + prompt if auto else prompt
             return LLAVA_FALLBACK.format(prompt=prompt)
+        prompt = IMAGE_TAG * num_images + prompt if auto else prompt  # the template lays images out
         content = [
             {"type": "image"} if piece == IMAGE_TAG else {"type": "text", "text": piece}
             for piece in re.split(f"({re.escape(IMAGE_TAG)})", prompt)

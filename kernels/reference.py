@@ -154,12 +154,14 @@ def paged_attention_prefill(
     seq_lens: torch.Tensor,
     block_tables: torch.Tensor,
     scale: float,
+    max_seqlen_q: int | None = None,
 ) -> torch.Tensor:
     """Varlen causal attention over the paged cache, prior context included.
 
     q [T, Hq, D] packs B sequences (cu_seqlens_q [B+1]); sequence i's queries are the last
     cu_seqlens_q[i+1]-cu_seqlens_q[i] of its seq_lens[i] tokens, whose K/V are already in the
-    arena. block_tables [B, max_blocks] int32. Returns [T, Hq, D].
+    arena. block_tables [B, max_blocks] int32. max_seqlen_q (host int) sizes a kernel's grid;
+    unused here. Returns [T, Hq, D].
     """
     out = torch.empty_like(q)
     cu = cu_seqlens_q.tolist()

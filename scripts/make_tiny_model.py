@@ -7,11 +7,14 @@ BPE trained on the spot on the corpus below. Used by CPU tests and parity script
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -88,41 +91,28 @@ LLAVA_CHAT_TEMPLATE = (
 
 def train_tokenizer(out_dir: str | Path, chat_template: str | None) -> None:
     """Train a byte-level BPE tokenizer on CORPUS and save it HF-style into out_dir."""
-    from tokenizers import (
-        AddedToken,
-        Tokenizer,
-        decoders,
-        models,
-        pre_tokenizers,
-        processors,
-        trainers,
-    )
+    import tokenizers as tk
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.BPE(unk_token=UNK))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB_SIZE - 1,
-        special_tokens=[UNK, BOS, EOS, PAD],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
+    tok = tk.Tokenizer(tk.models.BPE(unk_token=UNK))
+    tok.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = tk.decoders.ByteLevel()
+    trainer = tk.trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE - 1, special_tokens=[UNK, BOS, EOS, PAD],
+        initial_alphabet=tk.pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
     )
     tok.train_from_iterator(CORPUS.splitlines(), trainer=trainer)
-    tok.add_special_tokens([AddedToken(IMAGE, special=True, normalized=False)])
-    assert tok.get_vocab_size() == VOCAB_SIZE, f"tokenizer vocab {tok.get_vocab_size()} != {VOCAB_SIZE}"
-    bos_id = tok.token_to_id(BOS)
-    tok.post_processor = processors.TemplateProcessing(
-        single=f"{BOS}:0 $A:0", pair=f"{BOS}:0 $A:0 {BOS}:1 $B:1", special_tokens=[(BOS, bos_id)]
+    # Added after training so that it takes the last id, like llava-hf's <image> = 32000.
+    tok.add_special_tokens([tk.AddedToken(IMAGE, special=True, normalized=False)])
+    assert tok.get_vocab_size() == VOCAB_SIZE, f"vocab {tok.get_vocab_size()} != {VOCAB_SIZE}"
+    tok.post_processor = tk.processors.TemplateProcessing(  # prepend <s> like Llama
+        single=f"{BOS}:0 $A:0",
+        pair=f"{BOS}:0 $A:0 {BOS}:1 $B:1",
+        special_tokens=[(BOS, tok.token_to_id(BOS))],
     )
     hf_tok = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token=BOS,
-        eos_token=EOS,
-        unk_token=UNK,
-        pad_token=PAD,
-        model_max_length=1024,
-        extra_special_tokens={"image_token": IMAGE},
+        tokenizer_object=tok, bos_token=BOS, eos_token=EOS, unk_token=UNK, pad_token=PAD,
+        model_max_length=1024, extra_special_tokens={"image_token": IMAGE},
     )
     if chat_template is not None:
         hf_tok.chat_template = chat_template
@@ -173,7 +163,8 @@ def _rewrite_keys(out_dir: Path, rename: dict[str, str]) -> None:
 
     for path in sorted(out_dir.glob("*.safetensors")):
         tensors = load_file(str(path))
-        save_file({new_name(k): v for k, v in tensors.items()}, str(path), metadata={"format": "pt"})
+        renamed = {new_name(k): v for k, v in tensors.items()}
+        save_file(renamed, str(path), metadata={"format": "pt"})
     index_path = out_dir / "model.safetensors.index.json"
     if index_path.exists():
         index = json.loads(index_path.read_text())
@@ -181,11 +172,12 @@ def _rewrite_keys(out_dir: Path, rename: dict[str, str]) -> None:
         index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
-# Layouts relative to what save_pretrained writes (transformers 5: "language_model.model.*",
-# "language_model.lm_head.weight", "vision_tower.*" (no "vision_model."), "multi_modal_projector.*").
+# Prefix renames of what save_pretrained writes. transformers 5 writes "language_model.model.*",
+# "language_model.lm_head.weight", "vision_tower.*" (no "vision_model.") and
+# "multi_modal_projector.*".
 KEY_LAYOUTS: dict[str, dict[str, str]] = {
     "hf": {},
-    # Checkpoints saved by transformers 4.52+ without reverse mapping.
+    # Found in the wild: the module paths of transformers >= 4.52 written as they are.
     "model_prefixed": {
         "language_model.model.": "model.language_model.",
         "language_model.lm_head.": "lm_head.",
@@ -201,8 +193,21 @@ KEY_LAYOUTS: dict[str, dict[str, str]] = {
 }
 
 
-def _save(model: torch.nn.Module, out_dir: Path, dtype: torch.dtype, sharded: bool) -> None:
-    model.to(dtype).save_pretrained(str(out_dir), safe_serialization=True, max_shard_size="500KB" if sharded else "10GB")
+def _start_dir(out_dir: str | Path, chat_template: str | None) -> tuple[Path, Any]:
+    """Create out_dir, drop weights left by an earlier run, write and reload the tokenizer."""
+    from transformers import AutoTokenizer
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in [*out.glob("*.safetensors"), *out.glob("*.safetensors.index.json")]:
+        stale.unlink()
+    train_tokenizer(out, chat_template)
+    return out, AutoTokenizer.from_pretrained(str(out))
+
+
+def _save(model: torch.nn.Module, out: Path, dtype: torch.dtype, sharded: bool) -> None:
+    shard = "500KB" if sharded else "10GB"  # 500KB: ~9 shards for tiny LLaVA in fp32
+    model.to(dtype).save_pretrained(str(out), safe_serialization=True, max_shard_size=shard)
 
 
 def make_tiny_llava(
@@ -213,37 +218,29 @@ def make_tiny_llava(
     key_layout: str = "hf",
 ) -> Path:
     """Write a tiny LLaVA-1.5-style checkpoint (CLIP ViT + MLP projector + Llama) to out_dir."""
-    from transformers import (
-        AutoTokenizer,
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-    )
+    import transformers as hf
 
     if key_layout not in KEY_LAYOUTS:
         raise ValueError(f"key_layout={key_layout!r}; expected one of {sorted(KEY_LAYOUTS)}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    train_tokenizer(out, LLAVA_CHAT_TEMPLATE)
-    tok = AutoTokenizer.from_pretrained(str(out))
-    vision = CLIPVisionConfig(
+    out, tok = _start_dir(out_dir, LLAVA_CHAT_TEMPLATE)
+    vision = hf.CLIPVisionConfig(
         hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
         image_size=84, patch_size=14, hidden_act="quick_gelu", layer_norm_eps=1e-5,
     )
-    text = LlamaConfig(
+    text = hf.LlamaConfig(
         vocab_size=len(tok), hidden_size=128, intermediate_size=352, num_hidden_layers=3,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024, rms_norm_eps=1e-5,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024,
+        rms_norm_eps=1e-5,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
     )
-    config = LlavaConfig(
+    config = hf.LlavaConfig(
         vision_config=vision, text_config=text, image_token_index=tok.convert_tokens_to_ids(IMAGE),
-        projector_hidden_act="gelu", vision_feature_layer=-2, vision_feature_select_strategy="default",
-        image_seq_length=IMAGE_SEQ_LENGTH,
+        projector_hidden_act="gelu", vision_feature_layer=-2,
+        vision_feature_select_strategy="default", image_seq_length=IMAGE_SEQ_LENGTH,
     )
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config).eval()
+    model = hf.LlavaForConditionalGeneration(config).eval()
     _init_non_flat(model, seed, embed_std=1.0, head_gain=3.0, residual_gain=1.0)
     _save(model, out, dtype, sharded)
     _rewrite_keys(out, KEY_LAYOUTS[key_layout])
@@ -258,21 +255,21 @@ def make_tiny_llava(
     return out
 
 
-def make_tiny_llama(out_dir: str | Path, seed: int = 0, dtype: torch.dtype = torch.float32, sharded: bool = False) -> Path:
-    """Write a tiny Llama-3-style checkpoint (GQA, llama3 RoPE, tied embeddings, no chat template)."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+def make_tiny_llama(
+    out_dir: str | Path, seed: int = 0, dtype: torch.dtype = torch.float32, sharded: bool = False
+) -> Path:
+    """Write a tiny Llama-3-style checkpoint: GQA, llama3 RoPE, tied embeddings, no template."""
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    train_tokenizer(out, None)
-    tok = AutoTokenizer.from_pretrained(str(out))
+    out, tok = _start_dir(out_dir, None)
     rope = {
         "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
         "high_freq_factor": 4.0, "original_max_position_embeddings": 64,
     }
     config = LlamaConfig(
-        vocab_size=len(tok), hidden_size=128, head_dim=16, intermediate_size=288, num_hidden_layers=3,
-        num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=1024, rms_norm_eps=1e-5,
+        vocab_size=len(tok), hidden_size=128, head_dim=16, intermediate_size=288,
+        num_hidden_layers=3, num_attention_heads=8, num_key_value_heads=2,
+        max_position_embeddings=1024, rms_norm_eps=1e-5,
         rope_parameters=rope, tie_word_embeddings=True,
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
     )
@@ -298,27 +295,28 @@ def default_tiny_llama_dir() -> Path:
     return _cache_root() / "tiny-llama"
 
 
-def _ensure(target: Path, make: object) -> Path:
-    """Build target once: write into a temp dir beside it, then rename atomically."""
+def _is_current(target: Path) -> bool:
     stamp = target / "tiny_model_version.txt"
-    if stamp.exists() and stamp.read_text().strip() == FORMAT_VERSION:
+    return stamp.exists() and stamp.read_text().strip() == FORMAT_VERSION
+
+
+def _ensure(target: Path, make: Callable[[Path], Path]) -> Path:
+    """Build target once: write into a temp dir beside it, then rename it into place."""
+    if _is_current(target):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        make(tmp)  # type: ignore[operator]
+        make(tmp)
+        tmp.chmod(0o755)  # mkdtemp makes it 0700
         (tmp / "tiny_model_version.txt").write_text(FORMAT_VERSION + "\n")
-        if target.exists():  # stale version: move it aside first (rename is atomic)
-            stale = Path(tempfile.mkdtemp(prefix=f".{target.name}-stale-", dir=target.parent))
-            try:
-                target.rename(stale / "old")
-            except OSError:
-                pass  # another process moved it already
-            shutil.rmtree(stale, ignore_errors=True)
-        try:
+        if target.exists() and not _is_current(target):  # older FORMAT_VERSION: move aside
+            trash = Path(tempfile.mkdtemp(prefix=f".{target.name}-old-", dir=target.parent))
+            with contextlib.suppress(OSError):
+                target.rename(trash / "old")
+            shutil.rmtree(trash, ignore_errors=True)
+        with contextlib.suppress(OSError):  # fails if another process won the race: same files
             tmp.rename(target)
-        except OSError:  # another process won the race; its copy is identical
-            pass
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
@@ -348,7 +346,9 @@ def main() -> None:
     args = parser.parse_args()
     dtype = DTYPES[args.dtype]
     if args.kind == "llava":
-        out = make_tiny_llava(args.out, args.seed, dtype, sharded=args.sharded, key_layout=args.key_layout)
+        out = make_tiny_llava(
+            args.out, args.seed, dtype, sharded=args.sharded, key_layout=args.key_layout
+        )
     else:
         if args.key_layout != "hf":
             parser.error("--key-layout applies to --kind llava only")

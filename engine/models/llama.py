@@ -24,6 +24,7 @@ class AttentionMetadata:
     seq_lens: torch.Tensor  # [B] int32, tokens in the cache once this step is written
     block_tables: torch.Tensor  # [B, max_blocks] int32
     cu_seqlens_q: torch.Tensor | None = None  # [B+1] int32, prefill only
+    max_seqlen_q: int = 1  # longest query run in the batch (host int; sizes the prefill grid)
 
 
 def _weight(*shape: int) -> nn.Parameter:
@@ -69,7 +70,7 @@ class LlamaLayer(nn.Module):
         scale = cfg.head_dim**-0.5
         if meta.is_prefill:
             attn = ops.paged_attention_prefill(
-                q, kv_arena, layer, meta.cu_seqlens_q, meta.seq_lens, meta.block_tables, scale
+                q, kv_arena, layer, meta.cu_seqlens_q, meta.seq_lens, meta.block_tables, scale, meta.max_seqlen_q
             )
         else:
             attn = ops.paged_attention_decode(q, kv_arena, layer, meta.seq_lens, meta.block_tables, scale)

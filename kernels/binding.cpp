@@ -1,0 +1,15 @@
+// The extension module kernels._epd_C: each family registers its ops from its bind.h.
+#include <torch/extension.h>
+
+#include "kernels/attn_varlen/bind.h"
+#include "kernels/elementwise/bind.h"
+#include "kernels/rmsnorm_rope/bind.h"
+#include "kernels/sampling/bind.h"
+
+PYBIND11_MODULE(_epd_C, m) {
+  m.doc() = "EPD engine CUDA kernels";
+  epd::bind_rmsnorm_rope(m);
+  epd::bind_attn_varlen(m);
+  epd::bind_elementwise(m);
+  epd::bind_sampling(m);
+}

@@ -1,0 +1,38 @@
+"""Shared fixtures: tiny checkpoints made locally once per session (no network)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from scripts.make_tiny_model import make_tiny_llama, make_tiny_llava  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_llava(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_llava(tmp_path_factory.mktemp("models") / "tiny-llava")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def llava_llm(tiny_llava: Path):
+    from engine import LLM
+
+    return LLM(tiny_llava, backend="torch", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def llama_llm(tiny_llama: Path):
+    from engine import LLM
+
+    return LLM(tiny_llama, backend="torch", device="cpu")

@@ -1,0 +1,131 @@
+"""The offline API end to end on the torch backend: batching, streaming, stops, preemption, errors."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from engine import LLM, Request, RequestError, SamplingParams
+from engine.config import ConfigError
+from engine.images import ImageError
+
+
+def _png(seed: int, size: tuple[int, int] = (90, 120)) -> bytes:
+    arr = np.random.default_rng(seed).integers(0, 256, (*size, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _requests() -> list[Request]:
+    return [
+        Request("What is in the image?", images=[_png(1)]),
+        Request("Describe both pictures in detail, please.", images=[_png(2), _png(3, (300, 200))]),
+        Request("Hello there"),
+        Request("<image> then text, then <image> and <image>", images=[_png(4), _png(5), _png(6)]),
+    ]
+
+
+GREEDY = SamplingParams(max_tokens=12, ignore_eos=True)
+
+
+def test_batched_equals_one_at_a_time(llava_llm: LLM) -> None:
+    batched = llava_llm.generate(_requests(), GREEDY)
+    single = [llava_llm.generate(r, GREEDY)[0] for r in _requests()]
+    assert [o.token_ids for o in batched] == [o.token_ids for o in single]
+    assert all(len(o.token_ids) == 12 and o.finish_reason == "length" for o in batched)
+    assert llava_llm.scheduler.blocks.num_free == llava_llm.scheduler.blocks.num_blocks
+
+
+def test_stream_deltas_rebuild_text(llava_llm: LLM) -> None:
+    deltas: dict[int, str] = {}
+    outputs = {}
+    for ev in llava_llm.stream(_requests()[:3], GREEDY):
+        deltas[ev.index] = deltas.get(ev.index, "") + ev.text_delta
+        if ev.output:
+            outputs[ev.index] = ev.output
+    for i, out in outputs.items():
+        assert deltas[i] == out.text == llava_llm.tokenizer.decode(out.token_ids)
+        assert out.ttft_s > 0 and out.tokens_per_s > 0
+
+
+def test_preemption_keeps_greedy_output(tiny_llava: Path) -> None:
+    reference = LLM(tiny_llava, backend="torch", device="cpu").generate(_requests(), GREEDY)
+    # 11 blocks of 16 tokens: the requests cannot all stay resident, so decode must preempt.
+    small = LLM(tiny_llava, backend="torch", device="cpu", kv_cache_tokens=176, block_size=16)
+    outs = small.generate(_requests(), GREEDY)
+    assert small.scheduler.num_preemptions > 0
+    assert [o.token_ids for o in outs] == [o.token_ids for o in reference]
+    assert small.scheduler.blocks.num_free == small.scheduler.blocks.num_blocks
+
+
+def test_stop_token_and_stop_string(llama_llm: LLM) -> None:
+    base = llama_llm.generate("Count the birds", SamplingParams(max_tokens=16, ignore_eos=True))[0]
+    stop_id = base.token_ids[5]
+    out = llama_llm.generate("Count the birds", SamplingParams(max_tokens=16, stop_token_ids=(stop_id,),
+                                                               ignore_eos=True))[0]
+    first = base.token_ids.index(stop_id)
+    assert out.finish_reason == "stop" and out.token_ids == base.token_ids[: first + 1]
+    stop_text = base.text[len(base.text) // 2 : len(base.text) // 2 + 3]
+    if stop_text.strip():
+        out = llama_llm.generate("Count the birds", SamplingParams(max_tokens=16, stop=(stop_text,),
+                                                                   ignore_eos=True))[0]
+        assert out.finish_reason == "stop" and stop_text not in out.text
+        assert base.text.startswith(out.text)
+
+
+def test_seeded_sampling_is_per_request(llama_llm: LLM) -> None:
+    sp = SamplingParams(max_tokens=10, temperature=0.9, top_p=0.9, top_k=50, seed=1234, ignore_eos=True)
+    alone = llama_llm.generate("Tell me a story", sp)[0].token_ids
+    other = SamplingParams(max_tokens=10, temperature=1.0, seed=7, ignore_eos=True)
+    batched = llama_llm.generate([Request("Hello", sampling=other), Request("Tell me a story", sampling=sp)])
+    assert batched[1].token_ids == alone
+    different = llama_llm.generate("Tell me a story", SamplingParams(max_tokens=10, temperature=0.9, top_p=0.9,
+                                                                     top_k=50, seed=99, ignore_eos=True))[0]
+    assert different.token_ids != alone
+
+
+def test_context_length_error(llava_llm: LLM) -> None:
+    with pytest.raises(RequestError, match=r"prompt has \d+ tokens and max_tokens is 1020: \d+ > the context length"):
+        llava_llm.generate("hi", SamplingParams(max_tokens=1020))
+
+
+def test_bad_requests_do_not_disturb_others(llava_llm: LLM, tmp_path: Path) -> None:
+    bad = [
+        (Request("x", images=[str(tmp_path / "missing.png")]), ImageError, "file not found"),
+        (Request("x", images=[b"not an image"]), ImageError, "image 0: cannot decode"),
+        (Request("x", images=[_png(1)[:200]]), ImageError, "image 0"),
+        (Request("<image> <image>", images=[_png(1)]), RequestError, "2 <image> tag"),
+        (Request("<image>", images=[_png(1), _png(2)]), RequestError, "1 <image> tag"),
+    ]
+    for req, err, match in bad:
+        with pytest.raises(err, match=match):
+            llava_llm.generate([Request("fine"), req], GREEDY)
+    assert llava_llm.scheduler.blocks.num_free == llava_llm.scheduler.blocks.num_blocks
+    assert llava_llm.generate("fine", GREEDY)[0].token_ids == llava_llm.generate("fine", GREEDY)[0].token_ids
+
+
+def test_images_rejected_for_text_model(llama_llm: LLM) -> None:
+    with pytest.raises(RequestError, match="takes no images"):
+        llama_llm.generate(Request("x", images=[_png(1)]))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [({"temperature": -1.0}, "temperature"), ({"top_p": 0.0}, "top_p"), ({"top_k": -2}, "top_k"),
+     ({"max_tokens": 0}, "max_tokens"), ({"seed": -5}, "seed"), ({"stop": ("",)}, "stop")],
+)
+def test_invalid_sampling(kwargs: dict, match: str) -> None:
+    with pytest.raises(RequestError, match=f"sampling.{match}"):
+        SamplingParams(**kwargs)
+
+
+def test_engine_option_errors(tiny_llava: Path) -> None:
+    with pytest.raises(ConfigError, match="max_model_len = 5000; the model's context is 1024"):
+        LLM(tiny_llava, backend="torch", device="cpu", max_model_len=5000)
+    with pytest.raises(ValueError, match="backend 'cuda' needs a CUDA device"):
+        LLM(tiny_llava, backend="cuda", device="cpu")

@@ -1,0 +1,25 @@
+"""The parity scripts against HF transformers, fp32 on the CPU, for both tiny models."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("script", ["logits", "decode", "greedy", "vision"])
+@pytest.mark.parametrize("kind", ["llava", "llama"])
+def test_parity_script(script: str, kind: str, tiny_llava: Path, tiny_llama: Path) -> None:
+    if script == "vision" and kind == "llama":
+        pytest.skip("text-only model has no vision tower")
+    model = tiny_llava if kind == "llava" else tiny_llama
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "parity" / f"{script}.py"), "--model", str(model), "--steps", "32"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    assert "RESULT: PASS" in proc.stdout
