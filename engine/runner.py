@@ -35,7 +35,7 @@ class ModelRunner:
         self.cfg = cfg
         self.device = device
         self.dtype = dtype
-        self.ops = get_backend(backend, device)
+        self.ops = get_backend(backend, device, dtype)
         self.backend = "cuda" if self.ops.__name__.endswith("cuda_ops") else "torch"
         self.model = load_model(cfg, model_dir, dtype, device, progress=progress)
         t = cfg.text

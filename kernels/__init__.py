@@ -25,15 +25,20 @@ def cuda_available() -> bool:
     return True
 
 
-def get_backend(name: str, device: torch.device) -> types.ModuleType:
-    """Return the ops module for `name` ("torch" | "cuda" | "auto") on `device`."""
+def get_backend(name: str, device: torch.device, dtype: torch.dtype) -> types.ModuleType:
+    """Return the ops module for `name` ("torch" | "cuda" | "auto") on `device`.
+
+    auto = cuda for bf16/fp16 on a GPU with the extension built, torch otherwise."""
     if name not in BACKENDS:
         raise ValueError(f"backend {name!r} is not one of {', '.join(BACKENDS)}")
+    half = dtype in (torch.bfloat16, torch.float16)
     if name == "auto":
-        name = "cuda" if device.type == "cuda" and cuda_available() else "torch"
+        name = "cuda" if device.type == "cuda" and half and cuda_available() else "torch"
     if name == "cuda":
         if device.type != "cuda":
             raise ValueError(f"backend 'cuda' needs a CUDA device, got device {device}")
+        if not half:
+            raise ValueError(f"backend 'cuda' runs bfloat16 or float16, got {dtype}; use backend 'torch' for fp32")
         try:
             from kernels import cuda_ops
         except ImportError as e:

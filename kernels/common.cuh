@@ -33,6 +33,7 @@ template <typename T> struct alignas(16) Vec16 {
   T v[N];
 };
 
+#ifdef __CUDACC__  // device intrinsics: not seen by the host compiler (ops.cpp files)
 __device__ __forceinline__ float warp_sum(float x) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
@@ -43,6 +44,8 @@ __device__ __forceinline__ float warp_max(float x) {
   for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
   return x;
 }
+
+#endif  // __CUDACC__
 
 }  // namespace epd
 

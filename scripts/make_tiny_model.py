@@ -121,30 +121,35 @@ def train_tokenizer(out_dir: str | Path, chat_template: str | None) -> None:
 
 @torch.no_grad()
 def _init_non_flat(
-    model: torch.nn.Module, seed: int, embed_std: float, head_gain: float, residual_gain: float
+    model: torch.nn.Module, seed: int, embed_std: float, head_gain: float, residual_gain: float,
+    device: str = "cpu",
 ) -> None:
     """Re-initialise every parameter from a seeded generator so logits have a clear top-1.
 
     residual_gain > 1 on the LM's o_proj/down_proj lets the layers, not the token's own
     embedding, dominate the residual stream: random LMs then loop less under greedy decoding.
     """
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device).manual_seed(seed)
+
+    def randn(shape: torch.Size) -> torch.Tensor:
+        return torch.randn(shape, generator=gen, device=device)
+
     for name, p in model.named_parameters():  # tied weights appear once
         leaf = name.rsplit(".", 1)[-1]
         if "norm" in name and leaf == "weight":  # LayerNorm / RMSNorm gains
-            new = 1.0 + 0.1 * torch.randn(p.shape, generator=gen)
+            new = 1.0 + 0.1 * randn(p.shape)
         elif leaf == "bias":
-            new = 0.05 * torch.randn(p.shape, generator=gen)
+            new = 0.05 * randn(p.shape)
         elif "embed_tokens" in name:
-            new = embed_std * torch.randn(p.shape, generator=gen)
+            new = embed_std * randn(p.shape)
         elif "position_embedding" in name or "class_embedding" in name:
-            new = 0.5 * torch.randn(p.shape, generator=gen)
+            new = 0.5 * randn(p.shape)
         elif p.dim() >= 2:  # Linear / Conv2d: fan_in = product of all but the output dim
             gain = head_gain if "lm_head" in name else 1.0
             gain = residual_gain if name.endswith(("o_proj.weight", "down_proj.weight")) else gain
-            new = gain * torch.randn(p.shape, generator=gen) / p[0].numel() ** 0.5
+            new = gain * randn(p.shape) / p[0].numel() ** 0.5
         else:
-            new = 0.1 * torch.randn(p.shape, generator=gen)
+            new = 0.1 * randn(p.shape)
         p.copy_(new.to(p.dtype))
 
 

@@ -1,0 +1,80 @@
+"""Kernel benchmarks at LLaVA-1.5-7B shapes: time, achieved GB/s or TFLOP/s, the ceiling measured
+in this run (device copy bandwidth; cuBLAS bf16 GEMM), and torch's peer.
+
+    python scripts/bench_kernels.py [--json OUT.json] [--md OUT.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+FAMILIES = ["kernels.rmsnorm_rope.bench", "kernels.elementwise.bench", "kernels.sampling.bench",
+            "kernels.attn_varlen.bench", "kernels.attn_varlen.decode_bench"]
+
+
+def median_ms(fn, warmup: int = 5, repeat: int = 30) -> float:
+    for _ in range(warmup):
+        fn()
+    start = [torch.cuda.Event(enable_timing=True) for _ in range(repeat)]
+    end = [torch.cuda.Event(enable_timing=True) for _ in range(repeat)]
+    for s, e in zip(start, end):
+        s.record()
+        fn()
+        e.record()
+    torch.cuda.synchronize()
+    return sorted(s.elapsed_time(e) for s, e in zip(start, end))[repeat // 2]
+
+
+def ceilings() -> dict:
+    """Copy bandwidth (bytes read + written) and bf16 GEMM rate, measured now."""
+    n = 1 << 30
+    src = torch.randn(n // 2, device="cuda", dtype=torch.bfloat16)
+    dst = torch.empty_like(src)
+    ms = median_ms(lambda: dst.copy_(src))
+    copy_gbps = 2 * n / ms / 1e6
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    ms = median_ms(lambda: a @ b, repeat=20)
+    return {"copy_GBps": copy_gbps, "gemm_TFLOPs": 2 * 8192**3 / ms / 1e9, "device": torch.cuda.get_device_name()}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--json")
+    p.add_argument("--md")
+    args = p.parse_args()
+    ceil = ceilings()
+    rows = []
+    for name in FAMILIES:
+        try:
+            rows += importlib.import_module(name).run(ceil)
+        except Exception as e:  # one family failing must not hide the others' numbers
+            rows.append({"case": f"{name}: ERROR {type(e).__name__}: {e}"})
+    lines = [f"device {ceil['device']}: copy {ceil['copy_GBps']:.0f} GB/s, bf16 GEMM {ceil['gemm_TFLOPs']:.0f} TFLOP/s",
+             "", "| case | ms | achieved | % of ceiling | peer | peer ms |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        if "ms" not in r:
+            lines.append(f"| {r['case']} | | | | | |")
+            continue
+        lines.append(f"| {r['case']} | {r['ms']:.4f} | {r['achieved']:.1f} {r['unit']} | {r['pct']:.1f}% | "
+                     f"{r.get('peer', '')} | {r.get('peer_ms', float('nan')):.4f} |")
+    text = "\n".join(lines)
+    print(text)
+    if args.md:
+        Path(args.md).write_text(text + "\n")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"ceilings": ceil, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

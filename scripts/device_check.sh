@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# One call on the GPU machine: build the extension, run the GPU tests, the parity scripts on the
+# cuda backend at 7B shapes, and the kernel benchmarks; logs and a summary table under $OUT.
+#   STAGES="build test parity bench" bash scripts/device_check.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/device_out}
+mkdir -p "$OUT"
+STAGES=${STAGES:-"build test parity bench"}
+export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16} EPD_CACHE_DIR=/tmp/epd-cache
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+fi
+SUMMARY="$OUT/summary.md"
+echo "# device_check $(date -u +%FT%TZ) commit $(git rev-parse --short HEAD 2>/dev/null || echo none)" > "$SUMMARY"
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader >> "$SUMMARY" 2>&1
+
+stage() {  # stage NAME CMD...: run, log, record status and time
+  local name=$1; shift
+  local t0=$(date +%s)
+  "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  echo "| $name | rc=$rc | $(( $(date +%s) - t0 ))s |" >> "$SUMMARY"
+  tail -n 25 "$OUT/$name.log"
+  return $rc
+}
+
+if [[ $STAGES == *build* ]]; then
+  stage build python3 -m kernels.build || { echo "build failed"; exit 1; }
+fi
+if [[ $STAGES == *test* ]]; then
+  stage pytest_gpu python3 -m pytest -m gpu -q -x --tb=short tests
+fi
+if [[ $STAGES == *parity* ]]; then
+  stage make_llava7b python3 scripts/make_random_model.py --shape llava-7b --out /tmp/llava-7b
+  for s in logits vision decode; do
+    stage "parity_${s}_7b" python3 "parity/$s.py" --model /tmp/llava-7b --dtype bfloat16 --device cuda \
+      --backend cuda --steps "${PARITY_STEPS:-64}"
+  done
+  stage parity_tiny_torch_cuda python3 parity/logits.py --device cuda --backend torch
+fi
+if [[ $STAGES == *bench* ]]; then
+  stage bench_kernels python3 scripts/bench_kernels.py --json "$OUT/bench_kernels.json" --md "$OUT/bench_kernels.md"
+  cat "$OUT/bench_kernels.md" >> "$SUMMARY"
+fi
+grep -h "PASS\|FAIL\|passed\|failed" "$OUT"/*.log | tail -n 60 >> "$SUMMARY"
+cat "$SUMMARY"
