@@ -9,13 +9,12 @@ from pathlib import Path
 
 import torch
 
-from engine.block_manager import BlockManager
 from engine.config import ConfigError, ModelConfig, parse_dtype
+from engine.engine import AggregatedEngine
 from engine.images import ImageProcessor, ImageProcessorConfig
 from engine.request import Request, RequestOutput, Sequence, Status, TokenEvent
 from engine.runner import ModelRunner
 from engine.sampling import RequestError, SamplingParams
-from engine.scheduler import Scheduler
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
 
 
@@ -24,7 +23,8 @@ class LLM:
 
     backend: "torch" (reference ops, any device), "cuda" (our kernels), "auto" (cuda where
     available). dtype: "auto" (the checkpoint's), "float32", "bfloat16" or "float16".
-    kv_cache_tokens: KV arena capacity in tokens (default: 4 x max_model_len).
+    kv_cache_tokens: KV arena capacity in tokens (default: on a GPU, what gpu_memory_utilization
+    leaves after weights and activations; on the CPU, 4 x max_model_len).
     """
 
     def __init__(
@@ -38,6 +38,8 @@ class LLM:
         kv_cache_tokens: int | None = None,
         max_num_seqs: int = 64,
         max_num_batched_tokens: int = 8192,
+        max_images_per_batch: int = 8,
+        gpu_memory_utilization: float = 0.9,
         seed: int = 0,
         progress: bool | None = None,
     ) -> None:
@@ -51,7 +53,11 @@ class LLM:
         self.max_model_len = max_model_len or limit
         if block_size not in (8, 16, 32, 64, 128):
             raise ConfigError(f"block_size = {block_size}; use one of 8, 16, 32, 64, 128")
-        num_blocks = -(-(kv_cache_tokens or 4 * self.max_model_len) // block_size)
+        if not 0.0 < gpu_memory_utilization <= 1.0:
+            raise ConfigError(f"gpu_memory_utilization = {gpu_memory_utilization}; must be in (0, 1]")
+        if kv_cache_tokens is None and self.device.type != "cuda":
+            kv_cache_tokens = 4 * self.max_model_len
+        num_blocks = -(-kv_cache_tokens // block_size) if kv_cache_tokens else None
         self.tokenizer = Tokenizer(self.model_dir, self.cfg)
         self.image_processor = (
             ImageProcessor(ImageProcessorConfig.from_model_dir(self.model_dir, self.cfg.vision.image_size))
@@ -59,9 +65,10 @@ class LLM:
             else None
         )
         self.runner = ModelRunner(
-            self.cfg, str(self.model_dir), self.dtype, self.device, backend, block_size, num_blocks, progress
+            self.cfg, str(self.model_dir), self.dtype, self.device, backend, block_size, num_blocks,
+            max_images_per_batch, gpu_memory_utilization, max_num_batched_tokens, progress,
         )
-        self.scheduler = Scheduler(BlockManager(num_blocks), block_size, max_num_seqs, max_num_batched_tokens)
+        self.engine = AggregatedEngine(self.runner, max_num_seqs, max_num_batched_tokens, max_images_per_batch)
         self._rng = random.Random(seed)
         self._next_id = 0
 
@@ -88,11 +95,14 @@ class LLM:
                 f"length {self.max_model_len}"
             )
         blocks_needed = -(-total // self.runner.block_size)
-        if blocks_needed > self.scheduler.blocks.num_blocks:
+        if blocks_needed > self.runner.num_kv_blocks:
             raise RequestError(
                 f"request needs {blocks_needed} KV blocks ({total} tokens); the cache has "
-                f"{self.scheduler.blocks.num_blocks}; raise kv_cache_tokens"
+                f"{self.runner.num_kv_blocks}; raise kv_cache_tokens"
             )
+        if len(images) > self.runner.num_mm_blocks:
+            raise RequestError(f"request has {len(images)} images; at most {self.runner.num_mm_blocks} "
+                               "fit the MM arena (raise max_images_per_batch)")
         pixels = self.image_processor.preprocess(images) if images else None
         stops = set(sp.stop_token_ids) | (set() if sp.ignore_eos else set(self.tokenizer.eos_token_ids))
         seq = Sequence(
@@ -120,24 +130,21 @@ class LLM:
         seqs = [self.make_sequence(r, sampling) for r in reqs]
         index = {s.seq_id: i for i, s in enumerate(seqs)}
         for s in seqs:
-            self.scheduler.add(s)
+            self.engine.add(s)
+        idle_steps = 0
         try:
             while any(s.status is not Status.FINISHED for s in seqs):
-                batch, is_prefill = self.scheduler.schedule()
-                if not batch:
-                    raise RuntimeError("scheduler made no progress (KV cache too small for one sequence)")
-                out = self.runner.step(batch, is_prefill)
+                produced = self.engine.step()
+                idle_steps = 0 if produced else idle_steps + 1
+                if idle_steps > 3:
+                    raise RuntimeError("engine made no progress (arena too small for the waiting requests)")
                 now = time.perf_counter()
-                for seq, token in zip(batch, out.token_ids):
+                for seq, token in produced:
                     yield self._append(seq, token, now, index[seq.seq_id])
         finally:
             for s in seqs:  # a consumer that stops early must not leak blocks
                 if s.status is not Status.FINISHED:
-                    if s in self.scheduler.running:
-                        self.scheduler.finish(s)
-                    elif s in self.scheduler.waiting:
-                        self.scheduler.waiting.remove(s)
-                    s.status = Status.FINISHED
+                    self.engine.finish(s)
 
     def generate(
         self, requests: Iterable[Request | str] | Request | str, sampling: SamplingParams | None = None
@@ -167,7 +174,7 @@ class LLM:
         if seq.finish_reason is None:
             return TokenEvent(index, token, delta)
         seq.metrics.finished = now
-        self.scheduler.finish(seq)
+        self.engine.finish(seq)
         m = seq.metrics
         output = RequestOutput(
             text=seq.text,

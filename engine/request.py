@@ -56,7 +56,8 @@ class Sequence:
     stop_token_ids: frozenset[int]
     pixel_values: torch.Tensor | None = None  # [num_images, 3, S, S]
     output_ids: list[int] = field(default_factory=list)
-    block_table: list[int] = field(default_factory=list)
+    block_table: list[int] = field(default_factory=list)  # KV blocks
+    mm_blocks: list[int] = field(default_factory=list)  # MM-arena blocks, one per image, until prefill
     num_cached: int = 0  # tokens whose K/V are in the arena
     status: Status = Status.WAITING
     finish_reason: str | None = None
@@ -66,6 +67,10 @@ class Sequence:
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def num_images(self) -> int:
+        return 0 if self.pixel_values is None else self.pixel_values.shape[0]
 
     @property
     def all_ids(self) -> list[int]:

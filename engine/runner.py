@@ -11,6 +11,7 @@ from engine.config import ModelConfig
 from engine.loader import load_model
 from engine.models.llama import AttentionMetadata
 from engine.request import Sequence
+from engine.sampling import SamplingParams
 from kernels import get_backend
 
 
@@ -29,21 +30,70 @@ class ModelRunner:
         device: torch.device,
         backend: str,
         block_size: int,
-        num_blocks: int,
+        num_kv_blocks: int | None,
+        max_images_per_batch: int = 8,
+        gpu_memory_utilization: float = 0.9,
+        max_num_batched_tokens: int = 8192,
         progress: bool | None = None,
     ) -> None:
+        """num_kv_blocks None: size the KV arena from the GPU memory left after weights and a
+        profiled forward at max_num_batched_tokens (gpu_memory_utilization of the card)."""
         self.cfg = cfg
         self.device = device
         self.dtype = dtype
         self.ops = get_backend(backend, device, dtype)
         self.backend = "cuda" if self.ops.__name__.endswith("cuda_ops") else "torch"
         self.model = load_model(cfg, model_dir, dtype, device, progress=progress)
-        t = cfg.text
         self.block_size = block_size
-        # [num_blocks, num_layers, 2, block_size, kv_heads, head_dim]
-        self.kv_arena = torch.zeros(
-            num_blocks, t.num_layers, 2, block_size, t.num_kv_heads, t.head_dim, dtype=dtype, device=device
+        # MM arena [num_mm_blocks, tokens_per_image, hidden]: one block per image in flight.
+        self.num_mm_blocks = 2 * max_images_per_batch if cfg.is_multimodal else 0
+        self.mm_arena = torch.empty(
+            self.num_mm_blocks, cfg.image_tokens_per_image if cfg.is_multimodal else 0, cfg.text.hidden_size,
+            dtype=dtype, device=device,
         )
+        if num_kv_blocks is None:
+            num_kv_blocks = self._kv_blocks_from_memory(gpu_memory_utilization, max_num_batched_tokens)
+        self.num_kv_blocks = num_kv_blocks
+        self.kv_arena = self._alloc_kv(num_kv_blocks)
+
+    def _alloc_kv(self, num_blocks: int) -> torch.Tensor:
+        t = self.cfg.text
+        # [num_blocks, num_layers, 2, block_size, kv_heads, head_dim]
+        return torch.zeros(num_blocks, t.num_layers, 2, self.block_size, t.num_kv_heads, t.head_dim,
+                           dtype=self.dtype, device=self.device)
+
+    @property
+    def kv_block_bytes(self) -> int:
+        t = self.cfg.text
+        return t.num_layers * 2 * self.block_size * t.num_kv_heads * t.head_dim * self.dtype.itemsize
+
+    def _kv_blocks_from_memory(self, utilization: float, max_tokens: int) -> int:
+        if self.device.type != "cuda":
+            raise ValueError("num_kv_blocks must be given on the CPU (LLM sets it from kv_cache_tokens)")
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        base = torch.cuda.memory_allocated(self.device)  # weights + MM arena
+        tokens = min(max_tokens, self.cfg.text.max_position_embeddings)
+        self.kv_arena = self._alloc_kv(-(-tokens // self.block_size))
+        probe = Sequence(seq_id=-1, prompt_ids=[0] * tokens, sampling=SamplingParams(), seed=0, detok=None,
+                         stop_token_ids=frozenset(), block_table=list(range(self.kv_arena.shape[0])))
+        self.step([probe], is_prefill=True)
+        if self.cfg.is_multimodal:
+            pixels = torch.randn(self.num_mm_blocks // 2, 3, self.cfg.vision.image_size, self.cfg.vision.image_size)
+            self.encode_images(pixels)
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device) - base - self.kv_arena.numel() * self.dtype.itemsize
+        del self.kv_arena
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info(self.device)
+        others = total - free - torch.cuda.memory_reserved(self.device)  # CUDA context, other processes
+        reserve = 1 << 30  # CUDA graphs, cuBLAS workspaces, fragmentation
+        budget = int(total * utilization) - others - base - peak - reserve
+        if budget < self.kv_block_bytes:
+            raise ValueError(
+                f"no GPU memory left for the KV cache: {total / 2**30:.1f} GiB x gpu_memory_utilization "
+                f"{utilization} minus weights {base / 2**30:.1f} GiB and activations {peak / 2**30:.1f} GiB")
+        return budget // self.kv_block_bytes
 
     # ------------------------------------------------------------------ images
 
@@ -51,6 +101,13 @@ class ModelRunner:
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[N, 3, S, S] -> [N, tokens_per_image, hidden]."""
         return self.model.encode_images(self.ops, pixel_values.to(self.device))
+
+    @torch.inference_mode()
+    def encode(self, seqs: list[Sequence]) -> None:
+        """Encode every image of `seqs` in one batch into their MM-arena blocks."""
+        pixels = torch.cat([s.pixel_values for s in seqs])
+        blocks = self._tensor([b for s in seqs for b in s.mm_blocks], torch.int64)
+        self.mm_arena[blocks] = self.encode_images(pixels)
 
     # ------------------------------------------------------------------ steps
 
@@ -68,16 +125,14 @@ class ModelRunner:
     def step(self, seqs: list[Sequence], is_prefill: bool, all_logits: bool = False) -> StepOutput:
         """Run one forward over `seqs` (prefill: each sequence's uncached tokens; decode: its
         last token) and sample one token per sequence. Updates num_cached."""
-        image_id = self.cfg.image_token_id
-        ids, positions, slots, cu, image_index, embeds = [], [], [], [0], [], []
+        ids, positions, slots, cu, image_index = [], [], [], [0], []
+        has_images = False
         for seq in seqs:
             start = seq.num_cached if is_prefill else seq.num_tokens - 1
             tokens = seq.all_ids[start:]
-            image_rows = self._image_rows(seq, start, image_id, sum(e.shape[0] for e in embeds))
-            if image_rows is not None:
-                index, seq_embeds = image_rows
-                image_index += index
-                embeds.append(seq_embeds)
+            if is_prefill and seq.num_images and start < len(seq.prompt_ids):
+                image_index += self._image_rows(seq, start)
+                has_images = True
             else:
                 image_index += [-1] * len(tokens)
             ids += tokens
@@ -98,8 +153,8 @@ class ModelRunner:
             self._tensor(positions, torch.int64),
             meta,
             self.kv_arena,
-            image_index=self._tensor(image_index, torch.int64) if embeds else None,
-            image_embeds=torch.cat(embeds) if embeds else None,
+            image_index=self._tensor(image_index, torch.int64) if has_images else None,
+            image_embeds=self.mm_arena.view(-1, self.mm_arena.shape[-1]) if has_images else None,
         )
         last = self._tensor([c - 1 for c in cu[1:]], torch.int64)
         logits = self.model.compute_logits(hidden if all_logits else hidden[last])
@@ -108,18 +163,18 @@ class ModelRunner:
             seq.num_cached = seq.num_tokens
         return StepOutput(tokens, logits)
 
-    def _image_rows(
-        self, seq: Sequence, start: int, image_id: int | None, offset: int
-    ) -> tuple[list[int], torch.Tensor] | None:
-        """Image-embedding rows for seq's tokens from `start` on, or None if it has none there."""
-        if seq.pixel_values is None or image_id is None or start >= len(seq.prompt_ids):
-            return None
-        seq_embeds = self.encode_images(seq.pixel_values).flatten(0, 1)  # [images * tokens, H]
-        image_positions = [p for p, t in enumerate(seq.prompt_ids) if t == image_id]
-        assert len(image_positions) == seq_embeds.shape[0], "image tokens and embeddings disagree"
-        row_of = {p: i for i, p in enumerate(image_positions)}
-        index = [offset + row_of[p] if p in row_of else -1 for p in range(start, seq.num_tokens)]
-        return index, seq_embeds
+    def _image_rows(self, seq: Sequence, start: int) -> list[int]:
+        """Per token from `start` on: its row in the flattened MM arena, or -1 for text."""
+        per_image = self.mm_arena.shape[1]
+        rows, k = [], 0
+        for p, t in enumerate(seq.prompt_ids[: seq.num_tokens]):
+            if t == self.cfg.image_token_id and seq.num_images:
+                if p >= start:
+                    rows.append(seq.mm_blocks[k // per_image] * per_image + k % per_image)
+                k += 1
+            elif p >= start:
+                rows.append(-1)
+        return rows + [-1] * (seq.num_tokens - max(start, len(seq.prompt_ids)))
 
     def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
         sp = [s.sampling for s in seqs]

@@ -103,12 +103,17 @@ class TeacherForcing:
 
     def __init__(self, llm: LLM, seqs: list[Sequence]) -> None:
         self.llm, self.seqs = llm, seqs
-        bm, bs = llm.scheduler.blocks, llm.runner.block_size
+        engine, bs = llm.engine, llm.runner.block_size
         for s in seqs:
             need = -(-(len(s.prompt_ids) + s.sampling.max_tokens) // bs)
-            blocks = bm.allocate(need)
-            assert blocks is not None, "KV cache too small for the parity batch"
-            s.block_table = blocks
+            s.block_table = engine.kv_blocks.allocate(need)
+            assert s.block_table is not None, "KV cache too small for the parity batch"
+            if s.num_images:
+                s.mm_blocks = engine.mm_blocks.allocate(s.num_images)
+                assert s.mm_blocks is not None, "MM arena too small for the parity batch"
+        with_images = [s for s in seqs if s.num_images]
+        if with_images:
+            llm.runner.encode(with_images)
 
     def prefill(self) -> torch.Tensor:
         """All-position logits [T, V] of the packed prompts."""
@@ -122,8 +127,7 @@ class TeacherForcing:
 
     def close(self) -> None:
         for s in self.seqs:
-            self.llm.scheduler.blocks.free(s.block_table)
-            s.block_table = []
+            self.llm.engine.finish(s)
 
 
 def hf_logits(hf: torch.nn.Module, p: Prepared, device: str, dtype: torch.dtype) -> torch.Tensor:

@@ -7,6 +7,8 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/device_out}
 mkdir -p "$OUT"
 STAGES=${STAGES:-"build test parity bench"}
+# The image's default CXX wrapper (/opt/gcc/bin/g++) miscompiles TORCH_CHECK messages with numbers.
+export CXX=/usr/bin/g++
 export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16} EPD_CACHE_DIR=/tmp/epd-cache
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site

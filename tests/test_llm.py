@@ -38,7 +38,7 @@ def test_batched_equals_one_at_a_time(llava_llm: LLM) -> None:
     single = [llava_llm.generate(r, GREEDY)[0] for r in _requests()]
     assert [o.token_ids for o in batched] == [o.token_ids for o in single]
     assert all(len(o.token_ids) == 12 and o.finish_reason == "length" for o in batched)
-    assert llava_llm.scheduler.blocks.num_free == llava_llm.scheduler.blocks.num_blocks
+    assert llava_llm.engine.kv_blocks.num_free == llava_llm.runner.num_kv_blocks
 
 
 def test_stream_deltas_rebuild_text(llava_llm: LLM) -> None:
@@ -54,13 +54,14 @@ def test_stream_deltas_rebuild_text(llava_llm: LLM) -> None:
 
 
 def test_preemption_keeps_greedy_output(tiny_llava: Path) -> None:
-    reference = LLM(tiny_llava, backend="torch", device="cpu").generate(_requests(), GREEDY)
-    # 11 blocks of 16 tokens: the requests cannot all stay resident, so decode must preempt.
-    small = LLM(tiny_llava, backend="torch", device="cpu", kv_cache_tokens=176, block_size=16)
-    outs = small.generate(_requests(), GREEDY)
-    assert small.scheduler.num_preemptions > 0
+    long = SamplingParams(max_tokens=40, ignore_eos=True)
+    reference = LLM(tiny_llava, backend="torch", device="cpu").generate(_requests(), long)
+    # 12 blocks of 16 tokens: prompts are admitted, then decode growth must preempt.
+    small = LLM(tiny_llava, backend="torch", device="cpu", kv_cache_tokens=192, block_size=16)
+    outs = small.generate(_requests(), long)
+    assert small.engine.num_preemptions > 0
     assert [o.token_ids for o in outs] == [o.token_ids for o in reference]
-    assert small.scheduler.blocks.num_free == small.scheduler.blocks.num_blocks
+    assert small.engine.kv_blocks.num_free == small.runner.num_kv_blocks
 
 
 def test_stop_token_and_stop_string(llama_llm: LLM) -> None:
@@ -105,7 +106,7 @@ def test_bad_requests_do_not_disturb_others(llava_llm: LLM, tmp_path: Path) -> N
     for req, err, match in bad:
         with pytest.raises(err, match=match):
             llava_llm.generate([Request("fine"), req], GREEDY)
-    assert llava_llm.scheduler.blocks.num_free == llava_llm.scheduler.blocks.num_blocks
+    assert llava_llm.engine.kv_blocks.num_free == llava_llm.runner.num_kv_blocks
     assert llava_llm.generate("fine", GREEDY)[0].token_ids == llava_llm.generate("fine", GREEDY)[0].token_ids
 
 

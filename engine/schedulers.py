@@ -1,0 +1,140 @@
+"""One scheduler per stage kind. Each owns a FCFS queue and the blocks it hands out.
+
+- EncodeScheduler: batches requests' images up to an image-token budget; MM blocks per image.
+- PrefillScheduler: packs whole prompts (varlen) up to a token budget; KV blocks per prompt.
+- DecodeScheduler: continuous batching; when KV blocks run out, preempts the newest
+  sequence, whose blocks are freed and which is recomputed later (nothing is lost).
+
+Schedulers never touch tensors: they move sequences and block ids.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from engine.block_manager import BlockManager
+from engine.request import Sequence, Status
+
+
+def blocks_for(num_tokens: int, block_size: int) -> int:
+    return (num_tokens + block_size - 1) // block_size
+
+
+class EncodeScheduler:
+    """Sequences waiting for their images to be encoded into MM blocks (one block per image)."""
+
+    def __init__(self, mm_blocks: BlockManager, max_images_per_batch: int) -> None:
+        self.blocks = mm_blocks
+        self.max_images = max_images_per_batch
+        self.waiting: deque[Sequence] = deque()
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def schedule(self) -> list[Sequence]:
+        """Whole requests, FCFS, while their images fit the batch and the MM arena.
+        A request with more images than the batch limit goes alone."""
+        batch: list[Sequence] = []
+        images = 0
+        while self.waiting:
+            seq = self.waiting[0]
+            n = seq.num_images
+            if batch and images + n > self.max_images:
+                break
+            blocks = self.blocks.allocate(n)
+            if blocks is None:
+                break
+            seq.mm_blocks = blocks
+            batch.append(self.waiting.popleft())
+            images += n
+        return batch
+
+    def release(self, seq: Sequence) -> None:
+        """Free a sequence's MM blocks once prefill has consumed them."""
+        self.blocks.free(seq.mm_blocks)
+        seq.mm_blocks = []
+
+
+class PrefillScheduler:
+    """Sequences ready for prefill (images encoded), packed up to a token budget."""
+
+    def __init__(self, kv_blocks: BlockManager, block_size: int, max_num_batched_tokens: int) -> None:
+        self.blocks = kv_blocks
+        self.block_size = block_size
+        self.max_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+
+    def add(self, seq: Sequence, front: bool = False) -> None:
+        if front:
+            self.waiting.appendleft(seq)
+        else:
+            self.waiting.append(seq)
+
+    def schedule(self, max_seqs: int) -> list[Sequence]:
+        """FCFS: stop at the first prompt that does not fit (no overtaking). A prompt longer
+        than the budget runs alone."""
+        batch: list[Sequence] = []
+        tokens = 0
+        while self.waiting and len(batch) < max_seqs:
+            seq = self.waiting[0]
+            new_tokens = seq.num_tokens - seq.num_cached
+            if batch and tokens + new_tokens > self.max_tokens:
+                break
+            blocks = self.blocks.allocate(blocks_for(seq.num_tokens, self.block_size) - len(seq.block_table))
+            if blocks is None:
+                break
+            seq.block_table += blocks
+            seq.status = Status.RUNNING
+            batch.append(self.waiting.popleft())
+            tokens += new_tokens
+        return batch
+
+
+class DecodeScheduler:
+    """Continuous batching over running sequences; preempts the newest when the arena is full."""
+
+    def __init__(self, kv_blocks: BlockManager, block_size: int, max_num_seqs: int) -> None:
+        self.blocks = kv_blocks
+        self.block_size = block_size
+        self.max_num_seqs = max_num_seqs
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    @property
+    def free_slots(self) -> int:
+        return self.max_num_seqs - len(self.running)
+
+    def add(self, seq: Sequence) -> None:
+        self.running.append(seq)
+
+    def schedule(self) -> tuple[list[Sequence], list[Sequence]]:
+        """Returns (sequences to decode this step, sequences preempted to make room)."""
+        preempted: list[Sequence] = []
+        for seq in list(self.running):
+            if seq.status is not Status.RUNNING:
+                continue  # preempted earlier in this loop
+            while blocks_for(seq.num_tokens, self.block_size) > len(seq.block_table):
+                blocks = self.blocks.allocate(1)
+                if blocks is not None:
+                    seq.block_table += blocks
+                    break
+                victim = self.running[-1]
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim is seq:
+                    break
+        return [s for s in self.running if s.status is Status.RUNNING], preempted
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.blocks.free(seq.block_table)
+        seq.block_table = []
+        seq.num_cached = 0
+        seq.status = Status.WAITING
+        self.num_preemptions += 1
+
+    def finish(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.blocks.free(seq.block_table)
+        seq.block_table = []
+        seq.status = Status.FINISHED

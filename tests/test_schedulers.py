@@ -1,0 +1,122 @@
+"""Scheduler and block-manager properties over 1,000 random requests, with a fake model runner."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from engine.block_manager import BlockManager
+from engine.engine import AggregatedEngine
+from engine.request import Sequence, Status
+from engine.runner import StepOutput
+from engine.sampling import SamplingParams
+
+
+class FakeRunner:
+    """Deterministic 'model': the next token depends only on the sequence's id and length."""
+
+    def __init__(self, num_kv_blocks: int, num_mm_blocks: int, block_size: int) -> None:
+        self.num_kv_blocks, self.num_mm_blocks, self.block_size = num_kv_blocks, num_mm_blocks, block_size
+        self.prefill_order: list[int] = []
+        self.encoded: set[int] = set()
+
+    def encode(self, seqs: list[Sequence]) -> None:
+        for s in seqs:
+            assert len(s.mm_blocks) == s.num_images
+            self.encoded.add(s.seq_id)
+
+    def step(self, seqs: list[Sequence], is_prefill: bool) -> StepOutput:
+        for s in seqs:
+            need = -(-s.num_tokens // self.block_size)
+            assert len(s.block_table) >= need, "sequence scheduled without blocks for its tokens"
+            if is_prefill:
+                assert s.num_images == 0 or s.seq_id in self.encoded, "prefill before encode"
+                self.prefill_order.append(s.seq_id)
+        if not is_prefill:
+            assert len({b for s in seqs for b in s.block_table}) == sum(len(s.block_table) for s in seqs)
+        tokens = [(s.seq_id * 7919 + s.num_tokens * 31) % 1000 for s in seqs]
+        for s in seqs:
+            s.num_cached = s.num_tokens
+        return StepOutput(tokens, torch.empty(0))
+
+
+def _seq(i: int, rng: random.Random, capacity: int = 10_000) -> Sequence:
+    """A random request that fits a KV arena of `capacity` tokens (the LLM rejects larger ones)."""
+    images = rng.choice([0, 0, 1, 3])
+    prompt = [5] * rng.randint(1, 60) + [999] * (4 * images)
+    prompt = prompt[-(capacity - 1):]
+    max_tokens = min(rng.randint(1, 40), capacity - len(prompt))
+    sp = SamplingParams(max_tokens=max_tokens, stop_token_ids=(rng.randrange(1000),))
+    return Sequence(seq_id=i, prompt_ids=prompt, sampling=sp, seed=0, detok=None,
+                    stop_token_ids=frozenset(sp.stop_token_ids),
+                    pixel_values=torch.zeros(images, 3, 1, 1) if images else None)
+
+
+@pytest.mark.parametrize(("num_kv_blocks", "block_size"), [(40, 4), (400, 16), (13, 8)])
+def test_random_requests_all_finish_without_leaks(num_kv_blocks: int, block_size: int) -> None:
+    rng = random.Random(num_kv_blocks)
+    runner = FakeRunner(num_kv_blocks, 8, block_size)
+    engine = AggregatedEngine(runner, max_num_seqs=16, max_num_batched_tokens=256, max_images_per_batch=4)
+    seqs = [_seq(i, rng, num_kv_blocks * block_size) for i in range(1000)]
+    pending = list(seqs)
+    steps = 0
+    while pending or engine.has_work():
+        for _ in range(rng.randint(0, 5)):  # requests arrive while others run
+            if pending:
+                engine.add(pending.pop(0))
+        for seq, token in engine.step():
+            seq.output_ids.append(token)
+            if token in seq.stop_token_ids or len(seq.output_ids) >= seq.sampling.max_tokens:
+                engine.finish(seq)
+        steps += 1
+        assert steps < 200_000
+        held = sum(len(s.block_table) for s in seqs if s.status is not Status.FINISHED)
+        assert held + engine.kv_blocks.num_free == num_kv_blocks  # exact accounting
+    assert all(s.status is Status.FINISHED for s in seqs)
+    assert engine.kv_blocks.num_free == num_kv_blocks and engine.mm_blocks.num_free == 8
+    for s in seqs:  # max_tokens and stop tokens honoured
+        assert 1 <= len(s.output_ids) <= s.sampling.max_tokens
+        stops = [j for j, t in enumerate(s.output_ids) if t in s.stop_token_ids]
+        assert stops in ([], [len(s.output_ids) - 1])
+    # FCFS: first prefills happen in arrival order within each path (text-only / with images).
+    first = list(dict.fromkeys(runner.prefill_order))
+    for has_images in (False, True):
+        order = [i for i in first if (seqs[i].num_images > 0) == has_images]
+        assert order == sorted(order)
+
+
+def test_preemption_recomputes_with_identical_tokens() -> None:
+    """Tokens depend only on (id, length): a preempted sequence must continue exactly."""
+    rng = random.Random(1)
+    seqs = [_seq(i, rng) for i in range(60)]
+    results = []
+    for blocks in (10_000, 12):
+        runner = FakeRunner(blocks, 8, 8)
+        engine = AggregatedEngine(runner, max_num_seqs=8, max_num_batched_tokens=128, max_images_per_batch=4)
+        copies = [Sequence(seq_id=s.seq_id, prompt_ids=list(s.prompt_ids), sampling=s.sampling, seed=0, detok=None,
+                           stop_token_ids=s.stop_token_ids, pixel_values=s.pixel_values) for s in seqs]
+        for s in copies:
+            engine.add(s)
+        while engine.has_work():
+            for seq, token in engine.step():
+                seq.output_ids.append(token)
+                if token in seq.stop_token_ids or len(seq.output_ids) >= seq.sampling.max_tokens:
+                    engine.finish(seq)
+        results.append(([s.output_ids for s in copies], engine.num_preemptions))
+    assert results[1][1] > 0 and results[0][1] == 0
+    assert results[0][0] == results[1][0]
+
+
+def test_block_manager_refcounts() -> None:
+    bm = BlockManager(4)
+    a = bm.allocate(3)
+    assert bm.allocate(2) is None and bm.num_free == 1
+    bm.share(a[:1])
+    bm.free(a)
+    assert bm.num_free == 3
+    bm.free(a[:1])
+    assert bm.num_free == 4
+    with pytest.raises(AssertionError, match="freed twice"):
+        bm.free(a[:1])
