@@ -23,6 +23,7 @@ class LLM:
 
     backend: "torch" (reference ops, any device), "cuda" (our kernels), "auto" (cuda where
     available). dtype: "auto" (the checkpoint's), "float32", "bfloat16" or "float16".
+    cuda_graphs: capture decode graphs per batch bucket (cuda backend).
     kv_cache_tokens: KV arena capacity in tokens (default: on a GPU, what gpu_memory_utilization
     leaves after weights and activations; on the CPU, 4 x max_model_len).
     """
@@ -40,6 +41,7 @@ class LLM:
         max_num_batched_tokens: int = 8192,
         max_images_per_batch: int = 8,
         gpu_memory_utilization: float = 0.9,
+        cuda_graphs: bool = True,
         seed: int = 0,
         progress: bool | None = None,
     ) -> None:
@@ -68,6 +70,8 @@ class LLM:
             self.cfg, str(self.model_dir), self.dtype, self.device, backend, block_size, num_blocks,
             max_images_per_batch, gpu_memory_utilization, max_num_batched_tokens, progress,
         )
+        if cuda_graphs and self.runner.backend == "cuda":
+            self.runner.capture_decode_graphs(max_num_seqs, self.max_model_len)
         self.engine = AggregatedEngine(self.runner, max_num_seqs, max_num_batched_tokens, max_images_per_batch)
         self._rng = random.Random(seed)
         self._next_id = 0

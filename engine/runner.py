@@ -55,6 +55,16 @@ class ModelRunner:
             num_kv_blocks = self._kv_blocks_from_memory(gpu_memory_utilization, max_num_batched_tokens)
         self.num_kv_blocks = num_kv_blocks
         self.kv_arena = self._alloc_kv(num_kv_blocks)
+        self.decode_graphs = None
+
+    def capture_decode_graphs(self, max_batch: int, max_model_len: int) -> None:
+        """Capture decode graphs for every batch bucket up to max_batch (cuda backend only)."""
+        from graphs.decode_graphs import DecodeGraphs
+
+        if self.backend != "cuda":
+            raise ValueError("CUDA graphs need the cuda backend")
+        self.decode_graphs = DecodeGraphs(self, max_batch, -(-max_model_len // self.block_size))
+        self.decode_graphs.capture_all()
 
     def _alloc_kv(self, num_blocks: int) -> torch.Tensor:
         t = self.cfg.text
@@ -124,7 +134,14 @@ class ModelRunner:
     @torch.inference_mode()
     def step(self, seqs: list[Sequence], is_prefill: bool, all_logits: bool = False) -> StepOutput:
         """Run one forward over `seqs` (prefill: each sequence's uncached tokens; decode: its
-        last token) and sample one token per sequence. Updates num_cached."""
+        last token) and sample one token per sequence. Updates num_cached. Decode replays a
+        captured CUDA graph when one fits the batch."""
+        if not is_prefill and self.decode_graphs is not None:
+            replayed = self.decode_graphs.run(seqs)
+            if replayed is not None:
+                for seq in seqs:
+                    seq.num_cached = seq.num_tokens
+                return StepOutput(*replayed)
         ids, positions, slots, cu, image_index = [], [], [], [0], []
         has_images = False
         for seq in seqs:
