@@ -104,10 +104,13 @@ class _Progress:
     def __init__(self, total_bytes: int, enabled: bool | None) -> None:
         self.total, self.done, self.start = total_bytes, 0, time.perf_counter()
         self.enabled = total_bytes > (1 << 30) if enabled is None else enabled
+        self.shown = -1
 
     def update(self, nbytes: int) -> None:
         self.done += nbytes
-        if self.enabled:
+        pct_int = 100 * self.done // max(self.total, 1)
+        if self.enabled and (pct_int > self.shown or self.done >= self.total):
+            self.shown = pct_int
             pct = 100 * self.done / max(self.total, 1)
             sys.stderr.write(f"\rloading weights {pct:5.1f}% ({self.done / 2**30:.2f}/{self.total / 2**30:.2f} GiB)")
             if self.done >= self.total:

@@ -36,10 +36,19 @@ def jit_build(verbose: bool = False) -> Path:
 
     os.environ.setdefault("MAX_JOBS", str(os.cpu_count() or 4))
     build_dir = ROOT / "build" / "jit"
-    build_dir.mkdir(parents=True, exist_ok=True)
+    links = build_dir / "src"
+    links.mkdir(parents=True, exist_ok=True)
+    # torch names objects by file basename: link each source as <family>_<name> so that the
+    # families' ops.cpp files do not collide (all includes are repo-rooted, so links compile).
+    srcs = []
+    for src in sources():
+        link = links / src.replace("kernels/", "").replace("/", "_")
+        if not link.exists():
+            link.symlink_to(ROOT / src)
+        srcs.append(str(link))
     module = load(
         name="_epd_C",
-        sources=[str(ROOT / s) for s in sources()],
+        sources=srcs,
         extra_include_paths=[str(ROOT)],
         extra_cflags=CXX_FLAGS,
         extra_cuda_cflags=NVCC_FLAGS,

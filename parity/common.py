@@ -54,7 +54,18 @@ def load_hf(model_dir: Path, dtype: torch.dtype, device: str) -> torch.nn.Module
 
 
 def make_llm(args: argparse.Namespace, model_dir: Path, **kw) -> LLM:
+    """Our engine with a modest KV arena, so the HF reference models fit beside it on a GPU."""
+    kw.setdefault("kv_cache_tokens", 16384)
     return LLM(model_dir, backend=args.backend, dtype=parse_dtype(args.dtype), device=args.device, **kw)
+
+
+def free_gpu() -> None:
+    """Return memory of models dropped by the caller (`del` them first)."""
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def test_images(n: int, seed: int) -> list[Image.Image]:

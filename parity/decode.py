@@ -9,7 +9,18 @@ with HF fp32 >= 99%, and our logits error <= 1.5x HF's own at that precision (te
 from __future__ import annotations
 
 import torch
-from common import Report, TeacherForcing, load_hf, make_llm, parser, prepare, rel_err, resolve_model, test_requests
+from common import (
+    Report,
+    TeacherForcing,
+    free_gpu,
+    load_hf,
+    make_llm,
+    parser,
+    prepare,
+    rel_err,
+    resolve_model,
+    test_requests,
+)
 
 from engine.config import parse_dtype
 
@@ -46,6 +57,7 @@ def main() -> None:
     hf32 = load_hf(model_dir, torch.float32, args.device)
     ref = [hf_generate(hf32, p, steps, args.device) for p in items]
     del hf32
+    free_gpu()
 
     driver = TeacherForcing(llm, [p.seq for p in items])
     prefill = driver.prefill().split([len(p.seq.prompt_ids) for p in items])
@@ -55,6 +67,8 @@ def main() -> None:
         for i in range(len(items)):
             ours[i].append(step_logits[i])
     driver.close()
+    del driver, llm
+    free_gpu()
     ours_t = [torch.stack(o) for o in ours]  # [steps, V]
 
     report = Report(f"decode parity ({steps} steps, {len(items)} requests batched): {model_dir.name}, "

@@ -7,7 +7,7 @@ full-precision check: at bf16/fp16 ties break differently; decode.py gates those
 from __future__ import annotations
 
 import torch
-from common import Report, load_hf, make_llm, parser, prepare, resolve_model, test_requests
+from common import Report, free_gpu, load_hf, make_llm, parser, prepare, resolve_model, test_requests
 from decode import hf_generate
 
 from engine import SamplingParams
@@ -23,6 +23,7 @@ def main() -> None:
     items = prepare(llm, requests, max_tokens=args.steps)
     outs = llm.generate(requests, SamplingParams(max_tokens=args.steps, ignore_eos=True))
     del llm
+    free_gpu()
     hf = load_hf(model_dir, dtype, args.device)
     report = Report(f"greedy parity ({args.steps} tokens, {len(items)} requests batched): {model_dir.name}, "
                     f"{args.dtype}, backend={args.backend}, device={args.device}")

@@ -10,6 +10,7 @@ import torch
 from common import (
     Report,
     TeacherForcing,
+    free_gpu,
     hf_logits,
     load_hf,
     make_llm,
@@ -32,11 +33,13 @@ def main() -> None:
     driver = TeacherForcing(llm, [p.seq for p in items])
     ours = driver.prefill().split([len(p.seq.prompt_ids) for p in items])
     driver.close()
-    del llm
+    del driver, llm
+    free_gpu()
     report = Report(f"logits parity: {model_dir.name}, {args.dtype}, backend={args.backend}, device={args.device}")
     hf32 = load_hf(model_dir, torch.float32, args.device)
     refs = [hf_logits(hf32, p, args.device, torch.float32) for p in items]
     del hf32
+    free_gpu()
     if dtype == torch.float32:
         for i, (o, r) in enumerate(zip(ours, refs)):
             report.check(f"request {i} ({len(r)} positions) rel err vs HF fp32", rel_err(o, r), 1e-4)

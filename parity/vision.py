@@ -7,7 +7,7 @@ precision against HF fp32.
 from __future__ import annotations
 
 import torch
-from common import Report, load_hf, make_llm, parser, rel_err, resolve_model, test_images
+from common import Report, free_gpu, load_hf, make_llm, parser, rel_err, resolve_model, test_images
 
 from engine.config import parse_dtype
 
@@ -27,7 +27,9 @@ def main() -> None:
     pixels = llm.image_processor.preprocess(test_images(5, args.seed))
     ours = llm.runner.encode_images(pixels).float().cpu()
     del llm
+    free_gpu()
     ref = hf_features(load_hf(model_dir, torch.float32, args.device), pixels, args.device, torch.float32)
+    free_gpu()
     report = Report(f"vision parity ({pixels.shape[0]} images): {model_dir.name}, {args.dtype}, "
                     f"backend={args.backend}, device={args.device}")
     report.check("shape matches HF", float(tuple(ours.shape) == tuple(ref.shape)), 1.0, ".0f", True)

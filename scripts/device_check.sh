@@ -31,12 +31,18 @@ if [[ $STAGES == *build* ]]; then
   stage build python3 -m kernels.build || { echo "build failed"; exit 1; }
 fi
 if [[ $STAGES == *test* ]]; then
-  stage pytest_gpu python3 -m pytest -m gpu -q -x --tb=short tests
+  stage pytest_gpu python3 -m pytest -m gpu -q --tb=short -p no:cacheprovider tests
 fi
 if [[ $STAGES == *parity* ]]; then
   stage make_llava7b python3 scripts/make_random_model.py --shape llava-7b --out /tmp/llava-7b
   for s in logits vision decode; do
     stage "parity_${s}_7b" python3 "parity/$s.py" --model /tmp/llava-7b --dtype bfloat16 --device cuda \
+      --backend cuda --steps "${PARITY_STEPS:-64}"
+  done
+  rm -rf /tmp/llava-7b
+  stage make_llama7b python3 scripts/make_random_model.py --shape llama2-7b --out /tmp/llama-7b
+  for s in logits decode; do
+    stage "parity_${s}_llama7b" python3 "parity/$s.py" --model /tmp/llama-7b --dtype bfloat16 --device cuda \
       --backend cuda --steps "${PARITY_STEPS:-64}"
   done
   stage parity_tiny_torch_cuda python3 parity/logits.py --device cuda --backend torch
