@@ -1,0 +1,117 @@
+"""Decode benchmark: ms per step and bandwidth utilisation at LLaVA-1.5-7B shapes, vs HF eager.
+
+    python scripts/bench_decode.py --model /tmp/llava-7b [--batches 1,8,32,128] [--context 640]
+
+Utilisation = (LM weight bytes + KV bytes read) / (step time x copy bandwidth measured now).
+A step is one CUDA-graph replay plus the host work around it (batch copy-in, token copy-out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from engine import LLM, SamplingParams  # noqa: E402
+from engine.request import Sequence  # noqa: E402
+from scripts.bench_kernels import ceilings  # noqa: E402
+
+
+def _sequences(llm: LLM, batch: int, context: int, steps: int) -> list[Sequence]:
+    g = torch.Generator().manual_seed(batch)
+    seqs = []
+    for i in range(batch):
+        ids = torch.randint(4, 500, (context,), generator=g).tolist()
+        seq = Sequence(seq_id=i, prompt_ids=ids, sampling=SamplingParams(max_tokens=steps, ignore_eos=True),
+                       seed=i, detok=None, stop_token_ids=frozenset())
+        seq.block_table = llm.engine.kv_blocks.allocate(-(-(context + steps + 1) // llm.runner.block_size))
+        assert seq.block_table is not None, "KV arena too small for this batch"
+        seqs.append(seq)
+    return seqs
+
+
+def bench_ours(llm: LLM, batch: int, context: int, steps: int) -> float:
+    """Median ms per decode step for `batch` sequences of `context` tokens."""
+    seqs = _sequences(llm, batch, context, steps)
+    for i in range(0, batch, 8):  # prefill in slices to bound activations
+        out = llm.runner.step(seqs[i : i + 8], is_prefill=True)
+        for s, t in zip(seqs[i : i + 8], out.token_ids):
+            s.output_ids.append(t)
+    times = []
+    for _ in range(steps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = llm.runner.step(seqs, is_prefill=False)  # .tolist() inside syncs
+        times.append(time.perf_counter() - t0)
+        for s, t in zip(seqs, out.token_ids):
+            s.output_ids.append(t)
+    for s in seqs:
+        llm.engine.kv_blocks.free(s.block_table)
+    return 1e3 * sorted(times[5:])[len(times[5:]) // 2]
+
+
+def bench_hf(model_dir: Path, context: int, steps: int) -> float:
+    """HF transformers eager decode, batch 1: median ms per token from generate's timing."""
+    from transformers import AutoModelForImageTextToText, LlamaForCausalLM
+
+    try:
+        hf = AutoModelForImageTextToText.from_pretrained(str(model_dir), dtype=torch.bfloat16).cuda().eval()
+    except ValueError:
+        hf = LlamaForCausalLM.from_pretrained(str(model_dir), dtype=torch.bfloat16).cuda().eval()
+    ids = torch.randint(4, 500, (1, context), device="cuda")
+
+    def run(n: int) -> float:
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            hf.generate(input_ids=ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+        torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    run(4)
+    return 1e3 * (run(steps + 1) - run(1)) / steps  # prefill cancels out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True)
+    p.add_argument("--batches", default="1,8,32,128")
+    p.add_argument("--context", type=int, default=640)
+    p.add_argument("--steps", type=int, default=64)
+    p.add_argument("--no-hf", action="store_true")
+    args = p.parse_args()
+    batches = [int(b) for b in args.batches.split(",")]
+    ceil = ceilings()
+    llm = LLM(args.model, backend="cuda", dtype="bfloat16", device="cuda", max_num_seqs=max(batches),
+              max_num_batched_tokens=8 * args.context)
+    t = llm.cfg.text
+    weight_bytes = sum(p.numel() * p.element_size() for p in llm.runner.model.lm.parameters())
+    kv_token_bytes = t.num_layers * 2 * t.num_kv_heads * t.head_dim * 2
+    log = llm.runner.decode_graphs.capture_log
+    print(f"{ceil['device']}: copy {ceil['copy_GBps']:.0f} GB/s; LM weights {weight_bytes / 1e9:.2f} GB; "
+          f"{len(log)} decode graphs captured in {sum(s for _, s, _ in log):.1f}s")
+    print("| batch | context | ms/step | tokens/s | bytes/step (GB) | % of copy BW |")
+    print("|---|---|---|---|---|---|")
+    for b in batches:
+        ms = bench_ours(llm, b, args.context, args.steps)
+        moved = weight_bytes + b * (args.context + args.steps // 2) * kv_token_bytes
+        pct = 100 * moved / (ms * 1e-3) / (ceil["copy_GBps"] * 1e9)
+        print(f"| {b} | {args.context} | {ms:.3f} | {b * 1e3 / ms:.0f} | {moved / 1e9:.2f} | {pct:.1f}% |", flush=True)
+    if not args.no_hf:
+        del llm
+        torch.cuda.empty_cache()
+        ms = bench_hf(Path(args.model), args.context, args.steps)
+        moved = weight_bytes + args.context * kv_token_bytes
+        pct = 100 * moved / (ms * 1e-3) / (ceil["copy_GBps"] * 1e9)
+        print(f"| HF eager, batch 1 | {args.context} | {ms:.3f} | {1e3 / ms:.0f} | {moved / 1e9:.2f} | {pct:.1f}% |")
+
+
+if __name__ == "__main__":
+    main()
