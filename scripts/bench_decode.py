@@ -105,7 +105,10 @@ def main() -> None:
         pct = 100 * moved / (ms * 1e-3) / (ceil["copy_GBps"] * 1e9)
         print(f"| {b} | {args.context} | {ms:.3f} | {b * 1e3 / ms:.0f} | {moved / 1e9:.2f} | {pct:.1f}% |", flush=True)
     if not args.no_hf:
-        del llm
+        import gc
+
+        del llm  # the runner and its graphs reference each other: collect the cycle
+        gc.collect()
         torch.cuda.empty_cache()
         ms = bench_hf(Path(args.model), args.context, args.steps)
         moved = weight_bytes + args.context * kv_token_bytes
