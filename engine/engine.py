@@ -3,6 +3,8 @@
 Each step: encode waiting images (if any), then prefill a batch of ready prompts if there is
 one, otherwise decode every running sequence (prefill first, as vLLM does). A sequence
 preempted by decode goes back to the front of encode (if it has images) or prefill.
+Decode runs up to `multi_step` steps back to back when every running sequence has that many
+tokens left and the free KV blocks cover them; stops are checked after the run.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 from engine.block_manager import BlockManager
 from engine.request import Sequence, Status
 from engine.runner import ModelRunner
-from engine.schedulers import DecodeScheduler, EncodeScheduler, PrefillScheduler
+from engine.schedulers import DecodeScheduler, EncodeScheduler, PrefillScheduler, blocks_for
 
 
 class AggregatedEngine:
@@ -20,8 +22,10 @@ class AggregatedEngine:
         max_num_seqs: int,
         max_num_batched_tokens: int,
         max_images_per_batch: int,
+        multi_step: int = 1,
     ) -> None:
         self.runner = runner
+        self.multi_step = multi_step
         self.kv_blocks = BlockManager(runner.num_kv_blocks)
         self.mm_blocks = BlockManager(runner.num_mm_blocks) if runner.num_mm_blocks else None
         self.encode = EncodeScheduler(self.mm_blocks, max_images_per_batch) if self.mm_blocks else None
@@ -39,7 +43,8 @@ class AggregatedEngine:
         return bool((self.encode and self.encode.waiting) or self.prefill.waiting or self.decode.running)
 
     def step(self) -> list[tuple[Sequence, int]]:
-        """Run one step; returns (sequence, sampled token) pairs."""
+        """Run one step; returns (sequence, sampled token) pairs in generation order (with
+        multi-step decode, several per sequence: the caller drops those after a stop)."""
         if self.encode is not None and self.encode.waiting:
             encoded = self.encode.schedule()
             if encoded:
@@ -48,13 +53,14 @@ class AggregatedEngine:
                     self.prefill.add(seq)
         batch = self.prefill.schedule(max_seqs=self.decode.free_slots)
         if batch:
-            tokens = self.runner.step(batch, is_prefill=True).token_ids
+            tokens = self.runner.prefill(batch).token_ids
             for seq in batch:
                 if seq.mm_blocks:
                     self.encode.release(seq)
                 self.decode.add(seq)
             return list(zip(batch, tokens))
-        batch, preempted = self.decode.schedule()
+        steps = self._decode_steps()
+        batch, preempted = self.decode.schedule(lookahead=steps)
         for seq in reversed(preempted):  # the oldest preempted goes first
             if seq.num_images:
                 self.encode.waiting.appendleft(seq)
@@ -62,7 +68,18 @@ class AggregatedEngine:
                 self.prefill.add(seq, front=True)
         if not batch:
             return []  # everything running was preempted: the next step prefills it again
-        return list(zip(batch, self.runner.step(batch, is_prefill=False).token_ids))
+        tokens, _ = self.runner.decode(batch, steps)
+        return [(seq, t) for step_tokens in tokens for seq, t in zip(batch, step_tokens)]
+
+    def _decode_steps(self) -> int:
+        """How many decode steps to run back to back now (1 unless all can take multi_step)."""
+        running = self.decode.running
+        if self.multi_step == 1 or not running:
+            return 1
+        steps = min(self.multi_step, *(s.sampling.max_tokens - len(s.output_ids) for s in running))
+        bs = self.runner.block_size
+        extra = sum(max(0, blocks_for(s.num_tokens + steps - 1, bs) - len(s.block_table)) for s in running)
+        return steps if steps > 1 and extra <= self.kv_blocks.num_free else 1
 
     @property
     def num_preemptions(self) -> int:

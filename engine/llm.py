@@ -24,6 +24,7 @@ class LLM:
     backend: "torch" (reference ops, any device), "cuda" (our kernels), "auto" (cuda where
     available). dtype: "auto" (the checkpoint's), "float32", "bfloat16" or "float16".
     cuda_graphs: capture decode graphs per batch bucket (cuda backend).
+    multi_step: decode steps run back to back on the device between host checks (1-64).
     kv_cache_tokens: KV arena capacity in tokens (default: on a GPU, what gpu_memory_utilization
     leaves after weights and activations; on the CPU, 4 x max_model_len).
     """
@@ -42,6 +43,7 @@ class LLM:
         max_images_per_batch: int = 8,
         gpu_memory_utilization: float = 0.9,
         cuda_graphs: bool = True,
+        multi_step: int = 1,
         seed: int = 0,
         progress: bool | None = None,
     ) -> None:
@@ -68,11 +70,14 @@ class LLM:
         )
         self.runner = ModelRunner(
             self.cfg, str(self.model_dir), self.dtype, self.device, backend, block_size, num_blocks,
-            max_images_per_batch, gpu_memory_utilization, max_num_batched_tokens, progress,
+            max_images_per_batch, gpu_memory_utilization, max_num_batched_tokens, max_num_seqs, progress,
         )
+        if not 1 <= multi_step <= self.runner.decode_graphs.max_steps:
+            raise ConfigError(f"multi_step = {multi_step}; must be in [1, {self.runner.decode_graphs.max_steps}]")
         if cuda_graphs and self.runner.backend == "cuda":
-            self.runner.capture_decode_graphs(max_num_seqs, self.max_model_len)
-        self.engine = AggregatedEngine(self.runner, max_num_seqs, max_num_batched_tokens, max_images_per_batch)
+            self.runner.capture_decode_graphs()
+        self.engine = AggregatedEngine(self.runner, max_num_seqs, max_num_batched_tokens, max_images_per_batch,
+                                       multi_step)
         self._rng = random.Random(seed)
         self._next_id = 0
 
@@ -144,7 +149,8 @@ class LLM:
                     raise RuntimeError("engine made no progress (arena too small for the waiting requests)")
                 now = time.perf_counter()
                 for seq, token in produced:
-                    yield self._append(seq, token, now, index[seq.seq_id])
+                    if seq.status is not Status.FINISHED:  # multi-step runs past a stop
+                        yield self._append(seq, token, now, index[seq.seq_id])
         finally:
             for s in seqs:  # a consumer that stops early must not leak blocks
                 if s.status is not Status.FINISHED:

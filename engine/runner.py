@@ -12,6 +12,7 @@ from engine.loader import load_model
 from engine.models.llama import AttentionMetadata
 from engine.request import Sequence
 from engine.sampling import SamplingParams
+from graphs.decode_graphs import DecodeGraphs
 from kernels import get_backend
 
 
@@ -34,6 +35,7 @@ class ModelRunner:
         max_images_per_batch: int = 8,
         gpu_memory_utilization: float = 0.9,
         max_num_batched_tokens: int = 8192,
+        max_num_seqs: int = 64,
         progress: bool | None = None,
     ) -> None:
         """num_kv_blocks None: size the KV arena from the GPU memory left after weights and a
@@ -55,15 +57,13 @@ class ModelRunner:
             num_kv_blocks = self._kv_blocks_from_memory(gpu_memory_utilization, max_num_batched_tokens)
         self.num_kv_blocks = num_kv_blocks
         self.kv_arena = self._alloc_kv(num_kv_blocks)
-        self.decode_graphs = None
+        max_blocks = -(-cfg.text.max_position_embeddings // block_size)
+        self.decode_graphs = DecodeGraphs(self, max_num_seqs, max_blocks)
 
-    def capture_decode_graphs(self, max_batch: int, max_model_len: int) -> None:
-        """Capture decode graphs for every batch bucket up to max_batch (cuda backend only)."""
-        from graphs.decode_graphs import DecodeGraphs
-
+    def capture_decode_graphs(self) -> None:
+        """Capture decode graphs for every batch bucket (cuda backend only)."""
         if self.backend != "cuda":
             raise ValueError("CUDA graphs need the cuda backend")
-        self.decode_graphs = DecodeGraphs(self, max_batch, -(-max_model_len // self.block_size))
         self.decode_graphs.capture_all()
 
     def _alloc_kv(self, num_blocks: int) -> torch.Tensor:
@@ -87,7 +87,7 @@ class ModelRunner:
         self.kv_arena = self._alloc_kv(-(-tokens // self.block_size))
         probe = Sequence(seq_id=-1, prompt_ids=[0] * tokens, sampling=SamplingParams(), seed=0, detok=None,
                          stop_token_ids=frozenset(), block_table=list(range(self.kv_arena.shape[0])))
-        self.step([probe], is_prefill=True)
+        self.prefill([probe])
         if self.cfg.is_multimodal:
             pixels = torch.randn(self.num_mm_blocks // 2, 3, self.cfg.vision.image_size, self.cfg.vision.image_size)
             self.encode_images(pixels)
@@ -132,22 +132,15 @@ class ModelRunner:
         return seq.block_table[pos // self.block_size] * self.block_size + pos % self.block_size
 
     @torch.inference_mode()
-    def step(self, seqs: list[Sequence], is_prefill: bool, all_logits: bool = False) -> StepOutput:
-        """Run one forward over `seqs` (prefill: each sequence's uncached tokens; decode: its
-        last token) and sample one token per sequence. Updates num_cached. Decode replays a
-        captured CUDA graph when one fits the batch."""
-        if not is_prefill and self.decode_graphs is not None:
-            replayed = self.decode_graphs.run(seqs)
-            if replayed is not None:
-                for seq in seqs:
-                    seq.num_cached = seq.num_tokens
-                return StepOutput(*replayed)
+    def prefill(self, seqs: list[Sequence], all_logits: bool = False) -> StepOutput:
+        """One forward over each sequence's uncached tokens (packed varlen); samples one token
+        per sequence from its last position. Updates num_cached."""
         ids, positions, slots, cu, image_index = [], [], [], [0], []
         has_images = False
         for seq in seqs:
-            start = seq.num_cached if is_prefill else seq.num_tokens - 1
+            start = seq.num_cached
             tokens = seq.all_ids[start:]
-            if is_prefill and seq.num_images and start < len(seq.prompt_ids):
+            if seq.num_images and start < len(seq.prompt_ids):
                 image_index += self._image_rows(seq, start)
                 has_images = True
             else:
@@ -157,11 +150,11 @@ class ModelRunner:
             slots += [self._slot(seq, p) for p in range(start, seq.num_tokens)]
             cu.append(cu[-1] + len(tokens))
         meta = AttentionMetadata(
-            is_prefill=is_prefill,
+            is_prefill=True,
             slot_mapping=self._tensor(slots, torch.int64),
             seq_lens=self._tensor([s.num_tokens for s in seqs], torch.int32),
             block_tables=self._block_tables(seqs),
-            cu_seqlens_q=self._tensor(cu, torch.int32) if is_prefill else None,
+            cu_seqlens_q=self._tensor(cu, torch.int32),
             max_seqlen_q=max(b - a for a, b in zip(cu, cu[1:])),
         )
         hidden = self.model(
@@ -179,6 +172,15 @@ class ModelRunner:
         for seq in seqs:
             seq.num_cached = seq.num_tokens
         return StepOutput(tokens, logits)
+
+    def decode(self, seqs: list[Sequence], num_steps: int = 1) -> tuple[list[list[int]], torch.Tensor]:
+        """num_steps decode steps back to back (block tables must cover them): the tokens of each
+        step (a list over seqs) and the last step's logits [B, V]. A CUDA graph is replayed when
+        one fits the batch. The caller appends the tokens."""
+        tokens, logits = self.decode_graphs.run(seqs, num_steps)
+        for seq in seqs:
+            seq.num_cached = seq.num_tokens + num_steps - 1  # every token but the last sampled
+        return tokens, logits
 
     def _image_rows(self, seq: Sequence, start: int) -> list[int]:
         """Per token from `start` on: its row in the flattened MM arena, or -1 for text."""

@@ -107,17 +107,18 @@ class DecodeScheduler:
     def add(self, seq: Sequence) -> None:
         self.running.append(seq)
 
-    def schedule(self) -> tuple[list[Sequence], list[Sequence]]:
-        """Returns (sequences to decode this step, sequences preempted to make room)."""
+    def schedule(self, lookahead: int = 1) -> tuple[list[Sequence], list[Sequence]]:
+        """Returns (sequences to decode, sequences preempted to make room). Each scheduled
+        sequence holds blocks for its next `lookahead` tokens."""
         preempted: list[Sequence] = []
         for seq in list(self.running):
             if seq.status is not Status.RUNNING:
                 continue  # preempted earlier in this loop
-            while blocks_for(seq.num_tokens, self.block_size) > len(seq.block_table):
+            while blocks_for(seq.num_tokens + lookahead - 1, self.block_size) > len(seq.block_table):
                 blocks = self.blocks.allocate(1)
                 if blocks is not None:
                     seq.block_table += blocks
-                    break
+                    continue
                 victim = self.running[-1]
                 self._preempt(victim)
                 preempted.append(victim)

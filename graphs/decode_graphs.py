@@ -1,9 +1,13 @@
-"""Decode under CUDA graphs: one graph per batch bucket, captured largest first into one pool.
+"""Decode steps over static buffers, replayed as CUDA graphs: one graph per batch bucket,
+captured largest first into one pool; eager (same code, same buffers) where no graph fits or
+on the CPU.
 
 Static buffers hold token ids, positions, slot mapping, sequence lengths, block tables and
-the sampling parameters; a step copies the batch into them and replays the smallest bucket
-that fits. Padded rows are no-ops: seq_len 0 (attention writes zeros) and slot -1 (no cache
-write). Graphs do not depend on sequence lengths: the kernels read them from device memory.
+the sampling parameters; a call copies the batch in once, then runs k steps back to back. Each
+step samples on the device and advances the buffers itself (next token id, position, length,
+slot from the block table) and appends its tokens to a device history, so k steps need one
+copy-in and one copy-out (multi-step decode, kv_generate-style). Padded rows are no-ops:
+seq_len 0 (attention writes zeros) and slot -1 (no cache write).
 """
 
 from __future__ import annotations
@@ -45,7 +49,8 @@ class StaticBuffers:
                    z(batch, dtype=f32) + 1, z(batch, dtype=i64), z(batch, dtype=i64))
 
     def copy_from(self, seqs: list[Sequence], block_size: int, rows: int) -> None:
-        """Write the batch into rows [0, len(seqs)); rows [len(seqs), rows) become padding."""
+        """Write the batch into rows [0, len(seqs)); rows [len(seqs), rows) become padding.
+        Each sequence's block table must already cover the tokens of every step to run."""
         n, width = len(seqs), self.block_tables.shape[1]
         pos = [s.num_tokens - 1 for s in seqs]
         host = {
@@ -64,23 +69,32 @@ class StaticBuffers:
         }
         for f in fields(self):
             dst = getattr(self, f.name)[:rows]
-            dst.copy_(torch.tensor(host[f.name], dtype=dst.dtype).pin_memory(), non_blocking=True)
+            src = torch.tensor(host[f.name], dtype=dst.dtype)
+            dst.copy_(src.pin_memory() if dst.is_cuda else src, non_blocking=dst.is_cuda)
 
 
 class DecodeGraphs:
-    """Captures and replays decode steps of `runner` (cuda backend) for each batch bucket."""
+    """Runs decode steps of `runner` on static buffers; replays CUDA graphs where captured."""
 
-    def __init__(self, runner, max_batch: int, max_blocks_per_seq: int) -> None:
+    def __init__(self, runner, max_batch: int, max_blocks_per_seq: int, max_steps: int = 64) -> None:
         self.runner = runner
         self.buckets = batch_buckets(max_batch)
-        self.buffers = StaticBuffers.allocate(max_batch, max_blocks_per_seq, runner.device)
+        device = runner.device
+        self.buffers = StaticBuffers.allocate(max_batch, max_blocks_per_seq, device)
+        self.history = torch.zeros(max_steps, max_batch, dtype=torch.int64, device=device)  # [step, row]
+        self.cursor = torch.zeros(1, dtype=torch.int64, device=device)  # next history row
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # (tokens [B], logits [B, V])
+        self.logits: dict[int, torch.Tensor] = {}  # bucket -> [B, V] logits of the last step
         self.pool = None
         self.capture_log: list[tuple[int, float, int]] = []  # (bucket, seconds, bytes)
 
-    def _forward(self, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-        b = self.buffers
+    @property
+    def max_steps(self) -> int:
+        return self.history.shape[0]
+
+    def _step(self, rows: int) -> torch.Tensor:
+        """One decode step on rows [0, rows) of the buffers, then advance them. Returns logits."""
+        b, bs = self.buffers, self.runner.block_size
         meta = AttentionMetadata(is_prefill=False, slot_mapping=b.slot_mapping[:rows], seq_lens=b.seq_lens[:rows],
                                  block_tables=b.block_tables[:rows])
         model, ops = self.runner.model, self.runner.ops
@@ -88,20 +102,35 @@ class DecodeGraphs:
         logits = model.compute_logits(hidden)
         tokens = ops.sample(logits, b.temperature[:rows], b.top_k[:rows], b.top_p[:rows], b.seeds[:rows],
                             b.steps[:rows])
-        return tokens, logits
+        # advance on the device: no host sync between steps
+        self.history[:, :rows].index_copy_(0, self.cursor, tokens[None])
+        self.cursor += 1
+        active = b.seq_lens[:rows] > 0
+        b.input_ids[:rows].copy_(tokens)
+        b.positions[:rows] += active
+        b.seq_lens[:rows] += active.int()
+        b.steps[:rows] += active
+        pos = b.positions[:rows]
+        index = (pos // bs).clamp_max(b.block_tables.shape[1] - 1)
+        block = b.block_tables[:rows].gather(1, index[:, None])[:, 0].long()
+        b.slot_mapping[:rows].copy_(torch.where(active, block * bs + pos % bs, -1))
+        return logits
 
     @torch.inference_mode()
     def capture(self, rows: int, stream: torch.cuda.Stream | None = None) -> None:
         """Capture the bucket of `rows`; capture largest first so smaller graphs reuse the pool."""
         start, mem = time.perf_counter(), torch.cuda.memory_allocated()
-        self._forward(rows)  # warm-up outside the graph (cuBLAS handles, lazy inits)
+        self.buffers.seq_lens.zero_()  # warm-up and capture on padding rows: no cache writes
+        self.buffers.slot_mapping.fill_(-1)
+        self.cursor.zero_()
+        self._step(rows)  # warm-up outside the graph (cuBLAS handles, lazy inits)
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool, stream=stream, capture_error_mode="thread_local"):
-            out = self._forward(rows)
+            logits = self._step(rows)
         if self.pool is None:
             self.pool = graph.pool()
-        self.graphs[rows], self.outputs[rows] = graph, out
+        self.graphs[rows], self.logits[rows] = graph, logits
         self.capture_log.append((rows, time.perf_counter() - start, torch.cuda.memory_allocated() - mem))
 
     def capture_all(self) -> None:
@@ -112,14 +141,19 @@ class DecodeGraphs:
         return next((b for b in self.buckets if b >= n and b in self.graphs), None)
 
     @torch.inference_mode()
-    def run(self, seqs: list[Sequence]) -> tuple[list[int], torch.Tensor] | None:
-        """Replay one decode step for `seqs`: (tokens, logits [n, V]); None when no captured
-        bucket fits (the caller runs eagerly)."""
-        rows = self.bucket_for(len(seqs))
-        if rows is None:
-            return None
-        self.buffers.copy_from(seqs, self.runner.block_size, rows)
-        self.graphs[rows].replay()
-        tokens, logits = self.outputs[rows]
+    def run(self, seqs: list[Sequence], num_steps: int = 1) -> tuple[list[list[int]], torch.Tensor]:
+        """Run num_steps decode steps for `seqs` back to back; returns (tokens per step, each a
+        list over seqs; logits [n, V] of the last step). Block tables must cover all steps."""
+        if not 1 <= num_steps <= self.max_steps:
+            raise ValueError(f"num_steps = {num_steps}; must be in [1, {self.max_steps}]")
         n = len(seqs)
-        return tokens[:n].tolist(), logits[:n]
+        rows = self.bucket_for(n)
+        self.buffers.copy_from(seqs, self.runner.block_size, rows or n)
+        self.cursor.zero_()
+        for _ in range(num_steps):
+            if rows is not None:
+                self.graphs[rows].replay()
+            else:
+                last_logits = self._step(n)
+        logits = self.logits[rows][:n] if rows is not None else last_logits
+        return self.history[:num_steps, :n].tolist(), logits

@@ -128,13 +128,13 @@ class TeacherForcing:
 
     def prefill(self) -> torch.Tensor:
         """All-position logits [T, V] of the packed prompts."""
-        return self.llm.runner.step(self.seqs, is_prefill=True, all_logits=True).logits
+        return self.llm.runner.prefill(self.seqs, all_logits=True).logits
 
     def decode(self, tokens: list[int]) -> torch.Tensor:
         """Append one given token per sequence and return the next logits [B, V]."""
         for s, t in zip(self.seqs, tokens):
             s.output_ids.append(t)
-        return self.llm.runner.step(self.seqs, is_prefill=False).logits
+        return self.llm.runner.decode(self.seqs)[1]
 
     def close(self) -> None:
         for s in self.seqs:

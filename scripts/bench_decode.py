@@ -37,21 +37,23 @@ def _sequences(llm: LLM, batch: int, context: int, steps: int) -> list[Sequence]
     return seqs
 
 
-def bench_ours(llm: LLM, batch: int, context: int, steps: int) -> float:
-    """Median ms per decode step for `batch` sequences of `context` tokens."""
-    seqs = _sequences(llm, batch, context, steps)
+def bench_ours(llm: LLM, batch: int, context: int, steps: int, multi_step: int) -> float:
+    """Median ms per decode step for `batch` sequences of `context` tokens, running
+    `multi_step` steps per call (one copy-in, one copy-out)."""
+    seqs = _sequences(llm, batch, context, steps * multi_step)
     for i in range(0, batch, 8):  # prefill in slices to bound activations
-        out = llm.runner.step(seqs[i : i + 8], is_prefill=True)
+        out = llm.runner.prefill(seqs[i : i + 8])
         for s, t in zip(seqs[i : i + 8], out.token_ids):
             s.output_ids.append(t)
     times = []
     for _ in range(steps):
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        out = llm.runner.step(seqs, is_prefill=False)  # .tolist() inside syncs
-        times.append(time.perf_counter() - t0)
-        for s, t in zip(seqs, out.token_ids):
-            s.output_ids.append(t)
+        tokens, _ = llm.runner.decode(seqs, multi_step)  # .tolist() inside syncs
+        times.append((time.perf_counter() - t0) / multi_step)
+        for step_tokens in tokens:
+            for s, t in zip(seqs, step_tokens):
+                s.output_ids.append(t)
     for s in seqs:
         llm.engine.kv_blocks.free(s.block_table)
     return 1e3 * sorted(times[5:])[len(times[5:]) // 2]
@@ -85,25 +87,28 @@ def main() -> None:
     p.add_argument("--batches", default="1,8,32,128")
     p.add_argument("--context", type=int, default=640)
     p.add_argument("--steps", type=int, default=64)
+    p.add_argument("--multi-step", default="1,8", help="decode steps per call, comma-separated")
     p.add_argument("--no-hf", action="store_true")
     args = p.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     ceil = ceilings()
     llm = LLM(args.model, backend="cuda", dtype="bfloat16", device="cuda", max_num_seqs=max(batches),
-              max_num_batched_tokens=8 * args.context)
+              max_num_batched_tokens=8 * args.context, multi_step=max(int(x) for x in args.multi_step.split(",")))
     t = llm.cfg.text
     weight_bytes = sum(p.numel() * p.element_size() for p in llm.runner.model.lm.parameters())
     kv_token_bytes = t.num_layers * 2 * t.num_kv_heads * t.head_dim * 2
     log = llm.runner.decode_graphs.capture_log
     print(f"{ceil['device']}: copy {ceil['copy_GBps']:.0f} GB/s; LM weights {weight_bytes / 1e9:.2f} GB; "
           f"{len(log)} decode graphs captured in {sum(s for _, s, _ in log):.1f}s")
-    print("| batch | context | ms/step | tokens/s | bytes/step (GB) | % of copy BW |")
-    print("|---|---|---|---|---|---|")
-    for b in batches:
-        ms = bench_ours(llm, b, args.context, args.steps)
-        moved = weight_bytes + b * (args.context + args.steps // 2) * kv_token_bytes
-        pct = 100 * moved / (ms * 1e-3) / (ceil["copy_GBps"] * 1e9)
-        print(f"| {b} | {args.context} | {ms:.3f} | {b * 1e3 / ms:.0f} | {moved / 1e9:.2f} | {pct:.1f}% |", flush=True)
+    print("| batch | context | steps/call | ms/step | tokens/s | bytes/step (GB) | % of copy BW |")
+    print("|---|---|---|---|---|---|---|")
+    for k in [int(x) for x in args.multi_step.split(",")]:
+        for b in batches:
+            ms = bench_ours(llm, b, args.context, args.steps, k)
+            moved = weight_bytes + b * (args.context + args.steps * k // 2) * kv_token_bytes
+            pct = 100 * moved / (ms * 1e-3) / (ceil["copy_GBps"] * 1e9)
+            print(f"| {b} | {args.context} | {k} | {ms:.3f} | {b * 1e3 / ms:.0f} | {moved / 1e9:.2f} | {pct:.1f}% |",
+                  flush=True)
     if not args.no_hf:
         import gc
 
@@ -113,7 +118,8 @@ def main() -> None:
         ms = bench_hf(Path(args.model), args.context, args.steps)
         moved = weight_bytes + args.context * kv_token_bytes
         pct = 100 * moved / (ms * 1e-3) / (ceil["copy_GBps"] * 1e9)
-        print(f"| HF eager, batch 1 | {args.context} | {ms:.3f} | {1e3 / ms:.0f} | {moved / 1e9:.2f} | {pct:.1f}% |")
+        print(f"| HF eager, batch 1 | {args.context} | 1 | {ms:.3f} | {1e3 / ms:.0f} | {moved / 1e9:.2f} | "
+              f"{pct:.1f}% |")
 
 
 if __name__ == "__main__":

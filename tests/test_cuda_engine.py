@@ -52,7 +52,9 @@ def _generate(model: Path, **kw) -> list[list[int]]:
 def test_graph_decode_equals_eager(small_llama: Path) -> None:
     eager = _generate(small_llama, backend="cuda", cuda_graphs=False)
     graphs = _generate(small_llama, backend="cuda", cuda_graphs=True)
+    multi = _generate(small_llama, backend="cuda", cuda_graphs=True, multi_step=8)
     assert graphs == eager
+    assert multi == eager
 
 
 def test_cuda_backend_close_to_torch_backend(small_llama: Path) -> None:

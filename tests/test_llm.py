@@ -130,3 +130,17 @@ def test_engine_option_errors(tiny_llava: Path) -> None:
         LLM(tiny_llava, backend="torch", device="cpu", max_model_len=5000)
     with pytest.raises(ValueError, match="backend 'cuda' needs a CUDA device"):
         LLM(tiny_llava, backend="cuda", device="cpu")
+
+
+def test_multi_step_decode_matches_single_step(tiny_llava: Path) -> None:
+    """k steps back to back on device buffers (eager here; graphs on a GPU) change nothing."""
+    sp = SamplingParams(max_tokens=21, ignore_eos=True)
+    single = LLM(tiny_llava, backend="torch", device="cpu").generate(_requests(), sp)
+    multi_llm = LLM(tiny_llava, backend="torch", device="cpu", multi_step=8)
+    multi = multi_llm.generate(_requests(), sp)
+    assert [o.token_ids for o in multi] == [o.token_ids for o in single]
+    stop_id = single[0].token_ids[3]
+    stopped = multi_llm.generate(_requests()[0], SamplingParams(max_tokens=21, stop_token_ids=(stop_id,),
+                                                                ignore_eos=True))[0]
+    assert stopped.token_ids == single[0].token_ids[: single[0].token_ids.index(stop_id) + 1]
+    assert multi_llm.engine.kv_blocks.num_free == multi_llm.runner.num_kv_blocks

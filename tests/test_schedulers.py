@@ -27,19 +27,27 @@ class FakeRunner:
             assert len(s.mm_blocks) == s.num_images
             self.encoded.add(s.seq_id)
 
-    def step(self, seqs: list[Sequence], is_prefill: bool) -> StepOutput:
+    @staticmethod
+    def _token(seq: Sequence, num_tokens: int) -> int:
+        return (seq.seq_id * 7919 + num_tokens * 31) % 1000
+
+    def _check_blocks(self, seqs: list[Sequence], num_tokens: list[int]) -> None:
+        for s, n in zip(seqs, num_tokens):
+            assert len(s.block_table) >= -(-n // self.block_size), "scheduled without blocks for its tokens"
+        assert len({b for s in seqs for b in s.block_table}) == sum(len(s.block_table) for s in seqs)
+
+    def prefill(self, seqs: list[Sequence]) -> StepOutput:
+        self._check_blocks(seqs, [s.num_tokens for s in seqs])
         for s in seqs:
-            need = -(-s.num_tokens // self.block_size)
-            assert len(s.block_table) >= need, "sequence scheduled without blocks for its tokens"
-            if is_prefill:
-                assert s.num_images == 0 or s.seq_id in self.encoded, "prefill before encode"
-                self.prefill_order.append(s.seq_id)
-        if not is_prefill:
-            assert len({b for s in seqs for b in s.block_table}) == sum(len(s.block_table) for s in seqs)
-        tokens = [(s.seq_id * 7919 + s.num_tokens * 31) % 1000 for s in seqs]
-        for s in seqs:
+            assert s.num_images == 0 or s.seq_id in self.encoded, "prefill before encode"
+            self.prefill_order.append(s.seq_id)
             s.num_cached = s.num_tokens
-        return StepOutput(tokens, torch.empty(0))
+        return StepOutput([self._token(s, s.num_tokens) for s in seqs], torch.empty(0))
+
+    def decode(self, seqs: list[Sequence], num_steps: int = 1) -> tuple[list[list[int]], torch.Tensor]:
+        self._check_blocks(seqs, [s.num_tokens + num_steps - 1 for s in seqs])
+        tokens = [[self._token(s, s.num_tokens + k) for s in seqs] for k in range(num_steps)]
+        return tokens, torch.empty(0)
 
 
 def _seq(i: int, rng: random.Random, capacity: int = 10_000) -> Sequence:
@@ -54,11 +62,13 @@ def _seq(i: int, rng: random.Random, capacity: int = 10_000) -> Sequence:
                     pixel_values=torch.zeros(images, 3, 1, 1) if images else None)
 
 
-@pytest.mark.parametrize(("num_kv_blocks", "block_size"), [(40, 4), (400, 16), (13, 8)])
-def test_random_requests_all_finish_without_leaks(num_kv_blocks: int, block_size: int) -> None:
+@pytest.mark.parametrize(("num_kv_blocks", "block_size", "multi_step"),
+                         [(40, 4, 1), (400, 16, 1), (13, 8, 1), (400, 16, 8), (40, 4, 4)])
+def test_random_requests_all_finish_without_leaks(num_kv_blocks: int, block_size: int, multi_step: int) -> None:
     rng = random.Random(num_kv_blocks)
     runner = FakeRunner(num_kv_blocks, 8, block_size)
-    engine = AggregatedEngine(runner, max_num_seqs=16, max_num_batched_tokens=256, max_images_per_batch=4)
+    engine = AggregatedEngine(runner, max_num_seqs=16, max_num_batched_tokens=256, max_images_per_batch=4,
+                              multi_step=multi_step)
     seqs = [_seq(i, rng, num_kv_blocks * block_size) for i in range(1000)]
     pending = list(seqs)
     steps = 0
@@ -67,6 +77,8 @@ def test_random_requests_all_finish_without_leaks(num_kv_blocks: int, block_size
             if pending:
                 engine.add(pending.pop(0))
         for seq, token in engine.step():
+            if seq.status is Status.FINISHED:
+                continue  # multi-step ran past this sequence's stop
             seq.output_ids.append(token)
             if token in seq.stop_token_ids or len(seq.output_ids) >= seq.sampling.max_tokens:
                 engine.finish(seq)
@@ -92,21 +104,24 @@ def test_preemption_recomputes_with_identical_tokens() -> None:
     rng = random.Random(1)
     seqs = [_seq(i, rng) for i in range(60)]
     results = []
-    for blocks in (10_000, 12):
+    for blocks, multi_step in ((10_000, 1), (12, 1), (12, 4), (10_000, 16)):
         runner = FakeRunner(blocks, 8, 8)
-        engine = AggregatedEngine(runner, max_num_seqs=8, max_num_batched_tokens=128, max_images_per_batch=4)
+        engine = AggregatedEngine(runner, max_num_seqs=8, max_num_batched_tokens=128, max_images_per_batch=4,
+                                  multi_step=multi_step)
         copies = [Sequence(seq_id=s.seq_id, prompt_ids=list(s.prompt_ids), sampling=s.sampling, seed=0, detok=None,
                            stop_token_ids=s.stop_token_ids, pixel_values=s.pixel_values) for s in seqs]
         for s in copies:
             engine.add(s)
         while engine.has_work():
             for seq, token in engine.step():
+                if seq.status is Status.FINISHED:
+                    continue
                 seq.output_ids.append(token)
                 if token in seq.stop_token_ids or len(seq.output_ids) >= seq.sampling.max_tokens:
                     engine.finish(seq)
         results.append(([s.output_ids for s in copies], engine.num_preemptions))
     assert results[1][1] > 0 and results[0][1] == 0
-    assert results[0][0] == results[1][0]
+    assert all(r[0] == results[0][0] for r in results)
 
 
 def test_block_manager_refcounts() -> None:
