@@ -60,11 +60,11 @@ class ModelRunner:
         max_blocks = -(-cfg.text.max_position_embeddings // block_size)
         self.decode_graphs = DecodeGraphs(self, max_num_seqs, max_blocks)
 
-    def capture_decode_graphs(self) -> None:
-        """Capture decode graphs for every batch bucket (cuda backend only)."""
+    def capture_decode_graphs(self, background: bool = False) -> None:
+        """Capture decode graphs for every batch bucket (cuda backend only); see DecodeGraphs."""
         if self.backend != "cuda":
             raise ValueError("CUDA graphs need the cuda backend")
-        self.decode_graphs.capture_all()
+        self.decode_graphs.capture_all(background)
 
     def _alloc_kv(self, num_blocks: int) -> torch.Tensor:
         t = self.cfg.text

@@ -12,6 +12,8 @@ seq_len 0 (attention writes zeros) and slot -1 (no cache write).
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
 from dataclasses import dataclass, fields
 
@@ -19,6 +21,8 @@ import torch
 
 from engine.models.llama import AttentionMetadata
 from engine.request import Sequence
+
+log = logging.getLogger(__name__)
 
 
 def batch_buckets(max_batch: int) -> list[int]:
@@ -87,6 +91,8 @@ class DecodeGraphs:
         self.logits: dict[int, torch.Tensor] = {}  # bucket -> [B, V] logits of the last step
         self.pool = None
         self.capture_log: list[tuple[int, float, int]] = []  # (bucket, seconds, bytes)
+        self._capture_thread: threading.Thread | None = None
+        self.capture_error: BaseException | None = None
 
     @property
     def max_steps(self) -> int:
@@ -117,28 +123,64 @@ class DecodeGraphs:
         return logits
 
     @torch.inference_mode()
-    def capture(self, rows: int, stream: torch.cuda.Stream | None = None) -> None:
-        """Capture the bucket of `rows`; capture largest first so smaller graphs reuse the pool."""
-        start, mem = time.perf_counter(), torch.cuda.memory_allocated()
-        self.buffers.seq_lens.zero_()  # warm-up and capture on padding rows: no cache writes
+    def warm_up(self) -> None:
+        """One eager step at the largest bucket on padding rows (no cache writes): initialises
+        cuBLAS handles and lazy state before any capture."""
+        self.buffers.seq_lens.zero_()
         self.buffers.slot_mapping.fill_(-1)
         self.cursor.zero_()
-        self._step(rows)  # warm-up outside the graph (cuBLAS handles, lazy inits)
+        self._step(self.buckets[-1])
         torch.cuda.synchronize()
+
+    @torch.inference_mode()
+    def capture(self, rows: int, stream: torch.cuda.Stream | None = None) -> None:
+        """Capture the bucket of `rows` (after warm_up); largest first, so smaller graphs reuse
+        the pool. Capture records kernels without running them, so the static buffers may be
+        in use by eager steps meanwhile."""
+        start, mem = time.perf_counter(), torch.cuda.memory_allocated()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool, stream=stream, capture_error_mode="thread_local"):
             logits = self._step(rows)
         if self.pool is None:
             self.pool = graph.pool()
-        self.graphs[rows], self.logits[rows] = graph, logits
-        self.capture_log.append((rows, time.perf_counter() - start, torch.cuda.memory_allocated() - mem))
+        self.logits[rows] = logits
+        self.graphs[rows] = graph  # published last: run() may pick it from now on
+        seconds, grown = time.perf_counter() - start, torch.cuda.memory_allocated() - mem
+        self.capture_log.append((rows, seconds, grown))
+        log.info("captured decode graph for batch %d in %.3f s (+%.1f MiB)", rows, seconds, grown / 2**20)
 
-    def capture_all(self) -> None:
-        for rows in sorted(self.buckets, reverse=True):
-            self.capture(rows)
+    def capture_all(self, background: bool = False) -> None:
+        """Capture every bucket, largest first; in a background thread on a side stream when
+        `background` (serving goes on eagerly, and with each graph as soon as it exists)."""
+        self.warm_up()
+        if not background:
+            for rows in sorted(self.buckets, reverse=True):
+                self.capture(rows)
+            return
+        device = self.runner.device
+
+        def work() -> None:
+            try:
+                torch.cuda.set_device(device)
+                stream = torch.cuda.Stream(device)
+                for rows in sorted(self.buckets, reverse=True):
+                    self.capture(rows, stream)
+            except BaseException as e:  # surfaced by wait_for_capture; serving stays eager
+                self.capture_error = e
+                log.exception("background capture failed; decode stays eager")
+
+        self._capture_thread = threading.Thread(target=work, name="decode-graph-capture", daemon=True)
+        self._capture_thread.start()
+
+    def wait_for_capture(self) -> None:
+        if self._capture_thread is not None:
+            self._capture_thread.join()
+        if self.capture_error is not None:
+            raise RuntimeError("background graph capture failed") from self.capture_error
 
     def bucket_for(self, n: int) -> int | None:
-        return next((b for b in self.buckets if b >= n and b in self.graphs), None)
+        graphs = self.graphs
+        return next((b for b in self.buckets if b >= n and b in graphs), None)
 
     @torch.inference_mode()
     def run(self, seqs: list[Sequence], num_steps: int = 1) -> tuple[list[list[int]], torch.Tensor]:

@@ -81,6 +81,23 @@ def bench_hf(model_dir: Path, context: int, steps: int) -> float:
     return 1e3 * (run(steps + 1) - run(1)) / steps  # prefill cancels out
 
 
+def time_to_first_serve(model: str, max_num_seqs: int, background: bool) -> tuple[float, float]:
+    """(seconds from LLM() to the first token of a request, seconds until every graph exists)."""
+    import gc
+
+    start = time.perf_counter()
+    llm = LLM(model, backend="cuda", dtype="bfloat16", device="cuda", max_num_seqs=max_num_seqs,
+              background_capture=background)
+    llm.generate("Hello", SamplingParams(max_tokens=2, ignore_eos=True))
+    first = time.perf_counter() - start
+    llm.runner.decode_graphs.wait_for_capture()
+    done = time.perf_counter() - start
+    del llm
+    gc.collect()
+    torch.cuda.empty_cache()
+    return first, done
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True)
@@ -89,9 +106,15 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=64)
     p.add_argument("--multi-step", default="1,8", help="decode steps per call, comma-separated")
     p.add_argument("--no-hf", action="store_true")
+    p.add_argument("--serve-time", action="store_true", help="time to first serve, background vs upfront capture")
     args = p.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     ceil = ceilings()
+    if args.serve_time:
+        for background in (False, True):
+            first, done = time_to_first_serve(args.model, 256, background)
+            print(f"time to first token, {'background' if background else 'upfront'} capture of decode graphs "
+                  f"(max batch 256): {first:.2f} s (all graphs ready at {done:.2f} s)", flush=True)
     llm = LLM(args.model, backend="cuda", dtype="bfloat16", device="cuda", max_num_seqs=max(batches),
               max_num_batched_tokens=8 * args.context, multi_step=max(int(x) for x in args.multi_step.split(",")))
     t = llm.cfg.text
