@@ -158,10 +158,11 @@ class DecodeGraphs:
                 self.capture(rows)
             return
         device = self.runner.device
+        index = device.index if device.index is not None else torch.cuda.current_device()
 
         def work() -> None:
             try:
-                torch.cuda.set_device(device)
+                torch.cuda.set_device(index)
                 stream = torch.cuda.Stream(device)
                 for rows in sorted(self.buckets, reverse=True):
                     self.capture(rows, stream)
