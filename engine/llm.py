@@ -44,7 +44,7 @@ class LLM:
         max_images_per_batch: int = 8,
         gpu_memory_utilization: float = 0.9,
         cuda_graphs: bool = True,
-        background_capture: bool = True,
+        background_capture: bool = False,
         multi_step: int = 1,
         seed: int = 0,
         progress: bool | None = None,

@@ -52,7 +52,13 @@ class StaticBuffers:
                    z(batch, max_blocks, dtype=i32), z(batch, dtype=f32), z(batch, dtype=i64),
                    z(batch, dtype=f32) + 1, z(batch, dtype=i64), z(batch, dtype=i64))
 
-    def copy_from(self, seqs: list[Sequence], block_size: int, rows: int) -> None:
+    def staging(self) -> StaticBuffers:
+        """Pinned host twins of these buffers (allocated once: no host allocation per step)."""
+        pin = self.input_ids.is_cuda
+        return StaticBuffers(*(torch.empty(getattr(self, f.name).shape, dtype=getattr(self, f.name).dtype,
+                                           pin_memory=pin) for f in fields(self)))
+
+    def copy_from(self, seqs: list[Sequence], block_size: int, rows: int, staging: StaticBuffers) -> None:
         """Write the batch into rows [0, len(seqs)); rows [len(seqs), rows) become padding.
         Each sequence's block table must already cover the tokens of every step to run."""
         n, width = len(seqs), self.block_tables.shape[1]
@@ -72,9 +78,9 @@ class StaticBuffers:
             "steps": [len(s.output_ids) for s in seqs] + [0] * (rows - n),
         }
         for f in fields(self):
-            dst = getattr(self, f.name)[:rows]
-            src = torch.tensor(host[f.name], dtype=dst.dtype)
-            dst.copy_(src.pin_memory() if dst.is_cuda else src, non_blocking=dst.is_cuda)
+            dst, src = getattr(self, f.name)[:rows], getattr(staging, f.name)[:rows]
+            src.copy_(torch.tensor(host[f.name], dtype=dst.dtype))  # the last step's copies are done
+            dst.copy_(src, non_blocking=True)
 
 
 class DecodeGraphs:
@@ -85,6 +91,7 @@ class DecodeGraphs:
         self.buckets = batch_buckets(max_batch)
         device = runner.device
         self.buffers = StaticBuffers.allocate(max_batch, max_blocks_per_seq, device)
+        self.staging = self.buffers.staging()
         self.history = torch.zeros(max_steps, max_batch, dtype=torch.int64, device=device)  # [step, row]
         self.cursor = torch.zeros(1, dtype=torch.int64, device=device)  # next history row
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
@@ -191,7 +198,7 @@ class DecodeGraphs:
             raise ValueError(f"num_steps = {num_steps}; must be in [1, {self.max_steps}]")
         n = len(seqs)
         rows = self.bucket_for(n)
-        self.buffers.copy_from(seqs, self.runner.block_size, rows or n)
+        self.buffers.copy_from(seqs, self.runner.block_size, rows or n, self.staging)
         self.cursor.zero_()
         for _ in range(num_steps):
             if rows is not None:
