@@ -171,6 +171,12 @@ class DecodeGraphs:
             try:
                 torch.cuda.set_device(index)
                 stream = torch.cuda.Stream(device)
+                # cuBLAS handles are per thread and workspaces per stream: create them here,
+                # outside capture (creating one inside invalidated the capture on an H100).
+                with torch.cuda.stream(stream):
+                    w = self.runner.model.lm.norm
+                    torch.nn.functional.linear(w[None, :], w[None, :])
+                stream.synchronize()
                 for rows in sorted(self.buckets, reverse=True):
                     self.capture(rows, stream)
             except BaseException as e:  # surfaced by wait_for_capture; serving stays eager
