@@ -48,7 +48,8 @@ def _generate(model: Path, wait: bool = True, **kw) -> list[list[int]]:
     graphs = llm.runner.decode_graphs
     if wait:
         graphs.wait_for_capture()
-        assert kw.get("cuda_graphs") is False or len(graphs.graphs) == len(graphs.buckets)
+        captured = kw.get("backend") == "cuda" and kw.get("cuda_graphs", True)
+        assert len(graphs.graphs) == (len(graphs.buckets) if captured else 0)
     outs = llm.generate(PROMPTS, SamplingParams(max_tokens=24, ignore_eos=True))
     graphs.wait_for_capture()
     return [o.token_ids for o in outs]
