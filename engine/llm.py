@@ -23,7 +23,8 @@ class LLM:
 
     backend: "torch" (reference ops, any device), "cuda" (our kernels), "auto" (cuda where
     available). dtype: "auto" (the checkpoint's), "float32", "bfloat16" or "float16".
-    cuda_graphs: capture decode graphs per batch bucket (cuda backend); with
+    cuda_graphs: capture vision graphs per image-batch bucket and decode graphs per batch
+    bucket (cuda backend); with
     background_capture, serving starts at once while the buckets are captured on a side stream.
     multi_step: decode steps run back to back on the device between host checks (1-64).
     kv_cache_tokens: KV arena capacity in tokens (default: on a GPU, what gpu_memory_utilization
@@ -77,7 +78,7 @@ class LLM:
         if not 1 <= multi_step <= self.runner.decode_graphs.max_steps:
             raise ConfigError(f"multi_step = {multi_step}; must be in [1, {self.runner.decode_graphs.max_steps}]")
         if cuda_graphs and self.runner.backend == "cuda":
-            self.runner.capture_decode_graphs(background=background_capture)
+            self.runner.capture_graphs(background=background_capture)
         self.engine = AggregatedEngine(self.runner, max_num_seqs, max_num_batched_tokens, max_images_per_batch,
                                        multi_step)
         self._rng = random.Random(seed)

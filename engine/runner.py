@@ -3,6 +3,7 @@ sequences into tensors, runs one forward step and samples."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -13,7 +14,10 @@ from engine.models.llama import AttentionMetadata
 from engine.request import Sequence
 from engine.sampling import SamplingParams
 from graphs.decode_graphs import DecodeGraphs
+from graphs.vision_graphs import VisionGraphs
 from kernels import get_backend
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -59,11 +63,23 @@ class ModelRunner:
         self.kv_arena = self._alloc_kv(num_kv_blocks)
         max_blocks = -(-cfg.text.max_position_embeddings // block_size)
         self.decode_graphs = DecodeGraphs(self, max_num_seqs, max_blocks)
+        self.max_images_per_batch = max_images_per_batch
+        self.vision_graphs: VisionGraphs | None = None
 
-    def capture_decode_graphs(self, background: bool = False) -> None:
-        """Capture decode graphs for every batch bucket (cuda backend only); see DecodeGraphs."""
+    def capture_graphs(self, background: bool = False) -> None:
+        """Capture vision graphs per image-batch bucket (multimodal models), then decode graphs
+        per batch bucket (cuda backend only; decode in the background if asked)."""
         if self.backend != "cuda":
             raise ValueError("CUDA graphs need the cuda backend")
+        from kernels.attn_varlen import KERNEL_HEAD_DIMS
+
+        if self.cfg.text.head_dim not in KERNEL_HEAD_DIMS:
+            # the torch fallback for other head dims syncs with the host: not capturable
+            log.warning("head_dim %d has no attention kernel: decode runs eagerly", self.cfg.text.head_dim)
+            return
+        if self.cfg.is_multimodal:
+            self.vision_graphs = VisionGraphs(self, self.max_images_per_batch)
+            self.vision_graphs.capture_all()
         self.decode_graphs.capture_all(background)
 
     def _alloc_kv(self, num_blocks: int) -> torch.Tensor:
@@ -109,8 +125,14 @@ class ModelRunner:
 
     @torch.inference_mode()
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """[N, 3, S, S] -> [N, tokens_per_image, hidden]."""
-        return self.model.encode_images(self.ops, pixel_values.to(self.device))
+        """[N, 3, S, S] -> [N, tokens_per_image, hidden]; a graph replay when one fits (the
+        result may then be a view of a static buffer: consume it before the next call)."""
+        pixel_values = pixel_values.to(self.device, self.dtype)
+        if self.vision_graphs is not None:
+            out = self.vision_graphs.run(pixel_values)
+            if out is not None:
+                return out
+        return self.model.encode_images(self.ops, pixel_values)
 
     @torch.inference_mode()
     def encode(self, seqs: list[Sequence]) -> None:
