@@ -6,7 +6,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/device_out}
 mkdir -p "$OUT"
-STAGES=${STAGES:-"build test parity bench"}
+STAGES=${STAGES:-"build test parity bench engine"}
 # The image's default CXX wrapper (/opt/gcc/bin/g++) miscompiles TORCH_CHECK messages with numbers.
 export CXX=/usr/bin/g++
 export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16} EPD_CACHE_DIR=/tmp/epd-cache
@@ -33,13 +33,16 @@ fi
 if [[ $STAGES == *test* ]]; then
   stage pytest_gpu python3 -m pytest -m gpu -q --tb=short -p no:cacheprovider tests
 fi
+llava7b() {  # the random LLaVA-1.5-7B-shaped checkpoint, made once per machine
+  [[ -f /tmp/llava-7b/config.json ]] || stage make_llava7b python3 scripts/make_random_model.py --shape llava-7b \
+    --out /tmp/llava-7b
+}
 if [[ $STAGES == *parity* ]]; then
-  stage make_llava7b python3 scripts/make_random_model.py --shape llava-7b --out /tmp/llava-7b
+  llava7b
   for s in logits vision decode; do
     stage "parity_${s}_7b" python3 "parity/$s.py" --model /tmp/llava-7b --dtype bfloat16 --device cuda \
       --backend cuda --steps "${PARITY_STEPS:-64}"
   done
-  rm -rf /tmp/llava-7b
   stage make_llama7b python3 scripts/make_random_model.py --shape llama2-7b --out /tmp/llama-7b
   for s in logits decode; do
     stage "parity_${s}_llama7b" python3 "parity/$s.py" --model /tmp/llama-7b --dtype bfloat16 --device cuda \
@@ -50,6 +53,13 @@ fi
 if [[ $STAGES == *bench* ]]; then
   stage bench_kernels python3 scripts/bench_kernels.py --json "$OUT/bench_kernels.json" --md "$OUT/bench_kernels.md"
   cat "$OUT/bench_kernels.md" >> "$SUMMARY"
+fi
+if [[ $STAGES == *engine* ]]; then
+  llava7b
+  stage bench_decode python3 scripts/bench_decode.py --model /tmp/llava-7b --batches 1,8,32,128 \
+    --multi-step 1,8 --steps 32 --serve-time
+  stage bench_offline python3 scripts/bench_offline.py --model /tmp/llava-7b
+  grep -h "^|\|time to first\|capture" "$OUT/bench_decode.log" "$OUT/bench_offline.log" >> "$SUMMARY"
 fi
 grep -h "PASS\|FAIL\|passed\|failed" "$OUT"/*.log | tail -n 60 >> "$SUMMARY"
 cat "$SUMMARY"
