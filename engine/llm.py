@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Iterable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -131,33 +132,53 @@ class LLM:
 
     # ------------------------------------------------------------------ serving loop
 
+    def add_request(self, request: Request | str, sampling: SamplingParams | None = None) -> Sequence:
+        """Validate and queue one request; its events carry index = the returned seq_id."""
+        seq = self.make_sequence(request, sampling)
+        self.engine.add(seq)
+        return seq
+
+    def step(self) -> list[TokenEvent]:
+        """One engine step: a TokenEvent per token produced (index = the request's seq_id)."""
+        produced = self.engine.step()
+        now = time.perf_counter()
+        # multi-step decode can run past a stop: drop tokens of sequences finished meanwhile
+        return [self._append(seq, token, now, seq.seq_id) for seq, token in produced
+                if seq.status is not Status.FINISHED]
+
+    def has_work(self) -> bool:
+        return self.engine.has_work()
+
+    def abort(self, seq: Sequence) -> None:
+        """Drop a request wherever it is; its blocks return to the pools."""
+        if seq.status is not Status.FINISHED:
+            self.engine.finish(seq)
+
     def stream(
         self, requests: Iterable[Request | str] | Request | str, sampling: SamplingParams | None = None
     ) -> Iterator[TokenEvent]:
-        """Yield a TokenEvent per generated token, for all requests batched together.
+        """Yield a TokenEvent per generated token (index = position in `requests`), for all
+        requests batched together.
 
         Every request is validated before any runs: one bad request raises RequestError and
         nothing is queued."""
         reqs = [requests] if isinstance(requests, (Request, str)) else list(requests)
         seqs = [self.make_sequence(r, sampling) for r in reqs]
-        index = {s.seq_id: i for i, s in enumerate(seqs)}
+        position = {s.seq_id: i for i, s in enumerate(seqs)}
         for s in seqs:
             self.engine.add(s)
         idle_steps = 0
         try:
             while any(s.status is not Status.FINISHED for s in seqs):
-                produced = self.engine.step()
-                idle_steps = 0 if produced else idle_steps + 1
+                events = self.step()
+                idle_steps = 0 if events else idle_steps + 1
                 if idle_steps > 3:
                     raise RuntimeError("engine made no progress (arena too small for the waiting requests)")
-                now = time.perf_counter()
-                for seq, token in produced:
-                    if seq.status is not Status.FINISHED:  # multi-step runs past a stop
-                        yield self._append(seq, token, now, index[seq.seq_id])
+                for ev in events:
+                    yield replace(ev, index=position[ev.index])
         finally:
             for s in seqs:  # a consumer that stops early must not leak blocks
-                if s.status is not Status.FINISHED:
-                    self.engine.finish(s)
+                self.abort(s)
 
     def generate(
         self, requests: Iterable[Request | str] | Request | str, sampling: SamplingParams | None = None
