@@ -1,0 +1,145 @@
+"""The RPC server on the torch backend: streaming generate, concurrency, auth, bad calls, stop."""
+
+from __future__ import annotations
+
+import threading
+from multiprocessing.connection import AuthenticationError, Client
+from pathlib import Path
+
+import pytest
+
+from engine import LLM, SamplingParams
+from ipc.client import RPCClient, RPCError
+from ipc.server import RPCServer
+
+KEY = b"test-key"
+
+
+@pytest.fixture()
+def server(tiny_llama: Path, tmp_path: Path):
+    llm = LLM(tiny_llama, backend="torch", device="cpu")
+    srv = RPCServer(llm, str(tmp_path / "epd.sock"), KEY)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    yield srv
+    if thread.is_alive():
+        RPCClient(srv.address, KEY).stop()
+        thread.join(timeout=30)
+    assert not thread.is_alive(), "server did not shut down"
+
+
+def _collect(client: RPCClient, prompt: str, **sampling) -> tuple[str, dict]:
+    text, done = "", None
+    for msg in client.generate(prompt, **sampling):
+        if msg["event"] == "token":
+            text += msg["text"]
+        else:
+            done = msg["output"]
+    return text, done
+
+
+def test_generate_streams_the_offline_result(server: RPCServer, tiny_llama: Path) -> None:
+    text, out = _collect(RPCClient(server.address, KEY), "Count the birds", max_tokens=10, ignore_eos=True)
+    ref = LLM(tiny_llama, backend="torch", device="cpu").generate(
+        "Count the birds", SamplingParams(max_tokens=10, ignore_eos=True))[0]
+    assert out["token_ids"] == ref.token_ids and text == out["text"] == ref.text
+
+
+def test_concurrent_clients(server: RPCServer) -> None:
+    results: dict[int, list[int]] = {}
+
+    def run(i: int) -> None:
+        _, out = _collect(RPCClient(server.address, KEY), f"Prompt number {i}", max_tokens=8, ignore_eos=True)
+        results[i] = out["token_ids"]
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert sorted(results) == [0, 1, 2, 3] and all(len(v) == 8 for v in results.values())
+    alone = _collect(RPCClient(server.address, KEY), "Prompt number 2", max_tokens=8, ignore_eos=True)[1]
+    assert alone["token_ids"] == results[2]  # batching with others changed nothing
+
+
+def test_wrong_key_is_rejected_and_server_carries_on(server: RPCServer) -> None:
+    with pytest.raises(AuthenticationError):
+        Client(server.address, authkey=b"wrong")
+    assert _collect(RPCClient(server.address, KEY), "Hello", max_tokens=3)[1]["token_ids"]
+    assert server.stats["rejected_connections"] >= 1
+
+
+def test_malformed_calls_get_errors(server: RPCServer) -> None:
+    client = RPCClient(server.address, KEY)
+    client.conn.send(["not", "a", "dict"])
+    assert "a call is a dict" in client.conn.recv()["error"]
+    with pytest.raises(RPCError, match="unknown method 'launch'"):
+        next(client.call("launch"))
+    with pytest.raises(RPCError, match="sampling.temperature"):
+        next(client.generate("Hi", temperature=-1.0))
+    with pytest.raises(RPCError, match="params.prompt must be a string"):
+        next(client.call("generate", prompt=5))
+    with pytest.raises(RPCError, match="unknown params"):
+        next(client.call("generate", prompt="x", colour="red"))
+    with pytest.raises(RPCError, match="context length"):
+        next(client.generate("Hi", max_tokens=100000))
+    assert _collect(client, "Still fine?", max_tokens=3)[1]["token_ids"]
+
+
+def test_disconnect_mid_stream_frees_blocks(server: RPCServer) -> None:
+    client = RPCClient(server.address, KEY)
+    stream = client.generate("A long answer please", max_tokens=200, ignore_eos=True)
+    next(stream)
+    client.close()
+    probe = RPCClient(server.address, KEY)
+    for _ in range(200):
+        status = probe.status()
+        if status["running"] == 0 and status["kv_blocks_free"] == status["kv_blocks_total"]:
+            break
+    assert status["kv_blocks_free"] == status["kv_blocks_total"]
+
+
+def test_status_and_stop(server: RPCServer) -> None:
+    client = RPCClient(server.address, KEY)
+    _collect(client, "Hi", max_tokens=2)
+    status = client.status()
+    assert status["requests"] >= 1 and status["finished"] >= 1 and status["running"] == 0
+    client.stop()
+
+
+def test_serve_script_end_to_end(tiny_llama: Path, tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+    import time
+
+    sock = tmp_path / "serve.sock"
+    env = {**os.environ, "EPD_AUTHKEY": KEY.decode()}
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen([sys.executable, str(root / "scripts" / "serve.py"), "--model", str(tiny_llama),
+                             "--socket", str(sock), "--device", "cpu"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 120
+        while not sock.exists():
+            assert proc.poll() is None and time.time() < deadline, proc.stdout.read() if proc.stdout else ""
+            time.sleep(0.2)
+        client = RPCClient(str(sock), KEY)
+        assert len(_collect(client, "Hello", max_tokens=4, ignore_eos=True)[1]["token_ids"]) == 4
+        client.stop()
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_serve_script_needs_a_key(tiny_llama: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "EPD_AUTHKEY"}
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, str(root / "scripts" / "serve.py"), "--model", str(tiny_llama)],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "EPD_AUTHKEY" in proc.stderr
