@@ -37,6 +37,22 @@ class RPCClient:
         yield from self.call("generate", prompt=prompt, images=images or [], raw_prompt=raw_prompt,
                              sampling=sampling)
 
+    def kv_init(self, prompt: str, images: list | None = None, raw_prompt: bool = False,
+                **sampling: Any) -> tuple[int, int]:
+        """Prefill a session; returns (session, first token id)."""
+        msg = next(self.call("kv_init", prompt=prompt, images=images or [], raw_prompt=raw_prompt,
+                             sampling=sampling))
+        return msg["session"], msg["token_id"]
+
+    def kv_step(self, session: int, token_id: int | None = None) -> int:
+        return next(self.call("kv_step", session=session, token_id=token_id))["token_ids"][0]
+
+    def kv_generate(self, session: int, num_steps: int) -> list[int]:
+        return next(self.call("kv_generate", session=session, num_steps=num_steps))["token_ids"]
+
+    def kv_close(self, session: int) -> int:
+        return next(self.call("kv_close", session=session))["num_tokens"]
+
     def status(self) -> dict:
         return next(self.call("status"))["status"]
 

@@ -5,6 +5,9 @@ read). A call is a dict {"id": any, "method": str, "params": dict}; replies carr
   generate -> {"id", "event": "token", "token_id", "text"} ... then {"id", "event": "done", "output"}
   status   -> {"id", "event": "status", "status": {...}}
   stop     -> {"id", "event": "stopping"}; the server drains nothing further and shuts down
+  kv_init(prompt, images, raw_prompt, sampling) -> {"event": "session", "session", "token_id"}
+  kv_step(session, token_id=None) / kv_generate(session, num_steps) -> {"event": "tokens", "token_ids"}
+  kv_close(session) -> {"event": "closed", "num_tokens"}   (see ipc/sessions.py)
   any bad call -> {"id", "error": "<message naming the field>"}; the server carries on.
 One engine thread owns the LLM; connection threads only parse calls and queue them.
 """
@@ -22,9 +25,10 @@ from engine.images import ImageError
 from engine.llm import LLM
 from engine.request import Request, Sequence
 from engine.sampling import RequestError, SamplingParams
+from ipc.sessions import KVSessions
 
 log = logging.getLogger(__name__)
-METHODS = ("generate", "status", "stop")
+METHODS = ("generate", "status", "stop", "kv_init", "kv_step", "kv_generate", "kv_close")
 _SAMPLING_FIELDS = set(SamplingParams.__dataclass_fields__)
 
 
@@ -55,6 +59,8 @@ class RPCServer:
         self.address = self.listener.address
         self.inbox: queue.Queue = queue.Queue()  # (client, call id, method, params)
         self.live: dict[int, tuple[_Client, Any, Sequence]] = {}  # seq_id -> (client, call id, seq)
+        self.sessions = KVSessions(llm)
+        self.session_owner: dict[int, _Client] = {}
         self.stopping = threading.Event()
         self.stats = {"requests": 0, "finished": 0, "errors": 0, "rejected_connections": 0}
 
@@ -138,6 +144,16 @@ class RPCServer:
                 if c is client:
                     self.llm.abort(seq)
                     del self.live[seq_id]
+            for session, owner in list(self.session_owner.items()):
+                if owner is client:
+                    self.sessions.close(session)
+                    del self.session_owner[session]
+        elif method.startswith("kv_"):
+            try:
+                client.send({"id": call_id, **self._kv(client, method, params)})
+            except (RequestError, ImageError, TypeError, ValueError) as e:
+                self.stats["errors"] += 1
+                client.send({"id": call_id, "error": str(e)})
         elif method == "status":
             client.send({"id": call_id, "event": "status", "status": self.status()})
         elif method == "stop":
@@ -153,6 +169,23 @@ class RPCServer:
                 return
             self.live[seq.seq_id] = (client, call_id, seq)
             self.stats["requests"] += 1
+
+    def _kv(self, client: _Client, method: str, params: dict) -> dict:
+        if method == "kv_init":
+            request, sampling = _parse_generate(params)
+            session, seq = self.sessions.init(request, sampling)
+            self.session_owner[session] = client
+            return {"event": "session", "session": session, "token_id": seq.output_ids[-1],
+                    "prompt_tokens": len(seq.prompt_ids)}
+        session = params.get("session")
+        if self.session_owner.get(session) is not client:
+            raise RequestError(f"no kv session {session!r} on this connection")
+        if method == "kv_step":
+            return {"event": "tokens", "token_ids": [self.sessions.step(session, params.get("token_id"))]}
+        if method == "kv_generate":
+            return {"event": "tokens", "token_ids": self.sessions.generate(session, params.get("num_steps"))}
+        del self.session_owner[session]
+        return {"event": "closed", "num_tokens": self.sessions.close(session)}
 
     def _fail_all(self, message: str) -> None:
         for seq_id, (client, call_id, seq) in list(self.live.items()):
@@ -172,6 +205,7 @@ class RPCServer:
             "kv_blocks_total": self.llm.runner.num_kv_blocks,
             "decode_graphs_captured": sorted(graphs.graphs),
             "preemptions": engine.num_preemptions,
+            "kv_sessions": len(self.sessions.sessions),
         }
 
 

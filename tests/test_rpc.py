@@ -143,3 +143,36 @@ def test_serve_script_needs_a_key(tiny_llama: Path) -> None:
     proc = subprocess.run([sys.executable, str(root / "scripts" / "serve.py"), "--model", str(tiny_llama)],
                           env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "EPD_AUTHKEY" in proc.stderr
+
+
+def test_kv_sessions(server: RPCServer, tiny_llama: Path) -> None:
+    client = RPCClient(server.address, KEY)
+    offline = LLM(tiny_llama, backend="torch", device="cpu")
+    prompt = "Tell me about the sky"
+    ref = offline.generate(prompt, SamplingParams(max_tokens=12, ignore_eos=True))[0]
+    session, first = client.kv_init(prompt, max_tokens=1)
+    assert first == ref.token_ids[0]
+    assert client.kv_step(session, token_id=ref.token_ids[0]) == ref.token_ids[1]  # forcing the sampled token
+    assert client.kv_generate(session, 10) == ref.token_ids[2:12]  # 10 steps back to back
+    # teacher forcing with other tokens: deterministic across sessions, and it changes the answer
+    forced = [7, 100, 300, 450]
+    a = [client.kv_step(client.kv_init(prompt, max_tokens=1)[0], token_id=t) for t in forced]
+    b = [client.kv_step(client.kv_init(prompt, max_tokens=1)[0], token_id=t) for t in forced]
+    assert a == b and any(x != ref.token_ids[1] for x in a)
+    with pytest.raises(RPCError, match="num_steps = 0"):
+        client.kv_generate(session, 0)
+    with pytest.raises(RPCError, match="no kv session 999"):
+        client.kv_step(999)
+    with pytest.raises(RPCError, match="outside the vocabulary"):
+        client.kv_step(session, token_id=10**9)
+    assert client.status()["kv_sessions"] == 1 + 2 * len(forced)
+    assert client.kv_close(session) == len(ref.prompt_token_ids) + 12
+    other = RPCClient(server.address, KEY)
+    with pytest.raises(RPCError, match="on this connection"):
+        other.kv_step(1 + 1)  # sessions belong to their connection
+    client.close()  # disconnect closes the remaining sessions
+    for _ in range(100):
+        status = other.status()
+        if status["kv_sessions"] == 0:
+            break
+    assert status["kv_sessions"] == 0 and status["kv_blocks_free"] == status["kv_blocks_total"]
