@@ -72,6 +72,10 @@ class Sequence:
     def num_images(self) -> int:
         return 0 if self.pixel_values is None else self.pixel_values.shape[0]
 
+    def slot(self, pos: int, block_size: int) -> int:
+        """The KV-arena slot of token `pos`: block * block_size + offset."""
+        return self.block_table[pos // block_size] * block_size + pos % block_size
+
     @property
     def all_ids(self) -> list[int]:
         return self.prompt_ids + self.output_ids

@@ -150,9 +150,6 @@ class ModelRunner:
         width = max(len(s.block_table) for s in seqs)
         return self._tensor([s.block_table + [0] * (width - len(s.block_table)) for s in seqs], torch.int32)
 
-    def _slot(self, seq: Sequence, pos: int) -> int:
-        return seq.block_table[pos // self.block_size] * self.block_size + pos % self.block_size
-
     @torch.inference_mode()
     def prefill(self, seqs: list[Sequence], all_logits: bool = False) -> StepOutput:
         """One forward over each sequence's uncached tokens (packed varlen); samples one token
@@ -169,7 +166,7 @@ class ModelRunner:
                 image_index += [-1] * len(tokens)
             ids += tokens
             positions += range(start, seq.num_tokens)
-            slots += [self._slot(seq, p) for p in range(start, seq.num_tokens)]
+            slots += [seq.slot(p, self.block_size) for p in range(start, seq.num_tokens)]
             cu.append(cu[-1] + len(tokens))
         meta = AttentionMetadata(
             is_prefill=True,

@@ -66,7 +66,7 @@ class StaticBuffers:
         host = {
             "input_ids": [s.all_ids[-1] for s in seqs] + [0] * (rows - n),
             "positions": pos + [0] * (rows - n),
-            "slot_mapping": [s.block_table[p // block_size] * block_size + p % block_size for s, p in zip(seqs, pos)]
+            "slot_mapping": [s.slot(p, block_size) for s, p in zip(seqs, pos)]
             + [-1] * (rows - n),
             "seq_lens": [s.num_tokens for s in seqs] + [0] * (rows - n),
             "block_tables": [s.block_table + [0] * (width - len(s.block_table)) for s in seqs]
