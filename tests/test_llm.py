@@ -144,3 +144,32 @@ def test_multi_step_decode_matches_single_step(tiny_llava: Path) -> None:
                                                                 ignore_eos=True))[0]
     assert stopped.token_ids == single[0].token_ids[: single[0].token_ids.index(stop_id) + 1]
     assert multi_llm.engine.kv_blocks.num_free == multi_llm.runner.num_kv_blocks
+
+
+def test_stream_closed_early_frees_everything(llava_llm: LLM) -> None:
+    stream = llava_llm.stream(_requests(), SamplingParams(max_tokens=30, ignore_eos=True))
+    for _ in range(5):
+        next(stream)
+    stream.close()  # the consumer walks away mid-generation
+    engine = llava_llm.engine
+    assert not engine.has_work()
+    assert engine.kv_blocks.num_free == llava_llm.runner.num_kv_blocks
+    assert engine.mm_blocks.num_free == llava_llm.runner.num_mm_blocks
+    assert len(llava_llm.generate("still works", GREEDY)[0].token_ids) == 12
+
+
+def test_limits_on_batch_size_and_tokens(tiny_llama: Path) -> None:
+    """A prompt over the token budget runs alone; never more than max_num_seqs run at once."""
+    llm = LLM(tiny_llama, backend="torch", device="cpu", max_num_seqs=2, max_num_batched_tokens=32)
+    seen = []
+    step = llm.engine.step
+
+    def spy():
+        seen.append(len(llm.engine.decode.running))
+        return step()
+
+    llm.engine.step = spy
+    long_prompt = "count the birds in the tree " * 12  # > 32 tokens
+    outs = llm.generate([long_prompt, "a", "b", "c", "d"], SamplingParams(max_tokens=6, ignore_eos=True))
+    assert all(len(o.token_ids) == 6 for o in outs) and len(outs[0].prompt_token_ids) > 32
+    assert max(seen) <= 2
