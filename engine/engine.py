@@ -9,6 +9,8 @@ tokens left and the free KV blocks cover them; stops are checked after the run.
 
 from __future__ import annotations
 
+import time
+
 from engine.block_manager import BlockManager
 from engine.request import Sequence, Status
 from engine.runner import ModelRunner
@@ -48,11 +50,18 @@ class AggregatedEngine:
         if self.encode is not None and self.encode.waiting:
             encoded = self.encode.schedule()
             if encoded:
+                start = time.perf_counter()
                 self.runner.encode(encoded)
+                end = time.perf_counter()
                 for seq in encoded:
+                    m = seq.metrics
+                    m.encode_start, m.encode_end = m.encode_start or start, m.encode_end or end
                     self.prefill.add(seq)
         batch = self.prefill.schedule(max_seqs=self.decode.free_slots)
         if batch:
+            start = time.perf_counter()
+            for seq in batch:
+                seq.metrics.prefill_start = seq.metrics.prefill_start or start
             tokens = self.runner.prefill(batch).token_ids
             for seq in batch:
                 if seq.mm_blocks:

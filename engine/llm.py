@@ -194,6 +194,7 @@ class LLM:
 
     def _append(self, seq: Sequence, token: int, now: float, index: int) -> TokenEvent:
         seq.output_ids.append(token)
+        seq.metrics.token_times.append(now)
         if seq.metrics.first_token is None:
             seq.metrics.first_token = now
         delta = seq.detok.add(token)
@@ -218,6 +219,8 @@ class LLM:
             ttft_s=m.ttft_s(),
             tokens_per_s=m.decode_tokens_per_s(len(seq.output_ids)),
             e2e_s=now - m.arrival,
+            ttft_breakdown=m.breakdown(),
+            token_times_s=[t - m.arrival for t in m.token_times],
         )
         return TokenEvent(index, token, delta, output)
 

@@ -32,9 +32,22 @@ class Status(enum.Enum):
 
 @dataclass
 class Metrics:
+    """perf_counter timestamps of one request's life."""
+
     arrival: float = field(default_factory=time.perf_counter)
+    encode_start: float | None = None  # first encode of its images (requests with images)
+    encode_end: float | None = None
+    prefill_start: float | None = None  # first prefill (TTFT = first_token - arrival)
     first_token: float | None = None
+    token_times: list[float] = field(default_factory=list)  # one per output token
     finished: float | None = None
+
+    def breakdown(self) -> dict[str, float]:
+        """Seconds in each phase up to the first token: queue, encode, wait, prefill."""
+        enc0, enc1 = self.encode_start or self.arrival, self.encode_end or self.arrival
+        pre = self.prefill_start or enc1
+        end = self.first_token or pre
+        return {"queue_s": enc0 - self.arrival, "encode_s": enc1 - enc0, "wait_s": pre - enc1, "prefill_s": end - pre}
 
     def ttft_s(self) -> float:
         return (self.first_token or self.arrival) - self.arrival
@@ -90,6 +103,8 @@ class RequestOutput:
     ttft_s: float
     tokens_per_s: float  # decode rate: tokens after the first over their time
     e2e_s: float
+    ttft_breakdown: dict[str, float] = field(default_factory=dict)  # queue / encode / wait / prefill seconds
+    token_times_s: list[float] = field(default_factory=list)  # each token's time since arrival
 
 
 @dataclass

@@ -173,3 +173,14 @@ def test_limits_on_batch_size_and_tokens(tiny_llama: Path) -> None:
     outs = llm.generate([long_prompt, "a", "b", "c", "d"], SamplingParams(max_tokens=6, ignore_eos=True))
     assert all(len(o.token_ids) == 6 for o in outs) and len(outs[0].prompt_token_ids) > 32
     assert max(seen) <= 2
+
+
+def test_timestamps_and_ttft_breakdown(llava_llm: LLM) -> None:
+    out_img, out_txt = llava_llm.generate([_requests()[0], Request("text only")], GREEDY)
+    for out in (out_img, out_txt):
+        parts = out.ttft_breakdown
+        assert set(parts) == {"queue_s", "encode_s", "wait_s", "prefill_s"} and min(parts.values()) >= 0
+        assert abs(sum(parts.values()) - out.ttft_s) < 1e-6
+        times = out.token_times_s
+        assert len(times) == len(out.token_ids) and times == sorted(times) and abs(times[0] - out.ttft_s) < 1e-6
+    assert out_img.ttft_breakdown["encode_s"] > 0 and out_txt.ttft_breakdown["encode_s"] == 0
