@@ -1,0 +1,86 @@
+"""Shared arenas: a tensor one process allocates and exports, which peers map once.
+
+On a GPU the handle is a CUDA IPC handle (cudaIpcGetMemHandle, via kernels._epd_C) plus the
+offset of the tensor inside its allocation; on the CPU (CI) it names a file in /dev/shm that
+both sides map (torch.from_file, shared). Either way only the small handle crosses processes:
+tensor data never does.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+SHM_DIR = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path("/tmp")
+
+
+@dataclass(frozen=True)
+class ArenaHandle:
+    """Picklable description of an arena: enough for a peer to map it."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    device: str  # "cpu" or "cuda:N"
+    path: str | None = None  # cpu: the shared file
+    cuda_handle: bytes | None = None  # cuda: cudaIpcMemHandle_t
+    offset: int = 0  # cuda: byte offset inside the exported allocation
+    owner_pid: int = 0
+
+
+class SharedArena:
+    """`create` in the owner, `open(handle)` in peers; `tensor` is the arena in both."""
+
+    def __init__(self, tensor: torch.Tensor, handle: ArenaHandle, owner: bool) -> None:
+        self.tensor, self.handle, self.owner = tensor, handle, owner
+
+    @classmethod
+    def create(cls, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str, name: str) -> SharedArena:
+        device = torch.device(device)
+        numel = 1
+        for n in shape:
+            numel *= n
+        if device.type == "cuda":
+            from kernels import _epd_C
+
+            tensor = torch.zeros(shape, dtype=dtype, device=device)
+            cuda_handle, offset = _epd_C.ipc_export(tensor)
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            handle = ArenaHandle(tuple(shape), dtype, f"cuda:{index}", cuda_handle=cuda_handle, offset=offset,
+                                 owner_pid=os.getpid())
+            return cls(tensor, handle, owner=True)
+        path = SHM_DIR / f"epd-{os.getpid()}-{name}-{uuid.uuid4().hex[:8]}"
+        tensor = torch.from_file(str(path), shared=True, size=numel, dtype=dtype).view(shape)
+        tensor.zero_()
+        return cls(tensor, ArenaHandle(tuple(shape), dtype, "cpu", path=str(path), owner_pid=os.getpid()), owner=True)
+
+    @classmethod
+    def open(cls, handle: ArenaHandle) -> SharedArena:
+        """Map a peer's arena (do it once per process and keep the mapping)."""
+        if handle.device.startswith("cuda"):
+            from kernels import _epd_C
+
+            like = torch.empty(handle.shape, dtype=handle.dtype, device="meta")
+            tensor = _epd_C.ipc_open(handle.cuda_handle, handle.offset, like, torch.device(handle.device).index)
+            return cls(tensor, handle, owner=False)
+        if handle.path is None or not Path(handle.path).exists():
+            raise FileNotFoundError(f"arena file {handle.path} is gone (owner pid {handle.owner_pid} exited?)")
+        numel = 1
+        for n in handle.shape:
+            numel *= n
+        tensor = torch.from_file(handle.path, shared=True, size=numel, dtype=handle.dtype).view(handle.shape)
+        return cls(tensor, handle, owner=False)
+
+    def close(self) -> None:
+        """Drop this process's mapping; the owner also removes the CPU file (peers that mapped
+        it keep their mapping until they close)."""
+        self.tensor = None
+        if self.owner and self.handle.path is not None:
+            Path(self.handle.path).unlink(missing_ok=True)
+
+    def __del__(self) -> None:
+        if getattr(self, "owner", False) and getattr(self, "handle", None) is not None and self.handle.path:
+            Path(self.handle.path).unlink(missing_ok=True)
