@@ -1,0 +1,76 @@
+"""Prefill in one process, KV blocks migrated through a shared arena, decode in another:
+greedy output equals the aggregated engine's."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine import LLM, Request, SamplingParams
+from engine.request import Sequence, Status
+from ipc.arena import SharedArena
+from ipc.migration import pull_blocks
+
+PROMPTS = ["Count the birds in the tree", "Hello", "What colour is the sky?"]
+SP = SamplingParams(max_tokens=10, ignore_eos=True)
+
+
+def _prefill_stage(model: str, prompts: list[str]) -> dict:
+    """Child process: prefill into an arena it owns and exports; return handle + block ids."""
+    llm = LLM(model, backend="torch", device="cpu")
+    arena = SharedArena.create(tuple(llm.runner.kv_arena.shape), llm.runner.kv_arena.dtype, "cpu", "kv-prefill")
+    llm.runner.kv_arena = arena.tensor  # the runner writes K/V straight into the exported arena
+    results = []
+    for prompt in prompts:
+        seq = llm.make_sequence(Request(prompt), SP)
+        seq.block_table = llm.engine.kv_blocks.allocate(-(-seq.num_tokens // llm.runner.block_size))
+        first = llm.runner.prefill([seq]).token_ids[0]
+        results.append({"prompt_ids": seq.prompt_ids, "first": first, "blocks": seq.block_table,
+                        "seed": seq.seed})
+    arena.owner = False  # the parent outlives us and removes the file
+    return {"handle": arena.handle, "results": results}
+
+
+def test_prefill_then_migrate_then_decode(tiny_llama: Path) -> None:
+    import multiprocess as mp
+
+    reference = LLM(tiny_llama, backend="torch", device="cpu").generate(PROMPTS, SP)
+    with mp.get_context("spawn").Pool(1) as pool:
+        out = pool.apply(_prefill_stage, (str(tiny_llama), PROMPTS))
+    src = SharedArena.open(out["handle"])
+    src.owner = True  # clean up the file when done
+    decode = LLM(tiny_llama, backend="torch", device="cpu")
+    seqs = []
+    for r in out["results"]:
+        seq = Sequence(seq_id=len(seqs), prompt_ids=r["prompt_ids"], sampling=SP, seed=r["seed"], detok=None,
+                       stop_token_ids=frozenset())
+        seq.output_ids.append(r["first"])
+        seq.block_table = decode.engine.kv_blocks.allocate(len(r["blocks"]))
+        pull_blocks(src.tensor, r["blocks"], decode.runner.kv_arena, seq.block_table)
+        seq.num_cached, seq.status = len(seq.prompt_ids), Status.RUNNING
+        decode.engine.decode.add(seq)
+        seqs.append(seq)
+    src.close()
+    while any(s.status is not Status.FINISHED for s in seqs):
+        for seq, token in decode.engine.step():
+            if seq.status is Status.FINISHED:
+                continue
+            seq.output_ids.append(token)
+            if len(seq.output_ids) >= SP.max_tokens:
+                decode.engine.finish(seq)
+    assert [s.output_ids for s in seqs] == [o.token_ids for o in reference]
+    assert decode.engine.kv_blocks.num_free == decode.runner.num_kv_blocks
+
+
+def test_pull_blocks_checks_and_zero_copy() -> None:
+    a = torch.randn(6, 2, 2, 4, 1, 8)
+    b = torch.zeros(5, 2, 2, 4, 1, 8)
+    pull_blocks(a, [4, 0], b, [1, 3])
+    assert torch.equal(b[1], a[4]) and torch.equal(b[3], a[0]) and not b[0].any()
+    pull_blocks(a, [2], a, [2])  # same arena, same blocks: nothing to move
+    with pytest.raises(ValueError, match="2 source blocks but 1"):
+        pull_blocks(a, [0, 1], b, [0])
+    with pytest.raises(ValueError, match="block shapes differ"):
+        pull_blocks(a, [0], torch.zeros(2, 2, 2, 4, 1, 4), [0])
