@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import random
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import replace
@@ -12,11 +11,10 @@ import torch
 
 from engine.config import ConfigError, ModelConfig, parse_dtype
 from engine.engine import AggregatedEngine
-from engine.images import ImageProcessor, ImageProcessorConfig
+from engine.frontend import Capacity, Frontend
 from engine.request import Request, RequestOutput, Sequence, Status, TokenEvent
 from engine.runner import ModelRunner
-from engine.sampling import RequestError, SamplingParams
-from engine.tokenizer import IncrementalDetokenizer, Tokenizer
+from engine.sampling import SamplingParams
 
 
 class LLM:
@@ -66,12 +64,6 @@ class LLM:
         if kv_cache_tokens is None and self.device.type != "cuda":
             kv_cache_tokens = 4 * self.max_model_len
         num_blocks = -(-kv_cache_tokens // block_size) if kv_cache_tokens else None
-        self.tokenizer = Tokenizer(self.model_dir, self.cfg)
-        self.image_processor = (
-            ImageProcessor(ImageProcessorConfig.from_model_dir(self.model_dir, self.cfg.vision.image_size))
-            if self.cfg.vision
-            else None
-        )
         self.runner = ModelRunner(
             self.cfg, str(self.model_dir), self.dtype, self.device, backend, block_size, num_blocks,
             max_images_per_batch, gpu_memory_utilization, max_num_batched_tokens, max_num_seqs, progress,
@@ -82,53 +74,16 @@ class LLM:
             self.runner.capture_graphs(background=background_capture)
         self.engine = AggregatedEngine(self.runner, max_num_seqs, max_num_batched_tokens, max_images_per_batch,
                                        multi_step)
-        self._rng = random.Random(seed)
-        self._next_id = 0
+        capacity = Capacity(self.max_model_len, self.runner.num_kv_blocks, block_size, self.runner.num_mm_blocks)
+        self.frontend = Frontend(self.model_dir, self.cfg, capacity, seed)
+        self.tokenizer = self.frontend.tokenizer
+        self.image_processor = self.frontend.image_processor
 
     # ------------------------------------------------------------------ requests
 
     def make_sequence(self, request: Request | str, sampling: SamplingParams | None = None) -> Sequence:
         """Validate, preprocess and tokenize one request (errors name the field and the limit)."""
-        req = Request(prompt=request) if isinstance(request, str) else request
-        sp = req.sampling or sampling or SamplingParams()
-        if not isinstance(req.prompt, str):
-            raise RequestError(f"prompt must be a string, got {type(req.prompt).__name__}")
-        images = list(req.images or [])
-        if images and self.image_processor is None:
-            raise RequestError(f"{self.cfg.architecture} takes no images; got {len(images)}")
-        text = self.tokenizer.build_prompt(req.prompt, len(images), raw=req.raw_prompt)
-        ids = self.tokenizer.encode(text, len(images))
-        vocab = self.cfg.text.vocab_size
-        if any(t >= vocab for t in sp.stop_token_ids):
-            raise RequestError(f"sampling.stop_token_ids {sp.stop_token_ids}: ids must be < vocab size {vocab}")
-        total = len(ids) + sp.max_tokens
-        if total > self.max_model_len:
-            raise RequestError(
-                f"prompt has {len(ids)} tokens and max_tokens is {sp.max_tokens}: {total} > the context "
-                f"length {self.max_model_len}"
-            )
-        blocks_needed = -(-total // self.runner.block_size)
-        if blocks_needed > self.runner.num_kv_blocks:
-            raise RequestError(
-                f"request needs {blocks_needed} KV blocks ({total} tokens); the cache has "
-                f"{self.runner.num_kv_blocks}; raise kv_cache_tokens"
-            )
-        if len(images) > self.runner.num_mm_blocks:
-            raise RequestError(f"request has {len(images)} images; at most {self.runner.num_mm_blocks} "
-                               "fit the MM arena (raise max_images_per_batch)")
-        pixels = self.image_processor.preprocess(images) if images else None
-        stops = set(sp.stop_token_ids) | (set() if sp.ignore_eos else set(self.tokenizer.eos_token_ids))
-        seq = Sequence(
-            seq_id=self._next_id,
-            prompt_ids=ids,
-            sampling=sp,
-            seed=sp.seed if sp.seed is not None else self._rng.getrandbits(63),
-            detok=IncrementalDetokenizer(self.tokenizer, sp.skip_special_tokens),
-            stop_token_ids=frozenset(stops),
-            pixel_values=pixels,
-        )
-        self._next_id += 1
-        return seq
+        return self.frontend.make_sequence(request, sampling)[0]
 
     # ------------------------------------------------------------------ serving loop
 

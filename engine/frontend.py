@@ -1,0 +1,86 @@
+"""The request front end: validation, prompt building, tokenization and image checks, shared
+by the in-process LLM and the EPD orchestrator. Errors name the field and the limit."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from engine.config import ModelConfig
+from engine.images import ImageProcessor, ImageProcessorConfig, load_image
+from engine.request import Request, Sequence
+from engine.sampling import RequestError, SamplingParams
+from engine.tokenizer import IncrementalDetokenizer, Tokenizer
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """What one request may use: context length, KV blocks of block_size, images in flight."""
+
+    max_model_len: int
+    kv_blocks: int
+    block_size: int
+    images: int
+
+
+class Frontend:
+    def __init__(self, model_dir: str | Path, cfg: ModelConfig, capacity: Capacity, seed: int = 0) -> None:
+        self.cfg = cfg
+        self.capacity = capacity
+        self.tokenizer = Tokenizer(model_dir, cfg)
+        vision = cfg.vision
+        self.image_processor = (
+            ImageProcessor(ImageProcessorConfig.from_model_dir(model_dir, vision.image_size)) if vision else None
+        )
+        self._rng = random.Random(seed)
+        self._next_id = 0
+
+    def make_sequence(
+        self, request: Request | str, sampling: SamplingParams | None = None, preprocess: bool = True
+    ) -> tuple[Sequence, list[Any]]:
+        """Validate and tokenize one request. Returns the sequence and its images: with
+        `preprocess`, seq.pixel_values holds them ready for the tower; otherwise the images are
+        only decoded to check them, and the caller ships the returned sources elsewhere."""
+        req = Request(prompt=request) if isinstance(request, str) else request
+        sp = req.sampling or sampling or SamplingParams()
+        if not isinstance(req.prompt, str):
+            raise RequestError(f"prompt must be a string, got {type(req.prompt).__name__}")
+        images = list(req.images or [])
+        if images and self.image_processor is None:
+            raise RequestError(f"{self.cfg.architecture} takes no images; got {len(images)}")
+        text = self.tokenizer.build_prompt(req.prompt, len(images), raw=req.raw_prompt)
+        ids = self.tokenizer.encode(text, len(images))
+        vocab, cap = self.cfg.text.vocab_size, self.capacity
+        if any(t >= vocab for t in sp.stop_token_ids):
+            raise RequestError(f"sampling.stop_token_ids {sp.stop_token_ids}: ids must be < vocab size {vocab}")
+        total = len(ids) + sp.max_tokens
+        if total > cap.max_model_len:
+            raise RequestError(f"prompt has {len(ids)} tokens and max_tokens is {sp.max_tokens}: {total} > the "
+                               f"context length {cap.max_model_len}")
+        blocks_needed = -(-total // cap.block_size)
+        if blocks_needed > cap.kv_blocks:
+            raise RequestError(f"request needs {blocks_needed} KV blocks ({total} tokens); the cache has "
+                               f"{cap.kv_blocks}; raise kv_cache_tokens")
+        if len(images) > cap.images:
+            raise RequestError(f"request has {len(images)} images; at most {cap.images} fit the MM arena "
+                               "(raise max_images_per_batch)")
+        if preprocess:
+            pixels = self.image_processor.preprocess(images) if images else None
+        else:
+            for i, image in enumerate(images):
+                load_image(image, i)
+            pixels = None
+        stops = set(sp.stop_token_ids) | (set() if sp.ignore_eos else set(self.tokenizer.eos_token_ids))
+        seq = Sequence(
+            seq_id=self._next_id,
+            prompt_ids=ids,
+            sampling=sp,
+            seed=sp.seed if sp.seed is not None else self._rng.getrandbits(63),
+            detok=IncrementalDetokenizer(self.tokenizer, sp.skip_special_tokens),
+            stop_token_ids=frozenset(stops),
+            pixel_values=pixels,
+        )
+        self._next_id += 1
+        return seq, images

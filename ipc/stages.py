@@ -1,0 +1,297 @@
+"""Stage processes for EPD serving: encoders, prefill, decode. Each owns its arena (exported
+as a SharedArena handle), reads peers' arenas through handles mapped once, and talks to the
+orchestrator only in small picklable messages: request ids, token ids and block ids.
+
+    encoder:  EncodeTask -> writes image embeddings into its MM arena -> Encoded
+    prefill:  PrefillTask (MM refs) -> copies the embeddings in, frees them (FreeMM to the
+              encoder), prefills into its KV arena -> Prefilled
+    decode:   DecodeTask (prefill's KV blocks) -> pulls them, acks (FreeKV) -> Token ... Finished
+"""
+
+from __future__ import annotations
+
+import traceback
+from dataclasses import dataclass, field
+from typing import Any
+
+from engine.sampling import SamplingParams
+
+
+@dataclass
+class StageConfig:
+    model: str
+    backend: str = "torch"
+    device: str = "cpu"
+    dtype: str = "auto"
+    kv_cache_tokens: int | None = None
+    max_num_seqs: int = 64
+    max_images_per_batch: int = 8
+
+
+# ----------------------------------------------------------------------------- messages
+
+
+@dataclass
+class EncodeTask:
+    req_id: int
+    part: int  # which slice of the request's images
+    images: list[Any]  # sources as the user gave them (paths, bytes, PIL images, data URLs)
+
+
+@dataclass
+class Encoded:
+    req_id: int
+    part: int
+    encoder: int
+    blocks: list[int]  # one MM block per image, in order
+
+
+@dataclass
+class FreeMM:
+    blocks: list[int]
+
+
+@dataclass
+class PrefillTask:
+    req_id: int
+    prompt_ids: list[int]
+    mm_refs: list[tuple[int, int]]  # (encoder, block) per image, in prompt order
+    sampling: SamplingParams
+    seed: int
+
+
+@dataclass
+class Prefilled:
+    req_id: int
+    first_token: int
+    kv_blocks: list[int]
+
+
+@dataclass
+class DecodeTask:
+    req_id: int
+    prompt_ids: list[int]
+    first_token: int
+    kv_blocks: list[int]  # in the prefill stage's arena
+    sampling: SamplingParams
+    seed: int
+    stop_token_ids: frozenset[int] = field(default_factory=frozenset)
+
+
+@dataclass
+class FreeKV:
+    blocks: list[int]
+
+
+@dataclass
+class Token:
+    req_id: int
+    token_id: int
+
+
+@dataclass
+class Abort:
+    req_id: int
+
+
+@dataclass
+class Failed:
+    req_id: int
+    stage: str
+    error: str
+
+
+@dataclass
+class Ready:
+    stage: str
+    index: int
+    handle: Any  # ArenaHandle
+
+
+class Shutdown:
+    pass
+
+
+# ----------------------------------------------------------------------------- processes
+
+
+def _llm(cfg: StageConfig, **kw):
+    from engine import LLM
+
+    return LLM(cfg.model, backend=cfg.backend, device=cfg.device, dtype=cfg.dtype, kv_cache_tokens=cfg.kv_cache_tokens,
+               max_num_seqs=cfg.max_num_seqs, max_images_per_batch=cfg.max_images_per_batch, **kw)
+
+
+def encoder_main(cfg: StageConfig, index: int, inbox, outbox) -> None:
+    """Encode images into this process's MM arena; free blocks when prefill says so."""
+    from engine.request import Sequence
+    from ipc.arena import SharedArena
+
+    llm = _llm(cfg, cuda_graphs=False)
+    runner = llm.runner
+    arena = SharedArena.create(tuple(runner.mm_arena.shape), runner.dtype, runner.device, f"mm{index}")
+    runner.mm_arena = arena.tensor
+    outbox.put(Ready("encode", index, arena.handle))
+    pending: list[EncodeTask] = []
+    try:
+        while True:
+            msg = inbox.get()
+            if isinstance(msg, Shutdown):
+                return
+            if isinstance(msg, FreeMM):
+                llm.engine.mm_blocks.free(msg.blocks)
+            elif isinstance(msg, EncodeTask):
+                pending.append(msg)
+            while pending:  # FCFS; a task waits for MM blocks to be freed
+                task = pending[0]
+                blocks = llm.engine.mm_blocks.allocate(len(task.images))
+                if blocks is None:
+                    break
+                pending.pop(0)
+                try:
+                    pixels = llm.image_processor.preprocess(task.images)
+                    seq = Sequence(seq_id=task.req_id, prompt_ids=[], sampling=SamplingParams(), seed=0, detok=None,
+                                   stop_token_ids=frozenset(), pixel_values=pixels, mm_blocks=blocks)
+                    runner.encode([seq])
+                    outbox.put(Encoded(task.req_id, task.part, index, blocks))
+                except Exception as e:  # a bad image fails its request, not the stage
+                    llm.engine.mm_blocks.free(blocks)
+                    outbox.put(Failed(task.req_id, f"encode{index}", str(e)))
+    finally:
+        arena.close()
+
+
+def prefill_main(cfg: StageConfig, mm_handles: list, inbox, outbox, encoder_inboxes: list) -> None:
+    """Prefill prompts into this process's KV arena, image embeddings pulled from encoders."""
+    from engine.request import Sequence, Status
+    from ipc.arena import SharedArena
+
+    llm = _llm(cfg, cuda_graphs=False)
+    runner = llm.runner
+    arena = SharedArena.create(tuple(runner.kv_arena.shape), runner.dtype, runner.device, "kv-prefill")
+    runner.kv_arena = arena.tensor
+    mm_arenas = [SharedArena.open(h) for h in mm_handles]
+    outbox.put(Ready("prefill", 0, arena.handle))
+    sched = llm.engine.prefill
+    try:
+        while True:
+            msgs = [inbox.get()]
+            while not inbox.empty():
+                msgs.append(inbox.get())
+            for msg in msgs:
+                if isinstance(msg, Shutdown):
+                    return
+                if isinstance(msg, FreeKV):
+                    llm.engine.kv_blocks.free(msg.blocks)
+                elif isinstance(msg, PrefillTask):
+                    seq = Sequence(seq_id=msg.req_id, prompt_ids=msg.prompt_ids, sampling=msg.sampling, seed=msg.seed,
+                                   detok=None, stop_token_ids=frozenset())
+                    seq.mm_refs = msg.mm_refs
+                    sched.add(seq)
+            while sched.waiting:
+                batch = sched.schedule(max_seqs=cfg.max_num_seqs)
+                if not batch:
+                    break  # wait for FreeKV acks from decode
+                for seq in batch:
+                    _stage_images(seq, llm, mm_arenas, encoder_inboxes)
+                tokens = runner.prefill(batch).token_ids
+                for seq, token in zip(batch, tokens):
+                    if seq.mm_blocks:
+                        llm.engine.mm_blocks.free(seq.mm_blocks)
+                        seq.mm_blocks = []
+                    seq.status = Status.FINISHED  # the blocks now belong to the hand-off
+                    outbox.put(Prefilled(seq.seq_id, token, seq.block_table))
+    finally:
+        for a in mm_arenas:
+            a.close()
+        arena.close()
+
+
+def _stage_images(seq, llm, mm_arenas: list, encoder_inboxes: list) -> None:
+    """Copy the request's image embeddings from the encoders' arenas into local MM blocks and
+    tell each encoder its blocks are consumed."""
+    import torch
+
+    refs = getattr(seq, "mm_refs", [])
+    if not refs:
+        return
+    blocks = llm.engine.mm_blocks.allocate(len(refs))
+    if blocks is None:
+        raise RuntimeError("prefill MM staging arena is full")
+    for local, (encoder, block) in zip(blocks, refs):
+        llm.runner.mm_arena[local].copy_(mm_arenas[encoder].tensor[block])
+    seq.mm_blocks = blocks
+    seq.pixel_values = torch.empty(len(refs), 0)  # marks num_images for the runner
+    by_encoder: dict[int, list[int]] = {}
+    for encoder, block in refs:
+        by_encoder.setdefault(encoder, []).append(block)
+    for encoder, freed in by_encoder.items():
+        encoder_inboxes[encoder].put(FreeMM(freed))
+
+
+def decode_main(cfg: StageConfig, kv_handle, inbox, outbox, prefill_inbox) -> None:
+    """Pull prefilled KV blocks, ack them, and run continuous-batching decode."""
+    from engine.request import Sequence, Status
+    from ipc.arena import SharedArena
+    from ipc.migration import pull_blocks
+
+    llm = _llm(cfg)
+    src = SharedArena.open(kv_handle)
+    engine = llm.engine
+    live: dict[int, Sequence] = {}
+    pending: list[DecodeTask] = []
+    try:
+        while True:
+            msgs = []
+            if not engine.has_work() and not pending:
+                msgs.append(inbox.get())
+            while not inbox.empty():
+                msgs.append(inbox.get())
+            for msg in msgs:
+                if isinstance(msg, Shutdown):
+                    return
+                if isinstance(msg, Abort) and msg.req_id in live:
+                    engine.finish(live.pop(msg.req_id))
+                elif isinstance(msg, DecodeTask):
+                    pending.append(msg)
+            while pending:
+                task = pending[0]
+                blocks = engine.kv_blocks.allocate(len(task.kv_blocks))
+                if blocks is None:
+                    break
+                pending.pop(0)
+                pull_blocks(src.tensor, task.kv_blocks, llm.runner.kv_arena, blocks)
+                prefill_inbox.put(FreeKV(task.kv_blocks))  # acknowledged: prefill may reuse them
+                seq = Sequence(seq_id=task.req_id, prompt_ids=task.prompt_ids, sampling=task.sampling,
+                               seed=task.seed, detok=None, stop_token_ids=task.stop_token_ids, block_table=blocks)
+                seq.output_ids.append(task.first_token)
+                seq.num_cached, seq.status = len(task.prompt_ids), Status.RUNNING
+                if _finished(seq):
+                    engine.finish(seq)
+                    continue
+                live[seq.seq_id] = seq
+                engine.decode.add(seq)
+            if not engine.has_work():
+                continue
+            for seq, token in engine.step():
+                if seq.status is Status.FINISHED:
+                    continue
+                seq.output_ids.append(token)
+                outbox.put(Token(seq.seq_id, token))
+                if _finished(seq):
+                    engine.finish(live.pop(seq.seq_id))
+    finally:
+        src.close()
+
+
+def _finished(seq) -> bool:
+    return seq.output_ids[-1] in seq.stop_token_ids or len(seq.output_ids) >= seq.sampling.max_tokens
+
+
+def run_stage(target, *args) -> None:
+    """Process entry: run a stage; an unexpected error is reported, then the process exits."""
+    try:
+        target(*args)
+    except Exception:
+        traceback.print_exc()
+        raise
