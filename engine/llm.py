@@ -148,46 +148,7 @@ class LLM:
         return result[:1] if single else result
 
     def _append(self, seq: Sequence, token: int, now: float, index: int) -> TokenEvent:
-        seq.output_ids.append(token)
-        seq.metrics.token_times.append(now)
-        if seq.metrics.first_token is None:
-            seq.metrics.first_token = now
-        delta = seq.detok.add(token)
-        sp = seq.sampling
-        if token in seq.stop_token_ids:
-            seq.finish_reason = "stop"
-        elif len(seq.output_ids) >= sp.max_tokens:
-            seq.finish_reason = "length"
-        if seq.finish_reason:
-            delta += seq.detok.flush()
-        delta = self._apply_stop_strings(seq, delta)
-        if seq.finish_reason is None:
-            return TokenEvent(index, token, delta)
-        seq.metrics.finished = now
-        self.engine.finish(seq)
-        m = seq.metrics
-        output = RequestOutput(
-            text=seq.text,
-            token_ids=list(seq.output_ids),
-            prompt_token_ids=list(seq.prompt_ids),
-            finish_reason=seq.finish_reason,
-            ttft_s=m.ttft_s(),
-            tokens_per_s=m.decode_tokens_per_s(len(seq.output_ids)),
-            e2e_s=now - m.arrival,
-            ttft_breakdown=m.breakdown(),
-            token_times_s=[t - m.arrival for t in m.token_times],
-        )
+        delta, output = seq.append_token(token, now)
+        if output is not None:
+            self.engine.finish(seq)
         return TokenEvent(index, token, delta, output)
-
-    @staticmethod
-    def _apply_stop_strings(seq: Sequence, delta: str) -> str:
-        """Append delta to seq.text; on a stop string, cut the text there and finish."""
-        before = len(seq.text)
-        seq.text += delta
-        for stop in seq.sampling.stop:
-            # only look where the new text could complete a match
-            hit = seq.text.find(stop, max(0, before - len(stop) + 1))
-            if hit != -1:
-                seq.text = seq.text[:hit]
-                seq.finish_reason = "stop"
-        return seq.text[before:] if len(seq.text) > before else ""

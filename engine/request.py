@@ -93,6 +93,47 @@ class Sequence:
     def all_ids(self) -> list[int]:
         return self.prompt_ids + self.output_ids
 
+    def append_token(self, token: int, now: float) -> tuple[str, RequestOutput | None]:
+        """Record a generated token: returns the new text and, when a stop token, max_tokens or
+        a stop string ends the sequence, its output (stop strings are cut from the text)."""
+        self.output_ids.append(token)
+        m = self.metrics
+        m.token_times.append(now)
+        m.first_token = m.first_token or now
+        delta = self.detok.add(token)
+        if token in self.stop_token_ids:
+            self.finish_reason = "stop"
+        elif len(self.output_ids) >= self.sampling.max_tokens:
+            self.finish_reason = "length"
+        if self.finish_reason:
+            delta += self.detok.flush()
+        delta = self._apply_stop_strings(delta)
+        if self.finish_reason is None:
+            return delta, None
+        m.finished = now
+        return delta, RequestOutput(
+            text=self.text,
+            token_ids=list(self.output_ids),
+            prompt_token_ids=list(self.prompt_ids),
+            finish_reason=self.finish_reason,
+            ttft_s=m.ttft_s(),
+            tokens_per_s=m.decode_tokens_per_s(len(self.output_ids)),
+            e2e_s=now - m.arrival,
+            ttft_breakdown=m.breakdown(),
+            token_times_s=[t - m.arrival for t in m.token_times],
+        )
+
+    def _apply_stop_strings(self, delta: str) -> str:
+        """Append delta to the text; on a stop string, cut the text there and finish."""
+        before = len(self.text)
+        self.text += delta
+        for stop in self.sampling.stop:
+            hit = self.text.find(stop, max(0, before - len(stop) + 1))  # only where new text can match
+            if hit != -1:
+                self.text = self.text[:hit]
+                self.finish_reason = "stop"
+        return self.text[before:] if len(self.text) > before else ""
+
 
 @dataclass
 class RequestOutput:

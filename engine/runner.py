@@ -159,7 +159,7 @@ class ModelRunner:
         for seq in seqs:
             start = seq.num_cached
             tokens = seq.all_ids[start:]
-            if seq.num_images and start < len(seq.prompt_ids):
+            if seq.mm_blocks and start < len(seq.prompt_ids):  # its images are in the MM arena
                 image_index += self._image_rows(seq, start)
                 has_images = True
             else:
@@ -206,7 +206,7 @@ class ModelRunner:
         per_image = self.mm_arena.shape[1]
         rows, k = [], 0
         for p, t in enumerate(seq.prompt_ids[: seq.num_tokens]):
-            if t == self.cfg.image_token_id and seq.num_images:
+            if t == self.cfg.image_token_id:
                 if p >= start:
                     rows.append(seq.mm_blocks[k // per_image] * per_image + k % per_image)
                 k += 1

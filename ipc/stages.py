@@ -210,8 +210,6 @@ def prefill_main(cfg: StageConfig, mm_handles: list, inbox, outbox, encoder_inbo
 def _stage_images(seq, llm, mm_arenas: list, encoder_inboxes: list) -> None:
     """Copy the request's image embeddings from the encoders' arenas into local MM blocks and
     tell each encoder its blocks are consumed."""
-    import torch
-
     refs = getattr(seq, "mm_refs", [])
     if not refs:
         return
@@ -221,7 +219,6 @@ def _stage_images(seq, llm, mm_arenas: list, encoder_inboxes: list) -> None:
     for local, (encoder, block) in zip(blocks, refs):
         llm.runner.mm_arena[local].copy_(mm_arenas[encoder].tensor[block])
     seq.mm_blocks = blocks
-    seq.pixel_values = torch.empty(len(refs), 0)  # marks num_images for the runner
     by_encoder: dict[int, list[int]] = {}
     for encoder, block in refs:
         by_encoder.setdefault(encoder, []).append(block)
@@ -256,11 +253,14 @@ def decode_main(cfg: StageConfig, kv_handle, inbox, outbox, prefill_inbox) -> No
                     pending.append(msg)
             while pending:
                 task = pending[0]
-                blocks = engine.kv_blocks.allocate(len(task.kv_blocks))
+                # Reserve for the whole answer: a decode stage never preempts (it could not
+                # recompute a prompt whose image embeddings stayed with the encoders).
+                total = len(task.prompt_ids) + task.sampling.max_tokens
+                blocks = engine.kv_blocks.allocate(-(-total // llm.runner.block_size))
                 if blocks is None:
                     break
                 pending.pop(0)
-                pull_blocks(src.tensor, task.kv_blocks, llm.runner.kv_arena, blocks)
+                pull_blocks(src.tensor, task.kv_blocks, llm.runner.kv_arena, blocks[: len(task.kv_blocks)])
                 prefill_inbox.put(FreeKV(task.kv_blocks))  # acknowledged: prefill may reuse them
                 seq = Sequence(seq_id=task.req_id, prompt_ids=task.prompt_ids, sampling=task.sampling,
                                seed=task.seed, detok=None, stop_token_ids=task.stop_token_ids, block_table=blocks)
