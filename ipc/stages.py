@@ -234,6 +234,7 @@ def decode_main(cfg: StageConfig, kv_handle, inbox, outbox, prefill_inbox) -> No
 
     llm = _llm(cfg)
     src = SharedArena.open(kv_handle)
+    outbox.put(Ready("decode", 0, None))
     engine = llm.engine
     live: dict[int, Sequence] = {}
     pending: list[DecodeTask] = []

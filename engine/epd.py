@@ -1,0 +1,235 @@
+"""EPD orchestrator: encoders, prefill and decode in separate processes (ipc/stages.py).
+
+The orchestrator validates and tokenizes (engine/frontend.py), splits each request's images
+across the least-loaded encoders, reassembles the embeddings' block references in prompt
+order for prefill, hands prefilled KV blocks to decode, and streams tokens back with the
+per-request timestamps. A stage process that dies is detected: an encoder's work moves to
+another encoder; if prefill or decode dies, the requests in flight fail with an error and the
+engine refuses new work.
+"""
+
+from __future__ import annotations
+
+import queue
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+from engine.config import ModelConfig
+from engine.frontend import Capacity, Frontend
+from engine.request import Request, RequestOutput, Sequence
+from engine.sampling import SamplingParams
+from ipc.stages import (
+    Abort,
+    DecodeTask,
+    Encoded,
+    EncodeTask,
+    Failed,
+    FreeMM,
+    Prefilled,
+    PrefillTask,
+    Ready,
+    Shutdown,
+    StageConfig,
+    Token,
+    decode_main,
+    encoder_main,
+    prefill_main,
+    run_stage,
+)
+
+
+class StageError(RuntimeError):
+    """A request failed inside a stage (the message names the stage)."""
+
+
+class EPDEngine:
+    def __init__(self, model: str | Path, num_encoders: int = 2, stage: StageConfig | None = None,
+                 seed: int = 0, start_timeout_s: float = 600.0) -> None:
+        import multiprocess as mp
+
+        if num_encoders < 1:
+            raise ValueError(f"num_encoders = {num_encoders}; EPD needs at least one encoder")
+        self.cfg = ModelConfig.from_dir(model)
+        if not self.cfg.is_multimodal:
+            raise ValueError(f"{self.cfg.architecture} has no vision tower: use the aggregated LLM")
+        cfg = stage or StageConfig(model=str(model))
+        cfg.kv_cache_tokens = cfg.kv_cache_tokens or 4 * self.cfg.text.max_position_embeddings
+        ctx = mp.get_context("spawn")
+        self.outbox = ctx.Queue()
+        self.encoder_inboxes = [ctx.Queue() for _ in range(num_encoders)]
+        self.prefill_inbox, self.decode_inbox = ctx.Queue(), ctx.Queue()
+        self.procs: dict[str, object] = {}
+        self.handles: list = []
+        deadline = time.monotonic() + start_timeout_s
+
+        def start(name: str, target, *args) -> None:
+            proc = ctx.Process(target=run_stage, args=(target, *args), name=name, daemon=True)
+            proc.start()
+            self.procs[name] = proc
+
+        for i, inbox in enumerate(self.encoder_inboxes):
+            start(f"encode{i}", encoder_main, cfg, i, inbox, self.outbox)
+        mm_handles = [r.handle for r in sorted(self._await_ready(num_encoders, deadline), key=lambda r: r.index)]
+        self.handles = list(mm_handles)  # every arena, so shutdown can clean up after killed stages
+        start("prefill", prefill_main, cfg, mm_handles, self.prefill_inbox, self.outbox, self.encoder_inboxes)
+        kv_handle = self._await_ready(1, deadline)[0].handle
+        self.handles.append(kv_handle)
+        start("decode", decode_main, cfg, kv_handle, self.decode_inbox, self.outbox, self.prefill_inbox)
+        self._await_ready(1, deadline)
+        block_size = 16
+        self.frontend = Frontend(model, self.cfg, Capacity(self.cfg.text.max_position_embeddings,
+                                                           -(-cfg.kv_cache_tokens // block_size), block_size,
+                                                           2 * cfg.max_images_per_batch), seed)
+        self.encoder_load = [0] * num_encoders  # images in flight per encoder
+        self.broken: str | None = None
+        self.dead: set[str] = set()
+
+    def _await_ready(self, n: int, deadline: float) -> list[Ready]:
+        ready = []
+        while len(ready) < n:
+            try:
+                msg = self.outbox.get(timeout=1.0)
+            except queue.Empty:
+                dead = [name for name, p in self.procs.items() if not p.is_alive()]
+                if dead or time.monotonic() > deadline:
+                    self.shutdown()
+                    raise RuntimeError(f"stage(s) {dead or 'all'} failed to start") from None
+                continue
+            if isinstance(msg, Ready):
+                ready.append(msg)
+        return ready
+
+    # ------------------------------------------------------------------ requests
+
+    def generate(self, requests: Iterable[Request | str], sampling: SamplingParams | None = None
+                 ) -> list[RequestOutput]:
+        """Run all requests through the stages; outputs in request order. A request that fails
+        in a stage raises StageError after the others have finished."""
+        if self.broken:
+            raise StageError(f"engine is broken: {self.broken}")
+        seqs = [self.frontend.make_sequence(r, sampling, preprocess=False) for r in requests]
+        state = {seq.seq_id: _Flight(seq, images) for seq, images in seqs}
+        for flight in state.values():
+            self._dispatch_encode(flight)
+        outputs: dict[int, RequestOutput] = {}
+        errors: dict[int, str] = {}
+        while len(outputs) + len(errors) < len(state):
+            try:
+                msg = self.outbox.get(timeout=0.5)
+            except queue.Empty:
+                self._check_stages(state, outputs, errors)
+                continue
+            flight = state.get(getattr(msg, "req_id", None))
+            if flight is None or flight.seq.seq_id in outputs or flight.seq.seq_id in errors:
+                if isinstance(msg, Encoded):  # images of a failed request: give the blocks back
+                    self.encoder_load[msg.encoder] -= len(msg.blocks)
+                    self.encoder_inboxes[msg.encoder].put(FreeMM(msg.blocks))
+                continue  # a late message for a finished or failed request
+            now = time.perf_counter()
+            if isinstance(msg, Encoded):
+                self.encoder_load[msg.encoder] -= len(msg.blocks)
+                for image, block in zip(flight.parts.pop(msg.part), msg.blocks):
+                    flight.refs[image] = (msg.encoder, block)
+                if not flight.parts:
+                    flight.seq.metrics.encode_end = now
+                    self._dispatch_prefill(flight, now)
+            elif isinstance(msg, Prefilled):
+                seq = flight.seq
+                self.decode_inbox.put(DecodeTask(seq.seq_id, seq.prompt_ids, msg.first_token, msg.kv_blocks,
+                                                 seq.sampling, seq.seed, seq.stop_token_ids))
+                self._token(flight, msg.first_token, now, outputs)
+            elif isinstance(msg, Token):
+                self._token(flight, msg.token_id, now, outputs)
+            elif isinstance(msg, Failed):
+                errors[msg.req_id] = f"{msg.stage}: {msg.error}"
+                for encoder, block in flight.refs.values():  # embeddings nobody will read
+                    self.encoder_inboxes[encoder].put(FreeMM([block]))
+                self.decode_inbox.put(Abort(msg.req_id))
+        if errors:
+            raise StageError("; ".join(f"request {i}: {e}" for i, e in sorted(errors.items())))
+        return [outputs[seq.seq_id] for seq, _ in seqs]
+
+    def _dispatch_encode(self, flight: _Flight) -> None:
+        """Split the request's images over the least-loaded live encoders (one part each)."""
+        if not flight.images:
+            self._dispatch_prefill(flight, time.perf_counter())
+            return
+        live = [i for i in range(len(self.encoder_inboxes)) if self.procs[f"encode{i}"].is_alive()]
+        if not live:
+            raise StageError("no encoder process is alive")
+        flight.seq.metrics.encode_start = flight.seq.metrics.encode_start or time.perf_counter()
+        assignment: dict[int, list[int]] = {}
+        in_flight = {i for images in flight.parts.values() for i in images}
+        for image in range(len(flight.images)):
+            if image in flight.refs or image in in_flight:
+                continue
+            encoder = min(live, key=lambda e: self.encoder_load[e])
+            self.encoder_load[encoder] += 1
+            assignment.setdefault(encoder, []).append(image)
+        for encoder, images in assignment.items():
+            flight.parts[encoder] = images
+            self.encoder_inboxes[encoder].put(
+                EncodeTask(flight.seq.seq_id, encoder, [flight.images[i] for i in images]))
+
+    def _dispatch_prefill(self, flight: _Flight, now: float) -> None:
+        seq = flight.seq
+        seq.metrics.prefill_start = now
+        refs = [flight.refs[i] for i in range(len(flight.images))]
+        self.prefill_inbox.put(PrefillTask(seq.seq_id, seq.prompt_ids, refs, seq.sampling, seq.seed))
+
+    def _token(self, flight: _Flight, token: int, now: float, outputs: dict[int, RequestOutput]) -> None:
+        seq = flight.seq
+        _, output = seq.append_token(token, now)
+        if output is not None:
+            outputs[seq.seq_id] = output
+            self.decode_inbox.put(Abort(seq.seq_id))  # a stop string ends it here, not in decode
+
+    def _check_stages(self, state: dict, outputs: dict, errors: dict) -> None:
+        """On a quiet queue: find dead stages; re-route an encoder's work, fail the rest."""
+        for name, proc in self.procs.items():
+            if proc.is_alive() or name in self.dead:
+                continue
+            self.dead.add(name)
+            pending = [f for i, f in state.items() if i not in outputs and i not in errors]
+            if name.startswith("encode"):
+                index = int(name[len("encode"):])
+                self.encoder_load[index] = 1 << 30  # never chosen again
+                for flight in pending:
+                    if index in flight.parts:
+                        del flight.parts[index]
+                        self._dispatch_encode(flight)  # the lost images go to a live encoder
+                if not any(p.is_alive() for n, p in self.procs.items() if n.startswith("encode")):
+                    self.broken = "every encoder process died"
+            else:
+                self.broken = f"stage {name} died (exit code {proc.exitcode})"
+                for flight in pending:
+                    errors[flight.seq.seq_id] = self.broken
+
+    def shutdown(self) -> None:
+        """Stop every stage process; none is left behind."""
+        for inbox in [*self.encoder_inboxes, self.prefill_inbox, self.decode_inbox]:
+            inbox.put(Shutdown())
+        for proc in self.procs.values():
+            proc.join(timeout=30)
+            if proc.is_alive():
+                proc.terminate()
+                proc.join(timeout=10)
+        for handle in self.handles:  # a killed stage could not remove its CPU arena file
+            if handle.path:
+                Path(handle.path).unlink(missing_ok=True)
+
+    def __enter__(self) -> EPDEngine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+
+class _Flight:
+    """A request in flight: its sequence, image sources, encoder parts and MM references."""
+
+    def __init__(self, seq: Sequence, images: list) -> None:
+        self.seq, self.images = seq, images
+        self.parts: dict[int, list[int]] = {}  # encoder -> image indices still being encoded
+        self.refs: dict[int, tuple[int, int]] = {}  # image index -> (encoder, MM block)

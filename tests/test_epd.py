@@ -1,0 +1,80 @@
+"""EPD across processes on the CPU: 2 encoders + prefill + decode (+ this orchestrator)."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from engine import LLM, Request, SamplingParams
+from engine.epd import EPDEngine, StageError
+from ipc.stages import StageConfig
+
+
+def _png(seed: int) -> bytes:
+    arr = np.random.default_rng(seed).integers(0, 256, (70 + seed, 90, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _requests() -> list[Request]:
+    return [
+        Request("What is in the picture?", images=[_png(1)]),
+        Request("No image here, just text."),
+        Request("Compare <image>, <image> and <image> please", images=[_png(2), _png(3), _png(4)]),
+        Request("Another one", images=[_png(5)]),
+    ]
+
+
+SP = SamplingParams(max_tokens=12, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def epd(tiny_llava: Path):
+    engine = EPDEngine(tiny_llava, num_encoders=2, stage=StageConfig(model=str(tiny_llava)))
+    yield engine
+    engine.shutdown()
+    assert not any(p.is_alive() for p in engine.procs.values()), "a stage process outlived shutdown"
+    assert not any(Path(h.path).exists() for h in engine.handles), "an arena file outlived shutdown"
+
+
+def test_epd_matches_aggregated(epd: EPDEngine, tiny_llava: Path) -> None:
+    reference = LLM(tiny_llava, backend="torch", device="cpu").generate(_requests(), SP)
+    outputs = epd.generate(_requests(), SP)
+    assert [o.token_ids for o in outputs] == [o.token_ids for o in reference]
+    assert [o.text for o in outputs] == [o.text for o in reference]
+    three = outputs[2].ttft_breakdown
+    assert three["encode_s"] > 0 and outputs[1].ttft_breakdown["encode_s"] == 0
+    # again, so every stage has freed and reused its blocks
+    assert [o.token_ids for o in epd.generate(_requests(), SP)] == [o.token_ids for o in reference]
+
+
+def test_bad_image_fails_only_its_request(epd: EPDEngine) -> None:
+    from engine.images import ImageError
+
+    with pytest.raises(ImageError):  # caught by the orchestrator's check, before any stage
+        epd.generate([Request("x", images=[b"not an image"])], SP)
+    assert len(epd.generate([Request("fine", images=[_png(9)])], SP)[0].token_ids) == 12
+
+
+def test_killed_encoder_is_routed_around_and_killed_prefill_fails_cleanly(tiny_llava: Path) -> None:
+    engine = EPDEngine(tiny_llava, num_encoders=2, stage=StageConfig(model=str(tiny_llava)))
+    try:
+        engine.procs["encode0"].kill()
+        engine.procs["encode0"].join()
+        outputs = engine.generate(_requests(), SP)
+        assert all(len(o.token_ids) == 12 for o in outputs)
+        engine.procs["prefill"].kill()
+        engine.procs["prefill"].join()
+        with pytest.raises(StageError, match="prefill died"):
+            engine.generate(_requests()[:2], SP)
+        with pytest.raises(StageError, match="broken"):
+            engine.generate(_requests()[:1], SP)
+    finally:
+        engine.shutdown()
+    assert not any(p.is_alive() for p in engine.procs.values())
+    assert not any(Path(h.path).exists() for h in engine.handles)
