@@ -78,3 +78,15 @@ def test_killed_encoder_is_routed_around_and_killed_prefill_fails_cleanly(tiny_l
         engine.shutdown()
     assert not any(p.is_alive() for p in engine.procs.values())
     assert not any(Path(h.path).exists() for h in engine.handles)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA")
+def test_epd_on_one_gpu_matches_aggregated(tiny_llava: Path) -> None:
+    """Stages share one GPU: arenas travel as CUDA IPC handles."""
+    pytest.importorskip("kernels._epd_C")
+    kw = {"backend": "cuda", "device": "cuda", "dtype": "bfloat16", "kv_cache_tokens": 4096}
+    reference = LLM(tiny_llava, **kw).generate(_requests(), SP)
+    with EPDEngine(tiny_llava, num_encoders=2, stage=StageConfig(model=str(tiny_llava), **kw)) as engine:
+        outputs = engine.generate(_requests(), SP)
+    assert [o.token_ids for o in outputs] == [o.token_ids for o in reference]
