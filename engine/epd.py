@@ -1,5 +1,10 @@
 """EPD orchestrator: encoders, prefill and decode in separate processes (ipc/stages.py).
 
+Modes on the same code: "epd" (encoder processes, then prefill, then decode) and "pd" (prefill
+encodes the images itself: the DistServe-style baseline). A placement such as
+"E:0,1 P:2 D:3" says how many instances of each stage run and on which GPU ("cpu" for the CPU);
+stages may share a device.
+
 The orchestrator validates and tokenizes (engine/frontend.py), splits each request's images
 across the least-loaded encoders, reassembles the embeddings' block references in prompt
 order for prefill, hands prefilled KV blocks to decode, and streams tokens back with the
@@ -13,7 +18,10 @@ from __future__ import annotations
 import queue
 import time
 from collections.abc import Iterable
+from dataclasses import replace
 from pathlib import Path
+
+import torch
 
 from engine.config import ModelConfig
 from engine.frontend import Capacity, Frontend
@@ -43,21 +51,47 @@ class StageError(RuntimeError):
     """A request failed inside a stage (the message names the stage)."""
 
 
+def parse_placement(text: str, mode: str) -> dict[str, list[str]]:
+    """ "E:0,1 P:2 D:3" -> {"E": ["cuda:0", "cuda:1"], "P": ["cuda:2"], "D": ["cuda:3"]}."""
+    out: dict[str, list[str]] = {}
+    for item in text.split():
+        stage, _, devices = item.partition(":")
+        if stage not in ("E", "P", "D") or not devices or stage in out:
+            raise ValueError(f"placement {text!r}: expected items like E:0,1 P:2 D:3 (each stage once)")
+        out[stage] = [d if d == "cpu" else f"cuda:{int(d)}" if d.isdigit() else _bad(text, d)
+                      for d in devices.split(",")]
+    need = ("E", "P", "D") if mode == "epd" else ("P", "D")
+    if sorted(out) != sorted(need):
+        raise ValueError(f"placement {text!r}: mode {mode!r} needs exactly the stages {'/'.join(need)}")
+    for stage in ("P", "D"):
+        if len(out[stage]) != 1:
+            raise ValueError(f"placement {text!r}: one {stage} instance is supported")
+    return out
+
+
+def _bad(text: str, device: str) -> str:
+    raise ValueError(f"placement {text!r}: device {device!r} is neither a GPU index nor 'cpu'")
+
+
 class EPDEngine:
-    def __init__(self, model: str | Path, num_encoders: int = 2, stage: StageConfig | None = None,
-                 seed: int = 0, start_timeout_s: float = 600.0) -> None:
+    def __init__(self, model: str | Path, placement: str | None = None, mode: str = "epd",
+                 stage: StageConfig | None = None, seed: int = 0, start_timeout_s: float = 600.0) -> None:
         import multiprocess as mp
 
-        if num_encoders < 1:
-            raise ValueError(f"num_encoders = {num_encoders}; EPD needs at least one encoder")
+        if mode not in ("epd", "pd"):
+            raise ValueError(f"mode {mode!r}: use 'epd' or 'pd' (or the in-process LLM for 'aggregated')")
         self.cfg = ModelConfig.from_dir(model)
         if not self.cfg.is_multimodal:
             raise ValueError(f"{self.cfg.architecture} has no vision tower: use the aggregated LLM")
         cfg = stage or StageConfig(model=str(model))
+        home = "cpu" if cfg.device == "cpu" else str(torch.device(cfg.device).index or 0)
+        default = f"E:{home},{home} P:{home} D:{home}" if mode == "epd" else f"P:{home} D:{home}"
+        devices = parse_placement(placement or default, mode)
+        self.mode = mode
         cfg.kv_cache_tokens = cfg.kv_cache_tokens or 4 * self.cfg.text.max_position_embeddings
         ctx = mp.get_context("spawn")
         self.outbox = ctx.Queue()
-        self.encoder_inboxes = [ctx.Queue() for _ in range(num_encoders)]
+        self.encoder_inboxes = [ctx.Queue() for _ in devices.get("E", [])]
         self.prefill_inbox, self.decode_inbox = ctx.Queue(), ctx.Queue()
         self.procs: dict[str, object] = {}
         self.handles: list = []
@@ -68,20 +102,24 @@ class EPDEngine:
             proc.start()
             self.procs[name] = proc
 
+        on = lambda device: replace(cfg, device=device)  # noqa: E731
         for i, inbox in enumerate(self.encoder_inboxes):
-            start(f"encode{i}", encoder_main, cfg, i, inbox, self.outbox)
-        mm_handles = [r.handle for r in sorted(self._await_ready(num_encoders, deadline), key=lambda r: r.index)]
+            start(f"encode{i}", encoder_main, on(devices["E"][i]), i, inbox, self.outbox)
+        ready = self._await_ready(len(self.encoder_inboxes), deadline)
+        mm_handles = [r.handle for r in sorted(ready, key=lambda r: r.index)]
         self.handles = list(mm_handles)  # every arena, so shutdown can clean up after killed stages
-        start("prefill", prefill_main, cfg, mm_handles, self.prefill_inbox, self.outbox, self.encoder_inboxes)
+        start("prefill", prefill_main, on(devices["P"][0]), mm_handles, self.prefill_inbox, self.outbox,
+              self.encoder_inboxes)
         kv_handle = self._await_ready(1, deadline)[0].handle
         self.handles.append(kv_handle)
-        start("decode", decode_main, cfg, kv_handle, self.decode_inbox, self.outbox, self.prefill_inbox)
+        start("decode", decode_main, on(devices["D"][0]), kv_handle, self.decode_inbox, self.outbox,
+              self.prefill_inbox)
         self._await_ready(1, deadline)
         block_size = 16
         self.frontend = Frontend(model, self.cfg, Capacity(self.cfg.text.max_position_embeddings,
                                                            -(-cfg.kv_cache_tokens // block_size), block_size,
                                                            2 * cfg.max_images_per_batch), seed)
-        self.encoder_load = [0] * num_encoders  # images in flight per encoder
+        self.encoder_load = [0] * len(self.encoder_inboxes)  # images in flight per encoder
         self.broken: str | None = None
         self.dead: set[str] = set()
 
@@ -151,8 +189,9 @@ class EPDEngine:
         return [outputs[seq.seq_id] for seq, _ in seqs]
 
     def _dispatch_encode(self, flight: _Flight) -> None:
-        """Split the request's images over the least-loaded live encoders (one part each)."""
-        if not flight.images:
+        """Split the request's images over the least-loaded live encoders (one part each); in pd
+        mode (or without images) go straight to prefill."""
+        if not flight.images or self.mode == "pd":
             self._dispatch_prefill(flight, time.perf_counter())
             return
         live = [i for i in range(len(self.encoder_inboxes)) if self.procs[f"encode{i}"].is_alive()]
@@ -175,8 +214,12 @@ class EPDEngine:
     def _dispatch_prefill(self, flight: _Flight, now: float) -> None:
         seq = flight.seq
         seq.metrics.prefill_start = now
-        refs = [flight.refs[i] for i in range(len(flight.images))]
-        self.prefill_inbox.put(PrefillTask(seq.seq_id, seq.prompt_ids, refs, seq.sampling, seq.seed))
+        if self.mode == "pd":
+            task = PrefillTask(seq.seq_id, seq.prompt_ids, [], seq.sampling, seq.seed, images=flight.images)
+        else:
+            refs = [flight.refs[i] for i in range(len(flight.images))]
+            task = PrefillTask(seq.seq_id, seq.prompt_ids, refs, seq.sampling, seq.seed)
+        self.prefill_inbox.put(task)
 
     def _token(self, flight: _Flight, token: int, now: float, outputs: dict[int, RequestOutput]) -> None:
         seq = flight.seq

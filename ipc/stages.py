@@ -55,9 +55,10 @@ class FreeMM:
 class PrefillTask:
     req_id: int
     prompt_ids: list[int]
-    mm_refs: list[tuple[int, int]]  # (encoder, block) per image, in prompt order
+    mm_refs: list[tuple[int, int]]  # epd: (encoder, block) per image, in prompt order
     sampling: SamplingParams
     seed: int
+    images: list[Any] = field(default_factory=list)  # pd: image sources, encoded by prefill itself
 
 
 @dataclass
@@ -173,6 +174,7 @@ def prefill_main(cfg: StageConfig, mm_handles: list, inbox, outbox, encoder_inbo
     mm_arenas = [SharedArena.open(h) for h in mm_handles]
     outbox.put(Ready("prefill", 0, arena.handle))
     sched = llm.engine.prefill
+    tasks: dict[int, PrefillTask] = {}
     try:
         while True:
             msgs = [inbox.get()]
@@ -184,22 +186,29 @@ def prefill_main(cfg: StageConfig, mm_handles: list, inbox, outbox, encoder_inbo
                 if isinstance(msg, FreeKV):
                     llm.engine.kv_blocks.free(msg.blocks)
                 elif isinstance(msg, PrefillTask):
-                    seq = Sequence(seq_id=msg.req_id, prompt_ids=msg.prompt_ids, sampling=msg.sampling, seed=msg.seed,
-                                   detok=None, stop_token_ids=frozenset())
-                    seq.mm_refs = msg.mm_refs
-                    sched.add(seq)
+                    tasks[msg.req_id] = msg
+                    sched.add(Sequence(seq_id=msg.req_id, prompt_ids=msg.prompt_ids, sampling=msg.sampling,
+                                       seed=msg.seed, detok=None, stop_token_ids=frozenset()))
             while sched.waiting:
                 batch = sched.schedule(max_seqs=cfg.max_num_seqs)
                 if not batch:
                     break  # wait for FreeKV acks from decode
+                ready = []
                 for seq in batch:
-                    _stage_images(seq, llm, mm_arenas, encoder_inboxes)
-                tokens = runner.prefill(batch).token_ids
-                for seq, token in zip(batch, tokens):
+                    try:
+                        _stage_images(seq, tasks.pop(seq.seq_id), llm, mm_arenas, encoder_inboxes)
+                        ready.append(seq)
+                    except Exception as e:  # fails this request only
+                        llm.abort(seq)
+                        outbox.put(Failed(seq.seq_id, "prefill", str(e)))
+                if not ready:
+                    continue
+                tokens = runner.prefill(ready).token_ids
+                for seq, token in zip(ready, tokens):
                     if seq.mm_blocks:
                         llm.engine.mm_blocks.free(seq.mm_blocks)
                         seq.mm_blocks = []
-                    seq.status = Status.FINISHED  # the blocks now belong to the hand-off
+                    seq.status = Status.FINISHED  # the KV blocks now belong to the hand-off
                     outbox.put(Prefilled(seq.seq_id, token, seq.block_table))
     finally:
         for a in mm_arenas:
@@ -207,20 +216,25 @@ def prefill_main(cfg: StageConfig, mm_handles: list, inbox, outbox, encoder_inbo
         arena.close()
 
 
-def _stage_images(seq, llm, mm_arenas: list, encoder_inboxes: list) -> None:
-    """Copy the request's image embeddings from the encoders' arenas into local MM blocks and
-    tell each encoder its blocks are consumed."""
-    refs = getattr(seq, "mm_refs", [])
-    if not refs:
+def _stage_images(seq, task: PrefillTask, llm, mm_arenas: list, encoder_inboxes: list) -> None:
+    """Put the request's image embeddings into local MM blocks: encode them here (pd), or copy
+    them from the encoders' arenas and tell each encoder its blocks are consumed (epd)."""
+    count = len(task.mm_refs) or len(task.images)
+    if not count:
         return
-    blocks = llm.engine.mm_blocks.allocate(len(refs))
+    blocks = llm.engine.mm_blocks.allocate(count)
     if blocks is None:
-        raise RuntimeError("prefill MM staging arena is full")
-    for local, (encoder, block) in zip(blocks, refs):
-        llm.runner.mm_arena[local].copy_(mm_arenas[encoder].tensor[block])
+        raise RuntimeError(f"prefill MM staging arena is full ({count} images)")
     seq.mm_blocks = blocks
+    if task.images:
+        seq.pixel_values = llm.image_processor.preprocess(task.images)
+        llm.runner.encode([seq])
+        seq.pixel_values = None
+        return
+    for local, (encoder, block) in zip(blocks, task.mm_refs):
+        llm.runner.mm_arena[local].copy_(mm_arenas[encoder].tensor[block])
     by_encoder: dict[int, list[int]] = {}
-    for encoder, block in refs:
+    for encoder, block in task.mm_refs:
         by_encoder.setdefault(encoder, []).append(block)
     for encoder, freed in by_encoder.items():
         encoder_inboxes[encoder].put(FreeMM(freed))

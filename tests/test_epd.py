@@ -35,7 +35,7 @@ SP = SamplingParams(max_tokens=12, ignore_eos=True)
 
 @pytest.fixture(scope="module")
 def epd(tiny_llava: Path):
-    engine = EPDEngine(tiny_llava, num_encoders=2, stage=StageConfig(model=str(tiny_llava)))
+    engine = EPDEngine(tiny_llava, placement="E:cpu,cpu P:cpu D:cpu", stage=StageConfig(model=str(tiny_llava)))
     yield engine
     engine.shutdown()
     assert not any(p.is_alive() for p in engine.procs.values()), "a stage process outlived shutdown"
@@ -62,7 +62,7 @@ def test_bad_image_fails_only_its_request(epd: EPDEngine) -> None:
 
 
 def test_killed_encoder_is_routed_around_and_killed_prefill_fails_cleanly(tiny_llava: Path) -> None:
-    engine = EPDEngine(tiny_llava, num_encoders=2, stage=StageConfig(model=str(tiny_llava)))
+    engine = EPDEngine(tiny_llava, stage=StageConfig(model=str(tiny_llava)))  # default: 2 encoders
     try:
         engine.procs["encode0"].kill()
         engine.procs["encode0"].join()
@@ -87,6 +87,32 @@ def test_epd_on_one_gpu_matches_aggregated(tiny_llava: Path) -> None:
     pytest.importorskip("kernels._epd_C")
     kw = {"backend": "cuda", "device": "cuda", "dtype": "bfloat16", "kv_cache_tokens": 4096}
     reference = LLM(tiny_llava, **kw).generate(_requests(), SP)
-    with EPDEngine(tiny_llava, num_encoders=2, stage=StageConfig(model=str(tiny_llava), **kw)) as engine:
+    with EPDEngine(tiny_llava, placement="E:0,0 P:0 D:0", stage=StageConfig(model=str(tiny_llava), **kw)) as engine:
         outputs = engine.generate(_requests(), SP)
     assert [o.token_ids for o in outputs] == [o.token_ids for o in reference]
+
+
+def test_pd_mode_matches_aggregated(tiny_llava: Path) -> None:
+    reference = LLM(tiny_llava, backend="torch", device="cpu").generate(_requests(), SP)
+    with EPDEngine(tiny_llava, placement="P:cpu D:cpu", mode="pd", stage=StageConfig(model=str(tiny_llava))) as pd:
+        assert len(pd.procs) == 2
+        outputs = pd.generate(_requests(), SP)
+    assert [o.token_ids for o in outputs] == [o.token_ids for o in reference]
+
+
+@pytest.mark.parametrize(
+    ("text", "mode", "match"),
+    [("E:0,1 P:2 D:3", "epd", None), ("P:cpu D:cpu", "pd", None), ("E:0 P:0", "epd", "needs exactly the stages"),
+     ("E:0 P:0 D:0", "pd", "needs exactly"), ("E:x P:0 D:0", "epd", "neither a GPU index"),
+     ("P:0,1 D:0", "pd", "one P instance"), ("Q:1", "epd", "expected items like")],
+)
+def test_parse_placement(text: str, mode: str, match: str | None) -> None:
+    from engine.epd import parse_placement
+
+    if match is None:
+        out = parse_placement(text, mode)
+        assert out["P"] and out["D"] and (mode == "pd" or out["E"])
+        assert parse_placement("E:0,1 P:2 D:3", "epd")["E"] == ["cuda:0", "cuda:1"]
+    else:
+        with pytest.raises(ValueError, match=match):
+            parse_placement(text, mode)
