@@ -25,7 +25,7 @@ import torch
 
 from engine.config import ModelConfig
 from engine.frontend import Capacity, Frontend
-from engine.request import Request, RequestOutput, Sequence
+from engine.request import Request, RequestOutput, Sequence, TokenEvent
 from engine.sampling import SamplingParams
 from ipc.stages import (
     Abort,
@@ -122,6 +122,7 @@ class EPDEngine:
         self.encoder_load = [0] * len(self.encoder_inboxes)  # images in flight per encoder
         self.broken: str | None = None
         self.dead: set[str] = set()
+        self.flights: dict[int, _Flight] = {}  # requests in the stages, by seq_id
 
     def _await_ready(self, n: int, deadline: float) -> list[Ready]:
         ready = []
@@ -140,53 +141,103 @@ class EPDEngine:
 
     # ------------------------------------------------------------------ requests
 
+    # ------------------------------------------------------------------ engine loop (as LLM's)
+
+    def add_request(self, request: Request | str, sampling: SamplingParams | None = None) -> Sequence:
+        """Validate and send one request into the stages; its events carry index = seq_id."""
+        if self.broken:
+            raise StageError(f"engine is broken: {self.broken}")
+        seq, images = self.frontend.make_sequence(request, sampling, preprocess=False)
+        flight = self.flights[seq.seq_id] = _Flight(seq, images)
+        self._dispatch_encode(flight)
+        return seq
+
+    def has_work(self) -> bool:
+        return bool(self.flights)
+
+    def abort(self, seq: Sequence) -> None:
+        flight = self.flights.pop(seq.seq_id, None)
+        if flight is not None:
+            self._release(flight)
+
+    def step(self, timeout_s: float = 0.05) -> list[TokenEvent]:
+        """Handle the stage messages that arrive within timeout_s (at least one if any comes):
+        a TokenEvent per token, with the output when a request ends, or with `error` when a
+        stage failed it."""
+        events: list[TokenEvent] = []
+        try:
+            msgs = [self.outbox.get(timeout=timeout_s)]
+        except queue.Empty:
+            self._check_stages(events)
+            return events
+        while not self.outbox.empty():
+            msgs.append(self.outbox.get())
+        for msg in msgs:
+            self._handle(msg, events)
+        return events
+
+    def _handle(self, msg: object, events: list[TokenEvent]) -> None:
+        flight = self.flights.get(getattr(msg, "req_id", None))
+        if flight is None:
+            if isinstance(msg, Encoded):  # images of a request that ended: give the blocks back
+                self.encoder_load[msg.encoder] -= len(msg.blocks)
+                self.encoder_inboxes[msg.encoder].put(FreeMM(msg.blocks))
+            return  # a late message for a finished or failed request
+        now = time.perf_counter()
+        if isinstance(msg, Encoded):
+            self.encoder_load[msg.encoder] -= len(msg.blocks)
+            for image, block in zip(flight.parts.pop(msg.part), msg.blocks):
+                flight.refs[image] = (msg.encoder, block)
+            if not flight.parts:
+                flight.seq.metrics.encode_end = now
+                self._dispatch_prefill(flight, now)
+        elif isinstance(msg, Prefilled):
+            seq = flight.seq
+            flight.refs.clear()  # prefill consumed (and freed) the embeddings
+            self.decode_inbox.put(DecodeTask(seq.seq_id, seq.prompt_ids, msg.first_token, msg.kv_blocks,
+                                             seq.sampling, seq.seed, seq.stop_token_ids))
+            self._token(flight, msg.first_token, now, events)
+        elif isinstance(msg, Token):
+            self._token(flight, msg.token_id, now, events)
+        elif isinstance(msg, Failed):
+            self._fail(flight, f"{msg.stage}: {msg.error}", events)
+
+    def _fail(self, flight: _Flight, error: str, events: list[TokenEvent]) -> None:
+        del self.flights[flight.seq.seq_id]
+        self._release(flight)
+        events.append(TokenEvent(flight.seq.seq_id, -1, "", error=error))
+
+    def _release(self, flight: _Flight) -> None:
+        """Free what a request still holds in the stages: unread embeddings, its decode slot."""
+        for encoder, block in flight.refs.values():
+            self.encoder_inboxes[encoder].put(FreeMM([block]))
+        self.decode_inbox.put(Abort(flight.seq.seq_id))
+
     def generate(self, requests: Iterable[Request | str], sampling: SamplingParams | None = None
                  ) -> list[RequestOutput]:
         """Run all requests through the stages; outputs in request order. A request that fails
         in a stage raises StageError after the others have finished."""
-        if self.broken:
-            raise StageError(f"engine is broken: {self.broken}")
-        seqs = [self.frontend.make_sequence(r, sampling, preprocess=False) for r in requests]
-        state = {seq.seq_id: _Flight(seq, images) for seq, images in seqs}
-        for flight in state.values():
-            self._dispatch_encode(flight)
+        seqs = [self.add_request(r, sampling) for r in requests]
         outputs: dict[int, RequestOutput] = {}
         errors: dict[int, str] = {}
-        while len(outputs) + len(errors) < len(state):
-            try:
-                msg = self.outbox.get(timeout=0.5)
-            except queue.Empty:
-                self._check_stages(state, outputs, errors)
-                continue
-            flight = state.get(getattr(msg, "req_id", None))
-            if flight is None or flight.seq.seq_id in outputs or flight.seq.seq_id in errors:
-                if isinstance(msg, Encoded):  # images of a failed request: give the blocks back
-                    self.encoder_load[msg.encoder] -= len(msg.blocks)
-                    self.encoder_inboxes[msg.encoder].put(FreeMM(msg.blocks))
-                continue  # a late message for a finished or failed request
-            now = time.perf_counter()
-            if isinstance(msg, Encoded):
-                self.encoder_load[msg.encoder] -= len(msg.blocks)
-                for image, block in zip(flight.parts.pop(msg.part), msg.blocks):
-                    flight.refs[image] = (msg.encoder, block)
-                if not flight.parts:
-                    flight.seq.metrics.encode_end = now
-                    self._dispatch_prefill(flight, now)
-            elif isinstance(msg, Prefilled):
-                seq = flight.seq
-                self.decode_inbox.put(DecodeTask(seq.seq_id, seq.prompt_ids, msg.first_token, msg.kv_blocks,
-                                                 seq.sampling, seq.seed, seq.stop_token_ids))
-                self._token(flight, msg.first_token, now, outputs)
-            elif isinstance(msg, Token):
-                self._token(flight, msg.token_id, now, outputs)
-            elif isinstance(msg, Failed):
-                errors[msg.req_id] = f"{msg.stage}: {msg.error}"
-                for encoder, block in flight.refs.values():  # embeddings nobody will read
-                    self.encoder_inboxes[encoder].put(FreeMM([block]))
-                self.decode_inbox.put(Abort(msg.req_id))
+        while any(s.seq_id in self.flights for s in seqs):
+            for ev in self.step():
+                if ev.error is not None:
+                    errors[ev.index] = ev.error
+                elif ev.output is not None:
+                    outputs[ev.index] = ev.output
         if errors:
             raise StageError("; ".join(f"request {i}: {e}" for i, e in sorted(errors.items())))
-        return [outputs[seq.seq_id] for seq, _ in seqs]
+        return [outputs[s.seq_id] for s in seqs]
+
+    def status(self) -> dict:
+        return {
+            "mode": self.mode,
+            "stages_alive": {name: p.is_alive() for name, p in self.procs.items()},
+            "requests_in_flight": len(self.flights),
+            "encoder_images_in_flight": list(self.encoder_load),
+            "broken": self.broken,
+        }
 
     def _dispatch_encode(self, flight: _Flight) -> None:
         """Split the request's images over the least-loaded live encoders (one part each); in pd
@@ -221,33 +272,36 @@ class EPDEngine:
             task = PrefillTask(seq.seq_id, seq.prompt_ids, refs, seq.sampling, seq.seed)
         self.prefill_inbox.put(task)
 
-    def _token(self, flight: _Flight, token: int, now: float, outputs: dict[int, RequestOutput]) -> None:
+    def _token(self, flight: _Flight, token: int, now: float, events: list[TokenEvent]) -> None:
         seq = flight.seq
-        _, output = seq.append_token(token, now)
+        delta, output = seq.append_token(token, now)
+        events.append(TokenEvent(seq.seq_id, token, delta, output))
         if output is not None:
-            outputs[seq.seq_id] = output
+            del self.flights[seq.seq_id]
             self.decode_inbox.put(Abort(seq.seq_id))  # a stop string ends it here, not in decode
 
-    def _check_stages(self, state: dict, outputs: dict, errors: dict) -> None:
+    def _check_stages(self, events: list[TokenEvent]) -> None:
         """On a quiet queue: find dead stages; re-route an encoder's work, fail the rest."""
         for name, proc in self.procs.items():
             if proc.is_alive() or name in self.dead:
                 continue
             self.dead.add(name)
-            pending = [f for i, f in state.items() if i not in outputs and i not in errors]
             if name.startswith("encode"):
                 index = int(name[len("encode"):])
                 self.encoder_load[index] = 1 << 30  # never chosen again
-                for flight in pending:
-                    if index in flight.parts:
-                        del flight.parts[index]
-                        self._dispatch_encode(flight)  # the lost images go to a live encoder
                 if not any(p.is_alive() for n, p in self.procs.items() if n.startswith("encode")):
                     self.broken = "every encoder process died"
+                for flight in list(self.flights.values()):
+                    if index in flight.parts:
+                        del flight.parts[index]
+                        if self.broken:
+                            self._fail(flight, self.broken, events)
+                        else:
+                            self._dispatch_encode(flight)  # the lost images go to a live encoder
             else:
                 self.broken = f"stage {name} died (exit code {proc.exitcode})"
-                for flight in pending:
-                    errors[flight.seq.seq_id] = self.broken
+                for flight in list(self.flights.values()):
+                    self._fail(flight, self.broken, events)
 
     def shutdown(self) -> None:
         """Stop every stage process; none is left behind."""

@@ -104,6 +104,19 @@ class LLM:
     def has_work(self) -> bool:
         return self.engine.has_work()
 
+    def status(self) -> dict:
+        engine = self.engine
+        return {
+            "mode": "aggregated",
+            "running": len(engine.decode.running),
+            "waiting_prefill": len(engine.prefill.waiting),
+            "waiting_encode": len(engine.encode.waiting) if engine.encode else 0,
+            "kv_blocks_free": engine.kv_blocks.num_free,
+            "kv_blocks_total": self.runner.num_kv_blocks,
+            "decode_graphs_captured": sorted(self.runner.decode_graphs.graphs),
+            "preemptions": engine.num_preemptions,
+        }
+
     def abort(self, seq: Sequence) -> None:
         """Drop a request wherever it is; its blocks return to the pools."""
         if seq.status is not Status.FINISHED:

@@ -156,3 +156,4 @@ class TokenEvent:
     token_id: int
     text_delta: str
     output: RequestOutput | None = None
+    error: str | None = None  # the request failed (EPD: a stage failed it); token_id is -1

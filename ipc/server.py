@@ -9,7 +9,9 @@ read). A call is a dict {"id": any, "method": str, "params": dict}; replies carr
   kv_step(session, token_id=None) / kv_generate(session, num_steps) -> {"event": "tokens", "token_ids"}
   kv_close(session) -> {"event": "closed", "num_tokens"}   (see ipc/sessions.py)
   any bad call -> {"id", "error": "<message naming the field>"}; the server carries on.
-One engine thread owns the LLM; connection threads only parse calls and queue them.
+One engine thread owns the engine (the in-process `LLM` or the `EPDEngine` orchestrator: both
+have add_request / step / abort / has_work / status); connection threads only parse calls and
+queue them. kv sessions need the in-process engine (they drive its runner directly).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from dataclasses import asdict
 from multiprocessing.connection import Connection, Listener
 from typing import Any
 
+from engine.epd import EPDEngine
 from engine.images import ImageError
 from engine.llm import LLM
 from engine.request import Request, Sequence
@@ -51,7 +54,7 @@ class _Client:
 
 
 class RPCServer:
-    def __init__(self, llm: LLM, address: str | tuple[str, int], authkey: bytes) -> None:
+    def __init__(self, llm: LLM | EPDEngine, address: str | tuple[str, int], authkey: bytes) -> None:
         if not authkey:
             raise ValueError("authkey must be non-empty")
         self.llm = llm
@@ -59,7 +62,7 @@ class RPCServer:
         self.address = self.listener.address
         self.inbox: queue.Queue = queue.Queue()  # (client, call id, method, params)
         self.live: dict[int, tuple[_Client, Any, Sequence]] = {}  # seq_id -> (client, call id, seq)
-        self.sessions = KVSessions(llm)
+        self.sessions = KVSessions(llm) if isinstance(llm, LLM) else None
         self.session_owner: dict[int, _Client] = {}
         self.stopping = threading.Event()
         self.stats = {"requests": 0, "finished": 0, "errors": 0, "rejected_connections": 0}
@@ -131,6 +134,10 @@ class RPCServer:
                     continue
                 for ev in events:
                     client, call_id, _ = self.live[ev.index]
+                    if ev.error is not None:
+                        client.send({"id": call_id, "error": ev.error})
+                        del self.live[ev.index]
+                        continue
                     client.send({"id": call_id, "event": "token", "token_id": ev.token_id, "text": ev.text_delta})
                     if ev.output is not None:
                         client.send({"id": call_id, "event": "done", "output": asdict(ev.output)})
@@ -171,6 +178,8 @@ class RPCServer:
             self.stats["requests"] += 1
 
     def _kv(self, client: _Client, method: str, params: dict) -> dict:
+        if self.sessions is None:
+            raise RequestError("kv sessions need the in-process (aggregated) engine")
         if method == "kv_init":
             request, sampling = _parse_generate(params)
             session, seq = self.sessions.init(request, sampling)
@@ -194,19 +203,8 @@ class RPCServer:
             del self.live[seq_id]
 
     def status(self) -> dict:
-        engine = self.llm.engine
-        graphs = self.llm.runner.decode_graphs
-        return {
-            **self.stats,
-            "running": len(engine.decode.running),
-            "waiting_prefill": len(engine.prefill.waiting),
-            "waiting_encode": len(engine.encode.waiting) if engine.encode else 0,
-            "kv_blocks_free": engine.kv_blocks.num_free,
-            "kv_blocks_total": self.llm.runner.num_kv_blocks,
-            "decode_graphs_captured": sorted(graphs.graphs),
-            "preemptions": engine.num_preemptions,
-            "kv_sessions": len(self.sessions.sessions),
-        }
+        sessions = len(self.sessions.sessions) if self.sessions else 0
+        return {**self.stats, **self.llm.status(), "kv_sessions": sessions}
 
 
 def _parse_generate(params: dict) -> tuple[Request, SamplingParams]:

@@ -116,3 +116,29 @@ def test_parse_placement(text: str, mode: str, match: str | None) -> None:
     else:
         with pytest.raises(ValueError, match=match):
             parse_placement(text, mode)
+
+
+def test_rpc_server_in_front_of_epd(epd: EPDEngine, tiny_llava: Path, tmp_path: Path) -> None:
+    import threading
+
+    from ipc.client import RPCClient, RPCError
+    from ipc.server import RPCServer
+
+    reference = LLM(tiny_llava, backend="torch", device="cpu").generate(_requests()[2], SP)[0]
+    server = RPCServer(epd, str(tmp_path / "epd.sock"), b"k")
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        client = RPCClient(server.address, b"k")
+        req = _requests()[2]
+        msgs = list(client.generate(req.prompt, images=req.images, max_tokens=12, ignore_eos=True))
+        assert msgs[-1]["output"]["token_ids"] == reference.token_ids
+        assert "".join(m.get("text", "") for m in msgs[:-1]) == reference.text
+        status = client.status()
+        assert status["mode"] == "epd" and all(status["stages_alive"].values())
+        with pytest.raises(RPCError, match="kv sessions need the in-process"):
+            client.kv_init("Hi")
+        client.stop()
+    finally:
+        thread.join(timeout=60)
+    assert not thread.is_alive()
