@@ -107,7 +107,8 @@ def test_status_and_stop(server: RPCServer) -> None:
     client.stop()
 
 
-def test_serve_script_end_to_end(tiny_llama: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", ["aggregated", "epd"])
+def test_serve_script_end_to_end(mode: str, tiny_llava: Path, tmp_path: Path) -> None:
     import os
     import subprocess
     import sys
@@ -116,8 +117,8 @@ def test_serve_script_end_to_end(tiny_llama: Path, tmp_path: Path) -> None:
     sock = tmp_path / "serve.sock"
     env = {**os.environ, "EPD_AUTHKEY": KEY.decode()}
     root = Path(__file__).resolve().parents[1]
-    proc = subprocess.Popen([sys.executable, str(root / "scripts" / "serve.py"), "--model", str(tiny_llama),
-                             "--socket", str(sock), "--device", "cpu"], env=env,
+    proc = subprocess.Popen([sys.executable, str(root / "scripts" / "serve.py"), "--model", str(tiny_llava),
+                             "--socket", str(sock), "--device", "cpu", "--mode", mode], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.time() + 120
@@ -126,6 +127,7 @@ def test_serve_script_end_to_end(tiny_llama: Path, tmp_path: Path) -> None:
             time.sleep(0.2)
         client = RPCClient(str(sock), KEY)
         assert len(_collect(client, "Hello", max_tokens=4, ignore_eos=True)[1]["token_ids"]) == 4
+        assert client.status()["mode"] == mode
         client.stop()
         assert proc.wait(timeout=60) == 0
     finally:
