@@ -88,7 +88,7 @@ class EPDEngine:
         default = f"E:{home},{home} P:{home} D:{home}" if mode == "epd" else f"P:{home} D:{home}"
         devices = parse_placement(placement or default, mode)
         self.mode = mode
-        cfg.kv_cache_tokens = cfg.kv_cache_tokens or 4 * self.cfg.text.max_position_embeddings
+        cfg = replace(cfg, kv_cache_tokens=cfg.kv_cache_tokens or 4 * self.cfg.text.max_position_embeddings)
         ctx = mp.get_context("spawn")
         self.outbox = ctx.Queue()
         self.encoder_inboxes = [ctx.Queue() for _ in devices.get("E", [])]
@@ -115,7 +115,7 @@ class EPDEngine:
         start("decode", decode_main, on(devices["D"][0]), kv_handle, self.decode_inbox, self.outbox,
               self.prefill_inbox)
         self._await_ready(1, deadline)
-        block_size = 16
+        block_size = 16  # the stages' LLM default
         self.frontend = Frontend(model, self.cfg, Capacity(self.cfg.text.max_position_embeddings,
                                                            -(-cfg.kv_cache_tokens // block_size), block_size,
                                                            2 * cfg.max_images_per_batch), seed)
