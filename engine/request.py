@@ -93,6 +93,15 @@ class Sequence:
     def all_ids(self) -> list[int]:
         return self.prompt_ids + self.output_ids
 
+    def stop_reason(self) -> str | None:
+        """"stop" if the last token is a stop token, "length" at max_tokens, else None
+        (stop strings need the text: append_token checks those)."""
+        if self.output_ids and self.output_ids[-1] in self.stop_token_ids:
+            return "stop"
+        if len(self.output_ids) >= self.sampling.max_tokens:
+            return "length"
+        return None
+
     def append_token(self, token: int, now: float) -> tuple[str, RequestOutput | None]:
         """Record a generated token: returns the new text and, when a stop token, max_tokens or
         a stop string ends the sequence, its output (stop strings are cut from the text)."""
@@ -101,10 +110,7 @@ class Sequence:
         m.token_times.append(now)
         m.first_token = m.first_token or now
         delta = self.detok.add(token)
-        if token in self.stop_token_ids:
-            self.finish_reason = "stop"
-        elif len(self.output_ids) >= self.sampling.max_tokens:
-            self.finish_reason = "length"
+        self.finish_reason = self.stop_reason()
         if self.finish_reason:
             delta += self.detok.flush()
         delta = self._apply_stop_strings(delta)

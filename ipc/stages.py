@@ -281,7 +281,7 @@ def decode_main(cfg: StageConfig, kv_handle, inbox, outbox, prefill_inbox) -> No
                                seed=task.seed, detok=None, stop_token_ids=task.stop_token_ids, block_table=blocks)
                 seq.output_ids.append(task.first_token)
                 seq.num_cached, seq.status = len(task.prompt_ids), Status.RUNNING
-                if _finished(seq):
+                if seq.stop_reason():
                     engine.finish(seq)
                     continue
                 live[seq.seq_id] = seq
@@ -293,14 +293,10 @@ def decode_main(cfg: StageConfig, kv_handle, inbox, outbox, prefill_inbox) -> No
                     continue
                 seq.output_ids.append(token)
                 outbox.put(Token(seq.seq_id, token))
-                if _finished(seq):
+                if seq.stop_reason():
                     engine.finish(live.pop(seq.seq_id))
     finally:
         src.close()
-
-
-def _finished(seq) -> bool:
-    return seq.output_ids[-1] in seq.stop_token_ids or len(seq.output_ids) >= seq.sampling.max_tokens
 
 
 def run_stage(target, *args) -> None:

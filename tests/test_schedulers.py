@@ -80,7 +80,7 @@ def test_random_requests_all_finish_without_leaks(num_kv_blocks: int, block_size
             if seq.status is Status.FINISHED:
                 continue  # multi-step ran past this sequence's stop
             seq.output_ids.append(token)
-            if token in seq.stop_token_ids or len(seq.output_ids) >= seq.sampling.max_tokens:
+            if seq.stop_reason():
                 engine.finish(seq)
         steps += 1
         assert steps < 200_000
@@ -117,7 +117,7 @@ def test_preemption_recomputes_with_identical_tokens() -> None:
                 if seq.status is Status.FINISHED:
                     continue
                 seq.output_ids.append(token)
-                if token in seq.stop_token_ids or len(seq.output_ids) >= seq.sampling.max_tokens:
+                if seq.stop_reason():
                     engine.finish(seq)
         results.append(([s.output_ids for s in copies], engine.num_preemptions))
     assert results[1][1] > 0 and results[0][1] == 0
