@@ -34,6 +34,7 @@ from ipc.stages import (
     EncodeTask,
     Failed,
     FreeMM,
+    Migrated,
     Prefilled,
     PrefillTask,
     Ready,
@@ -108,14 +109,17 @@ class EPDEngine:
         ready = self._await_ready(len(self.encoder_inboxes), deadline)
         mm_handles = [r.handle for r in sorted(ready, key=lambda r: r.index)]
         self.handles = list(mm_handles)  # every arena, so shutdown can clean up after killed stages
+        block_size = 16  # the stages' LLM default
+        # prefill and decode on one device share prefill's arena, extended by decode's blocks
+        shared = cfg.share_kv_arena and devices["P"] == devices["D"]
+        decode_blocks = -(-cfg.kv_cache_tokens // block_size) if shared else 0
         start("prefill", prefill_main, on(devices["P"][0]), mm_handles, self.prefill_inbox, self.outbox,
-              self.encoder_inboxes)
+              self.encoder_inboxes, decode_blocks)
         kv_handle = self._await_ready(1, deadline)[0].handle
         self.handles.append(kv_handle)
         start("decode", decode_main, on(devices["D"][0]), kv_handle, self.decode_inbox, self.outbox,
-              self.prefill_inbox)
+              self.prefill_inbox, shared)
         self._await_ready(1, deadline)
-        block_size = 16  # the stages' LLM default
         self.frontend = Frontend(model, self.cfg, Capacity(self.cfg.text.max_position_embeddings,
                                                            -(-cfg.kv_cache_tokens // block_size), block_size,
                                                            2 * cfg.max_images_per_batch), seed)
@@ -191,8 +195,11 @@ class EPDEngine:
             if not flight.parts:
                 flight.seq.metrics.encode_end = now
                 self._dispatch_prefill(flight, now)
+        elif isinstance(msg, Migrated):
+            flight.seq.metrics.kv_bytes, flight.seq.metrics.kv_migrate_s = msg.kv_bytes, msg.seconds
         elif isinstance(msg, Prefilled):
             seq = flight.seq
+            seq.metrics.mm_bytes, seq.metrics.mm_copy_s = msg.mm_bytes, msg.mm_copy_s
             flight.refs.clear()  # prefill consumed (and freed) the embeddings
             self.decode_inbox.put(DecodeTask(seq.seq_id, seq.prompt_ids, msg.first_token, msg.kv_blocks,
                                              seq.sampling, seq.seed, seq.stop_token_ids))

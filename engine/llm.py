@@ -28,6 +28,7 @@ class LLM:
     multi_step: decode steps run back to back on the device between host checks (1-64).
     kv_cache_tokens: KV arena capacity in tokens (default: on a GPU, what gpu_memory_utilization
     leaves after weights and activations; on the CPU, 4 x max_model_len).
+    parts: "all", or "vision" / "lm" for an EPD stage that needs only the encoder or the LM.
     """
 
     def __init__(
@@ -48,6 +49,7 @@ class LLM:
         multi_step: int = 1,
         seed: int = 0,
         progress: bool | None = None,
+        parts: str = "all",
     ) -> None:
         self.model_dir = Path(model)
         self.cfg = ModelConfig.from_dir(self.model_dir)
@@ -66,10 +68,11 @@ class LLM:
         num_blocks = -(-kv_cache_tokens // block_size) if kv_cache_tokens else None
         self.runner = ModelRunner(
             self.cfg, str(self.model_dir), self.dtype, self.device, backend, block_size, num_blocks,
-            max_images_per_batch, gpu_memory_utilization, max_num_batched_tokens, max_num_seqs, progress,
+            max_images_per_batch, gpu_memory_utilization, max_num_batched_tokens, max_num_seqs, progress, parts,
         )
-        if not 1 <= multi_step <= self.runner.decode_graphs.max_steps:
-            raise ConfigError(f"multi_step = {multi_step}; must be in [1, {self.runner.decode_graphs.max_steps}]")
+        max_steps = self.runner.decode_graphs.max_steps if self.runner.decode_graphs else 1
+        if not 1 <= multi_step <= max_steps:
+            raise ConfigError(f"multi_step = {multi_step}; must be in [1, {max_steps}]")
         if cuda_graphs and self.runner.backend == "cuda":
             self.runner.capture_graphs(background=background_capture)
         self.engine = AggregatedEngine(self.runner, max_num_seqs, max_num_batched_tokens, max_images_per_batch,
@@ -113,7 +116,7 @@ class LLM:
             "waiting_encode": len(engine.encode.waiting) if engine.encode else 0,
             "kv_blocks_free": engine.kv_blocks.num_free,
             "kv_blocks_total": self.runner.num_kv_blocks,
-            "decode_graphs_captured": sorted(self.runner.decode_graphs.graphs),
+            "decode_graphs_captured": sorted(self.runner.decode_graphs.graphs) if self.runner.decode_graphs else [],
             "preemptions": engine.num_preemptions,
         }
 

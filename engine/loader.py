@@ -124,18 +124,21 @@ def load_model(
     dtype: torch.dtype,
     device: torch.device,
     progress: bool | None = None,
+    parts: str = "all",
 ) -> MultimodalModel:
-    """Build the model for `cfg` on `device` and fill it from the checkpoint in `model_dir`."""
+    """Build the model for `cfg` on `device` and fill it from the checkpoint in `model_dir`
+    (only the vision tower + projector, or only the LM, when `parts` says so)."""
     model_dir = Path(model_dir)
     with torch.device("meta"):
-        model = MultimodalModel(cfg)
+        model = MultimodalModel(cfg, parts)
     params = dict(model.named_parameters())  # tied lm_head appears once, as lm.embed_tokens
     tied = cfg.text.tie_word_embeddings
     files = checkpoint_files(model_dir)
-    parts: dict[str, dict[int | None, torch.Tensor]] = defaultdict(dict)
+    tensors: dict[str, dict[int | None, torch.Tensor]] = defaultdict(dict)
     unexpected: list[str] = []
     bar = _Progress(sum(f.stat().st_size for f in files), progress)
     vision_layers = cfg.vision_layers_used if cfg.vision else 0
+    skipped: tuple[str, ...] = () if parts == "all" else ("lm.",) if parts == "vision" else ("vision.",)
     for path in files:
         try:
             handle = safe_open(str(path), framework="pt", device="cpu")
@@ -151,15 +154,16 @@ def load_model(
                     unexpected.append(hf_name)
                     continue
                 layer = re.match(r"vision\.layers\.(\d+)\.", target)
-                if layer and int(layer[1]) >= vision_layers:
-                    continue  # past the feature layer: never run
+                if (layer and int(layer[1]) >= vision_layers) or target.startswith(skipped):
+                    continue  # past the feature layer (never run), or the half this stage lacks
                 tensor = f.get_tensor(hf_name)
                 bar.update(tensor.numel() * tensor.element_size())
-                parts[target][slot] = tensor.to(device=device, dtype=dtype)
+                tensors[target][slot] = tensor.to(device=device, dtype=dtype)
     if bar.enabled and bar.done < bar.total:
         bar.update(bar.total - bar.done)
-    _assemble(model, params, parts, unexpected)
-    model.lm.init_rope(cfg.text.max_position_embeddings)
+    _assemble(model, params, tensors, unexpected)
+    if model.lm is not None:
+        model.lm.init_rope(cfg.text.max_position_embeddings)
     return model.eval()
 
 
@@ -206,5 +210,5 @@ def _assemble(
         module_name, _, attr = name.rpartition(".")
         module = model.get_submodule(module_name)
         setattr(module, attr, torch.nn.Parameter(tensor, requires_grad=False))
-    if model.cfg.text.tie_word_embeddings:
+    if model.lm is not None and model.cfg.text.tie_word_embeddings:
         model.lm.lm_head = model.lm.embed_tokens

@@ -41,6 +41,11 @@ class Metrics:
     first_token: float | None = None
     token_times: list[float] = field(default_factory=list)  # one per output token
     finished: float | None = None
+    # EPD hand-offs (seconds include the copy's sync): image embeddings into prefill, KV into decode
+    mm_bytes: int = 0
+    mm_copy_s: float = 0.0
+    kv_bytes: int = 0  # 0 with a shared arena: decode reads the prompt's blocks in place
+    kv_migrate_s: float = 0.0
 
     def breakdown(self) -> dict[str, float]:
         """Seconds in each phase up to the first token: queue, encode, wait, prefill."""
@@ -126,6 +131,8 @@ class Sequence:
             tokens_per_s=m.decode_tokens_per_s(len(self.output_ids)),
             e2e_s=now - m.arrival,
             ttft_breakdown=m.breakdown(),
+            handoff={"mm_bytes": m.mm_bytes, "mm_copy_s": m.mm_copy_s, "kv_bytes": m.kv_bytes,
+                     "kv_migrate_s": m.kv_migrate_s},
             token_times_s=[t - m.arrival for t in m.token_times],
         )
 
@@ -152,6 +159,7 @@ class RequestOutput:
     e2e_s: float
     ttft_breakdown: dict[str, float] = field(default_factory=dict)  # queue / encode / wait / prefill seconds
     token_times_s: list[float] = field(default_factory=list)  # each token's time since arrival
+    handoff: dict[str, float] = field(default_factory=dict)  # EPD: mm_bytes, mm_copy_s, kv_bytes, kv_migrate_s
 
 
 @dataclass

@@ -41,15 +41,19 @@ class ModelRunner:
         max_num_batched_tokens: int = 8192,
         max_num_seqs: int = 64,
         progress: bool | None = None,
+        parts: str = "all",
     ) -> None:
         """num_kv_blocks None: size the KV arena from the GPU memory left after weights and a
-        profiled forward at max_num_batched_tokens (gpu_memory_utilization of the card)."""
+        profiled forward at max_num_batched_tokens (gpu_memory_utilization of the card).
+        parts "vision" or "lm": load only that half of the model (a disaggregated stage); a
+        vision-only runner has no KV arena and no decode graphs."""
         self.cfg = cfg
         self.device = device
         self.dtype = dtype
         self.ops = get_backend(backend, device, dtype)
         self.backend = "cuda" if self.ops.__name__.endswith("cuda_ops") else "torch"
-        self.model = load_model(cfg, model_dir, dtype, device, progress=progress)
+        self.model = load_model(cfg, model_dir, dtype, device, progress=progress, parts=parts)
+        self.parts = parts
         self.block_size = block_size
         # MM arena [num_mm_blocks, tokens_per_image, hidden]: one block per image in flight.
         self.num_mm_blocks = 2 * max_images_per_batch if cfg.is_multimodal else 0
@@ -57,12 +61,14 @@ class ModelRunner:
             self.num_mm_blocks, cfg.image_tokens_per_image if cfg.is_multimodal else 0, cfg.text.hidden_size,
             dtype=dtype, device=device,
         )
-        if num_kv_blocks is None:
+        if self.model.lm is None:
+            num_kv_blocks = 0
+        elif num_kv_blocks is None:
             num_kv_blocks = self._kv_blocks_from_memory(gpu_memory_utilization, max_num_batched_tokens)
         self.num_kv_blocks = num_kv_blocks
         self.kv_arena = self._alloc_kv(num_kv_blocks)
         max_blocks = -(-cfg.text.max_position_embeddings // block_size)
-        self.decode_graphs = DecodeGraphs(self, max_num_seqs, max_blocks)
+        self.decode_graphs = DecodeGraphs(self, max_num_seqs, max_blocks) if self.model.lm is not None else None
         self.max_images_per_batch = max_images_per_batch
         self.vision_graphs: VisionGraphs | None = None
 
@@ -77,10 +83,11 @@ class ModelRunner:
             # the torch fallback for other head dims syncs with the host: not capturable
             log.warning("head_dim %d has no attention kernel: decode runs eagerly", self.cfg.text.head_dim)
             return
-        if self.cfg.is_multimodal:
+        if self.model.vision is not None:
             self.vision_graphs = VisionGraphs(self, self.max_images_per_batch)
             self.vision_graphs.capture_all()
-        self.decode_graphs.capture_all(background)
+        if self.decode_graphs is not None:
+            self.decode_graphs.capture_all(background)
 
     def _alloc_kv(self, num_blocks: int) -> torch.Tensor:
         t = self.cfg.text
@@ -104,7 +111,7 @@ class ModelRunner:
         probe = Sequence(seq_id=-1, prompt_ids=[0] * tokens, sampling=SamplingParams(), seed=0, detok=None,
                          stop_token_ids=frozenset(), block_table=list(range(self.kv_arena.shape[0])))
         self.prefill([probe])
-        if self.cfg.is_multimodal:
+        if self.model.vision is not None:
             pixels = torch.randn(self.num_mm_blocks // 2, 3, self.cfg.vision.image_size, self.cfg.vision.image_size)
             self.encode_images(pixels)
         torch.cuda.synchronize(self.device)

@@ -2,8 +2,9 @@
 block_size tokens, so a block moves as one contiguous piece).
 
 Pull-based, as DistServe's bridges: the decode side allocates its blocks, pulls the prefill
-side's blocks in one batched copy, then acknowledges so the prefill side frees them. Same
-arena (prefill and decode share a GPU and an arena): nothing moves.
+side's blocks, then acknowledges so the prefill side frees them. Runs of consecutive blocks on
+both sides move as one copy (a peer copy over NVLink between GPUs), with no staging buffer.
+When prefill and decode share a GPU they share one arena and nothing moves (ipc/stages.py).
 """
 
 from __future__ import annotations
@@ -11,8 +12,19 @@ from __future__ import annotations
 import torch
 
 
-def pull_blocks(src: torch.Tensor, src_ids: list[int], dst: torch.Tensor, dst_ids: list[int]) -> None:
-    """dst[dst_ids] = src[src_ids], one gather + one (peer) copy + one scatter.
+def block_runs(src_ids: list[int], dst_ids: list[int]) -> list[tuple[int, int, int]]:
+    """(src_start, dst_start, count) for each maximal run consecutive on both sides."""
+    runs: list[list[int]] = []
+    for s, d in zip(src_ids, dst_ids):
+        if runs and runs[-1][0] + runs[-1][2] == s and runs[-1][1] + runs[-1][2] == d:
+            runs[-1][2] += 1
+        else:
+            runs.append([s, d, 1])
+    return [(s, d, n) for s, d, n in runs]
+
+
+def pull_blocks(src: torch.Tensor, src_ids: list[int], dst: torch.Tensor, dst_ids: list[int]) -> int:
+    """dst[dst_ids] = src[src_ids], asynchronously on the current stream; returns bytes moved.
 
     src/dst: [num_blocks, num_layers, 2, block_size, kv_heads, head_dim], same dtype and block shape."""
     if len(src_ids) != len(dst_ids):
@@ -20,9 +32,10 @@ def pull_blocks(src: torch.Tensor, src_ids: list[int], dst: torch.Tensor, dst_id
     if src.shape[1:] != dst.shape[1:] or src.dtype != dst.dtype:
         raise ValueError(f"pull_blocks: block shapes differ: {tuple(src.shape[1:])} {src.dtype} vs "
                          f"{tuple(dst.shape[1:])} {dst.dtype}")
-    if not src_ids:
-        return
-    if src.data_ptr() == dst.data_ptr() and src_ids == dst_ids:
-        return  # zero-copy: decode reads the blocks where prefill wrote them
-    blocks = src[torch.tensor(src_ids, device=src.device)]
-    dst.index_copy_(0, torch.tensor(dst_ids, device=dst.device), blocks.to(dst.device, non_blocking=True))
+    for name, ids, arena in (("source", src_ids, src), ("destination", dst_ids, dst)):
+        bad = [b for b in ids if not 0 <= b < arena.shape[0]]
+        if bad:
+            raise ValueError(f"pull_blocks: {name} blocks {bad[:4]} outside the arena's {arena.shape[0]} blocks")
+    for s, d, n in block_runs(src_ids, dst_ids):
+        dst[d : d + n].copy_(src[s : s + n], non_blocking=True)
+    return len(src_ids) * src[0].numel() * src.element_size()

@@ -5,14 +5,22 @@ orchestrator only in small picklable messages: request ids, token ids and block 
     encoder:  EncodeTask -> writes image embeddings into its MM arena -> Encoded
     prefill:  PrefillTask (MM refs) -> copies the embeddings in, frees them (FreeMM to the
               encoder), prefills into its KV arena -> Prefilled
-    decode:   DecodeTask (prefill's KV blocks) -> pulls them, acks (FreeKV) -> Token ... Finished
+    decode:   DecodeTask (prefill's KV blocks) -> pulls them, acks (FreeKV) -> Token ...
+
+Prefill and decode on one device share one KV arena (prefill owns the first blocks, decode the
+rest): decode reads the prompt's blocks in place and acknowledges them when the request ends,
+so nothing is copied. On different devices decode pulls the blocks (ipc/migration.py) and
+acknowledges at once. Copies are timed with CUDA events (no host sync) and reported.
 """
 
 from __future__ import annotations
 
+import time
 import traceback
 from dataclasses import dataclass, field
 from typing import Any
+
+import torch
 
 from engine.sampling import SamplingParams
 
@@ -26,6 +34,7 @@ class StageConfig:
     kv_cache_tokens: int | None = None
     max_num_seqs: int = 64
     max_images_per_batch: int = 8
+    share_kv_arena: bool = True  # prefill and decode on one device: decode reads KV in place
 
 
 # ----------------------------------------------------------------------------- messages
@@ -66,6 +75,15 @@ class Prefilled:
     req_id: int
     first_token: int
     kv_blocks: list[int]
+    mm_bytes: int = 0  # image embeddings copied in from the encoders' arenas
+    mm_copy_s: float = 0.0
+
+
+@dataclass
+class Migrated:
+    req_id: int
+    kv_bytes: int  # 0: read in place (shared arena)
+    seconds: float
 
 
 @dataclass
@@ -119,8 +137,9 @@ class Shutdown:
 def _llm(cfg: StageConfig, **kw):
     from engine import LLM
 
-    return LLM(cfg.model, backend=cfg.backend, device=cfg.device, dtype=cfg.dtype, kv_cache_tokens=cfg.kv_cache_tokens,
-               max_num_seqs=cfg.max_num_seqs, max_images_per_batch=cfg.max_images_per_batch, **kw)
+    args = dict(backend=cfg.backend, device=cfg.device, dtype=cfg.dtype, kv_cache_tokens=cfg.kv_cache_tokens,
+                max_num_seqs=cfg.max_num_seqs, max_images_per_batch=cfg.max_images_per_batch)
+    return LLM(cfg.model, **{**args, **kw})
 
 
 def encoder_main(cfg: StageConfig, index: int, inbox, outbox) -> None:
@@ -128,7 +147,7 @@ def encoder_main(cfg: StageConfig, index: int, inbox, outbox) -> None:
     from engine.request import Sequence
     from ipc.arena import SharedArena
 
-    llm = _llm(cfg, cuda_graphs=False)
+    llm = _llm(cfg, parts="vision")  # the tower + projector only; vision graphs on a GPU
     runner = llm.runner
     arena = SharedArena.create(tuple(runner.mm_arena.shape), runner.dtype, runner.device, f"mm{index}")
     runner.mm_arena = arena.tensor
@@ -162,14 +181,20 @@ def encoder_main(cfg: StageConfig, index: int, inbox, outbox) -> None:
         arena.close()
 
 
-def prefill_main(cfg: StageConfig, mm_handles: list, inbox, outbox, encoder_inboxes: list) -> None:
-    """Prefill prompts into this process's KV arena, image embeddings pulled from encoders."""
+def prefill_main(cfg: StageConfig, mm_handles: list, inbox, outbox, encoder_inboxes: list,
+                 decode_blocks: int = 0) -> None:
+    """Prefill prompts into this process's KV arena, image embeddings pulled from encoders.
+    decode_blocks > 0: the arena has that many more blocks, for a decode stage on this device."""
     from engine.request import Sequence, Status
     from ipc.arena import SharedArena
 
-    llm = _llm(cfg, cuda_graphs=False)
+    encodes = not mm_handles  # pd: no encoder stages
+    # epd: the LM only (embeddings come from the encoders); pd: the whole model
+    llm = _llm(cfg, cuda_graphs=False, parts="all" if encodes else "lm")
     runner = llm.runner
-    arena = SharedArena.create(tuple(runner.kv_arena.shape), runner.dtype, runner.device, "kv-prefill")
+    shape = (runner.num_kv_blocks + decode_blocks, *runner.kv_arena.shape[1:])
+    runner.kv_arena = None  # freed before the shared arena is made
+    arena = SharedArena.create(shape, runner.dtype, runner.device, "kv-prefill")
     runner.kv_arena = arena.tensor
     mm_arenas = [SharedArena.open(h) for h in mm_handles]
     outbox.put(Ready("prefill", 0, arena.handle))
@@ -193,10 +218,12 @@ def prefill_main(cfg: StageConfig, mm_handles: list, inbox, outbox, encoder_inbo
                 batch = sched.schedule(max_seqs=cfg.max_num_seqs)
                 if not batch:
                     break  # wait for FreeKV acks from decode
-                ready = []
+                ready, mm = [], {}
                 for seq in batch:
                     try:
-                        _stage_images(seq, tasks.pop(seq.seq_id), llm, mm_arenas, encoder_inboxes)
+                        start = time.perf_counter()
+                        nbytes = _stage_images(seq, tasks.pop(seq.seq_id), llm, mm_arenas, encoder_inboxes)
+                        mm[seq.seq_id] = (nbytes, time.perf_counter() - start if nbytes else 0.0)
                         ready.append(seq)
                     except Exception as e:  # fails this request only
                         llm.abort(seq)
@@ -209,19 +236,20 @@ def prefill_main(cfg: StageConfig, mm_handles: list, inbox, outbox, encoder_inbo
                         llm.engine.mm_blocks.free(seq.mm_blocks)
                         seq.mm_blocks = []
                     seq.status = Status.FINISHED  # the KV blocks now belong to the hand-off
-                    outbox.put(Prefilled(seq.seq_id, token, seq.block_table))
+                    outbox.put(Prefilled(seq.seq_id, token, seq.block_table, *mm[seq.seq_id]))
     finally:
         for a in mm_arenas:
             a.close()
         arena.close()
 
 
-def _stage_images(seq, task: PrefillTask, llm, mm_arenas: list, encoder_inboxes: list) -> None:
+def _stage_images(seq, task: PrefillTask, llm, mm_arenas: list, encoder_inboxes: list) -> int:
     """Put the request's image embeddings into local MM blocks: encode them here (pd), or copy
-    them from the encoders' arenas and tell each encoder its blocks are consumed (epd)."""
+    them from the encoders' arenas and tell each encoder its blocks are consumed (epd).
+    Returns the bytes copied."""
     count = len(task.mm_refs) or len(task.images)
     if not count:
-        return
+        return 0
     blocks = llm.engine.mm_blocks.allocate(count)
     if blocks is None:
         raise RuntimeError(f"prefill MM staging arena is full ({count} images)")
@@ -230,28 +258,48 @@ def _stage_images(seq, task: PrefillTask, llm, mm_arenas: list, encoder_inboxes:
         seq.pixel_values = llm.image_processor.preprocess(task.images)
         llm.runner.encode([seq])
         seq.pixel_values = None
-        return
+        return 0
     for local, (encoder, block) in zip(blocks, task.mm_refs):
-        llm.runner.mm_arena[local].copy_(mm_arenas[encoder].tensor[block])
+        llm.runner.mm_arena[local].copy_(mm_arenas[encoder].tensor[block], non_blocking=True)
     by_encoder: dict[int, list[int]] = {}
     for encoder, block in task.mm_refs:
         by_encoder.setdefault(encoder, []).append(block)
+    _synchronize(llm.runner.device)  # the encoders may overwrite these blocks once freed
     for encoder, freed in by_encoder.items():
         encoder_inboxes[encoder].put(FreeMM(freed))
+    return count * llm.runner.mm_arena[0].numel() * llm.runner.mm_arena.element_size()
 
 
-def decode_main(cfg: StageConfig, kv_handle, inbox, outbox, prefill_inbox) -> None:
-    """Pull prefilled KV blocks, ack them, and run continuous-batching decode."""
+def decode_main(cfg: StageConfig, kv_handle, inbox, outbox, prefill_inbox, shared: bool) -> None:
+    """Take over prefilled requests and run continuous-batching decode. On prefill's device the
+    prompt's KV blocks are read in place in the shared arena (decode owns the blocks after
+    prefill's); otherwise they are pulled into this stage's arena and acknowledged at once."""
     from engine.request import Sequence, Status
+    from engine.schedulers import blocks_for
     from ipc.arena import SharedArena
     from ipc.migration import pull_blocks
 
-    llm = _llm(cfg)
+    llm = _llm(cfg, parts="lm", max_images_per_batch=0, cuda_graphs=False)
+    runner, engine = llm.runner, llm.engine
     src = SharedArena.open(kv_handle)
+    if shared:  # one arena: prefill's blocks first, then this stage's
+        runner.kv_arena = None
+        runner.kv_arena = src.tensor
+        engine.kv_blocks.rebase(src.tensor.shape[0] - runner.num_kv_blocks)
+    if runner.backend == "cuda":
+        runner.capture_graphs()  # after the arena is final: graphs bake in its address
     outbox.put(Ready("decode", 0, None))
-    engine = llm.engine
     live: dict[int, Sequence] = {}
+    borrowed: dict[int, list[int]] = {}  # shared arena: prefill's blocks each request reads in place
     pending: list[DecodeTask] = []
+
+    def finish(seq: Sequence) -> None:
+        lent = borrowed.pop(seq.seq_id, [])
+        seq.block_table = seq.block_table[len(lent):]  # ours go back to our pool, prefill's to prefill
+        engine.finish(seq)
+        if lent:
+            prefill_inbox.put(FreeKV(lent))
+
     try:
         while True:
             msgs = []
@@ -263,28 +311,35 @@ def decode_main(cfg: StageConfig, kv_handle, inbox, outbox, prefill_inbox) -> No
                 if isinstance(msg, Shutdown):
                     return
                 if isinstance(msg, Abort) and msg.req_id in live:
-                    engine.finish(live.pop(msg.req_id))
+                    finish(live.pop(msg.req_id))
                 elif isinstance(msg, DecodeTask):
                     pending.append(msg)
             while pending:
                 task = pending[0]
                 # Reserve for the whole answer: a decode stage never preempts (it could not
                 # recompute a prompt whose image embeddings stayed with the encoders).
-                total = len(task.prompt_ids) + task.sampling.max_tokens
-                blocks = engine.kv_blocks.allocate(-(-total // llm.runner.block_size))
+                need = blocks_for(len(task.prompt_ids) + task.sampling.max_tokens, runner.block_size)
+                blocks = engine.kv_blocks.allocate(need - len(task.kv_blocks) if shared else need)
                 if blocks is None:
                     break
                 pending.pop(0)
-                pull_blocks(src.tensor, task.kv_blocks, llm.runner.kv_arena, blocks[: len(task.kv_blocks)])
-                prefill_inbox.put(FreeKV(task.kv_blocks))  # acknowledged: prefill may reuse them
+                if shared:
+                    borrowed[task.req_id] = task.kv_blocks
+                    blocks = task.kv_blocks + blocks
+                else:
+                    start = time.perf_counter()
+                    nbytes = pull_blocks(src.tensor, task.kv_blocks, runner.kv_arena, blocks[: len(task.kv_blocks)])
+                    _synchronize(runner.device)
+                    outbox.put(Migrated(task.req_id, nbytes, time.perf_counter() - start))
+                    prefill_inbox.put(FreeKV(task.kv_blocks))  # acknowledged: prefill may reuse them
                 seq = Sequence(seq_id=task.req_id, prompt_ids=task.prompt_ids, sampling=task.sampling,
                                seed=task.seed, detok=None, stop_token_ids=task.stop_token_ids, block_table=blocks)
                 seq.output_ids.append(task.first_token)
                 seq.num_cached, seq.status = len(task.prompt_ids), Status.RUNNING
-                if seq.stop_reason():
-                    engine.finish(seq)
-                    continue
                 live[seq.seq_id] = seq
+                if seq.stop_reason():
+                    finish(live.pop(seq.seq_id))
+                    continue
                 engine.decode.add(seq)
             if not engine.has_work():
                 continue
@@ -294,9 +349,15 @@ def decode_main(cfg: StageConfig, kv_handle, inbox, outbox, prefill_inbox) -> No
                 seq.output_ids.append(token)
                 outbox.put(Token(seq.seq_id, token))
                 if seq.stop_reason():
-                    engine.finish(live.pop(seq.seq_id))
+                    finish(live.pop(seq.seq_id))
     finally:
+        runner.kv_arena = None
         src.close()
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def run_stage(target, *args) -> None:

@@ -155,3 +155,19 @@ def test_unsupported_architecture_dir(tiny_llava: Path, tmp_path: Path) -> None:
     (out / "config.json").write_text(json.dumps(raw))
     with pytest.raises(ConfigError, match="Qwen2VLForConditionalGeneration"):
         ModelConfig.from_dir(out)
+
+
+def test_stage_parts_load_only_their_half(tiny_llava: Path, tiny_llama: Path) -> None:
+    cfg = ModelConfig.from_dir(tiny_llava)
+    full = _state(load_model(cfg, tiny_llava, torch.float32, CPU))
+    vision = _state(load_model(cfg, tiny_llava, torch.float32, CPU, parts="vision"))
+    lm = _state(load_model(cfg, tiny_llava, torch.float32, CPU, parts="lm"))
+    assert vision and all(k.startswith("vision.") for k in vision)
+    assert lm and all(k.startswith("lm.") for k in lm)
+    assert sorted([*vision, *lm]) == sorted(full)  # the halves partition the model
+    for k, v in {**vision, **lm}.items():
+        assert torch.equal(v, full[k]), k
+    with pytest.raises(ValueError, match="parts = 'vision'.*no vision tower"):
+        load_model(ModelConfig.from_dir(tiny_llama), tiny_llama, torch.float32, CPU, parts="vision")
+    with pytest.raises(ValueError, match="parts = 'half'"):
+        load_model(cfg, tiny_llava, torch.float32, CPU, parts="half")

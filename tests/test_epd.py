@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from engine import LLM, Request, SamplingParams
+from engine.config import ModelConfig
 from engine.epd import EPDEngine, StageError
 from ipc.stages import StageConfig
 
@@ -49,6 +50,9 @@ def test_epd_matches_aggregated(epd: EPDEngine, tiny_llava: Path) -> None:
     assert [o.text for o in outputs] == [o.text for o in reference]
     three = outputs[2].ttft_breakdown
     assert three["encode_s"] > 0 and outputs[1].ttft_breakdown["encode_s"] == 0
+    # three images' embeddings copied from the encoders; KV read in place (shared arena)
+    assert outputs[2].handoff["mm_bytes"] == 3 * outputs[0].handoff["mm_bytes"] > 0
+    assert all(o.handoff["kv_bytes"] == 0 for o in outputs)
     # again, so every stage has freed and reused its blocks
     assert [o.token_ids for o in epd.generate(_requests(), SP)] == [o.token_ids for o in reference]
 
@@ -92,12 +96,21 @@ def test_epd_on_one_gpu_matches_aggregated(tiny_llava: Path) -> None:
     assert [o.token_ids for o in outputs] == [o.token_ids for o in reference]
 
 
-def test_pd_mode_matches_aggregated(tiny_llava: Path) -> None:
+def test_pd_mode_with_kv_migration_matches_aggregated(tiny_llava: Path) -> None:
+    """pd mode, and decode pulling the KV blocks into its own arena (share_kv_arena=False)."""
     reference = LLM(tiny_llava, backend="torch", device="cpu").generate(_requests(), SP)
-    with EPDEngine(tiny_llava, placement="P:cpu D:cpu", mode="pd", stage=StageConfig(model=str(tiny_llava))) as pd:
+    stage = StageConfig(model=str(tiny_llava), share_kv_arena=False)
+    with EPDEngine(tiny_llava, placement="P:cpu D:cpu", mode="pd", stage=stage) as pd:
         assert len(pd.procs) == 2
         outputs = pd.generate(_requests(), SP)
+        again = pd.generate(_requests(), SP)  # prefill got its blocks back
     assert [o.token_ids for o in outputs] == [o.token_ids for o in reference]
+    assert [o.token_ids for o in again] == [o.token_ids for o in reference]
+    cfg = ModelConfig.from_dir(tiny_llava).text
+    block = cfg.num_layers * 2 * 16 * cfg.num_kv_heads * cfg.head_dim * 4  # fp32, block_size 16
+    for o in outputs:
+        assert o.handoff["kv_bytes"] == -(-len(o.prompt_token_ids) // 16) * block
+        assert o.handoff["mm_bytes"] == 0  # pd: prefill encodes its own images
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,7 @@ import torch
 from engine import LLM, Request, SamplingParams
 from engine.request import Sequence, Status
 from ipc.arena import SharedArena
-from ipc.migration import pull_blocks
+from ipc.migration import block_runs, pull_blocks
 
 PROMPTS = ["Count the birds in the tree", "Hello", "What colour is the sky?"]
 SP = SamplingParams(max_tokens=10, ignore_eos=True)
@@ -64,13 +64,17 @@ def test_prefill_then_migrate_then_decode(tiny_llama: Path) -> None:
     assert decode.engine.kv_blocks.num_free == decode.runner.num_kv_blocks
 
 
-def test_pull_blocks_checks_and_zero_copy() -> None:
-    a = torch.randn(6, 2, 2, 4, 1, 8)
-    b = torch.zeros(5, 2, 2, 4, 1, 8)
-    pull_blocks(a, [4, 0], b, [1, 3])
-    assert torch.equal(b[1], a[4]) and torch.equal(b[3], a[0]) and not b[0].any()
-    pull_blocks(a, [2], a, [2])  # same arena, same blocks: nothing to move
+def test_pull_blocks_runs_and_checks() -> None:
+    assert block_runs([4, 5, 6, 0, 2, 3], [1, 2, 3, 4, 6, 8]) == [(4, 1, 3), (0, 4, 1), (2, 6, 1), (3, 8, 1)]
+    a = torch.randn(9, 2, 2, 4, 1, 8)
+    b = torch.zeros(9, 2, 2, 4, 1, 8)
+    src, dst = [4, 5, 6, 0, 2, 3], [1, 2, 3, 4, 6, 8]
+    assert pull_blocks(a, src, b, dst) == 6 * a[0].numel() * 4
+    assert all(torch.equal(b[d], a[s]) for s, d in zip(src, dst))
+    assert not b[[0, 5, 7]].any()  # nothing else written
     with pytest.raises(ValueError, match="2 source blocks but 1"):
         pull_blocks(a, [0, 1], b, [0])
     with pytest.raises(ValueError, match="block shapes differ"):
         pull_blocks(a, [0], torch.zeros(2, 2, 2, 4, 1, 4), [0])
+    with pytest.raises(ValueError, match=r"destination blocks \[9\] outside the arena's 9 blocks"):
+        pull_blocks(a, [0], b, [9])

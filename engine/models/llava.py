@@ -12,17 +12,27 @@ from engine.models.clip import VisionTower
 from engine.models.llama import AttentionMetadata, LlamaModel
 
 
+PARTS = ("all", "vision", "lm")
+
+
 class MultimodalModel(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    """parts: "all", or one half for a disaggregated stage: "vision" (tower + projector: an
+    encoder) or "lm" (the language model: prefill and decode)."""
+
+    def __init__(self, cfg: ModelConfig, parts: str = "all") -> None:
         super().__init__()
+        if parts not in PARTS:
+            raise ValueError(f"parts = {parts!r}; use one of {PARTS}")
+        if parts == "vision" and not cfg.is_multimodal:
+            raise ValueError(f"parts = 'vision': {cfg.architecture} has no vision tower")
         self.cfg = cfg
-        self.lm = LlamaModel(cfg.text)
-        self.vision = VisionTower(cfg) if cfg.is_multimodal else None
+        self.lm = LlamaModel(cfg.text) if parts != "vision" else None
+        self.vision = VisionTower(cfg) if cfg.is_multimodal and parts != "lm" else None
 
     def encode_images(self, ops: ModuleType, pixel_values: torch.Tensor) -> torch.Tensor:
         """pixel_values [N, 3, S, S] -> [N, tokens_per_image, hidden]."""
         if self.vision is None:
-            raise ValueError(f"{self.cfg.architecture} has no vision tower; images are not accepted")
+            raise ValueError(f"{self.cfg.architecture} has no vision tower here; images are not accepted")
         return self.vision(ops, pixel_values)
 
     def forward(
