@@ -11,7 +11,6 @@ from engine.config import ModelConfig
 from engine.models.clip import VisionTower
 from engine.models.llama import AttentionMetadata, LlamaModel
 
-
 PARTS = ("all", "vision", "lm")
 
 
