@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: build the extension, run the GPU tests, the parity scripts on the
 # cuda backend at 7B shapes, and the kernel benchmarks; logs and a summary table under $OUT.
-#   STAGES="build test parity bench" bash scripts/device_check.sh
+#   STAGES="build test parity bench engine epd" bash scripts/device_check.sh
+# Stages: build; test (all GPU tests) or enginetest (the engine/EPD/IPC ones only); parity;
+# bench (kernels); engine (bench_decode, bench_offline); epd (bench_epd on one GPU, arena shared
+# and copied); epdmulti (bench_epd with EPD_PLACEMENT, default "E:0 P:0 D:1").
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/device_out}
@@ -30,8 +33,11 @@ stage() {  # stage NAME CMD...: run, log, record status and time
 if [[ $STAGES == *build* ]]; then
   stage build python3 -m kernels.build || { echo "build failed"; exit 1; }
 fi
-if [[ $STAGES == *test* ]]; then
+if [[ " $STAGES " == *" test "* ]]; then
   stage pytest_gpu python3 -m pytest -m gpu -q --tb=short -p no:cacheprovider tests
+elif [[ $STAGES == *enginetest* ]]; then
+  stage pytest_gpu_engine python3 -m pytest -m gpu -q --tb=short -p no:cacheprovider tests/test_cuda_engine.py \
+    tests/test_epd.py tests/test_arena.py tests/test_migration.py
 fi
 llava7b() {  # the random LLaVA-1.5-7B-shaped checkpoint, made once per machine
   [[ -f /tmp/llava-7b/config.json ]] || stage make_llava7b python3 scripts/make_random_model.py --shape llava-7b \
@@ -60,6 +66,19 @@ if [[ $STAGES == *engine* ]]; then
     --multi-step 1,8 --steps 32 --serve-time
   stage bench_offline python3 scripts/bench_offline.py --model /tmp/llava-7b
   grep -h "^|\|time to first\|capture" "$OUT/bench_decode.log" "$OUT/bench_offline.log" >> "$SUMMARY"
+fi
+if [[ " $STAGES " == *" epd "* ]]; then
+  llava7b
+  stage bench_epd_shared python3 scripts/bench_epd.py --model /tmp/llava-7b --placement "E:0,0 P:0 D:0"
+  stage bench_epd_copy python3 scripts/bench_epd.py --model /tmp/llava-7b --placement "E:0,0 P:0 D:0" --no-share \
+    --check-requests 2
+  grep -h "^|\|one at a time\|copy" "$OUT"/bench_epd_*.log >> "$SUMMARY"
+fi
+if [[ $STAGES == *epdmulti* ]]; then
+  export NCCL_NVLS_ENABLE=0
+  llava7b
+  stage bench_epd_multi python3 scripts/bench_epd.py --model /tmp/llava-7b --placement "${EPD_PLACEMENT:-E:0 P:0 D:1}"
+  grep -h "^|\|one at a time\|copy" "$OUT/bench_epd_multi.log" >> "$SUMMARY"
 fi
 grep -h "PASS\|FAIL\|passed\|failed" "$OUT"/*.log | tail -n 60 >> "$SUMMARY"
 cat "$SUMMARY"

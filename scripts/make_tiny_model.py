@@ -221,8 +221,12 @@ def make_tiny_llava(
     dtype: torch.dtype = torch.float32,
     sharded: bool = False,
     key_layout: str = "hf",
+    vision_sizes: dict | None = None,
+    text_sizes: dict | None = None,
 ) -> Path:
-    """Write a tiny LLaVA-1.5-style checkpoint (CLIP ViT + MLP projector + Llama) to out_dir."""
+    """Write a tiny LLaVA-1.5-style checkpoint (CLIP ViT + MLP projector + Llama) to out_dir.
+    vision_sizes / text_sizes override the CLIP / Llama config fields (e.g. a head_dim the
+    CUDA kernels take, for GPU tests)."""
     import transformers as hf
 
     if key_layout not in KEY_LAYOUTS:
@@ -230,7 +234,7 @@ def make_tiny_llava(
     out, tok = _start_dir(out_dir, LLAVA_CHAT_TEMPLATE)
     vision = hf.CLIPVisionConfig(
         hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-        image_size=84, patch_size=14, hidden_act="quick_gelu", layer_norm_eps=1e-5,
+        image_size=84, patch_size=14, hidden_act="quick_gelu", layer_norm_eps=1e-5, **(vision_sizes or {}),
     )
     text = hf.LlamaConfig(
         vocab_size=len(tok), hidden_size=128, intermediate_size=352, num_hidden_layers=3,
@@ -238,6 +242,7 @@ def make_tiny_llava(
         rms_norm_eps=1e-5,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        **(text_sizes or {}),
     )
     config = hf.LlavaConfig(
         vision_config=vision, text_config=text, image_token_index=tok.convert_tokens_to_ids(IMAGE),

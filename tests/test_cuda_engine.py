@@ -73,3 +73,57 @@ def test_cuda_backend_close_to_torch_backend(small_llama: Path) -> None:
     ref = _generate(small_llama, backend="torch")
     agree = sum(a[:8] == b[:8] for a, b in zip(ours, ref))
     assert agree >= len(PROMPTS) - 1, (ours, ref)
+
+
+@pytest.fixture(scope="module")
+def small_llava(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small LLaVA whose vision and text heads are 64 wide (kernels and graphs apply), bf16."""
+    from scripts.make_tiny_model import make_tiny_llava
+
+    if not _extension_built():
+        pytest.skip("kernels._epd_C is not built")
+    return make_tiny_llava(tmp_path_factory.mktemp("models") / "small-llava", dtype=torch.bfloat16,
+                           vision_sizes={"hidden_size": 128, "num_attention_heads": 2, "intermediate_size": 256},
+                           text_sizes={"hidden_size": 256, "num_attention_heads": 4, "num_key_value_heads": 4,
+                                       "intermediate_size": 512})
+
+
+def test_vision_graphs_equal_eager_encode(small_llava: Path) -> None:
+    from engine import LLM, Request, SamplingParams
+    from scripts.bench_offline import images
+
+    llm = LLM(small_llava, backend="cuda", device="cuda", kv_cache_tokens=4096, max_images_per_batch=4)
+    vg = llm.runner.vision_graphs
+    assert vg is not None and sorted(vg.graphs) == [1, 2, 4]
+    size = llm.cfg.vision.image_size
+    for n in (1, 3, 4):
+        pixels = torch.randn(n, 3, size, size, device="cuda", dtype=torch.bfloat16)
+        graphed = vg.run(pixels).clone()
+        eager = llm.runner.model.encode_images(llm.runner.ops, pixels)
+        torch.testing.assert_close(graphed, eager, rtol=0, atol=0)
+    reqs = [Request("Describe", images=images(1, 84)), Request("Two: <image> <image>", images=images(2, 84))]
+    sp = SamplingParams(max_tokens=12, ignore_eos=True)
+    eager_llm = LLM(small_llava, backend="cuda", device="cuda", kv_cache_tokens=4096, cuda_graphs=False)
+    assert [o.token_ids for o in llm.generate(reqs, sp)] == [o.token_ids for o in eager_llm.generate(reqs, sp)]
+
+
+def test_epd_stages_on_one_gpu_load_only_their_half(small_llava: Path) -> None:
+    """Encoders hold the vision tower only, prefill and decode the LM only, decode reads the
+    prompt's KV in place in prefill's arena; output == aggregated, and again with KV copied."""
+    from engine import LLM, Request, SamplingParams
+    from engine.epd import EPDEngine
+    from ipc.stages import StageConfig
+    from scripts.bench_offline import images
+
+    reqs = [Request("Describe", images=images(1, 84)), Request("No image"),
+            Request("Three: <image> <image> <image>", images=images(3, 84))]
+    sp = SamplingParams(max_tokens=16, ignore_eos=True)
+    kw = {"backend": "cuda", "device": "cuda", "dtype": "bfloat16", "kv_cache_tokens": 4096}
+    reference = [LLM(small_llava, **kw).generate([r], sp)[0].token_ids for r in reqs]
+    for share in (True, False):
+        stage = StageConfig(model=str(small_llava), share_kv_arena=share, **kw)
+        with EPDEngine(small_llava, placement="E:0,0 P:0 D:0", stage=stage) as epd:
+            outs = [epd.generate([r], sp)[0] for r in reqs]
+        assert [o.token_ids for o in outs] == reference, share
+        assert (outs[0].handoff["kv_bytes"] > 0) == (not share)
+        assert outs[2].handoff["mm_bytes"] == 3 * outs[0].handoff["mm_bytes"] > 0

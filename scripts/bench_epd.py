@@ -1,0 +1,164 @@
+"""EPD across processes vs the aggregated engine, at LLaVA-1.5-7B shapes, in one run:
+
+1. correctness: the same requests sent one at a time through `epd` and through `aggregated`
+   (same batch shapes in both, so bf16 numerics match): greedy tokens must be identical;
+2. load: all requests at once through `epd`: output tokens/s, TTFT and its breakdown by stage
+   (queue / encode / wait / prefill), and the hand-offs: image embeddings into prefill and KV
+   blocks into decode (bytes, seconds, GB/s vs the copy between those devices measured now).
+
+    python scripts/bench_epd.py --model /tmp/llava-7b --placement "E:0,0 P:0 D:0"
+    python scripts/bench_epd.py --model /tmp/llava-7b --placement "E:0,1 P:2 D:3"
+    python scripts/bench_epd.py ... --no-share  # one GPU: copy the KV blocks instead of sharing
+
+Exit status 1 if any request's tokens differ between the modes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import io
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from engine import LLM, Request, SamplingParams  # noqa: E402
+from engine.epd import EPDEngine, parse_placement  # noqa: E402
+from ipc.stages import StageConfig  # noqa: E402
+
+PROMPT = "Describe this picture in detail: the colours, the animals, the weather, and what happens next."
+
+
+def requests(n: int, images_per_request: int, size: int = 336) -> list[Request]:
+    rng = np.random.default_rng(0)
+    out = []
+    for _ in range(n):
+        pngs = []
+        for _ in range(images_per_request):
+            buf = io.BytesIO()
+            Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(buf, format="PNG")
+            pngs.append(buf.getvalue())
+        out.append(Request(PROMPT, images=pngs))
+    return out
+
+
+def _sync(*devices: str) -> None:
+    for d in devices:
+        if d.startswith("cuda"):
+            torch.cuda.synchronize(d)
+
+
+def copy_gbps(src_device: str, dst_device: str, nbytes: int = 1 << 30) -> float:
+    """Bytes moved per second by one large copy src -> dst (a peer copy between GPUs)."""
+    src = torch.randn(nbytes // 2, dtype=torch.bfloat16, device=src_device)
+    dst = torch.empty_like(src, device=dst_device)
+    times = []
+    for _ in range(12):
+        _sync(src_device, dst_device)
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        _sync(src_device, dst_device)
+        times.append(time.perf_counter() - t0)
+    return nbytes / statistics.median(times[2:]) / 1e9
+
+
+def one_at_a_time(engine, reqs: list[Request], sp: SamplingParams) -> list[list[int]]:
+    return [engine.generate([r], sp)[0].token_ids for r in reqs]
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else 0.0
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True)
+    p.add_argument("--placement", default="E:0,0 P:0 D:0")
+    p.add_argument("--mode", default="epd", choices=["epd", "pd"])
+    p.add_argument("--requests", type=int, default=32, help="requests in the load run")
+    p.add_argument("--check-requests", type=int, default=6, help="requests compared one at a time")
+    p.add_argument("--images", type=int, default=1, help="images per request")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--kv-cache-tokens", type=int, default=32768, help="per stage")
+    p.add_argument("--backend", default="cuda", help="torch: a CPU smoke run (placement P:cpu D:cpu ...)")
+    p.add_argument("--no-share", action="store_true", help="copy KV blocks even when P and D share a GPU")
+    args = p.parse_args()
+    sp = SamplingParams(max_tokens=args.max_tokens, ignore_eos=True)
+    devices = parse_placement(args.placement, args.mode)
+    check, load = requests(args.check_requests, args.images), requests(args.requests, args.images)
+    stage = StageConfig(model=args.model, backend=args.backend, device=devices["P"][0], dtype="bfloat16",
+                        kv_cache_tokens=args.kv_cache_tokens, share_kv_arena=not args.no_share)
+    p_dev, d_dev = devices["P"][0], devices["D"][0]
+    ceiling = copy_gbps(p_dev, d_dev)
+    e_dev = devices.get("E", [p_dev])[0]
+    mm_ceiling = copy_gbps(e_dev, p_dev) if e_dev != p_dev else ceiling
+    gpu = f"{torch.cuda.get_device_name()} x{torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu"
+    print(f"{gpu}; placement {args.placement} ({args.mode}); "
+          f"copy {p_dev}->{d_dev}: {ceiling:.0f} GB/s; {e_dev}->{p_dev}: {mm_ceiling:.0f} GB/s", flush=True)
+
+    t0 = time.perf_counter()
+    with EPDEngine(args.model, placement=args.placement, mode=args.mode, stage=stage) as epd:
+        started = time.perf_counter() - t0
+        epd.generate(load[:2], sp)  # warm-up: first use of each kernel in every stage
+        epd_tokens = one_at_a_time(epd, check, sp)
+        t0 = time.perf_counter()
+        outs = epd.generate(load, sp)
+        wall = time.perf_counter() - t0
+    print(f"stages started in {started:.1f}s", flush=True)
+
+    agg = LLM(args.model, backend=args.backend, dtype="bfloat16", device=p_dev, kv_cache_tokens=args.kv_cache_tokens)
+    agg.generate(load[:2], sp)
+    agg_tokens = one_at_a_time(agg, check, sp)
+    t0 = time.perf_counter()
+    agg.generate(load, sp)
+    agg_wall = time.perf_counter() - t0
+    del agg
+    gc.collect()
+
+    same = sum(a == b for a, b in zip(epd_tokens, agg_tokens))
+    for i, (a, b) in enumerate(zip(epd_tokens, agg_tokens)):
+        if a != b:
+            first = next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+            print(f"request {i}: tokens differ from position {first}: epd {a[first:first + 4]} "
+                  f"aggregated {b[first:first + 4]}")
+    print(f"one at a time: {same}/{len(check)} requests token-for-token equal to aggregated "
+          f"({args.max_tokens} greedy tokens each)")
+
+    n_tokens = sum(len(o.token_ids) for o in outs)
+    br = {k: median([o.ttft_breakdown[k] for o in outs]) * 1e3 for k in outs[0].ttft_breakdown}
+    h = [o.handoff for o in outs]
+    mm = [x["mm_bytes"] / x["mm_copy_s"] / 1e9 for x in h if x["mm_copy_s"] > 0]
+    kv = [x["kv_bytes"] / x["kv_migrate_s"] / 1e9 for x in h if x["kv_migrate_s"] > 0]
+    kv_bytes = median([x["kv_bytes"] for x in h])
+    print(f"\n{len(load)} requests at once, {args.images} image(s) each, {args.max_tokens} tokens out:")
+    print("| mode | tokens/s | TTFT p50 ms | queue | encode | wait | prefill (incl. hand-off) |")
+    print("|---|---|---|---|---|---|---|")
+    print(f"| {args.mode} {args.placement} | {n_tokens / wall:.0f} | {median([o.ttft_s for o in outs]) * 1e3:.1f} | "
+          f"{br['queue_s']:.1f} | {br['encode_s']:.1f} | {br['wait_s']:.1f} | {br['prefill_s']:.1f} |")
+    print(f"| aggregated {p_dev} | {n_tokens / agg_wall:.0f} | | | | | |")
+    print("\n| hand-off | bytes/request (median) | ms (median) | GB/s (median) | ceiling GB/s | % |")
+    print("|---|---|---|---|---|---|")
+    if mm:
+        ms = median([x["mm_copy_s"] for x in h if x["mm_copy_s"] > 0]) * 1e3
+        print(f"| image embeddings E->P | {median([x['mm_bytes'] for x in h]) / 1e6:.1f} MB | {ms:.3f} | "
+              f"{median(mm):.0f} | {mm_ceiling:.0f} | {100 * median(mm) / mm_ceiling:.0f}% |")
+    if kv:
+        ms = median([x["kv_migrate_s"] for x in h if x["kv_migrate_s"] > 0]) * 1e3
+        print(f"| KV blocks P->D | {kv_bytes / 1e6:.1f} MB | {ms:.3f} | {median(kv):.0f} | {ceiling:.0f} | "
+              f"{100 * median(kv) / ceiling:.0f}% |")
+    else:
+        print("| KV blocks P->D | 0 (shared arena: read in place) | 0 | | | |")
+    sys.exit(0 if same == len(check) else 1)
+
+
+if __name__ == "__main__":
+    main()
