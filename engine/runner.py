@@ -54,6 +54,7 @@ class ModelRunner:
         self.backend = "cuda" if self.ops.__name__.endswith("cuda_ops") else "torch"
         self.model = load_model(cfg, model_dir, dtype, device, progress=progress, parts=parts)
         self.parts = parts
+        self.vision_graphs: VisionGraphs | None = None  # captured by capture_graphs
         self.block_size = block_size
         # MM arena [num_mm_blocks, tokens_per_image, hidden]: one block per image in flight.
         self.num_mm_blocks = 2 * max_images_per_batch if cfg.is_multimodal else 0
@@ -70,7 +71,6 @@ class ModelRunner:
         max_blocks = -(-cfg.text.max_position_embeddings // block_size)
         self.decode_graphs = DecodeGraphs(self, max_num_seqs, max_blocks) if self.model.lm is not None else None
         self.max_images_per_batch = max_images_per_batch
-        self.vision_graphs: VisionGraphs | None = None
 
     def capture_graphs(self, background: bool = False) -> None:
         """Capture vision graphs per image-batch bucket (multimodal models), then decode graphs

@@ -30,12 +30,12 @@ stage() {  # stage NAME CMD...: run, log, record status and time
   return $rc
 }
 
-if [[ $STAGES == *build* ]]; then
+if [[ " $STAGES " == *" build "* ]]; then
   stage build python3 -m kernels.build || { echo "build failed"; exit 1; }
 fi
 if [[ " $STAGES " == *" test "* ]]; then
   stage pytest_gpu python3 -m pytest -m gpu -q --tb=short -p no:cacheprovider tests
-elif [[ $STAGES == *enginetest* ]]; then
+elif [[ " $STAGES " == *" enginetest "* ]]; then
   stage pytest_gpu_engine python3 -m pytest -m gpu -q --tb=short -p no:cacheprovider tests/test_cuda_engine.py \
     tests/test_epd.py tests/test_arena.py tests/test_migration.py
 fi
@@ -43,7 +43,7 @@ llava7b() {  # the random LLaVA-1.5-7B-shaped checkpoint, made once per machine
   [[ -f /tmp/llava-7b/config.json ]] || stage make_llava7b python3 scripts/make_random_model.py --shape llava-7b \
     --out /tmp/llava-7b
 }
-if [[ $STAGES == *parity* ]]; then
+if [[ " $STAGES " == *" parity "* ]]; then
   llava7b
   for s in logits vision decode; do
     stage "parity_${s}_7b" python3 "parity/$s.py" --model /tmp/llava-7b --dtype bfloat16 --device cuda \
@@ -56,11 +56,11 @@ if [[ $STAGES == *parity* ]]; then
   done
   stage parity_tiny_torch_cuda python3 parity/logits.py --device cuda --backend torch
 fi
-if [[ $STAGES == *bench* ]]; then
+if [[ " $STAGES " == *" bench "* ]]; then
   stage bench_kernels python3 scripts/bench_kernels.py --json "$OUT/bench_kernels.json" --md "$OUT/bench_kernels.md"
   cat "$OUT/bench_kernels.md" >> "$SUMMARY"
 fi
-if [[ $STAGES == *engine* ]]; then
+if [[ " $STAGES " == *" engine "* ]]; then
   llava7b
   stage bench_decode python3 scripts/bench_decode.py --model /tmp/llava-7b --batches 1,8,32,128 \
     --multi-step 1,8 --steps 32 --serve-time
@@ -74,7 +74,7 @@ if [[ " $STAGES " == *" epd "* ]]; then
     --check-requests 2
   grep -h "^|\|one at a time\|copy" "$OUT"/bench_epd_*.log >> "$SUMMARY"
 fi
-if [[ $STAGES == *epdmulti* ]]; then
+if [[ " $STAGES " == *" epdmulti "* ]]; then
   export NCCL_NVLS_ENABLE=0
   llava7b
   stage bench_epd_multi python3 scripts/bench_epd.py --model /tmp/llava-7b --placement "${EPD_PLACEMENT:-E:0 P:0 D:1}"

@@ -232,18 +232,17 @@ def make_tiny_llava(
     if key_layout not in KEY_LAYOUTS:
         raise ValueError(f"key_layout={key_layout!r}; expected one of {sorted(KEY_LAYOUTS)}")
     out, tok = _start_dir(out_dir, LLAVA_CHAT_TEMPLATE)
-    vision = hf.CLIPVisionConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-        image_size=84, patch_size=14, hidden_act="quick_gelu", layer_norm_eps=1e-5, **(vision_sizes or {}),
-    )
-    text = hf.LlamaConfig(
-        vocab_size=len(tok), hidden_size=128, intermediate_size=352, num_hidden_layers=3,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024,
-        rms_norm_eps=1e-5,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    vision = hf.CLIPVisionConfig(**{
+        "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 3, "num_attention_heads": 4,
+        "image_size": 84, "patch_size": 14, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5, **(vision_sizes or {}),
+    })
+    text = hf.LlamaConfig(**{
+        "vocab_size": len(tok), "hidden_size": 128, "intermediate_size": 352, "num_hidden_layers": 3,
+        "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 1024,
+        "rms_norm_eps": 1e-5, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+        "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id,
         **(text_sizes or {}),
-    )
+    })
     config = hf.LlavaConfig(
         vision_config=vision, text_config=text, image_token_index=tok.convert_tokens_to_ids(IMAGE),
         projector_hidden_act="gelu", vision_feature_layer=-2,

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 
 from kernels import _epd_C
+from kernels import reference as _reference
+from kernels.attn_varlen import KERNEL_HEAD_DIMS
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -71,6 +73,8 @@ def rope_and_cache_write(
     slot_mapping [T] int64. Returns q_rot [T, Hq, D] (new, contiguous), rows with slot -1 included.
     cos/sin are rounded to q.dtype before the fp32 math, as HF does.
     """
+    if q.shape[-1] not in KERNEL_HEAD_DIMS:  # small test models: the reference (as attention does)
+        return _reference.rope_and_cache_write(q, k, v, positions, cos_sin, kv_arena, layer, slot_mapping)
     q_rot = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     _epd_C.rope_and_cache_write(q_rot, q, k, v, positions, cos_sin, kv_arena, layer, slot_mapping)
     return q_rot
