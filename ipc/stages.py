@@ -193,7 +193,8 @@ def prefill_main(cfg: StageConfig, mm_handles: list, inbox, outbox, encoder_inbo
     llm = _llm(cfg, cuda_graphs=False, parts="all" if encodes else "lm")
     runner = llm.runner
     shape = (runner.num_kv_blocks + decode_blocks, *runner.kv_arena.shape[1:])
-    runner.kv_arena = None  # freed before the shared arena is made
+    runner.kv_arena = None  # freed (and returned to the driver) before the shared arena is made
+    _empty_cache(runner.device)
     arena = SharedArena.create(shape, runner.dtype, runner.device, "kv-prefill")
     runner.kv_arena = arena.tensor
     mm_arenas = [SharedArena.open(h) for h in mm_handles]
@@ -284,6 +285,7 @@ def decode_main(cfg: StageConfig, kv_handle, inbox, outbox, prefill_inbox, share
     src = SharedArena.open(kv_handle)
     if shared:  # one arena: prefill's blocks first, then this stage's
         runner.kv_arena = None
+        _empty_cache(runner.device)
         runner.kv_arena = src.tensor
         engine.kv_blocks.rebase(src.tensor.shape[0] - runner.num_kv_blocks)
     if runner.backend == "cuda":
@@ -353,6 +355,11 @@ def decode_main(cfg: StageConfig, kv_handle, inbox, outbox, prefill_inbox, share
     finally:
         runner.kv_arena = None
         src.close()
+
+
+def _empty_cache(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def _synchronize(device: torch.device) -> None:
