@@ -71,6 +71,28 @@ def copy_gbps(src_device: str, dst_device: str, nbytes: int = 1 << 30) -> float:
     return nbytes / statistics.median(times[2:]) / 1e9
 
 
+def pull_gbps(src_device: str, dst_device: str, block_shape: tuple, dtype: torch.dtype, n: int,
+              scattered: bool) -> tuple[float, int]:
+    """GB/s of pull_blocks moving n blocks between two arenas here (ids in order, or shuffled
+    so that every block is its own run); and the number of copies it issued."""
+    from ipc.migration import block_runs, pull_blocks
+
+    src = torch.randn(2 * n, *block_shape, device=src_device).to(dtype)
+    dst = torch.empty_like(src, device=dst_device)
+    g = torch.Generator().manual_seed(0)
+    src_ids = torch.randperm(2 * n, generator=g)[:n].tolist() if scattered else list(range(n))
+    dst_ids = torch.randperm(2 * n, generator=g)[:n].tolist() if scattered else list(range(n, 2 * n))
+    times = []
+    for _ in range(10):
+        _sync(src_device, dst_device)
+        t0 = time.perf_counter()
+        nbytes = pull_blocks(src, src_ids, dst, dst_ids)
+        _sync(src_device, dst_device)
+        times.append(time.perf_counter() - t0)
+    assert torch.equal(dst[dst_ids[-1]], src[src_ids[-1]].to(dst_device))
+    return nbytes / statistics.median(times[2:]) / 1e9, len(block_runs(src_ids, dst_ids))
+
+
 def one_at_a_time(engine, reqs: list[Request], sp: SamplingParams) -> list:
     return [engine.generate([r], sp)[0] for r in reqs]
 
@@ -101,6 +123,17 @@ def main() -> None:
     ceiling = copy_gbps(p_dev, d_dev)
     e_dev = devices.get("E", [p_dev])[0]
     mm_ceiling = copy_gbps(e_dev, p_dev) if e_dev != p_dev else ceiling
+    from engine.config import ModelConfig
+
+    t = ModelConfig.from_dir(args.model).text
+    block_shape = (t.num_layers, 2, 16, t.num_kv_heads, t.head_dim)
+    n_blocks = -(-(len(PROMPT) // 4 + 576) // 16)  # about one request's prompt
+    for scattered in (False, True):
+        gbps, runs = pull_gbps(p_dev, d_dev, block_shape, torch.bfloat16, n_blocks, scattered)
+        print(f"pull_blocks {p_dev}->{d_dev}, {n_blocks} blocks in {runs} copies: {gbps:.0f} GB/s "
+              f"({100 * gbps / ceiling:.0f}% of the copy)", flush=True)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     gpu = f"{torch.cuda.get_device_name()} x{torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu"
     print(f"{gpu}; placement {args.placement} ({args.mode}); "
           f"copy {p_dev}->{d_dev}: {ceiling:.0f} GB/s; {e_dev}->{p_dev}: {mm_ceiling:.0f} GB/s", flush=True)

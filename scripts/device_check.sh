@@ -77,7 +77,7 @@ fi
 if [[ " $STAGES " == *" epdmulti "* ]]; then
   export NCCL_NVLS_ENABLE=0
   llava7b
-  stage bench_epd_multi python3 scripts/bench_epd.py --model /tmp/llava-7b --placement "${EPD_PLACEMENT:-E:0 P:0 D:1}"
+  stage bench_epd_multi python3 scripts/bench_epd.py --model /tmp/llava-7b --placement "${EPD_PLACEMENT:-E:0,1 P:0 D:1}"
   grep -h "^|\|one at a time\|copy" "$OUT/bench_epd_multi.log" >> "$SUMMARY"
 fi
 grep -h "PASS\|FAIL\|passed\|failed" "$OUT"/*.log | tail -n 60 >> "$SUMMARY"
