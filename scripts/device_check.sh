@@ -4,7 +4,7 @@
 #   STAGES="build test parity bench engine epd" bash scripts/device_check.sh
 # Stages: build; test (all GPU tests) or enginetest (the engine/EPD/IPC ones only); parity;
 # bench (kernels); engine (bench_decode, bench_offline); epd (bench_epd on one GPU, arena shared
-# and copied); epdmulti (bench_epd with EPD_PLACEMENT, default "E:0 P:0 D:1").
+# and copied); epdmulti (bench_epd with EPD_PLACEMENT, default "E:0,1 P:0 D:1").
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/device_out}
@@ -72,13 +72,13 @@ if [[ " $STAGES " == *" epd "* ]]; then
   stage bench_epd_shared python3 scripts/bench_epd.py --model /tmp/llava-7b --placement "E:0,0 P:0 D:0"
   stage bench_epd_copy python3 scripts/bench_epd.py --model /tmp/llava-7b --placement "E:0,0 P:0 D:0" --no-share \
     --check-requests 2
-  grep -h "^|\|one at a time\|copy" "$OUT"/bench_epd_*.log >> "$SUMMARY"
+  grep -h "^|\|one at a time\|copy\|pull_blocks" "$OUT"/bench_epd_*.log >> "$SUMMARY"
 fi
 if [[ " $STAGES " == *" epdmulti "* ]]; then
   export NCCL_NVLS_ENABLE=0
   llava7b
   stage bench_epd_multi python3 scripts/bench_epd.py --model /tmp/llava-7b --placement "${EPD_PLACEMENT:-E:0,1 P:0 D:1}"
-  grep -h "^|\|one at a time\|copy" "$OUT/bench_epd_multi.log" >> "$SUMMARY"
+  grep -h "^|\|one at a time\|copy\|pull_blocks" "$OUT/bench_epd_multi.log" >> "$SUMMARY"
 fi
 grep -h "PASS\|FAIL\|passed\|failed" "$OUT"/*.log | tail -n 60 >> "$SUMMARY"
 cat "$SUMMARY"
