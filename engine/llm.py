@@ -54,6 +54,9 @@ class LLM:
         self.model_dir = Path(model)
         self.cfg = ModelConfig.from_dir(self.model_dir)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if self.device.type == "cuda" and self.device.index is not None:
+            # graph capture and cuBLAS use the current device's stream and handle
+            torch.cuda.set_device(self.device)
         self.dtype = self.cfg.checkpoint_dtype if dtype == "auto" else parse_dtype(dtype)
         limit = self.cfg.text.max_position_embeddings
         if max_model_len is not None and not 1 <= max_model_len <= limit:

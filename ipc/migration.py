@@ -3,7 +3,8 @@ block_size tokens, so a block moves as one contiguous piece).
 
 Pull-based, as DistServe's bridges: the decode side allocates its blocks, pulls the prefill
 side's blocks, then acknowledges so the prefill side frees them. Runs of consecutive blocks on
-both sides move as one copy (a peer copy over NVLink between GPUs), with no staging buffer.
+both sides move as one copy (a peer copy over NVLink between GPUs), with no staging buffer; on a
+GPU the copies are issued from C++ (`_epd_C.copy_blocks`) back to back on the current stream.
 When prefill and decode share a GPU they share one arena and nothing moves (ipc/stages.py).
 """
 
@@ -36,6 +37,11 @@ def pull_blocks(src: torch.Tensor, src_ids: list[int], dst: torch.Tensor, dst_id
         bad = [b for b in ids if not 0 <= b < arena.shape[0]]
         if bad:
             raise ValueError(f"pull_blocks: {name} blocks {bad[:4]} outside the arena's {arena.shape[0]} blocks")
-    for s, d, n in block_runs(src_ids, dst_ids):
-        dst[d : d + n].copy_(src[s : s + n], non_blocking=True)
+    if dst.is_cuda:  # one cudaMemcpyAsync per run, issued from C++ (no per-copy Python or events)
+        from kernels import _epd_C
+
+        _epd_C.copy_blocks(dst, dst_ids, src, src_ids)
+    else:
+        for s, d, n in block_runs(src_ids, dst_ids):
+            dst[d : d + n].copy_(src[s : s + n])
     return len(src_ids) * src[0].numel() * src.element_size()

@@ -78,3 +78,26 @@ def test_pull_blocks_runs_and_checks() -> None:
         pull_blocks(a, [0], torch.zeros(2, 2, 2, 4, 1, 4), [0])
     with pytest.raises(ValueError, match=r"destination blocks \[9\] outside the arena's 9 blocks"):
         pull_blocks(a, [0], b, [9])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_copy_blocks_on_gpu_matches_cpu_runs() -> None:
+    pytest.importorskip("kernels._epd_C")
+    from kernels import _epd_C
+
+    g = torch.Generator().manual_seed(1)
+    a = torch.randn(13, 3, 2, 16, 2, 8, generator=g).to(torch.bfloat16)
+    src, dst = [7, 8, 9, 0, 12, 3], [2, 3, 4, 11, 0, 5]
+    b_cpu = torch.zeros(12, 3, 2, 16, 2, 8, dtype=torch.bfloat16)
+    pull_blocks(a, src, b_cpu, dst)
+    b = torch.full_like(b_cpu, float("nan"), device="cuda")
+    b[[1, 6, 7, 8, 9, 10]] = 0
+    assert _epd_C.copy_blocks(b, dst, a.cuda(), src) == 4  # runs: 7-9, 0, 12, 3
+    assert torch.equal(b.cpu(), b_cpu)
+    with pytest.raises(RuntimeError, match="destination block 12 outside the arena's 12 blocks"):
+        _epd_C.copy_blocks(b, [12], a.cuda(), [0])
+    if torch.cuda.device_count() > 1:  # a peer copy
+        c = torch.zeros(12, 3, 2, 16, 2, 8, dtype=torch.bfloat16, device="cuda:1")
+        pull_blocks(a.cuda(), src, c, dst)
+        assert torch.equal(c.cpu(), b_cpu)

@@ -1,4 +1,5 @@
 #pragma once
+#include <pybind11/stl.h>
 #include <torch/extension.h>
 
 #include "kernels/cuda_ipc/ops.h"
@@ -19,5 +20,7 @@ inline void bind_cuda_ipc(pybind11::module& m) {
       },
       "map a peer's allocation as a tensor shaped like `like`", pybind11::arg("handle"), pybind11::arg("offset"),
       pybind11::arg("like"), pybind11::arg("device"));
+  m.def("copy_blocks", &copy_blocks, "dst[dst_ids] = src[src_ids] for block-major arenas, one copy per run",
+        pybind11::arg("dst"), pybind11::arg("dst_ids"), pybind11::arg("src"), pybind11::arg("src_ids"));
 }
 }  // namespace epd

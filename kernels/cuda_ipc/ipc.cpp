@@ -1,7 +1,9 @@
 // CUDA IPC handles for the KV / MM arenas (see ipc/arena.py).
 #include <c10/cuda/CUDACachingAllocator.h>
+#include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstring>
 
 #include "kernels/cuda_ipc/ops.h"
@@ -35,6 +37,39 @@ torch::Tensor ipc_open(const std::string& handle, int64_t offset, const torch::T
   auto options = torch::TensorOptions().dtype(like.dtype()).device(torch::kCUDA, device);
   return torch::from_blob(
       static_cast<char*>(base) + offset, like.sizes(), [base](void*) { cudaIpcCloseMemHandle(base); }, options);
+}
+
+int64_t copy_blocks(torch::Tensor& dst, const std::vector<int64_t>& dst_ids, const torch::Tensor& src,
+                    const std::vector<int64_t>& src_ids) {
+  EPD_CHECK_CUDA(dst);
+  EPD_CHECK_CUDA(src);
+  TORCH_CHECK(dst.is_contiguous() && src.is_contiguous(), "copy_blocks: arenas must be contiguous");
+  TORCH_CHECK(dst.dim() >= 1 && dst.sizes().slice(1) == src.sizes().slice(1) && dst.dtype() == src.dtype(),
+              "copy_blocks: arenas' block shapes or dtypes differ");
+  TORCH_CHECK(dst_ids.size() == src_ids.size(), "copy_blocks: ", src_ids.size(), " source blocks but ",
+              dst_ids.size(), " destination blocks");
+  const int64_t n_dst = dst.size(0), n_src = src.size(0);
+  for (size_t i = 0; i < dst_ids.size(); ++i) {
+    TORCH_CHECK(dst_ids[i] >= 0 && dst_ids[i] < n_dst, "copy_blocks: destination block ", dst_ids[i],
+                " outside the arena's ", n_dst, " blocks");
+    TORCH_CHECK(src_ids[i] >= 0 && src_ids[i] < n_src, "copy_blocks: source block ", src_ids[i],
+                " outside the arena's ", n_src, " blocks");
+  }
+  const size_t block_bytes = dst.numel() / std::max<int64_t>(n_dst, 1) * dst.element_size();
+  c10::cuda::CUDAGuard guard(dst.device());
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(dst.device().index()).stream();
+  auto* d = static_cast<char*>(dst.data_ptr());
+  const auto* s = static_cast<const char*>(src.data_ptr());
+  int64_t copies = 0;
+  for (size_t i = 0; i < dst_ids.size();) {
+    size_t j = i + 1;  // extend the run while both sides stay consecutive
+    while (j < dst_ids.size() && dst_ids[j] == dst_ids[j - 1] + 1 && src_ids[j] == src_ids[j - 1] + 1) ++j;
+    C10_CUDA_CHECK(cudaMemcpyAsync(d + dst_ids[i] * block_bytes, s + src_ids[i] * block_bytes,
+                                   (j - i) * block_bytes, cudaMemcpyDefault, stream));
+    ++copies;
+    i = j;
+  }
+  return copies;
 }
 
 }  // namespace epd
