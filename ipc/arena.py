@@ -58,13 +58,20 @@ class SharedArena:
         return cls(tensor, ArenaHandle(tuple(shape), dtype, "cpu", path=str(path), owner_pid=os.getpid()), owner=True)
 
     @classmethod
-    def open(cls, handle: ArenaHandle) -> SharedArena:
-        """Map a peer's arena (do it once per process and keep the mapping)."""
+    def open(cls, handle: ArenaHandle, device: torch.device | str | None = None) -> SharedArena:
+        """Map a peer's arena (do it once per process and keep the mapping). device: this
+        process's GPU; an arena on another GPU is mapped into its context with peer access (as
+        NCCL and vLLM's custom all-reduce do), so copies run there and use NVLink, and this
+        process never creates a context on the owner's GPU. The tensor reports `device`."""
         if handle.device.startswith("cuda"):
             from kernels import _epd_C
 
+            here = torch.device(device if device is not None else handle.device)
+            if here.type != "cuda":
+                raise ValueError(f"arena on {handle.device} cannot be mapped on {here}")
+            index = here.index if here.index is not None else torch.cuda.current_device()
             like = torch.empty(handle.shape, dtype=handle.dtype, device="meta")
-            tensor = _epd_C.ipc_open(handle.cuda_handle, handle.offset, like, torch.device(handle.device).index)
+            tensor = _epd_C.ipc_open(handle.cuda_handle, handle.offset, like, index)
             return cls(tensor, handle, owner=False)
         if handle.path is None or not Path(handle.path).exists():
             raise FileNotFoundError(f"arena file {handle.path} is gone (owner pid {handle.owner_pid} exited?)")

@@ -197,7 +197,7 @@ def prefill_main(cfg: StageConfig, mm_handles: list, inbox, outbox, encoder_inbo
     _empty_cache(runner.device)
     arena = SharedArena.create(shape, runner.dtype, runner.device, "kv-prefill")
     runner.kv_arena = arena.tensor
-    mm_arenas = [SharedArena.open(h) for h in mm_handles]
+    mm_arenas = [SharedArena.open(h, runner.device) for h in mm_handles]
     outbox.put(Ready("prefill", 0, arena.handle))
     sched = llm.engine.prefill
     tasks: dict[int, PrefillTask] = {}
@@ -282,7 +282,7 @@ def decode_main(cfg: StageConfig, kv_handle, inbox, outbox, prefill_inbox, share
 
     llm = _llm(cfg, parts="lm", max_images_per_batch=0, cuda_graphs=False)
     runner, engine = llm.runner, llm.engine
-    src = SharedArena.open(kv_handle)
+    src = SharedArena.open(kv_handle, runner.device)
     if shared:  # one arena: prefill's blocks first, then this stage's
         runner.kv_arena = None
         _empty_cache(runner.device)

@@ -119,11 +119,16 @@ def test_epd_stages_on_one_gpu_load_only_their_half(small_llava: Path) -> None:
             Request("Three: <image> <image> <image>", images=images(3, 84))]
     sp = SamplingParams(max_tokens=16, ignore_eos=True)
     kw = {"backend": "cuda", "device": "cuda", "dtype": "bfloat16", "kv_cache_tokens": 4096}
-    reference = [LLM(small_llava, **kw).generate([r], sp)[0].token_ids for r in reqs]
-    for share in (True, False):
+    llm = LLM(small_llava, **kw)
+    reference = [llm.generate([r], sp)[0].token_ids for r in reqs]
+    del llm
+    runs = [("E:0,0 P:0 D:0", True), ("E:0,0 P:0 D:0", False)]
+    if torch.cuda.device_count() > 1:  # peer copies: KV 0 -> 1, embeddings 1 -> 0
+        runs.append(("E:1,0 P:0 D:1", True))
+    for placement, share in runs:
         stage = StageConfig(model=str(small_llava), share_kv_arena=share, **kw)
-        with EPDEngine(small_llava, placement="E:0,0 P:0 D:0", stage=stage) as epd:
+        with EPDEngine(small_llava, placement=placement, stage=stage) as epd:
             outs = [epd.generate([r], sp)[0] for r in reqs]
-        assert [o.token_ids for o in outs] == reference, share
-        assert (outs[0].handoff["kv_bytes"] > 0) == (not share)
+        assert [o.token_ids for o in outs] == reference, (placement, share)
+        assert (outs[0].handoff["kv_bytes"] > 0) == (not share or placement.endswith("D:1"))
         assert outs[2].handoff["mm_bytes"] == 3 * outs[0].handoff["mm_bytes"] > 0

@@ -1,4 +1,5 @@
 // CUDA IPC handles for the KV / MM arenas (see ipc/arena.py).
+#include <ATen/cuda/PeerToPeerAccess.h>
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime.h>
@@ -56,6 +57,10 @@ int64_t copy_blocks(torch::Tensor& dst, const std::vector<int64_t>& dst_ids, con
                 " outside the arena's ", n_src, " blocks");
   }
   const size_t block_bytes = dst.numel() / std::max<int64_t>(n_dst, 1) * dst.element_size();
+  if (src.device() != dst.device()) {  // the copy runs in dst's context and reads src's memory
+    TORCH_CHECK(at::cuda::get_p2p_access(dst.device().index(), src.device().index()),
+                "copy_blocks: no peer access from ", dst.device(), " to ", src.device());
+  }
   c10::cuda::CUDAGuard guard(dst.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(dst.device().index()).stream();
   auto* d = static_cast<char*>(dst.data_ptr());

@@ -12,7 +12,8 @@ namespace epd {
 std::tuple<std::string, int64_t> ipc_export(const torch::Tensor& t);
 
 // Map a peer's allocation (once per handle per process) and view it as a tensor shaped like
-// `like` (sizes and dtype) on `device`. The mapping is closed when the tensor's storage dies.
+// `like` (sizes and dtype) on `device`: the opener's GPU, which reaches memory on another GPU
+// over peer access (enabled lazily by the mapping). Closed when the tensor's storage dies.
 torch::Tensor ipc_open(const std::string& handle, int64_t offset, const torch::Tensor& like, int64_t device);
 
 // dst[dst_ids[i]] = src[src_ids[i]] for block-major arenas (dim 0 = block), on dst's device's
