@@ -9,6 +9,9 @@ A step is one CUDA-graph replay plus the host work around it (batch copy-in, tok
 from __future__ import annotations
 
 import argparse
+import json
+import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -39,14 +42,16 @@ def _sequences(llm: LLM, batch: int, context: int, steps: int) -> list[Sequence]
 
 def bench_ours(llm: LLM, batch: int, context: int, steps: int, multi_step: int) -> float:
     """Median ms per decode step for `batch` sequences of `context` tokens, running
-    `multi_step` steps per call (one copy-in, one copy-out)."""
-    seqs = _sequences(llm, batch, context, steps * multi_step)
+    `multi_step` steps per call (one copy-in, one copy-out): `steps` calls (at least 10 with
+    multi-step, so the KV stays about as long as with single steps); the first 2 are warm-up."""
+    calls = steps if multi_step == 1 else max(10, steps // multi_step)
+    seqs = _sequences(llm, batch, context, calls * multi_step)
     for i in range(0, batch, 8):  # prefill in slices to bound activations
         out = llm.runner.prefill(seqs[i : i + 8])
         for s, t in zip(seqs[i : i + 8], out.token_ids):
             s.output_ids.append(t)
     times = []
-    for _ in range(steps):
+    for _ in range(calls):
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         tokens, _ = llm.runner.decode(seqs, multi_step)  # .tolist() inside syncs
@@ -56,7 +61,7 @@ def bench_ours(llm: LLM, batch: int, context: int, steps: int, multi_step: int) 
                 s.output_ids.append(t)
     for s in seqs:
         llm.engine.kv_blocks.free(s.block_table)
-    return 1e3 * sorted(times[5:])[len(times[5:]) // 2]
+    return 1e3 * statistics.median(times[2:])
 
 
 def bench_hf(model_dir: Path, context: int, steps: int) -> float:
@@ -81,21 +86,27 @@ def bench_hf(model_dir: Path, context: int, steps: int) -> float:
     return 1e3 * (run(steps + 1) - run(1)) / steps  # prefill cancels out
 
 
-def time_to_first_serve(model: str, max_num_seqs: int, background: bool) -> tuple[float, float]:
-    """(seconds from LLM() to the first token of a request, seconds until every graph exists)."""
-    import gc
+def time_to_first_serve(model: str, max_num_seqs: int, background: bool) -> tuple[float, float, int]:
+    """In a fresh process (cold CUDA context, as a server starts): seconds from LLM() to the
+    first token of a request, seconds until every decode graph exists, and graph memory."""
+    code = (f"import json, sys; sys.path.insert(0, {str(ROOT)!r}); from scripts.bench_decode import _serve_here; "
+            f"print(json.dumps(_serve_here({model!r}, {max_num_seqs}, {background})))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(out.stderr[-2000:])
+    first, done, nbytes = json.loads(out.stdout.strip().splitlines()[-1])
+    return first, done, nbytes
 
+
+def _serve_here(model: str, max_num_seqs: int, background: bool) -> tuple[float, float, int]:
     start = time.perf_counter()
     llm = LLM(model, backend="cuda", dtype="bfloat16", device="cuda", max_num_seqs=max_num_seqs,
-              background_capture=background)
+              background_capture=background, progress=False)
     llm.generate("Hello", SamplingParams(max_tokens=2, ignore_eos=True))
     first = time.perf_counter() - start
     llm.runner.decode_graphs.wait_for_capture()
     done = time.perf_counter() - start
-    del llm
-    gc.collect()
-    torch.cuda.empty_cache()
-    return first, done
+    return first, done, sum(b for _, _, b in llm.runner.decode_graphs.capture_log)
 
 
 def main() -> None:
@@ -114,12 +125,12 @@ def main() -> None:
         for background in (False, True):
             mode = "background" if background else "upfront"
             try:
-                first, done = time_to_first_serve(args.model, 256, background)
+                first, done, nbytes = time_to_first_serve(args.model, 256, background)
             except RuntimeError as e:
-                print(f"{mode} capture FAILED: {e!r} <- {e.__cause__!r}", flush=True)
+                print(f"{mode} capture FAILED: {e}", flush=True)
                 continue
-            print(f"time to first token, {mode} capture of decode graphs (max batch 256): {first:.2f} s "
-                  f"(all graphs ready at {done:.2f} s)", flush=True)
+            print(f"time to first token in a fresh process, {mode} capture of decode graphs (max batch 256): "
+                  f"{first:.2f} s (all graphs ready at {done:.2f} s; graph pool {nbytes / 2**20:.0f} MiB)", flush=True)
     llm = LLM(args.model, backend="cuda", dtype="bfloat16", device="cuda", max_num_seqs=max(batches),
               max_num_batched_tokens=8 * args.context, multi_step=max(int(x) for x in args.multi_step.split(",")))
     t = llm.cfg.text
@@ -127,7 +138,8 @@ def main() -> None:
     kv_token_bytes = t.num_layers * 2 * t.num_kv_heads * t.head_dim * 2
     log = llm.runner.decode_graphs.capture_log
     print(f"{ceil['device']}: copy {ceil['copy_GBps']:.0f} GB/s; LM weights {weight_bytes / 1e9:.2f} GB; "
-          f"{len(log)} decode graphs captured in {sum(s for _, s, _ in log):.1f}s")
+          f"{len(log)} decode graphs captured in {sum(s for _, s, _ in log):.2f}s, "
+          f"{sum(b for _, _, b in log) / 2**20:.0f} MiB")
     print("| batch | context | steps/call | ms/step | tokens/s | bytes/step (GB) | % of copy BW |")
     print("|---|---|---|---|---|---|---|")
     for k in [int(x) for x in args.multi_step.split(",")]:
