@@ -17,7 +17,8 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 fi
 SUMMARY="$OUT/summary.md"
-echo "# device_check $(date -u +%FT%TZ) commit $(git rev-parse --short HEAD 2>/dev/null || echo none)" > "$SUMMARY"
+# the device's copy of .git may be stale: pass EPD_COMMIT=$(git rev-parse --short HEAD) from here
+echo "# device_check $(date -u +%FT%TZ) tree of commit ${EPD_COMMIT:-unknown}" > "$SUMMARY"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader >> "$SUMMARY" 2>&1
 
 stage() {  # stage NAME CMD...: run, log, record status and time
