@@ -40,6 +40,7 @@ from ipc.stages import (
     Ready,
     Shutdown,
     StageConfig,
+    StageStatus,
     Token,
     decode_main,
     encoder_main,
@@ -96,6 +97,7 @@ class EPDEngine:
         self.prefill_inbox, self.decode_inbox = ctx.Queue(), ctx.Queue()
         self.procs: dict[str, object] = {}
         self.handles: list = []
+        self.stage_stats: dict[str, dict] = {}
         deadline = time.monotonic() + start_timeout_s
 
         def start(name: str, target, *args) -> None:
@@ -141,6 +143,8 @@ class EPDEngine:
                 continue
             if isinstance(msg, Ready):
                 ready.append(msg)
+            elif isinstance(msg, StageStatus):
+                self.stage_stats[msg.stage] = msg.stats
         return ready
 
     # ------------------------------------------------------------------ requests
@@ -181,6 +185,9 @@ class EPDEngine:
         return events
 
     def _handle(self, msg: object, events: list[TokenEvent]) -> None:
+        if isinstance(msg, StageStatus):
+            self.stage_stats[msg.stage] = msg.stats
+            return
         flight = self.flights.get(getattr(msg, "req_id", None))
         if flight is None:
             if isinstance(msg, Encoded):  # images of a request that ended: give the blocks back
@@ -244,6 +251,7 @@ class EPDEngine:
             "requests_in_flight": len(self.flights),
             "encoder_images_in_flight": list(self.encoder_load),
             "broken": self.broken,
+            "stages": dict(self.stage_stats),  # each stage's latest report: queues, blocks, graphs
         }
 
     def _dispatch_encode(self, flight: _Flight) -> None:

@@ -193,7 +193,7 @@ class ModelRunner:
             image_embeds=self.mm_arena.view(-1, self.mm_arena.shape[-1]) if has_images else None,
         )
         last = self._tensor([c - 1 for c in cu[1:]], torch.int64)
-        logits = self.model.compute_logits(hidden if all_logits else hidden[last])
+        logits = self.model.compute_logits(self.ops, hidden if all_logits else hidden[last])
         tokens = self.sample(logits[last] if all_logits else logits, seqs)
         for seq in seqs:
             seq.num_cached = seq.num_tokens

@@ -112,7 +112,7 @@ class DecodeGraphs:
                                  block_tables=b.block_tables[:rows])
         model, ops = self.runner.model, self.runner.ops
         hidden = model(ops, b.input_ids[:rows], b.positions[:rows], meta, self.runner.kv_arena)
-        logits = model.compute_logits(hidden)
+        logits = model.compute_logits(ops, hidden)
         tokens = ops.sample(logits, b.temperature[:rows], b.top_k[:rows], b.top_p[:rows], b.seeds[:rows],
                             b.steps[:rows])
         # advance on the device: no host sync between steps

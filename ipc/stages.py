@@ -127,8 +127,32 @@ class Ready:
     handle: Any  # ArenaHandle
 
 
+@dataclass
+class StageStatus:
+    """A stage's counters, sent after its work changes them (at most every 0.2 s while busy,
+    and always before it waits idle): the orchestrator's `status` shows the latest of each."""
+
+    stage: str  # "encode0", "prefill", "decode"
+    stats: dict
+
+
 class Shutdown:
     pass
+
+
+class _Reporter:
+    def __init__(self, outbox, stage: str) -> None:
+        self.outbox, self.stage, self.last, self.sent = outbox, stage, 0.0, None
+
+    def __call__(self, stats: dict, idle: bool = False) -> None:
+        now = time.monotonic()
+        if stats != self.sent and (idle or now - self.last >= 0.2):
+            self.outbox.put(StageStatus(self.stage, stats))
+            self.last, self.sent = now, stats
+
+
+def _blocks(manager) -> dict:
+    return {"used": manager.num_blocks - manager.num_free, "total": manager.num_blocks} if manager else {}
 
 
 # ----------------------------------------------------------------------------- processes
@@ -153,8 +177,12 @@ def encoder_main(cfg: StageConfig, index: int, inbox, outbox) -> None:
     runner.mm_arena = arena.tensor
     outbox.put(Ready("encode", index, arena.handle))
     pending: list[EncodeTask] = []
+    report = _Reporter(outbox, f"encode{index}")
+    graphs = sorted(runner.vision_graphs.graphs) if runner.vision_graphs else []
     try:
         while True:
+            report({"waiting": len(pending), "mm_blocks": _blocks(llm.engine.mm_blocks), "vision_graphs": graphs},
+                   idle=True)
             msg = inbox.get()
             if isinstance(msg, Shutdown):
                 return
@@ -201,8 +229,11 @@ def prefill_main(cfg: StageConfig, mm_handles: list, inbox, outbox, encoder_inbo
     outbox.put(Ready("prefill", 0, arena.handle))
     sched = llm.engine.prefill
     tasks: dict[int, PrefillTask] = {}
+    report = _Reporter(outbox, "prefill")
     try:
         while True:
+            report({"waiting": len(sched.waiting), "kv_blocks": _blocks(llm.engine.kv_blocks),
+                    "mm_blocks": _blocks(llm.engine.mm_blocks)}, idle=True)
             msgs = [inbox.get()]
             while not inbox.empty():
                 msgs.append(inbox.get())
@@ -302,10 +333,15 @@ def decode_main(cfg: StageConfig, kv_handle, inbox, outbox, prefill_inbox, share
         if lent:
             prefill_inbox.put(FreeKV(lent))
 
+    report = _Reporter(outbox, "decode")
+    graphs = sorted(runner.decode_graphs.graphs) if runner.decode_graphs else []
     try:
         while True:
             msgs = []
-            if not engine.has_work() and not pending:
+            idle = not engine.has_work() and not pending
+            report({"running": len(engine.decode.running), "waiting": len(pending),
+                    "kv_blocks": _blocks(engine.kv_blocks), "decode_graphs": graphs}, idle=idle)
+            if idle:
                 msgs.append(inbox.get())
             while not inbox.empty():
                 msgs.append(inbox.get())

@@ -4,6 +4,7 @@
 #include "kernels/attn_varlen/bind.h"
 #include "kernels/cuda_ipc/bind.h"
 #include "kernels/elementwise/bind.h"
+#include "kernels/gemv/bind.h"
 #include "kernels/rmsnorm_rope/bind.h"
 #include "kernels/sampling/bind.h"
 
@@ -12,6 +13,7 @@ PYBIND11_MODULE(_epd_C, m) {
   epd::bind_rmsnorm_rope(m);
   epd::bind_attn_varlen(m);
   epd::bind_elementwise(m);
+  epd::bind_gemv(m);
   epd::bind_sampling(m);
   epd::bind_cuda_ipc(m);
 }

@@ -1,14 +1,17 @@
 """The `cuda` backend: our kernels (kernels._epd_C) behind the same function names as
-kernels/reference.py. GEMMs stay in the model (F.linear -> cuBLAS)."""
+kernels/reference.py. linear / gate_up_silu run the small-batch GEMV kernels for decode (M <= 8)
+and fall back to F.linear (cuBLAS) for other shapes."""
 
 from __future__ import annotations
 
 from kernels.attn_varlen import attention_dense, paged_attention_decode, paged_attention_prefill
 from kernels.elementwise import embed_tokens, gelu, quick_gelu, silu_and_mul
+from kernels.gemv import gate_up_silu, linear
 from kernels.rmsnorm_rope import add_rms_norm, layer_norm, rms_norm, rope_and_cache_write
 from kernels.sampling import sample
 
 __all__ = [
-    "add_rms_norm", "attention_dense", "embed_tokens", "gelu", "layer_norm", "paged_attention_decode",
-    "paged_attention_prefill", "quick_gelu", "rms_norm", "rope_and_cache_write", "sample", "silu_and_mul",
+    "add_rms_norm", "attention_dense", "embed_tokens", "gate_up_silu", "gelu", "layer_norm", "linear",
+    "paged_attention_decode", "paged_attention_prefill", "quick_gelu", "rms_norm", "rope_and_cache_write", "sample",
+    "silu_and_mul",
 ]

@@ -253,3 +253,18 @@ def sample(
     idx = torch.minimum(idx, keep.sum(dim=-1, keepdim=True) - 1)
     drawn = order.gather(1, idx)[:, 0]
     return torch.where(temperature > 0, drawn, greedy)
+
+
+# ----------------------------------------------------------------------------- linear (decode GEMMs)
+
+
+def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [..., K] @ w [N, K]^T -> [..., N] (no bias): F.linear, i.e. cuBLAS on a GPU."""
+    return F.linear(x, w)
+
+
+def gate_up_silu(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Fused gate | up projection and activation: silu_and_mul(linear(x, w)), w [2I, K] -> [..., I].
+
+    gate and up are rounded to x.dtype (the GEMM's output), then silu_and_mul rounds as above."""
+    return silu_and_mul(F.linear(x, w))

@@ -19,7 +19,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 FAMILIES = ["kernels.rmsnorm_rope.bench", "kernels.elementwise.bench", "kernels.sampling.bench",
-            "kernels.attn_varlen.bench", "kernels.attn_varlen.decode_bench"]
+            "kernels.attn_varlen.bench", "kernels.attn_varlen.decode_bench", "kernels.gemv.bench"]
 
 
 def median_ms(fn, warmup: int = 5, repeat: int = 30) -> float:

@@ -55,6 +55,16 @@ def test_epd_matches_aggregated(epd: EPDEngine, tiny_llava: Path) -> None:
     assert all(o.handoff["kv_bytes"] == 0 for o in outputs)
     # again, so every stage has freed and reused its blocks
     assert [o.token_ids for o in epd.generate(_requests(), SP)] == [o.token_ids for o in reference]
+    # the stages report their queues and blocks; idle again, nothing is held
+    for _ in range(40):
+        epd.step(timeout_s=0.05)
+        stages = epd.status()["stages"]
+        if sorted(stages) == ["decode", "encode0", "encode1", "prefill"] and all(
+                s.get(k, {}).get("used", 0) == 0 for s in stages.values() for k in ("kv_blocks", "mm_blocks")):
+            break
+    assert sorted(stages) == ["decode", "encode0", "encode1", "prefill"], stages
+    assert stages["decode"]["running"] == 0 and stages["prefill"]["kv_blocks"]["total"] > 0
+    assert all(s.get(k, {}).get("used", 0) == 0 for s in stages.values() for k in ("kv_blocks", "mm_blocks")), stages
 
 
 def test_bad_image_fails_only_its_request(epd: EPDEngine) -> None:

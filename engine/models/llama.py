@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from types import ModuleType
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from engine.config import TextConfig
@@ -60,7 +59,7 @@ class LlamaLayer(nn.Module):
             residual, hidden = hidden, ops.rms_norm(hidden, self.input_layernorm, eps)
         else:
             hidden, residual = ops.add_rms_norm(hidden, residual, self.input_layernorm, eps)
-        qkv = F.linear(hidden, self.qkv_proj)
+        qkv = ops.linear(hidden, self.qkv_proj)
         q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
         q = q.view(-1, cfg.num_heads, cfg.head_dim)
@@ -74,9 +73,9 @@ class LlamaLayer(nn.Module):
             )
         else:
             attn = ops.paged_attention_decode(q, kv_arena, layer, meta.seq_lens, meta.block_tables, scale)
-        hidden = F.linear(attn.reshape(-1, q_size), self.o_proj)
+        hidden = ops.linear(attn.reshape(-1, q_size), self.o_proj)
         hidden, residual = ops.add_rms_norm(hidden, residual, self.post_attention_layernorm, eps)
-        hidden = F.linear(ops.silu_and_mul(F.linear(hidden, self.gate_up_proj)), self.down_proj)
+        hidden = ops.linear(ops.gate_up_silu(hidden, self.gate_up_proj), self.down_proj)
         return hidden, residual
 
 
@@ -113,6 +112,6 @@ class LlamaModel(nn.Module):
         hidden, _ = ops.add_rms_norm(hidden, residual, self.norm, self.cfg.rms_norm_eps)
         return hidden
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def compute_logits(self, ops: ModuleType, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [B, H] -> fp32 logits [B, V]."""
-        return F.linear(hidden, self.lm_head).float()
+        return ops.linear(hidden, self.lm_head).float()

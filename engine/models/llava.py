@@ -47,5 +47,5 @@ class MultimodalModel(nn.Module):
         embeds = ops.embed_tokens(input_ids, self.lm.embed_tokens, image_index, image_embeds)
         return self.lm(ops, embeds, positions, meta, kv_arena)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm.compute_logits(hidden)
+    def compute_logits(self, ops: ModuleType, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm.compute_logits(ops, hidden)
