@@ -216,12 +216,16 @@ void launch(const GemvParams& p, int64_t ctas, cudaStream_t stream) {
 
 void launch_linear(const GemvParams& p, cudaStream_t stream) {
   if (p.m == 0 || p.rows == 0) return;
-  // Two tiles per CTA read x half as often; take them only while that still leaves >= 2 CTAs per SM.
-  const int64_t ctas32 = ceil_div(p.rows, 2 * kTileRows);
-  if (ctas32 >= 2 * int64_t{p.num_sms}) {
+  // Two tiles per CTA read x half as often, but halve the CTAs: take them unless that leaves a
+  // fuller last wave (2 CTAs per SM). qkv (N = 12288): 384 CTAs = 1.45 waves with two tiles,
+  // 768 = 2.9 waves with one, measured 86.5% of copy bandwidth with two.
+  const int64_t slots = 2 * int64_t{p.num_sms};
+  const int64_t ctas16 = ceil_div(p.rows, kTileRows), ctas32 = ceil_div(p.rows, 2 * kTileRows);
+  auto wave_fill = [&](int64_t ctas) { return static_cast<double>(ctas) / (ceil_div(ctas, slots) * slots); };
+  if (wave_fill(ctas32) >= wave_fill(ctas16)) {
     launch<2, false>(p, ctas32, stream);
   } else {
-    launch<1, false>(p, ceil_div(p.rows, kTileRows), stream);
+    launch<1, false>(p, ctas16, stream);
   }
 }
 
