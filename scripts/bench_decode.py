@@ -40,11 +40,16 @@ def _sequences(llm: LLM, batch: int, context: int, steps: int) -> list[Sequence]
     return seqs
 
 
+def decode_calls(steps: int, multi_step: int) -> int:
+    """Timed calls: `steps`, or with multi-step at least 10 (the KV grows about as with single steps)."""
+    return steps if multi_step == 1 else max(10, steps // multi_step)
+
+
 def bench_ours(llm: LLM, batch: int, context: int, steps: int, multi_step: int) -> float:
     """Median ms per decode step for `batch` sequences of `context` tokens, running
     `multi_step` steps per call (one copy-in, one copy-out): `steps` calls (at least 10 with
     multi-step, so the KV stays about as long as with single steps); the first 2 are warm-up."""
-    calls = steps if multi_step == 1 else max(10, steps // multi_step)
+    calls = decode_calls(steps, multi_step)
     seqs = _sequences(llm, batch, context, calls * multi_step)
     for i in range(0, batch, 8):  # prefill in slices to bound activations
         out = llm.runner.prefill(seqs[i : i + 8])
@@ -145,7 +150,8 @@ def main() -> None:
     for k in [int(x) for x in args.multi_step.split(",")]:
         for b in batches:
             ms = bench_ours(llm, b, args.context, args.steps, k)
-            moved = weight_bytes + b * (args.context + args.steps * k // 2) * kv_token_bytes
+            mean_context = args.context + decode_calls(args.steps, k) * k / 2  # the KV grows as it runs
+            moved = weight_bytes + b * mean_context * kv_token_bytes
             pct = 100 * moved / (ms * 1e-3) / (ceil["copy_GBps"] * 1e9)
             print(f"| {b} | {args.context} | {k} | {ms:.3f} | {b * 1e3 / ms:.0f} | {moved / 1e9:.2f} | {pct:.1f}% |",
                   flush=True)
