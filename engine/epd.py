@@ -33,6 +33,7 @@ from ipc.stages import (
     Encoded,
     EncodeTask,
     Failed,
+    FreeKV,
     FreeMM,
     Migrated,
     Prefilled,
@@ -65,9 +66,6 @@ def parse_placement(text: str, mode: str) -> dict[str, list[str]]:
     need = ("E", "P", "D") if mode == "epd" else ("P", "D")
     if sorted(out) != sorted(need):
         raise ValueError(f"placement {text!r}: mode {mode!r} needs exactly the stages {'/'.join(need)}")
-    for stage in ("P", "D"):
-        if len(out[stage]) != 1:
-            raise ValueError(f"placement {text!r}: one {stage} instance is supported")
     return out
 
 
@@ -94,7 +92,8 @@ class EPDEngine:
         ctx = mp.get_context("spawn")
         self.outbox = ctx.Queue()
         self.encoder_inboxes = [ctx.Queue() for _ in devices.get("E", [])]
-        self.prefill_inbox, self.decode_inbox = ctx.Queue(), ctx.Queue()
+        self.prefill_inboxes = [ctx.Queue() for _ in devices["P"]]
+        self.decode_inboxes = [ctx.Queue() for _ in devices["D"]]
         self.procs: dict[str, object] = {}
         self.handles: list = []
         self.stage_stats: dict[str, dict] = {}
@@ -112,23 +111,30 @@ class EPDEngine:
         mm_handles = [r.handle for r in sorted(ready, key=lambda r: r.index)]
         self.handles = list(mm_handles)  # every arena, so shutdown can clean up after killed stages
         block_size = 16  # the stages' LLM default
-        # prefill and decode on one device share prefill's arena, extended by decode's blocks
-        shared = cfg.share_kv_arena and devices["P"] == devices["D"]
+        # One prefill and one decode on one device share prefill's arena, extended by decode's
+        # blocks (decode reads the prompt's KV in place); otherwise decode pulls copies.
+        shared = cfg.share_kv_arena and len(devices["P"]) == len(devices["D"]) == 1 and devices["P"] == devices["D"]
         decode_blocks = -(-cfg.kv_cache_tokens // block_size) if shared else 0
-        start("prefill", prefill_main, on(devices["P"][0]), mm_handles, self.prefill_inbox, self.outbox,
-              self.encoder_inboxes, decode_blocks)
-        kv_handle = self._await_ready(1, deadline)[0].handle
-        self.handles.append(kv_handle)
-        start("decode", decode_main, on(devices["D"][0]), kv_handle, self.decode_inbox, self.outbox,
-              self.prefill_inbox, shared)
-        self._await_ready(1, deadline)
+        for i, inbox in enumerate(self.prefill_inboxes):
+            start(f"prefill{i}", prefill_main, on(devices["P"][i]), i, mm_handles, inbox, self.outbox,
+                  self.encoder_inboxes, decode_blocks)
+        ready = self._await_ready(len(self.prefill_inboxes), deadline)
+        kv_handles = [r.handle for r in sorted(ready, key=lambda r: r.index)]
+        self.handles += kv_handles
+        for j, inbox in enumerate(self.decode_inboxes):
+            start(f"decode{j}", decode_main, on(devices["D"][j]), j, kv_handles, inbox, self.outbox,
+                  self.prefill_inboxes, shared)
+        self._await_ready(len(self.decode_inboxes), deadline)
         self.frontend = Frontend(model, self.cfg, Capacity(self.cfg.text.max_position_embeddings,
                                                            -(-cfg.kv_cache_tokens // block_size), block_size,
                                                            2 * cfg.max_images_per_batch), seed)
         self.encoder_load = [0] * len(self.encoder_inboxes)  # images in flight per encoder
+        self.prefill_load = [0] * len(self.prefill_inboxes)  # requests in flight per instance
+        self.decode_load = [0] * len(self.decode_inboxes)
         self.broken: str | None = None
         self.dead: set[str] = set()
         self.flights: dict[int, _Flight] = {}  # requests in the stages, by seq_id
+        self.late_events: list[TokenEvent] = []  # failures found outside step(), returned by the next
 
     def _await_ready(self, n: int, deadline: float) -> list[Ready]:
         ready = []
@@ -153,6 +159,7 @@ class EPDEngine:
 
     def add_request(self, request: Request | str, sampling: SamplingParams | None = None) -> Sequence:
         """Validate and send one request into the stages; its events carry index = seq_id."""
+        self._check_stages(self.late_events)  # never route to a stage that died since the last step
         if self.broken:
             raise StageError(f"engine is broken: {self.broken}")
         seq, images = self.frontend.make_sequence(request, sampling, preprocess=False)
@@ -172,7 +179,7 @@ class EPDEngine:
         """Handle the stage messages that arrive within timeout_s (at least one if any comes):
         a TokenEvent per token, with the output when a request ends, or with `error` when a
         stage failed it."""
-        events: list[TokenEvent] = []
+        events, self.late_events = self.late_events, []
         try:
             msgs = [self.outbox.get(timeout=timeout_s)]
         except queue.Empty:
@@ -193,6 +200,11 @@ class EPDEngine:
             if isinstance(msg, Encoded):  # images of a request that ended: give the blocks back
                 self.encoder_load[msg.encoder] -= len(msg.blocks)
                 self.encoder_inboxes[msg.encoder].put(FreeMM(msg.blocks))
+            elif isinstance(msg, Prefilled):  # KV of a request that ended meanwhile
+                self.prefill_load[msg.prefill] -= 1
+                self.prefill_inboxes[msg.prefill].put(FreeKV(msg.kv_blocks))
+            elif isinstance(msg, Failed) and msg.stage.startswith("prefill"):
+                self.prefill_load[int(msg.stage[len("prefill"):])] -= 1
             return  # a late message for a finished or failed request
         now = time.perf_counter()
         if isinstance(msg, Encoded):
@@ -208,12 +220,18 @@ class EPDEngine:
             seq = flight.seq
             seq.metrics.mm_bytes, seq.metrics.mm_copy_s = msg.mm_bytes, msg.mm_copy_s
             flight.refs.clear()  # prefill consumed (and freed) the embeddings
-            self.decode_inbox.put(DecodeTask(seq.seq_id, seq.prompt_ids, msg.first_token, msg.kv_blocks,
-                                             seq.sampling, seq.seed, seq.stop_token_ids))
+            self.prefill_load[msg.prefill] -= 1
+            flight.decode = self._least_loaded("decode", self.decode_load)
+            self.decode_load[flight.decode] += 1
+            self.decode_inboxes[flight.decode].put(DecodeTask(
+                seq.seq_id, seq.prompt_ids, msg.first_token, msg.prefill, msg.kv_blocks, seq.sampling, seq.seed,
+                seq.stop_token_ids))
             self._token(flight, msg.first_token, now, events)
         elif isinstance(msg, Token):
             self._token(flight, msg.token_id, now, events)
         elif isinstance(msg, Failed):
+            if msg.stage.startswith("prefill"):
+                self.prefill_load[flight.prefill] -= 1
             self._fail(flight, f"{msg.stage}: {msg.error}", events)
 
     def _fail(self, flight: _Flight, error: str, events: list[TokenEvent]) -> None:
@@ -222,10 +240,19 @@ class EPDEngine:
         events.append(TokenEvent(flight.seq.seq_id, -1, "", error=error))
 
     def _release(self, flight: _Flight) -> None:
-        """Free what a request still holds in the stages: unread embeddings, its decode slot."""
+        """Free what a request still holds in the stages: unread embeddings, its decode slot
+        (KV still in prefill is freed when its late Prefilled arrives)."""
         for encoder, block in flight.refs.values():
             self.encoder_inboxes[encoder].put(FreeMM([block]))
-        self.decode_inbox.put(Abort(flight.seq.seq_id))
+        if flight.decode is not None:
+            self.decode_load[flight.decode] -= 1
+            self.decode_inboxes[flight.decode].put(Abort(flight.seq.seq_id))
+
+    def _least_loaded(self, kind: str, load: list[int]) -> int:
+        live = [i for i in range(len(load)) if self.procs[f"{kind}{i}"].is_alive()]
+        if not live:
+            raise StageError(f"no {kind} process is alive")
+        return min(live, key=lambda i: load[i])
 
     def generate(self, requests: Iterable[Request | str], sampling: SamplingParams | None = None
                  ) -> list[RequestOutput]:
@@ -280,12 +307,14 @@ class EPDEngine:
     def _dispatch_prefill(self, flight: _Flight, now: float) -> None:
         seq = flight.seq
         seq.metrics.prefill_start = now
+        flight.prefill = self._least_loaded("prefill", self.prefill_load)
+        self.prefill_load[flight.prefill] += 1
         if self.mode == "pd":
             task = PrefillTask(seq.seq_id, seq.prompt_ids, [], seq.sampling, seq.seed, images=flight.images)
         else:
             refs = [flight.refs[i] for i in range(len(flight.images))]
             task = PrefillTask(seq.seq_id, seq.prompt_ids, refs, seq.sampling, seq.seed)
-        self.prefill_inbox.put(task)
+        self.prefill_inboxes[flight.prefill].put(task)
 
     def _token(self, flight: _Flight, token: int, now: float, events: list[TokenEvent]) -> None:
         seq = flight.seq
@@ -293,34 +322,34 @@ class EPDEngine:
         events.append(TokenEvent(seq.seq_id, token, delta, output))
         if output is not None:
             del self.flights[seq.seq_id]
-            self.decode_inbox.put(Abort(seq.seq_id))  # a stop string ends it here, not in decode
+            self._release(flight)  # a stop string ends it here, not in decode
 
     def _check_stages(self, events: list[TokenEvent]) -> None:
-        """On a quiet queue: find dead stages; re-route an encoder's work, fail the rest."""
+        """On a quiet queue: find dead stages. An encoder's work moves to the other encoders;
+        requests on a dead prefill or decode instance fail; the engine serves on while every
+        kind of stage has a live instance."""
         for name, proc in self.procs.items():
             if proc.is_alive() or name in self.dead:
                 continue
             self.dead.add(name)
-            if name.startswith("encode"):
-                index = int(name[len("encode"):])
-                self.encoder_load[index] = 1 << 30  # never chosen again
-                if not any(p.is_alive() for n, p in self.procs.items() if n.startswith("encode")):
-                    self.broken = "every encoder process died"
-                for flight in list(self.flights.values()):
-                    if index in flight.parts:
-                        del flight.parts[index]
-                        if self.broken:
-                            self._fail(flight, self.broken, events)
-                        else:
-                            self._dispatch_encode(flight)  # the lost images go to a live encoder
-            else:
-                self.broken = f"stage {name} died (exit code {proc.exitcode})"
-                for flight in list(self.flights.values()):
+            kind = name.rstrip("0123456789")
+            index = int(name[len(kind):])
+            if not any(p.is_alive() for n, p in self.procs.items() if n.rstrip("0123456789") == kind):
+                self.broken = f"stage {name} died (exit code {proc.exitcode}) and no {kind} process is left"
+            for flight in list(self.flights.values()):
+                if self.broken:
                     self._fail(flight, self.broken, events)
+                elif kind == "encode" and index in flight.parts:
+                    del flight.parts[index]
+                    self._dispatch_encode(flight)  # the lost images go to a live encoder
+                elif (kind == "prefill" and flight.prefill == index and flight.decode is None) or (
+                        kind == "decode" and flight.decode == index):
+                    flight.decode = None if kind == "decode" else flight.decode  # nothing to abort there
+                    self._fail(flight, f"stage {name} died (exit code {proc.exitcode})", events)
 
     def shutdown(self) -> None:
         """Stop every stage process; none is left behind."""
-        for inbox in [*self.encoder_inboxes, self.prefill_inbox, self.decode_inbox]:
+        for inbox in [*self.encoder_inboxes, *self.prefill_inboxes, *self.decode_inboxes]:
             inbox.put(Shutdown())
         for proc in self.procs.values():
             proc.join(timeout=30)
@@ -345,3 +374,5 @@ class _Flight:
         self.seq, self.images = seq, images
         self.parts: dict[int, list[int]] = {}  # encoder -> image indices still being encoded
         self.refs: dict[int, tuple[int, int]] = {}  # image index -> (encoder, MM block)
+        self.prefill: int | None = None  # the instances it was routed to
+        self.decode: int | None = None

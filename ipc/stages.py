@@ -74,6 +74,7 @@ class PrefillTask:
 class Prefilled:
     req_id: int
     first_token: int
+    prefill: int  # the instance whose arena holds kv_blocks
     kv_blocks: list[int]
     mm_bytes: int = 0  # image embeddings copied in from the encoders' arenas
     mm_copy_s: float = 0.0
@@ -91,7 +92,8 @@ class DecodeTask:
     req_id: int
     prompt_ids: list[int]
     first_token: int
-    kv_blocks: list[int]  # in the prefill stage's arena
+    prefill: int  # the instance whose arena holds kv_blocks
+    kv_blocks: list[int]
     sampling: SamplingParams
     seed: int
     stop_token_ids: frozenset[int] = field(default_factory=frozenset)
@@ -132,7 +134,7 @@ class StageStatus:
     """A stage's counters, sent after its work changes them (at most every 0.2 s while busy,
     and always before it waits idle): the orchestrator's `status` shows the latest of each."""
 
-    stage: str  # "encode0", "prefill", "decode"
+    stage: str  # "encode0", "prefill0", "decode0", ...
     stats: dict
 
 
@@ -209,7 +211,7 @@ def encoder_main(cfg: StageConfig, index: int, inbox, outbox) -> None:
         arena.close()
 
 
-def prefill_main(cfg: StageConfig, mm_handles: list, inbox, outbox, encoder_inboxes: list,
+def prefill_main(cfg: StageConfig, index: int, mm_handles: list, inbox, outbox, encoder_inboxes: list,
                  decode_blocks: int = 0) -> None:
     """Prefill prompts into this process's KV arena, image embeddings pulled from encoders.
     decode_blocks > 0: the arena has that many more blocks, for a decode stage on this device."""
@@ -223,13 +225,13 @@ def prefill_main(cfg: StageConfig, mm_handles: list, inbox, outbox, encoder_inbo
     shape = (runner.num_kv_blocks + decode_blocks, *runner.kv_arena.shape[1:])
     runner.kv_arena = None  # freed (and returned to the driver) before the shared arena is made
     _empty_cache(runner.device)
-    arena = SharedArena.create(shape, runner.dtype, runner.device, "kv-prefill")
+    arena = SharedArena.create(shape, runner.dtype, runner.device, f"kv-prefill{index}")
     runner.kv_arena = arena.tensor
     mm_arenas = [SharedArena.open(h, runner.device) for h in mm_handles]
-    outbox.put(Ready("prefill", 0, arena.handle))
+    outbox.put(Ready("prefill", index, arena.handle))
     sched = llm.engine.prefill
     tasks: dict[int, PrefillTask] = {}
-    report = _Reporter(outbox, "prefill")
+    report = _Reporter(outbox, f"prefill{index}")
     try:
         while True:
             report({"waiting": len(sched.waiting), "kv_blocks": _blocks(llm.engine.kv_blocks),
@@ -259,7 +261,7 @@ def prefill_main(cfg: StageConfig, mm_handles: list, inbox, outbox, encoder_inbo
                         ready.append(seq)
                     except Exception as e:  # fails this request only
                         llm.abort(seq)
-                        outbox.put(Failed(seq.seq_id, "prefill", str(e)))
+                        outbox.put(Failed(seq.seq_id, f"prefill{index}", str(e)))
                 if not ready:
                     continue
                 tokens = runner.prefill(ready).token_ids
@@ -268,7 +270,7 @@ def prefill_main(cfg: StageConfig, mm_handles: list, inbox, outbox, encoder_inbo
                         llm.engine.mm_blocks.free(seq.mm_blocks)
                         seq.mm_blocks = []
                     seq.status = Status.FINISHED  # the KV blocks now belong to the hand-off
-                    outbox.put(Prefilled(seq.seq_id, token, seq.block_table, *mm[seq.seq_id]))
+                    outbox.put(Prefilled(seq.seq_id, token, index, seq.block_table, *mm[seq.seq_id]))
     finally:
         for a in mm_arenas:
             a.close()
@@ -302,10 +304,12 @@ def _stage_images(seq, task: PrefillTask, llm, mm_arenas: list, encoder_inboxes:
     return count * llm.runner.mm_arena[0].numel() * llm.runner.mm_arena.element_size()
 
 
-def decode_main(cfg: StageConfig, kv_handle, inbox, outbox, prefill_inbox, shared: bool) -> None:
-    """Take over prefilled requests and run continuous-batching decode. On prefill's device the
-    prompt's KV blocks are read in place in the shared arena (decode owns the blocks after
-    prefill's); otherwise they are pulled into this stage's arena and acknowledged at once."""
+def decode_main(cfg: StageConfig, index: int, kv_handles: list, inbox, outbox, prefill_inboxes: list,
+                shared: bool) -> None:
+    """Take over prefilled requests and run continuous-batching decode. shared (one prefill, one
+    decode, one device): the prompt's KV blocks are read in place in prefill's arena (decode owns
+    the blocks after prefill's); otherwise they are pulled from the prefill instance's arena into
+    this stage's and acknowledged at once."""
     from engine.request import Sequence, Status
     from engine.schedulers import blocks_for
     from ipc.arena import SharedArena
@@ -313,15 +317,15 @@ def decode_main(cfg: StageConfig, kv_handle, inbox, outbox, prefill_inbox, share
 
     llm = _llm(cfg, parts="lm", max_images_per_batch=0, cuda_graphs=False)
     runner, engine = llm.runner, llm.engine
-    src = SharedArena.open(kv_handle, runner.device)
+    srcs = [SharedArena.open(h, runner.device) for h in kv_handles]  # mapped once, kept
     if shared:  # one arena: prefill's blocks first, then this stage's
         runner.kv_arena = None
         _empty_cache(runner.device)
-        runner.kv_arena = src.tensor
-        engine.kv_blocks.rebase(src.tensor.shape[0] - runner.num_kv_blocks)
+        runner.kv_arena = srcs[0].tensor
+        engine.kv_blocks.rebase(srcs[0].tensor.shape[0] - runner.num_kv_blocks)
     if runner.backend == "cuda":
         runner.capture_graphs()  # after the arena is final: graphs bake in its address
-    outbox.put(Ready("decode", 0, None))
+    outbox.put(Ready("decode", index, None))
     live: dict[int, Sequence] = {}
     borrowed: dict[int, list[int]] = {}  # shared arena: prefill's blocks each request reads in place
     pending: list[DecodeTask] = []
@@ -331,9 +335,9 @@ def decode_main(cfg: StageConfig, kv_handle, inbox, outbox, prefill_inbox, share
         seq.block_table = seq.block_table[len(lent):]  # ours go back to our pool, prefill's to prefill
         engine.finish(seq)
         if lent:
-            prefill_inbox.put(FreeKV(lent))
+            prefill_inboxes[0].put(FreeKV(lent))
 
-    report = _Reporter(outbox, "decode")
+    report = _Reporter(outbox, f"decode{index}")
     graphs = sorted(runner.decode_graphs.graphs) if runner.decode_graphs else []
     try:
         while True:
@@ -366,10 +370,11 @@ def decode_main(cfg: StageConfig, kv_handle, inbox, outbox, prefill_inbox, share
                     blocks = task.kv_blocks + blocks
                 else:
                     start = time.perf_counter()
-                    nbytes = pull_blocks(src.tensor, task.kv_blocks, runner.kv_arena, blocks[: len(task.kv_blocks)])
+                    nbytes = pull_blocks(srcs[task.prefill].tensor, task.kv_blocks, runner.kv_arena,
+                                         blocks[: len(task.kv_blocks)])
                     _synchronize(runner.device)
                     outbox.put(Migrated(task.req_id, nbytes, time.perf_counter() - start))
-                    prefill_inbox.put(FreeKV(task.kv_blocks))  # acknowledged: prefill may reuse them
+                    prefill_inboxes[task.prefill].put(FreeKV(task.kv_blocks))  # acked: prefill may reuse them
                 seq = Sequence(seq_id=task.req_id, prompt_ids=task.prompt_ids, sampling=task.sampling,
                                seed=task.seed, detok=None, stop_token_ids=task.stop_token_ids, block_table=blocks)
                 seq.output_ids.append(task.first_token)
@@ -390,7 +395,8 @@ def decode_main(cfg: StageConfig, kv_handle, inbox, outbox, prefill_inbox, share
                     finish(live.pop(seq.seq_id))
     finally:
         runner.kv_arena = None
-        src.close()
+        for src in srcs:
+            src.close()
 
 
 def _empty_cache(device: torch.device) -> None:

@@ -59,11 +59,11 @@ def test_epd_matches_aggregated(epd: EPDEngine, tiny_llava: Path) -> None:
     for _ in range(40):
         epd.step(timeout_s=0.05)
         stages = epd.status()["stages"]
-        if sorted(stages) == ["decode", "encode0", "encode1", "prefill"] and all(
+        if sorted(stages) == ["decode0", "encode0", "encode1", "prefill0"] and all(
                 s.get(k, {}).get("used", 0) == 0 for s in stages.values() for k in ("kv_blocks", "mm_blocks")):
             break
-    assert sorted(stages) == ["decode", "encode0", "encode1", "prefill"], stages
-    assert stages["decode"]["running"] == 0 and stages["prefill"]["kv_blocks"]["total"] > 0
+    assert sorted(stages) == ["decode0", "encode0", "encode1", "prefill0"], stages
+    assert stages["decode0"]["running"] == 0 and stages["prefill0"]["kv_blocks"]["total"] > 0
     assert all(s.get(k, {}).get("used", 0) == 0 for s in stages.values() for k in ("kv_blocks", "mm_blocks")), stages
 
 
@@ -82,12 +82,32 @@ def test_killed_encoder_is_routed_around_and_killed_prefill_fails_cleanly(tiny_l
         engine.procs["encode0"].join()
         outputs = engine.generate(_requests(), SP)
         assert all(len(o.token_ids) == 12 for o in outputs)
-        engine.procs["prefill"].kill()
-        engine.procs["prefill"].join()
-        with pytest.raises(StageError, match="prefill died"):
+        engine.procs["prefill0"].kill()
+        engine.procs["prefill0"].join()
+        with pytest.raises(StageError, match="broken: stage prefill0 died"):
             engine.generate(_requests()[:2], SP)
-        with pytest.raises(StageError, match="broken"):
-            engine.generate(_requests()[:1], SP)
+    finally:
+        engine.shutdown()
+    assert not any(p.is_alive() for p in engine.procs.values())
+    assert not any(Path(h.path).exists() for h in engine.handles)
+
+
+def test_several_prefill_and_decode_instances(tiny_llava: Path) -> None:
+    """E:1 P:2 D:2 (6 processes): requests go to the least-loaded live instance; output equals
+    aggregated; a dead prefill or decode instance is routed around; nothing is left behind."""
+    reference = [o.token_ids for o in LLM(tiny_llava, backend="torch", device="cpu").generate(_requests(), SP)]
+    engine = EPDEngine(tiny_llava, placement="E:cpu P:cpu,cpu D:cpu,cpu", stage=StageConfig(model=str(tiny_llava)))
+    try:
+        assert [o.token_ids for o in engine.generate(_requests(), SP)] == reference
+        assert engine.prefill_load == [0, 0] and engine.decode_load == [0, 0]
+        engine.procs["prefill1"].kill()
+        engine.procs["decode0"].kill()
+        engine.procs["prefill1"].join()
+        engine.procs["decode0"].join()
+        outputs = engine.generate(_requests(), SP)  # on prefill0 and decode1
+        assert [o.token_ids for o in outputs] == reference
+        assert engine.broken is None
+        assert engine.status()["stages_alive"] == {"encode0": True, "prefill0": True, "prefill1": False, "decode0": False, "decode1": True}
     finally:
         engine.shutdown()
     assert not any(p.is_alive() for p in engine.procs.values())
@@ -128,7 +148,7 @@ def test_pd_mode_with_kv_migration_matches_aggregated(tiny_llava: Path) -> None:
     ("text", "mode", "match"),
     [("E:0,1 P:2 D:3", "epd", None), ("P:cpu D:cpu", "pd", None), ("E:0 P:0", "epd", "needs exactly the stages"),
      ("E:0 P:0 D:0", "pd", "needs exactly"), ("E:x P:0 D:0", "epd", "neither a GPU index"),
-     ("P:0,1 D:0", "pd", "one P instance"), ("Q:1", "epd", "expected items like")],
+     ("Q:1", "epd", "expected items like")],
 )
 def test_parse_placement(text: str, mode: str, match: str | None) -> None:
     from engine.epd import parse_placement
