@@ -15,7 +15,6 @@ engine refuses new work.
 
 from __future__ import annotations
 
-import queue
 import time
 from collections.abc import Iterable
 from dataclasses import replace
@@ -48,6 +47,8 @@ from ipc.stages import (
     prefill_main,
     run_stage,
 )
+
+_OUTBOX = object()  # placeholder in a stage's arguments for the outbox made at its start
 
 
 class StageError(RuntimeError):
@@ -90,7 +91,7 @@ class EPDEngine:
         self.mode = mode
         cfg = replace(cfg, kv_cache_tokens=cfg.kv_cache_tokens or 4 * self.cfg.text.max_position_embeddings)
         ctx = mp.get_context("spawn")
-        self.outbox = ctx.Queue()
+        self.outboxes: dict[str, object] = {}  # stage name -> its own outbox (one writer each)
         self.encoder_inboxes = [ctx.Queue() for _ in devices.get("E", [])]
         self.prefill_inboxes = [ctx.Queue() for _ in devices["P"]]
         self.decode_inboxes = [ctx.Queue() for _ in devices["D"]]
@@ -99,14 +100,19 @@ class EPDEngine:
         self.stage_stats: dict[str, dict] = {}
         deadline = time.monotonic() + start_timeout_s
 
-        def start(name: str, target, *args) -> None:
+        def start(name: str, target, *args) -> object:
+            outbox = ctx.Queue()
+            args = [outbox if a is _OUTBOX else a for a in args]
             proc = ctx.Process(target=run_stage, args=(target, *args), name=name, daemon=True)
             proc.start()
-            self.procs[name] = proc
+            # Only the stage writes to its outbox: closing our write end makes its death an EOF
+            # for the reader, even in the middle of a message.
+            outbox._writer.close()
+            self.procs[name], self.outboxes[name] = proc, outbox
 
         on = lambda device: replace(cfg, device=device)  # noqa: E731
         for i, inbox in enumerate(self.encoder_inboxes):
-            start(f"encode{i}", encoder_main, on(devices["E"][i]), i, inbox, self.outbox)
+            start(f"encode{i}", encoder_main, on(devices["E"][i]), i, inbox, _OUTBOX)
         ready = self._await_ready(len(self.encoder_inboxes), deadline)
         mm_handles = [r.handle for r in sorted(ready, key=lambda r: r.index)]
         self.handles = list(mm_handles)  # every arena, so shutdown can clean up after killed stages
@@ -116,14 +122,12 @@ class EPDEngine:
         shared = cfg.share_kv_arena and len(devices["P"]) == len(devices["D"]) == 1 and devices["P"] == devices["D"]
         decode_blocks = -(-cfg.kv_cache_tokens // block_size) if shared else 0
         for i, inbox in enumerate(self.prefill_inboxes):
-            start(f"prefill{i}", prefill_main, on(devices["P"][i]), i, mm_handles, inbox, self.outbox,
-                  self.encoder_inboxes, decode_blocks)
+            start(f"prefill{i}", prefill_main, on(devices["P"][i]), i, mm_handles, inbox, _OUTBOX, decode_blocks)
         ready = self._await_ready(len(self.prefill_inboxes), deadline)
         kv_handles = [r.handle for r in sorted(ready, key=lambda r: r.index)]
         self.handles += kv_handles
         for j, inbox in enumerate(self.decode_inboxes):
-            start(f"decode{j}", decode_main, on(devices["D"][j]), j, kv_handles, inbox, self.outbox,
-                  self.prefill_inboxes, shared)
+            start(f"decode{j}", decode_main, on(devices["D"][j]), j, kv_handles, inbox, _OUTBOX, shared)
         self._await_ready(len(self.decode_inboxes), deadline)
         self.frontend = Frontend(model, self.cfg, Capacity(self.cfg.text.max_position_embeddings,
                                                            -(-cfg.kv_cache_tokens // block_size), block_size,
@@ -139,18 +143,17 @@ class EPDEngine:
     def _await_ready(self, n: int, deadline: float) -> list[Ready]:
         ready = []
         while len(ready) < n:
-            try:
-                msg = self.outbox.get(timeout=1.0)
-            except queue.Empty:
+            msgs = self._receive(1.0)
+            if not msgs:
                 dead = [name for name, p in self.procs.items() if not p.is_alive()]
                 if dead or time.monotonic() > deadline:
                     self.shutdown()
                     raise RuntimeError(f"stage(s) {dead or 'all'} failed to start") from None
-                continue
-            if isinstance(msg, Ready):
-                ready.append(msg)
-            elif isinstance(msg, StageStatus):
-                self.stage_stats[msg.stage] = msg.stats
+            for msg in msgs:
+                if isinstance(msg, Ready):
+                    ready.append(msg)
+                elif isinstance(msg, StageStatus):
+                    self.stage_stats[msg.stage] = msg.stats
         return ready
 
     # ------------------------------------------------------------------ requests
@@ -180,29 +183,46 @@ class EPDEngine:
         a TokenEvent per token, with the output when a request ends, or with `error` when a
         stage failed it."""
         events, self.late_events = self.late_events, []
-        try:
-            msgs = [self.outbox.get(timeout=timeout_s)]
-        except queue.Empty:
+        msgs = self._receive(timeout_s)
+        if not msgs:
             self._check_stages(events)
-            return events
-        while not self.outbox.empty():
-            msgs.append(self.outbox.get())
         for msg in msgs:
             self._handle(msg, events)
         return events
+
+    def _receive(self, timeout_s: float) -> list:
+        """Every message queued in the stages' outboxes, waiting up to timeout_s for the first.
+        An outbox whose stage is gone (EOF, or a message cut short by its death) is dropped."""
+        from multiprocess.connection import wait
+
+        readers = {q._reader: name for name, q in self.outboxes.items()}
+        msgs = []
+        for reader in wait(list(readers), timeout_s):
+            try:
+                while reader.poll():
+                    msgs.append(reader.recv())
+            except (EOFError, OSError):
+                del self.outboxes[readers[reader]]
+        return msgs
 
     def _handle(self, msg: object, events: list[TokenEvent]) -> None:
         if isinstance(msg, StageStatus):
             self.stage_stats[msg.stage] = msg.stats
             return
+        if isinstance(msg, FreeMM):  # prefill consumed embeddings: to the encoder that holds them
+            self.encoder_inboxes[msg.encoder].put(msg)
+            return
+        if isinstance(msg, FreeKV):  # decode pulled or finished reading KV: to its prefill
+            self.prefill_inboxes[msg.prefill].put(msg)
+            return
         flight = self.flights.get(getattr(msg, "req_id", None))
         if flight is None:
             if isinstance(msg, Encoded):  # images of a request that ended: give the blocks back
                 self.encoder_load[msg.encoder] -= len(msg.blocks)
-                self.encoder_inboxes[msg.encoder].put(FreeMM(msg.blocks))
+                self.encoder_inboxes[msg.encoder].put(FreeMM(msg.blocks, msg.encoder))
             elif isinstance(msg, Prefilled):  # KV of a request that ended meanwhile
                 self.prefill_load[msg.prefill] -= 1
-                self.prefill_inboxes[msg.prefill].put(FreeKV(msg.kv_blocks))
+                self.prefill_inboxes[msg.prefill].put(FreeKV(msg.kv_blocks, msg.prefill))
             elif isinstance(msg, Failed) and msg.stage.startswith("prefill"):
                 self.prefill_load[int(msg.stage[len("prefill"):])] -= 1
             return  # a late message for a finished or failed request
@@ -243,7 +263,7 @@ class EPDEngine:
         """Free what a request still holds in the stages: unread embeddings, its decode slot
         (KV still in prefill is freed when its late Prefilled arrives)."""
         for encoder, block in flight.refs.values():
-            self.encoder_inboxes[encoder].put(FreeMM([block]))
+            self.encoder_inboxes[encoder].put(FreeMM([block], encoder))
         if flight.decode is not None:
             self.decode_load[flight.decode] -= 1
             self.decode_inboxes[flight.decode].put(Abort(flight.seq.seq_id))

@@ -1,6 +1,9 @@
 """Stage processes for EPD serving: encoders, prefill, decode. Each owns its arena (exported
 as a SharedArena handle), reads peers' arenas through handles mapped once, and talks to the
-orchestrator only in small picklable messages: request ids, token ids and block ids.
+orchestrator only in small picklable messages: request ids, token ids and block ids. Every
+queue has one writer and one reader: each stage has its own inbox (written by the orchestrator)
+and outbox (read by it); frees between stages go through the orchestrator. A stage killed in
+the middle of a write can then only break its own queues, which the orchestrator drops.
 
     encoder:  EncodeTask -> writes image embeddings into its MM arena -> Encoded
     prefill:  PrefillTask (MM refs) -> copies the embeddings in, frees them (FreeMM to the
@@ -58,6 +61,7 @@ class Encoded:
 @dataclass
 class FreeMM:
     blocks: list[int]
+    encoder: int = 0  # whose arena (the orchestrator forwards it there)
 
 
 @dataclass
@@ -102,6 +106,7 @@ class DecodeTask:
 @dataclass
 class FreeKV:
     blocks: list[int]
+    prefill: int = 0  # whose arena (the orchestrator forwards it there)
 
 
 @dataclass
@@ -211,8 +216,7 @@ def encoder_main(cfg: StageConfig, index: int, inbox, outbox) -> None:
         arena.close()
 
 
-def prefill_main(cfg: StageConfig, index: int, mm_handles: list, inbox, outbox, encoder_inboxes: list,
-                 decode_blocks: int = 0) -> None:
+def prefill_main(cfg: StageConfig, index: int, mm_handles: list, inbox, outbox, decode_blocks: int = 0) -> None:
     """Prefill prompts into this process's KV arena, image embeddings pulled from encoders.
     decode_blocks > 0: the arena has that many more blocks, for a decode stage on this device."""
     from engine.request import Sequence, Status
@@ -256,7 +260,7 @@ def prefill_main(cfg: StageConfig, index: int, mm_handles: list, inbox, outbox, 
                 for seq in batch:
                     try:
                         start = time.perf_counter()
-                        nbytes = _stage_images(seq, tasks.pop(seq.seq_id), llm, mm_arenas, encoder_inboxes)
+                        nbytes = _stage_images(seq, tasks.pop(seq.seq_id), llm, mm_arenas, outbox)
                         mm[seq.seq_id] = (nbytes, time.perf_counter() - start if nbytes else 0.0)
                         ready.append(seq)
                     except Exception as e:  # fails this request only
@@ -277,7 +281,7 @@ def prefill_main(cfg: StageConfig, index: int, mm_handles: list, inbox, outbox, 
         arena.close()
 
 
-def _stage_images(seq, task: PrefillTask, llm, mm_arenas: list, encoder_inboxes: list) -> int:
+def _stage_images(seq, task: PrefillTask, llm, mm_arenas: list, outbox) -> int:
     """Put the request's image embeddings into local MM blocks: encode them here (pd), or copy
     them from the encoders' arenas and tell each encoder its blocks are consumed (epd).
     Returns the bytes copied."""
@@ -300,12 +304,11 @@ def _stage_images(seq, task: PrefillTask, llm, mm_arenas: list, encoder_inboxes:
         by_encoder.setdefault(encoder, []).append(block)
     _synchronize(llm.runner.device)  # the encoders may overwrite these blocks once freed
     for encoder, freed in by_encoder.items():
-        encoder_inboxes[encoder].put(FreeMM(freed))
+        outbox.put(FreeMM(freed, encoder))
     return count * llm.runner.mm_arena[0].numel() * llm.runner.mm_arena.element_size()
 
 
-def decode_main(cfg: StageConfig, index: int, kv_handles: list, inbox, outbox, prefill_inboxes: list,
-                shared: bool) -> None:
+def decode_main(cfg: StageConfig, index: int, kv_handles: list, inbox, outbox, shared: bool) -> None:
     """Take over prefilled requests and run continuous-batching decode. shared (one prefill, one
     decode, one device): the prompt's KV blocks are read in place in prefill's arena (decode owns
     the blocks after prefill's); otherwise they are pulled from the prefill instance's arena into
@@ -335,7 +338,7 @@ def decode_main(cfg: StageConfig, index: int, kv_handles: list, inbox, outbox, p
         seq.block_table = seq.block_table[len(lent):]  # ours go back to our pool, prefill's to prefill
         engine.finish(seq)
         if lent:
-            prefill_inboxes[0].put(FreeKV(lent))
+            outbox.put(FreeKV(lent, 0))
 
     report = _Reporter(outbox, f"decode{index}")
     graphs = sorted(runner.decode_graphs.graphs) if runner.decode_graphs else []
@@ -374,7 +377,7 @@ def decode_main(cfg: StageConfig, index: int, kv_handles: list, inbox, outbox, p
                                          blocks[: len(task.kv_blocks)])
                     _synchronize(runner.device)
                     outbox.put(Migrated(task.req_id, nbytes, time.perf_counter() - start))
-                    prefill_inboxes[task.prefill].put(FreeKV(task.kv_blocks))  # acked: prefill may reuse them
+                    outbox.put(FreeKV(task.kv_blocks, task.prefill))  # acked: prefill may reuse them
                 seq = Sequence(seq_id=task.req_id, prompt_ids=task.prompt_ids, sampling=task.sampling,
                                seed=task.seed, detok=None, stop_token_ids=task.stop_token_ids, block_table=blocks)
                 seq.output_ids.append(task.first_token)

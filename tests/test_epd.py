@@ -107,7 +107,8 @@ def test_several_prefill_and_decode_instances(tiny_llava: Path) -> None:
         outputs = engine.generate(_requests(), SP)  # on prefill0 and decode1
         assert [o.token_ids for o in outputs] == reference
         assert engine.broken is None
-        assert engine.status()["stages_alive"] == {"encode0": True, "prefill0": True, "prefill1": False, "decode0": False, "decode1": True}
+        alive = engine.status()["stages_alive"]
+        assert alive == {"encode0": True, "prefill0": True, "prefill1": False, "decode0": False, "decode1": True}
     finally:
         engine.shutdown()
     assert not any(p.is_alive() for p in engine.procs.values())
