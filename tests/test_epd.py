@@ -123,7 +123,8 @@ def test_epd_on_one_gpu_matches_aggregated(tiny_llava: Path) -> None:
     Same batch shapes in both modes, since bf16 results depend on them (GEMM tiling): one request
     at a time, and one encoder: two split the 3-image request into vision batches of 2 + 1 where
     aggregated runs one of 3. With two encoders this test failed on the H100 (2026-11-26, d1d7e22);
-    the split is the one batch-shape difference left, so the likely cause (next GPU run confirms)."""
+    the torch backend in bf16 on the CPU shows the same: only the 3-image request differs, and
+    only with two encoders."""
     pytest.importorskip("kernels._epd_C")
     kw = {"backend": "cuda", "device": "cuda", "dtype": "bfloat16", "kv_cache_tokens": 4096}
     llm = LLM(tiny_llava, **kw)
