@@ -6,14 +6,15 @@ and outbox (read by it); frees between stages go through the orchestrator. A sta
 the middle of a write can then only break its own queues, which the orchestrator drops.
 
     encoder:  EncodeTask -> writes image embeddings into its MM arena -> Encoded
-    prefill:  PrefillTask (MM refs) -> copies the embeddings in, frees them (FreeMM to the
+    prefill:  PrefillTask (MM refs) -> copies the embeddings in, frees them (FreeMM, for the
               encoder), prefills into its KV arena -> Prefilled
-    decode:   DecodeTask (prefill's KV blocks) -> pulls them, acks (FreeKV) -> Token ...
+    decode:   DecodeTask (a prefill instance's KV blocks) -> pulls them, acks (FreeKV, for that
+              prefill) -> Token ...
 
-Prefill and decode on one device share one KV arena (prefill owns the first blocks, decode the
-rest): decode reads the prompt's blocks in place and acknowledges them when the request ends,
-so nothing is copied. On different devices decode pulls the blocks (ipc/migration.py) and
-acknowledges at once. Copies are timed with CUDA events (no host sync) and reported.
+One prefill and one decode on one device share one KV arena (prefill owns the first blocks,
+decode the rest): decode reads the prompt's blocks in place and acknowledges them when the
+request ends, so nothing is copied. Otherwise decode pulls the blocks (ipc/migration.py) and
+acknowledges at once. Hand-off copies are timed on the host around their sync and reported.
 """
 
 from __future__ import annotations
