@@ -233,7 +233,10 @@ class EPDEngine:
                 flight.refs[image] = (msg.encoder, block)
             if not flight.parts:
                 flight.seq.metrics.encode_end = now
-                self._dispatch_prefill(flight, now)
+                try:
+                    self._dispatch_prefill(flight, now)
+                except StageError as e:  # no prefill instance left: this request fails, step goes on
+                    self._fail(flight, str(e), events)
         elif isinstance(msg, Migrated):
             flight.seq.metrics.kv_bytes, flight.seq.metrics.kv_migrate_s = msg.kv_bytes, msg.seconds
         elif isinstance(msg, Prefilled):
@@ -241,7 +244,12 @@ class EPDEngine:
             seq.metrics.mm_bytes, seq.metrics.mm_copy_s = msg.mm_bytes, msg.mm_copy_s
             flight.refs.clear()  # prefill consumed (and freed) the embeddings
             self.prefill_load[msg.prefill] -= 1
-            flight.decode = self._least_loaded("decode", self.decode_load)
+            try:
+                flight.decode = self._least_loaded("decode", self.decode_load)
+            except StageError as e:  # no decode instance left: give the KV back, fail the request
+                self.prefill_inboxes[msg.prefill].put(FreeKV(msg.kv_blocks, msg.prefill))
+                self._fail(flight, str(e), events)
+                return
             self.decode_load[flight.decode] += 1
             self.decode_inboxes[flight.decode].put(DecodeTask(
                 seq.seq_id, seq.prompt_ids, msg.first_token, msg.prefill, msg.kv_blocks, seq.sampling, seq.seed,

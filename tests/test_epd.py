@@ -95,6 +95,25 @@ def test_killed_encoder_is_routed_around_and_killed_prefill_fails_cleanly(tiny_l
     assert not any(Path(h.path).exists() for h in engine.handles)
 
 
+def test_decode_dying_under_a_request_fails_it_with_an_error(tiny_llava: Path) -> None:
+    """Whether decode's death is noticed on a quiet step or when prefill hands the request over,
+    the request ends with an error event (step() never raises) and new work is refused."""
+    engine = EPDEngine(tiny_llava, placement="P:cpu D:cpu", mode="pd", stage=StageConfig(model=str(tiny_llava)))
+    try:
+        seq = engine.add_request(_requests()[0], SP)
+        engine.procs["decode0"].kill()
+        engine.procs["decode0"].join()
+        errors, deadline = [], time.monotonic() + 60
+        while seq.seq_id in engine.flights and time.monotonic() < deadline:
+            errors += [ev.error for ev in engine.step() if ev.error]
+        assert len(errors) == 1 and "decode" in errors[0], errors
+        with pytest.raises(StageError, match="broken: stage decode0 died"):
+            engine.add_request(_requests()[1], SP)
+    finally:
+        engine.shutdown()
+    assert not any(p.is_alive() for p in engine.procs.values())
+
+
 def test_several_prefill_and_decode_instances(tiny_llava: Path) -> None:
     """E:1 P:2 D:2 (6 processes): requests go to the least-loaded live instance; output equals
     aggregated; a dead prefill or decode instance is routed around; nothing is left behind."""
