@@ -57,18 +57,23 @@ def _sync(*devices: str) -> None:
             torch.cuda.synchronize(d)
 
 
+def _median_s(fn, devices: tuple[str, ...], reps: int) -> float:
+    """Median seconds of fn() between syncs of `devices`, the first 2 calls being warm-up."""
+    times = []
+    for _ in range(reps):
+        _sync(*devices)
+        t0 = time.perf_counter()
+        fn()
+        _sync(*devices)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[2:])
+
+
 def copy_gbps(src_device: str, dst_device: str, nbytes: int = 1 << 30) -> float:
     """Bytes moved per second by one large copy src -> dst (a peer copy between GPUs)."""
     src = torch.randn(nbytes // 2, dtype=torch.bfloat16, device=src_device)
     dst = torch.empty_like(src, device=dst_device)
-    times = []
-    for _ in range(12):
-        _sync(src_device, dst_device)
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        _sync(src_device, dst_device)
-        times.append(time.perf_counter() - t0)
-    return nbytes / statistics.median(times[2:]) / 1e9
+    return nbytes / _median_s(lambda: dst.copy_(src), (src_device, dst_device), 12) / 1e9
 
 
 def pull_gbps(src_device: str, dst_device: str, block_shape: tuple, dtype: torch.dtype, n: int,
@@ -82,15 +87,10 @@ def pull_gbps(src_device: str, dst_device: str, block_shape: tuple, dtype: torch
     g = torch.Generator().manual_seed(0)
     src_ids = torch.randperm(2 * n, generator=g)[:n].tolist() if scattered else list(range(n))
     dst_ids = torch.randperm(2 * n, generator=g)[:n].tolist() if scattered else list(range(n, 2 * n))
-    times = []
-    for _ in range(10):
-        _sync(src_device, dst_device)
-        t0 = time.perf_counter()
-        nbytes = pull_blocks(src, src_ids, dst, dst_ids)
-        _sync(src_device, dst_device)
-        times.append(time.perf_counter() - t0)
+    seconds = _median_s(lambda: pull_blocks(src, src_ids, dst, dst_ids), (src_device, dst_device), 10)
     assert torch.equal(dst[dst_ids[-1]], src[src_ids[-1]].to(dst_device))
-    return nbytes / statistics.median(times[2:]) / 1e9, len(block_runs(src_ids, dst_ids))
+    nbytes = n * src[0].numel() * src.element_size()
+    return nbytes / seconds / 1e9, len(block_runs(src_ids, dst_ids))
 
 
 def one_at_a_time(engine, reqs: list[Request], sp: SamplingParams) -> list:
