@@ -1,0 +1,126 @@
+"""Where a decode step's time goes: per-kernel device time inside the CUDA graphs, and the time
+the GPU sits between kernels, for one batch size (default: batch 1 at context 640, 8 steps per call).
+
+    python scripts/profile_decode.py --model /tmp/llava-7b [--batch 1] [--context 640] [--pdl on,off]
+
+For each PDL setting the decode graphs are captured again, timed without the profiler (median
+ms per step), then profiled: kernels are grouped by name, and "idle" is the part of the step's
+span where no kernel runs (launch gaps, ramps and tails). With PDL kernels overlap, so their
+durations may add up to more than the span.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from engine import LLM  # noqa: E402
+from scripts.bench_decode import _sequences, set_pdl  # noqa: E402
+
+
+def short_name(name: str) -> str:
+    """Kernel name without template arguments and parameter lists."""
+    name = re.sub(r"\(.*", "", name)
+    depth, out = 0, []
+    for ch in name:
+        depth += ch == "<"
+        if depth == 0:
+            out.append(ch)
+        depth -= ch == ">"
+    base = "".join(out).split("::")[-1].strip()
+    return base[:60] or name[:60]
+
+
+def busy_time(intervals: list[tuple[float, float]]) -> float:
+    """Length of the union of [start, end) intervals."""
+    total, end = 0.0, float("-inf")
+    for s, e in sorted(intervals):
+        if s > end:
+            total += e - s
+            end = e
+        elif e > end:
+            total += e - end
+            end = e
+    return total
+
+
+def profile_once(llm: LLM, batch: int, context: int, steps: int, calls: int) -> None:
+    seqs = _sequences(llm, batch, context, (calls + 3) * steps)
+    for i in range(0, batch, 8):
+        out = llm.runner.prefill(seqs[i : i + 8])
+        for s, t in zip(seqs[i : i + 8], out.token_ids):
+            s.output_ids.append(t)
+
+    def call() -> None:
+        tokens, _ = llm.runner.decode(seqs, steps)
+        for step_tokens in tokens:
+            for s, t in zip(seqs, step_tokens):
+                s.output_ids.append(t)
+
+    times = []
+    for _ in range(calls):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        call()
+        times.append((time.perf_counter() - t0) / steps)
+    ms = 1e3 * statistics.median(times[1:])
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            call()
+        torch.cuda.synchronize()
+    for s in seqs:
+        llm.engine.kv_blocks.free(s.block_table)
+
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    if not kernels:
+        print("the profiler recorded no kernels (CUPTI did not trace the graph's nodes)")
+        return
+    n_steps = 3 * steps
+    groups: dict[str, list[float]] = {}
+    for e in kernels:
+        groups.setdefault(short_name(e.name), []).append(e.time_range.elapsed_us())
+    intervals = [(e.time_range.start, e.time_range.end) for e in kernels]
+    span = max(e for _, e in intervals) - min(s for s, _ in intervals)
+    busy = busy_time(intervals)
+    summed = sum(sum(v) for v in groups.values())
+    print(f"timed: {ms:.3f} ms/step; profiled {n_steps} steps: span {span / n_steps / 1e3:.3f} ms/step, "
+          f"kernels busy {busy / n_steps / 1e3:.3f}, idle {(span - busy) / n_steps / 1e3:.3f}, "
+          f"sum of kernel durations {summed / n_steps / 1e3:.3f}, {len(kernels) / n_steps:.0f} kernels/step")
+    print("| kernel | per step | us each (median) | us/step | % of span |")
+    print("|---|---|---|---|---|")
+    for name, durs in sorted(groups.items(), key=lambda kv: -sum(kv[1])):
+        per_step = sum(durs) / n_steps
+        print(f"| {name} | {len(durs) / n_steps:.1f} | {statistics.median(durs):.2f} | {per_step:.1f} | "
+              f"{100 * per_step * n_steps / span:.1f}% |")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--context", type=int, default=640)
+    p.add_argument("--steps", type=int, default=8, help="decode steps per call (one graph replay each)")
+    p.add_argument("--calls", type=int, default=12)
+    p.add_argument("--pdl", default="on,off", help="programmatic dependent launch settings to compare")
+    args = p.parse_args()
+    llm = LLM(args.model, backend="cuda", dtype="bfloat16", device="cuda", max_num_seqs=max(8, args.batch),
+              max_num_batched_tokens=8 * args.context, multi_step=args.steps)
+    for mode in args.pdl.split(","):
+        set_pdl(llm, mode == "on")
+        print(f"\n## batch {args.batch}, context {args.context}, {args.steps} steps per call, PDL {mode}", flush=True)
+        profile_once(llm, args.batch, args.context, args.steps, args.calls)
+
+
+if __name__ == "__main__":
+    main()
