@@ -31,7 +31,7 @@ from scripts.bench_decode import _sequences, set_pdl  # noqa: E402
 
 def short_name(name: str) -> str:
     """Kernel name without template arguments and parameter lists."""
-    name = re.sub(r"\(.*", "", name)
+    name = re.sub(r"\(.*", "", name.replace("(anonymous namespace)", ""))
     depth, out = 0, []
     for ch in name:
         depth += ch == "<"
@@ -108,18 +108,20 @@ def profile_once(llm: LLM, batch: int, context: int, steps: int, calls: int) -> 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True)
-    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--batch", default="1", help="batch sizes, comma-separated")
     p.add_argument("--context", type=int, default=640)
     p.add_argument("--steps", type=int, default=8, help="decode steps per call (one graph replay each)")
     p.add_argument("--calls", type=int, default=12)
     p.add_argument("--pdl", default="on,off", help="programmatic dependent launch settings to compare")
     args = p.parse_args()
-    llm = LLM(args.model, backend="cuda", dtype="bfloat16", device="cuda", max_num_seqs=max(8, args.batch),
+    batches = [int(b) for b in args.batch.split(",")]
+    llm = LLM(args.model, backend="cuda", dtype="bfloat16", device="cuda", max_num_seqs=max(8, *batches),
               max_num_batched_tokens=8 * args.context, multi_step=args.steps)
     for mode in args.pdl.split(","):
         set_pdl(llm, mode == "on")
-        print(f"\n## batch {args.batch}, context {args.context}, {args.steps} steps per call, PDL {mode}", flush=True)
-        profile_once(llm, args.batch, args.context, args.steps, args.calls)
+        for b in batches:
+            print(f"\n## batch {b}, context {args.context}, {args.steps} steps per call, PDL {mode}", flush=True)
+            profile_once(llm, b, args.context, args.steps, args.calls)
 
 
 if __name__ == "__main__":
