@@ -30,8 +30,11 @@ from scripts.bench_decode import _sequences, set_pdl  # noqa: E402
 
 
 def short_name(name: str) -> str:
-    """Kernel name without template arguments and parameter lists."""
-    name = re.sub(r"\(.*", "", name.replace("(anonymous namespace)", ""))
+    """Kernel name without namespaces and parameter list; our kernels keep their template
+    arguments (they tell the GEMV variants apart), others lose them."""
+    name = re.sub(r"\(.*", "", name.replace("(anonymous namespace)", "")).removeprefix("void ")
+    if name.startswith("epd::"):
+        return name.replace("epd::", "").replace("__nv_bfloat16", "bf16").replace("false", "0").replace("true", "1")[:70]
     depth, out = 0, []
     for ch in name:
         depth += ch == "<"
@@ -97,6 +100,12 @@ def profile_once(llm: LLM, batch: int, context: int, steps: int, calls: int) -> 
     print(f"timed: {ms:.3f} ms/step; profiled {n_steps} steps: span {span / n_steps / 1e3:.3f} ms/step, "
           f"kernels busy {busy / n_steps / 1e3:.3f}, idle {(span - busy) / n_steps / 1e3:.3f}, "
           f"sum of kernel durations {summed / n_steps / 1e3:.3f}, {len(kernels) / n_steps:.0f} kernels/step")
+    seq = sorted(kernels, key=lambda e: e.time_range.start)
+    mid = len(seq) // 2
+    print("one layer in the middle of a step (start order): kernel, duration us, start - previous end us")
+    for prev, e in zip(seq[mid - 1 : mid + 11], seq[mid : mid + 12]):
+        gap = e.time_range.start - prev.time_range.end
+        print(f"  {short_name(e.name)}: {e.time_range.elapsed_us():.2f}, {gap:+.2f}")
     print("| kernel | per step | us each (median) | us/step | % of span |")
     print("|---|---|---|---|---|")
     for name, durs in sorted(groups.items(), key=lambda kv: -sum(kv[1])):
