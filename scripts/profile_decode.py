@@ -34,7 +34,8 @@ def short_name(name: str) -> str:
     arguments (they tell the GEMV variants apart), others lose them."""
     name = re.sub(r"\(.*", "", name.replace("(anonymous namespace)", "")).removeprefix("void ")
     if name.startswith("epd::"):
-        return name.replace("epd::", "").replace("__nv_bfloat16", "bf16").replace("false", "0").replace("true", "1")[:70]
+        name = name.replace("epd::::", "").replace("epd::", "").replace("__nv_bfloat16", "bf16")
+        return name.replace("false", "0").replace("true", "1")[:70]
     depth, out = 0, []
     for ch in name:
         depth += ch == "<"
