@@ -186,15 +186,6 @@ class DecodeGraphs:
         self._capture_thread = threading.Thread(target=work, name="decode-graph-capture", daemon=True)
         self._capture_thread.start()
 
-    def recapture(self) -> None:
-        """Drop every graph and capture them all again (after a kernel setting such as PDL
-        changed: launches are baked into a graph when it is captured)."""
-        self.wait_for_capture()
-        self.graphs.clear()
-        self.logits.clear()
-        self.pool = None
-        self.capture_all()
-
     def wait_for_capture(self) -> None:
         if self._capture_thread is not None:
             self._capture_thread.join()

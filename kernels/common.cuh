@@ -4,7 +4,6 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <cstdint>
-#include <utility>
 
 namespace epd {
 
@@ -46,46 +45,6 @@ __device__ __forceinline__ float warp_max(float x) {
   return x;
 }
 
-// Programmatic dependent launch (sm_90+). A kernel launched with launch_pdl may start while the
-// previous kernel on the stream is finishing; before pdl_wait() it may only read what no kernel
-// in flight writes (weights, tables) and must write nothing. pdl_wait() returns once the previous
-// grid has completed and its writes are visible (at once when there is none to wait for), so
-// every kernel that waits before touching activations makes the whole chain ordered as without
-// PDL. pdl_launch_dependents() lets the next kernel's CTAs be scheduled into free SM slots.
-__device__ __forceinline__ void pdl_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;\n" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void pdl_launch_dependents() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
-#endif
-}
-#endif  // __CUDACC__
-
-// Whether launch_pdl sets the attribute (default on; kernels._epd_C.set_pdl switches it for A/B
-// runs and tests; the kernels are the same either way).
-bool pdl_enabled();
-void set_pdl_enabled(bool on);
-
-#ifdef __CUDACC__
-// kernel<<<grid, block, smem, stream>>>(args...), allowed to overlap the previous kernel's tail when
-// PDL is on. The kernel must call pdl_wait() as described above.
-template <typename... KArgs, typename... Args>
-void launch_pdl(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream, Args&&... args) {
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = grid;
-  cfg.blockDim = block;
-  cfg.dynamicSmemBytes = smem;
-  cfg.stream = stream;
-  cfg.attrs = attr;
-  cfg.numAttrs = pdl_enabled() ? 1 : 0;
-  cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...);  // errors: EPD_CHECK_LAUNCH in ops.cpp
-}
 #endif  // __CUDACC__
 
 }  // namespace epd

@@ -40,15 +40,6 @@ def _sequences(llm: LLM, batch: int, context: int, steps: int) -> list[Sequence]
     return seqs
 
 
-def set_pdl(llm: LLM, on: bool) -> None:
-    """Programmatic dependent launch on or off for our kernels, and the decode graphs captured
-    again with it."""
-    from kernels import _epd_C
-
-    _epd_C.set_pdl(on)
-    llm.runner.decode_graphs.recapture()
-
-
 def decode_calls(steps: int, multi_step: int) -> int:
     """Timed calls: `steps`, or with multi-step at least 10 (the KV grows about as with single steps)."""
     return steps if multi_step == 1 else max(10, steps // multi_step)
@@ -130,7 +121,6 @@ def main() -> None:
     p.add_argument("--context", type=int, default=640)
     p.add_argument("--steps", type=int, default=64)
     p.add_argument("--multi-step", default="1,8", help="decode steps per call, comma-separated")
-    p.add_argument("--pdl", default="on", help="programmatic dependent launch settings to compare, e.g. off,on")
     p.add_argument("--no-hf", action="store_true")
     p.add_argument("--serve-time", action="store_true", help="time to first serve, background vs upfront capture")
     args = p.parse_args()
@@ -155,18 +145,16 @@ def main() -> None:
     print(f"{ceil['device']}: copy {ceil['copy_GBps']:.0f} GB/s; LM weights {weight_bytes / 1e9:.2f} GB; "
           f"{len(log)} decode graphs captured in {sum(s for _, s, _ in log):.2f}s, "
           f"{sum(b for _, _, b in log) / 2**20:.0f} MiB")
-    print("| batch | context | steps/call | PDL | ms/step | tokens/s | bytes/step (GB) | % of copy BW |")
-    print("|---|---|---|---|---|---|---|---|")
-    for mode in args.pdl.split(","):
-        set_pdl(llm, mode == "on")
-        for k in [int(x) for x in args.multi_step.split(",")]:
-            for b in batches:
-                ms = bench_ours(llm, b, args.context, args.steps, k)
-                mean_context = args.context + decode_calls(args.steps, k) * k / 2  # the KV grows as it runs
-                moved = weight_bytes + b * mean_context * kv_token_bytes
-                pct = 100 * moved / (ms * 1e-3) / (ceil["copy_GBps"] * 1e9)
-                print(f"| {b} | {args.context} | {k} | {mode} | {ms:.3f} | {b * 1e3 / ms:.0f} | {moved / 1e9:.2f} | "
-                      f"{pct:.1f}% |", flush=True)
+    print("| batch | context | steps/call | ms/step | tokens/s | bytes/step (GB) | % of copy BW |")
+    print("|---|---|---|---|---|---|---|")
+    for k in [int(x) for x in args.multi_step.split(",")]:
+        for b in batches:
+            ms = bench_ours(llm, b, args.context, args.steps, k)
+            mean_context = args.context + decode_calls(args.steps, k) * k / 2  # the KV grows as it runs
+            moved = weight_bytes + b * mean_context * kv_token_bytes
+            pct = 100 * moved / (ms * 1e-3) / (ceil["copy_GBps"] * 1e9)
+            print(f"| {b} | {args.context} | {k} | {ms:.3f} | {b * 1e3 / ms:.0f} | {moved / 1e9:.2f} | {pct:.1f}% |",
+                  flush=True)
     if not args.no_hf:
         import gc
 
@@ -176,7 +164,7 @@ def main() -> None:
         ms = bench_hf(Path(args.model), args.context, args.steps)
         moved = weight_bytes + args.context * kv_token_bytes
         pct = 100 * moved / (ms * 1e-3) / (ceil["copy_GBps"] * 1e9)
-        print(f"| HF eager, batch 1 | {args.context} | 1 | - | {ms:.3f} | {1e3 / ms:.0f} | {moved / 1e9:.2f} | "
+        print(f"| HF eager, batch 1 | {args.context} | 1 | {ms:.3f} | {1e3 / ms:.0f} | {moved / 1e9:.2f} | "
               f"{pct:.1f}% |")
 
 

@@ -5,7 +5,7 @@
 # Stages: build; test (all GPU tests) or enginetest (the engine/EPD/IPC ones only); parity;
 # bench (kernels); engine (bench_decode, bench_offline); epd (bench_epd on one GPU, arena shared
 # and copied); epdmulti (bench_epd with EPD_PLACEMENT, default "E:0,1 P:0 D:1"); profile (per-kernel
-# decode profile, PDL off and on); decodeab (decode at batch 1/8/32, PDL off vs on).
+# decode profile at batch 1 and 8).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/device_out}
@@ -75,14 +75,8 @@ if [[ " $STAGES " == *" engine "* ]]; then
 fi
 if [[ " $STAGES " == *" profile "* ]]; then
   llava7b
-  stage profile_decode python3 scripts/profile_decode.py --model /tmp/llava-7b --pdl "${PDL_MODES:-off,on}"
+  stage profile_decode python3 scripts/profile_decode.py --model /tmp/llava-7b --batch 1,8
   grep -h "^## \|^timed" "$OUT/profile_decode.log" >> "$SUMMARY"
-fi
-if [[ " $STAGES " == *" decodeab "* ]]; then
-  llava7b
-  stage bench_decode_ab python3 scripts/bench_decode.py --model /tmp/llava-7b --batches 1,8,32 --multi-step 8 \
-    --steps 32 --pdl "${PDL_MODES:-off,on}" --no-hf
-  grep -h "^|" "$OUT/bench_decode_ab.log" >> "$SUMMARY"
 fi
 if [[ " $STAGES " == *" epd "* ]]; then
   llava7b

@@ -1,12 +1,11 @@
 """Where a decode step's time goes: per-kernel device time inside the CUDA graphs, and the time
 the GPU sits between kernels, for one batch size (default: batch 1 at context 640, 8 steps per call).
 
-    python scripts/profile_decode.py --model /tmp/llava-7b [--batch 1] [--context 640] [--pdl on,off]
+    python scripts/profile_decode.py --model /tmp/llava-7b [--batch 1,8] [--context 640]
 
-For each PDL setting the decode graphs are captured again, timed without the profiler (median
-ms per step), then profiled: kernels are grouped by name, and "idle" is the part of the step's
-span where no kernel runs (launch gaps, ramps and tails). With PDL kernels overlap, so their
-durations may add up to more than the span.
+Per batch size: the median ms per step timed without the profiler, then a profile of 3 calls:
+kernels grouped by name (ours keep their template arguments), the idle time between kernels, and
+one layer's kernels in launch order with the gap before each.
 """
 
 from __future__ import annotations
@@ -26,7 +25,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from engine import LLM  # noqa: E402
-from scripts.bench_decode import _sequences, set_pdl  # noqa: E402
+from scripts.bench_decode import _sequences  # noqa: E402
 
 
 def short_name(name: str) -> str:
@@ -122,16 +121,13 @@ def main() -> None:
     p.add_argument("--context", type=int, default=640)
     p.add_argument("--steps", type=int, default=8, help="decode steps per call (one graph replay each)")
     p.add_argument("--calls", type=int, default=12)
-    p.add_argument("--pdl", default="on,off", help="programmatic dependent launch settings to compare")
     args = p.parse_args()
     batches = [int(b) for b in args.batch.split(",")]
     llm = LLM(args.model, backend="cuda", dtype="bfloat16", device="cuda", max_num_seqs=max(8, *batches),
               max_num_batched_tokens=8 * args.context, multi_step=args.steps)
-    for mode in args.pdl.split(","):
-        set_pdl(llm, mode == "on")
-        for b in batches:
-            print(f"\n## batch {b}, context {args.context}, {args.steps} steps per call, PDL {mode}", flush=True)
-            profile_once(llm, b, args.context, args.steps, args.calls)
+    for b in batches:
+        print(f"\n## batch {b}, context {args.context}, {args.steps} steps per call", flush=True)
+        profile_once(llm, b, args.context, args.steps, args.calls)
 
 
 if __name__ == "__main__":

@@ -75,8 +75,6 @@ __global__ void __launch_bounds__(kDecodeThreads, decode_min_ctas<kGroup>()) pag
   static_assert(D % 8 == 0 && C <= 16, "head_dim must be a multiple of 8, at most 128");
   static_assert(TT % kGroups == 0, "tile must split evenly over token groups");
   static_assert(kGroup <= kDecodeMaxGroup, "group too large");
-  pdl_wait();  // q, seq_lens, block tables and this layer's cache write come from earlier kernels
-  pdl_launch_dependents();
 
   extern __shared__ __align__(16) unsigned char smem[];
   T* s_tiles = reinterpret_cast<T*>(smem);  // [kDecodeStages][2][TT][D]
@@ -327,8 +325,6 @@ template <typename T>
 __global__ void __launch_bounds__(128) paged_decode_reduce_kernel(const PagedDecodeParams p) {
   __shared__ float s_w[kDecodeMaxSplits];
   __shared__ float s_inv_sum;
-  pdl_wait();
-  pdl_launch_dependents();
   const int hq = blockIdx.x, b = blockIdx.y;
   const int S = p.num_splits;
   const int64_t row0 = (static_cast<int64_t>(b) * p.num_q_heads + hq) * S;
@@ -367,8 +363,8 @@ void launch(const PagedDecodeParams& p, cudaStream_t stream) {
     if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) != cudaSuccess) return;
   }
   const dim3 grid(p.num_splits, p.num_kv_heads * p.q_subgroups, p.batch);
-  launch_pdl(kernel, grid, dim3(kDecodeThreads), smem, stream, p);
-  if (p.num_splits > 1) launch_pdl(paged_decode_reduce_kernel<T>, dim3(p.num_q_heads, p.batch), dim3(128), 0, stream, p);
+  kernel<<<grid, kDecodeThreads, smem, stream>>>(p);
+  if (p.num_splits > 1) paged_decode_reduce_kernel<T><<<dim3(p.num_q_heads, p.batch), 128, 0, stream>>>(p);
 }
 
 }  // namespace

@@ -12,8 +12,6 @@
 //     or 2t + 8 + {0,1}; A and B use the same map, so the dot products are unchanged);
 //   * a warp issues all the loads of kChunks chunks (8 x 16 bytes of w per lane) before their MMAs;
 //   * tokens g >= M load zeros and their output columns are dropped, so M needs no template.
-//   * launched with PDL: a CTA requests its first weights before pdl_wait(), overlapping the tail of the
-//     kernel that writes x.
 // Every row's sum is formed in the same order whatever the tiling (chunks in order inside a warp's
 // slice, slices in warp order), so gate_up_silu's g and u equal linear's outputs bit for bit.
 #include <type_traits>
@@ -149,8 +147,9 @@ __global__ void __launch_bounds__(kThreads, 2)
 #pragma unroll
   for (int j = 0; j < kTiles; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
 
-  uint4 wv[kChunks][kTiles][2];
-  auto load_w = [&](int c0) {
+  for (int c0 = c_begin; c0 < c_end; c0 += kChunks) {
+    uint4 wv[kChunks][kTiles][2];
+    uint4 xv[kChunks];
 #pragma unroll
     for (int u = 0; u < kChunks; ++u) {
       const int col = (c0 + u) * kChunkK;  // + 8t is in the pointers
@@ -160,21 +159,7 @@ __global__ void __launch_bounds__(kThreads, 2)
 #pragma unroll
         for (int h = 0; h < 2; ++h) wv[u][j][h] = load_stream(wp[j][h] + col, k_ok && row_ok[j][h]);
       }
-    }
-  };
-  // The first weights are requested before waiting for the previous kernel (which writes x), so
-  // under PDL their latency overlaps its tail.
-  load_w(c_begin);
-  pdl_wait();
-  pdl_launch_dependents();
-
-  for (int c0 = c_begin; c0 < c_end; c0 += kChunks) {
-    if (c0 != c_begin) load_w(c0);
-    uint4 xv[kChunks];
-#pragma unroll
-    for (int u = 0; u < kChunks; ++u) {
-      const int col = (c0 + u) * kChunkK;
-      xv[u] = load_cached(xp + col, c0 + u < c_end && col + 8 * t < k && x_ok);
+      xv[u] = load_cached(xp + col, k_ok && x_ok);
     }
 #pragma unroll
     for (int u = 0; u < kChunks; ++u) {
@@ -221,9 +206,9 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 template <int kTiles, bool kGateUp>
 void launch(const GemvParams& p, int64_t ctas, cudaStream_t stream) {
   EPD_SWITCH_HALF_TYPES(p.dtype, [&] {
-    launch_pdl(gemv_kernel<scalar_t, kTiles, kGateUp>, dim3(static_cast<unsigned>(ctas)), dim3(kThreads), 0, stream,
-               static_cast<scalar_t*>(p.out), static_cast<const scalar_t*>(p.x), static_cast<const scalar_t*>(p.w), p.m,
-               p.rows, static_cast<int>(p.k));
+    gemv_kernel<scalar_t, kTiles, kGateUp><<<static_cast<unsigned>(ctas), kThreads, 0, stream>>>(
+        static_cast<scalar_t*>(p.out), static_cast<const scalar_t*>(p.x), static_cast<const scalar_t*>(p.w), p.m,
+        p.rows, static_cast<int>(p.k));
   });
 }
 
