@@ -35,8 +35,9 @@ DTYPES = [torch.bfloat16, torch.float16]
 ROWS = [1, 2, 3, 5, 8]
 # (N, K): tiny, awkward (N % 16 != 0, K % 32 != 0), and LLaVA-1.5-7B's decode GEMMs.
 SHAPES = [(1, 8), (97, 1032), (4096, 4096), (12288, 4096), (4096, 11008), (22016, 4096), (32064, 4096)]
-# (I, K) of gate_up_silu, w [2I, K]: I % 16 != 0 puts gate and up rows in one 16-row tile's reach.
-GATE_UP_SHAPES = [(1, 8), (97, 1032), (344, 4096), (11008, 4096)]
+# (I, K) of gate_up_silu, w [2I, K]: a CTA takes 8 gate rows and their 8 up rows; I % 8 != 0 masks
+# part of the last tile (1, 97, 83), I < 8 leaves most of it empty.
+GATE_UP_SHAPES = [(1, 8), (97, 1032), (83, 200), (344, 4096), (11008, 4096)]
 
 
 def randn(shape: tuple[int, ...], dtype: torch.dtype, seed: int, scale: float = 1.0) -> torch.Tensor:

@@ -4,8 +4,10 @@
 // Bandwidth-bound: every weight byte is read once, so the kernel streams w with 16-byte non-caching
 // loads and does the math on tensor cores (mma.sync m16n8k16, fp32 accumulation), which needs no
 // per-element conversion and reads x at half the weight rate instead of M times it:
-//   * a CTA owns a tile of 16 * kTiles rows of w; its 8 warps split K into contiguous slices (split-K
-//     inside the CTA) and sum their partial tiles in shared memory, in warp order, at the end;
+//   * a CTA owns one 16-row tile of w (gate_up_silu: 8 gate rows and the 8 matching up rows); its 8
+//     warps split K into contiguous slices (split-K inside the CTA) and sum their partial tiles in
+//     shared memory, in warp order, at the end. (Two tiles per CTA read x half as often but were
+//     slower: fewer, longer CTAs quantise into worse last waves; qkv 86.5% vs 94% of copy bandwidth.)
 //   * the K reduction order is free, so lane (g = lane / 4, t = lane % 4) loads w[row g][k0 + 8t, +8),
 //     w[row g + 8][...] and x[token g][...] as plain 16-byte vectors and hands them to the MMA as the A
 //     and B fragments of a 32-wide K chunk (physical k0 + 8t + 2j + {0,1} is logical column 2t + {0,1}
@@ -26,8 +28,13 @@ constexpr int kWarps = 8;
 constexpr int kThreads = kWarps * 32;
 constexpr int kTileRows = 16;  // rows of w per MMA tile
 constexpr int kChunkK = 32;    // K per chunk: 4 lanes x 8 elements, two m16n8k16 MMAs
-constexpr int kLoadsPerLane = 8;  // 16-byte weight loads in flight per lane: kChunks * kTiles * 2
+constexpr int kLoadsPerLane = 8;  // 16-byte weight loads in flight per lane: kChunks * 2
 constexpr int kSliceAlign = 4;    // a warp's K slice is a multiple of this many chunks (256 bytes of a row)
+// Resident CTAs per SM. 80 registers would let 3 fit, which measured 5-7% slower than 2 (the two-tile
+// kernels of commit dc01c60: gate_up_silu 67.3 vs 63.9 us, lm_head 95.9 vs 89.4 us at M = 1 on an
+// H100): more loads in flight than the memory system needs only queue. Enforced with unused dynamic
+// shared memory (an SM's shared memory fits kCtasPerSm such CTAs, not one more).
+constexpr int kCtasPerSm = 2;
 
 // 16 bytes of w, streamed once: skip L1; zeros (no access) where pred is false.
 __device__ __forceinline__ uint4 load_stream(const void* ptr, bool pred) {
@@ -95,118 +102,111 @@ __device__ __forceinline__ T silu_mul(T gate, T up) {
   return from_float<T>(to_float(s) * to_float(up));
 }
 
-// kTiles 16-row tiles per CTA. Linear: tile j covers rows (blockIdx.x * kTiles + j) * 16 + [0, 16) of w,
-// rows >= N masked. Gate-up (kTiles = 2): tile 0 = gate rows blockIdx.x * 16 + [0, 16), tile 1 = the up
-// rows I further; rows with index >= I masked. `rows` = N or 2I.
-template <typename T, int kTiles, bool kGateUp>
+// One 16-row MMA tile of w per CTA. Linear: tile rows blockIdx.x * 16 + [0, 16), rows >= N masked.
+// Gate-up: tile rows 0-7 are gate rows blockIdx.x * 8 + [0, 8) and rows 8-15 the up rows I further, so
+// lane l's accumulators hold gate (e = 0, 1) and up (e = 2, 3) of one output column and the
+// epilogue needs no exchange; columns >= I masked. `rows` = N or 2I.
+template <typename T, bool kGateUp>
 __global__ void __launch_bounds__(kThreads, 2)
     gemv_kernel(T* __restrict__ out, const T* __restrict__ x, const T* __restrict__ w, int m, int64_t rows, int k) {
-  static_assert(kTiles == 1 || kTiles == 2, "one or two 16-row tiles per CTA");
-  static_assert(!kGateUp || kTiles == 2, "gate_up_silu pairs one gate tile with one up tile");
-  constexpr int kChunks = kLoadsPerLane / (2 * kTiles);  // chunks loaded per step
+  constexpr int kChunks = kLoadsPerLane / 2;  // chunks loaded per step (two 16-byte loads of w each)
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int g = lane >> 2, t = lane & 3;
-
   const int64_t out_cols = kGateUp ? rows / 2 : rows;  // N, or I
-  int64_t tile_start[kTiles];
-  int64_t tile_limit[kTiles];  // rows of the tile at or past this are masked
-#pragma unroll
-  for (int j = 0; j < kTiles; ++j) {
-    if constexpr (kGateUp) {
-      tile_start[j] = blockIdx.x * int64_t{kTileRows} + j * out_cols;
-      tile_limit[j] = (j + 1) * out_cols;
-    } else {
-      tile_start[j] = (blockIdx.x * int64_t{kTiles} + j) * kTileRows;
-      tile_limit[j] = rows;
-    }
-  }
 
-  // This lane's rows (g, g + 8 of each tile) and token g, at column 8t; invalid ones point at row 0 and
+  // This lane's rows (tile rows g and g + 8) and token g, at column 8t; invalid ones point at row 0 and
   // are never read.
-  const T* wp[kTiles][2];
-  bool row_ok[kTiles][2];
+  const T* wp[2];
+  bool row_ok[2];
 #pragma unroll
-  for (int j = 0; j < kTiles; ++j) {
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int64_t row = tile_start[j] + g + 8 * h;
-      row_ok[j][h] = row < tile_limit[j];
-      wp[j][h] = w + (row_ok[j][h] ? row : 0) * k + 8 * t;
+  for (int h = 0; h < 2; ++h) {
+    int64_t row;
+    if constexpr (kGateUp) {
+      const int64_t col = blockIdx.x * int64_t{8} + g;  // output column: gate row col, up row I + col
+      row_ok[h] = col < out_cols;
+      row = col + h * out_cols;
+    } else {
+      row = blockIdx.x * int64_t{kTileRows} + g + 8 * h;
+      row_ok[h] = row < rows;
     }
+    wp[h] = w + (row_ok[h] ? row : 0) * k + 8 * t;
   }
   const bool x_ok = g < m;
   const T* xp = x + (x_ok ? g : 0) * int64_t{k} + 8 * t;
 
-  // This warp's contiguous slice of the K chunks; independent of kTiles, so every variant sums alike.
+  // This warp's contiguous slice of the K chunks; the same for every N, so every variant sums alike.
   const int num_chunks = (k + kChunkK - 1) / kChunkK;
   const int per_warp = ((num_chunks + kWarps - 1) / kWarps + kSliceAlign - 1) / kSliceAlign * kSliceAlign;
   const int c_begin = warp * per_warp;
   const int c_end = min(num_chunks, c_begin + per_warp);
 
-  float acc[kTiles][4];
-#pragma unroll
-  for (int j = 0; j < kTiles; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
-
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};
   for (int c0 = c_begin; c0 < c_end; c0 += kChunks) {
-    uint4 wv[kChunks][kTiles][2];
+    uint4 wv[kChunks][2];
     uint4 xv[kChunks];
 #pragma unroll
     for (int u = 0; u < kChunks; ++u) {
       const int col = (c0 + u) * kChunkK;  // + 8t is in the pointers
       const bool k_ok = c0 + u < c_end && col + 8 * t < k;
 #pragma unroll
-      for (int j = 0; j < kTiles; ++j) {
-#pragma unroll
-        for (int h = 0; h < 2; ++h) wv[u][j][h] = load_stream(wp[j][h] + col, k_ok && row_ok[j][h]);
-      }
+      for (int h = 0; h < 2; ++h) wv[u][h] = load_stream(wp[h] + col, k_ok && row_ok[h]);
       xv[u] = load_cached(xp + col, k_ok && x_ok);
     }
 #pragma unroll
     for (int u = 0; u < kChunks; ++u) {
-      if (c0 + u < c_end) {  // warp-uniform: chunks past the slice add nothing (not even a +0)
-#pragma unroll
-        for (int j = 0; j < kTiles; ++j) mma_chunk<T>(acc[j], wv[u][j][0], wv[u][j][1], xv[u]);
-      }
+      if (c0 + u < c_end) mma_chunk<T>(acc, wv[u][0], wv[u][1], xv[u]);  // warp-uniform: no +0 past the slice
     }
   }
 
-  // Sum the warps' partial tiles in warp order. red[w][j][e][lane]: accumulator e of tile j.
-  __shared__ float red[kWarps][kTiles][4][32];
+  // Sum the warps' partial tiles in warp order. red[w][e][lane]: accumulator e.
+  __shared__ float red[kWarps][4][32];
 #pragma unroll
-  for (int j = 0; j < kTiles; ++j) {
-#pragma unroll
-    for (int e = 0; e < 4; ++e) red[warp][j][e][lane] = acc[j][e];
-  }
+  for (int e = 0; e < 4; ++e) red[warp][e][lane] = acc[e];
   __syncthreads();
 
-  // Accumulator e of lane l holds row (l / 4) + 8 (e / 2) of its tile, token 2 (l % 4) + e % 2.
-  constexpr int kItems = (kGateUp ? 1 : kTiles) * 4 * 32;
-  for (int item = threadIdx.x; item < kItems; item += kThreads) {
-    const int j = item / 128, e = (item / 32) & 3, l = item & 31;
-    // (kTiles <= 2; selects rather than a dynamic index keep tile_start / tile_limit in registers)
-    const int64_t row = (j == 0 ? tile_start[0] : tile_start[kTiles - 1]) + (l >> 2) + 8 * (e >> 1);
-    const int token = 2 * (l & 3) + (e & 1);
-    if (row >= (j == 0 ? tile_limit[0] : tile_limit[kTiles - 1]) || token >= m) continue;
-    float s = red[0][j][e][l];  // j < kTiles
+  // Accumulator e of lane l holds tile row (l / 4) + 8 (e / 2), token 2 (l % 4) + e % 2.
+  constexpr int kItems = (kGateUp ? 2 : 4) * 32;  // gate-up: items for e = 0, 1 also read e + 2
+  if (threadIdx.x >= kItems) return;
+  const int e = threadIdx.x / 32, l = threadIdx.x & 31;
+  const int token = 2 * (l & 3) + (e & 1);
+  float s = red[0][e][l];
 #pragma unroll
-    for (int v = 1; v < kWarps; ++v) s += red[v][j][e][l];
-    if constexpr (kGateUp) {
-      float su = red[0][1][e][l];
+  for (int v = 1; v < kWarps; ++v) s += red[v][e][l];
+  if constexpr (kGateUp) {
+    const int64_t col = blockIdx.x * int64_t{8} + (l >> 2);
+    if (col >= out_cols || token >= m) return;
+    float su = red[0][e + 2][l];
 #pragma unroll
-      for (int v = 1; v < kWarps; ++v) su += red[v][1][e][l];
-      out[token * out_cols + row] = silu_mul(from_float<T>(s), from_float<T>(su));
-    } else {
-      out[token * out_cols + row] = from_float<T>(s);
-    }
+    for (int v = 1; v < kWarps; ++v) su += red[v][e + 2][l];
+    out[token * out_cols + col] = silu_mul(from_float<T>(s), from_float<T>(su));
+  } else {
+    const int64_t row = blockIdx.x * int64_t{kTileRows} + (l >> 2) + 8 * (e >> 1);
+    if (row >= rows || token >= m) return;
+    out[token * out_cols + row] = from_float<T>(s);
   }
 }
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-template <int kTiles, bool kGateUp>
+// Dynamic shared memory that leaves room for kCtasPerSm CTAs per SM of the current device, not more
+// (the static 4 KB and the 1 KB the runtime reserves per CTA come on top).
+int occupancy_smem_bytes() {
+  int device = 0, per_sm = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device) != cudaSuccess) {
+    return 0;
+  }
+  return per_sm / kCtasPerSm - 8 * 1024;
+}
+
+template <bool kGateUp>
 void launch(const GemvParams& p, int64_t ctas, cudaStream_t stream) {
   EPD_SWITCH_HALF_TYPES(p.dtype, [&] {
-    gemv_kernel<scalar_t, kTiles, kGateUp><<<static_cast<unsigned>(ctas), kThreads, 0, stream>>>(
+    auto kernel = gemv_kernel<scalar_t, kGateUp>;
+    const int smem = occupancy_smem_bytes();
+    // set on every launch, like decode.cu: cheap, and legal during graph capture
+    if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) != cudaSuccess) return;
+    kernel<<<static_cast<unsigned>(ctas), kThreads, smem, stream>>>(
         static_cast<scalar_t*>(p.out), static_cast<const scalar_t*>(p.x), static_cast<const scalar_t*>(p.w), p.m,
         p.rows, static_cast<int>(p.k));
   });
@@ -216,22 +216,12 @@ void launch(const GemvParams& p, int64_t ctas, cudaStream_t stream) {
 
 void launch_linear(const GemvParams& p, cudaStream_t stream) {
   if (p.m == 0 || p.rows == 0) return;
-  // Two tiles per CTA read x half as often, but halve the CTAs: take them unless that leaves a
-  // fuller last wave (2 CTAs per SM). qkv (N = 12288): 384 CTAs = 1.45 waves with two tiles,
-  // 768 = 2.9 waves with one, measured 86.5% of copy bandwidth with two.
-  const int64_t slots = 2 * int64_t{p.num_sms};
-  const int64_t ctas16 = ceil_div(p.rows, kTileRows), ctas32 = ceil_div(p.rows, 2 * kTileRows);
-  auto wave_fill = [&](int64_t ctas) { return static_cast<double>(ctas) / (ceil_div(ctas, slots) * slots); };
-  if (wave_fill(ctas32) >= wave_fill(ctas16)) {
-    launch<2, false>(p, ctas32, stream);
-  } else {
-    launch<1, false>(p, ctas16, stream);
-  }
+  launch<false>(p, ceil_div(p.rows, kTileRows), stream);
 }
 
 void launch_gate_up_silu(const GemvParams& p, cudaStream_t stream) {
   if (p.m == 0 || p.rows == 0) return;
-  launch<2, true>(p, ceil_div(p.rows / 2, kTileRows), stream);
+  launch<true>(p, ceil_div(p.rows / 2, kTileRows / 2), stream);
 }
 
 }  // namespace epd

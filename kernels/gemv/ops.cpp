@@ -1,7 +1,4 @@
 // Host side of the small-batch GEMV family: input checks, params, launch.
-#include <array>
-#include <atomic>
-
 #include "kernels/gemv/ops.h"
 
 #include "kernels/gemv/params.h"
@@ -13,18 +10,6 @@ void launch_linear(const GemvParams& p, cudaStream_t stream);
 void launch_gate_up_silu(const GemvParams& p, cudaStream_t stream);
 
 namespace {
-
-// Multiprocessors of a device, read once and cached (no sync; graph-safe).
-int device_num_sms(int device) {
-  static std::array<std::atomic<int>, 64> cache{};
-  TORCH_CHECK(device >= 0 && device < 64, "device index ", device, " out of range");
-  int n = cache[device].load(std::memory_order_relaxed);
-  if (n == 0) {
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
-    cache[device].store(n, std::memory_order_relaxed);
-  }
-  return n;
-}
 
 bool aligned16(const torch::Tensor& t) { return (reinterpret_cast<uintptr_t>(t.data_ptr()) & 15) == 0; }
 
@@ -51,8 +36,7 @@ GemvParams gemv_params(torch::Tensor& out, const torch::Tensor& x, const torch::
               out.scalar_type());
   TORCH_CHECK(out.dim() == 2 && out.size(0) == m && out.size(1) == out_cols && out.is_contiguous(),
               "out must be a contiguous [", m, ", ", out_cols, "] tensor, got ", out.sizes());
-  return GemvParams{out.data_ptr(), x.data_ptr(), w.data_ptr(), static_cast<int>(m), rows, k,
-                    device_num_sms(x.device().index()), dtype};
+  return GemvParams{out.data_ptr(), x.data_ptr(), w.data_ptr(), static_cast<int>(m), rows, k, dtype};
 }
 
 }  // namespace

@@ -19,7 +19,6 @@ struct GemvParams {
   int m;         // M, 0..kGemvMaxRows
   int64_t rows;  // rows of w: N (linear) or 2I (gate_up_silu)
   int64_t k;     // K, a multiple of 8, <= 2^30
-  int num_sms;   // multiprocessors of x's device (picks the rows per CTA)
   DType dtype;
 };
 
