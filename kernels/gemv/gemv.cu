@@ -106,10 +106,10 @@ __device__ __forceinline__ T silu_mul(T gate, T up) {
 // Gate-up: tile rows 0-7 are gate rows blockIdx.x * 8 + [0, 8) and rows 8-15 the up rows I further, so
 // lane l's accumulators hold gate (e = 0, 1) and up (e = 2, 3) of one output column and the
 // epilogue needs no exchange; columns >= I masked. `rows` = N or 2I.
-template <typename T, bool kGateUp>
+template <typename T, bool kGateUp, int kLoads>
 __global__ void __launch_bounds__(kThreads, 2)
     gemv_kernel(T* __restrict__ out, const T* __restrict__ x, const T* __restrict__ w, int m, int64_t rows, int k) {
-  constexpr int kChunks = kLoadsPerLane / 2;  // chunks loaded per step (two 16-byte loads of w each)
+  constexpr int kChunks = kLoads / 2;  // chunks loaded per step (two 16-byte loads of w each)
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int g = lane >> 2, t = lane & 3;
   const int64_t out_cols = kGateUp ? rows / 2 : rows;  // N, or I
@@ -190,19 +190,21 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Dynamic shared memory that leaves room for kCtasPerSm CTAs per SM of the current device, not more
 // (the static 4 KB and the 1 KB the runtime reserves per CTA come on top).
+int g_loads = 8, g_cap = 0;  // TUNING (temporary)
 int occupancy_smem_bytes() {
+  if (g_cap == 0) return 0;
   int device = 0, per_sm = 0;
   if (cudaGetDevice(&device) != cudaSuccess ||
       cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device) != cudaSuccess) {
     return 0;
   }
-  return per_sm / kCtasPerSm - 8 * 1024;
+  return per_sm / g_cap - 8 * 1024;
 }
 
 template <bool kGateUp>
 void launch(const GemvParams& p, int64_t ctas, cudaStream_t stream) {
   EPD_SWITCH_HALF_TYPES(p.dtype, [&] {
-    auto kernel = gemv_kernel<scalar_t, kGateUp>;
+    auto kernel = g_loads == 16 ? gemv_kernel<scalar_t, kGateUp, 16> : gemv_kernel<scalar_t, kGateUp, 8>;
     const int smem = occupancy_smem_bytes();
     // set on every launch, like decode.cu: cheap, and legal during graph capture
     if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) != cudaSuccess) return;
@@ -213,6 +215,8 @@ void launch(const GemvParams& p, int64_t ctas, cudaStream_t stream) {
 }
 
 }  // namespace
+
+void gemv_tune(int loads, int cap) { g_loads = loads; g_cap = cap; }
 
 void launch_linear(const GemvParams& p, cudaStream_t stream) {
   if (p.m == 0 || p.rows == 0) return;
