@@ -8,8 +8,6 @@
 #include "kernels/rmsnorm_rope/bind.h"
 #include "kernels/sampling/bind.h"
 
-namespace epd { void gemv_tune(int loads, int cap); }
-
 PYBIND11_MODULE(_epd_C, m) {
   m.doc() = "EPD engine CUDA kernels";
   epd::bind_rmsnorm_rope(m);
@@ -18,5 +16,4 @@ PYBIND11_MODULE(_epd_C, m) {
   epd::bind_gemv(m);
   epd::bind_sampling(m);
   epd::bind_cuda_ipc(m);
-  m.def("gemv_tune", &epd::gemv_tune);
 }

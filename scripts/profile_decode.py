@@ -121,22 +121,13 @@ def main() -> None:
     p.add_argument("--context", type=int, default=640)
     p.add_argument("--steps", type=int, default=8, help="decode steps per call (one graph replay each)")
     p.add_argument("--calls", type=int, default=12)
-    p.add_argument("--gemv", default="8:0")
     args = p.parse_args()
     batches = [int(b) for b in args.batch.split(",")]
     llm = LLM(args.model, backend="cuda", dtype="bfloat16", device="cuda", max_num_seqs=max(8, *batches),
               max_num_batched_tokens=8 * args.context, multi_step=args.steps)
-    from kernels import _epd_C
-
-    for cfg in args.gemv.split(","):
-        loads, cap = map(int, cfg.split(":"))
-        _epd_C.gemv_tune(loads, cap)
-        llm.runner.decode_graphs.graphs.clear()
-        llm.runner.decode_graphs.pool = None
-        llm.runner.decode_graphs.capture_all()
-        for b in batches:
-            print(f"\n## gemv {cfg}: batch {b}, context {args.context}, {args.steps} steps per call", flush=True)
-            profile_once(llm, b, args.context, args.steps, args.calls)
+    for b in batches:
+        print(f"\n## batch {b}, context {args.context}, {args.steps} steps per call", flush=True)
+        profile_once(llm, b, args.context, args.steps, args.calls)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,9 @@
 //     and B fragments of a 32-wide K chunk (physical k0 + 8t + 2j + {0,1} is logical column 2t + {0,1}
 //     or 2t + 8 + {0,1}; A and B use the same map, so the dot products are unchanged);
 //   * a warp issues all the loads of kChunks chunks (8 x 16 bytes of w per lane) before their MMAs;
+//     at 80 registers 3 CTAs fit per SM. Measured in the decode step (H100, batch 1): 16 loads per
+//     lane (120 registers, 2 CTAs) 5.43 ms, 8 loads capped at 2 CTAs by shared memory 6.08 ms,
+//     this 5.26 ms;
 //   * tokens g >= M load zeros and their output columns are dropped, so M needs no template.
 // Every row's sum is formed in the same order whatever the tiling (chunks in order inside a warp's
 // slice, slices in warp order), so gate_up_silu's g and u equal linear's outputs bit for bit.
@@ -30,11 +33,6 @@ constexpr int kTileRows = 16;  // rows of w per MMA tile
 constexpr int kChunkK = 32;    // K per chunk: 4 lanes x 8 elements, two m16n8k16 MMAs
 constexpr int kLoadsPerLane = 8;  // 16-byte weight loads in flight per lane: kChunks * 2
 constexpr int kSliceAlign = 4;    // a warp's K slice is a multiple of this many chunks (256 bytes of a row)
-// Resident CTAs per SM. 80 registers would let 3 fit, which measured 5-7% slower than 2 (the two-tile
-// kernels of commit dc01c60: gate_up_silu 67.3 vs 63.9 us, lm_head 95.9 vs 89.4 us at M = 1 on an
-// H100): more loads in flight than the memory system needs only queue. Enforced with unused dynamic
-// shared memory (an SM's shared memory fits kCtasPerSm such CTAs, not one more).
-constexpr int kCtasPerSm = 2;
 
 // 16 bytes of w, streamed once: skip L1; zeros (no access) where pred is false.
 __device__ __forceinline__ uint4 load_stream(const void* ptr, bool pred) {
@@ -106,10 +104,10 @@ __device__ __forceinline__ T silu_mul(T gate, T up) {
 // Gate-up: tile rows 0-7 are gate rows blockIdx.x * 8 + [0, 8) and rows 8-15 the up rows I further, so
 // lane l's accumulators hold gate (e = 0, 1) and up (e = 2, 3) of one output column and the
 // epilogue needs no exchange; columns >= I masked. `rows` = N or 2I.
-template <typename T, bool kGateUp, int kLoads>
+template <typename T, bool kGateUp>
 __global__ void __launch_bounds__(kThreads, 2)
     gemv_kernel(T* __restrict__ out, const T* __restrict__ x, const T* __restrict__ w, int m, int64_t rows, int k) {
-  constexpr int kChunks = kLoads / 2;  // chunks loaded per step (two 16-byte loads of w each)
+  constexpr int kChunks = kLoadsPerLane / 2;  // chunks loaded per step (two 16-byte loads of w each)
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int g = lane >> 2, t = lane & 3;
   const int64_t out_cols = kGateUp ? rows / 2 : rows;  // N, or I
@@ -188,35 +186,16 @@ __global__ void __launch_bounds__(kThreads, 2)
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// Dynamic shared memory that leaves room for kCtasPerSm CTAs per SM of the current device, not more
-// (the static 4 KB and the 1 KB the runtime reserves per CTA come on top).
-int g_loads = 8, g_cap = 0;  // TUNING (temporary)
-int occupancy_smem_bytes() {
-  if (g_cap == 0) return 0;
-  int device = 0, per_sm = 0;
-  if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device) != cudaSuccess) {
-    return 0;
-  }
-  return per_sm / g_cap - 8 * 1024;
-}
-
 template <bool kGateUp>
 void launch(const GemvParams& p, int64_t ctas, cudaStream_t stream) {
   EPD_SWITCH_HALF_TYPES(p.dtype, [&] {
-    auto kernel = g_loads == 16 ? gemv_kernel<scalar_t, kGateUp, 16> : gemv_kernel<scalar_t, kGateUp, 8>;
-    const int smem = occupancy_smem_bytes();
-    // set on every launch, like decode.cu: cheap, and legal during graph capture
-    if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) != cudaSuccess) return;
-    kernel<<<static_cast<unsigned>(ctas), kThreads, smem, stream>>>(
+    gemv_kernel<scalar_t, kGateUp><<<static_cast<unsigned>(ctas), kThreads, 0, stream>>>(
         static_cast<scalar_t*>(p.out), static_cast<const scalar_t*>(p.x), static_cast<const scalar_t*>(p.w), p.m,
         p.rows, static_cast<int>(p.k));
   });
 }
 
 }  // namespace
-
-void gemv_tune(int loads, int cap) { g_loads = loads; g_cap = cap; }
 
 void launch_linear(const GemvParams& p, cudaStream_t stream) {
   if (p.m == 0 || p.rows == 0) return;
