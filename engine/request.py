@@ -95,6 +95,10 @@ class Sequence:
         return self.block_table[pos // block_size] * block_size + pos % block_size
 
     @property
+    def last_token(self) -> int:
+        return self.output_ids[-1] if self.output_ids else self.prompt_ids[-1]
+
+    @property
     def all_ids(self) -> list[int]:
         return self.prompt_ids + self.output_ids
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 
@@ -31,56 +31,70 @@ def batch_buckets(max_batch: int) -> list[int]:
     return sorted({s for s in sizes if s < max_batch} | {max_batch})
 
 
+# The per-row fields (name, dtype, value on padded rows); block tables are kept apart.
+_ROW_FIELDS = (("input_ids", torch.int64, 0), ("positions", torch.int64, 0), ("slot_mapping", torch.int64, -1),
+               ("seq_lens", torch.int32, 0), ("temperature", torch.float32, 0.0), ("top_k", torch.int64, 0),
+               ("top_p", torch.float32, 1.0), ("seeds", torch.int64, 0), ("steps", torch.int64, 0))
+
+
 @dataclass
 class StaticBuffers:
     input_ids: torch.Tensor  # [B] int64
     positions: torch.Tensor  # [B] int64
     slot_mapping: torch.Tensor  # [B] int64, -1 on padded rows
     seq_lens: torch.Tensor  # [B] int32, 0 on padded rows
-    block_tables: torch.Tensor  # [B, max_blocks] int32
     temperature: torch.Tensor  # [B] fp32
     top_k: torch.Tensor  # [B] int64
     top_p: torch.Tensor  # [B] fp32
     seeds: torch.Tensor  # [B] int64
     steps: torch.Tensor  # [B] int64
+    block_tables: torch.Tensor  # [B, max_blocks] int32
+    packed: torch.Tensor  # [9 * B * 8] bytes: the [B] fields above are views of it, so one copy moves them all
 
     @classmethod
-    def allocate(cls, batch: int, max_blocks: int, device: torch.device) -> StaticBuffers:
-        i64, i32, f32 = torch.int64, torch.int32, torch.float32
-        z = lambda *shape, dtype: torch.zeros(*shape, dtype=dtype, device=device)  # noqa: E731
-        return cls(z(batch, dtype=i64), z(batch, dtype=i64), z(batch, dtype=i64) - 1, z(batch, dtype=i32),
-                   z(batch, max_blocks, dtype=i32), z(batch, dtype=f32), z(batch, dtype=i64),
-                   z(batch, dtype=f32) + 1, z(batch, dtype=i64), z(batch, dtype=i64))
+    def allocate(cls, batch: int, max_blocks: int, device: torch.device, pin_memory: bool = False) -> StaticBuffers:
+        packed = torch.zeros(len(_ROW_FIELDS) * batch * 8, dtype=torch.uint8, device=device, pin_memory=pin_memory)
+        rows = {}
+        for i, (name, dtype, pad) in enumerate(_ROW_FIELDS):
+            start = i * batch * 8
+            rows[name] = packed[start : start + batch * dtype.itemsize].view(dtype)
+            rows[name].fill_(pad)
+        tables = torch.zeros(batch, max_blocks, dtype=torch.int32, device=device, pin_memory=pin_memory)
+        return cls(**rows, block_tables=tables, packed=packed)
 
     def staging(self) -> StaticBuffers:
         """Pinned host twins of these buffers (allocated once: no host allocation per step)."""
-        pin = self.input_ids.is_cuda
-        return StaticBuffers(*(torch.empty(getattr(self, f.name).shape, dtype=getattr(self, f.name).dtype,
-                                           pin_memory=pin) for f in fields(self)))
+        batch, max_blocks = self.block_tables.shape
+        return StaticBuffers.allocate(batch, max_blocks, torch.device("cpu"), pin_memory=self.packed.is_cuda)
 
     def copy_from(self, seqs: list[Sequence], block_size: int, rows: int, staging: StaticBuffers) -> None:
         """Write the batch into rows [0, len(seqs)); rows [len(seqs), rows) become padding.
-        Each sequence's block table must already cover the tokens of every step to run."""
-        n, width = len(seqs), self.block_tables.shape[1]
+        Each sequence's block table must already cover the tokens of every step to run.
+        Filled through numpy views of the pinned staging (the last call's copies are done: its
+        tokens were read back), then two copies: the per-row fields and the block tables."""
+        n = len(seqs)
         pos = [s.num_tokens - 1 for s in seqs]
-        host = {
-            "input_ids": [s.all_ids[-1] for s in seqs] + [0] * (rows - n),
-            "positions": pos + [0] * (rows - n),
-            "slot_mapping": [s.slot(p, block_size) for s, p in zip(seqs, pos)]
-            + [-1] * (rows - n),
-            "seq_lens": [s.num_tokens for s in seqs] + [0] * (rows - n),
-            "block_tables": [s.block_table + [0] * (width - len(s.block_table)) for s in seqs]
-            + [[0] * width] * (rows - n),
-            "temperature": [s.sampling.temperature for s in seqs] + [0.0] * (rows - n),
-            "top_k": [s.sampling.top_k for s in seqs] + [0] * (rows - n),
-            "top_p": [s.sampling.top_p for s in seqs] + [1.0] * (rows - n),
-            "seeds": [s.seed for s in seqs] + [0] * (rows - n),
-            "steps": [len(s.output_ids) for s in seqs] + [0] * (rows - n),
+        values = {
+            "input_ids": [s.last_token for s in seqs],
+            "positions": pos,
+            "slot_mapping": [s.slot(p, block_size) for s, p in zip(seqs, pos)],
+            "seq_lens": [p + 1 for p in pos],
+            "temperature": [s.sampling.temperature for s in seqs],
+            "top_k": [s.sampling.top_k for s in seqs],
+            "top_p": [s.sampling.top_p for s in seqs],
+            "seeds": [s.seed for s in seqs],
+            "steps": [len(s.output_ids) for s in seqs],
         }
-        for f in fields(self):
-            dst, src = getattr(self, f.name)[:rows], getattr(staging, f.name)[:rows]
-            src.copy_(torch.tensor(host[f.name], dtype=dst.dtype))  # the last step's copies are done
-            dst.copy_(src, non_blocking=True)
+        for name, _, pad in _ROW_FIELDS:
+            host = getattr(staging, name).numpy()
+            host[:n] = values[name]
+            host[n:rows] = pad
+        tables = staging.block_tables.numpy()
+        tables[:rows] = 0
+        for i, s in enumerate(seqs):
+            tables[i, : len(s.block_table)] = s.block_table
+        self.packed.copy_(staging.packed, non_blocking=True)
+        self.block_tables[:rows].copy_(staging.block_tables[:rows], non_blocking=True)
 
 
 class DecodeGraphs:

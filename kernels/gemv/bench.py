@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from kernels import elementwise as ew
 from kernels import gemv
-from kernels.elementwise.bench import copy_bandwidth_GBps, num_sets, print_table, randn, row, time_ms
+from kernels.bench_utils import copy_bandwidth_GBps, num_sets, print_table, randn, require_cuda, row, time_isolated_ms
 
 HIDDEN, INTER, VOCAB = 4096, 11008, 32064
 # (name, N, K): the rows of w and its columns; gate_up is the fused [2I, K] weight.
@@ -35,15 +35,19 @@ def run(ceilings: dict) -> list[dict]:
         for m in [1, 8]:
             sets = [(randn((m, k), dtype, gen), w) for w in weights]
             nbytes = w_bytes + m * k * 2 + m * n * 2
-            rows.append(row(f"linear {name} M={m} N={n} K={k}", time_ms(gemv.linear, sets), nbytes, ceilings,
-                            time_ms(F.linear, sets), "cuBLAS"))
+            ms = time_isolated_ms([lambda a=a: gemv.linear(*a) for a in sets])
+            peer_ms = time_isolated_ms([lambda a=a: F.linear(*a) for a in sets])
+            rows.append(row(f"linear {name} M={m} N={n} K={k}", ms, nbytes, ceilings, peer_ms, "cuBLAS"))
             if name == "gate_up":
                 nbytes = w_bytes + m * k * 2 + m * (n // 2) * 2
-                rows.append(row(f"gate_up_silu M={m} I={n // 2} K={k}", time_ms(gemv.gate_up_silu, sets), nbytes,
-                                ceilings, time_ms(_peer_gate_up_silu, sets), "cuBLAS+silu_and_mul"))
+                ms = time_isolated_ms([lambda a=a: gemv.gate_up_silu(*a) for a in sets])
+                peer_ms = time_isolated_ms([lambda a=a: _peer_gate_up_silu(*a) for a in sets])
+                rows.append(row(f"gate_up_silu M={m} I={n // 2} K={k}", ms, nbytes, ceilings, peer_ms,
+                                "cuBLAS+silu_and_mul"))
         del weights
     return rows
 
 
 if __name__ == "__main__":
+    require_cuda()
     print_table(run({"copy_GBps": copy_bandwidth_GBps()}))

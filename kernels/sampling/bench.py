@@ -12,7 +12,7 @@ import torch
 
 from kernels import reference
 from kernels import sampling as ks
-from kernels.elementwise.bench import copy_bandwidth_GBps, num_sets, print_table, row, time_ms
+from kernels.bench_utils import copy_bandwidth_GBps, num_sets, print_table, require_cuda, row, time_isolated_ms
 
 
 def run(ceilings: dict) -> list[dict]:
@@ -30,10 +30,12 @@ def run(ceilings: dict) -> list[dict]:
                 seeds = torch.randint(0, 2**62, (batch,), device="cuda", generator=gen)
                 steps = torch.randint(0, 1000, (batch,), device="cuda", generator=gen)
                 sets.append((logits, temperature, top_k, top_p, seeds, steps))
-            rows.append(row(f"sample {mode} B={batch} V={vocab}", time_ms(ks.sample, sets), nbytes, ceilings,
-                            time_ms(reference.sample, sets), "torch"))
+            ms = time_isolated_ms([lambda a=a: ks.sample(*a) for a in sets])
+            peer_ms = time_isolated_ms([lambda a=a: reference.sample(*a) for a in sets])
+            rows.append(row(f"sample {mode} B={batch} V={vocab}", ms, nbytes, ceilings, peer_ms, "torch"))
     return rows
 
 
 if __name__ == "__main__":
+    require_cuda()
     print_table(run({"copy_GBps": copy_bandwidth_GBps()}))
