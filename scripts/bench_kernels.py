@@ -18,34 +18,15 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from kernels.bench_utils import copy_bandwidth_GBps, gemm_tflops, require_cuda  # noqa: E402
+
 FAMILIES = ["kernels.rmsnorm_rope.bench", "kernels.elementwise.bench", "kernels.sampling.bench",
             "kernels.attn_varlen.bench", "kernels.attn_varlen.decode_bench", "kernels.gemv.bench"]
 
 
-def median_ms(fn, warmup: int = 5, repeat: int = 30) -> float:
-    for _ in range(warmup):
-        fn()
-    start = [torch.cuda.Event(enable_timing=True) for _ in range(repeat)]
-    end = [torch.cuda.Event(enable_timing=True) for _ in range(repeat)]
-    for s, e in zip(start, end):
-        s.record()
-        fn()
-        e.record()
-    torch.cuda.synchronize()
-    return sorted(s.elapsed_time(e) for s, e in zip(start, end))[repeat // 2]
-
-
 def ceilings() -> dict:
     """Copy bandwidth (bytes read + written) and bf16 GEMM rate, measured now."""
-    n = 1 << 30
-    src = torch.randn(n // 2, device="cuda", dtype=torch.bfloat16)
-    dst = torch.empty_like(src)
-    ms = median_ms(lambda: dst.copy_(src))
-    copy_gbps = 2 * n / ms / 1e6
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    ms = median_ms(lambda: a @ b, repeat=20)
-    return {"copy_GBps": copy_gbps, "gemm_TFLOPs": 2 * 8192**3 / ms / 1e9, "device": torch.cuda.get_device_name()}
+    return {"copy_GBps": copy_bandwidth_GBps(), "gemm_TFLOPs": gemm_tflops(), "device": torch.cuda.get_device_name()}
 
 
 def main() -> None:
@@ -53,6 +34,7 @@ def main() -> None:
     p.add_argument("--json")
     p.add_argument("--md")
     args = p.parse_args()
+    require_cuda()
     ceil = ceilings()
     rows = []
     for name in FAMILIES:

@@ -11,34 +11,12 @@ Seen on one H100 (bf16, rotated inputs; ours vs SDPA flash in the same run): cau
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
 from kernels import _epd_C
-
-L2_BYTES = 50 * 2**20
-
-
-def _time_ms(fns: list[Callable[[], object]], repeats: int = 30, warmup: int = 5) -> float:
-    """Median ms of one call, cycling through `fns` (one per rotated input set)."""
-    for i in range(warmup):
-        fns[i % len(fns)]()
-    times = []
-    for i in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fns[i % len(fns)]()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
-
-
-def _sets(bytes_per_set: int) -> int:
-    """Input sets to rotate so that consecutive calls do not hit in L2."""
-    return 1 if bytes_per_set > L2_BYTES else min(8, math.ceil(2 * L2_BYTES / bytes_per_set))
+from kernels.bench_utils import gemm_tflops, num_sets, require_cuda, time_isolated_ms
 
 
 def _prefill_case(batch: int, seq: int, heads: int, head_dim: int, block_size: int = 16) -> tuple[list, list]:
@@ -48,7 +26,7 @@ def _prefill_case(batch: int, seq: int, heads: int, head_dim: int, block_size: i
     blocks = batch * math.ceil(seq / block_size)
     set_bytes = 2 * (tokens * heads * head_dim * 3)
     ours, peer = [], []
-    for _ in range(_sets(set_bytes)):
+    for _ in range(num_sets(set_bytes, cap=8)):
         q = torch.randn(tokens, heads, head_dim, device="cuda", dtype=dt)
         arena = torch.randn(blocks, 1, 2, block_size, heads, head_dim, device="cuda", dtype=dt)
         tables = torch.randperm(blocks, device="cuda", dtype=torch.int32).view(batch, -1)
@@ -72,7 +50,7 @@ def _dense_case(batch: int, n: int, heads: int, head_dim: int) -> tuple[list, li
     dt = torch.bfloat16
     set_bytes = 2 * batch * n * heads * head_dim * 4
     ours, peer = [], []
-    for _ in range(_sets(set_bytes)):
+    for _ in range(num_sets(set_bytes, cap=8)):
         qkv = torch.randn(batch, n, 3, heads, head_dim, device="cuda", dtype=dt)
         q, k, v = qkv.unbind(2)
         out = torch.empty(q.shape, device="cuda", dtype=dt)
@@ -96,9 +74,9 @@ def run(ceilings: dict) -> list[dict]:
         ("vision dense 16x577 H16 D64", 16 * 577 * 577 * 64 * 16 * 4, _dense_case(16, 577, 16, 64)),
     ]
     for name, flops, (ours, peer) in cases:
-        ms = _time_ms(ours)
+        ms = time_isolated_ms(ours, reps=30)
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-            peer_ms = _time_ms(peer)
+            peer_ms = time_isolated_ms(peer, reps=30)
         achieved = flops / ms / 1e9
         rows.append(
             dict(
@@ -115,14 +93,9 @@ def run(ceilings: dict) -> list[dict]:
     return rows
 
 
-def _gemm_tflops(n: int = 8192) -> float:
-    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    return 2 * n**3 / _time_ms([lambda: a @ b], repeats=20) / 1e9
-
-
 if __name__ == "__main__":
-    table = run({"gemm_TFLOPs": _gemm_tflops()})
+    require_cuda()
+    table = run({"gemm_TFLOPs": gemm_tflops()})
     print(f"{'case':46s} {'ms':>8s} {'TFLOP/s':>8s} {'%ceil':>6s} {'peer ms':>8s} {'vs peer':>7s}")
     for r in table:
         print(

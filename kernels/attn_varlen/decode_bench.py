@@ -13,47 +13,15 @@ Both are timed as CUDA-graph replays (decode runs under graphs), so host launch 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
 from kernels import _epd_C
+from kernels.bench_utils import copy_bandwidth_GBps, num_sets, require_cuda, row, time_graph_ms
 
-L2_BYTES = 50 * 2**20
 HEAD_DIM = 128
 BLOCK_SIZE = 16
-
-
-def _graph_ms(fns: list[Callable[[], object]], repeats: int = 20, min_calls: int = 32) -> float:
-    """Median ms of one call replayed inside a CUDA graph (as decode runs), cycling through `fns`
-    (one per rotated input set); the graph holds >= min_calls calls so launch gaps amortise."""
-    calls = max(min_calls, len(fns))
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for fn in fns:  # warm up (allocator, lazy init) outside the capture
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(calls):
-            fns[i % len(fns)]()
-    graph.replay()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / calls)
-    return sorted(times)[len(times) // 2]
-
-
-def _sets(bytes_per_set: int) -> int:
-    """Input sets to rotate so that consecutive calls miss in L2."""
-    return 1 if bytes_per_set > L2_BYTES else min(16, math.ceil(3 * L2_BYTES / bytes_per_set))
 
 
 def _decode_case(batch: int, ctx: int, hq: int, hkv: int) -> tuple[list, list, int]:
@@ -62,7 +30,7 @@ def _decode_case(batch: int, ctx: int, hq: int, hkv: int) -> tuple[list, list, i
     blocks = batch * math.ceil(ctx / BLOCK_SIZE)
     kv_bytes = batch * ctx * hkv * d * 2 * 2
     nbytes = kv_bytes + 2 * batch * hq * d * 2
-    sets = _sets(kv_bytes)
+    sets = num_sets(kv_bytes, cap=16)
     scale = d**-0.5
     arena = torch.randn(sets * blocks, 1, 2, BLOCK_SIZE, hkv, d, device="cuda", dtype=dt)
     lens = torch.full((batch,), ctx, device="cuda", dtype=torch.int32)
@@ -81,49 +49,22 @@ def _decode_case(batch: int, ctx: int, hq: int, hkv: int) -> tuple[list, list, i
 
 def run(ceilings: dict) -> list[dict]:
     """Rows {case, ms, achieved, unit, ceiling, pct, peer_ms, peer}; bytes = K/V read + q + out."""
-    ceiling = ceilings["copy_GBps"]
     shapes = [(b, ctx, 32, 32) for b in (1, 8, 32) for ctx in (640, 2048)] + [(8, 2048, 32, 8)]
     rows = []
     for batch, ctx, hq, hkv in shapes:
         ours, peer, nbytes = _decode_case(batch, ctx, hq, hkv)
-        ms = _graph_ms(ours)
-        peer_ms = _graph_ms(peer)
-        achieved = nbytes / ms / 1e6
-        rows.append(
-            dict(
-                case=f"decode B={batch} ctx={ctx} H={hq}/{hkv} D={HEAD_DIM} (paged, bs{BLOCK_SIZE})",
-                ms=ms,
-                achieved=achieved,
-                unit="GB/s",
-                ceiling=ceiling,
-                pct=100 * achieved / ceiling,
-                peer_ms=peer_ms,
-                peer="torch SDPA (contiguous K/V)",
-            )
-        )
+        ms = time_graph_ms(ours, repeats=20, min_calls=32)
+        peer_ms = time_graph_ms(peer, repeats=20, min_calls=32)
+        case = f"decode B={batch} ctx={ctx} H={hq}/{hkv} D={HEAD_DIM} (paged, bs{BLOCK_SIZE})"
+        rows.append(row(case, ms, nbytes, ceilings, peer_ms, "torch SDPA (contiguous K/V)"))
         del ours, peer
         torch.cuda.empty_cache()
     return rows
 
 
-def _copy_GBps(nbytes: int = 2**30, repeats: int = 20) -> float:
-    """Device copy bandwidth (eager, events around each 1 GiB copy), counting bytes read + written."""
-    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        dst.copy_(src)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return 2 * nbytes / sorted(times)[repeats // 2] / 1e6
-
-
 if __name__ == "__main__":
-    copy = _copy_GBps()
+    require_cuda()
+    copy = copy_bandwidth_GBps()
     print(f"copy ceiling {copy:.0f} GB/s")
     print(f"{'case':52s} {'ms':>8s} {'GB/s':>7s} {'%ceil':>6s} {'napkin ms':>9s} {'peer ms':>8s} {'vs peer':>7s}")
     for r in run({"copy_GBps": copy}):
