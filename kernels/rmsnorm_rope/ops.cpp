@@ -6,11 +6,30 @@
 namespace epd {
 namespace {
 
+// torch's Python name of a dtype, as users write it.
+const char* dtype_name(c10::ScalarType t) {
+  switch (t) {
+    case torch::kBFloat16: return "bfloat16";
+    case torch::kHalf: return "float16";
+    case torch::kFloat: return "float32";
+    case torch::kInt: return "int32";
+    case torch::kLong: return "int64";
+    default: return c10::toString(t);
+  }
+}
+
+// t is a CUDA tensor on ref's device with dtype `dtype` (`like` names where that dtype comes from).
+void check_on(const torch::Tensor& t, const char* name, const torch::Tensor& ref, c10::ScalarType dtype,
+              const char* like = nullptr) {
+  EPD_CHECK_CUDA(t);
+  TORCH_CHECK(t.device() == ref.device(), name, " must be on ", ref.device(), ", got ", t.device());
+  TORCH_CHECK(t.scalar_type() == dtype, name, " must be ", dtype_name(dtype), like ? " like " : "", like ? like : "",
+              ", got ", dtype_name(t.scalar_type()));
+}
+
 // A [T, H] operand: shape, contiguous last dim, non-overlapping rows, same device and dtype as x.
 void check_rows(const torch::Tensor& t, const char* name, const torch::Tensor& x) {
-  EPD_CHECK_CUDA(t);
-  TORCH_CHECK(t.device() == x.device(), name, " must be on ", x.device(), ", got ", t.device());
-  TORCH_CHECK(t.scalar_type() == x.scalar_type(), name, " must be ", x.scalar_type(), " like x, got ", t.scalar_type());
+  check_on(t, name, x, x.scalar_type(), "x");
   TORCH_CHECK(t.dim() == 2, name, " must be 2-D [T, H], got shape ", t.sizes());
   TORCH_CHECK(t.size(0) == x.size(0) && t.size(1) == x.size(1), name, " must have shape ", x.sizes(), ", got ",
               t.sizes());
@@ -21,9 +40,7 @@ void check_rows(const torch::Tensor& t, const char* name, const torch::Tensor& x
 
 // A [H] parameter vector (weight, bias) matching x.
 void check_vector(const torch::Tensor& t, const char* name, const torch::Tensor& x) {
-  EPD_CHECK_CUDA(t);
-  TORCH_CHECK(t.device() == x.device(), name, " must be on ", x.device(), ", got ", t.device());
-  TORCH_CHECK(t.scalar_type() == x.scalar_type(), name, " must be ", x.scalar_type(), " like x, got ", t.scalar_type());
+  check_on(t, name, x, x.scalar_type(), "x");
   TORCH_CHECK(t.dim() == 1 && t.size(0) == x.size(1), name, " must have shape [", x.size(1), "], got ", t.sizes());
   TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
 }
@@ -38,69 +55,61 @@ void check_hidden(int64_t hidden, bool vectorized) {
               vectorized ? "" : " for rows that are not 16-byte aligned or whose size is not a multiple of 8");
 }
 
-}  // namespace
-
-void rms_norm(torch::Tensor& out, const torch::Tensor& x, const torch::Tensor& weight, double eps) {
+// x (fp16/bf16, [T, H]) and out; returns x's dtype.
+DType check_norm_io(const torch::Tensor& out, const torch::Tensor& x, const torch::Tensor& weight) {
   EPD_CHECK_CUDA(x);
-  half_dtype(x, "x");
+  const DType dtype = half_dtype(x, "x");
   TORCH_CHECK(x.dim() == 2, "x must be 2-D [T, H], got shape ", x.sizes());
   check_rows(x, "x", x);
   check_rows(out, "out", x);
   check_vector(weight, "weight", x);
+  return dtype;
+}
+
+// residual == nullptr: plain RMSNorm.
+void run_rms_norm(torch::Tensor& out, const torch::Tensor& x, const torch::Tensor& weight, double eps,
+                  torch::Tensor* residual) {
+  const DType dtype = check_norm_io(out, x, weight);
+  if (residual != nullptr) {
+    check_rows(*residual, "residual", x);
+    TORCH_CHECK(out.data_ptr() != residual->data_ptr(), "out must not alias residual");
+  }
   const c10::cuda::CUDAGuard guard(x.device());
   RmsNormParams p{};
   p.out = out.data_ptr();
   p.x = x.data_ptr();
-  p.residual = nullptr;
+  p.residual = residual != nullptr ? residual->data_ptr() : nullptr;
   p.weight = weight.data_ptr();
   p.rows = x.size(0);
   p.hidden = static_cast<int>(x.size(1));
   p.out_row_stride = row_stride(out);
   p.x_row_stride = row_stride(x);
-  p.residual_row_stride = 0;
+  p.residual_row_stride = residual != nullptr ? row_stride(*residual) : 0;
   p.eps = static_cast<float>(eps);
-  p.dtype = half_dtype(x, "x");
+  p.dtype = dtype;
   check_hidden(x.size(1), norm_vectorized(p));
-  launch_rms_norm(p, current_stream(x));
+  if (residual != nullptr) {
+    launch_add_rms_norm(p, current_stream(x));
+  } else {
+    launch_rms_norm(p, current_stream(x));
+  }
   EPD_CHECK_LAUNCH();
+}
+
+}  // namespace
+
+void rms_norm(torch::Tensor& out, const torch::Tensor& x, const torch::Tensor& weight, double eps) {
+  run_rms_norm(out, x, weight, eps, nullptr);
 }
 
 void add_rms_norm(torch::Tensor& out, torch::Tensor& residual, const torch::Tensor& x, const torch::Tensor& weight,
                   double eps) {
-  EPD_CHECK_CUDA(x);
-  half_dtype(x, "x");
-  TORCH_CHECK(x.dim() == 2, "x must be 2-D [T, H], got shape ", x.sizes());
-  check_rows(x, "x", x);
-  check_rows(residual, "residual", x);
-  check_rows(out, "out", x);
-  check_vector(weight, "weight", x);
-  TORCH_CHECK(!out.is_same(residual) && out.data_ptr() != residual.data_ptr(), "out must not alias residual");
-  const c10::cuda::CUDAGuard guard(x.device());
-  RmsNormParams p{};
-  p.out = out.data_ptr();
-  p.x = x.data_ptr();
-  p.residual = residual.data_ptr();
-  p.weight = weight.data_ptr();
-  p.rows = x.size(0);
-  p.hidden = static_cast<int>(x.size(1));
-  p.out_row_stride = row_stride(out);
-  p.x_row_stride = row_stride(x);
-  p.residual_row_stride = row_stride(residual);
-  p.eps = static_cast<float>(eps);
-  p.dtype = half_dtype(x, "x");
-  check_hidden(x.size(1), norm_vectorized(p));
-  launch_add_rms_norm(p, current_stream(x));
-  EPD_CHECK_LAUNCH();
+  run_rms_norm(out, x, weight, eps, &residual);
 }
 
 void layer_norm(torch::Tensor& out, const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& bias,
                 double eps) {
-  EPD_CHECK_CUDA(x);
-  half_dtype(x, "x");
-  TORCH_CHECK(x.dim() == 2, "x must be 2-D [T, H], got shape ", x.sizes());
-  check_rows(x, "x", x);
-  check_rows(out, "out", x);
-  check_vector(weight, "weight", x);
+  const DType dtype = check_norm_io(out, x, weight);
   check_vector(bias, "bias", x);
   const c10::cuda::CUDAGuard guard(x.device());
   LayerNormParams p{};
@@ -113,7 +122,7 @@ void layer_norm(torch::Tensor& out, const torch::Tensor& x, const torch::Tensor&
   p.out_row_stride = row_stride(out);
   p.x_row_stride = row_stride(x);
   p.eps = static_cast<float>(eps);
-  p.dtype = half_dtype(x, "x");
+  p.dtype = dtype;
   check_hidden(x.size(1), norm_vectorized(p));
   launch_layer_norm(p, current_stream(x));
   EPD_CHECK_LAUNCH();
@@ -123,9 +132,7 @@ namespace {
 
 // q/k/v [T, heads, D]: heads contiguous (stride D, 1), rows 16-byte aligned.
 void check_heads(const torch::Tensor& t, const char* name, const torch::Tensor& q, int64_t tokens, int64_t head_dim) {
-  EPD_CHECK_CUDA(t);
-  TORCH_CHECK(t.device() == q.device(), name, " must be on ", q.device(), ", got ", t.device());
-  TORCH_CHECK(t.scalar_type() == q.scalar_type(), name, " must be ", q.scalar_type(), " like q, got ", t.scalar_type());
+  check_on(t, name, q, q.scalar_type(), "q");
   TORCH_CHECK(t.dim() == 3 && t.size(0) == tokens && t.size(2) == head_dim, name, " must be [", tokens, ", heads, ",
               head_dim, "], got ", t.sizes());
   TORCH_CHECK(t.stride(2) == 1 && (t.size(1) <= 1 || t.stride(1) == head_dim), name,
@@ -136,9 +143,7 @@ void check_heads(const torch::Tensor& t, const char* name, const torch::Tensor& 
 }
 
 void check_index(const torch::Tensor& t, const char* name, const torch::Tensor& q, int64_t tokens) {
-  EPD_CHECK_CUDA(t);
-  TORCH_CHECK(t.device() == q.device(), name, " must be on ", q.device(), ", got ", t.device());
-  TORCH_CHECK(t.scalar_type() == torch::kInt64, name, " must be int64, got ", t.scalar_type());
+  check_on(t, name, q, torch::kInt64);
   TORCH_CHECK(t.dim() == 1 && t.size(0) == tokens, name, " must have shape [", tokens, "], got ", t.sizes());
   TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
 }
@@ -165,16 +170,11 @@ void rope_and_cache_write(torch::Tensor& q_rot, const torch::Tensor& q, const to
   TORCH_CHECK(q_rot.sizes() == q.sizes() && q_rot.is_contiguous(), "q_rot must be contiguous with shape ", q.sizes());
   check_index(positions, "positions", q, tokens);
   check_index(slot_mapping, "slot_mapping", q, tokens);
-  EPD_CHECK_CUDA(cos_sin);
-  TORCH_CHECK(cos_sin.device() == q.device(), "cos_sin must be on ", q.device(), ", got ", cos_sin.device());
-  TORCH_CHECK(cos_sin.scalar_type() == torch::kFloat32, "cos_sin must be float32, got ", cos_sin.scalar_type());
+  check_on(cos_sin, "cos_sin", q, torch::kFloat32);
   TORCH_CHECK(cos_sin.dim() == 2 && cos_sin.size(1) == head_dim, "cos_sin must be [max_positions, ", head_dim,
               "], got ", cos_sin.sizes());
   TORCH_CHECK(cos_sin.is_contiguous() && aligned16(cos_sin.data_ptr()), "cos_sin must be contiguous, 16-byte aligned");
-  EPD_CHECK_CUDA(kv_arena);
-  TORCH_CHECK(kv_arena.device() == q.device(), "kv_arena must be on ", q.device(), ", got ", kv_arena.device());
-  TORCH_CHECK(kv_arena.scalar_type() == q.scalar_type(), "kv_arena must be ", q.scalar_type(), " like q, got ",
-              kv_arena.scalar_type());
+  check_on(kv_arena, "kv_arena", q, q.scalar_type(), "q");
   TORCH_CHECK(kv_arena.dim() == 6 && kv_arena.size(2) == 2 && kv_arena.size(4) == num_kv_heads &&
                   kv_arena.size(5) == head_dim,
               "kv_arena must be [num_blocks, num_layers, 2, block_size, ", num_kv_heads, ", ", head_dim, "], got ",
