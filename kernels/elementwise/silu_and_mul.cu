@@ -4,17 +4,10 @@
 #include "kernels/common.cuh"
 #include "kernels/elementwise/dispatch.cuh"
 #include "kernels/elementwise/params.h"
+#include "kernels/elementwise/silu.cuh"
 
 namespace epd {
 namespace {
-
-__device__ __forceinline__ float silu_f32(float g) { return g / (1.0f + __expf(-g)); }
-
-template <typename T>
-__device__ __forceinline__ T silu_mul(T gate, T up) {
-  const T s = from_float<T>(silu_f32(to_float(gate)));  // rounded to T, as HF does
-  return from_float<T>(to_float(s) * to_float(up));
-}
 
 template <typename T, int N>
 __global__ void silu_and_mul_kernel(T* __restrict__ out, const T* __restrict__ x, int64_t num_tokens,

@@ -23,6 +23,7 @@
 #include <type_traits>
 
 #include "kernels/common.cuh"
+#include "kernels/elementwise/silu.cuh"
 #include "kernels/gemv/params.h"
 
 namespace epd {
@@ -89,16 +90,6 @@ template <typename T>
 __device__ __forceinline__ void mma_chunk(float (&c)[4], const uint4& lo, const uint4& hi, const uint4& xv) {
   mma_16816<T>(c, lo.x, hi.x, lo.y, hi.y, xv.x, xv.y);
   mma_16816<T>(c, lo.z, hi.z, lo.w, hi.w, xv.z, xv.w);
-}
-
-// Must match kernels/elementwise/silu_and_mul.cu (same formula, same roundings, same flags) so that
-// gate_up_silu equals silu_and_mul(linear(x, w)).
-__device__ __forceinline__ float silu_f32(float g) { return g / (1.0f + __expf(-g)); }
-
-template <typename T>
-__device__ __forceinline__ T silu_mul(T gate, T up) {
-  const T s = from_float<T>(silu_f32(to_float(gate)));  // rounded to T, as HF does
-  return from_float<T>(to_float(s) * to_float(up));
 }
 
 // One 16-row MMA tile of w per CTA. Linear: tile rows blockIdx.x * 16 + [0, 16), rows >= N masked.
