@@ -27,7 +27,9 @@ from engine.request import Sequence  # noqa: E402
 from scripts.bench_kernels import ceilings  # noqa: E402
 
 
-def _sequences(llm: LLM, batch: int, context: int, steps: int) -> list[Sequence]:
+def prefilled_sequences(llm: LLM, batch: int, context: int, steps: int) -> list[Sequence]:
+    """`batch` random prompts of `context` tokens with KV blocks for `steps` more, prefilled
+    (their first token sampled). Free their block tables when done."""
     g = torch.Generator().manual_seed(batch)
     seqs = []
     for i in range(batch):
@@ -37,7 +39,24 @@ def _sequences(llm: LLM, batch: int, context: int, steps: int) -> list[Sequence]
         seq.block_table = llm.engine.kv_blocks.allocate(-(-(context + steps + 1) // llm.runner.block_size))
         assert seq.block_table is not None, "KV arena too small for this batch"
         seqs.append(seq)
+    for i in range(0, batch, 8):  # prefill in slices to bound activations
+        out = llm.runner.prefill(seqs[i : i + 8])
+        for s, t in zip(seqs[i : i + 8], out.token_ids):
+            s.output_ids.append(t)
     return seqs
+
+
+def timed_decode(llm: LLM, seqs: list[Sequence], num_steps: int) -> float:
+    """Seconds of one runner.decode call of num_steps steps (synchronised: .tolist() inside);
+    the tokens are appended to seqs afterwards, outside the timing."""
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    tokens, _ = llm.runner.decode(seqs, num_steps)
+    seconds = time.perf_counter() - t0
+    for step_tokens in tokens:
+        for s, t in zip(seqs, step_tokens):
+            s.output_ids.append(t)
+    return seconds
 
 
 def decode_calls(steps: int, multi_step: int) -> int:
@@ -50,20 +69,8 @@ def bench_ours(llm: LLM, batch: int, context: int, steps: int, multi_step: int) 
     `multi_step` steps per call (one copy-in, one copy-out): `steps` calls (at least 10 with
     multi-step, so the KV stays about as long as with single steps); the first 2 are warm-up."""
     calls = decode_calls(steps, multi_step)
-    seqs = _sequences(llm, batch, context, calls * multi_step)
-    for i in range(0, batch, 8):  # prefill in slices to bound activations
-        out = llm.runner.prefill(seqs[i : i + 8])
-        for s, t in zip(seqs[i : i + 8], out.token_ids):
-            s.output_ids.append(t)
-    times = []
-    for _ in range(calls):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        tokens, _ = llm.runner.decode(seqs, multi_step)  # .tolist() inside syncs
-        times.append((time.perf_counter() - t0) / multi_step)
-        for step_tokens in tokens:
-            for s, t in zip(seqs, step_tokens):
-                s.output_ids.append(t)
+    seqs = prefilled_sequences(llm, batch, context, calls * multi_step)
+    times = [timed_decode(llm, seqs, multi_step) / multi_step for _ in range(calls)]
     for s in seqs:
         llm.engine.kv_blocks.free(s.block_table)
     return 1e3 * statistics.median(times[2:])

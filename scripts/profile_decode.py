@@ -14,7 +14,6 @@ import argparse
 import re
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -25,7 +24,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from engine import LLM  # noqa: E402
-from scripts.bench_decode import _sequences  # noqa: E402
+from scripts.bench_decode import prefilled_sequences, timed_decode  # noqa: E402
 
 
 def short_name(name: str) -> str:
@@ -59,28 +58,12 @@ def busy_time(intervals: list[tuple[float, float]]) -> float:
 
 
 def profile_once(llm: LLM, batch: int, context: int, steps: int, calls: int) -> None:
-    seqs = _sequences(llm, batch, context, (calls + 3) * steps)
-    for i in range(0, batch, 8):
-        out = llm.runner.prefill(seqs[i : i + 8])
-        for s, t in zip(seqs[i : i + 8], out.token_ids):
-            s.output_ids.append(t)
-
-    def call() -> None:
-        tokens, _ = llm.runner.decode(seqs, steps)
-        for step_tokens in tokens:
-            for s, t in zip(seqs, step_tokens):
-                s.output_ids.append(t)
-
-    times = []
-    for _ in range(calls):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        call()
-        times.append((time.perf_counter() - t0) / steps)
+    seqs = prefilled_sequences(llm, batch, context, (calls + 3) * steps)
+    times = [timed_decode(llm, seqs, steps) / steps for _ in range(calls)]
     ms = 1e3 * statistics.median(times[1:])
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(3):
-            call()
+            timed_decode(llm, seqs, steps)
         torch.cuda.synchronize()
     for s in seqs:
         llm.engine.kv_blocks.free(s.block_table)
