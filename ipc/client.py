@@ -20,9 +20,15 @@ class RPCClient:
     def call(self, method: str, **params: Any) -> Iterator[dict]:
         """Send one call; yield its replies until the last one (done / status / stopping)."""
         call_id = next(self._ids)
-        self.conn.send({"id": call_id, "method": method, "params": params})
+        try:
+            self.conn.send({"id": call_id, "method": method, "params": params})
+        except OSError as e:
+            raise RPCError("the server closed the connection (stopped?)") from e
         while True:
-            msg = self.conn.recv()
+            try:
+                msg = self.conn.recv()
+            except (EOFError, OSError) as e:
+                raise RPCError("the server closed the connection (stopped?)") from e
             if msg.get("id") != call_id:
                 continue  # a reply to an earlier, abandoned call
             if "error" in msg:

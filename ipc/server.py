@@ -4,7 +4,8 @@ Transport: multiprocessing.connection (HMAC challenge with the authkey before an
 read). A call is a dict {"id": any, "method": str, "params": dict}; replies carry the call's id:
   generate -> {"id", "event": "token", "token_id", "text"} ... then {"id", "event": "done", "output"}
   status   -> {"id", "event": "status", "status": {...}}
-  stop     -> {"id", "event": "stopping"}; the server drains nothing further and shuts down
+  stop     -> {"id", "event": "stopping"}; the server drains nothing further, shuts down and hangs
+              up every connection (a client's later call ends with RPCError, never a hang)
   kv_init(prompt, images, raw_prompt, sampling) -> {"event": "session", "session", "token_id"}
   kv_step(session, token_id=None) / kv_generate(session, num_steps) -> {"event": "tokens", "token_ids"}
   kv_close(session) -> {"event": "closed", "num_tokens"}   (see ipc/sessions.py)
@@ -17,7 +18,9 @@ queue them. kv sessions need the in-process engine (they drive its runner direct
 from __future__ import annotations
 
 import logging
+import os
 import queue
+import socket
 import threading
 from dataclasses import asdict
 from multiprocessing.connection import Connection, Listener
@@ -52,6 +55,16 @@ class _Client:
             except (OSError, EOFError, BrokenPipeError):
                 self.open = False
 
+    def hang_up(self) -> None:
+        """End the connection both ways: a read blocked on it, ours or the peer's, sees EOF."""
+        with self.lock:
+            self.open = False
+            try:
+                with socket.socket(fileno=os.dup(self.conn.fileno())) as sock:
+                    sock.shutdown(socket.SHUT_RDWR)
+            except OSError:  # already closed
+                pass
+
 
 class RPCServer:
     def __init__(self, llm: LLM | EPDEngine, address: str | tuple[str, int], authkey: bytes) -> None:
@@ -65,6 +78,8 @@ class RPCServer:
         self.sessions = KVSessions(llm) if isinstance(llm, LLM) else None
         self.session_owner: dict[int, _Client] = {}
         self.stopping = threading.Event()
+        self.clients: set[_Client] = set()  # open connections, hung up at shutdown
+        self.clients_lock = threading.Lock()
         self.stats = {"requests": 0, "finished": 0, "errors": 0, "rejected_connections": 0}
 
     # ------------------------------------------------------------------ connections
@@ -78,6 +93,11 @@ class RPCServer:
         self.stopping.wait()
         engine.join()
         self.listener.close()
+        # Calls that arrive from now on would wait forever for the engine: hang up instead, so
+        # every client's pending or next call ends with an error.
+        with self.clients_lock:
+            for client in self.clients:
+                client.hang_up()
 
     def _accept_loop(self) -> None:
         while not self.stopping.is_set():
@@ -89,7 +109,13 @@ class RPCServer:
                 self.stats["rejected_connections"] += 1
                 log.warning("rejected a connection: %s", e)
                 continue
-            threading.Thread(target=self._read_loop, args=(_Client(conn),), daemon=True).start()
+            client = _Client(conn)
+            with self.clients_lock:  # a connection accepted while shutting down is hung up at once
+                if self.stopping.is_set():
+                    client.hang_up()
+                    return
+                self.clients.add(client)
+            threading.Thread(target=self._read_loop, args=(client,), daemon=True).start()
 
     def _read_loop(self, client: _Client) -> None:
         while client.open and not self.stopping.is_set():
@@ -112,6 +138,8 @@ class RPCServer:
             else:
                 self.inbox.put((client, call.get("id"), method, params))
         client.open = False
+        with self.clients_lock:
+            self.clients.discard(client)
         self.inbox.put((client, None, "_disconnect", {}))
 
     # ------------------------------------------------------------------ engine
@@ -164,8 +192,8 @@ class RPCServer:
         elif method == "status":
             client.send({"id": call_id, "event": "status", "status": self.status()})
         elif method == "stop":
+            self.stopping.set()  # first: a client that has read the reply sees the server stopping
             client.send({"id": call_id, "event": "stopping"})
-            self.stopping.set()
         elif method == "generate":
             try:
                 request, sampling = _parse_generate(params)

@@ -22,9 +22,9 @@ def server(tiny_llama: Path, tmp_path: Path):
     thread = threading.Thread(target=srv.serve_forever, daemon=True)
     thread.start()
     yield srv
-    if thread.is_alive():
+    if not srv.stopping.is_set():  # a test may have stopped it already
         RPCClient(srv.address, KEY).stop()
-        thread.join(timeout=30)
+    thread.join(timeout=30)
     assert not thread.is_alive(), "server did not shut down"
 
 
@@ -105,6 +105,31 @@ def test_status_and_stop(server: RPCServer) -> None:
     status = client.status()
     assert status["requests"] >= 1 and status["finished"] >= 1 and status["running"] == 0
     client.stop()
+    assert server.stopping.is_set()  # set before the reply (the fixture's teardown relies on it)
+
+
+def test_calls_after_stop_get_an_error_not_a_hang(server: RPCServer) -> None:
+    """A client connected before `stop` gets an error for its next call instead of waiting
+    forever on an engine that is gone."""
+    other = RPCClient(server.address, KEY)
+    RPCClient(server.address, KEY).stop()
+    # once the engine is gone the server hangs up: the other client sees EOF (before the fix its
+    # next call was queued for the engine and waited forever)
+    assert other.conn.poll(30), "the server did not hang up on its other client"
+    result: list[BaseException | None] = []
+
+    def call() -> None:
+        try:
+            other.status()
+            result.append(None)
+        except BaseException as e:  # noqa: BLE001  (asserted below)
+            result.append(e)
+
+    waiter = threading.Thread(target=call, daemon=True)
+    waiter.start()
+    waiter.join(timeout=30)
+    assert result and isinstance(result[0], RPCError), result or "the call hung"
+    assert "closed the connection" in str(result[0])
 
 
 @pytest.mark.parametrize("mode", ["aggregated", "epd"])
