@@ -2,8 +2,11 @@
 
 HF fp32 generates N greedy tokens per request (with its own KV cache); we are fed the same
 tokens (teacher forcing) and compare each step's logits and top-1.
-fp32: rel err <= 1e-4 at every step and identical top-1. Lower precision: top-1 agreement
-with HF fp32 >= 99%, and our logits error <= 1.5x HF's own at that precision (teacher-forced).
+fp32: rel err <= 1e-4 at every step and identical top-1. Lower precision: our logits error
+<= 1.5x HF's own at that precision, and our top-1 agreement with HF fp32 >= HF's own agreement at
+that precision on the same positions minus 0.5 points (teacher-forced). A fixed bar such as 99%
+cannot be met on random weights, whose near-flat logits flip under any bf16 rounding: HF's own
+bf16 scores 94-97% there; the peer's score is what "as close as the reference can be" means.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from common import (
 )
 
 from engine.config import parse_dtype
+
+PEER_MARGIN = 0.005  # 0.5 points of top-1 agreement below HF's own at the same precision
 
 
 def hf_generate(hf: torch.nn.Module, p, steps: int, device: str) -> tuple[list[int], torch.Tensor]:
@@ -87,9 +92,9 @@ def main() -> None:
             peer_agree += int((forced.argmax(-1) == torch.tensor(t)).sum())
             base = rel_err(forced, r)
             report.check(f"request {i}: ours/HF-{args.dtype} error vs HF fp32", rel_err(o, r) / base, 1.5, ".3f")
-        report.check("top-1 agreement with HF fp32 (teacher-forced)", agree / total, 0.99, ".4f",
-                     higher_is_better=True)
         print(f"  info  HF {args.dtype} top-1 agreement with HF fp32 (same positions): {peer_agree / total:.4f}")
+        report.check(f"top-1 agreement with HF fp32 (>= HF {args.dtype}'s - {PEER_MARGIN:.3f})", agree / total,
+                     peer_agree / total - PEER_MARGIN, ".4f", higher_is_better=True)
     report.finish()
 
 
