@@ -1,11 +1,17 @@
 """Image loading and CLIP preprocessing, step for step as HF's `CLIPImageProcessorPil`:
 RGB, PIL resize on uint8, HF center crop (zero pad if small), float64 rescale, float32 normalize.
+
+The RGB conversion follows the installed transformers release: up to 5.17 HF converts with a
+plain `convert("RGB")` (transparent pixels keep their colour); later releases (5.24 and on)
+composite any transparency (an alpha band or a `transparency` entry) onto white first.
+`hf_composites_alpha()` finds out which by asking HF's own converter once.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import io
 import json
 import warnings
@@ -61,11 +67,40 @@ def _from_data_url(url: str, index: int) -> Image.Image:
     return _decode(data, f"data URL ({len(data)} bytes)", index)
 
 
-def load_image(src: Any, index: int = 0) -> Image.Image:
+@functools.cache
+def hf_composites_alpha() -> bool:
+    """True when the installed transformers composites transparent pixels onto white in its RGB
+    conversion (releases after 5.17), False when it drops the alpha band (5.17 and before).
+
+    Found by converting one fully transparent black pixel with HF's own `convert_to_rgb`: no
+    version table to keep up to date, and it matches whatever release the user has."""
+    from transformers.image_transforms import convert_to_rgb
+
+    probe = Image.new("RGBA", (1, 1), (0, 0, 0, 0))
+    try:
+        rgb = convert_to_rgb(probe, return_numpy=True)  # newer releases warn without it
+    except TypeError:  # older signature: convert_to_rgb(image)
+        rgb = convert_to_rgb(probe)
+    return bool(np.asarray(rgb).reshape(-1)[:3].min() == 255)
+
+
+def to_rgb(image: Image.Image, composite_alpha: bool) -> Image.Image:
+    """RGB as HF converts: with composite_alpha, transparency (an alpha band, or a palette / tRNS
+    `transparency` entry) is blended onto white; without, `convert("RGB")` drops it."""
+    has_alpha = "A" in image.getbands() or image.info.get("transparency") is not None
+    if composite_alpha and has_alpha:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def load_image(src: Any, index: int = 0, composite_alpha: bool | None = None) -> Image.Image:
     """Load a path, bytes, PIL image or base64 data URL as a fully decoded RGB image.
 
     EXIF orientation is applied (as `transformers.image_utils.load_image` does); `index`
-    only labels error messages ("image 2: ...").
+    only labels error messages ("image 2: ..."). composite_alpha: blend transparency onto white
+    (True), drop it (False), or do what the installed transformers does (None).
     """
     if isinstance(src, Image.Image):
         _check_pixels(src, index)
@@ -93,8 +128,7 @@ def load_image(src: Any, index: int = 0) -> Image.Image:
                          "expected a path, bytes, a PIL image or a data: URL")
     try:
         image = ImageOps.exif_transpose(image)
-        # As HF convert_to_rgb: RGBA/LA/P/L/CMYK/I;16 all go through convert("RGB").
-        return image if image.mode == "RGB" else image.convert("RGB")
+        return to_rgb(image, hf_composites_alpha() if composite_alpha is None else composite_alpha)
     except Exception as e:
         raise ImageError(f"image {index}: cannot convert mode {image.mode} to RGB ({e})") from e
 
@@ -115,6 +149,7 @@ class ImageProcessorConfig:
     image_mean: tuple[float, ...] = OPENAI_CLIP_MEAN
     image_std: tuple[float, ...] = OPENAI_CLIP_STD
     do_convert_rgb: bool = True  # load_image always converts; kept to mirror HF configs
+    composite_alpha: bool | None = None  # transparency onto white; None: as the installed transformers
 
     def __post_init__(self) -> None:
         s = self.image_size
@@ -211,7 +246,7 @@ class ImageProcessor:
     def preprocess_one(self, src: Any, index: int = 0) -> np.ndarray:
         """One image (anything `load_image` accepts) -> `[3, image_size, image_size]` float32."""
         cfg = self.cfg
-        image = load_image(src, index)
+        image = load_image(src, index, cfg.composite_alpha)
         if cfg.do_resize:
             edge = cfg.shortest_edge or cfg.image_size
             h, w = cfg.resize_hw or _shortest_edge_hw(image.height, image.width, edge)

@@ -16,7 +16,7 @@ from PIL import Image
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
 from engine import images as images_mod
-from engine.images import ImageError, ImageProcessor, ImageProcessorConfig, load_image
+from engine.images import ImageError, ImageProcessor, ImageProcessorConfig, hf_composites_alpha, load_image
 
 SIZES_HW = [(1, 1), (7, 97), (97, 7), (333, 500), (500, 333), (84, 84), (85, 83), (480, 640)]
 MODES = ["RGB", "RGBA", "L", "P", "LA", "CMYK", "I;16"]
@@ -69,6 +69,53 @@ def test_matches_hf_pil_clip(image_size: int, mode: str) -> None:
         assert diff <= TOL, f"{mode} {h}x{w} -> {image_size}: max abs diff {diff}"
         worst = max(worst, diff)
     print(f"max abs diff {mode} image_size={image_size}: {worst}")
+
+
+def with_transparency(image: Image.Image) -> Image.Image:
+    """A non-alpha mode that still has transparent pixels, as PNG's tRNS chunk gives them."""
+    colour = image.getpixel((0, 0))
+    image.info["transparency"] = colour
+    return image
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "P", "PA"])
+def test_transparency_entry_matches_hf(mode: str) -> None:
+    # Images that carry transparency without an alpha band: 5.24 composites them too.
+    rng = np.random.default_rng(5)
+    proc = ImageProcessor(ImageProcessorConfig(image_size=84))
+    for h, w in [(7, 97), (85, 83)]:
+        base = random_image(h, w, "P" if mode == "PA" else mode, rng)
+        image = base.convert("PA") if mode == "PA" else with_transparency(base)
+        ref = hf_pixels(image, size={"shortest_edge": 84}, crop_size=84)
+        diff = float(np.abs(proc.preprocess([image]).numpy() - ref).max())
+        assert diff <= TOL, f"{mode} with transparency {h}x{w}: max abs diff {diff}"
+
+
+def test_alpha_policies() -> None:
+    # Both HF behaviours, whichever release is installed: 5.17 drops alpha, 5.24 blends onto white.
+    rgba = np.array([[[200, 100, 50, 0], [200, 100, 50, 255], [200, 100, 50, 128]]], dtype=np.uint8)
+    image = Image.fromarray(rgba, mode="RGBA")
+    dropped = np.asarray(load_image(image, composite_alpha=False))
+    assert (dropped == [200, 100, 50]).all()
+    blended = np.asarray(load_image(image, composite_alpha=True)).astype(int)
+    assert blended[0, 0].tolist() == [255, 255, 255] and blended[0, 1].tolist() == [200, 100, 50]
+    expect = np.round(128 / 255 * np.array([200, 100, 50]) + (1 - 128 / 255) * 255)
+    assert np.abs(blended[0, 2] - expect).max() <= 1
+    assert load_image(image).mode == "RGB"
+    opaque = Image.fromarray(rgba[..., :3])  # no transparency: the policy changes nothing
+    assert np.array_equal(np.asarray(load_image(opaque, composite_alpha=True)), rgba[..., :3])
+
+
+def test_alpha_policy_follows_installed_transformers() -> None:
+    import transformers
+    from packaging.version import Version
+
+    composites = hf_composites_alpha()
+    assert isinstance(composites, bool)
+    if Version(transformers.__version__) <= Version("5.17.0"):
+        assert not composites, transformers.__version__
+    if Version(transformers.__version__) >= Version("5.24.0"):
+        assert composites, transformers.__version__
 
 
 @pytest.mark.parametrize(
