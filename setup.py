@@ -1,6 +1,8 @@
-"""Install the engine; build the CUDA extension kernels._epd_C where CUDA is present.
+"""Build the CUDA extension kernels._epd_C where CUDA is present; everything else (metadata,
+dependencies, packages, entry points) is in pyproject.toml.
 
     pip install -e .          # CPU: pure Python (torch backend); GPU: + the extension
+    EPD_SKIP_CUDA=1 pip wheel --no-deps --no-build-isolation .   # pure-Python wheel
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-from setuptools import find_packages, setup
+from setuptools import setup
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -36,15 +38,4 @@ def extensions() -> tuple[list, dict]:
 
 
 ext_modules, cmdclass = extensions()
-setup(
-    name="epd-engine",
-    version="0.1.0",
-    description="EPD-disaggregated serving engine for LLaVA-style multimodal LLMs",
-    packages=find_packages(include=["engine", "engine.*", "kernels", "kernels.*", "scripts", "parity"]),
-    python_requires=">=3.10",
-    install_requires=["torch>=2.4", "safetensors", "transformers>=4.45", "numpy", "pillow", "multiprocess",
-                      "pybind11", "ninja"],
-    extras_require={"test": ["pytest", "ruff"]},
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
-)
+setup(ext_modules=ext_modules, cmdclass=cmdclass)

@@ -17,17 +17,27 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-KERNELS = ROOT / "kernels"
+KERNELS = Path(__file__).resolve().parent  # this package: its .cu/.cpp/.cuh/.h ship with it as package data
+ROOT = KERNELS.parent  # includes are "kernels/..."-rooted: the checkout, or site-packages once installed
 ARCH_FLAGS = ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90a,code=sm_90a"]
 NVCC_FLAGS = ["-O3", "--use_fast_math", "--expt-relaxed-constexpr", "-lineinfo", "-Xptxas=-warn-spills", *ARCH_FLAGS]
 CXX_FLAGS = ["-O3"]
 
 
 def sources() -> list[str]:
-    """binding.cpp plus every family's .cu and .cpp files."""
+    """binding.cpp plus every family's .cu and .cpp files, relative to ROOT."""
+    if not (KERNELS / "binding.cpp").is_file():
+        raise FileNotFoundError(f"kernel sources not found under {KERNELS} (an install without package data?)")
     files = sorted(KERNELS.glob("*/*.cu")) + sorted(KERNELS.glob("*/*.cpp")) + [KERNELS / "binding.cpp"]
     return [str(f.relative_to(ROOT)) for f in files]
+
+
+def build_dir() -> Path:
+    """Where the JIT build keeps its objects: build/jit in a checkout; a user cache dir for an
+    installed package (site-packages may be read-only, and is no place for build trees)."""
+    if (ROOT / "pyproject.toml").is_file():
+        return ROOT / "build" / "jit"
+    return Path(os.environ.get("EPD_CACHE_DIR") or Path.home() / ".cache" / "epd-engine") / "jit"
 
 
 def jit_build(verbose: bool = False) -> Path:
@@ -35,8 +45,8 @@ def jit_build(verbose: bool = False) -> Path:
     from torch.utils.cpp_extension import load
 
     os.environ.setdefault("MAX_JOBS", str(os.cpu_count() or 4))
-    build_dir = ROOT / "build" / "jit"
-    links = build_dir / "src"
+    build = build_dir()
+    links = build / "src"
     links.mkdir(parents=True, exist_ok=True)
     # torch names objects by file basename: link each source as <family>_<name> so that the
     # families' ops.cpp files do not collide (all includes are repo-rooted, so links compile).
@@ -52,7 +62,7 @@ def jit_build(verbose: bool = False) -> Path:
         extra_include_paths=[str(ROOT)],
         extra_cflags=CXX_FLAGS,
         extra_cuda_cflags=NVCC_FLAGS,
-        build_directory=str(build_dir),
+        build_directory=str(build),
         verbose=verbose,
     )
     target = KERNELS / Path(module.__file__).name
@@ -99,16 +109,26 @@ def compile_check(jobs: int = 2) -> int:
     return failures
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> int:
+    from engine.cli import CLIError, HelpFormatter
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--check", action="store_true", help="compile-check only (no GPU, no link)")
-    p.add_argument("--jobs", type=int, default=2)
-    p.add_argument("--verbose", action="store_true")
-    args = p.parse_args()
+    p.add_argument("--jobs", type=int, default=2, help="parallel compiles for --check")
+    p.add_argument("--verbose", action="store_true", help="show the JIT build's compiler commands")
+    args = p.parse_args(argv)
+    if args.jobs < 1:
+        raise CLIError(f"--jobs = {args.jobs}; must be >= 1")
+    sources()  # the sources exist (a clear error for an install without them)
     if args.check:
-        sys.exit(1 if compile_check(args.jobs) else 0)
+        if shutil.which("nvcc") is None:
+            raise CLIError("--check needs nvcc on PATH (the CUDA toolkit)")
+        return 1 if compile_check(args.jobs) else 0
     print(jit_build(args.verbose))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    from engine.cli import run_main
+
+    sys.exit(run_main(main))

@@ -25,7 +25,8 @@ def test_json_output(tiny_llava: Path, tmp_path: Path) -> None:
                 "--backend", "torch", "--device", "cpu", "--json")
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
-    assert set(out) == {"text", "token_ids", "ttft_s", "tokens_per_s"} and 1 <= len(out["token_ids"]) <= 8
+    assert set(out) == {"text", "token_ids", "finish_reason", "ttft_s", "tokens_per_s"}
+    assert 1 <= len(out["token_ids"]) <= 8 and out["finish_reason"] in ("length", "stop")
 
 
 def test_streaming_output(tiny_llama: Path) -> None:

@@ -1,0 +1,216 @@
+"""Serve a model over the RPC server (ipc/server.py) on a local socket (`epd-serve`).
+
+    EPD_AUTHKEY=secret epd-serve --model DIR --socket /tmp/epd.sock
+    EPD_AUTHKEY=secret epd-serve --model DIR --host 127.0.0.1 --port 7777
+    EPD_AUTHKEY=secret epd-serve --model DIR --mode epd --placement "E:0,1 P:2 D:3"
+    EPD_AUTHKEY=secret epd-serve --model DIR --mode epd --placement "E:cpu,cpu P:cpu D:cpu"
+
+Clients: ipc.client.RPCClient(address, authkey). The key comes from EPD_AUTHKEY (never argv,
+which other users can read). SIGTERM and SIGINT stop the server as the `stop` call does (streams
+in flight end with "server stopped", stages and arenas go, the socket file is removed; exit 0).
+A socket path with no listener behind it is replaced; one with a live server is refused before
+the model loads. Bad input exits with status 2 and one line naming the flag.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import stat
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from types import FrameType
+
+from engine.cli import (
+    PLACEMENT_HELP,
+    ArgumentParser,
+    CLIError,
+    add_log_level,
+    check_device,
+    check_placement,
+    dtype_arg,
+    positive_int,
+    run_main,
+    setup_logging,
+)
+
+log = logging.getLogger("ipc.serve")
+AGGREGATED_ONLY = ("multi_step", "max_model_len", "max_num_batched_tokens", "gpu_memory_utilization",
+                   "no_cuda_graphs", "background_capture")
+
+
+class StopRequested(BaseException):  # noqa: N818 -- a signal, not an error
+    """SIGTERM before the server is up: unwinds the start-up (BaseException: no `except
+    Exception` in the loading code swallows it)."""
+
+
+def build_parser(model_help: str = "HF checkpoint directory (required)") -> argparse.ArgumentParser:
+    p = ArgumentParser(description=__doc__)
+    p.add_argument("--model", help=model_help)
+    where = p.add_argument_group("address (a unix socket, or TCP on a local interface)")
+    where.add_argument("--socket", help="unix socket path (default: TCP on --host/--port)")
+    where.add_argument("--host", default="127.0.0.1", help="TCP host, when no --socket")
+    where.add_argument("--port", type=int, default=7777, help="TCP port, when no --socket")
+    p.add_argument("--mode", choices=["aggregated", "epd", "pd"], default="aggregated",
+                   help="aggregated: one process; epd: encoder/prefill/decode processes; pd: prefill encodes")
+    p.add_argument("--placement", help=PLACEMENT_HELP)
+    p.add_argument("--backend", default="auto", choices=["auto", "torch", "cuda"],
+                   help="ops backend: torch (reference, any device), cuda (our kernels), auto (cuda where it runs)")
+    p.add_argument("--dtype", default="auto", type=dtype_arg,
+                   help="auto (the checkpoint's), float32, bfloat16 or float16")
+    p.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda when present); epd: the default placement's")
+    p.add_argument("--max-num-seqs", type=int, default=64, help="sequences decoded together at most")
+    p.add_argument("--kv-cache-tokens", type=int,
+                   help="KV arena capacity in tokens, per stage in epd (default: from GPU memory; CPU: 4 x context)")
+    p.add_argument("--max-images-per-batch", type=int, default=8, help="images encoded together at most")
+    p.add_argument("--seed", type=int, default=0, help="engine seed for requests without one")
+    p.add_argument("--allowed-local-media-path",
+                   help="directory whose image files requests may name by path (default: none: paths are refused)")
+    agg = p.add_argument_group("aggregated mode only")
+    agg.add_argument("--multi-step", type=int, help="decode steps per device call, 1-64 (default: 1)")
+    agg.add_argument("--max-model-len", type=int, help="context cap in tokens (default: the model's)")
+    agg.add_argument("--max-num-batched-tokens", type=int, help="prefill token budget per step (default: 8192)")
+    agg.add_argument("--gpu-memory-utilization", type=float, help="share of the GPU for weights + KV (default: 0.9)")
+    agg.add_argument("--no-cuda-graphs", action="store_true", help="decode eagerly (cuda backend)")
+    agg.add_argument("--background-capture", action="store_true",
+                     help="serve at once; capture the decode graphs on a side stream")
+    add_log_level(p)
+    return p
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Everything that can be checked before the model loads (fast, so a typo costs no load)."""
+    from engine.config import ModelConfig
+
+    if not os.environ.get("EPD_AUTHKEY"):
+        raise CLIError("EPD_AUTHKEY is not set: export the clients' shared secret (it never goes on argv)")
+    if args.socket is None and not 1 <= args.port <= 65535:
+        raise CLIError(f"--port = {args.port}; must be in [1, 65535]")
+    cfg = ModelConfig.from_dir(args.model)  # a missing dir or a bad config.json fails here
+    positive_int("--max-num-seqs", args.max_num_seqs)
+    positive_int("--kv-cache-tokens", args.kv_cache_tokens)
+    positive_int("--max-images-per-batch", args.max_images_per_batch)
+    positive_int("--multi-step", args.multi_step, 64)
+    positive_int("--max-model-len", args.max_model_len)
+    positive_int("--max-num-batched-tokens", args.max_num_batched_tokens)
+    if args.gpu_memory_utilization is not None and not 0.0 < args.gpu_memory_utilization <= 1.0:
+        raise CLIError(f"--gpu-memory-utilization = {args.gpu_memory_utilization}; must be in (0, 1]")
+    if args.allowed_local_media_path is not None and not Path(args.allowed_local_media_path).is_dir():
+        raise CLIError(f"--allowed-local-media-path {args.allowed_local_media_path!r}: not a directory")
+    check_device(args.device, args.backend)
+    if args.mode == "aggregated":
+        if args.placement:
+            raise CLIError("--placement applies to --mode epd or pd; aggregated runs on --device")
+        return
+    if not cfg.is_multimodal:
+        raise CLIError(f"--mode {args.mode} needs a vision tower; {cfg.architecture} has none (use aggregated)")
+    given = [f"--{name.replace('_', '-')}" for name in AGGREGATED_ONLY if getattr(args, name) not in (None, False)]
+    if given:
+        raise CLIError(f"{', '.join(given)}: aggregated mode only (the EPD stages use their own settings)")
+    if args.placement:
+        check_placement(args.placement, args.mode)
+
+
+def load_engine(args: argparse.Namespace, model: Path):
+    """The in-process LLM (aggregated) or the EPD orchestrator with its stage processes."""
+    if args.mode == "aggregated":
+        from engine import LLM
+
+        optional = {"multi_step": args.multi_step, "max_model_len": args.max_model_len,
+                    "max_num_batched_tokens": args.max_num_batched_tokens,
+                    "gpu_memory_utilization": args.gpu_memory_utilization}
+        return LLM(model, backend=args.backend, dtype=args.dtype, device=args.device, max_num_seqs=args.max_num_seqs,
+                   kv_cache_tokens=args.kv_cache_tokens, max_images_per_batch=args.max_images_per_batch,
+                   cuda_graphs=not args.no_cuda_graphs, background_capture=args.background_capture, seed=args.seed,
+                   **{k: v for k, v in optional.items() if v is not None})
+    import torch
+
+    from engine.epd import EPDEngine
+    from ipc.stages import StageConfig
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    stage = StageConfig(model=str(model), backend=args.backend, device=device, dtype=args.dtype,
+                        kv_cache_tokens=args.kv_cache_tokens, max_num_seqs=args.max_num_seqs,
+                        max_images_per_batch=args.max_images_per_batch)
+    return EPDEngine(model, placement=args.placement, mode=args.mode, stage=stage, seed=args.seed)
+
+
+def _describe(args: argparse.Namespace, engine, address: object) -> str:
+    where = address if isinstance(address, str) else f"{address[0]}:{address[1]}"
+    text = f"serving {args.model} on {where} (pid {os.getpid()}): mode {args.mode}"
+    if args.mode != "aggregated":
+        pids = ", ".join(f"{name} pid {proc.pid}" for name, proc in engine.procs.items())
+        text += f", placement {args.placement or 'default (all on ' + (args.device or 'the default device') + ')'}"
+        text += f", stages: {pids}"
+    media = args.allowed_local_media_path
+    return text + f"; local image paths: {'only under ' + media if media else 'refused'}"
+
+
+def _remove_socket(path: str, inode: int | None) -> None:
+    """Remove our socket file if it is still there (and still ours: same inode)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISSOCK(st.st_mode) and st.st_ino == inode:
+        os.unlink(path)
+
+
+def main(argv: list[str] | None = None, default_model: Callable[[], Path] | None = None) -> int:
+    """default_model: what to use without --model (the checkout's scripts/serve.py: the tiny LLaVA)."""
+    parser = build_parser() if default_model is None else build_parser(
+        "HF checkpoint directory (default: the tiny random LLaVA from scripts/make_tiny_model.py)")
+    args = parser.parse_args(argv)
+    setup_logging(args.log_level)
+    if args.model is None:
+        if default_model is None:
+            raise CLIError("--model is required (an HF checkpoint directory)")
+        args.model = str(default_model())
+    check_args(args)
+    from ipc.server import RPCServer, claim_address
+
+    address: str | tuple[str, int] = args.socket or (args.host, args.port)
+    claim_address(address)  # a live server: AddressInUse (exit 2); a stale socket file: removed
+
+    server = None
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        name = signal.Signals(signum).name
+        if server is None:  # still loading: unwind the start-up
+            log.info("%s during start-up: stopping", name)
+            raise KeyboardInterrupt if signum == signal.SIGINT else StopRequested
+        log.info("%s: stopping the server", name)
+        server.shutdown()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    engine = None
+    inode = None
+    try:
+        engine = load_engine(args, Path(args.model))
+        server = RPCServer(engine, address, os.environ["EPD_AUTHKEY"].encode(),
+                           allowed_local_media_path=args.allowed_local_media_path)
+        if isinstance(address, str):
+            inode = os.stat(address).st_ino
+        log.info("%s", _describe(args, engine, server.address))
+        server.serve_forever()
+    except StopRequested:
+        log.info("stopped before serving")
+    finally:
+        if server is not None:
+            server.close()  # idempotent; serve_forever already closed it unless it never ran
+        if engine is not None and args.mode != "aggregated":
+            engine.shutdown()  # stop every stage, unlink the arenas
+        if isinstance(address, str):
+            _remove_socket(address, inode)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    log.info("stopped")
+    return 0
+
+
+def console_main() -> None:
+    """The `epd-serve` entry point."""
+    sys.exit(run_main(main))
