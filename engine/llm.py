@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import replace
@@ -15,6 +16,8 @@ from engine.frontend import Capacity, Frontend
 from engine.request import Request, RequestOutput, Sequence, Status, TokenEvent
 from engine.runner import ModelRunner
 from engine.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
 
 
 class LLM:
@@ -84,6 +87,57 @@ class LLM:
         self.frontend = Frontend(self.model_dir, self.cfg, capacity, seed)
         self.tokenizer = self.frontend.tokenizer
         self.image_processor = self.frontend.image_processor
+        self.max_num_seqs, self.multi_step = max_num_seqs, multi_step
+        log.info("%s", self.summary())
+
+    def describe(self) -> dict:
+        """What was chosen at start-up: model, backend, device, dtype, arenas, limits, graphs."""
+        from engine.loader import checkpoint_files
+
+        runner = self.runner
+        files = checkpoint_files(self.model_dir)
+        graphs = runner.decode_graphs
+        captured = sorted(graphs.graphs) if graphs else []
+        capturing = runner.backend == "cuda" and graphs is not None and graphs.capture_state == "running"
+        pending = sorted(graphs.pending) if capturing else []
+        vision = runner.vision_graphs
+        return {
+            "model": str(self.model_dir),
+            "architecture": self.cfg.architecture,
+            "parts": runner.parts,
+            "backend": runner.backend,
+            "device": str(self.device),
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "weights": {"files": [f.name for f in files], "bytes": sum(f.stat().st_size for f in files)},
+            "kv_cache": {"blocks": runner.num_kv_blocks, "block_size": runner.block_size,
+                         "tokens": runner.num_kv_blocks * runner.block_size,
+                         "bytes": runner.num_kv_blocks * runner.kv_block_bytes},
+            "mm_blocks": runner.num_mm_blocks,
+            "mm_bytes": runner.mm_arena.numel() * runner.mm_arena.element_size(),
+            "max_model_len": self.max_model_len,
+            "max_num_seqs": self.max_num_seqs,
+            "multi_step": self.multi_step,
+            "decode_graphs": {"captured": captured, "pending": pending,
+                              "capture_s": sum(seconds for _, seconds, _ in graphs.capture_log) if graphs else 0.0},
+            "vision_graphs": sorted(vision.graphs) if vision else [],
+        }
+
+    def summary(self) -> str:
+        """describe() as one readable line (logged at INFO when the LLM is ready)."""
+        d = self.describe()
+        kv, w, g = d["kv_cache"], d["weights"], d["decode_graphs"]
+        if g["captured"] or g["pending"]:
+            graphs = f"decode graphs for batch {g['captured']} captured in {g['capture_s']:.2f} s"
+            graphs += f", {g['pending']} capturing in the background" if g["pending"] else ""
+        else:
+            graphs = "decode eager (no CUDA graphs)"
+        parts = "" if d["parts"] == "all" else f" ({d['parts']} only)"
+        files = ", ".join(w["files"][:3]) + (f" +{len(w['files']) - 3} more" if len(w["files"]) > 3 else "")
+        return (f"LLM ready: {d['model']} ({d['architecture']}{parts}); backend {d['backend']} on {d['device']}, "
+                f"{d['dtype']}; weights from {files} ({_size(w['bytes'])}); KV cache {kv['blocks']} blocks x "
+                f"{kv['block_size']} = {kv['tokens']} tokens ({_size(kv['bytes'])}); MM arena {d['mm_blocks']} "
+                f"blocks ({_size(d['mm_bytes'])}); max_num_seqs {d['max_num_seqs']}, multi_step {d['multi_step']}, "
+                f"context {d['max_model_len']}; {graphs}")
 
     # ------------------------------------------------------------------ requests
 
@@ -171,3 +225,6 @@ class LLM:
         if output is not None:
             self.engine.finish(seq)
         return TokenEvent(index, token, delta, output)
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:.1f} MB"
