@@ -5,15 +5,25 @@ one, otherwise decode every running sequence (prefill first, as vLLM does). A se
 preempted by decode goes back to the front of encode (if it has images) or prefill.
 Decode runs up to `multi_step` steps back to back when every running sequence has that many
 tokens left and the free KV blocks cover them; stops are checked after the run.
+
+n samples of one prompt: the prompt is prefilled once, then forks (`_fork`) into n sequences
+that share its full KV blocks by reference count; each forked sample gets its own copy of the
+last, partially filled block (copy-on-write: all later writes land past the prompt) and samples
+its first token from the same prefill logits with its own seed (`sample_seed`). From then on
+the samples are ordinary sequences: batched, preempted and recomputed one by one; a shared
+block returns to the pool with its last reference.
 """
 
 from __future__ import annotations
 
 import time
 
+import torch
+
 from engine.block_manager import BlockManager
 from engine.request import Sequence, Status
 from engine.runner import ModelRunner
+from engine.sampling import sample_seed
 from engine.schedulers import DecodeScheduler, EncodeScheduler, PrefillScheduler, blocks_for
 
 
@@ -33,6 +43,7 @@ class AggregatedEngine:
         self.encode = EncodeScheduler(self.mm_blocks, max_images_per_batch) if self.mm_blocks else None
         self.prefill = PrefillScheduler(self.kv_blocks, runner.block_size, max_num_batched_tokens)
         self.decode = DecodeScheduler(self.kv_blocks, runner.block_size, max_num_seqs)
+        self.forked: list[Sequence] = []  # samples forked last step: their penalty state starts next step
 
     def add(self, seq: Sequence) -> None:
         if seq.num_images:
@@ -47,6 +58,7 @@ class AggregatedEngine:
     def step(self) -> list[tuple[Sequence, int]]:
         """Run one step; returns (sequence, sampled token) pairs in generation order (with
         multi-step decode, several per sequence: the caller drops those after a stop)."""
+        self.forked = []  # PENDING(D1): init_penalty_state for each unfinished one first
         if self.encode is not None and self.encode.waiting:
             encoded = self.encode.schedule()
             if encoded:
@@ -62,12 +74,15 @@ class AggregatedEngine:
             start = time.perf_counter()
             for seq in batch:
                 seq.metrics.prefill_start = seq.metrics.prefill_start or start
-            tokens = self.runner.prefill(batch).token_ids
-            for seq in batch:
+            out = self.runner.prefill(batch)
+            produced = list(zip(batch, out.token_ids))
+            for row, seq in enumerate(batch):
                 if seq.mm_blocks:
                     self.encode.release(seq)
                 self.decode.add(seq)
-            return list(zip(batch, tokens))
+                if seq.needs_fork:
+                    produced += self._fork(seq, out.logits[row])
+            return produced
         steps = self._decode_steps()
         batch, preempted = self.decode.schedule(lookahead=steps)
         for seq in reversed(preempted):  # the oldest preempted goes first
@@ -90,6 +105,26 @@ class AggregatedEngine:
         extra = sum(max(0, blocks_for(s.num_tokens + steps - 1, bs) - len(s.block_table)) for s in running)
         return steps if steps > 1 and extra <= self.kv_blocks.num_free else 1
 
+    def _fork(self, seq: Sequence, logits: torch.Tensor) -> list[tuple[Sequence, int]]:
+        """Samples 1..n-1 of a just prefilled `seq` (logits [V] at its last prompt token): they
+        join decode after it, each with its first token drawn from those logits."""
+        bs = self.runner.block_size
+        full = seq.block_table[: len(seq.prompt_ids) // bs]  # read-only from now on: shared
+        partial = seq.block_table[len(full):]  # the last prompt block if partially filled, else []
+        samples = [seq.fork(i, sample_seed(seq.seed, i)) for i in range(1, seq.sampling.n)]
+        for i, sample in enumerate(samples):
+            self.kv_blocks.share(full)
+            sample.block_table = full + seq.fork_blocks[i : i + 1]
+        if partial:
+            self.runner.copy_kv_blocks(partial * len(samples), seq.fork_blocks)
+        seq.fork_blocks = []
+        seq.samples = [seq, *samples]
+        tokens = self.runner.sample(logits.expand(len(samples), -1).contiguous(), samples)
+        for sample in samples:
+            self.decode.add(sample)
+        self.forked += samples
+        return list(zip(samples, tokens))
+
     @property
     def num_preemptions(self) -> int:
         return self.decode.num_preemptions
@@ -104,6 +139,9 @@ class AggregatedEngine:
         if seq.block_table:
             self.kv_blocks.free(seq.block_table)
             seq.block_table = []
+        if seq.fork_blocks:
+            self.kv_blocks.free(seq.fork_blocks)
+            seq.fork_blocks = []
         if seq.mm_blocks:
             self.encode.release(seq)
         seq.status = Status.FINISHED

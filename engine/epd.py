@@ -25,7 +25,7 @@ import torch
 from engine.config import ModelConfig
 from engine.frontend import Capacity, Frontend
 from engine.request import Request, RequestOutput, Sequence, TokenEvent
-from engine.sampling import SamplingParams
+from engine.sampling import RequestError, SamplingParams
 from ipc.stages import (
     Abort,
     DecodeTask,
@@ -166,6 +166,11 @@ class EPDEngine:
         if self.broken:
             raise StageError(f"engine is broken: {self.broken}")
         seq, images = self.frontend.make_sequence(request, sampling, preprocess=False)
+        sp = seq.sampling
+        unserved = [name for name, used in (("n", sp.n > 1), ("logprobs", sp.logprobs)) if used]
+        if unserved:  # the stages run one sample per request and return no logprobs
+            raise RequestError(f"sampling.{unserved[0]} = {getattr(sp, unserved[0])!r}: {self.mode} mode does not "
+                               "serve it yet; the aggregated mode (LLM, serve.py --mode aggregated) does")
         flight = self.flights[seq.seq_id] = _Flight(seq, images)
         self._dispatch_encode(flight)
         return seq

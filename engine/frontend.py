@@ -17,12 +17,14 @@ from engine.tokenizer import IncrementalDetokenizer, Tokenizer
 
 @dataclass(frozen=True)
 class Capacity:
-    """What one request may use: context length, KV blocks of block_size, images in flight."""
+    """What one request may use: context length, KV blocks of block_size, images in flight,
+    decode rows (each of its n samples takes one; 0: no limit known here)."""
 
     max_model_len: int
     kv_blocks: int
     block_size: int
     images: int
+    max_num_seqs: int = 0
 
 
 class Frontend:
@@ -43,10 +45,13 @@ class Frontend:
         """Validate and tokenize one request. Returns the sequence and its images: with
         `preprocess`, seq.pixel_values holds them ready for the tower; otherwise the images are
         only decoded to check them, and the caller ships the returned sources elsewhere."""
+        if not isinstance(request, (Request, str)):
+            raise RequestError(f"request must be a Request or a prompt string, got {type(request).__name__}")
         req = Request(prompt=request) if isinstance(request, str) else request
+        req.validate()  # again: fields may have been assigned after construction
+        if sampling is not None and not isinstance(sampling, SamplingParams):
+            raise RequestError(f"sampling must be a SamplingParams, got {type(sampling).__name__}")
         sp = req.sampling or sampling or SamplingParams()
-        if not isinstance(req.prompt, str):
-            raise RequestError(f"prompt must be a string, got {type(req.prompt).__name__}")
         images = list(req.images or [])
         if images and self.image_processor is None:
             raise RequestError(f"{self.cfg.architecture} takes no images; got {len(images)}")
@@ -59,10 +64,17 @@ class Frontend:
         if total > cap.max_model_len:
             raise RequestError(f"prompt has {len(ids)} tokens and max_tokens is {sp.max_tokens}: {total} > the "
                                f"context length {cap.max_model_len}")
-        blocks_needed = -(-total // cap.block_size)
+        # n samples share the prompt's full blocks; each needs the rest (its copy of the last
+        # partial prompt block, then its answer)
+        shared = len(ids) // cap.block_size
+        blocks_needed = shared + sp.n * (-(-total // cap.block_size) - shared)
         if blocks_needed > cap.kv_blocks:
-            raise RequestError(f"request needs {blocks_needed} KV blocks ({total} tokens); the cache has "
+            samples = f", {sp.n} samples" if sp.n > 1 else ""
+            raise RequestError(f"request needs {blocks_needed} KV blocks ({total} tokens{samples}); the cache has "
                                f"{cap.kv_blocks}; raise kv_cache_tokens")
+        if cap.max_num_seqs and sp.n > cap.max_num_seqs:
+            raise RequestError(f"sampling.n = {sp.n}; each sample is a decode row and max_num_seqs is "
+                               f"{cap.max_num_seqs}")
         if len(images) > cap.images:
             raise RequestError(f"request has {len(images)} images; at most {cap.images} fit the MM arena "
                                "(raise max_images_per_batch)")

@@ -83,7 +83,8 @@ class LLM:
             self.runner.capture_graphs(background=background_capture)
         self.engine = AggregatedEngine(self.runner, max_num_seqs, max_num_batched_tokens, max_images_per_batch,
                                        multi_step)
-        capacity = Capacity(self.max_model_len, self.runner.num_kv_blocks, block_size, self.runner.num_mm_blocks)
+        capacity = Capacity(self.max_model_len, self.runner.num_kv_blocks, block_size, self.runner.num_mm_blocks,
+                            max_num_seqs)
         self.frontend = Frontend(self.model_dir, self.cfg, capacity, seed)
         self.tokenizer = self.frontend.tokenizer
         self.image_processor = self.frontend.image_processor
@@ -154,7 +155,9 @@ class LLM:
         return seq
 
     def step(self) -> list[TokenEvent]:
-        """One engine step: a TokenEvent per token produced (index = the request's seq_id)."""
+        """One engine step: a TokenEvent per token produced (index = the request's seq_id,
+        sample = which of its n samples); a request's output comes on the last token of its
+        last sample to finish."""
         produced = self.engine.step()
         now = time.perf_counter()
         # multi-step decode can run past a stop: drop tokens of sequences finished meanwhile
@@ -177,19 +180,31 @@ class LLM:
             "preemptions": engine.num_preemptions,
         }
 
-    def abort(self, seq: Sequence) -> None:
-        """Drop a request wherever it is; its blocks return to the pools."""
-        if seq.status is not Status.FINISHED:
-            self.engine.finish(seq)
+    def abort(self, seq: Sequence) -> RequestOutput | None:
+        """Drop a request (every one of its samples) wherever it is; its blocks return to the
+        pools. Returns its output so far, finish_reason "abort" on each sample it cut short
+        (samples not yet forked come back empty), or None if it had already finished."""
+        root = seq.root
+        samples = root.samples or [root]
+        if all(s.status is Status.FINISHED for s in samples):
+            return None
+        for s in samples:
+            if s.status is not Status.FINISHED:
+                self.engine.finish(s)
+        now = time.perf_counter()
+        root.abort(now)
+        return root.request_output(now)
 
     def stream(
         self, requests: Iterable[Request | str] | Request | str, sampling: SamplingParams | None = None
     ) -> Iterator[TokenEvent]:
-        """Yield a TokenEvent per generated token (index = position in `requests`), for all
-        requests batched together.
+        """Yield a TokenEvent per generated token (index = position in `requests`, sample = which
+        of its n samples), for all requests batched together.
 
         Every request is validated before any runs: one bad request raises RequestError and
-        nothing is queued."""
+        nothing is queued. A consumer that stops early aborts what is left (no output: nobody
+        is listening any more); call `abort` on a request from `add_request` for its partial
+        output with finish_reason "abort"."""
         reqs = [requests] if isinstance(requests, (Request, str)) else list(requests)
         seqs = [self.make_sequence(r, sampling) for r in reqs]
         position = {s.seq_id: i for i, s in enumerate(seqs)}
@@ -197,7 +212,7 @@ class LLM:
             self.engine.add(s)
         idle_steps = 0
         try:
-            while any(s.status is not Status.FINISHED for s in seqs):
+            while any(s.status is not Status.FINISHED for seq in seqs for s in seq.samples or [seq]):
                 events = self.step()
                 idle_steps = 0 if events else idle_steps + 1
                 if idle_steps > 3:
@@ -222,9 +237,9 @@ class LLM:
 
     def _append(self, seq: Sequence, token: int, now: float, index: int) -> TokenEvent:
         delta, output = seq.append_token(token, now)
-        if output is not None:
+        if seq.finish_reason is not None:  # this sample is done; output comes with the request's last
             self.engine.finish(seq)
-        return TokenEvent(index, token, delta, output)
+        return TokenEvent(index, token, delta, output, sample=seq.sample_index)
 
 def _size(nbytes: int) -> str:
     return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:.1f} MB"

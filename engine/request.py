@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from engine.sampling import SamplingParams
+from engine.sampling import RequestError, SamplingParams, first_surrogate
 from engine.tokenizer import IncrementalDetokenizer
 
 
@@ -22,6 +22,27 @@ class Request:
     images: list[Any] = field(default_factory=list)
     raw_prompt: bool = False
     sampling: SamplingParams | None = None
+
+    def __post_init__(self) -> None:
+        if self.images is None:
+            self.images = []
+        self.validate()
+
+    def validate(self) -> None:
+        """Check every field's type (servers build requests from JSON); errors name the field."""
+        if not isinstance(self.prompt, str):
+            raise RequestError(f"prompt must be a string, got {type(self.prompt).__name__}")
+        pos = first_surrogate(self.prompt)
+        if pos is not None:
+            raise RequestError(f"prompt has a lone surrogate {self.prompt[pos]!r} at position {pos}; "
+                               "it must be valid Unicode text")
+        if not isinstance(self.images, (list, tuple)):
+            raise RequestError(f"images must be a list (of paths, bytes, PIL images or data: URLs), "
+                               f"got {type(self.images).__name__}")
+        if not isinstance(self.raw_prompt, bool):
+            raise RequestError(f"raw_prompt = {self.raw_prompt!r}; must be True or False")
+        if self.sampling is not None and not isinstance(self.sampling, SamplingParams):
+            raise RequestError(f"sampling must be a SamplingParams, got {type(self.sampling).__name__}")
 
 
 class Status(enum.Enum):
@@ -81,6 +102,12 @@ class Sequence:
     finish_reason: str | None = None
     text: str = ""  # output text so far, stop strings cut
     metrics: Metrics = field(default_factory=Metrics)
+    # n samples (sampling.n > 1): this sequence is sample 0; at the end of its prefill it forks
+    # samples 1..n-1 (same seq_id), which share its full prompt blocks (AggregatedEngine._fork).
+    sample_index: int = 0
+    parent: Sequence | None = None  # on samples > 0: sample 0
+    samples: list[Sequence] = field(default_factory=list)  # on sample 0 once forked: all n, by index
+    fork_blocks: list[int] = field(default_factory=list)  # reserved by prefill: the samples' last prompt block
 
     @property
     def num_tokens(self) -> int:
@@ -101,6 +128,28 @@ class Sequence:
     @property
     def all_ids(self) -> list[int]:
         return self.prompt_ids + self.output_ids
+
+    @property
+    def needs_fork(self) -> bool:
+        """Sample 0 of an n > 1 request whose other samples do not exist yet."""
+        return self.sampling.n > 1 and self.parent is None and not self.samples
+
+    @property
+    def root(self) -> Sequence:
+        """Sample 0: the request's own sequence."""
+        return self.parent or self
+
+    def fork(self, index: int, seed: int) -> Sequence:
+        """Sample `index` of this (prefilled, not yet sampled) sequence: same prompt, images and
+        prefill timings, its own seed, detokenizer and (empty) block table."""
+        m = self.metrics
+        detok = IncrementalDetokenizer(self.detok.tok, self.detok.skip) if self.detok is not None else None
+        metrics = Metrics(arrival=m.arrival, encode_start=m.encode_start, encode_end=m.encode_end,
+                          prefill_start=m.prefill_start, mm_bytes=m.mm_bytes, mm_copy_s=m.mm_copy_s)
+        return Sequence(seq_id=self.seq_id, prompt_ids=self.prompt_ids, sampling=self.sampling, seed=seed,
+                        detok=detok, stop_token_ids=self.stop_token_ids, pixel_values=self.pixel_values,
+                        num_cached=self.num_cached, status=self.status, metrics=metrics, sample_index=index,
+                        parent=self)
 
     def stop_reason(self) -> str | None:
         """"stop" if the last token is a stop token, "length" at max_tokens, else None
@@ -126,7 +175,26 @@ class Sequence:
         if self.finish_reason is None:
             return delta, None
         m.finished = now
-        return delta, RequestOutput(
+        root = self.root
+        if any(s.finish_reason is None for s in root.samples):
+            return delta, None  # the request ends with its last sample
+        return delta, root.request_output(now)
+
+    def abort(self, now: float) -> None:
+        """Mark every unfinished sample of this request finish_reason "abort"."""
+        for s in self.root.samples or [self]:
+            if s.finish_reason is None:
+                s.finish_reason = "abort"
+                s.metrics.finished = now
+
+    def completion(self) -> CompletionOutput:
+        return CompletionOutput(self.sample_index, self.text, list(self.output_ids), self.finish_reason)
+
+    def request_output(self, now: float) -> RequestOutput:
+        """The request's output (call on sample 0 once every sample has a finish_reason): text,
+        token_ids, finish_reason and timings are sample 0's, `outputs` holds every sample."""
+        m = self.metrics
+        return RequestOutput(
             text=self.text,
             token_ids=list(self.output_ids),
             prompt_token_ids=list(self.prompt_ids),
@@ -138,7 +206,13 @@ class Sequence:
             handoff={"mm_bytes": m.mm_bytes, "mm_copy_s": m.mm_copy_s, "kv_bytes": m.kv_bytes,
                      "kv_migrate_s": m.kv_migrate_s},
             token_times_s=[t - m.arrival for t in m.token_times],
+            outputs=self._completions(),
         )
+
+    def _completions(self) -> list[CompletionOutput]:
+        """All n samples by index; an abort before the fork has only sample 0: the rest are empty."""
+        outputs = [s.completion() for s in self.samples or [self]]
+        return outputs + [CompletionOutput(i, "", [], "abort") for i in range(len(outputs), self.sampling.n)]
 
     def _apply_stop_strings(self, delta: str) -> str:
         """Append delta to the text; on a stop string, cut the text there and finish."""
@@ -153,25 +227,43 @@ class Sequence:
 
 
 @dataclass
+class CompletionOutput:
+    """One of a request's n samples (vLLM's shape). finish_reason: "stop" (a stop token or stop
+    string), "length" (max_tokens) or "abort"."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    logprobs: list | None = None  # with sampling.logprobs: one entry per token
+
+
+@dataclass
 class RequestOutput:
+    """A finished (or aborted) request. text / token_ids / finish_reason / timings are sample
+    0's, so n = 1 callers need not look at `outputs` (all n samples, by index)."""
+
     text: str
     token_ids: list[int]
     prompt_token_ids: list[int]
-    finish_reason: str  # "length" | "stop"
+    finish_reason: str  # "stop" | "length" | "abort"
     ttft_s: float
     tokens_per_s: float  # decode rate: tokens after the first over their time
     e2e_s: float
     ttft_breakdown: dict[str, float] = field(default_factory=dict)  # queue / encode / wait / prefill seconds
     token_times_s: list[float] = field(default_factory=list)  # each token's time since arrival
     handoff: dict[str, float] = field(default_factory=dict)  # EPD: mm_bytes, mm_copy_s, kv_bytes, kv_migrate_s
+    outputs: list[CompletionOutput] = field(default_factory=list)
 
 
 @dataclass
 class TokenEvent:
-    """One streamed token: which request, the token, the new text, and the output when done."""
+    """One streamed token: which request (and which of its n samples), the token, the new text,
+    and the request's output on the last token of its last sample."""
 
     index: int
     token_id: int
     text_delta: str
     output: RequestOutput | None = None
     error: str | None = None  # the request failed (EPD: a stage failed it); token_id is -1
+    sample: int = 0  # which of the request's n samples produced the token

@@ -95,6 +95,16 @@ class ModelRunner:
         return torch.zeros(num_blocks, t.num_layers, 2, self.block_size, t.num_kv_heads, t.head_dim,
                            dtype=self.dtype, device=self.device)
 
+    @torch.inference_mode()
+    def copy_kv_blocks(self, src: list[int], dst: list[int]) -> None:
+        """KV block dst[i] := block src[i], all layers (copy-on-write of a shared block: the n
+        samples of a prompt each get their own copy of its last, partially filled block). The
+        arena is block-major, so each is one contiguous copy on the arena's stream."""
+        if len(src) != len(dst):
+            raise ValueError(f"copy_kv_blocks: {len(src)} sources for {len(dst)} destinations")
+        for s, d in zip(src, dst):
+            self.kv_arena[d].copy_(self.kv_arena[s])
+
     @property
     def kv_block_bytes(self) -> int:
         t = self.cfg.text

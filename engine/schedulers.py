@@ -72,21 +72,30 @@ class PrefillScheduler:
 
     def schedule(self, max_seqs: int) -> list[Sequence]:
         """FCFS: stop at the first prompt that does not fit (no overtaking). A prompt longer
-        than the budget runs alone."""
+        than the budget runs alone. max_seqs counts decode rows: a prompt that forks into n
+        samples after its prefill takes n, and its blocks include one per forked sample for
+        its copy of the last, partially filled prompt block (seq.fork_blocks)."""
         batch: list[Sequence] = []
-        tokens = 0
-        while self.waiting and len(batch) < max_seqs:
+        tokens = rows = 0
+        while self.waiting:
             seq = self.waiting[0]
+            seq_rows = seq.sampling.n if seq.needs_fork else 1
+            if rows + seq_rows > max_seqs:
+                break
             new_tokens = seq.num_tokens - seq.num_cached
             if batch and tokens + new_tokens > self.max_tokens:
                 break
-            blocks = self.blocks.allocate(blocks_for(seq.num_tokens, self.block_size) - len(seq.block_table))
+            needed = blocks_for(seq.num_tokens, self.block_size) - len(seq.block_table)
+            copies = seq_rows - 1 if seq.num_tokens % self.block_size else 0
+            blocks = self.blocks.allocate(needed + copies)
             if blocks is None:
                 break
-            seq.block_table += blocks
+            seq.block_table += blocks[:needed]
+            seq.fork_blocks = blocks[needed:]
             seq.status = Status.RUNNING
             batch.append(self.waiting.popleft())
             tokens += new_tokens
+            rows += seq_rows
         return batch
 
 
