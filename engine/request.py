@@ -85,6 +85,16 @@ class Metrics:
         return (num_tokens - 1) / max(self.finished - self.first_token, 1e-9)
 
 
+@dataclass
+class TokenLogprob:
+    """A sampled token's log-probability under the raw model logits (before penalties and
+    temperature), and the top_logprobs most likely (token_id, logprob) pairs, ties to the lower id."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
 @dataclass(eq=False)
 class Sequence:
     seq_id: int
@@ -108,6 +118,9 @@ class Sequence:
     parent: Sequence | None = None  # on samples > 0: sample 0
     samples: list[Sequence] = field(default_factory=list)  # on sample 0 once forked: all n, by index
     fork_blocks: list[int] = field(default_factory=list)  # reserved by prefill: the samples' last prompt block
+    # penalties: this sequence's slot in the runner's penalty state (-1: none; see engine/penalties.py)
+    penalty_slot: int = -1
+    logprobs: list[TokenLogprob] | None = None  # sampling.logprobs: one record per sampled token
 
     @property
     def num_tokens(self) -> int:
@@ -188,7 +201,9 @@ class Sequence:
                 s.metrics.finished = now
 
     def completion(self) -> CompletionOutput:
-        return CompletionOutput(self.sample_index, self.text, list(self.output_ids), self.finish_reason)
+        # a multi-step decode run may sample past a stop: keep the records of the kept tokens only
+        logprobs = None if self.logprobs is None else self.logprobs[: len(self.output_ids)]
+        return CompletionOutput(self.sample_index, self.text, list(self.output_ids), self.finish_reason, logprobs)
 
     def request_output(self, now: float) -> RequestOutput:
         """The request's output (call on sample 0 once every sample has a finish_reason): text,
@@ -235,7 +250,7 @@ class CompletionOutput:
     text: str
     token_ids: list[int]
     finish_reason: str
-    logprobs: list | None = None  # with sampling.logprobs: one entry per token
+    logprobs: list[TokenLogprob] | None = None  # with sampling.logprobs: one record per token
 
 
 @dataclass

@@ -10,7 +10,9 @@ import torch
 
 from engine.config import ModelConfig
 from engine.loader import load_model
+from engine.logprobs import LogprobBatch, append_records, logprob_rows, token_logprobs
 from engine.models.llama import AttentionMetadata
+from engine.penalties import PenaltyState
 from engine.request import Sequence
 from engine.sampling import SamplingParams
 from graphs.decode_graphs import DecodeGraphs
@@ -62,6 +64,10 @@ class ModelRunner:
             self.num_mm_blocks, cfg.image_tokens_per_image if cfg.is_multimodal else 0, cfg.text.hidden_size,
             dtype=dtype, device=device,
         )
+        # Penalty state (engine/penalties.py): one slot per running sequence plus headroom for
+        # preempted ones; allocated before the KV arena is sized from what is left.
+        penalty_slots = max_num_seqs + max(16, max_num_seqs // 4) if self.model.lm is not None else 0
+        self.penalties = PenaltyState(penalty_slots, cfg.text.vocab_size, device)
         if self.model.lm is None:
             num_kv_blocks = 0
         elif num_kv_blocks is None:
@@ -211,12 +217,49 @@ class ModelRunner:
 
     def decode(self, seqs: list[Sequence], num_steps: int = 1) -> tuple[list[list[int]], torch.Tensor]:
         """num_steps decode steps back to back (block tables must cover them): the tokens of each
-        step (a list over seqs) and the last step's logits [B, V]. A CUDA graph is replayed when
-        one fits the batch. The caller appends the tokens."""
-        tokens, logits = self.decode_graphs.run(seqs, num_steps)
+        step (a list over seqs) and the last step's raw logits [B, V]. A CUDA graph is replayed
+        when one fits the batch. The caller appends the tokens; logprob records (sequences that
+        asked) are appended to seq.logprobs here, one per step."""
+        self.penalties.slots_for(seqs)  # state for sequences that have none yet (EPD decode, rebuilt)
+        rows = logprob_rows(seqs)
+        pending: list[LogprobBatch] = []
+        on_step = None
+        if rows:
+            index = self._tensor(rows, torch.int64)
+            k = max(seqs[i].sampling.top_logprobs for i in rows)
+
+            def on_step(logits: torch.Tensor, tokens: torch.Tensor) -> None:
+                pending.append(token_logprobs(logits[index], tokens[index], k))
+
+        tokens, logits = self.decode_graphs.run(seqs, num_steps, on_step)
+        for step_tokens, batch in zip(tokens, pending):
+            append_records([seqs[i] for i in rows], [step_tokens[i] for i in rows], batch)
         for seq in seqs:
             seq.num_cached = seq.num_tokens + num_steps - 1  # every token but the last sampled
         return tokens, logits
+
+    # ------------------------------------------------------------------ penalty state
+
+    @property
+    def penalty_counts(self) -> torch.Tensor:
+        """[S, V] int32: times each token was generated, per penalty slot."""
+        return self.penalties.counts
+
+    @property
+    def penalty_prompt_mask(self) -> torch.Tensor:
+        """[S, V] bool: the token occurs in the prompt, per penalty slot."""
+        return self.penalties.prompt_mask
+
+    def init_penalty_state(self, seq: Sequence) -> None:
+        """Give seq a penalty slot (keeping the one it holds) built from its prompt_ids and
+        output_ids; a no-op for sequences without penalties. sample and decode call it for any
+        sequence with penalties that holds no slot, so calling it is never required."""
+        self.penalties.init(seq)
+
+    def release(self, seq: Sequence) -> None:
+        """Free seq's penalty slot (call where the engine frees a finished or aborted sequence's
+        blocks); a no-op without one. A preempted sequence keeps its slot."""
+        self.penalties.release(seq)
 
     def _image_rows(self, seq: Sequence, start: int) -> list[int]:
         """Per token from `start` on: its row in the flattened MM arena, or -1 for text."""
@@ -232,7 +275,21 @@ class ModelRunner:
         return rows + [-1] * (seq.num_tokens - max(start, len(seq.prompt_ids)))
 
     def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
+        """One token per row of raw logits [B, V]: penalties (rows whose sequence uses them; its
+        state is built if missing, and the token is counted), then ops.sample; logprob records
+        of the raw logits for the sequences that asked."""
         sp = [s.sampling for s in seqs]
+        slots = self.penalties.slots_for(seqs)
+        penalized = max(slots, default=-1) >= 0
+        raw = logits
+        if penalized:  # rows without penalties are copied unchanged; a batch without any skips the op
+            slot_rows = self._tensor(slots, torch.int64)
+            logits = self.ops.apply_penalties(
+                logits, self.penalties.counts, self.penalties.prompt_mask, slot_rows,
+                self._tensor([p.presence_penalty for p in sp], torch.float32),
+                self._tensor([p.frequency_penalty for p in sp], torch.float32),
+                self._tensor([p.repetition_penalty for p in sp], torch.float32),
+            )
         tokens = self.ops.sample(
             logits,
             self._tensor([p.temperature for p in sp], torch.float32),
@@ -241,4 +298,13 @@ class ModelRunner:
             self._tensor([s.seed for s in seqs], torch.int64),
             self._tensor([len(s.output_ids) for s in seqs], torch.int64),
         )
-        return tokens.tolist()
+        if penalized:
+            self.ops.record_tokens(self.penalties.counts, slot_rows, tokens)
+        rows = logprob_rows(seqs)
+        if rows:
+            index = self._tensor(rows, torch.int64)
+            batch = token_logprobs(raw[index], tokens[index], max(sp[i].top_logprobs for i in rows))
+        token_ids = tokens.tolist()
+        if rows:
+            append_records([seqs[i] for i in rows], [token_ids[i] for i in rows], batch)
+        return token_ids

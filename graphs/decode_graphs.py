@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -34,7 +35,9 @@ def batch_buckets(max_batch: int) -> list[int]:
 # The per-row fields (name, dtype, value on padded rows); block tables are kept apart.
 _ROW_FIELDS = (("input_ids", torch.int64, 0), ("positions", torch.int64, 0), ("slot_mapping", torch.int64, -1),
                ("seq_lens", torch.int32, 0), ("temperature", torch.float32, 0.0), ("top_k", torch.int64, 0),
-               ("top_p", torch.float32, 1.0), ("seeds", torch.int64, 0), ("steps", torch.int64, 0))
+               ("top_p", torch.float32, 1.0), ("seeds", torch.int64, 0), ("steps", torch.int64, 0),
+               ("presence", torch.float32, 0.0), ("frequency", torch.float32, 0.0), ("repetition", torch.float32, 1.0),
+               ("penalty_slot", torch.int64, -1))
 
 
 @dataclass
@@ -48,8 +51,12 @@ class StaticBuffers:
     top_p: torch.Tensor  # [B] fp32
     seeds: torch.Tensor  # [B] int64
     steps: torch.Tensor  # [B] int64
+    presence: torch.Tensor  # [B] fp32
+    frequency: torch.Tensor  # [B] fp32
+    repetition: torch.Tensor  # [B] fp32, 1 = off
+    penalty_slot: torch.Tensor  # [B] int64: the row's slot in the runner's penalty state, -1 = no penalties
     block_tables: torch.Tensor  # [B, max_blocks] int32
-    packed: torch.Tensor  # [9 * B * 8] bytes: the [B] fields above are views of it, so one copy moves them all
+    packed: torch.Tensor  # [13 * B * 8] bytes: the [B] fields above are views of it, so one copy moves them all
 
     @classmethod
     def allocate(cls, batch: int, max_blocks: int, device: torch.device, pin_memory: bool = False) -> StaticBuffers:
@@ -84,6 +91,10 @@ class StaticBuffers:
             "top_p": [s.sampling.top_p for s in seqs],
             "seeds": [s.seed for s in seqs],
             "steps": [len(s.output_ids) for s in seqs],
+            "presence": [s.sampling.presence_penalty for s in seqs],
+            "frequency": [s.sampling.frequency_penalty for s in seqs],
+            "repetition": [s.sampling.repetition_penalty for s in seqs],
+            "penalty_slot": [s.penalty_slot for s in seqs],
         }
         for name, _, pad in _ROW_FIELDS:
             host = getattr(staging, name).numpy()
@@ -114,6 +125,7 @@ class DecodeGraphs:
         self.capture_log: list[tuple[int, float, int]] = []  # (bucket, seconds, bytes)
         self._capture_thread: threading.Thread | None = None
         self.capture_error: BaseException | None = None
+        self._stop_capture = threading.Event()  # set by stop_capture; checked between buckets
 
     @property
     def max_steps(self) -> int:
@@ -126,9 +138,13 @@ class DecodeGraphs:
                                  block_tables=b.block_tables[:rows])
         model, ops = self.runner.model, self.runner.ops
         hidden = model(ops, b.input_ids[:rows], b.positions[:rows], meta, self.runner.kv_arena)
-        logits = model.compute_logits(ops, hidden)
-        tokens = ops.sample(logits, b.temperature[:rows], b.top_k[:rows], b.top_p[:rows], b.seeds[:rows],
+        logits = model.compute_logits(ops, hidden)  # raw: what logprobs are taken from
+        counts, slots = self.runner.penalty_counts, b.penalty_slot[:rows]
+        penalized = ops.apply_penalties(logits, counts, self.runner.penalty_prompt_mask, slots, b.presence[:rows],
+                                        b.frequency[:rows], b.repetition[:rows])
+        tokens = ops.sample(penalized, b.temperature[:rows], b.top_k[:rows], b.top_p[:rows], b.seeds[:rows],
                             b.steps[:rows])
+        ops.record_tokens(counts, slots, tokens)  # the next step (of a multi-step run) sees this token
         # advance on the device: no host sync between steps
         self.history[:, :rows].index_copy_(0, self.cursor, tokens[None])
         self.cursor += 1
@@ -149,6 +165,7 @@ class DecodeGraphs:
         cuBLAS handles and lazy state before any capture."""
         self.buffers.seq_lens.zero_()
         self.buffers.slot_mapping.fill_(-1)
+        self.buffers.penalty_slot.fill_(-1)  # no token counts recorded for the padding rows
         self.cursor.zero_()
         self._step(self.buckets[-1])
         torch.cuda.synchronize()
@@ -171,12 +188,16 @@ class DecodeGraphs:
         log.info("captured decode graph for batch %d in %.3f s (+%.1f MiB)", rows, seconds, grown / 2**20)
 
     def capture_all(self, background: bool = False) -> None:
-        """Capture every bucket, largest first; in a background thread on a side stream when
-        `background` (serving goes on eagerly, and with each graph as soon as it exists)."""
+        """Capture every bucket not captured yet, largest first; in a background thread on a
+        side stream when `background` (serving goes on eagerly, and with each graph as soon as
+        it exists). A no-op while a background capture runs."""
+        if self.capture_state == "running":
+            return
+        self._stop_capture.clear()
+        self.capture_error = None
         self.warm_up()
         if not background:
-            for rows in sorted(self.buckets, reverse=True):
-                self.capture(rows)
+            self.capture_pending()
             return
         device = self.runner.device
         index = device.index if device.index is not None else torch.cuda.current_device()
@@ -191,14 +212,49 @@ class DecodeGraphs:
                     w = self.runner.model.lm.norm
                     torch.nn.functional.linear(w[None, :], w[None, :])
                 stream.synchronize()
-                for rows in sorted(self.buckets, reverse=True):
-                    self.capture(rows, stream)
+                self.capture_pending(stream)
             except BaseException as e:  # surfaced by wait_for_capture; serving stays eager
                 self.capture_error = e
                 log.exception("background capture failed; decode stays eager")
 
         self._capture_thread = threading.Thread(target=work, name="decode-graph-capture", daemon=True)
         self._capture_thread.start()
+
+    def capture_pending(self, stream: torch.cuda.Stream | None = None) -> None:
+        """Capture the pending buckets, largest first, until none is left or stop_capture()."""
+        for rows in self.pending:
+            if self._stop_capture.is_set():
+                log.info("decode graph capture stopped; pending buckets: %s", self.pending)
+                return
+            self.capture(rows, stream)
+
+    def stop_capture(self) -> None:
+        """Ask a running capture to stop after the bucket in progress (capture_all resumes)."""
+        self._stop_capture.set()
+
+    def join_capture(self, timeout_s: float | None = None) -> bool:
+        """Wait up to timeout_s for a background capture; True when none runs any more."""
+        thread = self._capture_thread
+        if thread is not None:
+            thread.join(timeout_s)
+        return thread is None or not thread.is_alive()
+
+    @property
+    def pending(self) -> list[int]:
+        """Buckets with no graph yet, largest first (the capture order)."""
+        captured = self.graphs.copy()  # one atomic copy: the capture thread adds to it
+        return sorted((b for b in self.buckets if b not in captured), reverse=True)
+
+    @property
+    def capture_state(self) -> str:
+        """running (a background capture is on), failed (the last one raised), stopped (asked
+        to stop before every bucket was captured), or idle."""
+        thread = self._capture_thread
+        if thread is not None and thread.is_alive():
+            return "running"
+        if self.capture_error is not None:
+            return "failed"
+        return "stopped" if self._stop_capture.is_set() and self.pending else "idle"
 
     def wait_for_capture(self) -> None:
         if self._capture_thread is not None:
@@ -211,19 +267,26 @@ class DecodeGraphs:
         return next((b for b in self.buckets if b >= n and b in graphs), None)
 
     @torch.inference_mode()
-    def run(self, seqs: list[Sequence], num_steps: int = 1) -> tuple[list[list[int]], torch.Tensor]:
+    def run(
+        self, seqs: list[Sequence], num_steps: int = 1,
+        on_step: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
+    ) -> tuple[list[list[int]], torch.Tensor]:
         """Run num_steps decode steps for `seqs` back to back; returns (tokens per step, each a
-        list over seqs; logits [n, V] of the last step). Block tables must cover all steps."""
+        list over seqs; raw logits [n, V] of the last step). Block tables must cover all steps.
+        on_step(logits [n, V], tokens [n]) runs after each step, before the next overwrites the
+        graph's logits (logprobs); it must only queue device work, so the steps stay unsynced."""
         if not 1 <= num_steps <= self.max_steps:
             raise ValueError(f"num_steps = {num_steps}; must be in [1, {self.max_steps}]")
         n = len(seqs)
         rows = self.bucket_for(n)
         self.buffers.copy_from(seqs, self.runner.block_size, rows or n, self.staging)
         self.cursor.zero_()
-        for _ in range(num_steps):
+        for step in range(num_steps):
             if rows is not None:
                 self.graphs[rows].replay()
+                logits = self.logits[rows][:n]
             else:
-                last_logits = self._step(n)
-        logits = self.logits[rows][:n] if rows is not None else last_logits
+                logits = self._step(n)
+            if on_step is not None:
+                on_step(logits, self.history[step, :n])
         return self.history[:num_steps, :n].tolist(), logits

@@ -8,10 +8,10 @@ from kernels.attn_varlen import attention_dense, paged_attention_decode, paged_a
 from kernels.elementwise import embed_tokens, gelu, quick_gelu, silu_and_mul
 from kernels.gemv import gate_up_silu, linear
 from kernels.rmsnorm_rope import add_rms_norm, layer_norm, rms_norm, rope_and_cache_write
-from kernels.sampling import sample
+from kernels.sampling import apply_penalties, record_tokens, sample
 
 __all__ = [
-    "add_rms_norm", "attention_dense", "embed_tokens", "gate_up_silu", "gelu", "layer_norm", "linear",
-    "paged_attention_decode", "paged_attention_prefill", "quick_gelu", "rms_norm", "rope_and_cache_write", "sample",
-    "silu_and_mul",
+    "add_rms_norm", "apply_penalties", "attention_dense", "embed_tokens", "gate_up_silu", "gelu", "layer_norm",
+    "linear", "paged_attention_decode", "paged_attention_prefill", "quick_gelu", "record_tokens", "rms_norm",
+    "rope_and_cache_write", "sample", "silu_and_mul",
 ]

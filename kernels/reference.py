@@ -255,6 +255,49 @@ def sample(
     return torch.where(temperature > 0, drawn, greedy)
 
 
+def apply_penalties(
+    logits: torch.Tensor,
+    counts: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    slots: torch.Tensor,
+    presence: torch.Tensor,
+    frequency: torch.Tensor,
+    repetition: torch.Tensor,
+) -> torch.Tensor:
+    """Penalized copy of logits [B, V] fp32 (vLLM's order; HF's repetition penalty).
+
+    counts [S, V] int32 (how often each token was generated) and prompt_mask [S, V] bool/uint8
+    (token occurs in the prompt) are the state of slot slots[b] ([B] int64); a row whose slot is
+    -1 (or >= S) is returned unchanged. presence / frequency / repetition [B] fp32. Per row, for
+    a token seen in the prompt or the output: x > 0 ? x / repetition : x * repetition; then
+    x -= frequency * count and x -= presence * (count > 0).
+    """
+    if not bool(((slots >= 0) & (slots < counts.shape[0])).any()):
+        return logits  # no row uses penalties: nothing to compute or copy
+    logits = logits.float()
+    valid = ((slots >= 0) & (slots < counts.shape[0]))[:, None]
+    rows = torch.where(valid[:, 0], slots, 0)
+    row_counts = counts[rows]  # [B, V]
+    generated = row_counts > 0
+    seen = prompt_mask[rows].bool() | generated
+    rep = repetition.float()[:, None]
+    out = torch.where(seen, torch.where(logits > 0, logits / rep, logits * rep), logits)
+    out = out - frequency.float()[:, None] * row_counts.float()
+    out = out - presence.float()[:, None] * generated.float()
+    return torch.where(valid, out, logits)
+
+
+def record_tokens(counts: torch.Tensor, slots: torch.Tensor, tokens: torch.Tensor) -> None:
+    """counts[slots[b], tokens[b]] += 1 (in place) for every row with 0 <= slot < S and 0 <= token < V.
+
+    counts [S, V] int32, slots [B] int64 (-1 = no penalty state), tokens [B] int64."""
+    valid = (slots >= 0) & (slots < counts.shape[0]) & (tokens >= 0) & (tokens < counts.shape[1])
+    if not bool(valid.any()):
+        return
+    index = (torch.where(valid, slots, 0), torch.where(valid, tokens, 0))
+    counts.index_put_(index, valid.to(counts.dtype), accumulate=True)
+
+
 # ----------------------------------------------------------------------------- linear (decode GEMMs)
 
 

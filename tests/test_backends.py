@@ -32,7 +32,7 @@ def test_cuda_ops_mirror_reference() -> None:
                 exported[alias.name] = wrappers[alias.name]
     model_ops = {"rms_norm", "add_rms_norm", "layer_norm", "silu_and_mul", "gelu", "quick_gelu", "embed_tokens",
                  "rope_and_cache_write", "paged_attention_prefill", "paged_attention_decode", "attention_dense",
-                 "sample", "linear", "gate_up_silu"}
+                 "sample", "apply_penalties", "record_tokens", "linear", "gate_up_silu"}
     assert set(exported) == model_ops
     for name, args in exported.items():
         ref_args = list(inspect.signature(getattr(reference, name)).parameters)

@@ -11,4 +11,14 @@ void sample(torch::Tensor& out, const torch::Tensor& logits, const torch::Tensor
             const torch::Tensor& top_k, const torch::Tensor& top_p, const torch::Tensor& seeds,
             const torch::Tensor& steps);
 
+// out [B, V] fp32 (mutated; may be logits itself) = logits [B, V] fp32 with presence / frequency /
+// repetition [B] fp32 penalties from the state of slot slots[b] [B] int64: counts [S, V] int32 and
+// prompt_mask [S, V] bool or uint8. Rows with slots[b] outside [0, S) are copied (or, in place, untouched).
+void apply_penalties(torch::Tensor& out, const torch::Tensor& logits, const torch::Tensor& counts,
+                     const torch::Tensor& prompt_mask, const torch::Tensor& slots, const torch::Tensor& presence,
+                     const torch::Tensor& frequency, const torch::Tensor& repetition);
+
+// counts [S, V] int32 (mutated): counts[slots[b], tokens[b]] += 1 for slots in [0, S), tokens in [0, V).
+void record_tokens(torch::Tensor& counts, const torch::Tensor& slots, const torch::Tensor& tokens);
+
 }  // namespace epd
