@@ -15,7 +15,7 @@ from engine.engine import AggregatedEngine
 from engine.frontend import Capacity, Frontend
 from engine.request import Request, RequestOutput, Sequence, Status, TokenEvent
 from engine.runner import ModelRunner
-from engine.sampling import SamplingParams
+from engine.sampling import RequestError, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -205,7 +205,13 @@ class LLM:
         nothing is queued. A consumer that stops early aborts what is left (no output: nobody
         is listening any more); call `abort` on a request from `add_request` for its partial
         output with finish_reason "abort"."""
-        reqs = [requests] if isinstance(requests, (Request, str)) else list(requests)
+        if isinstance(requests, (Request, str)):
+            reqs = [requests]
+        elif isinstance(requests, Iterable):
+            reqs = list(requests)
+        else:
+            raise RequestError(f"requests must be a Request, a prompt string or a list of them, "
+                               f"got {type(requests).__name__}")
         seqs = [self.make_sequence(r, sampling) for r in reqs]
         position = {s.seq_id: i for i, s in enumerate(seqs)}
         for s in seqs:

@@ -184,3 +184,49 @@ def test_timestamps_and_ttft_breakdown(llava_llm: LLM) -> None:
         times = out.token_times_s
         assert len(times) == len(out.token_ids) and times == sorted(times) and abs(times[0] - out.ttft_s) < 1e-6
     assert out_img.ttft_breakdown["encode_s"] > 0 and out_txt.ttft_breakdown["encode_s"] == 0
+
+
+@pytest.mark.parametrize(
+    ("make", "match"),
+    [(lambda: Request("hi \ud800 there"), r"prompt has a lone surrogate '\\ud800' at position 3"),
+     (lambda: Request(5), "prompt must be a string, got int"),
+     (lambda: Request("x", images="cat.png"), "images must be a list .*got str"),
+     (lambda: Request("x", raw_prompt="yes"), "raw_prompt = 'yes'; must be True or False"),
+     (lambda: Request("x", sampling={"max_tokens": 3}), "sampling must be a SamplingParams, got dict")],
+)
+def test_bad_request_fields_are_named(make, match: str) -> None:
+    with pytest.raises(RequestError, match=match):
+        make()
+
+
+def test_garbage_reaching_the_llm_is_named(llama_llm: LLM) -> None:
+    """Inputs the tokenizer or list() used to fail on with a bare TypeError."""
+    with pytest.raises(RequestError, match="prompt has a lone surrogate '\\\\udfff' at position 1"):
+        llama_llm.generate("a\udfff")
+    changed = Request("fine")
+    changed.images = "cat.png"  # assigned after construction: make_sequence checks again
+    bad = [(lambda: llama_llm.generate(changed), "images must be a list"),
+           (lambda: llama_llm.generate(5), "requests must be a Request, a prompt string or a list of them, got int"),
+           (lambda: llama_llm.generate([Request("ok"), 7]), "request must be a Request or a prompt string, got int"),
+           (lambda: llama_llm.generate("x", {"max_tokens": 2}), "sampling must be a SamplingParams, got dict")]
+    for call, match in bad:
+        with pytest.raises(RequestError, match=match):
+            call()
+    assert not llama_llm.has_work() and llama_llm.engine.kv_blocks.num_free == llama_llm.runner.num_kv_blocks
+
+
+def test_finish_reason_in_every_output(llama_llm: LLM) -> None:
+    """stop (token or string), length, and abort, on the request and on each CompletionOutput."""
+    base = llama_llm.generate("Count the birds", SamplingParams(max_tokens=8, ignore_eos=True))[0]
+    assert base.finish_reason == "length" and [o.finish_reason for o in base.outputs] == ["length"]
+    assert (base.outputs[0].text, base.outputs[0].token_ids) == (base.text, base.token_ids)
+    stopped = llama_llm.generate("Count the birds", SamplingParams(max_tokens=8, stop_token_ids=(base.token_ids[2],),
+                                                                   ignore_eos=True))[0]
+    assert stopped.finish_reason == stopped.outputs[0].finish_reason == "stop"
+    seq = llama_llm.add_request("Count the birds", SamplingParams(max_tokens=8, ignore_eos=True))
+    for _ in range(3):
+        llama_llm.step()
+    aborted = llama_llm.abort(seq)
+    assert aborted.finish_reason == aborted.outputs[0].finish_reason == "abort"
+    assert aborted.token_ids == base.token_ids[:3] and llama_llm.abort(seq) is None
+    assert not llama_llm.has_work() and llama_llm.engine.kv_blocks.num_free == llama_llm.runner.num_kv_blocks

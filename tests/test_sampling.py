@@ -1,9 +1,12 @@
-"""The reference sampler: greedy, filters, and per-request counter-based randomness."""
+"""The reference sampler (greedy, filters, per-request counter-based randomness) and the
+validation of SamplingParams: every bad field named with its limit."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
+from engine.sampling import RequestError, SamplingParams
 from kernels.reference import random_uniform, sample
 
 
@@ -47,3 +50,48 @@ def test_uniform_depends_only_on_seed_and_step() -> None:
     assert random_uniform(seeds[1:2], steps[1:2]) == u[1]
     many = random_uniform(torch.arange(100000), torch.zeros(100000, dtype=torch.int64))
     assert abs(many.mean().item() - 0.5) < 0.01
+
+
+BAD_SAMPLING = [
+    ({"stop": 5}, "sampling.stop = 5; must be a string or a list of non-empty strings"),
+    ({"stop": ["ok", 3]}, "sampling.stop = .*must be a string or a list of non-empty strings"),
+    ({"stop": ("ok", "a\ud800b")}, r"sampling.stop\[1\] has a lone surrogate '\\ud800' at position 1"),
+    ({"stop_token_ids": 7}, "sampling.stop_token_ids = 7; must be a list of non-negative integers"),
+    ({"stop_token_ids": [1, True]}, "sampling.stop_token_ids = .*non-negative integers"),
+    ({"stop_token_ids": "12"}, "sampling.stop_token_ids = '12'"),
+    ({"max_tokens": True}, r"sampling.max_tokens = True; must be an integer >= 1"),
+    ({"max_tokens": 2.0}, r"sampling.max_tokens = 2.0"),
+    ({"temperature": True}, r"sampling.temperature = True; must be a number in \[0, 100\]"),
+    ({"temperature": float("nan")}, "sampling.temperature = nan"),
+    ({"temperature": "0.5"}, "sampling.temperature = '0.5'"),
+    ({"top_p": float("inf")}, r"sampling.top_p = inf; must be a number in \(0, 1\]"),
+    ({"top_k": 1.5}, "sampling.top_k = 1.5"),
+    ({"seed": 1.0}, r"sampling.seed = 1.0; must be None or an integer in \[0, 2\*\*63\)"),
+    ({"seed": True}, "sampling.seed = True"),
+    ({"ignore_eos": "yes"}, "sampling.ignore_eos = 'yes'; must be True or False"),
+    ({"skip_special_tokens": 1}, "sampling.skip_special_tokens = 1"),
+    ({"n": 0}, r"sampling.n = 0; must be an integer in \[1, 16\]"),
+    ({"n": 17}, r"sampling.n = 17"),
+    ({"n": 2.0}, r"sampling.n = 2.0"),
+    ({"presence_penalty": 2.5}, r"sampling.presence_penalty = 2.5; must be a number in \[-2, 2\]"),
+    ({"presence_penalty": float("nan")}, "sampling.presence_penalty = nan"),
+    ({"frequency_penalty": -3}, r"sampling.frequency_penalty = -3; must be a number in \[-2, 2\]"),
+    ({"repetition_penalty": 0.0}, r"sampling.repetition_penalty = 0.0; must be a number in \(0, 10\]"),
+    ({"repetition_penalty": 11}, "sampling.repetition_penalty = 11"),
+    ({"logprobs": 1}, "sampling.logprobs = 1; must be True or False"),
+    ({"top_logprobs": 21, "logprobs": True}, r"sampling.top_logprobs = 21; must be an integer in \[0, 20\]"),
+    ({"top_logprobs": 3}, "sampling.top_logprobs = 3; needs logprobs=True"),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "match"), BAD_SAMPLING)
+def test_bad_sampling_names_the_field_and_the_limit(kwargs: dict, match: str) -> None:
+    with pytest.raises(RequestError, match=match):
+        SamplingParams(**kwargs)
+
+
+def test_sampling_accepts_the_limits() -> None:
+    sp = SamplingParams(stop="END", stop_token_ids=[1, 2], n=16, presence_penalty=-2, frequency_penalty=2.0,
+                        repetition_penalty=10, logprobs=True, top_logprobs=20, seed=2**63 - 1, temperature=100)
+    assert sp.stop == ("END",) and sp.stop_token_ids == (1, 2) and sp.n == 16
+    assert SamplingParams(stop=["a", "b"]).stop == ("a", "b")

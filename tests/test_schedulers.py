@@ -15,12 +15,14 @@ from engine.sampling import SamplingParams
 
 
 class FakeRunner:
-    """Deterministic 'model': the next token depends only on the sequence's id and length."""
+    """Deterministic 'model': the next token depends only on the sequence's id, seed and length."""
 
     def __init__(self, num_kv_blocks: int, num_mm_blocks: int, block_size: int) -> None:
         self.num_kv_blocks, self.num_mm_blocks, self.block_size = num_kv_blocks, num_mm_blocks, block_size
         self.prefill_order: list[int] = []
         self.encoded: set[int] = set()
+        self.kv: BlockManager | None = None  # the engine's, to check that no write lands in a shared block
+        self.copies: list[tuple[int, int]] = []
 
     def encode(self, seqs: list[Sequence]) -> None:
         for s in seqs:
@@ -29,12 +31,18 @@ class FakeRunner:
 
     @staticmethod
     def _token(seq: Sequence, num_tokens: int) -> int:
-        return (seq.seq_id * 7919 + num_tokens * 31) % 1000
+        return (seq.seq_id * 7919 + seq.seed * 104729 + num_tokens * 31) % 1000
 
     def _check_blocks(self, seqs: list[Sequence], num_tokens: list[int]) -> None:
+        """Blocks cover the tokens, and the blocks written (from num_cached on) belong to one
+        sequence alone: a shared prompt block is never written (copy-on-write)."""
+        written = []
         for s, n in zip(seqs, num_tokens):
             assert len(s.block_table) >= -(-n // self.block_size), "scheduled without blocks for its tokens"
-        assert len({b for s in seqs for b in s.block_table}) == sum(len(s.block_table) for s in seqs)
+            written += sorted({s.block_table[p // self.block_size] for p in range(s.num_cached, n)})
+        assert len(set(written)) == len(written), "two sequences write one block"
+        if self.kv is not None:
+            assert all(self.kv._refs[b] == 1 for b in written), "a write into a shared block"
 
     def prefill(self, seqs: list[Sequence]) -> StepOutput:
         self._check_blocks(seqs, [s.num_tokens for s in seqs])
@@ -42,7 +50,20 @@ class FakeRunner:
             assert s.num_images == 0 or s.seq_id in self.encoded, "prefill before encode"
             self.prefill_order.append(s.seq_id)
             s.num_cached = s.num_tokens
-        return StepOutput([self._token(s, s.num_tokens) for s in seqs], torch.empty(0))
+        return StepOutput([self._token(s, s.num_tokens) for s in seqs], torch.zeros(len(seqs), 1))
+
+    def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
+        assert logits.shape == (len(seqs), 1)
+        return [self._token(s, s.num_tokens) for s in seqs]
+
+    def copy_kv_blocks(self, src: list[int], dst: list[int]) -> None:
+        self.copies += zip(src, dst)
+
+    def init_penalty_state(self, seq: Sequence) -> None:
+        pass  # no penalties in this fake
+
+    def release(self, seq: Sequence) -> None:
+        pass
 
     def decode(self, seqs: list[Sequence], num_steps: int = 1) -> tuple[list[list[int]], torch.Tensor]:
         self._check_blocks(seqs, [s.num_tokens + num_steps - 1 for s in seqs])
@@ -122,6 +143,55 @@ def test_preemption_recomputes_with_identical_tokens() -> None:
         results.append(([s.output_ids for s in copies], engine.num_preemptions))
     assert results[1][1] > 0 and results[0][1] == 0
     assert all(r[0] == results[0][0] for r in results)
+
+
+@pytest.mark.parametrize(("num_kv_blocks", "multi_step"), [(400, 1), (30, 1), (30, 4)])
+def test_n_samples_share_prompt_blocks_without_leaks(num_kv_blocks: int, multi_step: int) -> None:
+    """Requests forking into 1-4 samples, with preemption when the arena is tight: exact block
+    accounting with shared prompt blocks, no write into a shared block, and every sample's
+    tokens those its own seed gives alone."""
+    rng = random.Random(num_kv_blocks + multi_step)
+    bs = 4
+    runner = FakeRunner(num_kv_blocks, 8, bs)
+    engine = AggregatedEngine(runner, max_num_seqs=12, max_num_batched_tokens=64, max_images_per_batch=4,
+                              multi_step=multi_step)
+    runner.kv = engine.kv_blocks
+    seqs = []
+    for i in range(150):
+        prompt = [5] * rng.randint(1, 20)
+        n = rng.choice([1, 2, 3, 4])
+        max_tokens = rng.randint(1, min(12, (num_kv_blocks * bs // n - len(prompt)) // 2))
+        sp = SamplingParams(max_tokens=max_tokens, n=n, stop_token_ids=(rng.randrange(1000),))
+        seqs.append(Sequence(seq_id=i, prompt_ids=prompt, sampling=sp, seed=rng.randrange(100), detok=None,
+                             stop_token_ids=frozenset(sp.stop_token_ids)))
+    pending = list(seqs)
+    for _ in range(100_000):
+        if not (pending or engine.has_work()):
+            break
+        for _ in range(rng.randint(0, 3)):
+            if pending:
+                engine.add(pending.pop(0))
+        for seq, token in engine.step():
+            if seq.status is Status.FINISHED:
+                continue
+            seq.output_ids.append(token)
+            if seq.stop_reason():
+                engine.finish(seq)
+        live = [s for root in seqs for s in root.samples or [root] if s.status is not Status.FINISHED]
+        held = {b for s in live for b in s.block_table}
+        assert len(held) + engine.kv_blocks.num_free == num_kv_blocks  # shared blocks counted once
+    assert not pending and not engine.has_work() and engine.kv_blocks.num_free == num_kv_blocks
+    assert any(len(root.samples) == 4 for root in seqs) and runner.copies
+    for root in seqs:
+        samples = root.samples or [root]
+        assert [s.sample_index for s in samples] == list(range(root.sampling.n))
+        for s in samples:  # what this seed gives alone: token by length until a stop or max_tokens
+            expected = []
+            while len(expected) < s.sampling.max_tokens and (not expected or expected[-1] not in s.stop_token_ids):
+                expected.append(runner._token(s, len(s.prompt_ids) + len(expected)))
+            assert s.output_ids == expected
+    if num_kv_blocks < 100:
+        assert engine.num_preemptions > 0
 
 
 def test_block_manager_refcounts() -> None:
