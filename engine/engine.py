@@ -43,7 +43,6 @@ class AggregatedEngine:
         self.encode = EncodeScheduler(self.mm_blocks, max_images_per_batch) if self.mm_blocks else None
         self.prefill = PrefillScheduler(self.kv_blocks, runner.block_size, max_num_batched_tokens)
         self.decode = DecodeScheduler(self.kv_blocks, runner.block_size, max_num_seqs)
-        self.forked: list[Sequence] = []  # samples forked last step: their penalty state starts next step
 
     def add(self, seq: Sequence) -> None:
         if seq.num_images:
@@ -58,7 +57,6 @@ class AggregatedEngine:
     def step(self) -> list[tuple[Sequence, int]]:
         """Run one step; returns (sequence, sampled token) pairs in generation order (with
         multi-step decode, several per sequence: the caller drops those after a stop)."""
-        self.forked = []  # PENDING(D1): init_penalty_state for each unfinished one first
         if self.encode is not None and self.encode.waiting:
             encoded = self.encode.schedule()
             if encoded:
@@ -119,10 +117,11 @@ class AggregatedEngine:
             self.runner.copy_kv_blocks(partial * len(samples), seq.fork_blocks)
         seq.fork_blocks = []
         seq.samples = [seq, *samples]
+        for sample in samples:  # penalties see the prompt; sample() then counts the first token
+            self.runner.init_penalty_state(sample)
         tokens = self.runner.sample(logits.expand(len(samples), -1).contiguous(), samples)
         for sample in samples:
             self.decode.add(sample)
-        self.forked += samples
         return list(zip(samples, tokens))
 
     @property
@@ -144,4 +143,5 @@ class AggregatedEngine:
             seq.fork_blocks = []
         if seq.mm_blocks:
             self.encode.release(seq)
+        self.runner.release(seq)  # its penalty slot, if any
         seq.status = Status.FINISHED

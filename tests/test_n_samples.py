@@ -137,11 +137,20 @@ def test_samples_with_images_survive_preemption(tiny_llava: Path, llava_llm: LLM
     """A tiny arena preempts forked samples; each recomputes itself (images re-encoded) and
     ends with the tokens it has with room to spare."""
     requests = [Request("What is in the image?", images=[_png(1)]), Request("Describe it", images=[_png(2)])]
-    sp = SamplingParams(n=3, max_tokens=40, temperature=0.8, seed=7, ignore_eos=True)
+    sp = SamplingParams(n=2, max_tokens=20, temperature=0.8, seed=7, ignore_eos=True)
     reference = llava_llm.generate(requests, sp)
-    small = LLM(tiny_llava, backend="torch", device="cpu", kv_cache_tokens=16 * 16, block_size=16)
+    # 49- and 50-token prompts: 5 blocks each with its fork, 7 at the end; 11 make the growth preempt
+    small = LLM(tiny_llava, backend="torch", device="cpu", kv_cache_tokens=11 * 16, block_size=16)
+    preempted: list[int] = []
+    preempt = small.engine.decode._preempt
+
+    def spy(seq):
+        preempted.append(seq.sample_index)
+        preempt(seq)
+
+    small.engine.decode._preempt = spy
     outs = small.generate(requests, sp)
-    assert small.engine.num_preemptions > 0
+    assert any(i > 0 for i in preempted), preempted  # a forked sample was preempted and recomputed
     assert [[o.token_ids for o in r.outputs] for r in outs] == [[o.token_ids for o in r.outputs] for r in reference]
     assert _all_free(small) and small.engine.mm_blocks.num_free == small.runner.num_mm_blocks
 
@@ -162,6 +171,7 @@ def test_penalties_with_samples_equal_single_runs(llama_llm: LLM) -> None:
     penalties = {"repetition_penalty": 1.3, "presence_penalty": 0.5, "frequency_penalty": 0.4}
     out = llama_llm.generate(_birds(8), SamplingParams(n=3, **SAMPLED, **penalties))[0]
     assert [o.token_ids for o in out.outputs] == _singles(llama_llm, _birds(8), 3, **penalties)
+    assert [o.token_ids for o in out.outputs] != _singles(llama_llm, _birds(8), 3)  # the penalties act
 
 
 @pytest.mark.parametrize(("sampling", "field"), [({"n": 2}, "n"), ({"logprobs": True}, "logprobs")])
@@ -176,3 +186,13 @@ def test_disaggregated_modes_refuse_what_they_cannot_serve(tiny_llava: Path, sam
     with pytest.raises(RequestError, match=f"sampling.{field} = .*pd mode does not serve it yet; the aggregated mode"):
         epd.add_request("Hello", SamplingParams(**sampling))
     assert not epd.flights
+
+
+def test_logprobs_per_sample_equal_single_runs(llama_llm: LLM) -> None:
+    sp = {**SAMPLED, "max_tokens": 5, "logprobs": True, "top_logprobs": 2}
+    out = llama_llm.generate(_birds(8), SamplingParams(n=3, **sp))[0]
+    for i, sample in enumerate(out.outputs):
+        alone = llama_llm.generate(_birds(8), SamplingParams(**{**sp, "seed": sample_seed(SEED, i)}))[0]
+        assert [r.token_id for r in sample.logprobs] == sample.token_ids == alone.token_ids
+        assert [r.logprob for r in sample.logprobs] == pytest.approx([r.logprob for r in alone.outputs[0].logprobs],
+                                                                     abs=1e-5)
