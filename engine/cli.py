@@ -106,6 +106,17 @@ def positive_int(flag: str, value: int | None, upper: int | None = None) -> None
         raise CLIError(f"{flag} = {value}; must be {limit}")
 
 
+def int_list(flag: str, text: str, upper: int | None = None) -> list[int]:
+    """Parse "1,8,32" for `flag`: positive integers (at most upper)."""
+    try:
+        values = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise CLIError(f"{flag} {text!r}: expected comma-separated integers, e.g. 1,8,32") from None
+    for value in values:
+        positive_int(flag, value, upper)
+    return values
+
+
 def dtype_arg(name: str) -> str:
     """argparse type for --dtype: auto or a dtype engine.config accepts."""
     from engine.config import ConfigError, parse_dtype

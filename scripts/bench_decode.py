@@ -8,7 +8,6 @@ A step is one CUDA-graph replay plus the host work around it (batch copy-in, tok
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import subprocess
@@ -121,17 +120,23 @@ def _serve_here(model: str, max_num_seqs: int, background: bool) -> tuple[float,
     return first, done, sum(b for _, _, b in llm.runner.decode_graphs.capture_log)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True)
-    p.add_argument("--batches", default="1,8,32,128")
-    p.add_argument("--context", type=int, default=640)
-    p.add_argument("--steps", type=int, default=64)
+def main(argv: list[str] | None = None) -> None:
+    from engine.cli import ArgumentParser, check_device, int_list, positive_int
+
+    p = ArgumentParser(description=__doc__)
+    p.add_argument("--model", required=True, help="checkpoint dir (e.g. from scripts/make_random_model.py)")
+    p.add_argument("--batches", default="1,8,32,128", help="decode batch sizes, comma-separated")
+    p.add_argument("--context", type=int, default=640, help="tokens of context per sequence")
+    p.add_argument("--steps", type=int, default=64, help="decode steps timed per case")
     p.add_argument("--multi-step", default="1,8", help="decode steps per call, comma-separated")
-    p.add_argument("--no-hf", action="store_true")
+    p.add_argument("--no-hf", action="store_true", help="skip the HF eager baseline")
     p.add_argument("--serve-time", action="store_true", help="time to first serve, background vs upfront capture")
-    args = p.parse_args()
-    batches = [int(b) for b in args.batches.split(",")]
+    args = p.parse_args(argv)
+    batches = int_list("--batches", args.batches)
+    int_list("--multi-step", args.multi_step, upper=64)
+    positive_int("--context", args.context)
+    positive_int("--steps", args.steps)
+    check_device("cuda", "cuda")  # the benchmark runs the cuda backend
     ceil = ceilings()
     if args.serve_time:
         for background in (False, True):
@@ -176,4 +181,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from engine.cli import run_main
+
+    sys.exit(run_main(main))

@@ -15,7 +15,6 @@ Exit status 1 if any request's tokens differ between the modes.
 
 from __future__ import annotations
 
-import argparse
 import gc
 import io
 import statistics
@@ -32,7 +31,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from engine import LLM, Request, SamplingParams  # noqa: E402
-from engine.epd import EPDEngine, parse_placement  # noqa: E402
+from engine.epd import EPDEngine  # noqa: E402
 from ipc.stages import StageConfig  # noqa: E402
 
 PROMPT = "Describe this picture in detail: the colours, the animals, the weather, and what happens next."
@@ -101,21 +100,27 @@ def median(xs: list[float]) -> float:
     return statistics.median(xs) if xs else 0.0
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True)
-    p.add_argument("--placement", default="E:0,0 P:0 D:0")
-    p.add_argument("--mode", default="epd", choices=["epd", "pd"])
+def main(argv: list[str] | None = None) -> None:
+    from engine.cli import PLACEMENT_HELP, ArgumentParser, check_device, check_placement, positive_int
+
+    p = ArgumentParser(description=__doc__)
+    p.add_argument("--model", required=True, help="LLaVA checkpoint dir (e.g. from scripts/make_random_model.py)")
+    p.add_argument("--placement", default="E:0,0 P:0 D:0", help=PLACEMENT_HELP.partition(". Default")[0])
+    p.add_argument("--mode", default="epd", choices=["epd", "pd"], help="pd: prefill encodes the images itself")
     p.add_argument("--requests", type=int, default=32, help="requests in the load run")
     p.add_argument("--check-requests", type=int, default=6, help="requests compared one at a time")
     p.add_argument("--images", type=int, default=1, help="images per request")
-    p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--kv-cache-tokens", type=int, default=16384, help="per stage")
-    p.add_argument("--backend", default="cuda", help="torch: a CPU smoke run (placement P:cpu D:cpu ...)")
+    p.add_argument("--max-tokens", type=int, default=64, help="tokens generated per request")
+    p.add_argument("--kv-cache-tokens", type=int, default=16384, help="KV arena capacity in tokens, per stage")
+    p.add_argument("--backend", default="cuda", choices=["cuda", "torch"],
+                   help='torch: a CPU smoke run (--placement "E:cpu P:cpu D:cpu")')
     p.add_argument("--no-share", action="store_true", help="copy KV blocks even when P and D share a GPU")
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    for flag in ("requests", "check_requests", "images", "max_tokens", "kv_cache_tokens"):
+        positive_int(f"--{flag.replace('_', '-')}", getattr(args, flag))
+    devices = check_placement(args.placement, args.mode)
+    check_device(None, args.backend)
     sp = SamplingParams(max_tokens=args.max_tokens, ignore_eos=True)
-    devices = parse_placement(args.placement, args.mode)
     check, load = requests(args.check_requests, args.images), requests(args.requests, args.images)
     stage = StageConfig(model=args.model, backend=args.backend, device=devices["P"][0], dtype="bfloat16",
                         kv_cache_tokens=args.kv_cache_tokens, share_kv_arena=not args.no_share)
@@ -192,4 +197,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from engine.cli import run_main
+
+    sys.exit(run_main(main))

@@ -6,7 +6,6 @@ in this run (device copy bandwidth; cuBLAS bf16 GEMM), and torch's peer.
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import json
 import sys
@@ -29,11 +28,14 @@ def ceilings() -> dict:
     return {"copy_GBps": copy_bandwidth_GBps(), "gemm_TFLOPs": gemm_tflops(), "device": torch.cuda.get_device_name()}
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--json")
-    p.add_argument("--md")
-    args = p.parse_args()
+def main(argv: list[str] | None = None) -> None:
+    from engine.cli import ArgumentParser, check_device
+
+    p = ArgumentParser(description=__doc__)
+    p.add_argument("--json", help="also write the rows and ceilings to this JSON file")
+    p.add_argument("--md", help="also write the table to this Markdown file")
+    args = p.parse_args(argv)
+    check_device("cuda", "cuda")  # the kernels need a GPU and the built extension
     require_cuda()
     ceil = ceilings()
     rows = []
@@ -59,4 +61,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from engine.cli import run_main
+
+    sys.exit(run_main(main))

@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -47,17 +46,23 @@ def timed(fn, repeats: int = 10) -> float:
     return statistics.median(times)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True)
-    p.add_argument("--requests", type=int, default=256)
-    p.add_argument("--output-tokens", type=int, default=256)
+def main(argv: list[str] | None = None) -> None:
+    from engine.cli import ArgumentParser, check_device, int_list, positive_int
+
+    p = ArgumentParser(description=__doc__)
+    p.add_argument("--model", required=True, help="LLaVA checkpoint dir (e.g. from scripts/make_random_model.py)")
+    p.add_argument("--requests", type=int, default=256, help="requests in our run (one image each)")
+    p.add_argument("--output-tokens", type=int, default=256, help="tokens generated per request")
     p.add_argument("--hf-requests", type=int, default=64, help="HF runs this many (time per token is constant)")
-    p.add_argument("--hf-batch", type=int, default=32)
-    p.add_argument("--vision-batches", default="1,8,32")
-    p.add_argument("--multi-step", type=int, default=8)
-    args = p.parse_args()
-    vision_batches = [int(b) for b in args.vision_batches.split(",")]
+    p.add_argument("--hf-batch", type=int, default=32, help="HF generate batch size")
+    p.add_argument("--vision-batches", default="1,8,32", help="image batch sizes for the vision tower, comma-separated")
+    p.add_argument("--multi-step", type=int, default=8, help="decode steps per device call (1-64)")
+    args = p.parse_args(argv)
+    vision_batches = int_list("--vision-batches", args.vision_batches)
+    for flag in ("requests", "output_tokens", "hf_requests", "hf_batch"):
+        positive_int(f"--{flag.replace('_', '-')}", getattr(args, flag))
+    positive_int("--multi-step", args.multi_step, 64)
+    check_device("cuda", "cuda")  # the benchmark runs the cuda backend
 
     llm = LLM(args.model, backend="cuda", dtype="bfloat16", device="cuda", max_num_seqs=args.requests,
               max_images_per_batch=max(vision_batches), multi_step=args.multi_step)
@@ -114,4 +119,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from engine.cli import run_main
+
+    sys.exit(run_main(main))

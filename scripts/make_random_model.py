@@ -8,7 +8,6 @@ well defined); the tokenizer is the tiny one (prompts use ids < 512; shapes are 
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -60,15 +59,21 @@ def make_random_model(shape: str, out_dir: str | Path, device: str = "cuda", dty
     return out
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shape", choices=SHAPES, required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--device", default="cuda")
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args()
+def main(argv: list[str] | None = None) -> int:
+    from engine.cli import ArgumentParser, check_device
+
+    p = ArgumentParser(description=__doc__)
+    p.add_argument("--shape", choices=SHAPES, required=True, help="which model's shapes")
+    p.add_argument("--out", required=True, help="output checkpoint dir")
+    p.add_argument("--device", default="cuda", help="where the weights are drawn (cpu works, slowly)")
+    p.add_argument("--seed", type=int, default=0, help="weight seed")
+    args = p.parse_args(argv)
+    check_device(args.device, "torch")
     print(make_random_model(args.shape, args.out, args.device, seed=args.seed))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    from engine.cli import run_main
+
+    sys.exit(run_main(main))

@@ -6,7 +6,6 @@ BPE trained on the spot on the corpus below. Used by CPU tests and parity script
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
@@ -344,15 +343,18 @@ def ensure_tiny_llama() -> Path:
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--kind", choices=["llava", "llama"], required=True)
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    parser.add_argument("--sharded", action="store_true")
-    parser.add_argument("--key-layout", choices=sorted(KEY_LAYOUTS), default="hf")
-    args = parser.parse_args()
+def main(argv: list[str] | None = None) -> int:
+    from engine.cli import ArgumentParser
+
+    parser = ArgumentParser(description=__doc__)
+    parser.add_argument("--kind", choices=["llava", "llama"], required=True, help="which tiny model")
+    parser.add_argument("--out", type=Path, required=True, help="output checkpoint dir")
+    parser.add_argument("--seed", type=int, default=0, help="weight seed")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="weight dtype on disk")
+    parser.add_argument("--sharded", action="store_true", help="write several safetensors shards and an index")
+    parser.add_argument("--key-layout", choices=sorted(KEY_LAYOUTS), default="hf",
+                        help="LLaVA weight names: hf as transformers saves them; the others as found in the wild")
+    args = parser.parse_args(argv)
     dtype = DTYPES[args.dtype]
     if args.kind == "llava":
         out = make_tiny_llava(
@@ -363,7 +365,14 @@ def main() -> None:
             parser.error("--key-layout applies to --kind llava only")
         out = make_tiny_llama(args.out, args.seed, dtype, sharded=args.sharded)
     print(out)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    if str(Path(__file__).resolve().parents[1]) not in sys.path:  # engine.cli, when run as a file
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from engine.cli import run_main
+
+    sys.exit(run_main(main))

@@ -10,7 +10,6 @@ one layer's kernels in launch order with the gap before each.
 
 from __future__ import annotations
 
-import argparse
 import re
 import statistics
 import sys
@@ -97,15 +96,21 @@ def profile_once(llm: LLM, batch: int, context: int, steps: int, calls: int) -> 
               f"{100 * per_step * n_steps / span:.1f}% |")
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True)
+def main(argv: list[str] | None = None) -> None:
+    from engine.cli import ArgumentParser, check_device, int_list, positive_int
+
+    p = ArgumentParser(description=__doc__)
+    p.add_argument("--model", required=True, help="checkpoint dir (e.g. from scripts/make_random_model.py)")
     p.add_argument("--batch", default="1", help="batch sizes, comma-separated")
-    p.add_argument("--context", type=int, default=640)
+    p.add_argument("--context", type=int, default=640, help="tokens of context per sequence")
     p.add_argument("--steps", type=int, default=8, help="decode steps per call (one graph replay each)")
-    p.add_argument("--calls", type=int, default=12)
-    args = p.parse_args()
-    batches = [int(b) for b in args.batch.split(",")]
+    p.add_argument("--calls", type=int, default=12, help="timed calls per batch size")
+    args = p.parse_args(argv)
+    batches = int_list("--batch", args.batch)
+    positive_int("--context", args.context)
+    positive_int("--steps", args.steps, 64)
+    positive_int("--calls", args.calls)
+    check_device("cuda", "cuda")  # the profile is of the cuda backend's graphs
     llm = LLM(args.model, backend="cuda", dtype="bfloat16", device="cuda", max_num_seqs=max(8, *batches),
               max_num_batched_tokens=8 * args.context, multi_step=args.steps)
     for b in batches:
@@ -114,4 +119,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from engine.cli import run_main
+
+    sys.exit(run_main(main))
