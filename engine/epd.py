@@ -399,6 +399,25 @@ class EPDEngine:
     def __exit__(self, *exc) -> None:
         self.shutdown()
 
+    # ------------------------------------------------------------------ tokenize, graph capture (RPC verbs)
+
+    def tokenize(self, prompt: str, num_images: int = 0, raw_prompt: bool = False) -> tuple[str, list[int]]:
+        """(text after the chat template, token ids) as add_request builds them for this prompt."""
+        return self.frontend.tokenize(prompt, num_images, raw_prompt)
+
+    def capture_start(self) -> dict:
+        raise RequestError(self._capture_in_stages())
+
+    def capture_stop(self) -> dict:
+        raise RequestError(self._capture_in_stages())
+
+    def capture_wait(self, timeout_s: float | None = None) -> dict:
+        raise RequestError(self._capture_in_stages())
+
+    def _capture_in_stages(self) -> str:
+        return (f"in {self.mode} mode the decode stages capture their graphs at start (see status: "
+                "stages.decodeN); capture control is for the aggregated engine")
+
 
 class _Flight:
     """A request in flight: its sequence, image sources, encoder parts and MM references."""

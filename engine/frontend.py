@@ -96,3 +96,14 @@ class Frontend:
         )
         self._next_id += 1
         return seq, images
+
+    def tokenize(self, prompt: str, num_images: int = 0, raw_prompt: bool = False) -> tuple[str, list[int]]:
+        """The text after the chat template and its token ids, exactly as make_sequence builds
+        them for a request with this prompt and num_images images (each image's tokens expanded)."""
+        req = Request(prompt=prompt, raw_prompt=raw_prompt)  # validates the prompt as generate does
+        if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 0:
+            raise RequestError(f"images = {num_images!r}; must be a count >= 0")
+        if num_images and self.image_processor is None:
+            raise RequestError(f"{self.cfg.architecture} takes no images; got {num_images}")
+        text = self.tokenizer.build_prompt(req.prompt, num_images, raw=req.raw_prompt)
+        return text, self.tokenizer.encode(text, num_images)

@@ -247,5 +247,59 @@ class LLM:
             self.engine.finish(seq)
         return TokenEvent(index, token, delta, output, sample=seq.sample_index)
 
+    # ------------------------------------------------------------------ tokenize, graph capture (RPC verbs)
+
+    def tokenize(self, prompt: str, num_images: int = 0, raw_prompt: bool = False) -> tuple[str, list[int]]:
+        """(text after the chat template, token ids) as generate builds them for this prompt."""
+        return self.frontend.tokenize(prompt, num_images, raw_prompt)
+
+    def capture_start(self) -> dict:
+        """Start capturing the decode buckets not captured yet, in the background (serving
+        goes on); a no-op if every bucket is captured or a capture runs."""
+        graphs = self._capturable_graphs()
+        started = bool(graphs.pending) and graphs.capture_state != "running"
+        if started:
+            graphs.capture_all(background=True)
+        return {"started": started, **self.capture_status()}
+
+    def capture_stop(self) -> dict:
+        """Ask the background capture to stop after the bucket in progress."""
+        self._capturable_graphs().stop_capture()
+        return self.capture_status()
+
+    def capture_wait(self, timeout_s: float | None = None) -> dict:
+        """Wait up to timeout_s for a background capture to end (every bucket captured,
+        stopped or failed); returns the capture status either way."""
+        self._capturable_graphs().join_capture(timeout_s)
+        return self.capture_status()
+
+    def capture_status(self) -> dict:
+        """Decode buckets captured and pending, and the capture state (running, stopped, failed,
+        idle; "unavailable" where graphs cannot be captured)."""
+        graphs = self.runner.decode_graphs
+        if graphs is None or self.runner.backend != "cuda" or self.device.type != "cuda":
+            return {"captured": [], "pending": [], "state": "unavailable"}
+        return {"captured": sorted(graphs.graphs.copy()), "pending": graphs.pending, "state": graphs.capture_state}
+
+    def _capturable_graphs(self):
+        from engine.sampling import RequestError
+
+        graphs, backend = self.runner.decode_graphs, self.runner.backend
+        if backend != "cuda" or self.device.type != "cuda":
+            raise RequestError(f"CUDA graphs need the cuda backend on a GPU; this server runs the {backend} backend "
+                               f"on {self.device.type}")
+        from kernels.attn_varlen import KERNEL_HEAD_DIMS  # the built extension: cuda backend only
+
+        if graphs is None:
+            raise RequestError("this engine has no decode stage (parts='vision'): no decode graphs to capture")
+        if self.cfg.text.head_dim not in KERNEL_HEAD_DIMS:  # the torch attention fallback is not capturable
+            raise RequestError(f"head_dim {self.cfg.text.head_dim} has no attention kernel: decode runs eagerly")
+        return graphs
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:.1f} MB"
+
+
 def _size(nbytes: int) -> str:
     return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:.1f} MB"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from multiprocessing.connection import AuthenticationError, Client
 from pathlib import Path
 
@@ -65,8 +66,14 @@ def test_concurrent_clients(server: RPCServer) -> None:
 def test_wrong_key_is_rejected_and_server_carries_on(server: RPCServer) -> None:
     with pytest.raises(AuthenticationError):
         Client(server.address, authkey=b"wrong")
-    assert _collect(RPCClient(server.address, KEY), "Hello", max_tokens=3)[1]["token_ids"]
-    assert server.stats["rejected_connections"] >= 1
+    client = RPCClient(server.address, KEY)
+    assert _collect(client, "Hello", max_tokens=3)[1]["token_ids"]
+    for _ in range(100):  # counted by the connection's own thread, after the client saw the failure
+        status = client.status()
+        if status["rejected_connections"] >= 1:
+            break
+        time.sleep(0.05)
+    assert status["rejected_connections_by_reason"]["auth_failed"] >= 1
 
 
 def test_malformed_calls_get_errors(server: RPCServer) -> None:
