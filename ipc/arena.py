@@ -16,6 +16,15 @@ from pathlib import Path
 import torch
 
 SHM_DIR = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path("/tmp")
+_OWNED_FILES: set[str] = set()  # CPU arena files this process created and has not unlinked yet
+
+
+def unlink_owned_files() -> None:
+    """Remove every CPU arena file this process created (a stage exiting because its parent
+    died: nobody else would). Safe from a signal handler: no locks, missing files ignored."""
+    for path in list(_OWNED_FILES):
+        Path(path).unlink(missing_ok=True)
+        _OWNED_FILES.discard(path)
 
 
 @dataclass(frozen=True)
@@ -53,6 +62,7 @@ class SharedArena:
                                  owner_pid=os.getpid())
             return cls(tensor, handle, owner=True)
         path = SHM_DIR / f"epd-{os.getpid()}-{name}-{uuid.uuid4().hex[:8]}"
+        _OWNED_FILES.add(str(path))  # before the file exists: a death while creating it still removes it
         tensor = torch.from_file(str(path), shared=True, size=numel, dtype=dtype).view(shape)
         tensor.zero_()
         return cls(tensor, ArenaHandle(tuple(shape), dtype, "cpu", path=str(path), owner_pid=os.getpid()), owner=True)
@@ -85,9 +95,18 @@ class SharedArena:
         """Drop this process's mapping; the owner also removes the CPU file (peers that mapped
         it keep their mapping until they close)."""
         self.tensor = None
-        if self.owner and self.handle.path is not None:
-            Path(self.handle.path).unlink(missing_ok=True)
+        if self.owner:
+            unlink(self.handle)
 
     def __del__(self) -> None:
-        if getattr(self, "owner", False) and getattr(self, "handle", None) is not None and self.handle.path:
-            Path(self.handle.path).unlink(missing_ok=True)
+        if getattr(self, "owner", False) and getattr(self, "handle", None) is not None:
+            unlink(self.handle)
+
+
+def unlink(handle: ArenaHandle) -> None:
+    """Remove a CPU arena's file now. Every mapping made from it stays valid (the memory lives
+    until the last one is dropped), so once all peers have opened an arena its file can go:
+    nothing is left in /dev/shm however the processes end. No-op for a CUDA arena."""
+    if handle.path is not None:
+        Path(handle.path).unlink(missing_ok=True)
+        _OWNED_FILES.discard(handle.path)

@@ -1,0 +1,143 @@
+"""Messages between the EPD orchestrator (engine/epd.py) and its stage processes (ipc/stages.py):
+small and picklable, ids only (tensors stay in the arenas).
+
+Start-up, per stage: Exported (its arena's handle; encoders and prefill) -> Peers (the arenas
+it maps; prefill and decode) -> Ready (what it holds). A stage whose start or loop raises sends
+Crashed (the first line and the traceback) and exits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from engine.sampling import SamplingParams
+
+# ----------------------------------------------------------------------------- start-up
+
+
+@dataclass
+class Exported:
+    stage: str  # "encode0", "prefill0", ...
+    handle: Any  # ArenaHandle of the arena it owns, for its peers
+
+
+@dataclass
+class Peers:
+    handles: list  # prefill: the encoders' MM arenas; decode: the prefill instances' KV arenas
+
+
+@dataclass
+class Ready:
+    stage: str
+    stats: dict  # pid, device, torch_threads and what it holds (KV / MM blocks, GB, graph buckets)
+
+
+@dataclass
+class Crashed:
+    stage: str
+    error: str  # "ExceptionType: first line of its message"
+    traceback: str
+
+
+class Shutdown:
+    pass
+
+
+# ----------------------------------------------------------------------------- requests
+
+
+@dataclass
+class EncodeTask:
+    req_id: int
+    part: int  # which slice of the request's images
+    images: list[Any]  # sources as the user gave them (paths, bytes, PIL images, data URLs)
+
+
+@dataclass
+class Encoded:
+    req_id: int
+    part: int
+    encoder: int
+    blocks: list[int]  # one MM block per image, in order
+
+
+@dataclass
+class FreeMM:
+    blocks: list[int]
+    encoder: int = 0  # whose arena (the orchestrator forwards it there)
+
+
+@dataclass
+class PrefillTask:
+    req_id: int
+    prompt_ids: list[int]
+    mm_refs: list[tuple[int, int]]  # epd: (encoder, block) per image, in prompt order
+    sampling: SamplingParams
+    seed: int
+    images: list[Any] = field(default_factory=list)  # pd: image sources, encoded by prefill itself
+
+
+@dataclass
+class Prefilled:
+    req_id: int
+    first_token: int
+    prefill: int  # the instance whose arena holds kv_blocks
+    kv_blocks: list[int]
+    mm_bytes: int = 0  # image embeddings copied in from the encoders' arenas
+    mm_copy_s: float = 0.0
+
+
+@dataclass
+class Migrated:
+    req_id: int
+    kv_bytes: int  # 0: read in place (shared arena)
+    seconds: float
+
+
+@dataclass
+class DecodeTask:
+    req_id: int
+    prompt_ids: list[int]
+    first_token: int
+    prefill: int  # the instance whose arena holds kv_blocks
+    kv_blocks: list[int]
+    sampling: SamplingParams
+    seed: int
+    stop_token_ids: frozenset[int] = field(default_factory=frozenset)
+
+
+@dataclass
+class FreeKV:
+    blocks: list[int]
+    prefill: int = 0  # whose arena (the orchestrator forwards it there)
+
+
+@dataclass
+class Tokens:
+    """One decode step's tokens, one message for the whole batch."""
+
+    req_ids: list[int]
+    token_ids: list[int]
+
+
+@dataclass
+class Abort:
+    req_id: int
+
+
+@dataclass
+class Failed:
+    req_id: int
+    stage: str
+    error: str
+    images: int = 0  # encoder: the images of the part it did not encode (its load drops by these)
+
+
+@dataclass
+class StageStatus:
+    """A stage's counters, sent after its work changes them (at most every 0.2 s while busy,
+    and always before it waits idle): the orchestrator's `status` shows the latest of each."""
+
+    stage: str  # "encode0", "prefill0", "decode0", ...
+    stats: dict
