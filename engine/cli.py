@@ -170,6 +170,17 @@ def check_device(device: str | None, backend: str) -> None:
                            "(python -m kernels.build); or use --backend torch")
 
 
+def require_cuda_backend(what: str) -> None:
+    """For drivers that only run on the cuda backend (the GPU benchmarks): a GPU and the built
+    extension, or CLIError saying which is missing."""
+    from kernels import cuda_available
+
+    if _cuda_devices() == 0:
+        raise CLIError(f"{what}: runs on a CUDA GPU only, and this machine has none")
+    if not cuda_available():
+        raise CLIError(f"{what}: runs on the cuda backend only; build the extension (python -m kernels.build)")
+
+
 def check_placement(placement: str, mode: str) -> dict[str, list[str]]:
     """Parse --placement for `mode` and check that its GPUs exist."""
     from engine.epd import parse_placement

@@ -121,7 +121,7 @@ def _serve_here(model: str, max_num_seqs: int, background: bool) -> tuple[float,
 
 
 def main(argv: list[str] | None = None) -> None:
-    from engine.cli import ArgumentParser, check_device, int_list, positive_int
+    from engine.cli import ArgumentParser, int_list, positive_int, require_cuda_backend
 
     p = ArgumentParser(description=__doc__)
     p.add_argument("--model", required=True, help="checkpoint dir (e.g. from scripts/make_random_model.py)")
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
     int_list("--multi-step", args.multi_step, upper=64)
     positive_int("--context", args.context)
     positive_int("--steps", args.steps)
-    check_device("cuda", "cuda")  # the benchmark runs the cuda backend
+    require_cuda_backend("the decode benchmark")
     ceil = ceilings()
     if args.serve_time:
         for background in (False, True):

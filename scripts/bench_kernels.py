@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from kernels.bench_utils import copy_bandwidth_GBps, gemm_tflops, require_cuda  # noqa: E402
+from kernels.bench_utils import copy_bandwidth_GBps, gemm_tflops  # noqa: E402
 
 FAMILIES = ["kernels.rmsnorm_rope.bench", "kernels.elementwise.bench", "kernels.sampling.bench",
             "kernels.attn_varlen.bench", "kernels.attn_varlen.decode_bench", "kernels.gemv.bench"]
@@ -29,14 +29,13 @@ def ceilings() -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from engine.cli import ArgumentParser, check_device
+    from engine.cli import ArgumentParser, require_cuda_backend
 
     p = ArgumentParser(description=__doc__)
     p.add_argument("--json", help="also write the rows and ceilings to this JSON file")
     p.add_argument("--md", help="also write the table to this Markdown file")
     args = p.parse_args(argv)
-    check_device("cuda", "cuda")  # the kernels need a GPU and the built extension
-    require_cuda()
+    require_cuda_backend("the kernel benchmarks")
     ceil = ceilings()
     rows = []
     for name in FAMILIES:

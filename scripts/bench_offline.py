@@ -47,7 +47,7 @@ def timed(fn, repeats: int = 10) -> float:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from engine.cli import ArgumentParser, check_device, int_list, positive_int
+    from engine.cli import ArgumentParser, int_list, positive_int, require_cuda_backend
 
     p = ArgumentParser(description=__doc__)
     p.add_argument("--model", required=True, help="LLaVA checkpoint dir (e.g. from scripts/make_random_model.py)")
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
     for flag in ("requests", "output_tokens", "hf_requests", "hf_batch"):
         positive_int(f"--{flag.replace('_', '-')}", getattr(args, flag))
     positive_int("--multi-step", args.multi_step, 64)
-    check_device("cuda", "cuda")  # the benchmark runs the cuda backend
+    require_cuda_backend("the offline benchmark")
 
     llm = LLM(args.model, backend="cuda", dtype="bfloat16", device="cuda", max_num_seqs=args.requests,
               max_images_per_batch=max(vision_batches), multi_step=args.multi_step)

@@ -97,7 +97,7 @@ def profile_once(llm: LLM, batch: int, context: int, steps: int, calls: int) -> 
 
 
 def main(argv: list[str] | None = None) -> None:
-    from engine.cli import ArgumentParser, check_device, int_list, positive_int
+    from engine.cli import ArgumentParser, int_list, positive_int, require_cuda_backend
 
     p = ArgumentParser(description=__doc__)
     p.add_argument("--model", required=True, help="checkpoint dir (e.g. from scripts/make_random_model.py)")
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> None:
     positive_int("--context", args.context)
     positive_int("--steps", args.steps, 64)
     positive_int("--calls", args.calls)
-    check_device("cuda", "cuda")  # the profile is of the cuda backend's graphs
+    require_cuda_backend("the decode profile")
     llm = LLM(args.model, backend="cuda", dtype="bfloat16", device="cuda", max_num_seqs=max(8, *batches),
               max_num_batched_tokens=8 * args.context, multi_step=args.steps)
     for b in batches:
