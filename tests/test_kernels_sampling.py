@@ -240,3 +240,101 @@ def test_errors() -> None:
     with pytest.raises(RuntimeError, match="temperature must be"):
         _epd_C.sample(out, case["logits"], case["temperature"].double(), case["top_k"], case["top_p"],
                       case["seeds"], case["steps"])
+
+
+# ----------------------------------------------------------------------------- penalties
+
+
+def make_penalty_case(batch: int, vocab: int, seed: int) -> dict[str, torch.Tensor]:
+    """Logits with zeros, signed zeros, -inf and NaN; sparse counts with repeats; slots with -1, one
+    out of range and two rows sharing a slot; penalties of both signs (repetition < 1 and > 1)."""
+    gen = torch.Generator().manual_seed(seed)
+    slots_total = batch + 3
+    logits = torch.randn((batch, vocab), generator=gen) * 4
+    special = torch.randint(0, vocab, (batch, 4), generator=gen)
+    logits.scatter_(1, special, torch.tensor([0.0, -0.0, float("-inf"), float("nan")]).expand(batch, 4))
+    counts = torch.randint(0, 6, (slots_total, vocab), generator=gen, dtype=torch.int32)
+    counts *= torch.rand((slots_total, vocab), generator=gen) < 0.01
+    prompt_mask = torch.rand((slots_total, vocab), generator=gen) < 0.02
+    slots = torch.randint(0, slots_total, (batch,), generator=gen)
+    slots[torch.rand(batch, generator=gen) < 0.3] = -1
+    if batch > 2:
+        slots[1], slots[2] = slots_total + 4, slots[0]  # past S: unchanged; a shared slot
+    return dict(logits=logits, counts=counts, prompt_mask=prompt_mask, slots=slots,
+                presence=torch.rand(batch, generator=gen) * 4 - 2, frequency=torch.rand(batch, generator=gen) * 4 - 2,
+                repetition=torch.rand(batch, generator=gen) * 2.5 + 0.2)
+
+
+@pytest.mark.parametrize("batch", [1, 7, 97])
+@pytest.mark.parametrize("vocab", [32000, 32007, 128256])
+def test_penalties_match_reference(batch: int, vocab: int) -> None:
+    """Bit-identical (NaN where the reference has NaN) out of place into a poisoned output, in place,
+    and through the wrapper, also on logits with a row stride wider than V."""
+    case = make_penalty_case(batch, vocab, seed=batch * 7 + vocab)
+    want = reference.apply_penalties(**case)
+    args = {name: t.cuda() for name, t in case.items()}
+    state = (args["counts"], args["prompt_mask"], args["slots"], args["presence"], args["frequency"],
+             args["repetition"])
+    out = torch.full_like(args["logits"], float("nan"))
+    out[:, ::3] = 123.0
+    _epd_C.apply_penalties(out, args["logits"], *state)
+    torch.testing.assert_close(out.cpu(), want, rtol=0, atol=0, equal_nan=True)
+    inplace = args["logits"].clone()
+    _epd_C.apply_penalties(inplace, inplace, *state)
+    torch.testing.assert_close(inplace.cpu(), want, rtol=0, atol=0, equal_nan=True)
+    wide = torch.zeros(batch, vocab + 5, device="cuda")[:, 1 : vocab + 1]
+    wide.copy_(args["logits"])
+    torch.testing.assert_close(ks.apply_penalties(wide, *state).cpu(), want, rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(args["counts"].cpu(), case["counts"]), "apply_penalties wrote its state"
+
+
+def test_record_tokens_matches_reference() -> None:
+    gen = torch.Generator().manual_seed(3)
+    counts = torch.randint(0, 3, (9, 1000), generator=gen, dtype=torch.int32)
+    slots = torch.tensor([0, 3, 3, -1, 8, 9, 2, 3, 0])  # 9: past S; slot 3 three times, twice on one token
+    tokens = torch.tensor([5, 7, 7, 5, 999, 1, 1000, 8, -1])  # 1000 and -1: outside the vocab
+    want = counts.clone()
+    reference.record_tokens(want, slots, tokens)
+    got = counts.cuda()
+    ks.record_tokens(got, slots.cuda(), tokens.cuda())
+    assert torch.equal(got.cpu(), want)
+    assert want[3, 7] == counts[3, 7] + 2 and want[2].equal(counts[2])
+
+
+def test_penalties_graph_capture() -> None:
+    case = {name: t.cuda() for name, t in make_penalty_case(17, 32000, seed=5).items()}
+    tokens = torch.randint(0, 32000, (17,), device="cuda")
+    ks.apply_penalties(**case)  # warm-up outside the capture
+    graph = torch.cuda.CUDAGraph()
+    counts_before = case["counts"].clone()
+    with torch.cuda.graph(graph):
+        out = ks.apply_penalties(**case)
+        ks.record_tokens(case["counts"], case["slots"], tokens)
+    fresh = make_penalty_case(17, 32000, seed=6)
+    for name, t in fresh.items():
+        case[name].copy_(t)
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(out.cpu(), reference.apply_penalties(**fresh), rtol=0, atol=0, equal_nan=True)
+    recorded = fresh["counts"].clone()
+    reference.record_tokens(recorded, fresh["slots"], tokens.cpu())
+    assert torch.equal(case["counts"].cpu(), recorded) and not torch.equal(counts_before, case["counts"])
+
+
+def test_penalties_errors() -> None:
+    case = {name: t.cuda() for name, t in make_penalty_case(3, 100, seed=1).items()}
+    out = torch.empty_like(case["logits"])
+    state = [case[n] for n in ("counts", "prompt_mask", "slots", "presence", "frequency", "repetition")]
+    bad = {1: (case["prompt_mask"][:, :50], "prompt_mask must be counts' shape"),
+           0: (case["counts"].long(), "counts must be Int"),
+           2: (case["slots"].int(), "slots must be Long"),
+           5: (case["repetition"][:2], "repetition must be a contiguous")}
+    for index, (tensor, match) in bad.items():
+        args = list(state)
+        args[index] = tensor
+        with pytest.raises(RuntimeError, match=match):
+            _epd_C.apply_penalties(out, case["logits"], *args)
+    with pytest.raises(RuntimeError, match="counts must be \\[S, 100\\]"):
+        _epd_C.apply_penalties(out, case["logits"], case["counts"][:, :99], case["prompt_mask"][:, :99], *state[2:])
+    with pytest.raises(RuntimeError, match="tokens must be a contiguous"):
+        _epd_C.record_tokens(case["counts"], case["slots"], case["slots"][:2])
