@@ -22,9 +22,8 @@ class LogprobBatch:
 
     def records(self, tokens: list[int], top_counts: list[int]) -> list[TokenLogprob]:
         """One record per row: its sampled token and its own top_counts[i] alternatives."""
-        chosen, values, ids = self.chosen.tolist(), self.top_values.tolist(), self.top_ids.tolist()
-        return [TokenLogprob(t, c, list(zip(i[:k], v[:k]))) for t, c, v, i, k in zip(tokens, chosen, values, ids,
-                                                                                     top_counts)]
+        rows = zip(tokens, self.chosen.tolist(), self.top_ids.tolist(), self.top_values.tolist(), top_counts)
+        return [TokenLogprob(t, lp, list(zip(ids[:k], values[:k]))) for t, lp, ids, values, k in rows]
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> LogprobBatch:
