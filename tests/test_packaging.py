@@ -59,8 +59,14 @@ from engine import LLM
 from kernels.build import KERNELS, sources
 for name in ("engine", "graphs", "ipc", "kernels"):
     print(name, sys.modules[name].__file__)
+import re
 print("kernels_dir", KERNELS)
 print("sources", len(sources()))
+# every repo-rooted include of every source resolves beside the installed package (a compile would find it)
+includes = {m for f in KERNELS.rglob("*") if f.suffix in (".cu", ".cuh", ".cpp", ".h")
+            for m in re.findall(r'#include "(kernels/[^"]+)"', f.read_text())}
+print("unresolved", ",".join(sorted(i for i in includes if not (KERNELS.parent / i).is_file())) or "-")
+print("includes", len(includes))
 """
 
 
@@ -116,6 +122,7 @@ def test_wheel_installs_and_imports_elsewhere(wheel: Path, source_copy: Path, tm
         assert Path(found[name]).is_relative_to(target), (name, found[name])
     assert Path(found["kernels_dir"]) == target / "kernels"
     assert int(found["sources"]) == len([s for s in _kernel_sources(source_copy) if s.endswith((".cu", ".cpp"))])
+    assert found["unresolved"] == "-" and int(found["includes"]) > 10, found
     # the console script runs the installed driver (PYTHONPATH: the --target folder is no site dir)
     proc = subprocess.run([str(target / "bin" / "epd-generate"), "--help"], cwd=elsewhere, capture_output=True,
                           text=True, timeout=TIMEOUT_S, env={**ENV, "PYTHONPATH": str(target)})
