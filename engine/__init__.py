@@ -6,7 +6,7 @@ Entry points: `engine.LLM` (offline generation), `engine.SamplingParams`, `engin
 from __future__ import annotations
 
 from engine.llm import LLM
-from engine.request import Request, RequestOutput, TokenEvent
+from engine.request import CompletionOutput, Request, RequestOutput, TokenEvent
 from engine.sampling import RequestError, SamplingParams
 
-__all__ = ["LLM", "Request", "RequestError", "RequestOutput", "SamplingParams", "TokenEvent"]
+__all__ = ["CompletionOutput", "LLM", "Request", "RequestError", "RequestOutput", "SamplingParams", "TokenEvent"]

@@ -42,6 +42,9 @@ class KVSessions:
 
     def init(self, request: Request, sampling: SamplingParams) -> tuple[int, Sequence]:
         """Prefill; the session's sampled first token is seq.output_ids[-1]."""
+        sp = request.sampling or sampling
+        if sp is not None and sp.n > 1:
+            raise RequestError(f"sampling.n = {sp.n}; a kv session holds one sequence (n must be 1)")
         seq = self.llm.make_sequence(request, sampling)
         engine, runner = self.llm.engine, self.llm.runner
         self._reserve(seq, seq.num_tokens)
@@ -70,6 +73,7 @@ class KVSessions:
                 raise RequestError(f"token_id {token_id!r} is outside the vocabulary "
                                    f"[0, {self.llm.cfg.text.vocab_size})")
             seq.output_ids[-1] = token_id
+            self.llm.runner.init_penalty_state(seq)  # the counts held the sampled token, not this one
         return self.generate(session, 1)[0]
 
     def generate(self, session: object, num_steps: int) -> list[int]:
