@@ -27,10 +27,13 @@ work forwards them too.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
+import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -108,6 +111,22 @@ def stage_threads(num_stages: int) -> int:
     return max(1, cores // num_stages)
 
 
+@contextlib.contextmanager
+def _sigint_ignored_by_children() -> Iterator[None]:
+    """Processes started inside ignore SIGINT from their first instruction (an ignored signal
+    stays ignored across exec, and Python keeps it so): a Ctrl-C while a stage is still
+    importing cannot kill it with a traceback. Only the main thread may change handlers; a
+    Ctrl-C to this process in these few milliseconds is lost."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 class EPDEngine:
     def __init__(self, model: str | Path, placement: str | None = None, mode: str = "epd",
                  stage: StageConfig | None = None, seed: int = 0, start_timeout_s: float = 600.0) -> None:
@@ -168,7 +187,8 @@ class EPDEngine:
         outbox, writer = ctx.Pipe(duplex=False)
         proc = ctx.Process(target=run_stage, args=(target, name, os.getpid(), cfg, index, inbox.reader, writer, *extra),
                            name=name, daemon=True)
-        proc.start()
+        with _sigint_ignored_by_children():
+            proc.start()
         # Only the stage writes its outbox and reads its inbox: with our copies of those ends
         # closed, its death is an EOF for our reader and an EPIPE for our writer, even mid-message.
         writer.close()

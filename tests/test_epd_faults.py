@@ -235,6 +235,37 @@ def test_stages_ignore_sigint(epd: EPDEngine) -> None:
     assert all(p.is_alive() for p in epd.procs.values()) and epd.broken is None
 
 
+def test_sigint_while_stages_start_does_not_kill_them(tiny_llava: Path) -> None:
+    """SIGINT to each stage from its first moments (while it imports torch): the start-up
+    completes. Stages inherit SIGINT ignored from the spawn, before any of their code runs."""
+    import threading
+
+    import multiprocess
+
+    before = {p.pid for p in multiprocess.active_children()}
+    done, hit = threading.Event(), set()
+
+    def interrupt() -> None:
+        deadline = time.monotonic() + 120
+        while not done.is_set() and time.monotonic() < deadline:
+            for child in multiprocess.active_children():
+                if child.pid not in before and child.pid not in hit:
+                    os.kill(child.pid, signal.SIGINT)
+                    hit.add(child.pid)
+            time.sleep(0.005)
+
+    sender = threading.Thread(target=interrupt, daemon=True)
+    sender.start()
+    try:
+        with EPDEngine(tiny_llava, placement="P:cpu D:cpu", mode="pd", stage=StageConfig(model=str(tiny_llava))) as pd:
+            done.set()
+            assert {p.pid for p in pd.procs.values()} <= hit  # each got its SIGINT while starting
+            assert len(pd.generate(["Hello"], SP)[0].token_ids) == 8
+    finally:
+        done.set()
+        sender.join(timeout=10)
+
+
 def _all_free(stages: dict) -> bool:
     return all(s.get("running", 0) == 0 and s.get("waiting", 0) == 0
                and all(s.get(k, {}).get("used", 0) == 0 for k in ("kv_blocks", "mm_blocks"))
