@@ -38,6 +38,40 @@ def test_cpu_arena_is_shared_between_processes() -> None:
     assert not path.exists()
 
 
+def _peer_maps_then_waits(handle: ArenaHandle, mapped, unlinked) -> float:
+    """In another process: map the arena, wait until its file is gone, then read and write it."""
+    arena = SharedArena.open(handle)
+    mapped.set()
+    assert unlinked.wait(60)
+    seen = float(arena.tensor[1].sum())
+    arena.tensor[2].fill_(5.0)
+    return seen
+
+
+def test_cpu_arena_file_can_go_once_mapped() -> None:
+    """What EPD does once every stage has mapped the arenas: the file is unlinked (nothing can be
+    left in /dev/shm), and both sides keep sharing the memory through their mappings."""
+    import multiprocess as mp
+
+    from ipc.arena import _OWNED_FILES, unlink
+
+    arena = SharedArena.create((4, 3, 5), torch.float32, "cpu", "unlinked")
+    path = Path(arena.handle.path)
+    assert str(path) in _OWNED_FILES  # a stage dying from its parent's death removes these
+    ctx = mp.get_context("spawn")
+    with ctx.Manager() as manager, ctx.Pool(1) as pool:
+        mapped, unlinked = manager.Event(), manager.Event()
+        result = pool.apply_async(_peer_maps_then_waits, (arena.handle, mapped, unlinked))
+        assert mapped.wait(60)
+        unlink(arena.handle)
+        assert not path.exists() and str(path) not in _OWNED_FILES
+        arena.tensor[1].fill_(3.0)
+        unlinked.set()
+        assert result.get(timeout=60) == 3.0 * 15
+    assert torch.all(arena.tensor[2] == 5.0)
+    arena.close()
+
+
 def test_open_after_owner_closed_fails_clearly() -> None:
     arena = SharedArena.create((2, 2), torch.float32, "cpu", "gone")
     handle = arena.handle
