@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.config import ModelConfig
-from engine.images import ImageProcessor, ImageProcessorConfig, load_image
+from engine.images import ImageProcessor, ImageProcessorConfig, check_image
 from engine.request import Request, Sequence
 from engine.sampling import RequestError, SamplingParams
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -43,8 +43,8 @@ class Frontend:
         self, request: Request | str, sampling: SamplingParams | None = None, preprocess: bool = True
     ) -> tuple[Sequence, list[Any]]:
         """Validate and tokenize one request. Returns the sequence and its images: with
-        `preprocess`, seq.pixel_values holds them ready for the tower; otherwise the images are
-        only decoded to check them, and the caller ships the returned sources elsewhere."""
+        `preprocess`, seq.pixel_values holds them ready for the tower; otherwise only their headers
+        are checked (engine.images.check_image), and the caller ships the sources elsewhere."""
         if not isinstance(request, (Request, str)):
             raise RequestError(f"request must be a Request or a prompt string, got {type(request).__name__}")
         req = Request(prompt=request) if isinstance(request, str) else request
@@ -81,8 +81,8 @@ class Frontend:
         if preprocess:
             pixels = self.image_processor.preprocess(images) if images else None
         else:
-            for i, image in enumerate(images):
-                load_image(image, i)
+            for i, image in enumerate(images):  # headers only: the encoder decodes
+                check_image(image, i)
             pixels = None
         stops = set(sp.stop_token_ids) | (set() if sp.ignore_eos else set(self.tokenizer.eos_token_ids))
         seq = Sequence(

@@ -39,13 +39,14 @@ def _check_pixels(image: Image.Image, index: int) -> None:
                          f"the limit is {MAX_IMAGE_PIXELS / 1e6:g} megapixels")
 
 
-def _decode(data: bytes, what: str, index: int) -> Image.Image:
+def _decode(data: bytes, what: str, index: int, header_only: bool = False) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
             _check_pixels(image, index)  # before any pixel is decoded
-            image.load()  # decode now: truncated/corrupt data fails here, not mid-batch
+            if not header_only:
+                image.load()  # decode now: truncated/corrupt data fails here, not mid-batch
     except ImageError:
         raise
     except Image.DecompressionBombError as e:
@@ -55,7 +56,7 @@ def _decode(data: bytes, what: str, index: int) -> Image.Image:
     return image
 
 
-def _from_data_url(url: str, index: int) -> Image.Image:
+def _from_data_url(url: str, index: int, header_only: bool = False) -> Image.Image:
     header, sep, payload = url.partition(",")
     if not sep or not header.endswith(";base64"):
         raise ImageError(f"image {index}: only base64 data URLs are supported "
@@ -64,7 +65,7 @@ def _from_data_url(url: str, index: int) -> Image.Image:
         data = base64.b64decode("".join(payload.split()), validate=True)
     except (binascii.Error, ValueError) as e:
         raise ImageError(f"image {index}: data URL has invalid base64 ({e})") from e
-    return _decode(data, f"data URL ({len(data)} bytes)", index)
+    return _decode(data, f"data URL ({len(data)} bytes)", index, header_only)
 
 
 @functools.cache
@@ -131,6 +132,34 @@ def load_image(src: Any, index: int = 0, composite_alpha: bool | None = None) ->
         return to_rgb(image, hf_composites_alpha() if composite_alpha is None else composite_alpha)
     except Exception as e:
         raise ImageError(f"image {index}: cannot convert mode {image.mode} to RGB ({e})") from e
+
+
+def check_image(src: Any, index: int = 0) -> None:
+    """What can be checked without decoding pixels: the source type, that it can be read, that
+    its header names an image format PIL knows, and the pixel limit. For a caller (the EPD
+    orchestrator) that hands the image to another process to decode: a full decode costs it tens
+    of ms per image on the thread that serves every request; data that is corrupt past the
+    header then fails its request in the encoder."""
+    if isinstance(src, Image.Image):
+        _check_pixels(src, index)
+    elif isinstance(src, (bytes, bytearray, memoryview)):
+        _decode(bytes(src), f"{len(src)} bytes", index, header_only=True)
+    elif isinstance(src, str) and src.startswith("data:"):
+        _from_data_url(src, index, header_only=True)
+    elif isinstance(src, (str, Path)):
+        path = Path(src)
+        shown = str(path) if len(str(path)) <= 200 else str(path)[:200] + "..."
+        if not path.is_file():
+            raise ImageError(f"image {index}: file not found: {shown}")
+        try:
+            with path.open("rb") as f:
+                head = f.read(1 << 16)  # enough for every header PIL identifies
+        except OSError as e:
+            raise ImageError(f"image {index}: cannot read {shown}: {e}") from e
+        _decode(head, shown, index, header_only=True)
+    else:
+        raise ImageError(f"image {index}: unsupported type {type(src).__name__}; "
+                         "expected a path, bytes, a PIL image or a data: URL")
 
 
 @dataclass(frozen=True)

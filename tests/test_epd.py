@@ -78,6 +78,16 @@ def test_bad_image_fails_only_its_request(epd: EPDEngine) -> None:
     assert len(epd.generate([Request("fine", images=[_png(9)])], SP)[0].token_ids) == 12
 
 
+def test_image_corrupt_past_its_header_fails_in_the_encoder(epd: EPDEngine) -> None:
+    """The orchestrator checks headers only (decoding is the encoders' work, off the thread that
+    serves every request): such an image fails its request there, naming it; others go on."""
+    data = _png(9)
+    with pytest.raises(StageError, match=r"encode\d: image 0: cannot decode"):
+        epd.generate([Request("x", images=[data[: len(data) // 2]])], SP)
+    assert epd.status()["encoder_images_in_flight"] == [0, 0]
+    assert len(epd.generate([Request("fine", images=[data])], SP)[0].token_ids) == 12
+
+
 def test_killed_encoder_is_routed_around_and_killed_prefill_fails_cleanly(tiny_llava: Path) -> None:
     engine = EPDEngine(tiny_llava, stage=StageConfig(model=str(tiny_llava)))  # default: 2 encoders
     try:

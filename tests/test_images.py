@@ -256,3 +256,42 @@ def test_bad_preprocessor_config(tmp_path: Path, raw: dict, expected: str) -> No
     with pytest.raises(ImageError) as info:
         ImageProcessorConfig.from_model_dir(tmp_path, 336)
     assert expected in str(info.value), str(info.value)
+
+
+def test_check_image_reads_headers_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The EPD orchestrator's check: bad sources and too many pixels fail at once, data corrupt
+    past the header passes (the encoder fails it), and it costs far less than a decode."""
+    from engine.images import check_image
+
+    rng = np.random.default_rng(3)
+    data = encode(random_image(1080, 1920, "RGB", rng))
+    truncated = data[: len(data) // 2]
+    check_image(truncated)  # header intact
+    with pytest.raises(ImageError, match="image 0: cannot decode"):
+        load_image(truncated)
+    with pytest.raises(ImageError, match="image 2: cannot decode 12 bytes"):
+        check_image(b"not an image", 2)
+    with pytest.raises(ImageError, match="file not found"):
+        check_image(str(tmp_path / "missing.png"))
+    with pytest.raises(ImageError, match="unsupported type int"):
+        check_image(7)
+    path = tmp_path / "big.png"
+    path.write_bytes(data)
+    check_image(str(path))
+    check_image("data:image/png;base64," + base64.b64encode(data).decode())
+    with monkeypatch.context() as m:
+        m.setattr(images_mod, "MAX_IMAGE_PIXELS", 1920 * 1080 - 1)
+        with pytest.raises(ImageError, match="1920x1080 is 2.1 megapixels"):
+            check_image(truncated)
+
+    def best_of(fn, n: int = 3) -> float:
+        import time
+
+        times = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    assert best_of(lambda: check_image(data)) * 10 < best_of(lambda: load_image(data))
