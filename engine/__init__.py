@@ -1,6 +1,7 @@
 """EPD serving engine for LLaVA-style multimodal LLMs.
 
-Entry points: `engine.LLM` (offline generation), `engine.SamplingParams`, `engine.Request`.
+Entry points: `engine.LLM` (offline generation), `engine.SamplingParams`, `engine.Request`;
+for frontends, `engine.EngineLoop` (engine/serving.py) over any `engine.Engine`.
 """
 
 from __future__ import annotations
@@ -8,5 +9,7 @@ from __future__ import annotations
 from engine.llm import LLM
 from engine.request import CompletionOutput, Request, RequestOutput, TokenEvent
 from engine.sampling import RequestError, SamplingParams
+from engine.serving import Engine, EngineLoop
 
-__all__ = ["CompletionOutput", "LLM", "Request", "RequestError", "RequestOutput", "SamplingParams", "TokenEvent"]
+__all__ = ["CompletionOutput", "Engine", "EngineLoop", "LLM", "Request", "RequestError", "RequestOutput",
+           "SamplingParams", "TokenEvent"]

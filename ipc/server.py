@@ -14,7 +14,7 @@ is a dict {"id": any, "method": str, "params": dict}; replies carry the call's i
               connection is hung up (a client's later call ends with RPCError, never a hang)
   kv_init(prompt, images, raw_prompt, sampling) -> {"event": "session", "session", "token_id"}
   kv_step(session, token_id=None) / kv_generate(session, num_steps) -> {"event": "tokens", "token_ids"}
-  kv_close(session) -> {"event": "closed", "num_tokens"}   (see ipc/sessions.py)
+  kv_close(session) -> {"event": "closed", "num_tokens"}   (see engine/sessions.py)
   capture_start             -> {"event": "capture", "started", "captured", "pending", "state"}: capture
                                the decode buckets not captured yet in the background (serving goes on)
   capture_wait(timeout_s)   -> the same fields once every bucket is captured or timeout_s passed;
@@ -24,27 +24,29 @@ is a dict {"id": any, "method": str, "params": dict}; replies carry the call's i
   any bad call -> {"id", "error": "<message naming the field>"}; the server carries on.
 Images in generate / kv_init are bytes, data: URLs, or local paths; paths only inside
 allowed_local_media_path (off by default: the server's files are not the clients').
-One engine thread owns the engine (the in-process `LLM` or the `EPDEngine` orchestrator: both
-have add_request / step / abort / has_work / status); connection threads only parse calls and
-queue them. An exception from the engine fails the call (or, from step, the live requests) and
-the loop goes on. kv sessions need the in-process engine (they drive its runner directly).
+The server is an adapter over engine/serving.py's EngineLoop (the thread that owns the engine:
+the in-process `LLM` or the `EPDEngine` orchestrator, both an `Engine`). Connection threads check
+a call's shape and queue it on the loop; on the engine thread it is parsed, checked (the
+media-path policy is this frontend's) and run, and the loop's request events become replies. An
+exception from the engine fails the call (or, from step, the live requests) and the loop goes
+on. kv sessions need the in-process engine (they drive its runner directly).
 """
 
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path, PurePath
 from typing import Any
 
-from engine.epd import EPDEngine, StageError
+from engine.epd import StageError
 from engine.images import ImageError
-from engine.llm import LLM
-from engine.request import Request, Sequence
+from engine.request import Request
 from engine.sampling import RequestError, SamplingParams
+from engine.serving import Engine, EngineLoop, Finished, LoopStopped, RequestEvent, TokenDelta, describe_error
 from ipc.connections import (
     Acceptor,
     AddressError,
@@ -56,7 +58,6 @@ from ipc.connections import (
     claim_address,
     recv_message,
 )
-from ipc.sessions import KVSessions
 
 __all__ = ["RPCServer", "claim_address", "AddressError", "AddressInUse", "METHODS"]
 log = logging.getLogger(__name__)
@@ -68,10 +69,11 @@ _LOCAL_PATHS_OFF = ("local file paths are disabled on this server; start it with
 
 
 class RPCServer:
-    """Serves `llm` on `address` (a unix socket path or (host, port)). The socket is bound here
-    (a stale socket file is replaced, a live one raises AddressInUse) and removed on exit."""
+    """Serves `engine`, through an EngineLoop, on `address` (a unix socket path or (host, port)).
+    The socket is bound here (a stale socket file is replaced, a live one raises AddressInUse)
+    and removed on exit."""
 
-    def __init__(self, llm: LLM | EPDEngine, address: str | tuple[str, int], authkey: bytes,
+    def __init__(self, engine: Engine, address: str | tuple[str, int], authkey: bytes,
                  handshake_timeout_s: float = 5.0, max_message_bytes: int = 256 * 2**20,
                  allowed_local_media_path: str | Path | None = None) -> None:
         if not authkey:
@@ -85,15 +87,11 @@ class RPCServer:
             self.media_dir = Path(allowed_local_media_path).resolve()
             if not self.media_dir.is_dir():
                 raise ValueError(f"allowed_local_media_path {allowed_local_media_path} is not a directory")
-        self.llm = llm
+        self.engine = engine
         self.max_message_bytes = max_message_bytes
-        self.inbox: queue.Queue = queue.Queue()  # (client, call id, method, params)
-        self.live: dict[int, tuple[ClientConnection, Any, Sequence]] = {}  # seq_id -> (client, call id, seq)
-        self.sessions = KVSessions(llm) if isinstance(llm, LLM) else None
-        self.session_owner: dict[int, ClientConnection] = {}
-        self.stopping = threading.Event()
+        self.stopping = threading.Event()  # the loop's: set by a stop call before it is answered
+        self.loop = EngineLoop(engine, self.stopping)
         self._shutdown_requested = False
-        self.stats = {"requests": 0, "finished": 0, "errors": 0}
         listener = SocketListener(address)  # last: nothing after the bind can fail
         self.address = listener.address
         self.acceptor = Acceptor(listener, authkey, self._read_loop, handshake_timeout_s)
@@ -103,19 +101,16 @@ class RPCServer:
     def serve_forever(self) -> None:
         """Serve until a `stop` call or shutdown(); then fail live requests with "server
         stopped", hang up every client and remove the socket file (also when this raises)."""
-        engine = threading.Thread(target=self._engine_loop, name="engine", daemon=True)
         try:
-            engine.start()
+            self.loop.start()
             self.acceptor.thread.start()
             while not self.stopping.wait(0.1):
                 if self._shutdown_requested:
                     self.stopping.set()
         finally:
             self.stopping.set()
-            if engine.is_alive():
-                engine.join(timeout=30)
-                if engine.is_alive():
-                    log.error("the engine thread did not stop within 30 s; hanging up its clients anyway")
+            if not self.loop.join(timeout_s=30):
+                log.error("the engine thread did not stop within 30 s; hanging up its clients anyway")
             self.close()
 
     def shutdown(self) -> None:
@@ -130,7 +125,7 @@ class RPCServer:
         self.acceptor.close()
 
     def _read_loop(self, client: ClientConnection) -> None:
-        """One authenticated connection: parse calls, queue them for the engine thread."""
+        """One authenticated connection: check the call's shape, queue it for the engine thread."""
         while client.open and not self.stopping.is_set():
             try:
                 call = recv_message(client.conn, self.max_message_bytes)
@@ -153,78 +148,41 @@ class RPCServer:
             elif not isinstance(params, dict):
                 client.send({"id": call_id, "error": "params must be a dict"})
             else:
-                self.inbox.put((client, call_id, method, params))
-        self.inbox.put((client, None, "_disconnect", {}))  # the acceptor then flushes and hangs up
+                self.loop.call(partial(self._run_call, client, call_id, method, params),
+                               partial(self._reply, client, call_id, method))
+        self.loop.abort_owner(client)  # the acceptor then flushes and hangs up
 
-    # ------------------------------------------------------------------ engine
+    # ------------------------------------------------------------------ calls (on the engine thread)
 
-    def _engine_loop(self) -> None:
-        while not self.stopping.is_set():
-            try:
-                block = not self.llm.has_work()
-                try:
-                    while True:
-                        self._handle(*self.inbox.get(block=block, timeout=0.1 if block else None))
-                        block = False
-                except queue.Empty:
-                    pass
-                if self.llm.has_work() and not self.stopping.is_set():
-                    self._step()
-            except Exception:  # never end the loop: stop and status must keep answering
-                log.exception("engine loop error")
-                self.stopping.wait(0.1)
-        self._fail_all("server stopped")
+    def _run_call(self, client: ClientConnection, call_id: Any, method: str, params: dict) -> dict | None:
+        return getattr(self, f"_call_{method}")(client, call_id, params)
 
-    def _step(self) -> None:
-        try:
-            events = self.llm.step()
-        except Exception as e:  # a failed step must not leave requests hanging
-            log.exception("engine step failed")
-            self.stats["errors"] += len(self.live)
-            self._fail_all(f"engine step failed: {_describe(e)} (traceback in the server log)")
-            return
-        for ev in events:
-            entry = self.live.get(ev.index)
-            if entry is None:  # a late event for a request already failed or aborted
-                continue
-            client, call_id, _ = entry
-            if ev.error is not None:
-                client.send({"id": call_id, "error": ev.error})
-                del self.live[ev.index]
-                self.stats["errors"] += 1
-                continue
-            client.send({"id": call_id, "event": "token", "token_id": ev.token_id, "text": ev.text_delta,
-                         "sample": getattr(ev, "sample", 0)})
-            if ev.output is not None:
-                client.send({"id": call_id, "event": "done", "output": asdict(ev.output)})
-                del self.live[ev.index]
-                self.stats["finished"] += 1
-
-    def _handle(self, client: ClientConnection, call_id: Any, method: str, params: dict) -> None:
-        """Run one call on the engine thread; whatever it raises fails only this call."""
-        if method == "_disconnect":
-            self._disconnect(client)
-            return
-        try:
-            reply = getattr(self, f"_call_{method}")(client, call_id, params)
-        except (ValueError, ImageError) as e:  # RequestError and the like: the caller's input
-            self.stats["errors"] += 1
-            client.send({"id": call_id, "error": str(e)})
-        except Exception as e:  # from the engine: the call fails, the server serves on
-            self.stats["errors"] += 1
-            log.exception("%s failed", method)
-            text = f"{method}: {e}" if isinstance(e, StageError) else (
-                f"{method} failed in the engine: {_describe(e)} (traceback in the server log)")
-            client.send({"id": call_id, "error": text})
-        else:
+    def _reply(self, client: ClientConnection, call_id: Any, method: str, reply: dict | None,
+               error: BaseException | None) -> None:
+        """Answer one call; what it raised fails only this call (the loop has counted it)."""
+        if error is None:
             if reply is not None:
                 client.send({"id": call_id, **reply})
+        elif isinstance(error, (ValueError, ImageError, LoopStopped)):  # the caller's input, or a stop
+            client.send({"id": call_id, "error": str(error)})
+        else:  # from the engine: the call fails, the server serves on
+            log.error("%s failed", method, exc_info=error)
+            text = f"{method}: {error}" if isinstance(error, StageError) else (
+                f"{method} failed in the engine: {describe_error(error)} (traceback in the server log)")
+            client.send({"id": call_id, "error": text})
+
+    def _send_event(self, client: ClientConnection, call_id: Any, event: RequestEvent) -> None:
+        if isinstance(event, TokenDelta):
+            client.send({"id": call_id, "event": "token", "token_id": event.token_id, "text": event.text,
+                         "sample": event.sample})
+        elif isinstance(event, Finished):
+            client.send({"id": call_id, "event": "done", "output": asdict(event.output)})
+        else:
+            client.send({"id": call_id, "error": event.error})
 
     def _call_generate(self, client: ClientConnection, call_id: Any, params: dict) -> None:
         request, sampling = self._parse_generate(params, "generate")
-        seq = self.llm.add_request(request, sampling)
-        self.live[seq.seq_id] = (client, call_id, seq)
-        self.stats["requests"] += 1
+        self.loop.add(request, sampling, owner=client, sink=partial(self._send_event, client, call_id))
 
     def _call_tokenize(self, client: ClientConnection, call_id: Any, params: dict) -> dict:
         _check_params("tokenize", params, {"prompt", "images", "raw_prompt"})
@@ -235,7 +193,7 @@ class RPCServer:
             images = len(images)
         if not isinstance(images, int) or isinstance(images, bool) or images < 0:
             raise RequestError("tokenize: params.images must be a count (int >= 0) or a list of images")
-        text, ids = self.llm.tokenize(prompt, images, raw_prompt=bool(params.get("raw_prompt", False)))
+        text, ids = self.engine.tokenize(prompt, images, raw_prompt=bool(params.get("raw_prompt", False)))
         return {"event": "tokens", "token_ids": ids, "prompt": text}
 
     def _call_status(self, client: ClientConnection, call_id: Any, params: dict) -> dict:
@@ -246,17 +204,17 @@ class RPCServer:
         return {"event": "stopping"}
 
     def _call_capture_start(self, client: ClientConnection, call_id: Any, params: dict) -> dict:
-        return {"event": "capture", **self.llm.capture_start()}
+        return {"event": "capture", **self.engine.capture_start()}
 
     def _call_capture_stop(self, client: ClientConnection, call_id: Any, params: dict) -> dict:
-        return {"event": "capture", **self.llm.capture_stop()}
+        return {"event": "capture", **self.engine.capture_stop()}
 
     def _call_capture_wait(self, client: ClientConnection, call_id: Any, params: dict) -> dict | None:
         _check_params("capture_wait", params, {"timeout_s"})
         timeout_s = params.get("timeout_s", 60.0)
         if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not 0 <= timeout_s <= 86400:
             raise RequestError(f"capture_wait: params.timeout_s = {timeout_s!r}; must be a number in [0, 86400]")
-        now = self.llm.capture_wait(0)  # raises here (engine thread) where capture is unavailable
+        now = self.engine.capture_wait(0)  # raises here (engine thread) where capture is unavailable
         if now["state"] != "running" or timeout_s == 0:
             return {"event": "capture", **now}
         # the wait runs in its own thread: the engine loop and the other clients go on meanwhile
@@ -267,80 +225,40 @@ class RPCServer:
     def _capture_waiter(self, client: ClientConnection, call_id: Any, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
         try:
-            state = self.llm.capture_wait(0)
+            state = self.engine.capture_wait(0)
             while state["state"] == "running" and not self.stopping.is_set():
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
-                state = self.llm.capture_wait(min(left, 0.2))  # slices: a stop ends the wait too
+                state = self.engine.capture_wait(min(left, 0.2))  # slices: a stop ends the wait too
             client.send({"id": call_id, "event": "capture", **state})
         except Exception as e:
             log.exception("capture_wait failed")
-            client.send({"id": call_id, "error": f"capture_wait failed: {_describe(e)}"})
+            client.send({"id": call_id, "error": f"capture_wait failed: {describe_error(e)}"})
 
     def _call_kv_init(self, client: ClientConnection, call_id: Any, params: dict) -> dict:
         request, sampling = self._parse_generate(params, "kv_init")
-        if self.sessions is None:
-            raise RequestError("kv sessions need the in-process (aggregated) engine")
-        session, seq = self.sessions.init(request, sampling)
-        self.session_owner[session] = client
+        session, seq = self.loop.open_session(client, request, sampling)
         return {"event": "session", "session": session, "token_id": seq.output_ids[-1],
                 "prompt_tokens": len(seq.prompt_ids)}
 
     def _call_kv_step(self, client: ClientConnection, call_id: Any, params: dict) -> dict:
-        token = self.sessions.step(self._owned_session(client, params), params.get("token_id"))
+        session = params.get("session")
+        token = self.loop.owned_sessions(client, session).step(session, params.get("token_id"))
         return {"event": "tokens", "token_ids": [token]}
 
     def _call_kv_generate(self, client: ClientConnection, call_id: Any, params: dict) -> dict:
-        tokens = self.sessions.generate(self._owned_session(client, params), params.get("num_steps"))
+        session = params.get("session")
+        tokens = self.loop.owned_sessions(client, session).generate(session, params.get("num_steps"))
         return {"event": "tokens", "token_ids": tokens}
 
     def _call_kv_close(self, client: ClientConnection, call_id: Any, params: dict) -> dict:
-        session = self._owned_session(client, params)
-        del self.session_owner[session]
-        return {"event": "closed", "num_tokens": self.sessions.close(session)}
-
-    def _owned_session(self, client: ClientConnection, params: dict) -> Any:
-        if self.sessions is None:
-            raise RequestError("kv sessions need the in-process (aggregated) engine")
-        session = params.get("session")
-        if self.session_owner.get(session) is not client:
-            raise RequestError(f"no kv session {session!r} on this connection")
-        return session
-
-    def _disconnect(self, client: ClientConnection) -> None:
-        """A client went away: abort its requests and close its sessions (each on its own, so
-        one that raises does not keep the others' blocks)."""
-        for seq_id, (c, _, seq) in list(self.live.items()):
-            if c is client:
-                del self.live[seq_id]
-                _quietly(self.llm.abort, seq)
-        for session, owner in list(self.session_owner.items()):
-            if owner is client:
-                del self.session_owner[session]
-                _quietly(self.sessions.close, session)
-
-    def _fail_all(self, message: str) -> None:
-        for seq_id, (client, call_id, seq) in list(self.live.items()):
-            del self.live[seq_id]
-            _quietly(self.llm.abort, seq)
-            client.send({"id": call_id, "error": message})
+        return {"event": "closed", "num_tokens": self.loop.close_session(client, params.get("session"))}
 
     def status(self) -> dict:
-        """Server counters and the engine's status; an engine whose status raises is reported,
-        not fatal."""
-        out = {**self.stats, **self.acceptor.stats()}
-        try:
-            out.update(self.llm.status())
-            if isinstance(self.llm, LLM):
-                capture = self.llm.capture_status()
-                out.update(decode_graphs_captured=capture["captured"], decode_graphs_pending=capture["pending"],
-                           decode_graphs_capture=capture["state"])
-        except Exception as e:
-            log.exception("engine status failed")
-            out["engine_status_error"] = _describe(e)
-        out["kv_sessions"] = len(self.sessions.sessions) if self.sessions else 0
-        return out
+        """The loop's counters and engine status (an engine whose status raises is reported, not
+        fatal) and the connections' counters. Engine thread only."""
+        return {**self.loop.status_now(), **self.acceptor.stats()}
 
     # ------------------------------------------------------------------ params
 
@@ -382,14 +300,3 @@ def _check_params(method: str, params: dict, known: set[str]) -> None:
     if unknown:
         raise RequestError(f"{method}: unknown params {sorted(unknown)}; known: {sorted(known)}")
 
-
-def _describe(e: BaseException) -> str:
-    return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
-
-
-def _quietly(fn, *args) -> None:
-    """Clean-up that must not stop the clean-up of the others: log what it raises."""
-    try:
-        fn(*args)
-    except Exception:
-        log.exception("%s%r failed", getattr(fn, "__name__", fn), args)

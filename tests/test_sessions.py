@@ -1,11 +1,11 @@
-"""kv sessions (ipc/sessions.py) with the sampling features: n refused, penalties follow a forced token."""
+"""kv sessions (engine/sessions.py) with the sampling features: n refused, penalties follow a forced token."""
 
 from __future__ import annotations
 
 import pytest
 
 from engine import Request, RequestError, SamplingParams
-from ipc.sessions import KVSessions
+from engine.sessions import KVSessions
 
 
 def test_n_is_refused(llama_llm) -> None:

@@ -16,6 +16,12 @@ from engine.sampling import RequestError, SamplingParams
 from engine.schedulers import blocks_for
 
 
+def sessions_for(engine: object) -> KVSessions | None:
+    """kv sessions for an engine that has them: the in-process aggregated `LLM` (they drive its
+    runner directly); None for the EPD orchestrator."""
+    return KVSessions(engine) if isinstance(engine, LLM) else None
+
+
 class KVSessions:
     def __init__(self, llm: LLM) -> None:
         self.llm = llm
