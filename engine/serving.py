@@ -108,7 +108,8 @@ class RequestHandle:
 class EngineLoop:
     """The thread that owns `engine`. Thread-safe: `submit`, `call`, `abort_owner`, `start`,
     `stop`, `join`. Engine thread only (inside `call`): `add`, `status_now` and the kv session
-    methods. `stopping` may be shared with the frontend (it is set before a stop is answered)."""
+    methods. `stopping` may be shared with the frontend (it is set before a stop is answered).
+    A loop runs once: after stop, commands are cancelled ("server stopped") instead of queued."""
 
     def __init__(self, engine: Engine, stopping: threading.Event | None = None) -> None:
         self.engine = engine
