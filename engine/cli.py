@@ -183,7 +183,7 @@ def require_cuda_backend(what: str) -> None:
 
 def check_placement(placement: str, mode: str) -> dict[str, list[str]]:
     """Parse --placement for `mode` and check that its GPUs exist."""
-    from engine.epd import parse_placement
+    from engine.placement import parse_placement
 
     try:
         stages = parse_placement(placement, mode)

@@ -2,15 +2,16 @@
 
 Modes on the same code: "epd" (encoder processes, then prefill, then decode) and "pd" (prefill
 encodes the images itself: the DistServe-style baseline). A placement such as
-"E:0,1 P:2 D:3" says how many instances of each stage run and on which GPU ("cpu" for the CPU);
-stages may share a device. Its GPUs are checked before anything starts.
+"E:0,1 P:2 D:3" (engine/placement.py) says how many instances of each stage run and on which GPU
+("cpu" for the CPU); stages may share a device. Its GPUs are checked before anything starts.
 
-The orchestrator validates and tokenizes (engine/frontend.py), splits each request's images
-across the least-loaded encoders, reassembles the embeddings' block references in prompt
-order for prefill, hands prefilled KV blocks to decode, and streams tokens back with the
-per-request timestamps. A stage process that dies is detected: an encoder's work moves to
-another encoder; if prefill or decode dies, the requests in flight fail with an error and,
-once no instance of a kind is left, the engine refuses new work (status and shutdown still
+Each stage is one StageHandle (process, inbox, outbox, load, liveness, reports, arena). The
+orchestrator validates and tokenizes (engine/frontend.py), splits each request's images across
+the least-loaded encoders (routing: engine/router.py), reassembles the embeddings' block
+references in prompt order for prefill, hands prefilled KV blocks to decode, and streams tokens
+back with the per-request timestamps. A stage process that dies is detected: an encoder's work
+moves to another encoder; if prefill or decode dies, the requests in flight fail with an error
+and, once no instance of a kind is left, the engine refuses new work (status and shutdown still
 answer at once).
 
 Start-up: every stage process starts at once and loads its weights in parallel; the arenas'
@@ -33,15 +34,19 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterable, Iterator
-from dataclasses import replace
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from types import MappingProxyType
+from typing import Any
 
 import torch
 
 from engine.config import ModelConfig
 from engine.frontend import Capacity, Frontend
+from engine.placement import Placement
 from engine.request import Request, RequestOutput, Sequence, TokenEvent
+from engine.router import InstanceLoad, Router
 from engine.sampling import RequestError, SamplingParams
 from ipc.arena import unlink
 from ipc.channel import Inbox
@@ -74,37 +79,6 @@ class StageError(RuntimeError):
     """A request failed inside a stage, or a stage failed to start (the message names the stage)."""
 
 
-def parse_placement(text: str, mode: str) -> dict[str, list[str]]:
-    """ "E:0,1 P:2 D:3" -> {"E": ["cuda:0", "cuda:1"], "P": ["cuda:2"], "D": ["cuda:3"]}."""
-    out: dict[str, list[str]] = {}
-    for item in text.split():
-        stage, _, devices = item.partition(":")
-        if stage not in ("E", "P", "D") or not devices or stage in out:
-            raise ValueError(f"placement {text!r}: expected items like E:0,1 P:2 D:3 (each stage once)")
-        out[stage] = [d if d == "cpu" else f"cuda:{int(d)}" if d.isdigit() else _bad(text, d)
-                      for d in devices.split(",")]
-    need = ("E", "P", "D") if mode == "epd" else ("P", "D")
-    if sorted(out) != sorted(need):
-        raise ValueError(f"placement {text!r}: mode {mode!r} needs exactly the stages {'/'.join(need)}")
-    return out
-
-
-def _bad(text: str, device: str) -> str:
-    raise ValueError(f"placement {text!r}: device {device!r} is neither a GPU index nor 'cpu'")
-
-
-def check_placement_devices(text: str, devices: dict[str, list[str]], gpu_count: int) -> None:
-    """Every GPU the placement names must exist here (checked before any stage is spawned)."""
-    for device in (d for stage in devices.values() for d in stage if d.startswith("cuda:")):
-        index = int(device.split(":")[1])
-        if gpu_count == 0:
-            raise ValueError(f"placement {text!r} names GPU {index}, but this machine has no CUDA device; "
-                             "use 'cpu' (e.g. \"E:cpu,cpu P:cpu D:cpu\")")
-        if index >= gpu_count:
-            raise ValueError(f"placement {text!r} names GPU {index}, but this machine has {gpu_count} CUDA "
-                             f"device{'s' if gpu_count > 1 else ''} (0-{gpu_count - 1})")
-
-
 def stage_threads(num_stages: int) -> int:
     """torch CPU threads per stage process: the cores this process may use, shared out."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -127,7 +101,46 @@ def _sigint_ignored_by_children() -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
 
 
+@dataclass(eq=False)
+class StageHandle:
+    """One stage process as the orchestrator sees it: identity, channels, load, liveness and
+    what it last reported. Messages name their stage by `name` ("prefill0") or by index within
+    a kind (`FreeKV.prefill`); both lead here, nothing parses the name back."""
+
+    kind: str  # "encode", "prefill" or "decode"
+    index: int  # among the instances of its kind
+    device: str
+    process: Any
+    inbox: Inbox  # we write, the stage reads
+    outbox: Any | None  # the read end of its outbox (it is the only writer); None once it is gone
+    load: int = 0  # in flight on it: images for an encoder, requests for prefill and decode
+    dead: bool = False  # its death has been noticed and handled (_check_stages)
+    ready: dict | None = None  # what it holds, from its Ready message
+    stats: dict = field(default_factory=dict)  # its latest StageStatus report
+    crash: str | None = None  # the error it reported before exiting
+    arena: Any | None = None  # the arena it exported (encoders: MM, prefill: KV), for cleanup
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind}{self.index}"
+
+    def alive(self) -> bool:
+        """Routable: not known dead and its process running."""
+        return not self.dead and self.process.is_alive()
+
+    def routing_load(self) -> InstanceLoad:
+        return InstanceLoad(self.index, self.load, self.alive())
+
+    def send(self, msg: object) -> None:
+        """Nothing is written to a stage known to be dead (what it held died with it)."""
+        if not self.dead:
+            self.inbox.put(msg)
+
+
 class EPDEngine:
+    # An engine that was never started (tests build one with __new__) has no stages.
+    stages: Mapping[str, StageHandle] = MappingProxyType({})
+
     def __init__(self, model: str | Path, placement: str | None = None, mode: str = "epd",
                  stage: StageConfig | None = None, seed: int = 0, start_timeout_s: float = 600.0) -> None:
         import multiprocess as mp
@@ -139,50 +152,50 @@ class EPDEngine:
             raise ValueError(f"{self.cfg.architecture} has no vision tower: use the aggregated LLM")
         cfg = stage or StageConfig(model=str(model))
         home = "cpu" if cfg.device == "cpu" else str(torch.device(cfg.device).index or 0)
-        text = placement or (f"E:{home},{home} P:{home} D:{home}" if mode == "epd" else f"P:{home} D:{home}")
-        devices = parse_placement(text, mode)
-        check_placement_devices(text, devices, torch.cuda.device_count())
+        where = Placement.parse(placement, mode) if placement else Placement.default(home, mode)
+        where.check_devices(torch.cuda.device_count())
         self.mode = mode
-        num_stages = sum(len(d) for d in devices.values())
         cfg = replace(cfg, kv_cache_tokens=cfg.kv_cache_tokens or 4 * self.cfg.text.max_position_embeddings,
-                      torch_threads=cfg.torch_threads or stage_threads(num_stages))
+                      torch_threads=cfg.torch_threads or stage_threads(where.num_stages))
         block_size = 16  # the stages' LLM default
         self.frontend = Frontend(model, self.cfg, Capacity(self.cfg.text.max_position_embeddings,
                                                            -(-cfg.kv_cache_tokens // block_size), block_size,
                                                            2 * cfg.max_images_per_batch), seed)
-        self.procs: dict[str, object] = {}  # stage name -> its process
-        self.inboxes: dict[str, Inbox] = {}  # stage name -> its inbox (we write)
-        self.outboxes: dict[str, object] = {}  # stage name -> its outbox's read end (one writer each)
-        self.handles: list = []  # every arena, so shutdown can clean up after killed stages
-        self.ready_stats: dict[str, dict] = {}  # what each stage holds, from its Ready message
-        self.stage_stats: dict[str, dict] = {}  # each stage's latest StageStatus report
-        self.crashes: dict[str, str] = {}  # stage -> the error it reported before exiting
-        self.encoder_load = [0] * len(devices.get("E", []))  # images in flight per encoder
-        self.prefill_load = [0] * len(devices["P"])  # requests in flight per instance
-        self.decode_load = [0] * len(devices["D"])
+        self.stages: dict[str, StageHandle] = {}  # by name, in start order
+        self.procs: Mapping[str, Any] = _Processes(self.stages)  # name -> process (read-only; tests kill them)
+        self.router = Router()
         self.broken: str | None = None
-        self.dead: set[str] = set()
         self.flights: dict[int, _Flight] = {}  # requests in the stages, by seq_id
         self.late_events: list[TokenEvent] = []  # events found outside step(), returned by the next
         # One prefill and one decode on one device share prefill's arena, extended by decode's
         # blocks (decode reads the prompt's KV in place); otherwise decode pulls copies.
-        shared = cfg.share_kv_arena and len(devices["P"]) == len(devices["D"]) == 1 and devices["P"] == devices["D"]
+        shared = cfg.share_kv_arena and where.shares_kv_device()
         decode_blocks = -(-cfg.kv_cache_tokens // block_size) if shared else 0
         ctx = mp.get_context("spawn")
-        on = lambda device: replace(cfg, device=device)  # noqa: E731
+        on = lambda device: replace(cfg, device=device)
         try:
-            for i, device in enumerate(devices.get("E", [])):
-                self._start(ctx, f"encode{i}", encoder_main, on(device), i)
-            for i, device in enumerate(devices["P"]):
-                self._start(ctx, f"prefill{i}", prefill_main, on(device), i, mode == "pd", decode_blocks)
-            for j, device in enumerate(devices["D"]):
-                self._start(ctx, f"decode{j}", decode_main, on(device), j, shared)
+            for i, device in enumerate(where.of("encode")):
+                self._start(ctx, "encode", i, device, encoder_main, on(device))
+            for i, device in enumerate(where.of("prefill")):
+                self._start(ctx, "prefill", i, device, prefill_main, on(device), mode == "pd", decode_blocks)
+            for j, device in enumerate(where.of("decode")):
+                self._start(ctx, "decode", j, device, decode_main, on(device), shared)
             self._await_ready(time.monotonic() + start_timeout_s)
         except BaseException:
             self.shutdown()
             raise
 
-    def _start(self, ctx, name: str, target, cfg: StageConfig, index: int, *extra) -> None:
+    def of_kind(self, kind: str) -> list[StageHandle]:
+        """The instances of one kind, in index order."""
+        return [h for h in self.stages.values() if h.kind == kind]
+
+    @property
+    def arenas(self) -> list:
+        """Every arena the stages exported (shutdown unlinks them after killed stages)."""
+        return [h.arena for h in self.stages.values() if h.arena is not None]
+
+    def _start(self, ctx, kind: str, index: int, device: str, target, cfg: StageConfig, *extra) -> None:
+        name = f"{kind}{index}"
         inbox = Inbox(ctx, name)
         outbox, writer = ctx.Pipe(duplex=False)
         proc = ctx.Process(target=run_stage, args=(target, name, os.getpid(), cfg, index, inbox.reader, writer, *extra),
@@ -193,21 +206,20 @@ class EPDEngine:
         # closed, its death is an EOF for our reader and an EPIPE for our writer, even mid-message.
         writer.close()
         inbox.started()
-        self.procs[name], self.inboxes[name], self.outboxes[name] = proc, inbox, outbox
+        self.stages[name] = StageHandle(kind, index, device, proc, inbox, outbox)
 
     def _await_ready(self, deadline: float) -> None:
         """Collect the arenas' handles, send each stage the ones it maps, wait for every Ready;
         then unlink the CPU arena files (all mapped) and log one line per stage."""
-        exporters = [n for n in self.procs if not n.startswith("decode")]
-        exported: dict[str, object] = {}
+        exporters = [h for h in self.stages.values() if h.kind != "decode"]
         peers_sent = False
-        while len(self.ready_stats) < len(self.procs):
-            if not peers_sent and len(exported) == len(exporters):
-                mm = [exported[f"encode{i}"] for i in range(len(self.encoder_load))]
-                kv = [exported[f"prefill{i}"] for i in range(len(self.prefill_load))]
-                for name, inbox in self.inboxes.items():
-                    if not name.startswith("encode"):
-                        inbox.put(Peers(kv if name.startswith("decode") else mm))
+        while any(h.ready is None for h in self.stages.values()):
+            if not peers_sent and all(h.arena is not None for h in exporters):
+                mm = [h.arena for h in self.of_kind("encode")]
+                kv = [h.arena for h in self.of_kind("prefill")]
+                for handle in self.stages.values():
+                    if handle.kind != "encode":
+                        handle.inbox.put(Peers(kv if handle.kind == "decode" else mm))
                 peers_sent = True
             msgs = self._read(1.0)
             if not msgs:
@@ -215,28 +227,28 @@ class EPDEngine:
                 self._raise_if_not_starting(msgs, deadline)
             for _, msg in msgs:
                 if isinstance(msg, Exported):
-                    exported[msg.stage] = msg.handle
-                    self.handles.append(msg.handle)
+                    self.stages[msg.stage].arena = msg.handle
                 elif isinstance(msg, Ready):
-                    self.ready_stats[msg.stage] = msg.stats
+                    self.stages[msg.stage].ready = msg.stats
                 elif isinstance(msg, Crashed):
                     log.debug("stage %s failed to start:\n%s", msg.stage, msg.traceback)
                     raise StageError(f"stage {msg.stage} failed to start: {msg.error}")
                 elif isinstance(msg, StageStatus):
-                    self.stage_stats[msg.stage] = msg.stats
-        for handle in self.handles:
-            unlink(handle)
-        for name in self.procs:
-            log.info(stage_summary(name, self.ready_stats[name]))
+                    self.stages[msg.stage].stats = msg.stats
+        for arena in self.arenas:
+            unlink(arena)
+        for handle in self.stages.values():
+            log.info(stage_summary(handle.name, handle.ready))
 
     def _raise_if_not_starting(self, msgs: list, deadline: float) -> None:
         if any(isinstance(m, Crashed) for _, m in msgs):
             return  # the caller raises with its message
-        for name, proc in self.procs.items():
-            if name not in self.ready_stats and not proc.is_alive():
-                raise StageError(f"stage {name} exited (exit code {proc.exitcode}) before it was ready")
+        for handle in self.stages.values():
+            if handle.ready is None and not handle.process.is_alive():
+                code = handle.process.exitcode
+                raise StageError(f"stage {handle.name} exited (exit code {code}) before it was ready")
         if time.monotonic() > deadline:
-            waiting = [n for n in self.procs if n not in self.ready_stats]
+            waiting = [h.name for h in self.stages.values() if h.ready is None]
             raise StageError(f"stage(s) {', '.join(waiting)} not ready within the start timeout")
 
     # ------------------------------------------------------------------ engine loop (as LLM's)
@@ -263,7 +275,8 @@ class EPDEngine:
             return True
         from multiprocess.connection import wait
 
-        return bool(self.outboxes) and bool(wait(list(self.outboxes.values()), 0))
+        outboxes = [h.outbox for h in self.stages.values() if h.outbox is not None]
+        return bool(outboxes) and bool(wait(outboxes, 0))
 
     def abort(self, seq: Sequence) -> None:
         flight = self.flights.pop(seq.seq_id, None)
@@ -278,52 +291,49 @@ class EPDEngine:
         msgs = self._read(0.0 if events else timeout_s)
         if not msgs:
             self._check_stages(events)
-        for name, msg in msgs:
-            self._handle(name, msg, events)
+        for handle, msg in msgs:
+            self._handle(handle, msg, events)
         return events
 
-    def _read(self, timeout_s: float) -> list[tuple[str, object]]:
+    def _read(self, timeout_s: float) -> list[tuple[StageHandle, object]]:
         """(stage, message) for what the stages' outboxes hold, waiting up to timeout_s for the
         first; at most DRAIN_LIMIT per stage. An outbox whose stage is gone (EOF, or a message
         cut short by its death) is dropped."""
         from multiprocess.connection import wait
 
-        readers = {conn: name for name, conn in self.outboxes.items()}
+        readers = {h.outbox: h for h in self.stages.values() if h.outbox is not None}
         if not readers:
             time.sleep(timeout_s)
             return []
         msgs = []
         for conn in wait(list(readers), timeout_s):
-            name = readers[conn]
+            handle = readers[conn]
             try:
                 for _ in range(DRAIN_LIMIT):
-                    msgs.append((name, conn.recv()))
+                    msgs.append((handle, conn.recv()))
                     if not conn.poll():
                         break
             except (EOFError, OSError):
                 conn.close()
-                del self.outboxes[name]
+                handle.outbox = None
         return msgs
 
-    def _send(self, name: str, msg: object) -> None:
-        """To a stage's inbox; nothing is written to a stage known to be dead (what it held
-        died with it)."""
-        if name not in self.dead:
-            self.inboxes[name].put(msg)
-
-    def _handle(self, name: str, msg: object, events: list[TokenEvent]) -> None:
+    def _handle(self, stage: StageHandle, msg: object, events: list[TokenEvent]) -> None:
+        """One message from `stage`: reports, frees to forward between stages, tokens, and the
+        request's progress (encoded, prefilled, failed)."""
+        encoders, prefills = self.of_kind("encode"), self.of_kind("prefill")
         if isinstance(msg, StageStatus):
-            self.stage_stats[msg.stage] = msg.stats
+            stage.stats = msg.stats
             return
         if isinstance(msg, Crashed):  # its death is handled when noticed (_check_stages)
-            self.crashes[msg.stage] = msg.error
+            stage.crash = msg.error
             log.error("stage %s crashed: %s\n%s", msg.stage, msg.error, msg.traceback)
             return
         if isinstance(msg, FreeMM):  # prefill consumed embeddings: to the encoder that holds them
-            self._send(f"encode{msg.encoder}", msg)
+            encoders[msg.encoder].send(msg)
             return
         if isinstance(msg, FreeKV):  # decode pulled or finished reading KV: to its prefill
-            self._send(f"prefill{msg.prefill}", msg)
+            prefills[msg.prefill].send(msg)
             return
         if isinstance(msg, Tokens):
             now = time.perf_counter()
@@ -333,24 +343,24 @@ class EPDEngine:
                     self._token(flight, token, now, events)
             return
         if isinstance(msg, Encoded):
-            self.encoder_load[msg.encoder] -= len(msg.blocks)
-        elif isinstance(msg, Failed) and msg.stage.startswith("encode"):
-            self.encoder_load[int(msg.stage[len("encode"):])] -= msg.images
+            encoders[msg.encoder].load -= len(msg.blocks)
+        elif isinstance(msg, Failed) and stage.kind == "encode":
+            stage.load -= msg.images
         flight = self.flights.get(getattr(msg, "req_id", None))
         if flight is None:
             if isinstance(msg, Encoded):  # images of a request that ended: give the blocks back
-                self._send(f"encode{msg.encoder}", FreeMM(msg.blocks, msg.encoder))
+                encoders[msg.encoder].send(FreeMM(msg.blocks, msg.encoder))
             elif isinstance(msg, Prefilled):  # KV of a request that ended meanwhile
-                self.prefill_load[msg.prefill] -= 1
-                self._send(f"prefill{msg.prefill}", FreeKV(msg.kv_blocks, msg.prefill))
-            elif isinstance(msg, Failed) and msg.stage.startswith("prefill"):
-                self.prefill_load[int(msg.stage[len("prefill"):])] -= 1
+                prefills[msg.prefill].load -= 1
+                prefills[msg.prefill].send(FreeKV(msg.kv_blocks, msg.prefill))
+            elif isinstance(msg, Failed) and stage.kind == "prefill":
+                stage.load -= 1
             return  # a late message for a finished or failed request
         now = time.perf_counter()
         if isinstance(msg, Encoded):
             part = flight.parts.pop(msg.part, None)
             if part is None:  # a part already moved to another encoder (this one was thought dead)
-                self._send(f"encode{msg.encoder}", FreeMM(msg.blocks, msg.encoder))
+                encoders[msg.encoder].send(FreeMM(msg.blocks, msg.encoder))
                 return
             for image, block in zip(part[1], msg.blocks):
                 flight.refs[image] = (msg.encoder, block)
@@ -363,26 +373,30 @@ class EPDEngine:
         elif isinstance(msg, Migrated):
             flight.seq.metrics.kv_bytes, flight.seq.metrics.kv_migrate_s = msg.kv_bytes, msg.seconds
         elif isinstance(msg, Prefilled):
-            seq = flight.seq
-            seq.metrics.mm_bytes, seq.metrics.mm_copy_s = msg.mm_bytes, msg.mm_copy_s
-            self.prefill_load[msg.prefill] -= 1
-            flight.prefill = None  # its KV is decode's (or back with prefill) from here on
-            try:
-                flight.decode = self._least_loaded("decode", self.decode_load)
-            except StageError as e:  # no decode instance left: give the KV back, fail the request
-                self._send(f"prefill{msg.prefill}", FreeKV(msg.kv_blocks, msg.prefill))
-                self._fail(flight, str(e), events)
-                return
-            self.decode_load[flight.decode] += 1
-            self._send(f"decode{flight.decode}", DecodeTask(
-                seq.seq_id, seq.prompt_ids, msg.first_token, msg.prefill, msg.kv_blocks, seq.sampling, seq.seed,
-                seq.stop_token_ids))
-            self._token(flight, msg.first_token, now, events)
+            self._prefilled(flight, msg, now, events)
         elif isinstance(msg, Failed):
-            if msg.stage.startswith("prefill") and flight.prefill is not None:
-                self.prefill_load[flight.prefill] -= 1
+            if stage.kind == "prefill" and flight.prefill is not None:
+                prefills[flight.prefill].load -= 1
                 flight.prefill = None
             self._fail(flight, f"{msg.stage}: {msg.error}", events)
+
+    def _prefilled(self, flight: _Flight, msg: Prefilled, now: float, events: list[TokenEvent]) -> None:
+        """Prefill is done: its KV goes to the least-loaded live decode, its first token out."""
+        seq, prefill = flight.seq, self.of_kind("prefill")[msg.prefill]
+        seq.metrics.mm_bytes, seq.metrics.mm_copy_s = msg.mm_bytes, msg.mm_copy_s
+        prefill.load -= 1
+        flight.prefill = None  # its KV is decode's (or back with prefill) from here on
+        decodes = self.of_kind("decode")
+        flight.decode = self.router.decode_for([h.routing_load() for h in decodes])
+        if flight.decode is None:  # no decode instance left: give the KV back, fail the request
+            prefill.send(FreeKV(msg.kv_blocks, msg.prefill))
+            self._fail(flight, "no decode process is alive", events)
+            return
+        decode = decodes[flight.decode]
+        decode.load += 1
+        decode.send(DecodeTask(seq.seq_id, seq.prompt_ids, msg.first_token, msg.prefill, msg.kv_blocks, seq.sampling,
+                               seq.seed, seq.stop_token_ids))
+        self._token(flight, msg.first_token, now, events)
 
     def _fail(self, flight: _Flight, error: str, events: list[TokenEvent]) -> None:
         del self.flights[flight.seq.seq_id]
@@ -393,19 +407,15 @@ class EPDEngine:
         """Free what a request still holds in the stages: embeddings not yet handed to prefill,
         its decode slot (KV still in prefill is freed when its late Prefilled arrives; embeddings
         handed to prefill are freed by prefill)."""
+        encoders = self.of_kind("encode")
         for encoder, block in flight.refs.values():
-            self._send(f"encode{encoder}", FreeMM([block], encoder))
+            encoders[encoder].send(FreeMM([block], encoder))
         flight.refs.clear()
         if flight.decode is not None:
-            self.decode_load[flight.decode] -= 1
-            self._send(f"decode{flight.decode}", Abort(flight.seq.seq_id))
+            decode = self.of_kind("decode")[flight.decode]
+            decode.load -= 1
+            decode.send(Abort(flight.seq.seq_id))
             flight.decode = None
-
-    def _least_loaded(self, kind: str, load: list[int]) -> int:
-        live = [i for i in range(len(load)) if f"{kind}{i}" not in self.dead and self.procs[f"{kind}{i}"].is_alive()]
-        if not live:
-            raise StageError(f"no {kind} process is alive")
-        return min(live, key=lambda i: load[i])
 
     def generate(self, requests: Iterable[Request | str], sampling: SamplingParams | None = None
                  ) -> list[RequestOutput]:
@@ -434,19 +444,18 @@ class EPDEngine:
     def status(self) -> dict:
         """The engine and every stage now: reads (without waiting) what the stages sent since
         the last step and handles it; events found there are returned by the next step."""
-        for name, msg in self._read(0.0):
-            self._handle(name, msg, self.late_events)
+        for handle, msg in self._read(0.0):
+            self._handle(handle, msg, self.late_events)
         self._check_stages(self.late_events)
         return {
             "mode": self.mode,
-            "stages_alive": {name: p.is_alive() for name, p in self.procs.items()},
+            "stages_alive": {h.name: h.process.is_alive() for h in self.stages.values()},
             "requests_in_flight": len(self.flights),
-            "encoder_images_in_flight": list(self.encoder_load),
+            "encoder_images_in_flight": [h.load for h in self.of_kind("encode")],
             "broken": self.broken,
             # per stage: pid, device and what it holds (from its start), then its latest report
             # (queues, blocks used, graphs)
-            "stages": {name: {**self.ready_stats.get(name, {}), **self.stage_stats.get(name, {})}
-                       for name in self.procs},
+            "stages": {h.name: {**(h.ready or {}), **h.stats} for h in self.stages.values()},
         }
 
     def _dispatch_encode(self, flight: _Flight) -> None:
@@ -455,37 +464,36 @@ class EPDEngine:
         if not flight.images or self.mode == "pd":
             self._dispatch_prefill(flight, time.perf_counter())
             return
-        live = [i for i in range(len(self.encoder_load)) if f"encode{i}" not in self.dead
-                and self.procs[f"encode{i}"].is_alive()]
-        if not live:
+        in_flight = {i for _, images in flight.parts.values() for i in images}
+        pending = [i for i in range(len(flight.images)) if i not in flight.refs and i not in in_flight]
+        encoders = self.of_kind("encode")
+        assignment = self.router.encoders_for(pending, [h.routing_load() for h in encoders])
+        if assignment is None:
             raise StageError("no encoder process is alive")
         flight.seq.metrics.encode_start = flight.seq.metrics.encode_start or time.perf_counter()
-        assignment: dict[int, list[int]] = {}
-        in_flight = {i for _, images in flight.parts.values() for i in images}
-        for image in range(len(flight.images)):
-            if image in flight.refs or image in in_flight:
-                continue
-            encoder = min(live, key=lambda e: self.encoder_load[e])
-            self.encoder_load[encoder] += 1
-            assignment.setdefault(encoder, []).append(image)
         for encoder, images in assignment.items():
+            encoders[encoder].load += len(images)
             part = flight.next_part
             flight.next_part += 1
             flight.parts[part] = (encoder, images)
-            self._send(f"encode{encoder}", EncodeTask(flight.seq.seq_id, part, [flight.images[i] for i in images]))
+            encoders[encoder].send(EncodeTask(flight.seq.seq_id, part, [flight.images[i] for i in images]))
 
     def _dispatch_prefill(self, flight: _Flight, now: float) -> None:
         seq = flight.seq
         seq.metrics.prefill_start = now
-        flight.prefill = self._least_loaded("prefill", self.prefill_load)
-        self.prefill_load[flight.prefill] += 1
+        prefills = self.of_kind("prefill")
+        flight.prefill = self.router.prefill_for([h.routing_load() for h in prefills])
+        if flight.prefill is None:
+            raise StageError("no prefill process is alive")
+        prefill = prefills[flight.prefill]
+        prefill.load += 1
         if self.mode == "pd":
             task = PrefillTask(seq.seq_id, seq.prompt_ids, [], seq.sampling, seq.seed, images=flight.images)
         else:
             refs = [flight.refs[i] for i in range(len(flight.images))]
             task = PrefillTask(seq.seq_id, seq.prompt_ids, refs, seq.sampling, seq.seed)
             flight.refs.clear()  # the task owns the embeddings now: prefill frees them, even on failure
-        self._send(f"prefill{flight.prefill}", task)
+        prefill.send(task)
 
     def _token(self, flight: _Flight, token: int, now: float, events: list[TokenEvent]) -> None:
         seq = flight.seq
@@ -499,19 +507,17 @@ class EPDEngine:
         """Find dead stages. An encoder's work moves to the other encoders; requests on a dead
         prefill or decode instance fail; the engine serves on while every kind of stage has a
         live instance."""
-        for name, proc in self.procs.items():
-            if proc.is_alive() or name in self.dead:
+        for stage in self.stages.values():
+            if stage.dead or stage.process.is_alive():
                 continue
-            self.dead.add(name)
-            kind = name.rstrip("0123456789")
-            index = int(name[len(kind):])
-            died = f"stage {name} died (exit code {proc.exitcode}" + (
-                f": {self.crashes[name]})" if name in self.crashes else ")")
-            if self.broken is None and not any(p.is_alive() for n, p in self.procs.items()
-                                               if n.rstrip("0123456789") == kind):
+            stage.dead = True
+            kind, index = stage.kind, stage.index
+            died = f"stage {stage.name} died (exit code {stage.process.exitcode}" + (
+                f": {stage.crash})" if stage.crash is not None else ")")
+            if self.broken is None and not any(h.process.is_alive() for h in self.of_kind(kind)):
                 self.broken = f"{died} and no {kind} process is left"
             if kind == "encode":
-                self.encoder_load[index] = 0
+                stage.load = 0
             for flight in list(self.flights.values()):
                 if self.broken:
                     self._fail(flight, self.broken, events)
@@ -523,7 +529,7 @@ class EPDEngine:
                         self._dispatch_encode(flight)  # the lost images go to a live encoder
                 elif (kind == "prefill" and flight.prefill == index) or (kind == "decode" and flight.decode == index):
                     if kind == "decode":
-                        self.decode_load[index] -= 1
+                        stage.load -= 1
                         flight.decode = None  # nothing to abort there
                     self._fail(flight, died, events)
 
@@ -531,27 +537,28 @@ class EPDEngine:
         """Stop every stage process and remove the arena files: none is left behind. Returns
         within about timeout_s + 10 s whatever state the stages are in (dead, stuck in a step, or
         blocked sending to us: we read on while they exit)."""
-        procs = getattr(self, "procs", {})
-        for name, proc in procs.items():
-            if proc.is_alive():
-                self.inboxes[name].put(Shutdown())
+        stages = list(self.stages.values())
+        for stage in stages:
+            if stage.process.is_alive():
+                stage.inbox.put(Shutdown())
         deadline = time.monotonic() + timeout_s
-        while any(p.is_alive() for p in procs.values()) and time.monotonic() < deadline:
+        while any(h.process.is_alive() for h in stages) and time.monotonic() < deadline:
             self._read(0.05)  # discarded: we are stopping
-        for proc in procs.values():
+        for stage in stages:
+            proc = stage.process
             if proc.is_alive():
                 proc.terminate()  # the stage's SIGTERM handler removes its files and exits
                 proc.join(timeout=5)
             if proc.is_alive():
                 proc.kill()
             proc.join(timeout=5)
-        for inbox in getattr(self, "inboxes", {}).values():
-            inbox.close()
-        for conn in getattr(self, "outboxes", {}).values():
-            conn.close()
-        self.outboxes = {}
-        for handle in getattr(self, "handles", []):  # a killed stage could not remove its CPU arena file
-            unlink(handle)
+        for stage in stages:
+            stage.inbox.close()
+            if stage.outbox is not None:
+                stage.outbox.close()
+                stage.outbox = None
+        for arena in self.arenas:  # a killed stage could not remove its CPU arena file
+            unlink(arena)
 
     def __enter__(self) -> EPDEngine:
         return self
@@ -589,3 +596,20 @@ class _Flight:
         self.refs: dict[int, tuple[int, int]] = {}  # image index -> (encoder, MM block), until prefill takes them
         self.prefill: int | None = None  # the instances it was routed to (prefill: until Prefilled)
         self.decode: int | None = None
+
+
+class _Processes(Mapping):
+    """Stage name -> its process, read-only and live over the engine's stages (tests and the
+    serve CLI read pids and kill stages through it)."""
+
+    def __init__(self, stages: Mapping[str, StageHandle]) -> None:
+        self._stages = stages
+
+    def __getitem__(self, name: str) -> Any:
+        return self._stages[name].process
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._stages)
+
+    def __len__(self) -> int:
+        return len(self._stages)

@@ -41,7 +41,7 @@ def epd(tiny_llava: Path):
     yield engine
     engine.shutdown()
     assert not any(p.is_alive() for p in engine.procs.values()), "a stage process outlived shutdown"
-    assert not any(Path(h.path).exists() for h in engine.handles), "an arena file outlived shutdown"
+    assert not any(Path(h.path).exists() for h in engine.arenas), "an arena file outlived shutdown"
 
 
 def test_epd_matches_aggregated(epd: EPDEngine, tiny_llava: Path) -> None:
@@ -102,7 +102,7 @@ def test_killed_encoder_is_routed_around_and_killed_prefill_fails_cleanly(tiny_l
     finally:
         engine.shutdown()
     assert not any(p.is_alive() for p in engine.procs.values())
-    assert not any(Path(h.path).exists() for h in engine.handles)
+    assert not any(Path(h.path).exists() for h in engine.arenas)
 
 
 def test_decode_dying_under_a_request_fails_it_with_an_error(tiny_llava: Path) -> None:
@@ -131,7 +131,7 @@ def test_several_prefill_and_decode_instances(tiny_llava: Path) -> None:
     engine = EPDEngine(tiny_llava, placement="E:cpu P:cpu,cpu D:cpu,cpu", stage=StageConfig(model=str(tiny_llava)))
     try:
         assert [o.token_ids for o in engine.generate(_requests(), SP)] == reference
-        assert engine.prefill_load == [0, 0] and engine.decode_load == [0, 0]
+        assert [h.load for h in engine.of_kind("prefill") + engine.of_kind("decode")] == [0, 0, 0, 0]
         engine.procs["prefill1"].kill()
         engine.procs["decode0"].kill()
         engine.procs["prefill1"].join()
@@ -144,7 +144,7 @@ def test_several_prefill_and_decode_instances(tiny_llava: Path) -> None:
     finally:
         engine.shutdown()
     assert not any(p.is_alive() for p in engine.procs.values())
-    assert not any(Path(h.path).exists() for h in engine.handles)
+    assert not any(Path(h.path).exists() for h in engine.arenas)
 
 
 @pytest.mark.gpu
@@ -189,7 +189,7 @@ def test_pd_mode_with_kv_migration_matches_aggregated(tiny_llava: Path) -> None:
      ("Q:1", "epd", "expected items like")],
 )
 def test_parse_placement(text: str, mode: str, match: str | None) -> None:
-    from engine.epd import parse_placement
+    from engine.placement import parse_placement
 
     if match is None:
         out = parse_placement(text, mode)
@@ -198,6 +198,21 @@ def test_parse_placement(text: str, mode: str, match: str | None) -> None:
     else:
         with pytest.raises(ValueError, match=match):
             parse_placement(text, mode)
+
+
+def test_placement_by_stage_kind() -> None:
+    from engine.placement import Placement
+
+    where = Placement.parse("E:0,1 P:2 D:cpu", "epd")
+    assert where.devices == {"encode": ("cuda:0", "cuda:1"), "prefill": ("cuda:2",), "decode": ("cpu",)}
+    assert where.num_stages == 4 and not where.shares_kv_device() and where.of("encode") == ("cuda:0", "cuda:1")
+    pd = Placement.default("cpu", "pd")
+    assert pd.text == "P:cpu D:cpu" and pd.of("encode") == () and pd.shares_kv_device()
+    assert Placement.default("1", "epd").devices["encode"] == ("cuda:1", "cuda:1")
+    assert not Placement.parse("P:0,0 D:0,0", "pd").shares_kv_device()  # sharing is for one P and one D
+    Placement.parse("P:cpu D:cpu", "pd").check_devices(0)  # no GPU named: nothing to check
+    with pytest.raises(ValueError, match="names GPU 2, but this machine has 2 CUDA devices"):
+        where.check_devices(2)
 
 
 def test_rpc_server_in_front_of_epd(epd: EPDEngine, tiny_llava: Path, tmp_path: Path) -> None:
@@ -224,3 +239,49 @@ def test_rpc_server_in_front_of_epd(epd: EPDEngine, tiny_llava: Path, tmp_path: 
     finally:
         thread.join(timeout=60)
     assert not thread.is_alive()
+
+
+class _FakeProcess:
+    def __init__(self) -> None:
+        self.running, self.exitcode = True, None
+
+    def is_alive(self) -> bool:
+        return self.running
+
+
+class _FakeInbox:
+    def __init__(self) -> None:
+        self.sent: list = []
+
+    def put(self, msg: object) -> None:
+        self.sent.append(msg)
+
+
+def test_stage_handles_without_processes() -> None:
+    """One handle per stage: liveness, routing snapshot, no writes to a dead stage, a read-only
+    name -> process view, and a dead stage noticed once (the engine breaks when its kind is gone)."""
+    from engine.epd import StageHandle, _Processes
+    from engine.router import InstanceLoad
+
+    epd = EPDEngine.__new__(EPDEngine)
+    epd.flights, epd.late_events, epd.broken, epd.mode = {}, [], None, "pd"
+    epd.stages = {h.name: h for h in (StageHandle(kind, i, "cpu", _FakeProcess(), _FakeInbox(), None)
+                                       for kind, i in (("prefill", 0), ("prefill", 1), ("decode", 0)))}
+    procs = _Processes(epd.stages)
+    assert list(procs) == ["prefill0", "prefill1", "decode0"] and procs["decode0"] is epd.stages["decode0"].process
+    with pytest.raises(TypeError):
+        procs["decode0"] = None  # read-only
+    p0, p1, d0 = epd.stages.values()
+    p0.load = 2
+    assert [h.routing_load() for h in epd.of_kind("prefill")] == [InstanceLoad(0, 2), InstanceLoad(1, 0)]
+    p1.process.running, p1.process.exitcode, p1.crash = False, -9, "boom"
+    events: list = []
+    epd._check_stages(events)
+    assert p1.dead and not p1.alive() and p0.alive() and epd.broken is None and not events
+    p1.send("ignored")
+    assert p1.inbox.sent == [] and p1.routing_load() == InstanceLoad(1, 0, alive=False)
+    d0.process.running = False
+    epd._check_stages(events)
+    assert epd.broken == "stage decode0 died (exit code None) and no decode process is left"
+    epd._check_stages(events)  # noticed once
+    assert epd.status()["stages_alive"] == {"prefill0": True, "prefill1": False, "decode0": False}

@@ -22,7 +22,8 @@ import torch
 from PIL import Image
 
 from engine import LLM, Request, SamplingParams
-from engine.epd import EPDEngine, StageError, check_placement_devices, parse_placement
+from engine.epd import EPDEngine, StageError
+from engine.placement import check_placement_devices, parse_placement
 from ipc.arena import SHM_DIR
 from ipc.stages import StageConfig
 
@@ -107,7 +108,7 @@ def main():
 
     pids = [p.pid for p in engine.procs.values()]
     print(json.dumps({{"stages": pids, "tracker": tracker._resource_tracker._pid,
-                      "arenas": [h.path for h in engine.handles if h.path]}}), flush=True)
+                      "arenas": [h.path for h in engine.arenas if h.path]}}), flush=True)
     while True:
         time.sleep(1)
 
@@ -307,7 +308,7 @@ def test_encoder_failure_releases_its_load(epd: EPDEngine, tmp_path: Path) -> No
     while seq.seq_id in epd.flights and time.monotonic() < deadline:
         errors += [ev.error for ev in epd.step() if ev.error]
     assert len(errors) == 1 and errors[0].startswith("encode0: image 0: file not found"), errors
-    assert epd.encoder_load == [0]
+    assert [h.load for h in epd.of_kind("encode")] == [0] == epd.status()["encoder_images_in_flight"]
 
 
 def test_abort_while_prefill_holds_the_embeddings(epd: EPDEngine) -> None:
