@@ -110,25 +110,30 @@ def compile_check(jobs: int = 2) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from engine.cli import CLIError, HelpFormatter
-
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    # Plain argparse: kernels/ is the bottom layer and imports nothing of engine/ (tests/test_layers.py).
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--check", action="store_true", help="compile-check only (no GPU, no link)")
     p.add_argument("--jobs", type=int, default=2, help="parallel compiles for --check")
     p.add_argument("--verbose", action="store_true", help="show the JIT build's compiler commands")
     args = p.parse_args(argv)
-    if args.jobs < 1:
-        raise CLIError(f"--jobs = {args.jobs}; must be >= 1")
-    sources()  # the sources exist (a clear error for an install without them)
+    try:
+        if args.jobs < 1:
+            raise ValueError(f"--jobs = {args.jobs}; must be >= 1")
+        sources()  # the sources exist (a clear error for an install without them)
+        if args.check and shutil.which("nvcc") is None:
+            raise ValueError("--check needs nvcc on PATH (the CUDA toolkit)")
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if args.check:
-        if shutil.which("nvcc") is None:
-            raise CLIError("--check needs nvcc on PATH (the CUDA toolkit)")
         return 1 if compile_check(args.jobs) else 0
     print(jit_build(args.verbose))
     return 0
 
 
 if __name__ == "__main__":
-    from engine.cli import run_main
-
-    sys.exit(run_main(main))
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
