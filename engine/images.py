@@ -56,6 +56,19 @@ def _decode(data: bytes, what: str, index: int, header_only: bool = False) -> Im
     return image
 
 
+def _read_file(src: str | Path, index: int, limit: int = -1) -> tuple[bytes, str]:
+    """The file's bytes (the first `limit` of them, if given) and its name as errors show it."""
+    path = Path(src)
+    shown = str(path) if len(str(path)) <= 200 else str(path)[:200] + "..."
+    if not path.is_file():
+        raise ImageError(f"image {index}: file not found: {shown}")
+    try:
+        with path.open("rb") as f:
+            return f.read(limit), shown
+    except OSError as e:
+        raise ImageError(f"image {index}: cannot read {shown}: {e}") from e
+
+
 def _from_data_url(url: str, index: int, header_only: bool = False) -> Image.Image:
     header, sep, payload = url.partition(",")
     if not sep or not header.endswith(";base64"):
@@ -115,14 +128,7 @@ def load_image(src: Any, index: int = 0, composite_alpha: bool | None = None) ->
     elif isinstance(src, str) and src.startswith("data:"):
         image = _from_data_url(src, index)
     elif isinstance(src, (str, Path)):
-        path = Path(src)
-        shown = str(path) if len(str(path)) <= 200 else str(path)[:200] + "..."
-        if not path.exists():
-            raise ImageError(f"image {index}: file not found: {shown}")
-        try:
-            data = path.read_bytes()
-        except OSError as e:
-            raise ImageError(f"image {index}: cannot read {shown}: {e}") from e
+        data, shown = _read_file(src, index)
         image = _decode(data, f"{shown} ({len(data)} bytes)", index)
     else:
         raise ImageError(f"image {index}: unsupported type {type(src).__name__}; "
@@ -147,15 +153,7 @@ def check_image(src: Any, index: int = 0) -> None:
     elif isinstance(src, str) and src.startswith("data:"):
         _from_data_url(src, index, header_only=True)
     elif isinstance(src, (str, Path)):
-        path = Path(src)
-        shown = str(path) if len(str(path)) <= 200 else str(path)[:200] + "..."
-        if not path.is_file():
-            raise ImageError(f"image {index}: file not found: {shown}")
-        try:
-            with path.open("rb") as f:
-                head = f.read(1 << 16)  # enough for every header PIL identifies
-        except OSError as e:
-            raise ImageError(f"image {index}: cannot read {shown}: {e}") from e
+        head, shown = _read_file(src, index, 1 << 16)  # enough for every header PIL identifies
         _decode(head, shown, index, header_only=True)
     else:
         raise ImageError(f"image {index}: unsupported type {type(src).__name__}; "
