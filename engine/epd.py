@@ -6,7 +6,7 @@ encodes the images itself: the DistServe-style baseline). A placement such as
 ("cpu" for the CPU); stages may share a device. Its GPUs are checked before anything starts.
 
 Each stage is one StageHandle (process, inbox, outbox, load, liveness, reports, arena). The
-orchestrator validates and tokenizes (engine/frontend.py), splits each request's images across
+orchestrator validates and tokenizes (engine/input_processor.py), splits each request's images across
 the least-loaded encoders (routing: engine/router.py), reassembles the embeddings' block
 references in prompt order for prefill, hands prefilled KV blocks to decode, and streams tokens
 back with the per-request timestamps. A stage process that dies is detected: an encoder's work
@@ -43,7 +43,7 @@ from typing import Any
 import torch
 
 from engine.config import ModelConfig
-from engine.frontend import Capacity, Frontend
+from engine.input_processor import Capacity, InputProcessor
 from engine.placement import Placement
 from engine.request import Request, RequestOutput, Sequence, TokenEvent
 from engine.router import InstanceLoad, Router
@@ -158,7 +158,7 @@ class EPDEngine:
         cfg = replace(cfg, kv_cache_tokens=cfg.kv_cache_tokens or 4 * self.cfg.text.max_position_embeddings,
                       torch_threads=cfg.torch_threads or stage_threads(where.num_stages))
         block_size = 16  # the stages' LLM default
-        self.frontend = Frontend(model, self.cfg, Capacity(self.cfg.text.max_position_embeddings,
+        self.input_processor = InputProcessor(model, self.cfg, Capacity(self.cfg.text.max_position_embeddings,
                                                            -(-cfg.kv_cache_tokens // block_size), block_size,
                                                            2 * cfg.max_images_per_batch), seed)
         self.stages: dict[str, StageHandle] = {}  # by name, in start order
@@ -258,7 +258,7 @@ class EPDEngine:
         self._check_stages(self.late_events)  # never route to a stage that died since the last step
         if self.broken:
             raise StageError(f"engine is broken: {self.broken}")
-        seq, images = self.frontend.make_sequence(request, sampling, preprocess=False)
+        seq, images = self.input_processor.make_sequence(request, sampling, preprocess=False)
         sp = seq.sampling
         unserved = [name for name, used in (("n", sp.n > 1), ("logprobs", sp.logprobs)) if used]
         if unserved:  # the stages run one sample per request and return no logprobs
@@ -570,7 +570,7 @@ class EPDEngine:
 
     def tokenize(self, prompt: str, num_images: int = 0, raw_prompt: bool = False) -> tuple[str, list[int]]:
         """(text after the chat template, token ids) as add_request builds them for this prompt."""
-        return self.frontend.tokenize(prompt, num_images, raw_prompt)
+        return self.input_processor.tokenize(prompt, num_images, raw_prompt)
 
     def capture_start(self) -> dict:
         raise RequestError(self._capture_in_stages())

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import torch
 
+from engine.aggregated import AggregatedEngine
 from engine.config import ConfigError, ModelConfig, parse_dtype
-from engine.engine import AggregatedEngine
-from engine.frontend import Capacity, Frontend
+from engine.input_processor import Capacity, InputProcessor
 from engine.request import Request, RequestOutput, Sequence, Status, TokenEvent
 from engine.runner import ModelRunner
 from engine.sampling import RequestError, SamplingParams
@@ -85,9 +85,9 @@ class LLM:
                                        multi_step)
         capacity = Capacity(self.max_model_len, self.runner.num_kv_blocks, block_size, self.runner.num_mm_blocks,
                             max_num_seqs)
-        self.frontend = Frontend(self.model_dir, self.cfg, capacity, seed)
-        self.tokenizer = self.frontend.tokenizer
-        self.image_processor = self.frontend.image_processor
+        self.input_processor = InputProcessor(self.model_dir, self.cfg, capacity, seed)
+        self.tokenizer = self.input_processor.tokenizer
+        self.image_processor = self.input_processor.image_processor
         self.max_num_seqs, self.multi_step = max_num_seqs, multi_step
         log.info("%s", self.summary())
 
@@ -144,7 +144,7 @@ class LLM:
 
     def make_sequence(self, request: Request | str, sampling: SamplingParams | None = None) -> Sequence:
         """Validate, preprocess and tokenize one request (errors name the field and the limit)."""
-        return self.frontend.make_sequence(request, sampling)[0]
+        return self.input_processor.make_sequence(request, sampling)[0]
 
     # ------------------------------------------------------------------ serving loop
 
@@ -251,7 +251,7 @@ class LLM:
 
     def tokenize(self, prompt: str, num_images: int = 0, raw_prompt: bool = False) -> tuple[str, list[int]]:
         """(text after the chat template, token ids) as generate builds them for this prompt."""
-        return self.frontend.tokenize(prompt, num_images, raw_prompt)
+        return self.input_processor.tokenize(prompt, num_images, raw_prompt)
 
     def capture_start(self) -> dict:
         """Start capturing the decode buckets not captured yet, in the background (serving

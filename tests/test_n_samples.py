@@ -13,7 +13,7 @@ from PIL import Image
 
 from engine import LLM, Request, RequestError, SamplingParams
 from engine.epd import EPDEngine
-from engine.frontend import Capacity, Frontend
+from engine.input_processor import Capacity, InputProcessor
 from engine.sampling import sample_seed
 
 SEED = 123
@@ -182,7 +182,7 @@ def test_disaggregated_modes_refuse_what_they_cannot_serve(tiny_llava: Path, sam
     from engine.config import ModelConfig
 
     cfg = ModelConfig.from_dir(tiny_llava)
-    epd.frontend = Frontend(tiny_llava, cfg, Capacity(1024, 256, 16, 8))
+    epd.input_processor = InputProcessor(tiny_llava, cfg, Capacity(1024, 256, 16, 8))
     with pytest.raises(RequestError, match=f"sampling.{field} = .*pd mode does not serve it yet; the aggregated mode"):
         epd.add_request("Hello", SamplingParams(**sampling))
     assert not epd.flights

@@ -7,8 +7,8 @@ import random
 import pytest
 import torch
 
+from engine.aggregated import AggregatedEngine
 from engine.block_manager import BlockManager
-from engine.engine import AggregatedEngine
 from engine.request import Sequence, Status
 from engine.runner import StepOutput
 from engine.sampling import SamplingParams

@@ -27,7 +27,7 @@ class Capacity:
     max_num_seqs: int = 0
 
 
-class Frontend:
+class InputProcessor:
     def __init__(self, model_dir: str | Path, cfg: ModelConfig, capacity: Capacity, seed: int = 0) -> None:
         self.cfg = cfg
         self.capacity = capacity
