@@ -162,7 +162,6 @@ class EPDEngine:
                                                            -(-cfg.kv_cache_tokens // block_size), block_size,
                                                            2 * cfg.max_images_per_batch), seed)
         self.stages: dict[str, StageHandle] = {}  # by name, in start order
-        self.procs: Mapping[str, Any] = _Processes(self.stages)  # name -> process (read-only; tests kill them)
         self.router = Router()
         self.broken: str | None = None
         self.flights: dict[int, _Flight] = {}  # requests in the stages, by seq_id
@@ -184,6 +183,11 @@ class EPDEngine:
         except BaseException:
             self.shutdown()
             raise
+
+    @property
+    def procs(self) -> Mapping[str, Any]:
+        """Stage name -> its process, now, read-only (tests and the serve CLI read pids and kill stages)."""
+        return MappingProxyType({name: h.process for name, h in self.stages.items()})
 
     def of_kind(self, kind: str) -> list[StageHandle]:
         """The instances of one kind, in index order."""
@@ -596,20 +600,3 @@ class _Flight:
         self.refs: dict[int, tuple[int, int]] = {}  # image index -> (encoder, MM block), until prefill takes them
         self.prefill: int | None = None  # the instances it was routed to (prefill: until Prefilled)
         self.decode: int | None = None
-
-
-class _Processes(Mapping):
-    """Stage name -> its process, read-only and live over the engine's stages (tests and the
-    serve CLI read pids and kill stages through it)."""
-
-    def __init__(self, stages: Mapping[str, StageHandle]) -> None:
-        self._stages = stages
-
-    def __getitem__(self, name: str) -> Any:
-        return self._stages[name].process
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._stages)
-
-    def __len__(self) -> int:
-        return len(self._stages)

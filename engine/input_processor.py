@@ -12,6 +12,7 @@ from engine.config import ModelConfig
 from engine.images import ImageProcessor, ImageProcessorConfig, check_image
 from engine.request import Request, Sequence
 from engine.sampling import RequestError, SamplingParams
+from engine.schedulers import blocks_for
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
 
 
@@ -67,7 +68,7 @@ class InputProcessor:
         # n samples share the prompt's full blocks; each needs the rest (its copy of the last
         # partial prompt block, then its answer)
         shared = len(ids) // cap.block_size
-        blocks_needed = shared + sp.n * (-(-total // cap.block_size) - shared)
+        blocks_needed = shared + sp.n * (blocks_for(total, cap.block_size) - shared)
         if blocks_needed > cap.kv_blocks:
             samples = f", {sp.n} samples" if sp.n > 1 else ""
             raise RequestError(f"request needs {blocks_needed} KV blocks ({total} tokens{samples}); the cache has "

@@ -282,17 +282,13 @@ class LLM:
         return {"captured": sorted(graphs.graphs.copy()), "pending": graphs.pending, "state": graphs.capture_state}
 
     def _capturable_graphs(self):
-        from engine.sampling import RequestError
-
         graphs, backend = self.runner.decode_graphs, self.runner.backend
         if backend != "cuda" or self.device.type != "cuda":
             raise RequestError(f"CUDA graphs need the cuda backend on a GPU; this server runs the {backend} backend "
                                f"on {self.device.type}")
-        from kernels.attn_varlen import KERNEL_HEAD_DIMS  # the built extension: cuda backend only
-
         if graphs is None:
             raise RequestError("this engine has no decode stage (parts='vision'): no decode graphs to capture")
-        if self.cfg.text.head_dim not in KERNEL_HEAD_DIMS:  # the torch attention fallback is not capturable
+        if not self.runner.has_attention_kernel:
             raise RequestError(f"head_dim {self.cfg.text.head_dim} has no attention kernel: decode runs eagerly")
         return graphs
 

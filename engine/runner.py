@@ -83,10 +83,7 @@ class ModelRunner:
         per batch bucket (cuda backend only; decode in the background if asked)."""
         if self.backend != "cuda":
             raise ValueError("CUDA graphs need the cuda backend")
-        from kernels.attn_varlen import KERNEL_HEAD_DIMS
-
-        if self.cfg.text.head_dim not in KERNEL_HEAD_DIMS:
-            # the torch fallback for other head dims syncs with the host: not capturable
+        if not self.has_attention_kernel:
             log.warning("head_dim %d has no attention kernel: decode runs eagerly", self.cfg.text.head_dim)
             return
         if self.model.vision is not None:
@@ -94,6 +91,14 @@ class ModelRunner:
             self.vision_graphs.capture_all()
         if self.decode_graphs is not None:
             self.decode_graphs.capture_all(background)
+
+    @property
+    def has_attention_kernel(self) -> bool:
+        """The model's head_dim has a CUDA attention kernel; the torch fallback for other head
+        dims syncs with the host, so such a model cannot run under CUDA graphs."""
+        from kernels.attn_varlen import KERNEL_HEAD_DIMS
+
+        return self.cfg.text.head_dim in KERNEL_HEAD_DIMS
 
     def _alloc_kv(self, num_blocks: int) -> torch.Tensor:
         t = self.cfg.text
@@ -239,16 +244,6 @@ class ModelRunner:
         return tokens, logits
 
     # ------------------------------------------------------------------ penalty state
-
-    @property
-    def penalty_counts(self) -> torch.Tensor:
-        """[S, V] int32: times each token was generated, per penalty slot."""
-        return self.penalties.counts
-
-    @property
-    def penalty_prompt_mask(self) -> torch.Tensor:
-        """[S, V] bool: the token occurs in the prompt, per penalty slot."""
-        return self.penalties.prompt_mask
 
     def init_penalty_state(self, seq: Sequence) -> None:
         """Give seq a penalty slot (keeping the one it holds) built from its prompt_ids and

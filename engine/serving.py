@@ -286,7 +286,7 @@ class EngineLoop:
                 self.stats["errors"] += 1
                 _deliver(handle, Failed(ev.error))
                 continue
-            _deliver(handle, TokenDelta(ev.token_id, ev.text_delta, getattr(ev, "sample", 0)))
+            _deliver(handle, TokenDelta(ev.token_id, ev.text_delta, ev.sample))
             if ev.output is not None:
                 del self.live[ev.index]
                 self.stats["finished"] += 1

@@ -139,8 +139,9 @@ class DecodeGraphs:
         model, ops = self.runner.model, self.runner.ops
         hidden = model(ops, b.input_ids[:rows], b.positions[:rows], meta, self.runner.kv_arena)
         logits = model.compute_logits(ops, hidden)  # raw: what logprobs are taken from
-        counts, slots = self.runner.penalty_counts, b.penalty_slot[:rows]
-        penalized = ops.apply_penalties(logits, counts, self.runner.penalty_prompt_mask, slots, b.presence[:rows],
+        state, slots = self.runner.penalties, b.penalty_slot[:rows]  # engine/penalties.py
+        counts = state.counts
+        penalized = ops.apply_penalties(logits, counts, state.prompt_mask, slots, b.presence[:rows],
                                         b.frequency[:rows], b.repetition[:rows])
         tokens = ops.sample(penalized, b.temperature[:rows], b.top_k[:rows], b.top_p[:rows], b.seeds[:rows],
                             b.steps[:rows])

@@ -18,7 +18,6 @@ import argparse
 import logging
 import os
 import signal
-import stat
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -149,16 +148,6 @@ def _describe(args: argparse.Namespace, engine, address: object) -> str:
     return text + f"; local image paths: {'only under ' + media if media else 'refused'}"
 
 
-def _remove_socket(path: str, inode: int | None) -> None:
-    """Remove our socket file if it is still there (and still ours: same inode)."""
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        return
-    if stat.S_ISSOCK(st.st_mode) and st.st_ino == inode:
-        os.unlink(path)
-
-
 def main(argv: list[str] | None = None, default_model: Callable[[], Path] | None = None) -> int:
     """default_model: what to use without --model (the checkout's scripts/serve.py: the tiny LLaVA)."""
     parser = build_parser() if default_model is None else build_parser(
@@ -187,24 +176,19 @@ def main(argv: list[str] | None = None, default_model: Callable[[], Path] | None
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     engine = None
-    inode = None
     try:
         engine = load_engine(args, Path(args.model))
         server = RPCServer(engine, address, os.environ["EPD_AUTHKEY"].encode(),
                            allowed_local_media_path=args.allowed_local_media_path)
-        if isinstance(address, str):
-            inode = os.stat(address).st_ino
         log.info("%s", _describe(args, engine, server.address))
         server.serve_forever()
     except StopRequested:
         log.info("stopped before serving")
     finally:
         if server is not None:
-            server.close()  # idempotent; serve_forever already closed it unless it never ran
+            server.close()  # idempotent; removes the socket file (if still ours), as serve_forever did
         if engine is not None and args.mode != "aggregated":
             engine.shutdown()  # stop every stage, unlink the arenas
-        if isinstance(address, str):
-            _remove_socket(address, inode)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     log.info("stopped")

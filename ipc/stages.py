@@ -120,6 +120,12 @@ def _base_stats(runner) -> dict:
             "torch_threads": torch.get_num_threads()}
 
 
+def _kv_stats(runner, own_blocks: torch.Tensor) -> dict:
+    """The stage's KV cache for its Ready message; own_blocks: the arena from its first block."""
+    return {"kv_cache_blocks": runner.num_kv_blocks, "kv_cache_tokens": runner.num_kv_blocks * runner.block_size,
+            "kv_cache_gb": _gb(own_blocks, runner.num_kv_blocks)}
+
+
 def stage_summary(name: str, stats: dict) -> str:
     """One line for the start-up log, from a Ready message's stats."""
     threads = stats.get("torch_threads", 0)
@@ -222,9 +228,7 @@ def prefill_main(cfg: StageConfig, index: int, inbox, outbox, encodes: bool, dec
         mm_arenas = [SharedArena.open(h, runner.device) for h in mm_handles]
         mm = runner.mm_arena
         outbox.send(Ready(name, {
-            **_base_stats(runner), "kv_cache_blocks": runner.num_kv_blocks,
-            "kv_cache_tokens": runner.num_kv_blocks * runner.block_size,
-            "kv_cache_gb": _gb(arena.tensor, runner.num_kv_blocks), "kv_blocks_for_decode": decode_blocks,
+            **_base_stats(runner), **_kv_stats(runner, arena.tensor), "kv_blocks_for_decode": decode_blocks,
             "mm_arena_blocks": mm.shape[0], "mm_arena_gb": _gb(mm)}))
         _prefill_loop(cfg, index, llm, mm_arenas, inbox, outbox)
     finally:
@@ -331,9 +335,7 @@ def decode_main(cfg: StageConfig, index: int, inbox, outbox, shared: bool) -> No
         graphs = sorted(runner.decode_graphs.graphs) if runner.decode_graphs else []
         first = engine.kv_blocks.first
         outbox.send(Ready(name, {
-            **_base_stats(runner), "kv_cache_blocks": runner.num_kv_blocks,
-            "kv_cache_tokens": runner.num_kv_blocks * runner.block_size,
-            "kv_cache_gb": _gb(runner.kv_arena[first:], runner.num_kv_blocks),
+            **_base_stats(runner), **_kv_stats(runner, runner.kv_arena[first:]),
             "kv_arena_of": "prefill0" if shared else None,
             "graph_buckets": graphs, "graph_capture_s": round(time.perf_counter() - start, 2)}))
         _decode_loop(index, llm, srcs, shared, graphs, inbox, outbox)

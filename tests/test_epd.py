@@ -260,14 +260,14 @@ class _FakeInbox:
 def test_stage_handles_without_processes() -> None:
     """One handle per stage: liveness, routing snapshot, no writes to a dead stage, a read-only
     name -> process view, and a dead stage noticed once (the engine breaks when its kind is gone)."""
-    from engine.epd import StageHandle, _Processes
+    from engine.epd import StageHandle
     from engine.router import InstanceLoad
 
     epd = EPDEngine.__new__(EPDEngine)
     epd.flights, epd.late_events, epd.broken, epd.mode = {}, [], None, "pd"
     epd.stages = {h.name: h for h in (StageHandle(kind, i, "cpu", _FakeProcess(), _FakeInbox(), None)
                                        for kind, i in (("prefill", 0), ("prefill", 1), ("decode", 0)))}
-    procs = _Processes(epd.stages)
+    procs = epd.procs
     assert list(procs) == ["prefill0", "prefill1", "decode0"] and procs["decode0"] is epd.stages["decode0"].process
     with pytest.raises(TypeError):
         procs["decode0"] = None  # read-only

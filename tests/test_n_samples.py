@@ -178,7 +178,7 @@ def test_penalties_with_samples_equal_single_runs(llama_llm: LLM) -> None:
 def test_disaggregated_modes_refuse_what_they_cannot_serve(tiny_llava: Path, sampling: dict, field: str) -> None:
     """Checked in add_request before anything is sent to a stage (no stages needed here)."""
     epd = EPDEngine.__new__(EPDEngine)
-    epd.procs, epd.dead, epd.flights, epd.late_events, epd.broken, epd.mode = {}, set(), {}, [], None, "pd"
+    epd.stages, epd.flights, epd.late_events, epd.broken, epd.mode = {}, {}, [], None, "pd"
     from engine.config import ModelConfig
 
     cfg = ModelConfig.from_dir(tiny_llava)
