@@ -131,6 +131,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--multi-step", default="1,8", help="decode steps per call, comma-separated")
     p.add_argument("--no-hf", action="store_true", help="skip the HF eager baseline")
     p.add_argument("--serve-time", action="store_true", help="time to first serve, background vs upfront capture")
+    p.add_argument("--without-penalty-ops", action="store_true",
+                   help="A/B only: capture the decode graphs without the penalty ops (apply_penalties, "
+                        "record_tokens), to measure what they cost; tokens of penalised requests would be wrong")
     args = p.parse_args(argv)
     batches = int_list("--batches", args.batches)
     int_list("--multi-step", args.multi_step, upper=64)
@@ -148,6 +151,13 @@ def main(argv: list[str] | None = None) -> None:
                 continue
             print(f"time to first token in a fresh process, {mode} capture of decode graphs (max batch 256): "
                   f"{first:.2f} s (all graphs ready at {done:.2f} s; graph pool {nbytes / 2**20:.0f} MiB)", flush=True)
+    if args.without_penalty_ops:
+        from kernels import get_backend
+
+        ops = get_backend("cuda", torch.device("cuda"), torch.bfloat16)
+        ops.apply_penalties = lambda logits, *_: logits
+        ops.record_tokens = lambda *_: None
+        print("A/B: decode graphs captured WITHOUT the penalty ops")
     llm = LLM(args.model, backend="cuda", dtype="bfloat16", device="cuda", max_num_seqs=max(batches),
               max_num_batched_tokens=8 * args.context, multi_step=max(int(x) for x in args.multi_step.split(",")))
     t = llm.cfg.text

@@ -73,6 +73,18 @@ if [[ " $STAGES " == *" engine "* ]]; then
   grep -h "^|\|time to first\|capture" "$OUT/bench_decode.log" "$OUT/bench_decode_256.log" \
     "$OUT/bench_offline.log" >> "$SUMMARY"
 fi
+if [[ " $STAGES " == *" abpen "* ]]; then  # same-run A/B: decode graphs with and without the penalty ops
+  llava7b
+  for round in 1 2; do
+    for variant in with without; do
+      flag=""; [[ $variant == without ]] && flag="--without-penalty-ops"
+      stage "bench_decode_${variant}_pen_$round" python3 scripts/bench_decode.py --model /tmp/llava-7b \
+        --batches 1,8,32,128 --multi-step 8 --steps 24 --no-hf $flag
+      echo "penalty ops $variant, round $round:" >> "$SUMMARY"
+      grep -h "^| [0-9]" "$OUT/bench_decode_${variant}_pen_$round.log" >> "$SUMMARY"
+    done
+  done
+fi
 if [[ " $STAGES " == *" profile "* ]]; then
   llava7b
   stage profile_decode python3 scripts/profile_decode.py --model /tmp/llava-7b --batch 1,8
