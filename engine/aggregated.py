@@ -21,6 +21,7 @@ import time
 import torch
 
 from engine.block_manager import BlockManager
+from engine.config import EngineConfig
 from engine.request import Sequence, Status
 from engine.runner import ModelRunner
 from engine.sampling import sample_seed
@@ -28,21 +29,15 @@ from engine.schedulers import DecodeScheduler, EncodeScheduler, PrefillScheduler
 
 
 class AggregatedEngine:
-    def __init__(
-        self,
-        runner: ModelRunner,
-        max_num_seqs: int,
-        max_num_batched_tokens: int,
-        max_images_per_batch: int,
-        multi_step: int = 1,
-    ) -> None:
+    def __init__(self, runner: ModelRunner, config: EngineConfig, kv_blocks: BlockManager | None = None) -> None:
+        """kv_blocks: the pool decode allocates from (default: every block of the runner's arena)."""
         self.runner = runner
-        self.multi_step = multi_step
-        self.kv_blocks = BlockManager(runner.num_kv_blocks)
+        self.multi_step = config.multi_step
+        self.kv_blocks = kv_blocks or BlockManager(runner.num_kv_blocks)
         self.mm_blocks = BlockManager(runner.num_mm_blocks) if runner.num_mm_blocks else None
-        self.encode = EncodeScheduler(self.mm_blocks, max_images_per_batch) if self.mm_blocks else None
-        self.prefill = PrefillScheduler(self.kv_blocks, runner.block_size, max_num_batched_tokens)
-        self.decode = DecodeScheduler(self.kv_blocks, runner.block_size, max_num_seqs)
+        self.encode = EncodeScheduler(self.mm_blocks, config.max_images_per_batch) if self.mm_blocks else None
+        self.prefill = PrefillScheduler(self.kv_blocks, runner.block_size, config.max_num_batched_tokens)
+        self.decode = DecodeScheduler(self.kv_blocks, runner.block_size, config.max_num_seqs)
 
     def add(self, seq: Sequence) -> None:
         if seq.num_images:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -276,3 +276,113 @@ def _text_config(raw: dict, arch: str) -> TextConfig:
         bos_token_id=raw.get("bos_token_id"),
         eos_token_ids=eos_ids,
     )
+
+
+BACKENDS = ("auto", "torch", "cuda")
+BLOCK_SIZES = (8, 16, 32, 64, 128)
+MAX_MULTI_STEP = 64  # decode steps one call may run back to back (the decode graphs' token history)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Every engine setting in one value, validated in one place and passed whole to the
+    runner, the engines, the input processor and the stage roles.
+
+    __post_init__ checks each setting on its own (types and ranges; errors name the field and
+    the limit); `for_model` checks what needs the checkpoint (the context length) and resolves
+    "auto" and None to what will run, so a resolved config says exactly what a process uses.
+
+    backend: "torch" (reference ops, any device), "cuda" (our kernels), "auto" (cuda where
+    available). dtype: "auto" (the checkpoint's), "float32", "bfloat16" or "float16".
+    cuda_graphs: capture vision graphs per image-batch bucket and decode graphs per batch bucket
+    (cuda backend); background_capture: serving starts at once while the decode buckets are
+    captured on a side stream. multi_step: decode steps run back to back on the device between
+    host checks (1-64). kv_cache_tokens: KV arena capacity in tokens (None: on a GPU, what
+    gpu_memory_utilization leaves after weights and activations; on the CPU, 4 x max_model_len).
+    torch_threads: torch CPU threads of the process (0: leave torch's default).
+    """
+
+    model: str
+    backend: str = "auto"
+    dtype: str = "auto"
+    device: str | None = None
+    max_model_len: int | None = None
+    block_size: int = 16
+    kv_cache_tokens: int | None = None
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 8192
+    max_images_per_batch: int = 8
+    gpu_memory_utilization: float = 0.9
+    cuda_graphs: bool = True
+    background_capture: bool = False
+    multi_step: int = 1
+    seed: int = 0
+    progress: bool | None = None
+    torch_threads: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "model", str(self.model))
+        if isinstance(self.dtype, torch.dtype):
+            object.__setattr__(self, "dtype", str(parse_dtype(self.dtype)).removeprefix("torch."))
+        elif self.dtype != "auto":
+            object.__setattr__(self, "dtype", str(parse_dtype(self.dtype)).removeprefix("torch."))
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"backend = {self.backend!r}; use one of {', '.join(BACKENDS)}")
+        if self.device is not None:
+            try:
+                object.__setattr__(self, "device", str(torch.device(self.device)))
+            except (RuntimeError, TypeError):
+                raise ConfigError(f"device = {self.device!r} is not a device; use cpu, cuda or cuda:N") from None
+        for name, low in (("max_num_seqs", 1), ("max_num_batched_tokens", 1), ("max_images_per_batch", 0),
+                          ("seed", 0), ("torch_threads", 0)):
+            _check_int(name, getattr(self, name), low)
+        _check_int("multi_step", self.multi_step, 1, MAX_MULTI_STEP)
+        for name in ("max_model_len", "kv_cache_tokens"):
+            if getattr(self, name) is not None:
+                _check_int(name, getattr(self, name), 1)
+        if self.block_size not in BLOCK_SIZES:
+            raise ConfigError(f"block_size = {self.block_size}; use one of {', '.join(map(str, BLOCK_SIZES))}")
+        util = self.gpu_memory_utilization
+        if isinstance(util, bool) or not isinstance(util, (int, float)) or not 0.0 < util <= 1.0:
+            raise ConfigError(f"gpu_memory_utilization = {util!r}; must be a number in (0, 1]")
+        for name in ("cuda_graphs", "background_capture"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} = {getattr(self, name)!r}; must be True or False")
+
+    def for_model(self, cfg: ModelConfig) -> EngineConfig:
+        """This config checked against the checkpoint and resolved: max_model_len (the model's
+        context unless smaller), dtype (the checkpoint's for "auto"), device (cuda when present)."""
+        limit = cfg.text.max_position_embeddings
+        if self.max_model_len is not None and self.max_model_len > limit:
+            raise ConfigError(f"max_model_len = {self.max_model_len}; the model's context is {limit} tokens")
+        dtype = str(cfg.checkpoint_dtype).removeprefix("torch.") if self.dtype == "auto" else self.dtype
+        device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        return replace(self, max_model_len=self.max_model_len or limit, dtype=dtype, device=device)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        if self.dtype == "auto":
+            raise ConfigError("dtype is still 'auto': resolve the config with for_model first")
+        return parse_dtype(self.dtype)
+
+    def num_mm_blocks(self, cfg: ModelConfig) -> int:
+        """MM-arena blocks (one image each): two batches of images in flight, 0 without a tower."""
+        return 2 * self.max_images_per_batch if cfg.is_multimodal else 0
+
+    def num_kv_blocks(self) -> int | None:
+        """KV blocks of block_size for kv_cache_tokens; on the CPU 4 x max_model_len by default;
+        None: size from GPU memory (a resolved config on a GPU without kv_cache_tokens)."""
+        tokens = self.kv_cache_tokens
+        if tokens is None and torch.device(self.device or "cpu").type != "cuda":
+            if self.max_model_len is None:
+                raise ConfigError("max_model_len is unresolved: resolve the config with for_model first")
+            tokens = 4 * self.max_model_len
+        return None if tokens is None else -(-tokens // self.block_size)
+
+
+def _check_int(name: str, value: object, low: int, high: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{name} = {value!r}; must be an integer")
+    if value < low or (high is not None and value > high):
+        limit = f"in [{low}, {high}]" if high is not None else f">= {low}"
+        raise ConfigError(f"{name} = {value}; must be {limit}")

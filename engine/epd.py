@@ -1,4 +1,5 @@
-"""EPD orchestrator: encoders, prefill and decode in separate processes (ipc/stages.py).
+"""EPD orchestrator: encoders, prefill and decode as roles (engine/roles.py) in worker processes
+(ipc/worker.py).
 
 Modes on the same code: "epd" (encoder processes, then prefill, then decode) and "pd" (prefill
 encodes the images itself: the DistServe-style baseline). A placement such as
@@ -14,9 +15,12 @@ moves to another encoder; if prefill or decode dies, the requests in flight fail
 and, once no instance of a kind is left, the engine refuses new work (status and shutdown still
 answer at once).
 
-Start-up: every stage process starts at once and loads its weights in parallel; the arenas'
-handles then go to the stages that map them, and once every stage is ready the CPU arena files
-are unlinked (the mappings stay valid), so none is left in /dev/shm however the processes end.
+Start-up: every stage process starts at once and loads its weights in parallel; once every
+stage on a device has loaded, the KV owners there size their arenas one after another (each
+sees what the others hold: EngineConfig.kv_cache_tokens, or its share of the GPU's memory); the
+arenas' handles then go to the stages that map them, and once every stage is ready the CPU arena
+files are unlinked (the mappings stay valid), so none is left in /dev/shm however the processes
+end.
 Stages die with this process (ipc/parent_watch.py): build the engine in a thread that lives as
 long as it, such as the main thread.
 
@@ -35,24 +39,18 @@ import signal
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
+from functools import partial
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
 import torch
 
-from engine.config import ModelConfig
-from engine.input_processor import Capacity, InputProcessor
-from engine.placement import Placement
-from engine.request import Request, RequestOutput, Sequence, TokenEvent
-from engine.router import InstanceLoad, Router
-from engine.sampling import RequestError, SamplingParams
-from ipc.arena import unlink
-from ipc.channel import Inbox
-from ipc.messages import (
+from engine.config import EngineConfig, ModelConfig
+from engine.input_processor import InputProcessor
+from engine.messages import (
     Abort,
-    Crashed,
     DecodeTask,
     Encoded,
     EncodeTask,
@@ -60,19 +58,49 @@ from ipc.messages import (
     Failed,
     FreeKV,
     FreeMM,
+    Loaded,
     Migrated,
     Peers,
     Prefilled,
     PrefillTask,
     Ready,
-    Shutdown,
-    StageStatus,
+    Sized,
+    SizeKV,
     Tokens,
 )
-from ipc.stages import StageConfig, decode_main, encoder_main, prefill_main, run_stage, stage_summary
+from engine.placement import Placement
+from engine.request import Request, RequestOutput, Sequence, TokenEvent
+from engine.roles import RoleSpec, build_role
+from engine.router import InstanceLoad, Router
+from engine.sampling import RequestError, SamplingParams
+from ipc.arena import unlink
+from ipc.channel import Inbox
+from ipc.worker import Crashed, Shutdown, StageStatus, worker_main
 
 log = logging.getLogger(__name__)
 DRAIN_LIMIT = 512  # messages read from one stage per call: a busy stage cannot hold up step or status
+
+
+def stage_summary(name: str, stats: dict) -> str:
+    """One line for the start-up log, from a Ready message's stats."""
+    threads = stats.get("torch_threads", 0)
+    line = (f"stage {name}: pid {stats.get('pid')} on {stats.get('device')} ({stats.get('backend')}, "
+            f"{threads} CPU thread{'s' if threads != 1 else ''})")
+    if "kv_cache_blocks" in stats:
+        line += (f"; KV {stats['kv_cache_blocks']} blocks = {stats['kv_cache_tokens']} tokens, "
+                 f"{stats['kv_cache_gb']:g} GB")
+        if stats.get("kv_arena_of"):
+            line += f" (in {stats['kv_arena_of']}'s arena)"
+        elif stats.get("kv_blocks_for_decode"):
+            line += f" (+{stats['kv_blocks_for_decode']} blocks of decode's in the same arena)"
+    if "mm_arena_blocks" in stats:
+        line += f"; MM {stats['mm_arena_blocks']} blocks, {stats['mm_arena_gb']:g} GB"
+    if stats.get("mm_in_place_from"):
+        line += f" (reads encoder(s) {stats['mm_in_place_from']} in place)"
+    if "graph_buckets" in stats:
+        buckets = stats["graph_buckets"]
+        line += f"; graphs {buckets} in {stats.get('graph_capture_s', 0):.1f} s" if buckets else "; no graphs (eager)"
+    return line
 
 
 class StageError(RuntimeError):
@@ -119,6 +147,9 @@ class StageHandle:
     stats: dict = field(default_factory=dict)  # its latest StageStatus report
     crash: str | None = None  # the error it reported before exiting
     arena: Any | None = None  # the arena it exported (encoders: MM, prefill: KV), for cleanup
+    loaded: bool = False  # its weights are in memory (Loaded)
+    kv_owner: bool = False  # it sizes a KV arena of its own (SizeKV)
+    kv_blocks: int | None = None  # the KV blocks it owns, once sized (Sized)
 
     @property
     def name(self) -> str:
@@ -141,44 +172,47 @@ class EPDEngine:
     # An engine that was never started (tests build one with __new__) has no stages.
     stages: Mapping[str, StageHandle] = MappingProxyType({})
 
-    def __init__(self, model: str | Path, placement: str | None = None, mode: str = "epd",
-                 stage: StageConfig | None = None, seed: int = 0, start_timeout_s: float = 600.0) -> None:
+    def __init__(self, model: str | Path | EngineConfig, placement: str | None = None, mode: str = "epd",
+                 share_kv_arena: bool = True, start_timeout_s: float = 600.0, **settings: Any) -> None:
+        """settings: EngineConfig's fields (as for LLM), used by every stage; device is the
+        default placement's home. share_kv_arena: one prefill and one decode on one device share
+        one KV arena (decode reads the prompt's KV in place); otherwise decode pulls copies."""
         import multiprocess as mp
 
         if mode not in ("epd", "pd"):
             raise ValueError(f"mode {mode!r}: use 'epd' or 'pd' (or the in-process LLM for 'aggregated')")
-        self.cfg = ModelConfig.from_dir(model)
+        if isinstance(model, EngineConfig):
+            config = replace(model, **settings) if settings else model
+        else:
+            unknown = sorted(set(settings) - {f.name for f in fields(EngineConfig)})
+            if unknown:
+                raise ValueError(f"unknown setting {unknown[0]!r}; the settings are EngineConfig's fields")
+            config = EngineConfig(model=str(model), **settings)
+        self.cfg = ModelConfig.from_dir(config.model)
         if not self.cfg.is_multimodal:
             raise ValueError(f"{self.cfg.architecture} has no vision tower: use the aggregated LLM")
-        cfg = stage or StageConfig(model=str(model))
-        home = "cpu" if cfg.device == "cpu" else str(torch.device(cfg.device).index or 0)
+        home = "cpu" if (config.device or "cpu") == "cpu" else str(torch.device(config.device).index or 0)
         where = Placement.parse(placement, mode) if placement else Placement.default(home, mode)
         where.check_devices(torch.cuda.device_count())
         self.mode = mode
-        cfg = replace(cfg, kv_cache_tokens=cfg.kv_cache_tokens or 4 * self.cfg.text.max_position_embeddings,
-                      torch_threads=cfg.torch_threads or stage_threads(where.num_stages))
-        block_size = 16  # the stages' LLM default
-        self.input_processor = InputProcessor(model, self.cfg, Capacity(self.cfg.text.max_position_embeddings,
-                                                           -(-cfg.kv_cache_tokens // block_size), block_size,
-                                                           2 * cfg.max_images_per_batch), seed)
+        threads = config.torch_threads or stage_threads(where.num_stages)
+        config = replace(config.for_model(self.cfg), torch_threads=threads)
+        self.config = config
+        # what one request may use: set from the stages' KV pools once they are ready
+        self.input_processor = InputProcessor(config, self.cfg, 0, config.num_mm_blocks(self.cfg))
         self.stages: dict[str, StageHandle] = {}  # by name, in start order
         self.router = Router()
         self.broken: str | None = None
         self.flights: dict[int, _Flight] = {}  # requests in the stages, by seq_id
         self.late_events: list[TokenEvent] = []  # events found outside step(), returned by the next
-        # One prefill and one decode on one device share prefill's arena, extended by decode's
-        # blocks (decode reads the prompt's KV in place); otherwise decode pulls copies.
-        shared = cfg.share_kv_arena and where.shares_kv_device()
-        decode_blocks = -(-cfg.kv_cache_tokens // block_size) if shared else 0
+        shared = share_kv_arena and where.shares_kv_device()
         ctx = mp.get_context("spawn")
-        on = lambda device: replace(cfg, device=device)
         try:
-            for i, device in enumerate(where.of("encode")):
-                self._start(ctx, "encode", i, device, encoder_main, on(device))
-            for i, device in enumerate(where.of("prefill")):
-                self._start(ctx, "prefill", i, device, prefill_main, on(device), mode == "pd", decode_blocks)
-            for j, device in enumerate(where.of("decode")):
-                self._start(ctx, "decode", j, device, decode_main, on(device), shared)
+            for kind in ("encode", "prefill", "decode"):
+                for i, device in enumerate(where.of(kind)):
+                    spec = RoleSpec(kind, i, replace(config, device=device), encodes=mode == "pd",
+                                    shared=shared)
+                    self._start(ctx, spec, device)
             self._await_ready(time.monotonic() + start_timeout_s)
         except BaseException:
             self.shutdown()
@@ -198,51 +232,78 @@ class EPDEngine:
         """Every arena the stages exported (shutdown unlinks them after killed stages)."""
         return [h.arena for h in self.stages.values() if h.arena is not None]
 
-    def _start(self, ctx, kind: str, index: int, device: str, target, cfg: StageConfig, *extra) -> None:
-        name = f"{kind}{index}"
+    def _start(self, ctx, spec: RoleSpec, device: str) -> None:
+        name = spec.name
         inbox = Inbox(ctx, name)
         outbox, writer = ctx.Pipe(duplex=False)
-        proc = ctx.Process(target=run_stage, args=(target, name, os.getpid(), cfg, index, inbox.reader, writer, *extra),
-                           name=name, daemon=True)
+        args = (partial(build_role, spec), name, os.getpid(), spec.config.torch_threads, inbox.reader, writer)
+        proc = ctx.Process(target=worker_main, args=args, name=name, daemon=True)
         with _sigint_ignored_by_children():
             proc.start()
         # Only the stage writes its outbox and reads its inbox: with our copies of those ends
         # closed, its death is an EOF for our reader and an EPIPE for our writer, even mid-message.
         writer.close()
         inbox.started()
-        self.stages[name] = StageHandle(kind, index, device, proc, inbox, outbox)
+        self.stages[name] = StageHandle(spec.kind, spec.index, device, proc, inbox, outbox)
 
     def _await_ready(self, deadline: float) -> None:
-        """Collect the arenas' handles, send each stage the ones it maps, wait for every Ready;
-        then unlink the CPU arena files (all mapped) and log one line per stage."""
-        exporters = [h for h in self.stages.values() if h.kind != "decode"]
+        """Start-up (engine/messages.py): once every stage on a device has loaded, its KV owners
+        size their arenas one at a time; with every arena made, each stage gets the handles it
+        maps; wait for every Ready; then unlink the CPU arena files (all mapped), set what one
+        request may use from the KV pools, and log one line per stage."""
         peers_sent = False
+        sizing: dict[str, StageHandle] = {}  # device -> the KV owner sizing there now
         while any(h.ready is None for h in self.stages.values()):
-            if not peers_sent and all(h.arena is not None for h in exporters):
+            self._size_next(sizing)
+            if not peers_sent and all(h.arena is not None for h in self.stages.values() if h.kind != "decode") \
+                    and all(h.kv_blocks is not None for h in self.stages.values() if h.kv_owner):
                 mm = [h.arena for h in self.of_kind("encode")]
                 kv = [h.arena for h in self.of_kind("prefill")]
+                owned = [h.kv_blocks for h in self.of_kind("prefill")]
                 for handle in self.stages.values():
                     if handle.kind != "encode":
-                        handle.inbox.put(Peers(kv if handle.kind == "decode" else mm))
+                        handle.inbox.put(Peers(kv, owned) if handle.kind == "decode" else Peers(mm))
                 peers_sent = True
             msgs = self._read(1.0)
             if not msgs:
                 msgs = self._read(0.0)  # a stage that just died: what it sent first
                 self._raise_if_not_starting(msgs, deadline)
             for _, msg in msgs:
-                if isinstance(msg, Exported):
-                    self.stages[msg.stage].arena = msg.handle
+                stage = self.stages.get(getattr(msg, "stage", ""))
+                if isinstance(msg, Loaded):
+                    stage.loaded, stage.kv_owner = True, msg.kv_owner
+                elif isinstance(msg, Sized):
+                    stage.kv_blocks = msg.blocks
+                    sizing.pop(stage.device, None)
+                elif isinstance(msg, Exported):
+                    stage.arena = msg.handle
                 elif isinstance(msg, Ready):
-                    self.stages[msg.stage].ready = msg.stats
+                    stage.ready = msg.stats
                 elif isinstance(msg, Crashed):
                     log.debug("stage %s failed to start:\n%s", msg.stage, msg.traceback)
                     raise StageError(f"stage {msg.stage} failed to start: {msg.error}")
                 elif isinstance(msg, StageStatus):
-                    self.stages[msg.stage].stats = msg.stats
+                    stage.stats = msg.stats
         for arena in self.arenas:
             unlink(arena)
+        pools = [h.ready["kv_cache_blocks"] for h in self.stages.values() if "kv_cache_blocks" in h.ready]
+        self.input_processor.kv_blocks = min(pools)
         for handle in self.stages.values():
             log.info(stage_summary(handle.name, handle.ready))
+
+    def _size_next(self, sizing: dict[str, StageHandle]) -> None:
+        """On each device whose stages have all loaded, tell the next KV owner to size its arena
+        (one at a time: each takes its share of what is left after the ones before it)."""
+        for device in {h.device for h in self.stages.values()}:
+            here = [h for h in self.stages.values() if h.device == device]
+            if device in sizing or not all(h.loaded for h in here):
+                continue
+            waiting = [h for h in here if h.kv_owner and h.kv_blocks is None]
+            if waiting:
+                owner = waiting[0]
+                for_decode = owner.kind == "prefill" and any(h.kind == "decode" and not h.kv_owner for h in here)
+                owner.inbox.put(SizeKV(share=1.0 / len(waiting), for_decode=for_decode))
+                sizing[device] = owner
 
     def _raise_if_not_starting(self, msgs: list, deadline: float) -> None:
         if any(isinstance(m, Crashed) for _, m in msgs):

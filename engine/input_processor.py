@@ -4,11 +4,9 @@ by the in-process LLM and the EPD orchestrator. Errors name the field and the li
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from engine.config import ModelConfig
+from engine.config import EngineConfig, ModelConfig
 from engine.images import ImageProcessor, ImageProcessorConfig, check_image
 from engine.request import Request, Sequence
 from engine.sampling import RequestError, SamplingParams
@@ -16,28 +14,20 @@ from engine.schedulers import blocks_for
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
 
 
-@dataclass(frozen=True)
-class Capacity:
-    """What one request may use: context length, KV blocks of block_size, images in flight,
-    decode rows (each of its n samples takes one; 0: no limit known here)."""
-
-    max_model_len: int
-    kv_blocks: int
-    block_size: int
-    images: int
-    max_num_seqs: int = 0
-
-
 class InputProcessor:
-    def __init__(self, model_dir: str | Path, cfg: ModelConfig, capacity: Capacity, seed: int = 0) -> None:
-        self.cfg = cfg
-        self.capacity = capacity
-        self.tokenizer = Tokenizer(model_dir, cfg)
+    """kv_blocks, mm_blocks: what one request may use of the KV cache and the MM arena (EPD:
+    the smallest stage's; the orchestrator sets them once the stages have sized their arenas).
+    config must be resolved (EngineConfig.for_model)."""
+
+    def __init__(self, config: EngineConfig, cfg: ModelConfig, kv_blocks: int, mm_blocks: int) -> None:
+        self.config, self.cfg = config, cfg
+        self.kv_blocks, self.mm_blocks = kv_blocks, mm_blocks
+        self.tokenizer = Tokenizer(config.model, cfg)
         vision = cfg.vision
         self.image_processor = (
-            ImageProcessor(ImageProcessorConfig.from_model_dir(model_dir, vision.image_size)) if vision else None
+            ImageProcessor(ImageProcessorConfig.from_model_dir(config.model, vision.image_size)) if vision else None
         )
-        self._rng = random.Random(seed)
+        self._rng = random.Random(config.seed)
         self._next_id = 0
 
     def make_sequence(
@@ -58,26 +48,26 @@ class InputProcessor:
             raise RequestError(f"{self.cfg.architecture} takes no images; got {len(images)}")
         text = self.tokenizer.build_prompt(req.prompt, len(images), raw=req.raw_prompt)
         ids = self.tokenizer.encode(text, len(images))
-        vocab, cap = self.cfg.text.vocab_size, self.capacity
+        vocab, config = self.cfg.text.vocab_size, self.config
         if any(t >= vocab for t in sp.stop_token_ids):
             raise RequestError(f"sampling.stop_token_ids {sp.stop_token_ids}: ids must be < vocab size {vocab}")
         total = len(ids) + sp.max_tokens
-        if total > cap.max_model_len:
+        if total > config.max_model_len:
             raise RequestError(f"prompt has {len(ids)} tokens and max_tokens is {sp.max_tokens}: {total} > the "
-                               f"context length {cap.max_model_len}")
+                               f"context length {config.max_model_len}")
         # n samples share the prompt's full blocks; each needs the rest (its copy of the last
         # partial prompt block, then its answer)
-        shared = len(ids) // cap.block_size
-        blocks_needed = shared + sp.n * (blocks_for(total, cap.block_size) - shared)
-        if blocks_needed > cap.kv_blocks:
+        shared = len(ids) // config.block_size
+        blocks_needed = shared + sp.n * (blocks_for(total, config.block_size) - shared)
+        if blocks_needed > self.kv_blocks:
             samples = f", {sp.n} samples" if sp.n > 1 else ""
             raise RequestError(f"request needs {blocks_needed} KV blocks ({total} tokens{samples}); the cache has "
-                               f"{cap.kv_blocks}; raise kv_cache_tokens")
-        if cap.max_num_seqs and sp.n > cap.max_num_seqs:
+                               f"{self.kv_blocks}; raise kv_cache_tokens")
+        if sp.n > config.max_num_seqs:
             raise RequestError(f"sampling.n = {sp.n}; each sample is a decode row and max_num_seqs is "
-                               f"{cap.max_num_seqs}")
-        if len(images) > cap.images:
-            raise RequestError(f"request has {len(images)} images; at most {cap.images} fit the MM arena "
+                               f"{config.max_num_seqs}")
+        if len(images) > self.mm_blocks:
+            raise RequestError(f"request has {len(images)} images; at most {self.mm_blocks} fit the MM arena "
                                "(raise max_images_per_batch)")
         if preprocess:
             pixels = self.image_processor.preprocess(images) if images else None

@@ -5,16 +5,17 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from engine.aggregated import AggregatedEngine
-from engine.config import ConfigError, ModelConfig, parse_dtype
-from engine.input_processor import Capacity, InputProcessor
+from engine.config import ConfigError, EngineConfig, ModelConfig
+from engine.input_processor import InputProcessor
 from engine.request import Request, RequestOutput, Sequence, Status, TokenEvent
-from engine.runner import ModelRunner
+from engine.runner import build_runner
 from engine.sampling import RequestError, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -23,72 +24,33 @@ log = logging.getLogger(__name__)
 class LLM:
     """Loads a checkpoint and serves batches of requests in this process.
 
-    backend: "torch" (reference ops, any device), "cuda" (our kernels), "auto" (cuda where
-    available). dtype: "auto" (the checkpoint's), "float32", "bfloat16" or "float16".
-    cuda_graphs: capture vision graphs per image-batch bucket and decode graphs per batch
-    bucket (cuda backend); with
-    background_capture, serving starts at once while the buckets are captured on a side stream.
-    multi_step: decode steps run back to back on the device between host checks (1-64).
-    kv_cache_tokens: KV arena capacity in tokens (default: on a GPU, what gpu_memory_utilization
-    leaves after weights and activations; on the CPU, 4 x max_model_len).
-    parts: "all", or "vision" / "lm" for an EPD stage that needs only the encoder or the LM.
+    `LLM(model_dir, **settings)`: the settings are EngineConfig's fields (engine/config.py:
+    backend, dtype, device, max_model_len, block_size, kv_cache_tokens, max_num_seqs,
+    max_num_batched_tokens, max_images_per_batch, gpu_memory_utilization, cuda_graphs,
+    background_capture, multi_step, seed, progress, torch_threads); or pass an EngineConfig.
     """
 
-    def __init__(
-        self,
-        model: str | Path,
-        backend: str = "auto",
-        dtype: str | torch.dtype = "auto",
-        device: str | None = None,
-        max_model_len: int | None = None,
-        block_size: int = 16,
-        kv_cache_tokens: int | None = None,
-        max_num_seqs: int = 64,
-        max_num_batched_tokens: int = 8192,
-        max_images_per_batch: int = 8,
-        gpu_memory_utilization: float = 0.9,
-        cuda_graphs: bool = True,
-        background_capture: bool = False,
-        multi_step: int = 1,
-        seed: int = 0,
-        progress: bool | None = None,
-        parts: str = "all",
-    ) -> None:
-        self.model_dir = Path(model)
+    def __init__(self, model: str | Path | EngineConfig, **settings: Any) -> None:
+        if isinstance(model, EngineConfig):
+            config = replace(model, **settings) if settings else model
+        else:
+            unknown = sorted(set(settings) - {f.name for f in fields(EngineConfig)})
+            if unknown:
+                raise ConfigError(f"unknown setting {unknown[0]!r}; the settings are EngineConfig's fields")
+            config = EngineConfig(model=str(model), **settings)
+        self.model_dir = Path(config.model)
         self.cfg = ModelConfig.from_dir(self.model_dir)
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if self.device.type == "cuda" and self.device.index is not None:
-            # graph capture and cuBLAS use the current device's stream and handle
-            torch.cuda.set_device(self.device)
-        self.dtype = self.cfg.checkpoint_dtype if dtype == "auto" else parse_dtype(dtype)
-        limit = self.cfg.text.max_position_embeddings
-        if max_model_len is not None and not 1 <= max_model_len <= limit:
-            raise ConfigError(f"max_model_len = {max_model_len}; the model's context is {limit} tokens")
-        self.max_model_len = max_model_len or limit
-        if block_size not in (8, 16, 32, 64, 128):
-            raise ConfigError(f"block_size = {block_size}; use one of 8, 16, 32, 64, 128")
-        if not 0.0 < gpu_memory_utilization <= 1.0:
-            raise ConfigError(f"gpu_memory_utilization = {gpu_memory_utilization}; must be in (0, 1]")
-        if kv_cache_tokens is None and self.device.type != "cuda":
-            kv_cache_tokens = 4 * self.max_model_len
-        num_blocks = -(-kv_cache_tokens // block_size) if kv_cache_tokens else None
-        self.runner = ModelRunner(
-            self.cfg, str(self.model_dir), self.dtype, self.device, backend, block_size, num_blocks,
-            max_images_per_batch, gpu_memory_utilization, max_num_batched_tokens, max_num_seqs, progress, parts,
-        )
-        max_steps = self.runner.decode_graphs.max_steps if self.runner.decode_graphs else 1
-        if not 1 <= multi_step <= max_steps:
-            raise ConfigError(f"multi_step = {multi_step}; must be in [1, {max_steps}]")
-        if cuda_graphs and self.runner.backend == "cuda":
-            self.runner.capture_graphs(background=background_capture)
-        self.engine = AggregatedEngine(self.runner, max_num_seqs, max_num_batched_tokens, max_images_per_batch,
-                                       multi_step)
-        capacity = Capacity(self.max_model_len, self.runner.num_kv_blocks, block_size, self.runner.num_mm_blocks,
-                            max_num_seqs)
-        self.input_processor = InputProcessor(self.model_dir, self.cfg, capacity, seed)
+        self.config = config = config.for_model(self.cfg)
+        self.device, self.dtype = torch.device(config.device), config.torch_dtype
+        self.max_model_len = config.max_model_len
+        self.runner = build_runner(config, self.cfg)
+        if config.cuda_graphs and self.runner.backend == "cuda":
+            self.runner.capture_graphs(background=config.background_capture)
+        self.engine = AggregatedEngine(self.runner, config)
+        self.input_processor = InputProcessor(config, self.cfg, self.runner.num_kv_blocks, self.runner.num_mm_blocks)
         self.tokenizer = self.input_processor.tokenizer
         self.image_processor = self.input_processor.image_processor
-        self.max_num_seqs, self.multi_step = max_num_seqs, multi_step
+        self.max_num_seqs, self.multi_step = config.max_num_seqs, config.multi_step
         log.info("%s", self.summary())
 
     def describe(self) -> dict:

@@ -107,6 +107,8 @@ class Sequence:
     output_ids: list[int] = field(default_factory=list)
     block_table: list[int] = field(default_factory=list)  # KV blocks
     mm_blocks: list[int] = field(default_factory=list)  # MM-arena blocks, one per image, until prefill
+    # EPD prefill: (encoder, block) per image, read in place in the encoders' arenas on this device
+    mm_peer_blocks: list[tuple[int, int]] = field(default_factory=list)
     num_cached: int = 0  # tokens whose K/V are in the arena
     status: Status = Status.WAITING
     finish_reason: str | None = None

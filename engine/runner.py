@@ -8,10 +8,11 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.config import ModelConfig
+from engine.config import MAX_MULTI_STEP, ConfigError, EngineConfig, ModelConfig
 from engine.loader import load_model
 from engine.logprobs import LogprobBatch, append_records, logprob_rows, token_logprobs
 from engine.models.llama import AttentionMetadata
+from engine.models.llava import MultimodalModel
 from engine.penalties import PenaltyState
 from engine.request import Sequence
 from engine.sampling import SamplingParams
@@ -29,54 +30,37 @@ class StepOutput:
 
 
 class ModelRunner:
-    def __init__(
-        self,
-        cfg: ModelConfig,
-        model_dir: str,
-        dtype: torch.dtype,
-        device: torch.device,
-        backend: str,
-        block_size: int,
-        num_kv_blocks: int | None,
-        max_images_per_batch: int = 8,
-        gpu_memory_utilization: float = 0.9,
-        max_num_batched_tokens: int = 8192,
-        max_num_seqs: int = 64,
-        progress: bool | None = None,
-        parts: str = "all",
-    ) -> None:
-        """num_kv_blocks None: size the KV arena from the GPU memory left after weights and a
-        profiled forward at max_num_batched_tokens (gpu_memory_utilization of the card).
-        parts "vision" or "lm": load only that half of the model (a disaggregated stage); a
-        vision-only runner has no KV arena and no decode graphs."""
-        self.cfg = cfg
-        self.device = device
-        self.dtype = dtype
-        self.ops = get_backend(backend, device, dtype)
+    """Runs the model's steps over arenas it is given: the KV arena [blocks, layers, 2,
+    block_size, kv_heads, head_dim] and the MM arena [blocks, tokens_per_image, hidden] (one
+    image per block). Who allocates them decides where they live: `build_runner` allocates
+    plain tensors for the in-process engine; an EPD stage role allocates shared arenas, or maps
+    another stage's (engine/roles.py). Block ids index the whole KV arena; which of its blocks
+    are whose is the block managers' business, not the runner's."""
+
+    def __init__(self, config: EngineConfig, cfg: ModelConfig, model: MultimodalModel, kv_arena: torch.Tensor,
+                 mm_arena: torch.Tensor, mm_peers: list[torch.Tensor | None] | None = None) -> None:
+        """mm_peers: MM arenas of other processes on this device (EPD encoders), read in place by
+        prefill for sequences whose mm_peer_blocks name them (None: not readable here)."""
+        self.config, self.cfg, self.model = config, cfg, model
+        self.device, self.dtype = torch.device(config.device), config.torch_dtype
+        self.ops = get_backend(config.backend, self.device, self.dtype)
         self.backend = "cuda" if self.ops.__name__.endswith("cuda_ops") else "torch"
-        self.model = load_model(cfg, model_dir, dtype, device, progress=progress, parts=parts)
-        self.parts = parts
+        self.block_size = config.block_size
+        self.max_images_per_batch = config.max_images_per_batch
+        self.parts = "vision" if model.lm is None else "lm" if model.vision is None and cfg.is_multimodal else "all"
         self.vision_graphs: VisionGraphs | None = None  # captured by capture_graphs
-        self.block_size = block_size
-        # MM arena [num_mm_blocks, tokens_per_image, hidden]: one block per image in flight.
-        self.num_mm_blocks = 2 * max_images_per_batch if cfg.is_multimodal else 0
-        self.mm_arena = torch.empty(
-            self.num_mm_blocks, cfg.image_tokens_per_image if cfg.is_multimodal else 0, cfg.text.hidden_size,
-            dtype=dtype, device=device,
-        )
+        self.mm_arena = mm_arena
+        self.num_mm_blocks = mm_arena.shape[0]
+        self.mm_peers = list(mm_peers or [])
         # Penalty state (engine/penalties.py): one slot per running sequence plus headroom for
-        # preempted ones; allocated before the KV arena is sized from what is left.
-        penalty_slots = max_num_seqs + max(16, max_num_seqs // 4) if self.model.lm is not None else 0
-        self.penalties = PenaltyState(penalty_slots, cfg.text.vocab_size, device)
-        if self.model.lm is None:
-            num_kv_blocks = 0
-        elif num_kv_blocks is None:
-            num_kv_blocks = self._kv_blocks_from_memory(gpu_memory_utilization, max_num_batched_tokens)
-        self.num_kv_blocks = num_kv_blocks
-        self.kv_arena = self._alloc_kv(num_kv_blocks)
-        max_blocks = -(-cfg.text.max_position_embeddings // block_size)
-        self.decode_graphs = DecodeGraphs(self, max_num_seqs, max_blocks) if self.model.lm is not None else None
-        self.max_images_per_batch = max_images_per_batch
+        # preempted ones (kv_blocks_from_memory counts it among the activations).
+        slots = config.max_num_seqs + max(16, config.max_num_seqs // 4) if model.lm is not None else 0
+        self.penalties = PenaltyState(slots, cfg.text.vocab_size, self.device)
+        self.kv_arena = kv_arena
+        self.num_kv_blocks = kv_arena.shape[0]
+        max_blocks = -(-cfg.text.max_position_embeddings // self.block_size)
+        self.decode_graphs = (DecodeGraphs(self, config.max_num_seqs, max_blocks, MAX_MULTI_STEP)
+                              if model.lm is not None else None)
 
     def capture_graphs(self, background: bool = False) -> None:
         """Capture vision graphs per image-batch bucket (multimodal models), then decode graphs
@@ -100,12 +84,6 @@ class ModelRunner:
 
         return self.cfg.text.head_dim in KERNEL_HEAD_DIMS
 
-    def _alloc_kv(self, num_blocks: int) -> torch.Tensor:
-        t = self.cfg.text
-        # [num_blocks, num_layers, 2, block_size, kv_heads, head_dim]
-        return torch.zeros(num_blocks, t.num_layers, 2, self.block_size, t.num_kv_heads, t.head_dim,
-                           dtype=self.dtype, device=self.device)
-
     @torch.inference_mode()
     def copy_kv_blocks(self, src: list[int], dst: list[int]) -> None:
         """KV block dst[i] := block src[i], all layers (copy-on-write of a shared block: the n
@@ -118,36 +96,7 @@ class ModelRunner:
 
     @property
     def kv_block_bytes(self) -> int:
-        t = self.cfg.text
-        return t.num_layers * 2 * self.block_size * t.num_kv_heads * t.head_dim * self.dtype.itemsize
-
-    def _kv_blocks_from_memory(self, utilization: float, max_tokens: int) -> int:
-        if self.device.type != "cuda":
-            raise ValueError("num_kv_blocks must be given on the CPU (LLM sets it from kv_cache_tokens)")
-        torch.cuda.synchronize(self.device)
-        torch.cuda.reset_peak_memory_stats(self.device)
-        base = torch.cuda.memory_allocated(self.device)  # weights + MM arena
-        tokens = min(max_tokens, self.cfg.text.max_position_embeddings)
-        self.kv_arena = self._alloc_kv(-(-tokens // self.block_size))
-        probe = Sequence(seq_id=-1, prompt_ids=[0] * tokens, sampling=SamplingParams(), seed=0, detok=None,
-                         stop_token_ids=frozenset(), block_table=list(range(self.kv_arena.shape[0])))
-        self.prefill([probe])
-        if self.model.vision is not None:
-            pixels = torch.randn(self.num_mm_blocks // 2, 3, self.cfg.vision.image_size, self.cfg.vision.image_size)
-            self.encode_images(pixels)
-        torch.cuda.synchronize(self.device)
-        peak = torch.cuda.max_memory_allocated(self.device) - base - self.kv_arena.numel() * self.dtype.itemsize
-        del self.kv_arena
-        torch.cuda.empty_cache()
-        free, total = torch.cuda.mem_get_info(self.device)
-        others = total - free - torch.cuda.memory_reserved(self.device)  # CUDA context, other processes
-        reserve = 1 << 30  # CUDA graphs, cuBLAS workspaces, fragmentation
-        budget = int(total * utilization) - others - base - peak - reserve
-        if budget < self.kv_block_bytes:
-            raise ValueError(
-                f"no GPU memory left for the KV cache: {total / 2**30:.1f} GiB x gpu_memory_utilization "
-                f"{utilization} minus weights {base / 2**30:.1f} GiB and activations {peak / 2**30:.1f} GiB")
-        return budget // self.kv_block_bytes
+        return kv_block_bytes(self.cfg, self.block_size, self.dtype)
 
     # ------------------------------------------------------------------ images
 
@@ -183,13 +132,20 @@ class ModelRunner:
         """One forward over each sequence's uncached tokens (packed varlen); samples one token
         per sequence from its last position. Updates num_cached."""
         ids, positions, slots, cu, image_index = [], [], [], [0], []
+        peer_rows: dict[int, tuple[list[int], list[int]]] = {}  # peer -> (packed positions, rows in its arena)
         has_images = False
         for seq in seqs:
             start = seq.num_cached
             tokens = seq.all_ids[start:]
-            if seq.mm_blocks and start < len(seq.prompt_ids):  # its images are in the MM arena
-                image_index += self._image_rows(seq, start)
-                has_images = True
+            if (seq.mm_blocks or seq.mm_peer_blocks) and start < len(seq.prompt_ids):
+                for offset, ref in enumerate(self._image_rows(seq, start)):
+                    source, row = ref if ref is not None else (0, -1)
+                    image_index.append(row if source == 0 else -1)
+                    has_images |= source == 0 and row >= 0
+                    if source > 0:
+                        at, rows = peer_rows.setdefault(source - 1, ([], []))
+                        at.append(len(ids) + offset)
+                        rows.append(row)
             else:
                 image_index += [-1] * len(tokens)
             ids += tokens
@@ -212,6 +168,9 @@ class ModelRunner:
             self.kv_arena,
             image_index=self._tensor(image_index, torch.int64) if has_images else None,
             image_embeds=self.mm_arena.view(-1, self.mm_arena.shape[-1]) if has_images else None,
+            image_rows_from=[(self._tensor(at, torch.int64), self._tensor(rows, torch.int64),
+                              self.mm_peers[peer].view(-1, self.mm_peers[peer].shape[-1]))
+                             for peer, (at, rows) in peer_rows.items()],
         )
         last = self._tensor([c - 1 for c in cu[1:]], torch.int64)
         logits = self.model.compute_logits(self.ops, hidden if all_logits else hidden[last])
@@ -256,18 +215,23 @@ class ModelRunner:
         blocks); a no-op without one. A preempted sequence keeps its slot."""
         self.penalties.release(seq)
 
-    def _image_rows(self, seq: Sequence, start: int) -> list[int]:
-        """Per token from `start` on: its row in the flattened MM arena, or -1 for text."""
-        per_image = self.mm_arena.shape[1]
-        rows, k = [], 0
+    def _image_rows(self, seq: Sequence, start: int) -> list[tuple[int, int] | None]:
+        """Per token from `start` on: (source, row) of its embedding, None for text. Source 0 is
+        this runner's MM arena (seq.mm_blocks); source e + 1 is mm_peers[e] (seq.mm_peer_blocks,
+        an encoder's arena read in place). Rows index the flattened [blocks x tokens_per_image]."""
+        per_image = self.cfg.image_tokens_per_image
+        refs = [(e + 1, b) for e, b in seq.mm_peer_blocks] or [(0, b) for b in seq.mm_blocks]
+        rows: list[tuple[int, int] | None] = []
+        k = 0
         for p, t in enumerate(seq.prompt_ids[: seq.num_tokens]):
             if t == self.cfg.image_token_id:
                 if p >= start:
-                    rows.append(seq.mm_blocks[k // per_image] * per_image + k % per_image)
+                    source, block = refs[k // per_image]
+                    rows.append((source, block * per_image + k % per_image))
                 k += 1
             elif p >= start:
-                rows.append(-1)
-        return rows + [-1] * (seq.num_tokens - max(start, len(seq.prompt_ids)))
+                rows.append(None)
+        return rows + [None] * (seq.num_tokens - max(start, len(seq.prompt_ids)))
 
     def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
         """One token per row of raw logits [B, V]: penalties (rows whose sequence uses them; its
@@ -303,3 +267,91 @@ class ModelRunner:
         if rows:
             append_records([seqs[i] for i in rows], [token_ids[i] for i in rows], batch)
         return token_ids
+
+
+# ----------------------------------------------------------------------------- building runners
+
+
+def load_weights(config: EngineConfig, cfg: ModelConfig, parts: str = "all") -> MultimodalModel:
+    """The model's weights on config.device (a resolved config): "all", or "vision" / "lm" for
+    a stage that needs only the tower + projector or only the LM."""
+    device = torch.device(config.device)
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)  # graph capture and cuBLAS use the current device's stream and handle
+    return load_model(cfg, config.model, config.torch_dtype, device, progress=config.progress, parts=parts)
+
+
+def kv_block_shape(config: EngineConfig, cfg: ModelConfig) -> tuple[int, ...]:
+    """One KV block: [layers, 2 (K, V), block_size, kv_heads, head_dim]."""
+    t = cfg.text
+    return (t.num_layers, 2, config.block_size, t.num_kv_heads, t.head_dim)
+
+
+def kv_block_bytes(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+    t = cfg.text
+    return t.num_layers * 2 * block_size * t.num_kv_heads * t.head_dim * dtype.itemsize
+
+
+def mm_arena_shape(config: EngineConfig, cfg: ModelConfig, num_blocks: int | None = None) -> tuple[int, ...]:
+    """The MM arena: [blocks (config.num_mm_blocks by default), tokens_per_image, hidden]."""
+    blocks = config.num_mm_blocks(cfg) if num_blocks is None else num_blocks
+    return (blocks, cfg.image_tokens_per_image if cfg.is_multimodal else 0, cfg.text.hidden_size)
+
+
+def kv_blocks_from_memory(config: EngineConfig, cfg: ModelConfig, model: MultimodalModel, mm_arena: torch.Tensor,
+                          share: float = 1.0) -> int:
+    """KV blocks that fit in `share` of what config.gpu_memory_utilization of the card leaves
+    after everything allocated on it now (this process's weights and MM arena, other
+    processes), this process's activations (a profiled prefill of max_num_batched_tokens and,
+    with a tower, an image batch) and a 1 GiB reserve (graphs, cuBLAS workspaces)."""
+    device = torch.device(config.device)
+    if device.type != "cuda":
+        raise ConfigError("the KV cache is sized from GPU memory only on a GPU; give kv_cache_tokens on the CPU")
+    dtype = config.torch_dtype
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)  # weights + MM arena
+    tokens = min(config.max_num_batched_tokens, cfg.text.max_position_embeddings)
+    probe_blocks = -(-tokens // config.block_size)
+    probe = ModelRunner(config, cfg, model, torch.zeros(probe_blocks, *kv_block_shape(config, cfg), dtype=dtype,
+                                                        device=device), mm_arena)
+    arena_bytes = probe.kv_arena.numel() * dtype.itemsize
+    if model.lm is not None:
+        seq = Sequence(seq_id=-1, prompt_ids=[0] * tokens, sampling=SamplingParams(), seed=0, detok=None,
+                       stop_token_ids=frozenset(), block_table=list(range(probe_blocks)))
+        probe.prefill([seq])
+    if model.vision is not None and probe.num_mm_blocks:
+        size = cfg.vision.image_size
+        probe.encode_images(torch.randn(max(1, probe.num_mm_blocks // 2), 3, size, size))
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - base - arena_bytes
+    del probe
+    torch.cuda.empty_cache()
+    free, total = torch.cuda.mem_get_info(device)
+    others = total - free - torch.cuda.memory_reserved(device)  # CUDA context, other processes
+    reserve = 1 << 30
+    budget = int((int(total * config.gpu_memory_utilization) - others - base - peak - reserve) * share)
+    block = kv_block_bytes(cfg, config.block_size, dtype)
+    if budget < block:
+        raise ConfigError(
+            f"no GPU memory left for the KV cache: {total / 2**30:.1f} GiB x gpu_memory_utilization "
+            f"{config.gpu_memory_utilization} minus weights {base / 2**30:.1f} GiB, activations "
+            f"{peak / 2**30:.1f} GiB and other processes {others / 2**30:.1f} GiB")
+    return budget // block
+
+
+def build_runner(config: EngineConfig, cfg: ModelConfig, parts: str = "all") -> ModelRunner:
+    """A runner for this process over arenas of its own: weights loaded, the MM arena made, the
+    KV arena sized (config.num_kv_blocks, or from GPU memory) and allocated."""
+    model = load_weights(config, cfg, parts)
+    device, dtype = torch.device(config.device), config.torch_dtype
+    mm_arena = torch.empty(mm_arena_shape(config, cfg, None if model.vision is not None else 0), dtype=dtype,
+                           device=device)
+    if model.lm is None:
+        blocks = 0
+    else:
+        blocks = config.num_kv_blocks()
+        if blocks is None:
+            blocks = kv_blocks_from_memory(config, cfg, model, mm_arena)
+    kv_arena = torch.zeros(blocks, *kv_block_shape(config, cfg), dtype=dtype, device=device)
+    return ModelRunner(config, cfg, model, kv_arena, mm_arena)

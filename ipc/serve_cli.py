@@ -37,8 +37,7 @@ from engine.cli import (
 )
 
 log = logging.getLogger("ipc.serve")
-AGGREGATED_ONLY = ("multi_step", "max_model_len", "max_num_batched_tokens", "gpu_memory_utilization",
-                   "no_cuda_graphs", "background_capture")
+AGGREGATED_ONLY = ("background_capture",)  # EPD decode captures its graphs before it reports ready
 
 
 class StopRequested(BaseException):  # noqa: N818 -- a signal, not an error
@@ -68,12 +67,13 @@ def build_parser(model_help: str = "HF checkpoint directory (required)") -> argp
     p.add_argument("--seed", type=int, default=0, help="engine seed for requests without one")
     p.add_argument("--allowed-local-media-path",
                    help="directory whose image files requests may name by path (default: none: paths are refused)")
+    p.add_argument("--multi-step", type=int, help="decode steps per device call, 1-64 (default: 1)")
+    p.add_argument("--max-model-len", type=int, help="context cap in tokens (default: the model's)")
+    p.add_argument("--max-num-batched-tokens", type=int, help="prefill token budget per step (default: 8192)")
+    p.add_argument("--gpu-memory-utilization", type=float,
+                   help="share of the GPU for weights + KV (default: 0.9; epd: the stages on one GPU share it)")
+    p.add_argument("--no-cuda-graphs", action="store_true", help="decode eagerly (cuda backend)")
     agg = p.add_argument_group("aggregated mode only")
-    agg.add_argument("--multi-step", type=int, help="decode steps per device call, 1-64 (default: 1)")
-    agg.add_argument("--max-model-len", type=int, help="context cap in tokens (default: the model's)")
-    agg.add_argument("--max-num-batched-tokens", type=int, help="prefill token budget per step (default: 8192)")
-    agg.add_argument("--gpu-memory-utilization", type=float, help="share of the GPU for weights + KV (default: 0.9)")
-    agg.add_argument("--no-cuda-graphs", action="store_true", help="decode eagerly (cuda backend)")
     agg.add_argument("--background-capture", action="store_true",
                      help="serve at once; capture the decode graphs on a side stream")
     add_log_level(p)
@@ -115,26 +115,23 @@ def check_args(args: argparse.Namespace) -> None:
 
 def load_engine(args: argparse.Namespace, model: Path):
     """The in-process LLM (aggregated) or the EPD orchestrator with its stage processes."""
+    from engine.config import EngineConfig
+
+    optional = {"multi_step": args.multi_step, "max_model_len": args.max_model_len,
+                "max_num_batched_tokens": args.max_num_batched_tokens,
+                "gpu_memory_utilization": args.gpu_memory_utilization}
+    config = EngineConfig(model=str(model), backend=args.backend, dtype=args.dtype, device=args.device,
+                          max_num_seqs=args.max_num_seqs, kv_cache_tokens=args.kv_cache_tokens,
+                          max_images_per_batch=args.max_images_per_batch, cuda_graphs=not args.no_cuda_graphs,
+                          background_capture=args.background_capture, seed=args.seed,
+                          **{k: v for k, v in optional.items() if v is not None})
     if args.mode == "aggregated":
         from engine import LLM
 
-        optional = {"multi_step": args.multi_step, "max_model_len": args.max_model_len,
-                    "max_num_batched_tokens": args.max_num_batched_tokens,
-                    "gpu_memory_utilization": args.gpu_memory_utilization}
-        return LLM(model, backend=args.backend, dtype=args.dtype, device=args.device, max_num_seqs=args.max_num_seqs,
-                   kv_cache_tokens=args.kv_cache_tokens, max_images_per_batch=args.max_images_per_batch,
-                   cuda_graphs=not args.no_cuda_graphs, background_capture=args.background_capture, seed=args.seed,
-                   **{k: v for k, v in optional.items() if v is not None})
-    import torch
-
+        return LLM(config)
     from engine.epd import EPDEngine
-    from ipc.stages import StageConfig
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    stage = StageConfig(model=str(model), backend=args.backend, device=device, dtype=args.dtype,
-                        kv_cache_tokens=args.kv_cache_tokens, max_num_seqs=args.max_num_seqs,
-                        max_images_per_batch=args.max_images_per_batch)
-    return EPDEngine(model, placement=args.placement, mode=args.mode, stage=stage, seed=args.seed)
+    return EPDEngine(config, placement=args.placement, mode=args.mode)
 
 
 def _describe(args: argparse.Namespace, engine, address: object) -> str:

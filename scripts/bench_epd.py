@@ -32,7 +32,6 @@ if str(ROOT) not in sys.path:
 
 from engine import LLM, Request, SamplingParams  # noqa: E402
 from engine.epd import EPDEngine  # noqa: E402
-from ipc.stages import StageConfig  # noqa: E402
 
 PROMPT = "Describe this picture in detail: the colours, the animals, the weather, and what happens next."
 
@@ -122,8 +121,8 @@ def main(argv: list[str] | None = None) -> None:
     check_device(None, args.backend)
     sp = SamplingParams(max_tokens=args.max_tokens, ignore_eos=True)
     check, load = requests(args.check_requests, args.images), requests(args.requests, args.images)
-    stage = StageConfig(model=args.model, backend=args.backend, device=devices["P"][0], dtype="bfloat16",
-                        kv_cache_tokens=args.kv_cache_tokens, share_kv_arena=not args.no_share)
+    settings = dict(backend=args.backend, device=devices["P"][0], dtype="bfloat16",
+                    kv_cache_tokens=args.kv_cache_tokens)
     p_dev, d_dev = devices["P"][0], devices["D"][0]
     ceiling = copy_gbps(p_dev, d_dev)
     e_dev = devices.get("E", [p_dev])[0]
@@ -144,7 +143,8 @@ def main(argv: list[str] | None = None) -> None:
           f"copy {p_dev}->{d_dev}: {ceiling:.0f} GB/s; {e_dev}->{p_dev}: {mm_ceiling:.0f} GB/s", flush=True)
 
     t0 = time.perf_counter()
-    with EPDEngine(args.model, placement=args.placement, mode=args.mode, stage=stage) as epd:
+    with EPDEngine(args.model, placement=args.placement, mode=args.mode, share_kv_arena=not args.no_share,
+                   **settings) as epd:
         started = time.perf_counter() - t0
         epd.generate(load[:2], sp)  # warm-up: first use of each kernel in every stage
         alone = one_at_a_time(epd, check, sp)

@@ -115,7 +115,6 @@ def test_epd_stages_on_one_gpu_load_only_their_half(small_llava: Path) -> None:
     prompt's KV in place in prefill's arena; output == aggregated, and again with KV copied."""
     from engine import LLM, Request, SamplingParams
     from engine.epd import EPDEngine
-    from ipc.stages import StageConfig
     from scripts.bench_offline import images
 
     reqs = [Request("Describe", images=images(1, 84)), Request("No image"),
@@ -129,8 +128,7 @@ def test_epd_stages_on_one_gpu_load_only_their_half(small_llava: Path) -> None:
     if torch.cuda.device_count() > 1:  # peer copies: KV 0 -> 1, embeddings 1 -> 0
         runs.append(("E:1,0 P:0 D:1", True))
     for placement, share in runs:
-        stage = StageConfig(model=str(small_llava), share_kv_arena=share, **kw)
-        with EPDEngine(small_llava, placement=placement, stage=stage) as epd:
+        with EPDEngine(small_llava, placement=placement, share_kv_arena=share, **kw) as epd:
             outs = [epd.generate([r], sp)[0] for r in reqs]
         assert [o.token_ids for o in outs] == reference, (placement, share)
         assert (outs[0].handoff["kv_bytes"] > 0) == (not share or placement.endswith("D:1"))

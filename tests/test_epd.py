@@ -13,7 +13,6 @@ from PIL import Image
 from engine import LLM, Request, SamplingParams
 from engine.config import ModelConfig
 from engine.epd import EPDEngine, StageError
-from ipc.stages import StageConfig
 
 
 def _png(seed: int) -> bytes:
@@ -37,7 +36,7 @@ SP = SamplingParams(max_tokens=12, ignore_eos=True)
 
 @pytest.fixture(scope="module")
 def epd(tiny_llava: Path):
-    engine = EPDEngine(tiny_llava, placement="E:cpu,cpu P:cpu D:cpu", stage=StageConfig(model=str(tiny_llava)))
+    engine = EPDEngine(tiny_llava, placement="E:cpu,cpu P:cpu D:cpu", backend="torch", device="cpu")
     yield engine
     engine.shutdown()
     assert not any(p.is_alive() for p in engine.procs.values()), "a stage process outlived shutdown"
@@ -51,9 +50,10 @@ def test_epd_matches_aggregated(epd: EPDEngine, tiny_llava: Path) -> None:
     assert [o.text for o in outputs] == [o.text for o in reference]
     three = outputs[2].ttft_breakdown
     assert three["encode_s"] > 0 and outputs[1].ttft_breakdown["encode_s"] == 0
-    # three images' embeddings copied from the encoders; KV read in place (shared arena)
-    assert outputs[2].handoff["mm_bytes"] == 3 * outputs[0].handoff["mm_bytes"] > 0
-    assert all(o.handoff["kv_bytes"] == 0 for o in outputs)
+    # the encoders' arenas are on prefill's device: embeddings read in place, nothing copied;
+    # KV read in place too (shared arena)
+    assert all(o.handoff["mm_bytes"] == 0 and o.handoff["kv_bytes"] == 0 for o in outputs)
+    assert epd.stages["prefill0"].ready["mm_in_place_from"] == [0, 1]
     # again, so every stage has freed and reused its blocks
     assert [o.token_ids for o in epd.generate(_requests(), SP)] == [o.token_ids for o in reference]
     # the stages report their queues and blocks; idle again, nothing is held
@@ -89,7 +89,7 @@ def test_image_corrupt_past_its_header_fails_in_the_encoder(epd: EPDEngine) -> N
 
 
 def test_killed_encoder_is_routed_around_and_killed_prefill_fails_cleanly(tiny_llava: Path) -> None:
-    engine = EPDEngine(tiny_llava, stage=StageConfig(model=str(tiny_llava)))  # default: 2 encoders
+    engine = EPDEngine(tiny_llava, backend="torch", device="cpu")  # default: 2 encoders
     try:
         engine.procs["encode0"].kill()
         engine.procs["encode0"].join()
@@ -108,7 +108,7 @@ def test_killed_encoder_is_routed_around_and_killed_prefill_fails_cleanly(tiny_l
 def test_decode_dying_under_a_request_fails_it_with_an_error(tiny_llava: Path) -> None:
     """Whether decode's death is noticed on a quiet step or when prefill hands the request over,
     the request ends with an error event (step() never raises) and new work is refused."""
-    engine = EPDEngine(tiny_llava, placement="P:cpu D:cpu", mode="pd", stage=StageConfig(model=str(tiny_llava)))
+    engine = EPDEngine(tiny_llava, placement="P:cpu D:cpu", mode="pd", backend="torch", device="cpu")
     try:
         seq = engine.add_request(_requests()[0], SP)
         engine.procs["decode0"].kill()
@@ -128,7 +128,7 @@ def test_several_prefill_and_decode_instances(tiny_llava: Path) -> None:
     """E:1 P:2 D:2 (6 processes): requests go to the least-loaded live instance; output equals
     aggregated; a dead prefill or decode instance is routed around; nothing is left behind."""
     reference = [o.token_ids for o in LLM(tiny_llava, backend="torch", device="cpu").generate(_requests(), SP)]
-    engine = EPDEngine(tiny_llava, placement="E:cpu P:cpu,cpu D:cpu,cpu", stage=StageConfig(model=str(tiny_llava)))
+    engine = EPDEngine(tiny_llava, placement="E:cpu P:cpu,cpu D:cpu,cpu", backend="torch", device="cpu")
     try:
         assert [o.token_ids for o in engine.generate(_requests(), SP)] == reference
         assert [h.load for h in engine.of_kind("prefill") + engine.of_kind("decode")] == [0, 0, 0, 0]
@@ -161,15 +161,15 @@ def test_epd_on_one_gpu_matches_aggregated(tiny_llava: Path) -> None:
     kw = {"backend": "cuda", "device": "cuda", "dtype": "bfloat16", "kv_cache_tokens": 4096}
     llm = LLM(tiny_llava, **kw)
     reference = [llm.generate([r], SP)[0].token_ids for r in _requests()]
-    with EPDEngine(tiny_llava, placement="E:0 P:0 D:0", stage=StageConfig(model=str(tiny_llava), **kw)) as engine:
+    with EPDEngine(tiny_llava, placement="E:0 P:0 D:0", **kw) as engine:
         assert [engine.generate([r], SP)[0].token_ids for r in _requests()] == reference
 
 
 def test_pd_mode_with_kv_migration_matches_aggregated(tiny_llava: Path) -> None:
     """pd mode, and decode pulling the KV blocks into its own arena (share_kv_arena=False)."""
     reference = LLM(tiny_llava, backend="torch", device="cpu").generate(_requests(), SP)
-    stage = StageConfig(model=str(tiny_llava), share_kv_arena=False)
-    with EPDEngine(tiny_llava, placement="P:cpu D:cpu", mode="pd", stage=stage) as pd:
+    with EPDEngine(tiny_llava, placement="P:cpu D:cpu", mode="pd", share_kv_arena=False, backend="torch",
+                   device="cpu") as pd:
         assert len(pd.procs) == 2
         outputs = pd.generate(_requests(), SP)
         again = pd.generate(_requests(), SP)  # prefill got its blocks back

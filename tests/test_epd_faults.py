@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import select
+import shutil
 import signal
 import statistics
 import subprocess
@@ -22,10 +23,10 @@ import torch
 from PIL import Image
 
 from engine import LLM, Request, SamplingParams
+from engine.config import ConfigError
 from engine.epd import EPDEngine, StageError
 from engine.placement import check_placement_devices, parse_placement
 from ipc.arena import SHM_DIR
-from ipc.stages import StageConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 SP = SamplingParams(max_tokens=8, ignore_eos=True)
@@ -77,7 +78,7 @@ def started(tiny_llava: Path):
     level = logger.level
     logger.setLevel(logging.INFO)
     try:
-        engine = EPDEngine(tiny_llava, placement="E:cpu P:cpu D:cpu", stage=StageConfig(model=str(tiny_llava)))
+        engine = EPDEngine(tiny_llava, placement="E:cpu P:cpu D:cpu", backend="torch", device="cpu")
     finally:
         logger.removeHandler(records)
         logger.setLevel(level)
@@ -97,11 +98,10 @@ _CHILD = """
 import json, signal, sys, time
 sys.path.insert(0, {root!r})
 from engine.epd import EPDEngine
-from ipc.stages import StageConfig
 
 
 def main():
-    engine = EPDEngine({model!r}, placement="E:cpu,cpu P:cpu D:cpu", stage=StageConfig(model={model!r}))
+    engine = EPDEngine({model!r}, placement="E:cpu,cpu P:cpu D:cpu", backend="torch", device="cpu")
     if sys.argv[1] == "shutdown-on-sigterm":
         signal.signal(signal.SIGTERM, lambda *_: (engine.shutdown(), sys.exit(0)))
     import multiprocess.resource_tracker as tracker
@@ -166,11 +166,10 @@ import numpy as np
 from PIL import Image
 from engine import Request, SamplingParams
 from engine.epd import EPDEngine, StageError
-from ipc.stages import StageConfig
 
 
 def main():
-    engine = EPDEngine({model!r}, placement="P:cpu D:cpu", mode="pd", stage=StageConfig(model={model!r}))
+    engine = EPDEngine({model!r}, placement="P:cpu D:cpu", mode="pd", backend="torch", device="cpu")
     print(json.dumps([p.pid for p in engine.procs.values()]), flush=True)
     buf = io.BytesIO()
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (600, 600, 3), dtype=np.uint8)).save(buf, "PNG")
@@ -258,7 +257,7 @@ def test_sigint_while_stages_start_does_not_kill_them(tiny_llava: Path) -> None:
     sender = threading.Thread(target=interrupt, daemon=True)
     sender.start()
     try:
-        with EPDEngine(tiny_llava, placement="P:cpu D:cpu", mode="pd", stage=StageConfig(model=str(tiny_llava))) as pd:
+        with EPDEngine(tiny_llava, placement="P:cpu D:cpu", mode="pd", backend="torch", device="cpu") as pd:
             done.set()
             assert {p.pid for p in pd.procs.values()} <= hit  # each got its SIGINT while starting
             assert len(pd.generate(["Hello"], SP)[0].token_ids) == 8
@@ -355,7 +354,7 @@ def test_gpu_placement_without_the_gpu_fails_before_any_stage(tiny_llava: Path) 
     n = torch.cuda.device_count()
     before, start = set(multiprocess.active_children()), time.monotonic()
     with pytest.raises(ValueError) as err:
-        EPDEngine(tiny_llava, placement=f"E:{n} P:{n} D:{n}", stage=StageConfig(model=str(tiny_llava)))
+        EPDEngine(tiny_llava, placement=f"E:{n} P:{n} D:{n}", backend="torch", device="cpu")
     if n == 0:
         assert str(err.value) == ("placement 'E:0 P:0 D:0' names GPU 0, but this machine has no CUDA device; "
                                   "use 'cpu' (e.g. \"E:cpu,cpu P:cpu D:cpu\")")
@@ -367,14 +366,22 @@ def test_gpu_placement_without_the_gpu_fails_before_any_stage(tiny_llava: Path) 
     check_placement_devices(text, parse_placement(text, "epd"), 4)
 
 
-def test_stage_start_failure_is_one_line_naming_the_stage(tiny_llava: Path, capfd: pytest.CaptureFixture) -> None:
+def test_stage_start_failure_is_one_line_naming_the_stage(tiny_llava: Path, tmp_path: Path,
+                                                          capfd: pytest.CaptureFixture) -> None:
+    """The settings are checked before anything starts (EngineConfig); what only a stage finds,
+    such as unreadable weights, comes back as one line naming the stage."""
+    with pytest.raises(ConfigError, match="dtype 'float64' is not supported"):
+        EPDEngine(tiny_llava, placement="P:cpu D:cpu", mode="pd", dtype="float64")
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_llava, broken)
+    for weights in broken.glob("*.safetensors"):
+        weights.write_bytes(weights.read_bytes()[:100])
     with pytest.raises(StageError) as err:
-        EPDEngine(tiny_llava, placement="P:cpu D:cpu", mode="pd",
-                  stage=StageConfig(model=str(tiny_llava), dtype="float64"))
+        EPDEngine(broken, placement="P:cpu D:cpu", mode="pd", backend="torch", device="cpu")
     message = str(err.value)
     assert len(message.splitlines()) == 1
-    assert message.startswith(("stage prefill0 failed to start: ConfigError: dtype 'float64'",
-                               "stage decode0 failed to start: ConfigError: dtype 'float64'")), message
+    assert message.startswith(("stage prefill0 failed to start: LoadError: cannot read",
+                               "stage decode0 failed to start: LoadError: cannot read")), message
     assert "Traceback" not in capfd.readouterr().err
 
 

@@ -12,8 +12,9 @@ import torch
 from PIL import Image
 
 from engine import LLM, Request, RequestError, SamplingParams
+from engine.config import EngineConfig
 from engine.epd import EPDEngine
-from engine.input_processor import Capacity, InputProcessor
+from engine.input_processor import InputProcessor
 from engine.sampling import sample_seed
 
 SEED = 123
@@ -182,7 +183,7 @@ def test_disaggregated_modes_refuse_what_they_cannot_serve(tiny_llava: Path, sam
     from engine.config import ModelConfig
 
     cfg = ModelConfig.from_dir(tiny_llava)
-    epd.input_processor = InputProcessor(tiny_llava, cfg, Capacity(1024, 256, 16, 8))
+    epd.input_processor = InputProcessor(EngineConfig(str(tiny_llava)).for_model(cfg), cfg, 256, 8)
     with pytest.raises(RequestError, match=f"sampling.{field} = .*pd mode does not serve it yet; the aggregated mode"):
         epd.add_request("Hello", SamplingParams(**sampling))
     assert not epd.flights

@@ -232,7 +232,6 @@ def test_pd_stages_match_aggregated_with_penalties(tiny_llava: Path, llava_llm: 
     """Prefill and decode in their own processes: decode rebuilds each arrival's state from its
     prompt and first token (prefill's slots are taken back once its sequences are handed off)."""
     from engine.epd import EPDEngine
-    from ipc.stages import StageConfig
 
     params = [SamplingParams(max_tokens=10, ignore_eos=True, presence_penalty=1.5, frequency_penalty=0.5),
               SamplingParams(max_tokens=10, ignore_eos=True, repetition_penalty=1.4, temperature=0.9, seed=2),
@@ -240,7 +239,7 @@ def test_pd_stages_match_aggregated_with_penalties(tiny_llava: Path, llava_llm: 
     requests = [Request(p, sampling=sp) for p, sp in zip(PROMPTS, params)]
     want = [o.token_ids for o in llava_llm.generate(requests)]
     assert want[0] != llava_llm.generate(PROMPTS[0], params[2])[0].token_ids, "the penalties changed nothing"
-    with EPDEngine(tiny_llava, placement="P:cpu D:cpu", mode="pd", stage=StageConfig(model=str(tiny_llava))) as pd:
+    with EPDEngine(tiny_llava, placement="P:cpu D:cpu", mode="pd", backend="torch", device="cpu") as pd:
         assert [o.token_ids for o in pd.generate(requests)] == want
         assert [o.token_ids for o in pd.generate(requests)] == want  # again, on reused slots
 

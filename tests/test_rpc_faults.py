@@ -312,9 +312,8 @@ def test_dead_prefill_and_decode_in_epd(tiny_llava: Path, llava_llm: LLM, tmp_pa
     answers, stop returns and serve_forever ends (before: the engine thread died on StageError
     and nothing answered again)."""
     from engine.epd import EPDEngine
-    from ipc.stages import StageConfig
 
-    epd = EPDEngine(tiny_llava, placement="E:cpu P:cpu D:cpu", stage=StageConfig(model=str(tiny_llava)))
+    epd = EPDEngine(tiny_llava, placement="E:cpu P:cpu D:cpu", backend="torch", device="cpu")
     try:
         srv = RPCServer(epd, str(tmp_path / "epd.sock"), KEY)
         thread = _serve(srv)

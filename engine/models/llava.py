@@ -43,8 +43,11 @@ class MultimodalModel(nn.Module):
         kv_arena: torch.Tensor,
         image_index: torch.Tensor | None = None,  # [T] int64: row of image_embeds, -1 for text
         image_embeds: torch.Tensor | None = None,  # [N, hidden]
+        image_rows_from: tuple = (),  # (positions [M], rows [M], embeds [N', hidden]) from further arenas
     ) -> torch.Tensor:
         embeds = ops.embed_tokens(input_ids, self.lm.embed_tokens, image_index, image_embeds)
+        for at, rows, source in image_rows_from:  # read in place (an encoder's arena on this device)
+            embeds.index_copy_(0, at, source.index_select(0, rows).to(embeds.dtype))
         return self.lm(ops, embeds, positions, meta, kv_arena)
 
     def compute_logits(self, ops: ModuleType, hidden: torch.Tensor) -> torch.Tensor:

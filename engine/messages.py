@@ -1,9 +1,12 @@
-"""Messages between the EPD orchestrator (engine/epd.py) and its stage processes (ipc/stages.py):
-small and picklable, ids only (tensors stay in the arenas).
+"""Messages between the EPD orchestrator (engine/epd.py) and the stage roles it runs in worker
+processes (engine/roles.py, hosted by ipc/worker.py): small and picklable, ids only (tensors
+stay in the arenas). The worker shell's own messages (Shutdown, Crashed, StageStatus) are in
+ipc/worker.py.
 
-Start-up, per stage: Exported (its arena's handle; encoders and prefill) -> Peers (the arenas
-it maps; prefill and decode) -> Ready (what it holds). A stage whose start or loop raises sends
-Crashed (the first line and the traceback) and exits.
+Start-up, per stage: Loaded (its weights are in memory) -> SizeKV (prefill and decode: size the
+KV arena now; sent once every stage on the device is loaded, to one KV owner at a time, so each
+sees the memory the others hold) -> Exported (its arena's handle; encoders and prefill) -> Peers
+(the arenas it maps; prefill and decode) -> Ready (what it holds).
 """
 
 from __future__ import annotations
@@ -17,6 +20,27 @@ from engine.sampling import SamplingParams
 
 
 @dataclass
+class Loaded:
+    stage: str
+    kv_owner: bool  # it sizes a KV arena of its own when told (SizeKV)
+
+
+@dataclass
+class SizeKV:
+    """Size the KV arena: kv_cache_tokens if set, else `share` of what the GPU has left now.
+    for_decode: a prefill whose arena decode shares also holds decode's blocks (half of it)."""
+
+    share: float = 1.0
+    for_decode: bool = False
+
+
+@dataclass
+class Sized:
+    stage: str
+    blocks: int  # the KV blocks it owns
+
+
+@dataclass
 class Exported:
     stage: str  # "encode0", "prefill0", ...
     handle: Any  # ArenaHandle of the arena it owns, for its peers
@@ -25,23 +49,13 @@ class Exported:
 @dataclass
 class Peers:
     handles: list  # prefill: the encoders' MM arenas; decode: the prefill instances' KV arenas
+    kv_owned: list[int] = field(default_factory=list)  # decode: the blocks each prefill owns (from Sized)
 
 
 @dataclass
 class Ready:
     stage: str
     stats: dict  # pid, device, torch_threads and what it holds (KV / MM blocks, GB, graph buckets)
-
-
-@dataclass
-class Crashed:
-    stage: str
-    error: str  # "ExceptionType: first line of its message"
-    traceback: str
-
-
-class Shutdown:
-    pass
 
 
 # ----------------------------------------------------------------------------- requests
@@ -132,12 +146,3 @@ class Failed:
     stage: str
     error: str
     images: int = 0  # encoder: the images of the part it did not encode (its load drops by these)
-
-
-@dataclass
-class StageStatus:
-    """A stage's counters, sent after its work changes them (at most every 0.2 s while busy,
-    and always before it waits idle): the orchestrator's `status` shows the latest of each."""
-
-    stage: str  # "encode0", "prefill0", "decode0", ...
-    stats: dict

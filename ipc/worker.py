@@ -1,0 +1,138 @@
+"""The worker process shell: one process per stage instance, hosting whatever role it is
+handed. The shell moves messages and nothing else: it knows no models, requests or arenas.
+
+    worker_main(build, name, ...)   process entry (started with multiprocess, spawn)
+      role = build(send)            the role builds itself from its config (weights, arenas);
+                                    send(msg) writes the worker's outbox
+      loop: report role.stats()     (StageStatus, throttled; always before blocking)
+            messages from the inbox (block only while the role is idle) -> role.handle(msg)
+            role.step()             one unit of work, while role.busy (else wait for a message)
+      Shutdown                      role.close() and exit; Shutdown(drain=True) first calls
+                                    role.drain() and steps until role.busy is False
+
+A role is any object with handle / step / drain / stats / busy / close (the Role protocol).
+The worker dies with its parent (ipc/parent_watch.py), ignores SIGINT (the parent spawns it so),
+and treats the end of its inbox (the parent gone) as Shutdown. An exception in build or in the
+loop is sent as Crashed (its first line and the traceback) and the process exits with status 1.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from ipc.parent_watch import bind_to_parent
+
+REPORT_INTERVAL_S = 0.2  # at most this often while busy; always before the worker blocks
+
+
+@dataclass
+class Shutdown:
+    """Stop the worker. drain: let the role finish what it holds first (it takes no new work)."""
+
+    drain: bool = False
+
+
+@dataclass
+class Crashed:
+    stage: str
+    error: str  # "ExceptionType: first line of its message"
+    traceback: str
+
+
+@dataclass
+class StageStatus:
+    """A role's counters, sent after its work changes them (at most every 0.2 s while busy, and
+    always before the worker waits idle): the orchestrator's `status` shows the latest of each."""
+
+    stage: str  # "encode0", "prefill0", "decode0", ...
+    stats: dict
+
+
+class Role(Protocol):
+    busy: bool  # work in hand: the worker steps without waiting for a message
+
+    def handle(self, msg: object) -> None: ...
+
+    def step(self) -> None: ...
+
+    def drain(self) -> None: ...
+
+    def stats(self) -> dict: ...
+
+    def close(self) -> None: ...
+
+
+def receive(inbox, block: bool) -> list:
+    """The messages waiting in the inbox (block: wait for the first). The parent gone (end of
+    the pipe) reads as Shutdown."""
+    msgs: list = []
+    try:
+        if block:
+            msgs.append(inbox.recv())
+        while inbox.poll():
+            msgs.append(inbox.recv())
+    except (EOFError, OSError):
+        msgs.append(Shutdown())
+    return msgs
+
+
+class _Reporter:
+    def __init__(self, send: Callable[[object], None], stage: str) -> None:
+        self.send, self.stage, self.last, self.sent = send, stage, 0.0, None
+
+    def __call__(self, stats: dict, idle: bool) -> None:
+        now = time.monotonic()
+        if stats != self.sent and (idle or now - self.last >= REPORT_INTERVAL_S):
+            self.send(StageStatus(self.stage, stats))
+            self.last, self.sent = now, stats
+
+
+def serve(role: Role, name: str, inbox, send: Callable[[object], None]) -> None:
+    """The message loop around one role, until Shutdown (or the inbox's end)."""
+    report = _Reporter(send, name)
+    draining = False
+    while True:
+        idle = not role.busy
+        report(role.stats(), idle)
+        if draining and idle:
+            return
+        for msg in receive(inbox, block=idle):
+            if isinstance(msg, Shutdown):
+                if not msg.drain:
+                    return
+                draining = True
+                role.drain()
+            else:
+                role.handle(msg)
+        if role.busy:
+            role.step()
+
+
+def worker_main(build: Callable[[Callable[[object], None]], Role], name: str, parent_pid: int, torch_threads: int,
+                inbox, outbox) -> None:
+    """Process entry: tie the worker to its parent, build the role, serve it."""
+    bind_to_parent(parent_pid)
+    if torch_threads > 0:
+        import torch
+
+        torch.set_num_threads(torch_threads)
+    role = None
+    try:
+        role = build(outbox.send)
+        serve(role, name, inbox, outbox.send)
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [""])[0]
+        try:
+            outbox.send(Crashed(name, f"{type(e).__name__}: {first}" if first else type(e).__name__,
+                                traceback.format_exc()))
+        except OSError:  # the parent is gone too
+            pass
+        sys.exit(1)
+    finally:
+        if role is not None:
+            role.close()
