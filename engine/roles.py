@@ -241,8 +241,9 @@ class PrefillRole(_Role):
     def _size(self, msg: SizeKV) -> None:
         """Make the KV arena (its blocks, and decode's after them when decode shares it), export it."""
         blocks = self.kv_blocks_to_own(self.model, self.mm_arena, msg.share)
-        if msg.for_decode:  # kv_cache_tokens is per stage; a measured budget is split in half
-            own, extra = (blocks, blocks) if self.config.kv_cache_tokens else (blocks - blocks // 2, blocks // 2)
+        if msg.for_decode:  # a configured size is per stage; a measured budget is split in half
+            measured = self.config.num_kv_blocks() is None
+            own, extra = (blocks - blocks // 2, blocks // 2) if measured else (blocks, blocks)
         else:
             own, extra = blocks, 0
         shape = (own + extra, *kv_block_shape(self.config, self.cfg))
