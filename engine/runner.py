@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -16,7 +17,7 @@ from engine.models.llava import MultimodalModel
 from engine.penalties import PenaltyState
 from engine.request import Sequence
 from engine.sampling import SamplingParams
-from graphs.decode_graphs import DecodeGraphs
+from graphs.decode_graphs import DecodeBatch, DecodeGraphs
 from graphs.vision_graphs import VisionGraphs
 from kernels import get_backend
 
@@ -27,6 +28,26 @@ log = logging.getLogger(__name__)
 class StepOutput:
     token_ids: list[int]  # one per sequence
     logits: torch.Tensor  # [B, V] fp32 at each sequence's last token, or [T, V] with all_logits
+
+
+def decode_batch(seqs: list[Sequence], penalty_slots: list[int]) -> DecodeBatch:
+    """The rows DecodeGraphs.run takes for one decode call of `seqs` (each feeds its last token);
+    penalty_slots: each sequence's penalty slot, -1 without penalties (PenaltyState.slots_for)."""
+    sp = [s.sampling for s in seqs]
+    return DecodeBatch(
+        input_ids=[s.last_token for s in seqs],
+        positions=[s.num_tokens - 1 for s in seqs],
+        block_tables=[s.block_table for s in seqs],
+        temperature=[p.temperature for p in sp],
+        top_k=[p.top_k for p in sp],
+        top_p=[p.top_p for p in sp],
+        seeds=[s.seed for s in seqs],
+        steps=[len(s.output_ids) for s in seqs],
+        presence=[p.presence_penalty for p in sp],
+        frequency=[p.frequency_penalty for p in sp],
+        repetition=[p.repetition_penalty for p in sp],
+        penalty_slot=penalty_slots,
+    )
 
 
 class ModelRunner:
@@ -59,8 +80,13 @@ class ModelRunner:
         self.kv_arena = kv_arena
         self.num_kv_blocks = kv_arena.shape[0]
         max_blocks = -(-cfg.text.max_position_embeddings // self.block_size)
-        self.decode_graphs = (DecodeGraphs(self, config.max_num_seqs, max_blocks, MAX_MULTI_STEP)
-                              if model.lm is not None else None)
+        self.decode_graphs = self._decode_graphs(config.max_num_seqs, max_blocks) if model.lm is not None else None
+
+    def _decode_graphs(self, max_batch: int, max_blocks_per_seq: int) -> DecodeGraphs:
+        return DecodeGraphs(model=self.model, ops=self.ops, kv_arena=self.kv_arena, block_size=self.block_size,
+                            penalty_counts=self.penalties.counts, penalty_prompt_mask=self.penalties.prompt_mask,
+                            device=self.device, max_batch=max_batch, max_blocks_per_seq=max_blocks_per_seq,
+                            max_steps=MAX_MULTI_STEP)
 
     def capture_graphs(self, background: bool = False) -> None:
         """Capture vision graphs per image-batch bucket (multimodal models), then decode graphs
@@ -71,7 +97,9 @@ class ModelRunner:
             log.warning("head_dim %d has no attention kernel: decode runs eagerly", self.cfg.text.head_dim)
             return
         if self.model.vision is not None:
-            self.vision_graphs = VisionGraphs(self, self.max_images_per_batch)
+            self.vision_graphs = VisionGraphs(
+                forward=partial(self.model.encode_images, self.ops), image_size=self.cfg.vision.image_size,
+                dtype=self.dtype, device=self.device, max_images=self.max_images_per_batch)
             self.vision_graphs.capture_all()
         if self.decode_graphs is not None:
             self.decode_graphs.capture_all(background)
@@ -184,7 +212,7 @@ class ModelRunner:
         step (a list over seqs) and the last step's raw logits [B, V]. A CUDA graph is replayed
         when one fits the batch. The caller appends the tokens; logprob records (sequences that
         asked) are appended to seq.logprobs here, one per step."""
-        self.penalties.slots_for(seqs)  # state for sequences that have none yet (EPD decode, rebuilt)
+        slots = self.penalties.slots_for(seqs)  # state for sequences that have none yet (EPD decode, rebuilt)
         rows = logprob_rows(seqs)
         pending: list[LogprobBatch] = []
         on_step = None
@@ -195,7 +223,7 @@ class ModelRunner:
             def on_step(logits: torch.Tensor, tokens: torch.Tensor) -> None:
                 pending.append(token_logprobs(logits[index], tokens[index], k))
 
-        tokens, logits = self.decode_graphs.run(seqs, num_steps, on_step)
+        tokens, logits = self.decode_graphs.run(decode_batch(seqs, slots), num_steps, on_step)
         for step_tokens, batch in zip(tokens, pending):
             append_records([seqs[i] for i in rows], [step_tokens[i] for i in rows], batch)
         for seq in seqs:

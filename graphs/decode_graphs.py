@@ -2,6 +2,10 @@
 captured largest first into one pool; eager (same code, same buffers) where no graph fits or
 on the CPU.
 
+DecodeGraphs takes what a step reads explicitly (the model, the ops backend, the KV arena, the
+penalty state tensors, the device and the sizes) and a call takes a DecodeBatch: per-row plain
+lists, no request objects (the runner builds one from its sequences).
+
 Static buffers hold token ids, positions, slot mapping, sequence lengths, block tables and
 the sampling parameters; a call copies the batch in once, then runs k steps back to back. Each
 step samples on the device and advances the buffers itself (next token id, position, length,
@@ -14,14 +18,19 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
+from types import ModuleType
+from typing import TYPE_CHECKING
 
 import torch
 
 from engine.models.llama import AttentionMetadata
-from engine.request import Sequence
+from graphs.capture import capture_graph
+
+if TYPE_CHECKING:
+    from engine.models.llava import MultimodalModel
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +39,29 @@ def batch_buckets(max_batch: int) -> list[int]:
     """[1, 2, 4, 8, 16, 24, 32, 48, 64, ...] up to max_batch (always included)."""
     sizes = [1, 2, 4, 8, 16, 24, 32] + list(range(48, max_batch + 1, 16))
     return sorted({s for s in sizes if s < max_batch} | {max_batch})
+
+
+@dataclass
+class DecodeBatch:
+    """One decode call's rows as plain host lists, one entry per row (what DecodeGraphs.run and
+    StaticBuffers.copy_from take). Slot mapping and sequence lengths follow from positions and
+    block tables."""
+
+    input_ids: list[int]  # each row's last token (the one this step feeds)
+    positions: list[int]  # its position: tokens so far - 1
+    block_tables: list[list[int]]  # KV blocks of the row, covering every step to run
+    temperature: list[float]
+    top_k: list[int]
+    top_p: list[float]
+    seeds: list[int]
+    steps: list[int]  # tokens sampled so far (the sampler's step counter)
+    presence: list[float]
+    frequency: list[float]
+    repetition: list[float]  # 1 = off
+    penalty_slot: list[int]  # the row's slot in the penalty state tensors, -1 = no penalties
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
 
 
 # The per-row fields (name, dtype, value on padded rows); block tables are kept apart.
@@ -54,7 +86,7 @@ class StaticBuffers:
     presence: torch.Tensor  # [B] fp32
     frequency: torch.Tensor  # [B] fp32
     repetition: torch.Tensor  # [B] fp32, 1 = off
-    penalty_slot: torch.Tensor  # [B] int64: the row's slot in the runner's penalty state, -1 = no penalties
+    penalty_slot: torch.Tensor  # [B] int64: the row's slot in the penalty state, -1 = no penalties
     block_tables: torch.Tensor  # [B, max_blocks] int32
     packed: torch.Tensor  # [13 * B * 8] bytes: the [B] fields above are views of it, so one copy moves them all
 
@@ -74,47 +106,49 @@ class StaticBuffers:
         batch, max_blocks = self.block_tables.shape
         return StaticBuffers.allocate(batch, max_blocks, torch.device("cpu"), pin_memory=self.packed.is_cuda)
 
-    def copy_from(self, seqs: list[Sequence], block_size: int, rows: int, staging: StaticBuffers) -> None:
-        """Write the batch into rows [0, len(seqs)); rows [len(seqs), rows) become padding.
-        Each sequence's block table must already cover the tokens of every step to run.
-        Filled through numpy views of the pinned staging (the last call's copies are done: its
-        tokens were read back), then two copies: the per-row fields and the block tables."""
-        n = len(seqs)
-        pos = [s.num_tokens - 1 for s in seqs]
+    def copy_from(self, batch: DecodeBatch, block_size: int, rows: int, staging: StaticBuffers) -> None:
+        """Write `batch` into rows [0, len(batch)); rows [len(batch), rows) become padding.
+        Each row's block table must already cover the tokens of every step to run. Filled
+        through numpy views of the pinned staging (the last call's copies are done: its tokens
+        were read back), then two copies: the per-row fields and the block tables."""
+        n = len(batch)
+        pos, tables_in = batch.positions, batch.block_tables
         values = {
-            "input_ids": [s.last_token for s in seqs],
-            "positions": pos,
-            "slot_mapping": [s.slot(p, block_size) for s, p in zip(seqs, pos)],
+            "slot_mapping": [t[p // block_size] * block_size + p % block_size for t, p in zip(tables_in, pos)],
             "seq_lens": [p + 1 for p in pos],
-            "temperature": [s.sampling.temperature for s in seqs],
-            "top_k": [s.sampling.top_k for s in seqs],
-            "top_p": [s.sampling.top_p for s in seqs],
-            "seeds": [s.seed for s in seqs],
-            "steps": [len(s.output_ids) for s in seqs],
-            "presence": [s.sampling.presence_penalty for s in seqs],
-            "frequency": [s.sampling.frequency_penalty for s in seqs],
-            "repetition": [s.sampling.repetition_penalty for s in seqs],
-            "penalty_slot": [s.penalty_slot for s in seqs],
         }
         for name, _, pad in _ROW_FIELDS:
             host = getattr(staging, name).numpy()
-            host[:n] = values[name]
+            host[:n] = values[name] if name in values else getattr(batch, name)
             host[n:rows] = pad
         tables = staging.block_tables.numpy()
         tables[:rows] = 0
-        for i, s in enumerate(seqs):
-            tables[i, : len(s.block_table)] = s.block_table
+        for i, t in enumerate(tables_in):
+            tables[i, : len(t)] = t
         self.packed.copy_(staging.packed, non_blocking=True)
         self.block_tables[:rows].copy_(staging.block_tables[:rows], non_blocking=True)
 
 
 class DecodeGraphs:
-    """Runs decode steps of `runner` on static buffers; replays CUDA graphs where captured."""
+    """Decode steps on static buffers; replays CUDA graphs where captured, eager elsewhere.
 
-    def __init__(self, runner, max_batch: int, max_blocks_per_seq: int, max_steps: int = 64) -> None:
-        self.runner = runner
+    model: the engine.models model (its lm runs the step; lm.norm warms cuBLAS for a background
+    capture); ops: the kernels backend module; kv_arena: the paged KV arena the steps read and
+    write (fixed for the object's life: captured graphs bake in its address); block_size: tokens
+    per KV block; penalty_counts [S, V] int32 and penalty_prompt_mask [S, V] bool: the penalty
+    state (engine/penalties.py), allocated once (graphs bake in their addresses too); device;
+    max_batch: the largest batch (bucket); max_blocks_per_seq: block table width; max_steps:
+    the most steps one run() may take."""
+
+    def __init__(
+        self, *, model: MultimodalModel, ops: ModuleType, kv_arena: torch.Tensor, block_size: int,
+        penalty_counts: torch.Tensor, penalty_prompt_mask: torch.Tensor, device: torch.device, max_batch: int,
+        max_blocks_per_seq: int, max_steps: int = 64,
+    ) -> None:
+        self.model, self.ops, self.block_size, self.device = model, ops, block_size, device
+        self.kv_arena = kv_arena  # fixed: captured graphs bake in its address
+        self.penalty_counts, self.penalty_prompt_mask = penalty_counts, penalty_prompt_mask
         self.buckets = batch_buckets(max_batch)
-        device = runner.device
         self.buffers = StaticBuffers.allocate(max_batch, max_blocks_per_seq, device)
         self.staging = self.buffers.staging()
         self.history = torch.zeros(max_steps, max_batch, dtype=torch.int64, device=device)  # [step, row]
@@ -133,15 +167,14 @@ class DecodeGraphs:
 
     def _step(self, rows: int) -> torch.Tensor:
         """One decode step on rows [0, rows) of the buffers, then advance them. Returns logits."""
-        b, bs = self.buffers, self.runner.block_size
+        b, bs = self.buffers, self.block_size
         meta = AttentionMetadata(is_prefill=False, slot_mapping=b.slot_mapping[:rows], seq_lens=b.seq_lens[:rows],
                                  block_tables=b.block_tables[:rows])
-        model, ops = self.runner.model, self.runner.ops
-        hidden = model(ops, b.input_ids[:rows], b.positions[:rows], meta, self.runner.kv_arena)
+        model, ops = self.model, self.ops
+        hidden = model(ops, b.input_ids[:rows], b.positions[:rows], meta, self.kv_arena)
         logits = model.compute_logits(ops, hidden)  # raw: what logprobs are taken from
-        state, slots = self.runner.penalties, b.penalty_slot[:rows]  # engine/penalties.py
-        counts = state.counts
-        penalized = ops.apply_penalties(logits, counts, state.prompt_mask, slots, b.presence[:rows],
+        counts, slots = self.penalty_counts, b.penalty_slot[:rows]  # engine/penalties.py
+        penalized = ops.apply_penalties(logits, counts, self.penalty_prompt_mask, slots, b.presence[:rows],
                                         b.frequency[:rows], b.repetition[:rows])
         tokens = ops.sample(penalized, b.temperature[:rows], b.top_k[:rows], b.top_p[:rows], b.seeds[:rows],
                             b.steps[:rows])
@@ -176,15 +209,9 @@ class DecodeGraphs:
         """Capture the bucket of `rows` (after warm_up); largest first, so smaller graphs reuse
         the pool. Capture records kernels without running them, so the static buffers may be
         in use by eager steps meanwhile."""
-        start, mem = time.perf_counter(), torch.cuda.memory_allocated()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool, stream=stream, capture_error_mode="thread_local"):
-            logits = self._step(rows)
-        if self.pool is None:
-            self.pool = graph.pool()
+        graph, logits, self.pool, seconds, grown = capture_graph(partial(self._step, rows), self.pool, stream)
         self.logits[rows] = logits
         self.graphs[rows] = graph  # published last: run() may pick it from now on
-        seconds, grown = time.perf_counter() - start, torch.cuda.memory_allocated() - mem
         self.capture_log.append((rows, seconds, grown))
         log.info("captured decode graph for batch %d in %.3f s (+%.1f MiB)", rows, seconds, grown / 2**20)
 
@@ -200,7 +227,7 @@ class DecodeGraphs:
         if not background:
             self.capture_pending()
             return
-        device = self.runner.device
+        device = self.device
         index = device.index if device.index is not None else torch.cuda.current_device()
 
         def work() -> None:
@@ -210,7 +237,7 @@ class DecodeGraphs:
                 # cuBLAS handles are per thread and workspaces per stream: create them here,
                 # outside capture (creating one inside invalidated the capture on an H100).
                 with torch.cuda.stream(stream):
-                    w = self.runner.model.lm.norm
+                    w = self.model.lm.norm
                     torch.nn.functional.linear(w[None, :], w[None, :])
                 stream.synchronize()
                 self.capture_pending(stream)
@@ -269,18 +296,19 @@ class DecodeGraphs:
 
     @torch.inference_mode()
     def run(
-        self, seqs: list[Sequence], num_steps: int = 1,
+        self, batch: DecodeBatch, num_steps: int = 1,
         on_step: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
     ) -> tuple[list[list[int]], torch.Tensor]:
-        """Run num_steps decode steps for `seqs` back to back; returns (tokens per step, each a
-        list over seqs; raw logits [n, V] of the last step). Block tables must cover all steps.
-        on_step(logits [n, V], tokens [n]) runs after each step, before the next overwrites the
-        graph's logits (logprobs); it must only queue device work, so the steps stay unsynced."""
+        """Run num_steps decode steps for the n rows of `batch` back to back; returns (tokens per
+        step, each a list over the rows; raw logits [n, V] of the last step). Block tables must
+        cover all steps. on_step(logits [n, V], tokens [n]) runs after each step, before the next
+        overwrites the graph's logits (logprobs); it must only queue device work, so the steps
+        stay unsynced."""
         if not 1 <= num_steps <= self.max_steps:
             raise ValueError(f"num_steps = {num_steps}; must be in [1, {self.max_steps}]")
-        n = len(seqs)
+        n = len(batch)
         rows = self.bucket_for(n)
-        self.buffers.copy_from(seqs, self.runner.block_size, rows or n, self.staging)
+        self.buffers.copy_from(batch, self.block_size, rows or n, self.staging)
         self.cursor.zero_()
         for step in range(num_steps):
             if rows is not None:

@@ -6,9 +6,12 @@ into a static pixel buffer; padded rows hold stale pixels whose embeddings are n
 
 from __future__ import annotations
 
-import time
+from collections.abc import Callable
+from functools import partial
 
 import torch
+
+from graphs.capture import capture_graph
 
 
 def image_buckets(max_images: int) -> list[int]:
@@ -16,18 +19,24 @@ def image_buckets(max_images: int) -> list[int]:
 
 
 class VisionGraphs:
-    def __init__(self, runner, max_images: int) -> None:
-        self.runner = runner
+    """forward: pixels [N, 3, S, S] -> embeddings [N, tokens_per_image, hidden] (the model's
+    encode_images with its ops bound); image_size S, dtype and device of the pixel buffer;
+    max_images: the largest bucket."""
+
+    def __init__(
+        self, *, forward: Callable[[torch.Tensor], torch.Tensor], image_size: int, dtype: torch.dtype,
+        device: torch.device, max_images: int,
+    ) -> None:
+        self.forward = forward
         self.buckets = image_buckets(max_images)
-        size = runner.cfg.vision.image_size
-        self.pixels = torch.zeros(max_images, 3, size, size, dtype=runner.dtype, device=runner.device)
+        self.pixels = torch.zeros(max_images, 3, image_size, image_size, dtype=dtype, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}  # bucket -> [bucket, tokens_per_image, hidden]
         self.pool = None
         self.capture_log: list[tuple[int, float, int]] = []  # (bucket, seconds, bytes)
 
     def _forward(self, n: int) -> torch.Tensor:
-        return self.runner.model.encode_images(self.runner.ops, self.pixels[:n])
+        return self.forward(self.pixels[:n])
 
     @torch.inference_mode()
     def capture_all(self) -> None:
@@ -35,14 +44,10 @@ class VisionGraphs:
         self._forward(self.buckets[-1])
         torch.cuda.synchronize()
         for n in sorted(self.buckets, reverse=True):
-            start, mem = time.perf_counter(), torch.cuda.memory_allocated()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-                self.outputs[n] = self._forward(n)
-            if self.pool is None:
-                self.pool = graph.pool()
-            self.graphs[n] = graph
-            self.capture_log.append((n, time.perf_counter() - start, torch.cuda.memory_allocated() - mem))
+            graph, output, self.pool, seconds, grown = capture_graph(partial(self._forward, n), self.pool)
+            self.outputs[n] = output
+            self.graphs[n] = graph  # published last: run() may pick it from now on
+            self.capture_log.append((n, seconds, grown))
 
     @torch.inference_mode()
     def run(self, pixel_values: torch.Tensor) -> torch.Tensor | None:

@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> None:
     if not args.no_hf:
         import gc
 
-        del llm  # the runner and its graphs reference each other: collect the cycle
+        del llm  # free the weights, the KV arena and the graph pool before HF loads
         gc.collect()
         torch.cuda.empty_cache()
         ms = bench_hf(Path(args.model), args.context, args.steps)

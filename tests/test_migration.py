@@ -19,14 +19,25 @@ SP = SamplingParams(max_tokens=10, ignore_eos=True)
 
 def _prefill_stage(model: str, prompts: list[str]) -> dict:
     """Child process: prefill into an arena it owns and exports; return handle + block ids."""
-    llm = LLM(model, backend="torch", device="cpu")
-    arena = SharedArena.create(tuple(llm.runner.kv_arena.shape), llm.runner.kv_arena.dtype, "cpu", "kv-prefill")
-    llm.runner.kv_arena = arena.tensor  # the runner writes K/V straight into the exported arena
+    from engine.block_manager import BlockManager
+    from engine.config import EngineConfig, ModelConfig
+    from engine.input_processor import InputProcessor
+    from engine.runner import ModelRunner, kv_block_shape, load_weights, mm_arena_shape
+
+    cfg = ModelConfig.from_dir(model)
+    config = EngineConfig(model, backend="torch", device="cpu").for_model(cfg)
+    shape = (config.num_kv_blocks(), *kv_block_shape(config, cfg))
+    arena = SharedArena.create(shape, config.torch_dtype, "cpu", "kv-prefill")
+    # the runner is given the exported arena: it writes K/V straight into it
+    runner = ModelRunner(config, cfg, load_weights(config, cfg, "lm"), arena.tensor,
+                         torch.empty(mm_arena_shape(config, cfg, 0), dtype=config.torch_dtype))
+    blocks = BlockManager(runner.num_kv_blocks)
+    inputs = InputProcessor(config, cfg, runner.num_kv_blocks, 0)
     results = []
     for prompt in prompts:
-        seq = llm.make_sequence(Request(prompt), SP)
-        seq.block_table = llm.engine.kv_blocks.allocate(-(-seq.num_tokens // llm.runner.block_size))
-        first = llm.runner.prefill([seq]).token_ids[0]
+        seq = inputs.make_sequence(Request(prompt), SP)[0]
+        seq.block_table = blocks.allocate(-(-seq.num_tokens // runner.block_size))
+        first = runner.prefill([seq]).token_ids[0]
         results.append({"prompt_ids": seq.prompt_ids, "first": first, "blocks": seq.block_table,
                         "seed": seq.seed})
     arena.owner = False  # the parent outlives us and removes the file

@@ -12,6 +12,7 @@ import torch
 from engine import LLM, Request, SamplingParams
 from engine.penalties import PenaltyState
 from engine.request import Sequence, Status
+from engine.runner import decode_batch
 from graphs.decode_graphs import StaticBuffers
 from kernels import reference
 
@@ -110,7 +111,7 @@ def test_static_buffers_carry_penalty_rows() -> None:
     seqs[0].penalty_slot = 3
     for s in seqs:
         s.block_table = [0]
-    bufs.copy_from(seqs, 16, 4, bufs.staging())
+    bufs.copy_from(decode_batch(seqs, [s.penalty_slot for s in seqs]), 16, 4, bufs.staging())
     assert bufs.presence.tolist() == [0.5, 0.0, 0.0, 0.0] and bufs.frequency.tolist() == [-1.0, 0.0, 0.0, 0.0]
     assert bufs.repetition.tolist() == [1.25, 1.0, 1.0, 1.0] and bufs.penalty_slot.tolist() == [3, -1, -1, -1]
 

@@ -546,8 +546,9 @@ def test_capture_verbs_on_the_cpu_say_why_not(server: RPCServer) -> None:
 def _fake_graphs(monkeypatch: pytest.MonkeyPatch):
     from graphs.decode_graphs import DecodeGraphs
 
-    runner = SimpleNamespace(device=torch.device("cpu"), block_size=16)
-    graphs = DecodeGraphs(runner, max_batch=64, max_blocks_per_seq=4)
+    # nothing runs a step here: capture is faked, so the step's dependencies may be empty
+    graphs = DecodeGraphs(model=None, ops=None, kv_arena=None, block_size=16, penalty_counts=None,
+                          penalty_prompt_mask=None, device=torch.device("cpu"), max_batch=64, max_blocks_per_seq=4)
     monkeypatch.setattr(graphs, "warm_up", lambda: None)
     return graphs
 
