@@ -67,7 +67,6 @@ class LLM:
         return {
             "model": str(self.model_dir),
             "architecture": self.cfg.architecture,
-            "parts": runner.parts,
             "backend": runner.backend,
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),
@@ -94,9 +93,8 @@ class LLM:
             graphs += f", {g['pending']} capturing in the background" if g["pending"] else ""
         else:
             graphs = "decode eager (no CUDA graphs)"
-        parts = "" if d["parts"] == "all" else f" ({d['parts']} only)"
         files = ", ".join(w["files"][:3]) + (f" +{len(w['files']) - 3} more" if len(w["files"]) > 3 else "")
-        return (f"LLM ready: {d['model']} ({d['architecture']}{parts}); backend {d['backend']} on {d['device']}, "
+        return (f"LLM ready: {d['model']} ({d['architecture']}); backend {d['backend']} on {d['device']}, "
                 f"{d['dtype']}; weights from {files} ({_size(w['bytes'])}); KV cache {kv['blocks']} blocks x "
                 f"{kv['block_size']} = {kv['tokens']} tokens ({_size(kv['bytes'])}); MM arena {d['mm_blocks']} "
                 f"blocks ({_size(d['mm_bytes'])}); max_num_seqs {d['max_num_seqs']}, multi_step {d['multi_step']}, "
@@ -248,8 +246,6 @@ class LLM:
         if backend != "cuda" or self.device.type != "cuda":
             raise RequestError(f"CUDA graphs need the cuda backend on a GPU; this server runs the {backend} backend "
                                f"on {self.device.type}")
-        if graphs is None:
-            raise RequestError("this engine has no decode stage (parts='vision'): no decode graphs to capture")
         if not self.runner.has_attention_kernel:
             raise RequestError(f"head_dim {self.cfg.text.head_dim} has no attention kernel: decode runs eagerly")
         return graphs

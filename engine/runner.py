@@ -68,7 +68,6 @@ class ModelRunner:
         self.backend = "cuda" if self.ops.__name__.endswith("cuda_ops") else "torch"
         self.block_size = config.block_size
         self.max_images_per_batch = config.max_images_per_batch
-        self.parts = "vision" if model.lm is None else "lm" if model.vision is None and cfg.is_multimodal else "all"
         self.vision_graphs: VisionGraphs | None = None  # captured by capture_graphs
         self.mm_arena = mm_arena
         self.num_mm_blocks = mm_arena.shape[0]
