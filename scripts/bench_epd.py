@@ -110,7 +110,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--check-requests", type=int, default=6, help="requests compared one at a time")
     p.add_argument("--images", type=int, default=1, help="images per request")
     p.add_argument("--max-tokens", type=int, default=64, help="tokens generated per request")
-    p.add_argument("--kv-cache-tokens", type=int, default=16384, help="KV arena capacity in tokens, per stage")
+    p.add_argument("--kv-cache-tokens", type=int,
+                   help="KV arena capacity in tokens, per stage (default: from GPU memory, shared out by the stages)")
     p.add_argument("--backend", default="cuda", choices=["cuda", "torch"],
                    help='torch: a CPU smoke run (--placement "E:cpu P:cpu D:cpu")')
     p.add_argument("--no-share", action="store_true", help="copy KV blocks even when P and D share a GPU")
@@ -152,7 +153,8 @@ def main(argv: list[str] | None = None) -> None:
         t0 = time.perf_counter()
         outs = epd.generate(load, sp)
         wall = time.perf_counter() - t0
-    print(f"stages started in {started:.1f}s", flush=True)
+        kv = {name: s.get("kv_cache_tokens") for name, s in epd.status()["stages"].items() if "kv_cache_tokens" in s}
+    print(f"stages started in {started:.1f}s; KV tokens per stage: {kv}", flush=True)
 
     agg = LLM(args.model, backend=args.backend, dtype="bfloat16", device=p_dev, kv_cache_tokens=args.kv_cache_tokens)
     agg.generate(load[:2], sp)

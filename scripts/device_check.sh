@@ -92,10 +92,11 @@ if [[ " $STAGES " == *" profile "* ]]; then
 fi
 if [[ " $STAGES " == *" epd "* ]]; then
   llava7b
+  # shared arena, KV sized from GPU memory by the stages; then copied KV with a fixed size
   stage bench_epd_shared python3 scripts/bench_epd.py --model /tmp/llava-7b --placement "E:0,0 P:0 D:0"
   stage bench_epd_copy python3 scripts/bench_epd.py --model /tmp/llava-7b --placement "E:0,0 P:0 D:0" --no-share \
-    --check-requests 2
-  grep -h "^|\|one at a time\|copy\|pull_blocks" "$OUT"/bench_epd_*.log >> "$SUMMARY"
+    --check-requests 2 --kv-cache-tokens 16384
+  grep -h "^|\|one at a time\|copy\|pull_blocks\|KV tokens" "$OUT"/bench_epd_*.log >> "$SUMMARY"
 fi
 if [[ " $STAGES " == *" epdmulti "* ]]; then
   export NCCL_NVLS_ENABLE=0
