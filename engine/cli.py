@@ -182,15 +182,13 @@ def require_cuda_backend(what: str) -> None:
 
 
 def check_placement(placement: str, mode: str) -> dict[str, list[str]]:
-    """Parse --placement for `mode` and check that its GPUs exist."""
-    from engine.placement import parse_placement
+    """Parse --placement for `mode` and check that its GPUs exist (the orchestrator's own
+    checks, Placement.parse and check_devices, as one-line CLI errors)."""
+    from engine.placement import Placement
 
     try:
-        stages = parse_placement(placement, mode)
+        where = Placement.parse(placement, mode)
+        where.check_devices(_cuda_devices())
     except ValueError as e:
         raise CLIError(f"--placement: {e}") from e
-    for devices in stages.values():
-        for device in devices:
-            if device.startswith("cuda:"):
-                _check_gpu("--placement", placement, int(device.split(":")[1]))
-    return stages
+    return where.by_letter()
