@@ -129,7 +129,7 @@ class ModelRunner:
         base = torch.cuda.memory_allocated(self.device)  # weights + MM arena
         tokens = min(max_tokens, self.cfg.text.max_position_embeddings)
         self.kv_arena = self._alloc_kv(-(-tokens // self.block_size))
-        probe = Sequence(seq_id=-1, prompt_ids=[0] * tokens, sampling=SamplingParams(), seed=0, detok=None,
+        probe = Sequence(seq_id=-1, prompt_ids=[0] * tokens, sampling=SamplingParams(), seed=0,
                          stop_token_ids=frozenset(), block_table=list(range(self.kv_arena.shape[0])))
         self.prefill([probe])
         if self.model.vision is not None:

@@ -193,7 +193,7 @@ def encoder_main(cfg: StageConfig, index: int, inbox, outbox) -> None:
                 pending.pop(0)
                 try:
                     pixels = llm.image_processor.preprocess(task.images)
-                    seq = Sequence(seq_id=task.req_id, prompt_ids=[], sampling=SamplingParams(), seed=0, detok=None,
+                    seq = Sequence(seq_id=task.req_id, prompt_ids=[], sampling=SamplingParams(), seed=0,
                                    stop_token_ids=frozenset(), pixel_values=pixels, mm_blocks=blocks)
                     runner.encode([seq])
                     outbox.send(Encoded(task.req_id, task.part, index, blocks))
@@ -254,7 +254,7 @@ def _prefill_loop(cfg: StageConfig, index: int, llm, mm_arenas: list, inbox, out
             elif isinstance(msg, PrefillTask):
                 tasks[msg.req_id] = msg
                 sched.add(Sequence(seq_id=msg.req_id, prompt_ids=msg.prompt_ids, sampling=msg.sampling,
-                                   seed=msg.seed, detok=None, stop_token_ids=frozenset()))
+                                   seed=msg.seed, stop_token_ids=frozenset()))
         while sched.waiting:
             batch = sched.schedule(max_seqs=cfg.max_num_seqs)
             if not batch:
@@ -346,7 +346,7 @@ def decode_main(cfg: StageConfig, index: int, inbox, outbox, shared: bool) -> No
 
 
 def _decode_loop(index: int, llm, srcs: list, shared: bool, graphs: list, inbox, outbox) -> None:
-    from engine.request import Sequence, Status
+    from engine.request import Sequence, Status, append_step
     from engine.schedulers import blocks_for
     from ipc.migration import pull_blocks
 
@@ -404,25 +404,22 @@ def _decode_loop(index: int, llm, srcs: list, shared: bool, graphs: list, inbox,
                 outbox.send(Migrated(task.req_id, nbytes, time.perf_counter() - start))
                 outbox.send(FreeKV(task.kv_blocks, task.prefill))  # acked: prefill may reuse them
             seq = Sequence(seq_id=task.req_id, prompt_ids=task.prompt_ids, sampling=task.sampling,
-                           seed=task.seed, detok=None, stop_token_ids=task.stop_token_ids, block_table=blocks)
-            seq.output_ids.append(task.first_token)
+                           seed=task.seed, stop_token_ids=task.stop_token_ids, block_table=blocks)
             seq.num_cached, seq.status = len(task.prompt_ids), Status.RUNNING
             live[seq.seq_id] = seq
-            if seq.stop_reason():
+            seq.append_tokens([task.first_token])  # the token path (the orchestrator runs it too)
+            if seq.finish_reason:
                 finish(live.pop(seq.seq_id))
                 continue
             engine.decode.add(seq)
         if not engine.has_work():
             continue
         req_ids, token_ids = [], []
-        for seq, token in engine.step():
-            if seq.status is Status.FINISHED:
-                continue
-            seq.output_ids.append(token)
-            req_ids.append(seq.seq_id)
-            token_ids.append(token)
-            if seq.stop_reason():
-                finish(live.pop(seq.seq_id))
+        for kept in append_step(engine.step()):  # tokens past a stop (multi-step decode) are dropped
+            req_ids.append(kept.seq.seq_id)
+            token_ids.append(kept.token)
+            if kept.finish_reason:
+                finish(live.pop(kept.seq.seq_id))
         if req_ids:
             outbox.send(Tokens(req_ids, token_ids))
 
