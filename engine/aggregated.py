@@ -17,6 +17,7 @@ block returns to the pool with its last reference.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -29,9 +30,13 @@ from engine.schedulers import DecodeScheduler, EncodeScheduler, PrefillScheduler
 
 
 class AggregatedEngine:
-    def __init__(self, runner: ModelRunner, config: EngineConfig, kv_blocks: BlockManager | None = None) -> None:
-        """kv_blocks: the pool decode allocates from (default: every block of the runner's arena)."""
+    def __init__(self, runner: ModelRunner, config: EngineConfig, kv_blocks: BlockManager | None = None,
+                 on_phase: Callable[[int, str, float, float], None] | None = None) -> None:
+        """kv_blocks: the pool decode allocates from (default: every block of the runner's arena).
+        on_phase: told (seq_id, "encode" | "prefill", start, end) when a sequence's images are
+        encoded or its prompt prefilled (the LLM's request timings; again after a preemption)."""
         self.runner = runner
+        self.on_phase = on_phase
         self.multi_step = config.multi_step
         self.kv_blocks = kv_blocks or BlockManager(runner.num_kv_blocks)
         self.mm_blocks = BlockManager(runner.num_mm_blocks) if runner.num_mm_blocks else None
@@ -51,7 +56,8 @@ class AggregatedEngine:
 
     def step(self) -> list[tuple[Sequence, int]]:
         """Run one step; returns (sequence, sampled token) pairs in generation order (with
-        multi-step decode, several per sequence: the caller drops those after a stop)."""
+        multi-step decode, several per sequence: the caller's engine.request.append_step drops
+        those after a stop)."""
         if self.encode is not None and self.encode.waiting:
             encoded = self.encode.schedule()
             if encoded:
@@ -59,14 +65,13 @@ class AggregatedEngine:
                 self.runner.encode(encoded)
                 end = time.perf_counter()
                 for seq in encoded:
-                    m = seq.metrics
-                    m.encode_start, m.encode_end = m.encode_start or start, m.encode_end or end
+                    self._phase(seq, "encode", start, end)
                     self.prefill.add(seq)
         batch = self.prefill.schedule(max_seqs=self.decode.free_slots)
         if batch:
             start = time.perf_counter()
             for seq in batch:
-                seq.metrics.prefill_start = seq.metrics.prefill_start or start
+                self._phase(seq, "prefill", start, start)
             out = self.runner.prefill(batch)
             produced = list(zip(batch, out.token_ids))
             for row, seq in enumerate(batch):
@@ -87,6 +92,10 @@ class AggregatedEngine:
             return []  # everything running was preempted: the next step prefills it again
         tokens, _ = self.runner.decode(batch, steps)
         return [(seq, t) for step_tokens in tokens for seq, t in zip(batch, step_tokens)]
+
+    def _phase(self, seq: Sequence, phase: str, start: float, end: float) -> None:
+        if self.on_phase is not None:
+            self.on_phase(seq.seq_id, phase, start, end)
 
     def _decode_steps(self) -> int:
         """How many decode steps to run back to back now (1 unless all can take multi_step)."""

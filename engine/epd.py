@@ -68,8 +68,9 @@ from engine.messages import (
     SizeKV,
     Tokens,
 )
+from engine.output_processor import OutputProcessor, RequestState
 from engine.placement import Placement
-from engine.request import Request, RequestOutput, Sequence, TokenEvent
+from engine.request import Request, RequestOutput, Sequence, TokenEvent, append_step
 from engine.roles import RoleSpec, build_role
 from engine.router import InstanceLoad, Router
 from engine.sampling import RequestError, SamplingParams
@@ -200,6 +201,7 @@ class EPDEngine:
         self.config = config
         # what one request may use: set from the stages' KV pools once they are ready
         self.input_processor = InputProcessor(config, self.cfg, 0, config.num_mm_blocks(self.cfg))
+        self.output_processor = OutputProcessor(self.input_processor.tokenizer)
         self.stages: dict[str, StageHandle] = {}  # by name, in start order
         self.router = Router()
         self.broken: str | None = None
@@ -329,7 +331,8 @@ class EPDEngine:
         if unserved:  # the stages run one sample per request and return no logprobs
             raise RequestError(f"sampling.{unserved[0]} = {getattr(sp, unserved[0])!r}: {self.mode} mode does not "
                                "serve it yet; the aggregated mode (LLM, serve.py --mode aggregated) does")
-        flight = self.flights[seq.seq_id] = _Flight(seq, images)
+        state = self.output_processor.add(seq.seq_id, seq.prompt_ids, sp)
+        flight = self.flights[seq.seq_id] = _Flight(seq, state, images)
         self._dispatch_encode(flight)
         return seq
 
@@ -346,6 +349,7 @@ class EPDEngine:
     def abort(self, seq: Sequence) -> None:
         flight = self.flights.pop(seq.seq_id, None)
         if flight is not None:
+            self.output_processor.remove(seq.seq_id)
             self._release(flight)
 
     def step(self, timeout_s: float = 0.05) -> list[TokenEvent]:
@@ -400,12 +404,9 @@ class EPDEngine:
         if isinstance(msg, FreeKV):  # decode pulled or finished reading KV: to its prefill
             prefills[msg.prefill].send(msg)
             return
-        if isinstance(msg, Tokens):
-            now = time.perf_counter()
-            for req_id, token in zip(msg.req_ids, msg.token_ids):
-                flight = self.flights.get(req_id)
-                if flight is not None:  # else a late token of a finished or aborted request
-                    self._token(flight, token, now, events)
+        if isinstance(msg, Tokens):  # those of requests no longer here (finished or aborted) are late
+            self._tokens([(self.flights[r].seq, t) for r, t in zip(msg.req_ids, msg.token_ids) if r in self.flights],
+                         time.perf_counter(), events)
             return
         if isinstance(msg, Encoded):
             encoders[msg.encoder].load -= len(msg.blocks)
@@ -430,13 +431,13 @@ class EPDEngine:
             for image, block in zip(part[1], msg.blocks):
                 flight.refs[image] = (msg.encoder, block)
             if not flight.parts:
-                flight.seq.metrics.encode_end = now
+                flight.state.metrics.encode_end = now
                 try:
                     self._dispatch_prefill(flight, now)
                 except StageError as e:  # no prefill instance left: this request fails, step goes on
                     self._fail(flight, str(e), events)
         elif isinstance(msg, Migrated):
-            flight.seq.metrics.kv_bytes, flight.seq.metrics.kv_migrate_s = msg.kv_bytes, msg.seconds
+            flight.state.metrics.kv_bytes, flight.state.metrics.kv_migrate_s = msg.kv_bytes, msg.seconds
         elif isinstance(msg, Prefilled):
             self._prefilled(flight, msg, now, events)
         elif isinstance(msg, Failed):
@@ -448,7 +449,7 @@ class EPDEngine:
     def _prefilled(self, flight: _Flight, msg: Prefilled, now: float, events: list[TokenEvent]) -> None:
         """Prefill is done: its KV goes to the least-loaded live decode, its first token out."""
         seq, prefill = flight.seq, self.of_kind("prefill")[msg.prefill]
-        seq.metrics.mm_bytes, seq.metrics.mm_copy_s = msg.mm_bytes, msg.mm_copy_s
+        flight.state.metrics.mm_bytes, flight.state.metrics.mm_copy_s = msg.mm_bytes, msg.mm_copy_s
         prefill.load -= 1
         flight.prefill = None  # its KV is decode's (or back with prefill) from here on
         decodes = self.of_kind("decode")
@@ -461,10 +462,11 @@ class EPDEngine:
         decode.load += 1
         decode.send(DecodeTask(seq.seq_id, seq.prompt_ids, msg.first_token, msg.prefill, msg.kv_blocks, seq.sampling,
                                seq.seed, seq.stop_token_ids))
-        self._token(flight, msg.first_token, now, events)
+        self._tokens([(seq, msg.first_token)], now, events)
 
     def _fail(self, flight: _Flight, error: str, events: list[TokenEvent]) -> None:
         del self.flights[flight.seq.seq_id]
+        self.output_processor.remove(flight.seq.seq_id)
         self._release(flight)
         events.append(TokenEvent(flight.seq.seq_id, -1, "", error=error))
 
@@ -535,7 +537,7 @@ class EPDEngine:
         assignment = self.router.encoders_for(pending, [h.routing_load() for h in encoders])
         if assignment is None:
             raise StageError("no encoder process is alive")
-        flight.seq.metrics.encode_start = flight.seq.metrics.encode_start or time.perf_counter()
+        flight.state.metrics.encode_start = flight.state.metrics.encode_start or time.perf_counter()
         for encoder, images in assignment.items():
             encoders[encoder].load += len(images)
             part = flight.next_part
@@ -545,7 +547,7 @@ class EPDEngine:
 
     def _dispatch_prefill(self, flight: _Flight, now: float) -> None:
         seq = flight.seq
-        seq.metrics.prefill_start = now
+        flight.state.metrics.prefill_start = now
         prefills = self.of_kind("prefill")
         flight.prefill = self.router.prefill_for([h.routing_load() for h in prefills])
         if flight.prefill is None:
@@ -560,13 +562,17 @@ class EPDEngine:
             flight.refs.clear()  # the task owns the embeddings now: prefill frees them, even on failure
         prefill.send(task)
 
-    def _token(self, flight: _Flight, token: int, now: float, events: list[TokenEvent]) -> None:
-        seq = flight.seq
-        delta, output = seq.append_token(token, now)
-        events.append(TokenEvent(seq.seq_id, token, delta, output))
-        if output is not None:
-            del self.flights[seq.seq_id]
-            self._release(flight)  # a stop string ends it here, not in decode
+    def _tokens(self, produced: list[tuple[Sequence, int]], now: float, events: list[TokenEvent]) -> None:
+        """Tokens from the stages through the one token path: the same append_step decode ran
+        on its own sequences (so a stop token or max_tokens ends the request here on the token
+        it ended there), then the output processor (text, stop strings, the output)."""
+        for kept in append_step(produced):
+            seq = kept.seq
+            event, finished = self.output_processor.process(seq.seq_id, 0, kept.token, now, kept.finish_reason)
+            if event is not None:
+                events.append(event)
+            if finished:  # one sample per request: it ends here
+                self._release(self.flights.pop(seq.seq_id))  # a stop string ends it here, not in decode
 
     def _check_stages(self, events: list[TokenEvent]) -> None:
         """Find dead stages. An encoder's work moves to the other encoders; requests on a dead
@@ -652,10 +658,11 @@ class EPDEngine:
 
 
 class _Flight:
-    """A request in flight: its sequence, image sources, encoder parts and MM references."""
+    """A request in flight: its sequence (the orchestrator's record of its tokens), its output
+    state, image sources, encoder parts and MM references."""
 
-    def __init__(self, seq: Sequence, images: list) -> None:
-        self.seq, self.images = seq, images
+    def __init__(self, seq: Sequence, state: RequestState, images: list) -> None:
+        self.seq, self.state, self.images = seq, state, images
         self.parts: dict[int, tuple[int, list[int]]] = {}  # part id -> (encoder, image indices being encoded)
         self.next_part = 0
         self.refs: dict[int, tuple[int, int]] = {}  # image index -> (encoder, MM block), until prefill takes them

@@ -1,5 +1,6 @@
 """The request front end: validation, prompt building, tokenization and image checks, shared
-by the in-process LLM and the EPD orchestrator. Errors name the field and the limit."""
+by the in-process LLM and the EPD orchestrator. Errors name the field and the limit. (Its
+tokenizer also detokenizes the outputs: engine/output_processor.py.)"""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from engine.images import ImageProcessor, ImageProcessorConfig, check_image
 from engine.request import Request, Sequence
 from engine.sampling import RequestError, SamplingParams
 from engine.schedulers import blocks_for
-from engine.tokenizer import IncrementalDetokenizer, Tokenizer
+from engine.tokenizer import Tokenizer
 
 
 class InputProcessor:
@@ -81,7 +82,6 @@ class InputProcessor:
             prompt_ids=ids,
             sampling=sp,
             seed=sp.seed if sp.seed is not None else self._rng.getrandbits(63),
-            detok=IncrementalDetokenizer(self.tokenizer, sp.skip_special_tokens),
             stop_token_ids=frozenset(stops),
             pixel_values=pixels,
         )

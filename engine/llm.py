@@ -14,7 +14,8 @@ import torch
 from engine.aggregated import AggregatedEngine
 from engine.config import ConfigError, EngineConfig, ModelConfig
 from engine.input_processor import InputProcessor
-from engine.request import Request, RequestOutput, Sequence, Status, TokenEvent
+from engine.output_processor import OutputProcessor
+from engine.request import Request, RequestOutput, Sequence, Status, TokenEvent, append_step
 from engine.runner import build_runner
 from engine.sampling import RequestError, SamplingParams
 
@@ -46,9 +47,10 @@ class LLM:
         self.runner = build_runner(config, self.cfg)
         if config.cuda_graphs and self.runner.backend == "cuda":
             self.runner.capture_graphs(background=config.background_capture)
-        self.engine = AggregatedEngine(self.runner, config)
         self.input_processor = InputProcessor(config, self.cfg, self.runner.num_kv_blocks, self.runner.num_mm_blocks)
         self.tokenizer = self.input_processor.tokenizer
+        self.output_processor = OutputProcessor(self.tokenizer)
+        self.engine = AggregatedEngine(self.runner, config, on_phase=self.output_processor.stamp)
         self.image_processor = self.input_processor.image_processor
         self.max_num_seqs, self.multi_step = config.max_num_seqs, config.multi_step
         log.info("%s", self.summary())
@@ -111,8 +113,12 @@ class LLM:
     def add_request(self, request: Request | str, sampling: SamplingParams | None = None) -> Sequence:
         """Validate and queue one request; its events carry index = the returned seq_id."""
         seq = self.make_sequence(request, sampling)
-        self.engine.add(seq)
+        self._add(seq)
         return seq
+
+    def _add(self, seq: Sequence) -> None:
+        self.output_processor.add(seq.seq_id, seq.prompt_ids, seq.sampling)
+        self.engine.add(seq)
 
     def step(self) -> list[TokenEvent]:
         """One engine step: a TokenEvent per token produced (index = the request's seq_id,
@@ -120,9 +126,18 @@ class LLM:
         last sample to finish."""
         produced = self.engine.step()
         now = time.perf_counter()
-        # multi-step decode can run past a stop: drop tokens of sequences finished meanwhile
-        return [self._append(seq, token, now, seq.seq_id) for seq, token in produced
-                if seq.status is not Status.FINISHED]
+        events = []
+        for kept in append_step(produced):  # multi-step decode can run past a stop: dropped there
+            seq = kept.seq
+            event, finished = self.output_processor.process(seq.seq_id, seq.sample_index, kept.token, now,
+                                                            kept.finish_reason, kept.logprob)
+            # a stop token or max_tokens (the engine's), or a stop string (the frontend's): the
+            # sample is done; the request's output comes with its last sample
+            if (kept.finish_reason or finished) and seq.status is not Status.FINISHED:
+                self.engine.finish(seq)
+            if event is not None:
+                events.append(event)
+        return events
 
     def has_work(self) -> bool:
         return self.engine.has_work()
@@ -145,15 +160,10 @@ class LLM:
         pools. Returns its output so far, finish_reason "abort" on each sample it cut short
         (samples not yet forked come back empty), or None if it had already finished."""
         root = seq.root
-        samples = root.samples or [root]
-        if all(s.status is Status.FINISHED for s in samples):
-            return None
-        for s in samples:
+        for s in root.samples or [root]:
             if s.status is not Status.FINISHED:
                 self.engine.finish(s)
-        now = time.perf_counter()
-        root.abort(now)
-        return root.request_output(now)
+        return self.output_processor.abort(root.seq_id, time.perf_counter())
 
     def stream(
         self, requests: Iterable[Request | str] | Request | str, sampling: SamplingParams | None = None
@@ -175,7 +185,7 @@ class LLM:
         seqs = [self.make_sequence(r, sampling) for r in reqs]
         position = {s.seq_id: i for i, s in enumerate(seqs)}
         for s in seqs:
-            self.engine.add(s)
+            self._add(s)
         idle_steps = 0
         try:
             while any(s.status is not Status.FINISHED for seq in seqs for s in seq.samples or [seq]):
@@ -200,12 +210,6 @@ class LLM:
                 outputs[ev.index] = ev.output
         result = [outputs[i] for i in range(len(outputs))]
         return result[:1] if single else result
-
-    def _append(self, seq: Sequence, token: int, now: float, index: int) -> TokenEvent:
-        delta, output = seq.append_token(token, now)
-        if seq.finish_reason is not None:  # this sample is done; output comes with the request's last
-            self.engine.finish(seq)
-        return TokenEvent(index, token, delta, output, sample=seq.sample_index)
 
     # ------------------------------------------------------------------ tokenize, graph capture (RPC verbs)
 

@@ -1,16 +1,16 @@
-"""A request as the user gives it, and the sequence state the engine keeps for it."""
+"""A request as the user gives it, the sequence state the engine keeps for it, the one token
+path (Sequence.append_tokens, append_step) and the outputs."""
 
 from __future__ import annotations
 
 import enum
-import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 from engine.sampling import RequestError, SamplingParams, first_surrogate
-from engine.tokenizer import IncrementalDetokenizer
 
 
 @dataclass
@@ -52,40 +52,6 @@ class Status(enum.Enum):
 
 
 @dataclass
-class Metrics:
-    """perf_counter timestamps of one request's life."""
-
-    arrival: float = field(default_factory=time.perf_counter)
-    encode_start: float | None = None  # first encode of its images (requests with images)
-    encode_end: float | None = None
-    prefill_start: float | None = None  # first prefill (TTFT = first_token - arrival)
-    first_token: float | None = None
-    token_times: list[float] = field(default_factory=list)  # one per output token
-    finished: float | None = None
-    # EPD hand-offs (seconds include the copy's sync): image embeddings into prefill, KV into decode
-    mm_bytes: int = 0
-    mm_copy_s: float = 0.0
-    kv_bytes: int = 0  # 0 with a shared arena: decode reads the prompt's blocks in place
-    kv_migrate_s: float = 0.0
-
-    def breakdown(self) -> dict[str, float]:
-        """Seconds in each phase up to the first token: queue, encode, wait, prefill."""
-        enc0, enc1 = self.encode_start or self.arrival, self.encode_end or self.arrival
-        pre = self.prefill_start or enc1
-        end = self.first_token or pre
-        return {"queue_s": enc0 - self.arrival, "encode_s": enc1 - enc0, "wait_s": pre - enc1, "prefill_s": end - pre}
-
-    def ttft_s(self) -> float:
-        return (self.first_token or self.arrival) - self.arrival
-
-    def decode_tokens_per_s(self, num_tokens: int) -> float:
-        """Tokens after the first over the time they took (the decode rate)."""
-        if num_tokens < 2 or self.first_token is None or self.finished is None:
-            return 0.0
-        return (num_tokens - 1) / max(self.finished - self.first_token, 1e-9)
-
-
-@dataclass
 class TokenLogprob:
     """A sampled token's log-probability under the raw model logits (before penalties and
     temperature), and the top_logprobs most likely (token_id, logprob) pairs, ties to the lower id."""
@@ -97,11 +63,13 @@ class TokenLogprob:
 
 @dataclass(eq=False)
 class Sequence:
+    """The engine's (stage-side) state of one request's sample: token ids, sampling, blocks and
+    status. Text, stop strings and timings are the frontend's (engine/output_processor.py)."""
+
     seq_id: int
     prompt_ids: list[int]
     sampling: SamplingParams
     seed: int
-    detok: IncrementalDetokenizer
     stop_token_ids: frozenset[int]
     pixel_values: torch.Tensor | None = None  # [num_images, 3, S, S]
     output_ids: list[int] = field(default_factory=list)
@@ -111,9 +79,7 @@ class Sequence:
     mm_peer_blocks: list[tuple[int, int]] = field(default_factory=list)
     num_cached: int = 0  # tokens whose K/V are in the arena
     status: Status = Status.WAITING
-    finish_reason: str | None = None
-    text: str = ""  # output text so far, stop strings cut
-    metrics: Metrics = field(default_factory=Metrics)
+    finish_reason: str | None = None  # set by append_tokens: "stop" (a stop token) or "length"
     # n samples (sampling.n > 1): this sequence is sample 0; at the end of its prefill it forks
     # samples 1..n-1 (same seq_id), which share its full prompt blocks (AggregatedEngine._fork).
     sample_index: int = 0
@@ -155,92 +121,63 @@ class Sequence:
         return self.parent or self
 
     def fork(self, index: int, seed: int) -> Sequence:
-        """Sample `index` of this (prefilled, not yet sampled) sequence: same prompt, images and
-        prefill timings, its own seed, detokenizer and (empty) block table."""
-        m = self.metrics
-        detok = IncrementalDetokenizer(self.detok.tok, self.detok.skip) if self.detok is not None else None
-        metrics = Metrics(arrival=m.arrival, encode_start=m.encode_start, encode_end=m.encode_end,
-                          prefill_start=m.prefill_start, mm_bytes=m.mm_bytes, mm_copy_s=m.mm_copy_s)
+        """Sample `index` of this (prefilled, not yet sampled) sequence: same prompt and images,
+        its own seed and (empty) block table."""
         return Sequence(seq_id=self.seq_id, prompt_ids=self.prompt_ids, sampling=self.sampling, seed=seed,
-                        detok=detok, stop_token_ids=self.stop_token_ids, pixel_values=self.pixel_values,
-                        num_cached=self.num_cached, status=self.status, metrics=metrics, sample_index=index,
-                        parent=self)
+                        stop_token_ids=self.stop_token_ids, pixel_values=self.pixel_values,
+                        num_cached=self.num_cached, status=self.status, sample_index=index, parent=self)
 
-    def stop_reason(self) -> str | None:
-        """"stop" if the last token is a stop token, "length" at max_tokens, else None
-        (stop strings need the text: append_token checks those)."""
-        if self.output_ids and self.output_ids[-1] in self.stop_token_ids:
-            return "stop"
-        if len(self.output_ids) >= self.sampling.max_tokens:
-            return "length"
-        return None
-
-    def append_token(self, token: int, now: float) -> tuple[str, RequestOutput | None]:
-        """Record a generated token: returns the new text and, when a stop token, max_tokens or
-        a stop string ends the sequence, its output (stop strings are cut from the text)."""
-        self.output_ids.append(token)
-        m = self.metrics
-        m.token_times.append(now)
-        m.first_token = m.first_token or now
-        delta = self.detok.add(token)
-        self.finish_reason = self.stop_reason()
-        if self.finish_reason:
-            delta += self.detok.flush()
-        delta = self._apply_stop_strings(delta)
-        if self.finish_reason is None:
-            return delta, None
-        m.finished = now
-        root = self.root
-        if any(s.finish_reason is None for s in root.samples):
-            return delta, None  # the request ends with its last sample
-        return delta, root.request_output(now)
-
-    def abort(self, now: float) -> None:
-        """Mark every unfinished sample of this request finish_reason "abort"."""
-        for s in self.root.samples or [self]:
-            if s.finish_reason is None:
-                s.finish_reason = "abort"
-                s.metrics.finished = now
-
-    def completion(self) -> CompletionOutput:
-        # a multi-step decode run may sample past a stop: keep the records of the kept tokens only
-        logprobs = None if self.logprobs is None else self.logprobs[: len(self.output_ids)]
-        return CompletionOutput(self.sample_index, self.text, list(self.output_ids), self.finish_reason, logprobs)
-
-    def request_output(self, now: float) -> RequestOutput:
-        """The request's output (call on sample 0 once every sample has a finish_reason): text,
-        token_ids, finish_reason and timings are sample 0's, `outputs` holds every sample."""
-        m = self.metrics
-        return RequestOutput(
-            text=self.text,
-            token_ids=list(self.output_ids),
-            prompt_token_ids=list(self.prompt_ids),
-            finish_reason=self.finish_reason,
-            ttft_s=m.ttft_s(),
-            tokens_per_s=m.decode_tokens_per_s(len(self.output_ids)),
-            e2e_s=now - m.arrival,
-            ttft_breakdown=m.breakdown(),
-            handoff={"mm_bytes": m.mm_bytes, "mm_copy_s": m.mm_copy_s, "kv_bytes": m.kv_bytes,
-                     "kv_migrate_s": m.kv_migrate_s},
-            token_times_s=[t - m.arrival for t in m.token_times],
-            outputs=self._completions(),
-        )
-
-    def _completions(self) -> list[CompletionOutput]:
-        """All n samples by index; an abort before the fork has only sample 0: the rest are empty."""
-        outputs = [s.completion() for s in self.samples or [self]]
-        return outputs + [CompletionOutput(i, "", [], "abort") for i in range(len(outputs), self.sampling.n)]
-
-    def _apply_stop_strings(self, delta: str) -> str:
-        """Append delta to the text; on a stop string, cut the text there and finish."""
-        before = len(self.text)
-        self.text += delta
-        for stop in self.sampling.stop:
-            hit = self.text.find(stop, max(0, before - len(stop) + 1))  # only where new text can match
-            if hit != -1:
-                self.text = self.text[:hit]
+    def append_tokens(self, tokens: list[int]) -> list[int]:
+        """The token path of every mode: append `tokens` (sampled in this order) up to the first
+        that ends the sequence, a stop token (finish_reason "stop") or the max_tokens-th
+        ("length"); the rest are dropped (multi-step decode samples past a stop). Returns the
+        tokens kept; none once finished (stop strings are the frontend's: it finishes the
+        sequence in the engine)."""
+        kept: list[int] = []
+        if self.finish_reason is not None or self.status is Status.FINISHED:
+            return kept
+        for token in tokens:
+            self.output_ids.append(token)
+            kept.append(token)
+            if token in self.stop_token_ids:
                 self.finish_reason = "stop"
-        return self.text[before:] if len(self.text) > before else ""
+            elif len(self.output_ids) >= self.sampling.max_tokens:
+                self.finish_reason = "length"
+            if self.finish_reason is not None:
+                break
+        return kept
+
+
+class Kept(NamedTuple):
+    """A token append_step kept: its sequence, its logprob record (sequences that asked for
+    them), and the finish_reason when it ended the sequence (else None)."""
+
+    seq: Sequence
+    token: int
+    finish_reason: str | None
+    logprob: TokenLogprob | None
+
+
+def append_step(produced: Iterable[tuple[Sequence, int]]) -> list[Kept]:
+    """One step's (sequence, sampled token) pairs through Sequence.append_tokens, each
+    sequence's tokens (several with multi-step decode) at once. Returns the tokens kept, in the
+    order sampled; the caller finishes the sequences whose kept token has a finish_reason."""
+    produced = list(produced)
+    tokens: dict[Sequence, list[int]] = {}
+    for seq, token in produced:
+        tokens.setdefault(seq, []).append(token)
+    # the tokens kept are the first of each sequence's, and the last len(kept) of its output_ids
+    left = {seq: len(seq.append_tokens(ts)) for seq, ts in tokens.items()}
+    pos = {seq: len(seq.output_ids) - n for seq, n in left.items()}
+    kept: list[Kept] = []
+    for seq, token in produced:
+        if not left[seq]:
+            continue
+        left[seq] -= 1
+        logprob = seq.logprobs[pos[seq]] if seq.logprobs is not None else None
+        pos[seq] += 1
+        kept.append(Kept(seq, token, seq.finish_reason if not left[seq] else None, logprob))
+    return kept
 
 
 @dataclass

@@ -52,7 +52,7 @@ from engine.messages import (
     SizeKV,
     Tokens,
 )
-from engine.request import Sequence, Status
+from engine.request import Sequence, Status, append_step
 from engine.runner import ModelRunner, kv_block_shape, kv_blocks_from_memory, load_weights, mm_arena_shape
 from engine.sampling import SamplingParams
 from engine.schedulers import PrefillScheduler, blocks_for
@@ -184,7 +184,7 @@ class EncodeRole(_Role):
             blocks = self.blocks.allocate(len(task.images))
             try:
                 pixels = self.image_processor.preprocess(task.images)
-                seq = Sequence(seq_id=task.req_id, prompt_ids=[], sampling=SamplingParams(), seed=0, detok=None,
+                seq = Sequence(seq_id=task.req_id, prompt_ids=[], sampling=SamplingParams(), seed=0,
                                stop_token_ids=frozenset(), pixel_values=pixels, mm_blocks=blocks)
                 self.runner.encode([seq])
                 self.send(Encoded(task.req_id, task.part, self.spec.index, blocks))
@@ -235,7 +235,7 @@ class PrefillRole(_Role):
                 return
             self.tasks[msg.req_id] = msg
             self.sched.add(Sequence(seq_id=msg.req_id, prompt_ids=msg.prompt_ids, sampling=msg.sampling,
-                                    seed=msg.seed, detok=None, stop_token_ids=frozenset()))
+                                    seed=msg.seed, stop_token_ids=frozenset()))
             self.stalled = False
 
     def _size(self, msg: SizeKV) -> None:
@@ -461,11 +461,11 @@ class DecodeRole(_Role):
                 self.send(Migrated(task.req_id, nbytes, time.perf_counter() - start))
                 self.send(FreeKV(task.kv_blocks, task.prefill))  # acked: prefill may reuse them
             seq = Sequence(seq_id=task.req_id, prompt_ids=task.prompt_ids, sampling=task.sampling,
-                           seed=task.seed, detok=None, stop_token_ids=task.stop_token_ids, block_table=blocks)
-            seq.output_ids.append(task.first_token)
+                           seed=task.seed, stop_token_ids=task.stop_token_ids, block_table=blocks)
             seq.num_cached, seq.status = len(task.prompt_ids), Status.RUNNING
             self.live[seq.seq_id] = seq
-            if seq.stop_reason():
+            seq.append_tokens([task.first_token])  # the one token path (the orchestrator runs it too)
+            if seq.finish_reason:
                 self._finish(self.live.pop(seq.seq_id))
                 continue
             engine.decode.add(seq)
@@ -475,14 +475,11 @@ class DecodeRole(_Role):
         if not self.engine.has_work():
             return
         req_ids, token_ids = [], []
-        for seq, token in self.engine.step():
-            if seq.status is Status.FINISHED:
-                continue  # multi-step decode ran past its stop
-            seq.output_ids.append(token)
-            req_ids.append(seq.seq_id)
-            token_ids.append(token)
-            if seq.stop_reason():
-                self._finish(self.live.pop(seq.seq_id))
+        for kept in append_step(self.engine.step()):  # tokens past a stop (multi-step decode) are dropped
+            req_ids.append(kept.seq.seq_id)
+            token_ids.append(kept.token)
+            if kept.finish_reason:
+                self._finish(self.live.pop(kept.seq.seq_id))
         if req_ids:
             self.send(Tokens(req_ids, token_ids))
 

@@ -344,7 +344,7 @@ def kv_blocks_from_memory(config: EngineConfig, cfg: ModelConfig, model: Multimo
                                                         device=device), mm_arena)
     arena_bytes = probe.kv_arena.numel() * dtype.itemsize
     if model.lm is not None:
-        seq = Sequence(seq_id=-1, prompt_ids=[0] * tokens, sampling=SamplingParams(), seed=0, detok=None,
+        seq = Sequence(seq_id=-1, prompt_ids=[0] * tokens, sampling=SamplingParams(), seed=0,
                        stop_token_ids=frozenset(), block_table=list(range(probe_blocks)))
         probe.prefill([seq])
     if model.vision is not None and probe.num_mm_blocks:

@@ -34,7 +34,7 @@ def prefilled_sequences(llm: LLM, batch: int, context: int, steps: int) -> list[
     for i in range(batch):
         ids = torch.randint(4, 500, (context,), generator=g).tolist()
         seq = Sequence(seq_id=i, prompt_ids=ids, sampling=SamplingParams(max_tokens=steps, ignore_eos=True),
-                       seed=i, detok=None, stop_token_ids=frozenset())
+                       seed=i, stop_token_ids=frozenset())
         seq.block_table = llm.engine.kv_blocks.allocate(-(-(context + steps + 1) // llm.runner.block_size))
         assert seq.block_table is not None, "KV arena too small for this batch"
         seqs.append(seq)

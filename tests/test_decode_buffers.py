@@ -16,7 +16,7 @@ from graphs.decode_graphs import DecodeBatch, DecodeGraphs, StaticBuffers
 
 
 def _seq(i: int, prompt: int, out: list[int], blocks: list[int], temperature: float) -> Sequence:
-    s = Sequence(seq_id=i, prompt_ids=list(range(100, 100 + prompt)), seed=7 + i, detok=None,
+    s = Sequence(seq_id=i, prompt_ids=list(range(100, 100 + prompt)), seed=7 + i,
                  sampling=SamplingParams(max_tokens=50, temperature=temperature, top_k=5, top_p=0.5),
                  stop_token_ids=frozenset())
     s.output_ids = list(out)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +69,24 @@ def test_epd_matches_aggregated(epd: EPDEngine, tiny_llava: Path) -> None:
         epd.step(timeout_s=0.05)
     assert idle(stages), stages
     assert stages["prefill0"]["kv_blocks"]["total"] > 0 and stages["decode0"]["waiting"] == 0
+
+
+def test_stops_end_epd_requests_where_aggregated_ends_them(epd: EPDEngine, tiny_llava: Path) -> None:
+    """A stop token (decode stops there, the orchestrator's record of the request too: both run
+    Sequence.append_tokens) and a stop string (the orchestrator's output processor; decode is
+    aborted) end each request on the token the aggregated engine ends it."""
+    llm = LLM(tiny_llava, backend="torch", device="cpu")
+    requests = _requests()[:2]
+    reference = llm.generate(requests, SP)
+    stop_id = reference[0].token_ids[len(reference[0].token_ids) // 2]
+    text = reference[1].text
+    for sp in (replace(SP, stop_token_ids=(stop_id,)), replace(SP, stop=(text[len(text) // 2:][:3],))):
+        aggregated = llm.generate(requests, sp)
+        assert any(o.finish_reason == "stop" for o in aggregated)
+        outputs = epd.generate(requests, sp)
+        assert [(o.token_ids, o.text, o.finish_reason) for o in outputs] == [
+            (o.token_ids, o.text, o.finish_reason) for o in aggregated]
+    assert not epd.flights and not epd.output_processor.states
 
 
 def test_bad_image_fails_only_its_request(epd: EPDEngine) -> None:

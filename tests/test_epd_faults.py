@@ -319,9 +319,9 @@ def test_abort_while_prefill_holds_the_embeddings(epd: EPDEngine) -> None:
     try:
         seq = epd.add_request(Request("x", images=[_png(4), _png(5)]), SP)
         deadline = time.monotonic() + 30
-        while not seq.metrics.prefill_start and time.monotonic() < deadline:
+        while not epd.flights[seq.seq_id].state.metrics.prefill_start and time.monotonic() < deadline:
             epd.step()
-        assert seq.metrics.prefill_start, "the images were not encoded"
+        assert epd.flights[seq.seq_id].state.metrics.prefill_start, "the images were not encoded"
         epd.abort(seq)
     finally:
         os.kill(prefill.pid, signal.SIGCONT)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from engine import LLM, Request, SamplingParams
-from engine.request import Sequence, Status
+from engine.request import Sequence, Status, append_step
 from ipc.arena import SharedArena
 from ipc.migration import block_runs, pull_blocks
 
@@ -55,9 +55,9 @@ def test_prefill_then_migrate_then_decode(tiny_llama: Path) -> None:
     decode = LLM(tiny_llama, backend="torch", device="cpu")
     seqs = []
     for r in out["results"]:
-        seq = Sequence(seq_id=len(seqs), prompt_ids=r["prompt_ids"], sampling=SP, seed=r["seed"], detok=None,
+        seq = Sequence(seq_id=len(seqs), prompt_ids=r["prompt_ids"], sampling=SP, seed=r["seed"],
                        stop_token_ids=frozenset())
-        seq.output_ids.append(r["first"])
+        seq.append_tokens([r["first"]])
         seq.block_table = decode.engine.kv_blocks.allocate(len(r["blocks"]))
         pull_blocks(src.tensor, r["blocks"], decode.runner.kv_arena, seq.block_table)
         seq.num_cached, seq.status = len(seq.prompt_ids), Status.RUNNING
@@ -65,12 +65,9 @@ def test_prefill_then_migrate_then_decode(tiny_llama: Path) -> None:
         seqs.append(seq)
     src.close()
     while any(s.status is not Status.FINISHED for s in seqs):
-        for seq, token in decode.engine.step():
-            if seq.status is Status.FINISHED:
-                continue
-            seq.output_ids.append(token)
-            if len(seq.output_ids) >= SP.max_tokens:
-                decode.engine.finish(seq)
+        for kept in append_step(decode.engine.step()):
+            if kept.finish_reason:  # max_tokens (SP ignores eos; no stop tokens here)
+                decode.engine.finish(kept.seq)
     assert [s.output_ids for s in seqs] == [o.token_ids for o in reference]
     assert decode.engine.kv_blocks.num_free == decode.runner.num_kv_blocks
 

@@ -20,7 +20,7 @@ PROMPTS = ["Count the birds in the tree", "Hello", "What colour is the sky on a 
 
 
 def _seq(prompt: list[int], output: list[int], **sampling) -> Sequence:
-    s = Sequence(seq_id=0, prompt_ids=list(prompt), sampling=SamplingParams(**sampling), seed=0, detok=None,
+    s = Sequence(seq_id=0, prompt_ids=list(prompt), sampling=SamplingParams(**sampling), seed=0,
                  stop_token_ids=frozenset())
     s.output_ids = list(output)
     return s

@@ -9,7 +9,7 @@ import torch
 
 from engine.aggregated import AggregatedEngine
 from engine.block_manager import BlockManager
-from engine.request import Sequence, Status
+from engine.request import Sequence, Status, append_step
 from engine.runner import StepOutput
 from engine.sampling import SamplingParams
 
@@ -78,7 +78,7 @@ def _seq(i: int, rng: random.Random, capacity: int = 10_000) -> Sequence:
     prompt = prompt[-(capacity - 1):]
     max_tokens = min(rng.randint(1, 40), capacity - len(prompt))
     sp = SamplingParams(max_tokens=max_tokens, stop_token_ids=(rng.randrange(1000),))
-    return Sequence(seq_id=i, prompt_ids=prompt, sampling=sp, seed=0, detok=None,
+    return Sequence(seq_id=i, prompt_ids=prompt, sampling=sp, seed=0,
                     stop_token_ids=frozenset(sp.stop_token_ids),
                     pixel_values=torch.zeros(images, 3, 1, 1) if images else None)
 
@@ -97,12 +97,9 @@ def test_random_requests_all_finish_without_leaks(num_kv_blocks: int, block_size
         for _ in range(rng.randint(0, 5)):  # requests arrive while others run
             if pending:
                 engine.add(pending.pop(0))
-        for seq, token in engine.step():
-            if seq.status is Status.FINISHED:
-                continue  # multi-step ran past this sequence's stop
-            seq.output_ids.append(token)
-            if seq.stop_reason():
-                engine.finish(seq)
+        for kept in append_step(engine.step()):  # tokens past a stop (multi-step) dropped
+            if kept.finish_reason:
+                engine.finish(kept.seq)
         steps += 1
         assert steps < 200_000
         held = sum(len(s.block_table) for s in seqs if s.status is not Status.FINISHED)
@@ -129,17 +126,14 @@ def test_preemption_recomputes_with_identical_tokens() -> None:
         runner = FakeRunner(blocks, 8, 8)
         engine = AggregatedEngine(runner, max_num_seqs=8, max_num_batched_tokens=128, max_images_per_batch=4,
                                   multi_step=multi_step)
-        copies = [Sequence(seq_id=s.seq_id, prompt_ids=list(s.prompt_ids), sampling=s.sampling, seed=0, detok=None,
+        copies = [Sequence(seq_id=s.seq_id, prompt_ids=list(s.prompt_ids), sampling=s.sampling, seed=0,
                            stop_token_ids=s.stop_token_ids, pixel_values=s.pixel_values) for s in seqs]
         for s in copies:
             engine.add(s)
         while engine.has_work():
-            for seq, token in engine.step():
-                if seq.status is Status.FINISHED:
-                    continue
-                seq.output_ids.append(token)
-                if seq.stop_reason():
-                    engine.finish(seq)
+            for kept in append_step(engine.step()):  # tokens past a stop (multi-step) dropped
+                if kept.finish_reason:
+                    engine.finish(kept.seq)
         results.append(([s.output_ids for s in copies], engine.num_preemptions))
     assert results[1][1] > 0 and results[0][1] == 0
     assert all(r[0] == results[0][0] for r in results)
@@ -162,7 +156,7 @@ def test_n_samples_share_prompt_blocks_without_leaks(num_kv_blocks: int, multi_s
         n = rng.choice([1, 2, 3, 4])
         max_tokens = rng.randint(1, min(12, (num_kv_blocks * bs // n - len(prompt)) // 2))
         sp = SamplingParams(max_tokens=max_tokens, n=n, stop_token_ids=(rng.randrange(1000),))
-        seqs.append(Sequence(seq_id=i, prompt_ids=prompt, sampling=sp, seed=rng.randrange(100), detok=None,
+        seqs.append(Sequence(seq_id=i, prompt_ids=prompt, sampling=sp, seed=rng.randrange(100),
                              stop_token_ids=frozenset(sp.stop_token_ids)))
     pending = list(seqs)
     for _ in range(100_000):
@@ -171,12 +165,9 @@ def test_n_samples_share_prompt_blocks_without_leaks(num_kv_blocks: int, multi_s
         for _ in range(rng.randint(0, 3)):
             if pending:
                 engine.add(pending.pop(0))
-        for seq, token in engine.step():
-            if seq.status is Status.FINISHED:
-                continue
-            seq.output_ids.append(token)
-            if seq.stop_reason():
-                engine.finish(seq)
+        for kept in append_step(engine.step()):  # tokens past a stop (multi-step) dropped
+            if kept.finish_reason:
+                engine.finish(kept.seq)
         live = [s for root in seqs for s in root.samples or [root] if s.status is not Status.FINISHED]
         held = {b for s in live for b in s.block_table}
         assert len(held) + engine.kv_blocks.num_free == num_kv_blocks  # shared blocks counted once
