@@ -9,6 +9,7 @@ import torch
 
 from engine.aggregated import AggregatedEngine
 from engine.block_manager import BlockManager
+from engine.config import EngineConfig
 from engine.request import Sequence, Status, append_step
 from engine.runner import StepOutput
 from engine.sampling import SamplingParams
@@ -88,8 +89,9 @@ def _seq(i: int, rng: random.Random, capacity: int = 10_000) -> Sequence:
 def test_random_requests_all_finish_without_leaks(num_kv_blocks: int, block_size: int, multi_step: int) -> None:
     rng = random.Random(num_kv_blocks)
     runner = FakeRunner(num_kv_blocks, 8, block_size)
-    engine = AggregatedEngine(runner, max_num_seqs=16, max_num_batched_tokens=256, max_images_per_batch=4,
-                              multi_step=multi_step)
+    config = EngineConfig("fake", max_num_seqs=16, max_num_batched_tokens=256, max_images_per_batch=4,
+                          multi_step=multi_step)
+    engine = AggregatedEngine(runner, config)
     seqs = [_seq(i, rng, num_kv_blocks * block_size) for i in range(1000)]
     pending = list(seqs)
     steps = 0
@@ -124,8 +126,9 @@ def test_preemption_recomputes_with_identical_tokens() -> None:
     results = []
     for blocks, multi_step in ((10_000, 1), (12, 1), (12, 4), (10_000, 16)):
         runner = FakeRunner(blocks, 8, 8)
-        engine = AggregatedEngine(runner, max_num_seqs=8, max_num_batched_tokens=128, max_images_per_batch=4,
-                                  multi_step=multi_step)
+        config = EngineConfig("fake", max_num_seqs=8, max_num_batched_tokens=128, max_images_per_batch=4,
+                              multi_step=multi_step)
+        engine = AggregatedEngine(runner, config)
         copies = [Sequence(seq_id=s.seq_id, prompt_ids=list(s.prompt_ids), sampling=s.sampling, seed=0,
                            stop_token_ids=s.stop_token_ids, pixel_values=s.pixel_values) for s in seqs]
         for s in copies:
@@ -147,8 +150,9 @@ def test_n_samples_share_prompt_blocks_without_leaks(num_kv_blocks: int, multi_s
     rng = random.Random(num_kv_blocks + multi_step)
     bs = 4
     runner = FakeRunner(num_kv_blocks, 8, bs)
-    engine = AggregatedEngine(runner, max_num_seqs=12, max_num_batched_tokens=64, max_images_per_batch=4,
-                              multi_step=multi_step)
+    config = EngineConfig("fake", max_num_seqs=12, max_num_batched_tokens=64, max_images_per_batch=4,
+                          multi_step=multi_step)
+    engine = AggregatedEngine(runner, config)
     runner.kv = engine.kv_blocks
     seqs = []
     for i in range(150):
