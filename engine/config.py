@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -348,6 +348,17 @@ class EngineConfig:
         for name in ("cuda_graphs", "background_capture"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} = {getattr(self, name)!r}; must be True or False")
+
+    @classmethod
+    def of(cls, model: str | Path | EngineConfig, **settings) -> EngineConfig:
+        """A config from a model directory and settings (EngineConfig's fields), or a config
+        with some settings replaced: what LLM(...) and EPDEngine(...) take."""
+        unknown = sorted(set(settings) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ConfigError(f"unknown setting {unknown[0]!r}; the settings are EngineConfig's fields")
+        if isinstance(model, EngineConfig):
+            return replace(model, **settings) if settings else model
+        return cls(model=str(model), **settings)
 
     def for_model(self, cfg: ModelConfig) -> EngineConfig:
         """This config checked against the checkpoint and resolved: max_model_len (the model's

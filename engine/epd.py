@@ -39,7 +39,7 @@ import signal
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from types import MappingProxyType
@@ -182,13 +182,7 @@ class EPDEngine:
 
         if mode not in ("epd", "pd"):
             raise ValueError(f"mode {mode!r}: use 'epd' or 'pd' (or the in-process LLM for 'aggregated')")
-        if isinstance(model, EngineConfig):
-            config = replace(model, **settings) if settings else model
-        else:
-            unknown = sorted(set(settings) - {f.name for f in fields(EngineConfig)})
-            if unknown:
-                raise ValueError(f"unknown setting {unknown[0]!r}; the settings are EngineConfig's fields")
-            config = EngineConfig(model=str(model), **settings)
+        config = EngineConfig.of(model, **settings)
         self.cfg = ModelConfig.from_dir(config.model)
         if not self.cfg.is_multimodal:
             raise ValueError(f"{self.cfg.architecture} has no vision tower: use the aggregated LLM")

@@ -5,14 +5,14 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import fields, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from engine.aggregated import AggregatedEngine
-from engine.config import ConfigError, EngineConfig, ModelConfig
+from engine.config import EngineConfig, ModelConfig
 from engine.input_processor import InputProcessor
 from engine.output_processor import OutputProcessor
 from engine.request import Request, RequestOutput, Sequence, Status, TokenEvent, append_step
@@ -32,13 +32,7 @@ class LLM:
     """
 
     def __init__(self, model: str | Path | EngineConfig, **settings: Any) -> None:
-        if isinstance(model, EngineConfig):
-            config = replace(model, **settings) if settings else model
-        else:
-            unknown = sorted(set(settings) - {f.name for f in fields(EngineConfig)})
-            if unknown:
-                raise ConfigError(f"unknown setting {unknown[0]!r}; the settings are EngineConfig's fields")
-            config = EngineConfig(model=str(model), **settings)
+        config = EngineConfig.of(model, **settings)
         self.model_dir = Path(config.model)
         self.cfg = ModelConfig.from_dir(self.model_dir)
         self.config = config = config.for_model(self.cfg)
