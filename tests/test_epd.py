@@ -310,34 +310,31 @@ def test_kv_owners_on_one_device_size_one_at_a_time_after_every_stage_there_load
     """The start-up protocol's sizing order (no processes): nothing is sized while a stage on the
     device is still loading; then one KV owner at a time, each told its share of what is left
     (1/2, then 1/1); GPUs size independently; a prefill whose arena decode shares sizes for both."""
-    from engine.epd import StageHandle
     from engine.messages import SizeKV
+    from engine.stage_handles import StageHandle, size_next
 
-    epd = EPDEngine.__new__(EPDEngine)
     stages = [StageHandle(kind, i, device, _FakeProcess(), _FakeInbox(), None)
               for kind, i, device in (("encode", 0, "cuda:0"), ("prefill", 0, "cuda:0"), ("prefill", 1, "cuda:0"),
                                       ("decode", 0, "cuda:1"))]
-    epd.stages = {h.name: h for h in stages}
     enc, p0, p1, d0 = stages
     for h in (p0, p1, d0):
         h.loaded, h.kv_owner = True, True
     sizing: dict = {}
-    epd._size_next(sizing)
+    size_next(stages, sizing)
     assert not p0.inbox.sent and not p1.inbox.sent  # encode0 (same GPU) still loading
     assert d0.inbox.sent == [SizeKV(share=1.0)] and sizing["cuda:1"] is d0  # its GPU is ready
     enc.loaded = True
-    epd._size_next(sizing)
-    epd._size_next(sizing)  # asked again before prefill0 answered: nothing more is sent
+    size_next(stages, sizing)
+    size_next(stages, sizing)  # asked again before prefill0 answered: nothing more is sent
     assert p0.inbox.sent == [SizeKV(share=0.5)] and not p1.inbox.sent
     p0.kv_blocks = 100
     del sizing["cuda:0"]  # what its Sized message does
-    epd._size_next(sizing)
+    size_next(stages, sizing)
     assert p1.inbox.sent == [SizeKV(share=1.0)]
 
     shared = [StageHandle("prefill", 0, "cuda:0", _FakeProcess(), _FakeInbox(), None),
               StageHandle("decode", 0, "cuda:0", _FakeProcess(), _FakeInbox(), None)]
-    epd.stages = {h.name: h for h in shared}
     shared[0].loaded, shared[0].kv_owner = True, True
     shared[1].loaded, shared[1].kv_owner = True, False  # reads prefill0's arena
-    epd._size_next({})
+    size_next(shared, {})
     assert shared[0].inbox.sent == [SizeKV(share=1.0, for_decode=True)] and not shared[1].inbox.sent

@@ -20,7 +20,7 @@ PACKAGES = ("engine", "graphs", "kernels", "ipc")
 IPC_MECHANISMS = ("ipc.arena", "ipc.migration", "ipc.channel", "ipc.parent_watch", "ipc.connections", "ipc.worker")
 # The engine modules that drive processes, and what they may use of ipc: the orchestrator spawns
 # worker shells and talks over channels; the stage roles own and map arenas and pull blocks.
-ORCHESTRATOR = ("engine.epd", "engine.roles")
+ORCHESTRATOR = ("engine.epd", "engine.stage_handles", "engine.roles")
 ORCHESTRATOR_IPC = ("ipc.arena", "ipc.channel", "ipc.migration", "ipc.worker")
 
 # (importer, imported) -> the issue-11 item that removes the arrow.

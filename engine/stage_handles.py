@@ -1,0 +1,229 @@
+"""The orchestrator's side of its stage processes: one StageHandle per stage (process,
+channels, load, liveness, reports), spawning a worker with its role, reading the outboxes, and
+the start-up protocol (engine/messages.py): once every stage on a device has loaded, its KV
+owners size their arenas one at a time; with every arena made, each stage gets the handles it
+maps; every stage reports Ready; then the CPU arena files are unlinked (all mapped)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+from engine.messages import Exported, Loaded, Peers, Ready, Sized, SizeKV
+from engine.roles import RoleSpec, build_role
+from engine.router import InstanceLoad
+from ipc.arena import unlink
+from ipc.channel import Inbox
+from ipc.worker import Crashed, StageStatus, worker_main
+
+log = logging.getLogger("engine.epd")
+DRAIN_LIMIT = 512  # messages read from one stage per call: a busy stage cannot hold up step or status
+
+
+def stage_summary(name: str, stats: dict) -> str:
+    """One line for the start-up log, from a Ready message's stats."""
+    threads = stats.get("torch_threads", 0)
+    line = (f"stage {name}: pid {stats.get('pid')} on {stats.get('device')} ({stats.get('backend')}, "
+            f"{threads} CPU thread{'s' if threads != 1 else ''})")
+    if "kv_cache_blocks" in stats:
+        line += (f"; KV {stats['kv_cache_blocks']} blocks = {stats['kv_cache_tokens']} tokens, "
+                 f"{stats['kv_cache_gb']:g} GB")
+        if stats.get("kv_arena_of"):
+            line += f" (in {stats['kv_arena_of']}'s arena)"
+        elif stats.get("kv_blocks_for_decode"):
+            line += f" (+{stats['kv_blocks_for_decode']} blocks of decode's in the same arena)"
+    if "mm_arena_blocks" in stats:
+        line += f"; MM {stats['mm_arena_blocks']} blocks, {stats['mm_arena_gb']:g} GB"
+    if stats.get("mm_in_place_from"):
+        line += f" (reads encoder(s) {stats['mm_in_place_from']} in place)"
+    if "graph_buckets" in stats:
+        buckets = stats["graph_buckets"]
+        line += f"; graphs {buckets} in {stats.get('graph_capture_s', 0):.1f} s" if buckets else "; no graphs (eager)"
+    return line
+
+
+class StageError(RuntimeError):
+    """A request failed inside a stage, or a stage failed to start (the message names the stage)."""
+
+
+def stage_threads(num_stages: int) -> int:
+    """torch CPU threads per stage process: the cores this process may use, shared out."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // num_stages)
+
+
+@contextlib.contextmanager
+def _sigint_ignored_by_children() -> Iterator[None]:
+    """Processes started inside ignore SIGINT from their first instruction (an ignored signal
+    stays ignored across exec, and Python keeps it so): a Ctrl-C while a stage is still
+    importing cannot kill it with a traceback. Only the main thread may change handlers; a
+    Ctrl-C to this process in these few milliseconds is lost."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+@dataclass(eq=False)
+class StageHandle:
+    """One stage process as the orchestrator sees it: identity, channels, load, liveness and
+    what it last reported. Messages name their stage by `name` ("prefill0") or by index within
+    a kind (`FreeKV.prefill`); both lead here, nothing parses the name back."""
+
+    kind: str  # "encode", "prefill" or "decode"
+    index: int  # among the instances of its kind
+    device: str
+    process: Any
+    inbox: Inbox  # we write, the stage reads
+    outbox: Any | None  # the read end of its outbox (it is the only writer); None once it is gone
+    load: int = 0  # in flight on it: images for an encoder, requests for prefill and decode
+    dead: bool = False  # its death has been noticed and handled (_check_stages)
+    ready: dict | None = None  # what it holds, from its Ready message
+    stats: dict = field(default_factory=dict)  # its latest StageStatus report
+    crash: str | None = None  # the error it reported before exiting
+    arena: Any | None = None  # the arena it exported (encoders: MM, prefill: KV), for cleanup
+    loaded: bool = False  # its weights are in memory (Loaded)
+    kv_owner: bool = False  # it sizes a KV arena of its own (SizeKV)
+    kv_blocks: int | None = None  # the KV blocks it owns, once sized (Sized)
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind}{self.index}"
+
+    def alive(self) -> bool:
+        """Routable: not known dead and its process running."""
+        return not self.dead and self.process.is_alive()
+
+    def routing_load(self) -> InstanceLoad:
+        return InstanceLoad(self.index, self.load, self.alive())
+
+    def send(self, msg: object) -> None:
+        """Nothing is written to a stage known to be dead (what it held died with it)."""
+        if not self.dead:
+            self.inbox.put(msg)
+
+
+def spawn_stage(ctx, spec: RoleSpec, device: str) -> StageHandle:
+    """Start a worker process hosting spec's role; the handle the orchestrator keeps for it."""
+    name = spec.name
+    inbox = Inbox(ctx, name)
+    outbox, writer = ctx.Pipe(duplex=False)
+    args = (partial(build_role, spec), name, os.getpid(), spec.config.torch_threads, inbox.reader, writer)
+    proc = ctx.Process(target=worker_main, args=args, name=name, daemon=True)
+    with _sigint_ignored_by_children():
+        proc.start()
+    # Only the stage writes its outbox and reads its inbox: with our copies of those ends
+    # closed, its death is an EOF for our reader and an EPIPE for our writer, even mid-message.
+    writer.close()
+    inbox.started()
+    return StageHandle(spec.kind, spec.index, device, proc, inbox, outbox)
+
+
+def read_stages(stages: Iterable[StageHandle], timeout_s: float) -> list[tuple[StageHandle, object]]:
+    """(stage, message) for what the stages' outboxes hold, waiting up to timeout_s for the
+    first; at most DRAIN_LIMIT per stage. An outbox whose stage is gone (EOF, or a message cut
+    short by its death) is dropped."""
+    from multiprocess.connection import wait
+
+    readers = {h.outbox: h for h in stages if h.outbox is not None}
+    if not readers:
+        time.sleep(timeout_s)
+        return []
+    msgs = []
+    for conn in wait(list(readers), timeout_s):
+        handle = readers[conn]
+        try:
+            for _ in range(DRAIN_LIMIT):
+                msgs.append((handle, conn.recv()))
+                if not conn.poll():
+                    break
+        except (EOFError, OSError):
+            conn.close()
+            handle.outbox = None
+    return msgs
+
+
+def await_ready(stages: dict[str, StageHandle], deadline: float) -> int:
+    """Run the start-up protocol until every stage is Ready (StageError: one failed, died or
+    missed the deadline); unlink the CPU arena files and log one line per stage. Returns the
+    smallest KV pool of any stage: what one request may use."""
+    handles = list(stages.values())
+    peers_sent = False
+    sizing: dict[str, StageHandle] = {}  # device -> the KV owner sizing there now
+    while any(h.ready is None for h in handles):
+        size_next(handles, sizing)
+        if not peers_sent and all(h.arena is not None for h in handles if h.kind != "decode") \
+                and all(h.kv_blocks is not None for h in handles if h.kv_owner):
+            mm = [h.arena for h in handles if h.kind == "encode"]
+            prefills = [h for h in handles if h.kind == "prefill"]
+            kv, owned = [h.arena for h in prefills], [h.kv_blocks for h in prefills]
+            for handle in handles:
+                if handle.kind != "encode":
+                    handle.inbox.put(Peers(kv, owned) if handle.kind == "decode" else Peers(mm))
+            peers_sent = True
+        msgs = read_stages(handles, 1.0)
+        if not msgs:
+            msgs = read_stages(handles, 0.0)  # a stage that just died: what it sent first
+            _raise_if_not_starting(handles, msgs, deadline)
+        for _, msg in msgs:
+            stage = stages.get(getattr(msg, "stage", ""))
+            if isinstance(msg, Loaded):
+                stage.loaded, stage.kv_owner = True, msg.kv_owner
+            elif isinstance(msg, Sized):
+                stage.kv_blocks = msg.blocks
+                sizing.pop(stage.device, None)
+            elif isinstance(msg, Exported):
+                stage.arena = msg.handle
+            elif isinstance(msg, Ready):
+                stage.ready = msg.stats
+            elif isinstance(msg, Crashed):
+                log.debug("stage %s failed to start:\n%s", msg.stage, msg.traceback)
+                raise StageError(f"stage {msg.stage} failed to start: {msg.error}")
+            elif isinstance(msg, StageStatus):
+                stage.stats = msg.stats
+    for handle in handles:
+        if handle.arena is not None:
+            unlink(handle.arena)
+    for handle in handles:
+        log.info(stage_summary(handle.name, handle.ready))
+    return min(h.ready["kv_cache_blocks"] for h in handles if "kv_cache_blocks" in h.ready)
+
+
+def size_next(stages: list[StageHandle], sizing: dict[str, StageHandle]) -> None:
+    """On each device whose stages have all loaded, tell the next KV owner to size its arena
+    (one at a time: each takes its share of what is left after the ones before it). sizing:
+    device -> the owner sizing there now (its Sized message removes it)."""
+    for device in {h.device for h in stages}:
+        here = [h for h in stages if h.device == device]
+        if device in sizing or not all(h.loaded for h in here):
+            continue
+        waiting = [h for h in here if h.kv_owner and h.kv_blocks is None]
+        if waiting:
+            owner = waiting[0]
+            for_decode = owner.kind == "prefill" and any(h.kind == "decode" and not h.kv_owner for h in here)
+            owner.inbox.put(SizeKV(share=1.0 / len(waiting), for_decode=for_decode))
+            sizing[device] = owner
+
+
+def _raise_if_not_starting(stages: list[StageHandle], msgs: list, deadline: float) -> None:
+    if any(isinstance(m, Crashed) for _, m in msgs):
+        return  # the caller raises with its message
+    for handle in stages:
+        if handle.ready is None and not handle.process.is_alive():
+            code = handle.process.exitcode
+            raise StageError(f"stage {handle.name} exited (exit code {code}) before it was ready")
+    if time.monotonic() > deadline:
+        waiting = [h.name for h in stages if h.ready is None]
+        raise StageError(f"stage(s) {', '.join(waiting)} not ready within the start timeout")
