@@ -38,6 +38,8 @@ class LLM:
         self.config = config = config.for_model(self.cfg)
         self.device, self.dtype = torch.device(config.device), config.torch_dtype
         self.max_model_len = config.max_model_len
+        if config.torch_threads:
+            torch.set_num_threads(config.torch_threads)
         self.runner = build_runner(config, self.cfg)
         if config.cuda_graphs and self.runner.backend == "cuda":
             self.runner.capture_graphs(background=config.background_capture)
