@@ -145,7 +145,7 @@ def plot_timeline(run: dict, rate: float, max_requests: int, out: Path) -> Path 
                   key=lambda r: r.get("start_s") or 0.0)[:max_requests]
     if not recs:
         return None
-    fig, ax = plt.subplots(figsize=(8, max(2.5, 0.22 * len(recs) + 1.2)))
+    fig, ax = plt.subplots(figsize=(9, max(2.5, 0.22 * len(recs) + 1.2)))
     seen: set[str] = set()
 
     def bar(y: int, left: float, width: float, name: str, color: str) -> None:
@@ -173,7 +173,7 @@ def plot_timeline(run: dict, rate: float, max_requests: int, out: Path) -> Path 
     ax.set_ylabel("request")
     ax.set_title(f"{run['label']}: request stages at {rate:g} req/s")
     ax.grid(axis="x", alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
     fig.tight_layout()
     path = out / f"timeline_{safe(run['label'])}_rate{safe(f'{rate:g}')}.png"
     fig.savefig(path, dpi=120)
