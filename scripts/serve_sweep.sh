@@ -135,8 +135,8 @@ start_server() {
             SERVER_PID=""
             return 1
         fi
-        sleep 2
-        waited=$((waited + 2))
+        sleep 1
+        waited=$((waited + 1))
     done
     log "no 200 from $BASE_URL/health within ${HEALTH_TIMEOUT}s; last lines of $logfile:"
     tail -n 20 "$logfile" >&2 || true

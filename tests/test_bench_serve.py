@@ -413,3 +413,95 @@ def test_unreachable_server_and_bad_flags(capsys: pytest.CaptureFixture) -> None
     assert bs.run_main(lambda: bs.main(["--burstiness", "0"])) == 2
     err = capsys.readouterr().err
     assert err.count("error: ") == 3 and "Traceback" not in err
+
+
+# ---------------------------------------------------------------- scripts/serve_sweep.sh, on a fake serve.py
+
+FAKE_SERVE = r'''
+import argparse, json, sys, time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+p = argparse.ArgumentParser()
+for flag in ("--model", "--mode", "--placement", "--host", "--port", "--backend", "--dtype", "--device"):
+    p.add_argument(flag)
+args = p.parse_args()
+print("argv", json.dumps(sys.argv[1:]), flush=True)
+
+
+class H(BaseHTTPRequestHandler):
+    def log_message(self, *a):
+        pass
+
+    def do_GET(self):
+        data = json.dumps({"object": "list", "data": [{"id": "fake-" + args.mode}]}).encode()
+        self.send_response(200 if self.path in ("/health", "/v1/models") else 404)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.end_headers()
+        n = body["max_tokens"]
+        for i in range(n):
+            time.sleep(0.002)
+            finish = "length" if i == n - 1 else None
+            c = {"choices": [{"index": 0, "delta": {"content": "x"}, "finish_reason": finish}]}
+            if i == n - 1 and args.mode == "epd":
+                c["epd_metrics"] = {"ttft_s": 0.002, "e2e_s": 0.002 * n, "queue_s": 0.0005, "encode_s": 0.0005,
+                                    "wait_s": 0.0005, "prefill_s": 0.0005}
+            self.wfile.write(("data: " + json.dumps(c) + "\n\n").encode())
+        usage = {"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": n}}
+        self.wfile.write(("data: " + json.dumps(usage) + "\n\ndata: [DONE]\n\n").encode())
+
+
+time.sleep(0.5)  # "loading"
+ThreadingHTTPServer((args.host, int(args.port)), H).serve_forever()
+'''
+
+
+def test_serve_sweep_on_fake_server(tmp_path: Path) -> None:
+    import os
+    import shutil
+    import socket
+    import subprocess
+    import sys
+
+    pytest.importorskip("httpx")
+    if shutil.which("bash") is None:
+        pytest.skip("no bash")
+    root = Path(__file__).resolve().parents[1]
+    tree = tmp_path / "tree" / "scripts"
+    tree.mkdir(parents=True)
+    (tree / "serve.py").write_text(FAKE_SERVE)
+    for name in ("serve_sweep.sh", "bench_serve.py", "plot_serve.py"):
+        (tree / name).symlink_to(root / "scripts" / name)  # bench/plot resolve their repo root through the link
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    out = tmp_path / "out"
+    env = {**os.environ, "MODEL": "/nonexistent-model", "MODES": "aggregated epd", "IMAGES": "1",
+           "SIZES": "32x32", "RATES": "50,inf", "NUM_REQUESTS": "3", "PORT": str(port), "PYTHON": sys.executable,
+           "HEALTH_TIMEOUT": "60", "STOP_TIMEOUT": "10", "BENCH_ARGS": "--ignore-eos --no-progress",
+           "EPD_PLACEMENT": "E:0,1 P:2 D:3"}
+    proc = subprocess.run(["bash", str(tree / "serve_sweep.sh"), str(out)], env=env, capture_output=True,
+                          text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for mode in ("aggregated", "epd"):
+        summary = json.loads((out / mode / "img1_32x32.json").read_text())
+        assert summary["label"] == mode and summary["model"] == f"fake-{mode}"
+        assert [r["completed"] for r in summary["rates"]] == [3, 3]
+        assert len((out / mode / "img1_32x32.jsonl").read_text().splitlines()) == 6
+    argv = json.loads((out / "epd" / "server.log").read_text().splitlines()[0][len("argv "):])
+    assert argv[argv.index("--placement") + 1] == "E:0,1 P:2 D:3" and argv[argv.index("--mode") + 1] == "epd"
+    agg = json.loads((out / "aggregated" / "server.log").read_text().splitlines()[0][len("argv "):])
+    assert agg[agg.index("--device") + 1] == "cuda:0" and "--placement" not in agg
+    pngs = sorted(p.name for p in (out / "plots" / "img1_32x32").glob("*.png"))
+    if pngs:  # matplotlib installed
+        assert pngs == ["attainment.png", "timeline_epd_rateinf.png", "ttft_cdf_rateinf.png"]
+    with socket.socket() as sock:  # every server stopped: nothing listens on the port (TIME_WAIT is fine)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", port))
+    assert "stopping the server" in proc.stderr and "SIGKILL" not in proc.stderr
