@@ -61,7 +61,7 @@ def arrival_offsets(n: int, rate: float, burstiness: float = 1.0, seed: int = 0)
         return [0.0] * n
     if rate <= 0 or burstiness <= 0:
         raise ValueError(f"rate {rate} and burstiness {burstiness} must be > 0")
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(seed & 0xFFFFFFFF)
     gaps = rng.gamma(shape=burstiness, scale=1.0 / (rate * burstiness), size=n - 1)
     return [0.0] + np.cumsum(gaps).tolist()
 
@@ -192,16 +192,16 @@ class RequestSpec:
     max_tokens: int = 10
 
 
-def make_jpeg(width: int, height: int, seed: int | list[int], quality: int = 90) -> bytes:
+def make_jpeg(width: int, height: int, seed: int | list[int], quality: int = 85) -> bytes:
     """A noise-ish JPEG of width x height: coarse random colour blocks, smoothed, plus fine noise
-    (not pure noise, so a 1920x1080 image is some hundreds of KB, not megabytes). Seeded."""
+    (not pure noise, so a 1920x1080 image is ~300 KB, as a photo, not megabytes). Seeded."""
     import numpy as np
     from PIL import Image
 
     rng = np.random.default_rng(seed)
-    coarse = rng.integers(0, 256, size=(max(1, height // 16), max(1, width // 16), 3), dtype=np.uint8)
+    coarse = rng.integers(0, 256, size=(max(1, height // 32), max(1, width // 32), 3), dtype=np.uint8)
     img = Image.fromarray(coarse, "RGB").resize((width, height), Image.BILINEAR)
-    pixels = np.asarray(img, dtype=np.int16) + rng.integers(-24, 25, size=(height, width, 3), dtype=np.int16)
+    pixels = np.asarray(img, dtype=np.int16) + rng.integers(-6, 7, size=(height, width, 3), dtype=np.int16)
     img = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB")
     buf = io.BytesIO()
     img.save(buf, format="JPEG", quality=quality)
@@ -212,7 +212,7 @@ def data_url(jpeg: bytes) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(jpeg).decode("ascii")
 
 
-def make_prompt(n_words: int, seed: int) -> str:
+def make_prompt(n_words: int, seed: int | list[int]) -> str:
     import numpy as np
 
     rng = np.random.default_rng(seed)
@@ -232,13 +232,13 @@ def make_workload(name: str, n: int, seed: int = 0, images_per_request: int = 1,
     out_tokens = max_tokens if max_tokens is not None else OUTPUT_TOKENS[name]
     text_only: set[int] = set()
     if name == "mixed":
-        text_only = set(np.random.default_rng(seed).permutation(n)[: n // 2].tolist())
+        text_only = set(np.random.default_rng(seed & 0xFFFFFFFF).permutation(n)[: n // 2].tolist())
     w, h = image_size
     specs = []
     for i in range(n):
         k = 0 if i in text_only else images_per_request
-        images = [data_url(make_jpeg(w, h, seed=[abs(seed), i, j])) for j in range(k)]
-        specs.append(RequestSpec(id=i, prompt=make_prompt(PROMPT_WORDS, seed * 1_000_003 + i), images=images,
+        images = [data_url(make_jpeg(w, h, seed=[seed & 0xFFFFFFFF, i, j])) for j in range(k)]
+        specs.append(RequestSpec(id=i, prompt=make_prompt(PROMPT_WORDS, [seed & 0xFFFFFFFF, i]), images=images,
                                  max_tokens=out_tokens))
     return specs
 
@@ -409,14 +409,14 @@ async def first_model(client, base_url: str, api_key: str | None, timeout: float
                        "pass --model") from None
 
 
-async def send_one(client, url: str, body: dict, headers: dict, timeout: float) -> dict:
+async def send_one(client, url: str, body: bytes, headers: dict, timeout: float) -> dict:
     """One streamed request; its record (timings, tokens, success / error). Never raises for a server or
     network fault, nor waits longer than `timeout` in all."""
     start = time.perf_counter()
     state = StreamState(start)
 
     async def stream() -> None:
-        async with client.stream("POST", url, json=body, headers=headers) as resp:
+        async with client.stream("POST", url, content=body, headers=headers) as resp:
             if resp.status_code != 200:
                 text = (await resp.aread()).decode("utf-8", "replace")
                 raise RuntimeError(f"HTTP {resp.status_code}: {' '.join(text.split())[:300]}")
@@ -440,37 +440,52 @@ async def send_one(client, url: str, body: dict, headers: dict, timeout: float) 
     return rec
 
 
-async def run_rate(base_url: str, endpoint: str, model: str, specs: list[RequestSpec], rate: float, *,
-                   burstiness: float, seed: int, api_key: str | None, ignore_eos: bool,
-                   max_concurrency: int | None, timeout: float, progress: bool) -> tuple[list[dict], float]:
-    """Send specs at `rate` (seeded arrivals); their records and the wall time from first send to last reply."""
+@dataclass
+class Prepared:
+    """A request ready to send: its body already JSON-encoded (a 1920x1080 image is ~400 KB of base64;
+    encoding it at send time would stall the event loop and skew the other requests' timings)."""
+    id: int
+    images: int
+    max_tokens: int
+    body: bytes
+
+
+def prepare(specs: list[RequestSpec], endpoint: str, model: str, ignore_eos: bool = False) -> list[Prepared]:
+    return [Prepared(s.id, len(s.images), s.max_tokens, json.dumps(request_body(s, endpoint, model, ignore_eos))
+                     .encode()) for s in specs]
+
+
+async def run_rate(base_url: str, endpoint: str, requests: list[Prepared], rate: float, *,
+                   burstiness: float, seed: int, api_key: str | None, max_concurrency: int | None,
+                   timeout: float, progress: bool) -> tuple[list[dict], float]:
+    """Send the requests at `rate` (seeded arrivals); their records and the wall time from the first
+    send to the last reply."""
     httpx = _httpx()
     path = "/v1/chat/completions" if endpoint == "chat" else "/v1/completions"
     url = base_url + path
-    headers = _headers(api_key)
-    offsets = arrival_offsets(len(specs), rate, burstiness, seed)
-    bodies = [request_body(s, endpoint, model, ignore_eos) for s in specs]
+    headers = {**_headers(api_key), "Content-Type": "application/json"}
+    offsets = arrival_offsets(len(requests), rate, burstiness, seed)
     sem = asyncio.Semaphore(max_concurrency) if max_concurrency else None
-    bar = Progress(len(specs), f"rate {rate:g}", progress)
-    limits = httpx.Limits(max_connections=max_concurrency or len(specs) or 1, max_keepalive_connections=64)
+    bar = Progress(len(requests), f"rate {rate:g}", progress)
+    limits = httpx.Limits(max_connections=max_concurrency or len(requests) or 1, max_keepalive_connections=64)
     async with httpx.AsyncClient(timeout=httpx.Timeout(timeout), limits=limits) as client:
         t0 = time.perf_counter()
 
-        async def one(spec: RequestSpec, offset: float, body: dict) -> dict:
+        async def one(req: Prepared, offset: float) -> dict:
             await asyncio.sleep(max(0.0, t0 + offset - time.perf_counter()))
             if sem is not None:
                 async with sem:
                     sent = time.perf_counter() - t0
-                    rec = await send_one(client, url, body, headers, timeout)
+                    rec = await send_one(client, url, req.body, headers, timeout)
             else:
                 sent = time.perf_counter() - t0
-                rec = await send_one(client, url, body, headers, timeout)
+                rec = await send_one(client, url, req.body, headers, timeout)
             bar.update()
-            return {"rate": rate, "request_id": spec.id, "scheduled_s": offset, "start_s": sent,
-                    "images": len(spec.images), "max_tokens": spec.max_tokens, **rec}
+            return {"rate": rate, "request_id": req.id, "scheduled_s": offset, "start_s": sent,
+                    "images": req.images, "max_tokens": req.max_tokens, **rec}
 
         try:
-            records = await asyncio.gather(*(one(s, o, b) for s, o, b in zip(specs, offsets, bodies)))
+            records = await asyncio.gather(*(one(r, o) for r, o in zip(requests, offsets)))
         finally:
             bar.close()
         duration = time.perf_counter() - t0
@@ -557,6 +572,8 @@ async def _run(args: argparse.Namespace, rates: list[float], specs: list[Request
     if model is None:
         async with httpx.AsyncClient(timeout=httpx.Timeout(args.request_timeout)) as client:
             model = await first_model(client, base_url, api_key, args.request_timeout)
+    requests = prepare(specs, args.endpoint, model, args.ignore_eos)
+    specs.clear()  # the images live on only in the encoded bodies
     per_rate = []
     if args.records:
         Path(args.records).parent.mkdir(parents=True, exist_ok=True)
@@ -565,9 +582,9 @@ async def _run(args: argparse.Namespace, rates: list[float], specs: list[Request
     try:
         for i, rate in enumerate(rates):
             records, duration = await run_rate(
-                base_url, args.endpoint, model, specs, rate, burstiness=args.burstiness, seed=args.seed + i,
-                api_key=api_key, ignore_eos=args.ignore_eos, max_concurrency=args.max_concurrency,
-                timeout=args.request_timeout, progress=not args.no_progress)
+                base_url, args.endpoint, requests, rate, burstiness=args.burstiness, seed=args.seed + i,
+                api_key=api_key, max_concurrency=args.max_concurrency, timeout=args.request_timeout,
+                progress=not args.no_progress)
             summary = summarize_rate(rate, records, duration, args.slo_ttft, args.slo_tpot)
             per_rate.append(summary)
             print(format_table(summary), flush=True)
