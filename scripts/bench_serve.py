@@ -156,6 +156,18 @@ def summarize_rate(rate: float, records: list[dict], duration_s: float, slo_ttft
     }
 
 
+def strict_json(obj):
+    """obj with inf / -inf as the strings "inf" / "-inf" and NaN as None, so json.dumps writes strict
+    JSON (jq, JavaScript) rather than Python's Infinity; readers take a rate back with float()."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
+    if isinstance(obj, dict):
+        return {k: strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json(v) for v in obj]
+    return obj
+
+
 def parse_rates(text: str) -> list[float]:
     """"1,2,4,inf" -> [1.0, 2.0, 4.0, inf]: positive numbers, or inf (all at once)."""
     rates = []
@@ -590,7 +602,7 @@ async def _run(args: argparse.Namespace, rates: list[float], specs: list[Request
             print(format_table(summary), flush=True)
             if records_file is not None:
                 for rec in records:
-                    records_file.write(json.dumps({"label": label, **rec}) + "\n")
+                    records_file.write(json.dumps(strict_json({"label": label, **rec}), allow_nan=False) + "\n")
                 records_file.flush()
     finally:
         if records_file is not None:
@@ -627,7 +639,7 @@ def main(argv: list[str] | None = None) -> int:
     result = asyncio.run(_run(args, rates, specs))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        Path(args.out).write_text(json.dumps(strict_json(result), indent=2, allow_nan=False) + "\n")
         print(f"summary: {args.out}", flush=True)
     failed = sum(r["failed"] for r in result["rates"])
     return 0 if failed < sum(r["num_requests"] for r in result["rates"]) else 1

@@ -37,14 +37,17 @@ OTHER_COLOR = "#c5b0d5"
 
 
 def read_records(path: Path) -> list[dict]:
+    """A records JSONL, each rate as a float ("inf" -> inf)."""
     records = []
     with open(path) as f:
         for n, line in enumerate(f, 1):
             if line.strip():
                 try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise CLIError(f"{path}:{n}: not a JSON line ({e})") from None
+                    rec = json.loads(line)
+                    rec["rate"] = float(rec["rate"])
+                except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+                    raise CLIError(f"{path}:{n}: not a bench_serve.py record ({e})") from None
+                records.append(rec)
     return records
 
 
@@ -71,7 +74,7 @@ def load_run(path: Path, slo_ttft: float, slo_tpot: float) -> dict:
         if candidate.is_file():
             records = read_records(candidate)
             break
-    per_rate = [{"rate": r["rate"], "attainment": r["attainment"]} for r in summary["rates"]]
+    per_rate = [{"rate": float(r["rate"]), "attainment": r["attainment"]} for r in summary["rates"]]
     return {"label": summary.get("label") or path.stem, "per_rate": per_rate, "records": records,
             "target": (summary.get("slo") or {}).get("attainment_target")}
 

@@ -108,6 +108,12 @@ def test_goodput_definitions() -> None:
     assert s8["errors"] == ["HTTP 500"]
 
 
+def test_strict_json() -> None:
+    obj = {"rate": math.inf, "x": [1.0, -math.inf, math.nan], "n": 3}
+    assert bs.strict_json(obj) == {"rate": "inf", "x": [1.0, "-inf", None], "n": 3}
+    assert float(bs.strict_json(math.inf)) == math.inf
+
+
 def test_parse_flags_values() -> None:
     assert bs.parse_rates("1,2.5,inf") == [1.0, 2.5, math.inf]
     for bad in ("1,x", "0", "-1", "nan"):
@@ -324,7 +330,7 @@ def test_end_to_end_with_plots(fake_server: str, tmp_path: Path, capsys: pytest.
     assert all(len(b["messages"][0]["content"]) == 3 for b in bodies)  # text + 2 images
 
     recs = [json.loads(line) for line in records.read_text().splitlines()]
-    assert len(recs) == 12 and {r["rate"] for r in recs} == {20.0, math.inf}
+    assert len(recs) == 12 and {r["rate"] for r in recs} == {20.0, "inf"}  # strict JSON: no Infinity
     for r in recs:
         assert r["success"] and r["error"] is None and r["label"] == "epd"
         assert r["output_tokens"] == 4 and r["prompt_tokens"] == 600 and len(r["itls_s"]) == 3
@@ -335,13 +341,14 @@ def test_end_to_end_with_plots(fake_server: str, tmp_path: Path, capsys: pytest.
 
     s = json.loads(summary.read_text())
     assert s["label"] == "epd" and s["model"] == "fake-llava" and s["workload"] == "epd-synthetic"
-    assert [r["rate"] for r in s["rates"]] == [20.0, math.inf]
+    assert [r["rate"] for r in s["rates"]] == [20.0, "inf"]
     for r in s["rates"]:
         assert (r["completed"], r["failed"]) == (6, 0)
         assert r["total_output_tokens"] == 24 and r["output_throughput"] > 0
         assert all(r[f"{m}_ms"]["p99"] is not None for m in bs.METRICS)
         assert r["attainment"] == 1.0  # ms-scale fake: well inside 1.4 s / 40 ms
-    assert s["goodput"] == {"by_attainment": math.inf, "by_p99": math.inf}
+    assert s["goodput"] == {"by_attainment": "inf", "by_p99": "inf"}
+    assert "Infinity" not in summary.read_text() + records.read_text()
 
     # a second "mode" without epd_metrics, plotted from its records JSONL alone
     FakeOpenAI.with_epd = False
