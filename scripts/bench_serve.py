@@ -548,6 +548,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ignore-eos", action="store_true",
                    help='send "ignore_eos": true, so every request makes max_tokens (vLLM, SGLang, ours)')
     p.add_argument("--max-concurrency", type=int, help="requests in flight at most (default: unbounded)")
+    p.add_argument("--warmup-requests", type=int, default=1,
+                   help="requests sent one by one before the first rate, not recorded; the first must succeed")
     p.add_argument("--request-timeout", type=float, default=300.0, help="seconds one request may take in all")
     p.add_argument("--slo-ttft", type=float, default=1.4, help="TTFT SLO in seconds")
     p.add_argument("--slo-tpot", type=float, default=0.04, help="TPOT SLO in seconds")
@@ -564,6 +566,8 @@ def check_args(args: argparse.Namespace) -> None:
     positive_int("--num-requests", args.num_requests)
     positive_int("--max-tokens", args.max_tokens)
     positive_int("--max-concurrency", args.max_concurrency)
+    if args.warmup_requests < 0:
+        raise CLIError(f"--warmup-requests = {args.warmup_requests}; must be >= 0")
     if args.images_per_request < 0:
         raise CLIError(f"--images-per-request = {args.images_per_request}; must be >= 0")
     for flag in ("burstiness", "request_timeout", "slo_ttft", "slo_tpot"):
@@ -576,6 +580,46 @@ def check_args(args: argparse.Namespace) -> None:
         raise CLIError(f"--base-url {args.base_url!r}: expected http://HOST:PORT")
 
 
+def result_of(args: argparse.Namespace, base_url: str, model: str, label: str, per_rate: list[dict]) -> dict:
+    """The summary JSON: the run's settings, one summary per rate done so far, both goodputs."""
+    w, h = parse_size(args.image_size)
+    return {
+        "label": label, "base_url": base_url, "model": model, "endpoint": args.endpoint,
+        "workload": args.workload, "images_per_request": args.images_per_request, "image_size": [w, h],
+        "num_requests": args.num_requests, "burstiness": args.burstiness, "seed": args.seed,
+        "max_concurrency": args.max_concurrency, "ignore_eos": args.ignore_eos, "max_tokens": args.max_tokens,
+        "slo": {"ttft_s": args.slo_ttft, "tpot_s": args.slo_tpot, "attainment_target": args.attainment_target},
+        "records_file": str(Path(args.records).resolve()) if args.records else None,
+        "rates": per_rate,
+        "goodput": {"by_attainment": goodput_by_attainment(per_rate, args.attainment_target),
+                    "by_p99": goodput_by_p99(per_rate, args.slo_ttft, args.slo_tpot)},
+    }
+
+
+def write_summary(path: str, result: dict) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(path + ".tmp")
+    tmp.write_text(json.dumps(strict_json(result), indent=2, allow_nan=False) + "\n")
+    tmp.replace(path)
+
+
+async def warm_up(base_url: str, endpoint: str, requests: list[Prepared], n: int, api_key: str | None,
+                  timeout: float) -> None:
+    """n requests one after another, not recorded; CLIError if the first fails (a wrong model name, an
+    endpoint the server lacks, no server): one clear line instead of a run of failed records."""
+    if n == 0 or not requests:
+        return
+    httpx = _httpx()
+    url = base_url + ("/v1/chat/completions" if endpoint == "chat" else "/v1/completions")
+    headers = {**_headers(api_key), "Content-Type": "application/json"}
+    async with httpx.AsyncClient(timeout=httpx.Timeout(timeout)) as client:
+        for i in range(n):
+            rec = await send_one(client, url, requests[i % len(requests)].body, headers, timeout)
+            if i == 0 and not rec["success"]:
+                raise CLIError(f"the warm-up request to {url} failed: {rec['error']} "
+                               "(--warmup-requests 0 to skip the check)")
+
+
 async def _run(args: argparse.Namespace, rates: list[float], specs: list[RequestSpec]) -> dict:
     httpx = _httpx()
     base_url = args.base_url.rstrip("/")
@@ -586,11 +630,12 @@ async def _run(args: argparse.Namespace, rates: list[float], specs: list[Request
             model = await first_model(client, base_url, api_key, args.request_timeout)
     requests = prepare(specs, args.endpoint, model, args.ignore_eos)
     specs.clear()  # the images live on only in the encoded bodies
-    per_rate = []
+    label = args.label or model
+    await warm_up(base_url, args.endpoint, requests, args.warmup_requests, api_key, args.request_timeout)
+    per_rate: list[dict] = []
     if args.records:
         Path(args.records).parent.mkdir(parents=True, exist_ok=True)
     records_file = open(args.records, "w") if args.records else None  # noqa: SIM115
-    label = args.label or model
     try:
         for i, rate in enumerate(rates):
             records, duration = await run_rate(
@@ -604,21 +649,12 @@ async def _run(args: argparse.Namespace, rates: list[float], specs: list[Request
                 for rec in records:
                     records_file.write(json.dumps(strict_json({"label": label, **rec}), allow_nan=False) + "\n")
                 records_file.flush()
+            if args.out:  # after every rate, so an interrupted sweep keeps the rates it finished
+                write_summary(args.out, result_of(args, base_url, model, label, per_rate))
     finally:
         if records_file is not None:
             records_file.close()
-    w, h = parse_size(args.image_size)
-    result = {
-        "label": label, "base_url": base_url, "model": model, "endpoint": args.endpoint,
-        "workload": args.workload, "images_per_request": args.images_per_request, "image_size": [w, h],
-        "num_requests": args.num_requests, "burstiness": args.burstiness, "seed": args.seed,
-        "max_concurrency": args.max_concurrency, "ignore_eos": args.ignore_eos,
-        "slo": {"ttft_s": args.slo_ttft, "tpot_s": args.slo_tpot, "attainment_target": args.attainment_target},
-        "records_file": str(Path(args.records).resolve()) if args.records else None,
-        "rates": per_rate,
-        "goodput": {"by_attainment": goodput_by_attainment(per_rate, args.attainment_target),
-                    "by_p99": goodput_by_p99(per_rate, args.slo_ttft, args.slo_tpot)},
-    }
+    result = result_of(args, base_url, model, label, per_rate)
     g = result["goodput"]
     fmt = lambda r: "none" if r is None else f"{r:g} req/s"
     print(f"goodput: {fmt(g['by_attainment'])} (>= {args.attainment_target:.0%} attain TTFT < {args.slo_ttft:g} s "
@@ -638,8 +674,7 @@ def main(argv: list[str] | None = None) -> int:
         raise CLIError("--endpoint completions takes no images; use --endpoint chat or --images-per-request 0")
     result = asyncio.run(_run(args, rates, specs))
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(strict_json(result), indent=2, allow_nan=False) + "\n")
+        write_summary(args.out, result)
         print(f"summary: {args.out}", flush=True)
     failed = sum(r["failed"] for r in result["rates"])
     return 0 if failed < sum(r["num_requests"] for r in result["rates"]) else 1

@@ -326,7 +326,7 @@ def test_end_to_end_with_plots(fake_server: str, tmp_path: Path, capsys: pytest.
     assert "rate 20 req/s" in printed and "rate inf req/s" in printed and "goodput:" in printed
 
     bodies = FakeOpenAI.bodies
-    assert len(bodies) == 12 and all(b["model"] == "fake-llava" and b["ignore_eos"] for b in bodies)
+    assert len(bodies) == 13 and all(b["model"] == "fake-llava" and b["ignore_eos"] for b in bodies)
     assert all(len(b["messages"][0]["content"]) == 3 for b in bodies)  # text + 2 images
 
     recs = [json.loads(line) for line in records.read_text().splitlines()]
@@ -393,7 +393,7 @@ def test_failures_are_records(fake_server: str, tmp_path: Path, monkeypatch: pyt
     records, summary = tmp_path / "r.jsonl", tmp_path / "s.json"
     assert bs.main(["--base-url", fake_server, "--model", "x", "--rates", "inf", "--num-requests", "3",
                     "--images-per-request", "0", "--max-tokens", "2", "--records", str(records),
-                    "--out", str(summary), "--no-progress", "--max-concurrency", "2"]) == 0
+                    "--out", str(summary), "--no-progress", "--max-concurrency", "2", "--warmup-requests", "0"]) == 0
     recs = {r["request_id"]: r for r in map(json.loads, records.read_text().splitlines())}
     assert not recs[0]["success"] and "HTTP 500" in recs[0]["error"] and "injected" in recs[0]["error"]
     assert recs[1]["success"] and recs[2]["success"]
@@ -411,9 +411,12 @@ def test_unreachable_server_and_bad_flags(capsys: pytest.CaptureFixture) -> None
     url = f"http://127.0.0.1:{port}"
     with pytest.raises(bs.CLIError, match="--model not given"):
         bs.main(["--base-url", url, "--num-requests", "1", "--no-progress", "--request-timeout", "5"])
-    # every request fails fast (connection refused): exit 1, no hang
-    assert bs.main(["--base-url", url, "--model", "m", "--num-requests", "2", "--rates", "inf", "--no-progress",
-                    "--images-per-request", "0", "--request-timeout", "5"]) == 1
+    fast = ["--base-url", url, "--model", "m", "--num-requests", "2", "--rates", "inf", "--no-progress",
+            "--images-per-request", "0", "--request-timeout", "5"]
+    with pytest.raises(bs.CLIError, match="warm-up request .* failed"):
+        bs.main(fast)
+    # without the warm-up check every request fails fast (connection refused): exit 1, no hang
+    assert bs.main(fast + ["--warmup-requests", "0"]) == 1
     assert "completed / failed:" in capsys.readouterr().out
     assert bs.run_main(lambda: bs.main(["--rates", "1,zero"])) == 2
     assert bs.run_main(lambda: bs.main(["--endpoint", "completions", "--num-requests", "1"])) == 2
