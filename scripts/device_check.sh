@@ -14,8 +14,9 @@ STAGES=${STAGES:-"build test parity bench engine"}
 # The image's default CXX wrapper (/opt/gcc/bin/g++) miscompiles TORCH_CHECK messages with numbers.
 export CXX=/usr/bin/g++
 export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16} EPD_CACHE_DIR=/tmp/epd-cache
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+if ls .whl/*.whl >/dev/null 2>&1; then  # multiprocess + dill; .whl/http/: the http extra and the openai client
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl $(ls .whl/http/*.whl 2>/dev/null) \
+    && export PYTHONPATH=/tmp/site
 fi
 SUMMARY="$OUT/summary.md"
 # the device's copy of .git may be stale: pass EPD_COMMIT=$(git rev-parse --short HEAD) from here
@@ -103,6 +104,17 @@ if [[ " $STAGES " == *" epdmulti "* ]]; then
   llava7b
   stage bench_epd_multi python3 scripts/bench_epd.py --model /tmp/llava-7b --placement "${EPD_PLACEMENT:-E:0,1 P:0 D:1}"
   grep -h "^|\|one at a time\|copy\|pull_blocks" "$OUT/bench_epd_multi.log" >> "$SUMMARY"
+fi
+if [[ " $STAGES " == *" serve "* ]]; then  # OpenAI server sweep (scripts/serve_sweep.sh), one GPU by default
+  llava7b
+  stage serve_sweep env MODEL=/tmp/llava-7b BACKEND=cuda DTYPE=bfloat16 PYTHON=python3 \
+    MODES="${SERVE_MODES:-aggregated pd epd}" RATES="${SERVE_RATES:-2,4,8,16}" NUM_REQUESTS="${SERVE_REQUESTS:-40}" \
+    IMAGES="${SERVE_IMAGES:-1}" SIZES="${SERVE_SIZES:-336x336}" bash scripts/serve_sweep.sh /tmp/serve_runs
+  (cd /tmp/serve_runs && tar czf "$OUT/serve_runs.tgz" .)
+  find /tmp/serve_runs/plots -name "*.png" | head -n 5 | while read -r png; do
+    cp "$png" "$OUT/$(basename "$(dirname "$png")")_$(basename "$png")"
+  done
+  grep -h "goodput\|attainment\|^| " "$OUT/serve_sweep.log" | tail -n 60 >> "$SUMMARY"
 fi
 grep -h "PASS\|FAIL\|passed\|failed" "$OUT"/*.log | tail -n 60 >> "$SUMMARY"
 cat "$SUMMARY"
