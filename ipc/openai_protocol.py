@@ -160,13 +160,21 @@ def error_body(status: int, message: str, param: str | None = None, code: str | 
 
 
 def validation_message(errors: list[dict]) -> tuple[str, str | None]:
-    """Pydantic / FastAPI validation errors as one message naming each field, and the first field."""
-    parts, first = [], None
-    for err in errors[:5]:
-        loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
-        first = first or loc or None
-        parts.append(f"{loc or 'body'}: {err.get('msg', 'invalid')}")
-    return "; ".join(parts), first
+    """Pydantic / FastAPI validation errors as one message naming each field (a union's
+    alternatives joined by "or"), and the first field."""
+    by_field: dict[str, list[str]] = {}
+    for err in errors:
+        loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body" and not _is_type_tag(x))
+        msgs = by_field.setdefault(loc or "body", [])
+        if err.get("msg", "invalid") not in msgs:
+            msgs.append(err.get("msg", "invalid"))
+    parts = [f"{loc}: {' or '.join(msgs)}" for loc, msgs in list(by_field.items())[:5]]
+    return "; ".join(parts), next(iter(by_field), None)
+
+
+def _is_type_tag(part: object) -> bool:
+    """The union member names pydantic puts into an error's location ("str", "list[str]" ...)."""
+    return isinstance(part, str) and ("[" in part or part in {"str", "int", "float", "bool", "none", "dict", "list"})
 
 
 # ----------------------------------------------------------------------------- responses
