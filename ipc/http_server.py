@@ -42,7 +42,7 @@ from engine.sampling import RequestError
 from engine.serving import EngineLoop, Failed, Finished, LoopStopped, TokenDelta, describe_error
 from ipc import openai_protocol as oa
 from ipc.http_metrics import CONTENT_TYPE, HTTPMetrics
-from ipc.media import check_local_path, media_dir_of
+from ipc.media import image_source, media_dir_of
 
 __all__ = ["HTTPError", "UvicornThread", "build_app"]
 log = logging.getLogger(__name__)
@@ -120,42 +120,10 @@ class Frontend:
         return data
 
     async def image_source(self, url: str, field: str) -> Any:
-        """What the engine takes for one image_url: a data: URL as is, a local path resolved under
-        the allowed directory, the bytes of an http(s) URL."""
-        if url.startswith("data:"):
-            return url
-        if url.startswith(("http://", "https://")):
-            return await self._fetch(url, field)
-        if url.startswith("file://"):
-            url = url.removeprefix("file://")
-        elif "://" in url:
-            raise HTTPError(400, f"{field}: unsupported URL scheme in {url[:40]!r}; use data:, http(s):, file://"
-                                 " or a path", field)
         try:
-            return check_local_path(self.media_dir, url, field)
+            return await image_source(url, field, self.media_dir, self.max_image_url_bytes, self.image_url_timeout_s)
         except RequestError as e:
             raise HTTPError(400, str(e), field) from e
-
-    async def _fetch(self, url: str, field: str) -> bytes:
-        try:
-            import httpx
-        except ImportError as e:
-            raise HTTPError(400, f"{field}: http(s) image URLs need the httpx package on the server", field) from e
-        cap = self.max_image_url_bytes
-        try:
-            async with httpx.AsyncClient(timeout=self.image_url_timeout_s, follow_redirects=True) as client:
-                async with client.stream("GET", url) as r:
-                    if r.status_code != 200:
-                        raise HTTPError(400, f"{field}: GET {url[:200]} answered {r.status_code}", field)
-                    data = bytearray()
-                    async for piece in r.aiter_bytes():
-                        data += piece
-                        if len(data) > cap:
-                            raise HTTPError(400, f"{field}: the image at {url[:200]} is over {cap} bytes", field)
-                    return bytes(data)
-        except httpx.HTTPError as e:
-            raise HTTPError(400, f"{field}: cannot fetch {url[:200]} within {self.image_url_timeout_s:g} s: "
-                                 f"{describe_error(e)}", field) from e
 
     # ------------------------------------------------------------------ generation
 

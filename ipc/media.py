@@ -1,9 +1,11 @@
 """The media-path policy every frontend (RPC, HTTP) applies to images named by a local path:
-off unless the server names a directory; a path must resolve (symlinks followed) inside it."""
+off unless the server names a directory; a path must resolve (symlinks followed) inside it. And
+the HTTP server's image URLs: data: as is, file:// and paths by that policy, http(s) fetched."""
 
 from __future__ import annotations
 
 from pathlib import Path, PurePath
+from typing import Any
 
 from engine.sampling import RequestError
 
@@ -35,3 +37,39 @@ def check_local_path(media_dir: Path | None, path: str | PurePath, label: str) -
     if not resolved.is_relative_to(media_dir):
         raise RequestError(f"{label}: {shown!r} is outside the allowed media directory {media_dir}")
     return str(resolved)
+
+
+async def image_source(url: str, field: str, media_dir: Path | None, max_bytes: int, timeout_s: float) -> Any:
+    """What the engine takes for an image URL: a data: URL as is, a local path (or file://)
+    resolved under media_dir, the bytes of an http(s) URL (at most max_bytes, within timeout_s).
+    RequestError naming `field` otherwise."""
+    if url.startswith("data:"):
+        return url
+    if url.startswith(("http://", "https://")):
+        return await _fetch(url, field, max_bytes, timeout_s)
+    if url.startswith("file://"):
+        url = url.removeprefix("file://")
+    elif "://" in url:
+        raise RequestError(f"{field}: unsupported URL scheme in {url[:40]!r}; use data:, http(s):, file:// or a path")
+    return check_local_path(media_dir, url, field)
+
+
+async def _fetch(url: str, field: str, max_bytes: int, timeout_s: float) -> bytes:
+    try:
+        import httpx
+    except ImportError as e:
+        raise RequestError(f"{field}: http(s) image URLs need the httpx package on the server") from e
+    shown = url[:200]
+    try:
+        async with httpx.AsyncClient(timeout=timeout_s, follow_redirects=True) as client:
+            async with client.stream("GET", url) as r:
+                if r.status_code != 200:
+                    raise RequestError(f"{field}: GET {shown} answered {r.status_code}")
+                data = bytearray()
+                async for piece in r.aiter_bytes():
+                    data += piece
+                    if len(data) > max_bytes:
+                        raise RequestError(f"{field}: the image at {shown} is over {max_bytes} bytes")
+                return bytes(data)
+    except httpx.HTTPError as e:
+        raise RequestError(f"{field}: cannot fetch {shown} within {timeout_s:g} s: {type(e).__name__}: {e}") from e

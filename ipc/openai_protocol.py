@@ -93,14 +93,14 @@ def sampling_of(body: _Sampling, max_tokens: int) -> SamplingParams:
         logprobs, top = body.logprobs, body.top_logprobs or 0
     else:
         logprobs, top = body.logprobs is not None, body.logprobs or 0
-    given = {"temperature": body.temperature, "top_p": body.top_p, "top_k": body.top_k,
-             "presence_penalty": body.presence_penalty, "frequency_penalty": body.frequency_penalty,
-             "repetition_penalty": body.repetition_penalty, "stop_token_ids": body.stop_token_ids}
+    given = {"top_p": body.top_p, "top_k": body.top_k, "presence_penalty": body.presence_penalty,
+             "frequency_penalty": body.frequency_penalty, "repetition_penalty": body.repetition_penalty,
+             "stop_token_ids": body.stop_token_ids}
     return SamplingParams(
         max_tokens=max_tokens, temperature=1.0 if body.temperature is None else body.temperature,
         seed=body.seed, stop=body.stop or (), n=body.n, ignore_eos=body.ignore_eos,
         skip_special_tokens=body.skip_special_tokens, logprobs=logprobs, top_logprobs=top,
-        **{k: v for k, v in given.items() if v is not None and k != "temperature"})
+        **{k: v for k, v in given.items() if v is not None})
 
 
 def requested_max_tokens(body: _Sampling) -> int | None:
