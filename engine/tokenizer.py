@@ -11,6 +11,7 @@ from engine.sampling import RequestError
 
 IMAGE_TAG = "<image>"
 LLAVA_FALLBACK = "USER: {prompt} ASSISTANT:"
+CHAT_ROLES = ("system", "user", "assistant")
 
 
 class Tokenizer:
@@ -46,17 +47,34 @@ class Tokenizer:
             prompt = (IMAGE_TAG + "\n") * num_images + prompt if auto else prompt
             return LLAVA_FALLBACK.format(prompt=prompt)
         prompt = IMAGE_TAG * num_images + prompt if auto else prompt  # the template lays images out
-        content = [
-            {"type": "image"} if piece == IMAGE_TAG else {"type": "text", "text": piece}
-            for piece in re.split(f"({re.escape(IMAGE_TAG)})", prompt)
-            if piece
-        ]
         return self.hf.apply_chat_template(
-            [{"role": "user", "content": content}],
+            [{"role": "user", "content": _parts(prompt)}],
             chat_template=self.chat_template,
             add_generation_prompt=True,
             tokenize=False,
         )
+
+    def render_chat(self, messages: list[dict]) -> str:
+        """A conversation as the model sees it, the generation prompt added: messages are
+        {"role": "system" | "user" | "assistant", "content": text with `<image>` where each image
+        goes}, rendered with the checkpoint's chat template (each content as text / image parts,
+        as build_prompt renders one user message); without a template, LLaVA-1.5's
+        `USER: ... ASSISTANT: ...</s>` turns. Use the result with raw_prompt=True."""
+        for i, m in enumerate(messages):
+            if m.get("role") not in CHAT_ROLES or not isinstance(m.get("content"), str):
+                raise RequestError(f"messages[{i}]: needs a role in {CHAT_ROLES} and a string content")
+        if self.chat_template is None:
+            eos = self.hf.eos_token or ""
+            turns = {"system": "{} ", "user": "USER: {} ", "assistant": "ASSISTANT: {}" + eos}
+            text = "".join(turns[m["role"]].format(m["content"].replace(IMAGE_TAG, IMAGE_TAG + "\n"))
+                           for m in messages)
+            return text + "ASSISTANT:"
+        conversation = [{"role": m["role"], "content": _parts(m["content"])} for m in messages]
+        try:
+            return self.hf.apply_chat_template(conversation, chat_template=self.chat_template,
+                                               add_generation_prompt=True, tokenize=False)
+        except Exception as e:  # jinja's TemplateError (e.g. "roles must alternate") and the like
+            raise RequestError(f"messages: the checkpoint's chat template cannot render them: {e}") from e
 
     def encode(self, text: str, num_images: int) -> list[int]:
         """Token ids with a single BOS and each image token expanded to the tower's token count."""
@@ -80,6 +98,12 @@ class Tokenizer:
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.hf.decode(ids, skip_special_tokens=skip_special_tokens)
+
+
+def _parts(text: str) -> list[dict]:
+    """Chat-template content: text pieces and an image part where each `<image>` is."""
+    return [{"type": "image"} if piece == IMAGE_TAG else {"type": "text", "text": piece}
+            for piece in re.split(f"({re.escape(IMAGE_TAG)})", text) if piece]
 
 
 def _template_file(model_dir: Path) -> str | None:

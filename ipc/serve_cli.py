@@ -1,13 +1,18 @@
-"""Serve a model over the RPC server (ipc/server.py) on a local socket (`epd-serve`).
+"""Serve a model (`epd-serve`): the OpenAI HTTP API (ipc/http_server.py) on --host/--port, or
+the RPC server (ipc/server.py) on a local socket or, with --api rpc, on TCP.
 
+    epd-serve --model DIR --port 8000                      # OpenAI API on 127.0.0.1:8000
+    EPD_API_KEY=secret epd-serve --model DIR --mode epd --placement "E:cpu P:cpu D:cpu"
     EPD_AUTHKEY=secret epd-serve --model DIR --socket /tmp/epd.sock
-    EPD_AUTHKEY=secret epd-serve --model DIR --host 127.0.0.1 --port 7777
+    EPD_AUTHKEY=secret epd-serve --model DIR --api rpc --host 127.0.0.1 --port 7777
     EPD_AUTHKEY=secret epd-serve --model DIR --mode epd --placement "E:0,1 P:2 D:3"
     EPD_AUTHKEY=secret epd-serve --model DIR --mode epd --placement "E:cpu,cpu P:cpu D:cpu"
 
-Clients: ipc.client.RPCClient(address, authkey). The key comes from EPD_AUTHKEY (never argv,
-which other users can read). SIGTERM and SIGINT stop the server as the `stop` call does (streams
-in flight end with "server stopped", stages and arenas go, the socket file is removed; exit 0).
+HTTP: /health answers 503 while the model loads (the port is bound first); --api-key or
+EPD_API_KEY guards /v1/*. RPC clients: ipc.client.RPCClient(address, authkey); the key comes from
+EPD_AUTHKEY (never argv, which other users can read). SIGTERM and SIGINT stop either server as
+the RPC `stop` call does (streams in flight end with "server stopped", stages and arenas go, the
+socket file is removed; exit 0).
 A socket path with no listener behind it is replaced; one with a live server is refused before
 the model loads. Bad input exits with status 2 and one line naming the flag.
 """
@@ -49,9 +54,19 @@ def build_parser(model_help: str = "HF checkpoint directory (required)") -> argp
     p = ArgumentParser(description=__doc__)
     p.add_argument("--model", help=model_help)
     where = p.add_argument_group("address (a unix socket, or TCP on a local interface)")
-    where.add_argument("--socket", help="unix socket path (default: TCP on --host/--port)")
+    where.add_argument("--api", choices=["openai", "rpc"],
+                       help="openai: the OpenAI HTTP API on --host/--port; rpc: the RPC server (default: rpc with "
+                            "--socket, else openai)")
+    where.add_argument("--socket", help="unix socket path, RPC only (default: TCP on --host/--port)")
     where.add_argument("--host", default="127.0.0.1", help="TCP host, when no --socket")
-    where.add_argument("--port", type=int, default=7777, help="TCP port, when no --socket")
+    where.add_argument("--port", type=int, help="TCP port, when no --socket (default: 8000 for openai, 7777 for rpc)")
+    http = p.add_argument_group("OpenAI HTTP API (--api openai)")
+    http.add_argument("--served-model-name", help="the model name requests must give (default: the model dir's name)")
+    http.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/* (default: env EPD_API_KEY; "
+                                        "unset: no key)")
+    http.add_argument("--max-waiting", type=int, default=256,
+                      help="requests admitted and not finished at most; beyond it the answer is 429")
+    http.add_argument("--max-request-bytes", type=int, default=64 * 2**20, help="largest request body (413 beyond)")
     p.add_argument("--mode", choices=["aggregated", "epd", "pd"], default="aggregated",
                    help="aggregated: one process; epd: encoder/prefill/decode processes; pd: prefill encodes")
     p.add_argument("--placement", help=PLACEMENT_HELP)
@@ -84,12 +99,21 @@ def check_args(args: argparse.Namespace) -> None:
     """Everything that can be checked before the model loads (fast, so a typo costs no load)."""
     from engine.config import ModelConfig
 
-    if not os.environ.get("EPD_AUTHKEY"):
+    if args.api is None:
+        args.api = "rpc" if args.socket else "openai"
+    if args.port is None:
+        args.port = 8000 if args.api == "openai" else 7777
+    if args.api == "openai" and args.socket:
+        raise CLIError("--socket serves the RPC api; the OpenAI api listens on --host/--port (or use --api rpc)")
+    if args.api == "rpc" and not os.environ.get("EPD_AUTHKEY"):
         raise CLIError("EPD_AUTHKEY is not set: export the clients' shared secret (it never goes on argv)")
     if args.socket is None and not 1 <= args.port <= 65535:
         raise CLIError(f"--port = {args.port}; must be in [1, 65535]")
     cfg = ModelConfig.from_dir(args.model)  # a missing dir or a bad config.json fails here
     positive_int("--max-num-seqs", args.max_num_seqs)
+    positive_int("--max-waiting", args.max_waiting)
+    if args.max_request_bytes < 1024:
+        raise CLIError(f"--max-request-bytes = {args.max_request_bytes}; must be >= 1024")
     positive_int("--kv-cache-tokens", args.kv_cache_tokens)
     positive_int("--max-images-per-batch", args.max_images_per_batch)
     positive_int("--multi-step", args.multi_step, 64)
@@ -136,7 +160,8 @@ def load_engine(args: argparse.Namespace, model: Path):
 
 def _describe(args: argparse.Namespace, engine, address: object) -> str:
     where = address if isinstance(address, str) else f"{address[0]}:{address[1]}"
-    text = f"serving {args.model} on {where} (pid {os.getpid()}): mode {args.mode}"
+    on = f"on http://{where} (OpenAI API, model {args.served_model_name!r})" if args.api == "openai" else f"on {where}"
+    text = f"serving {args.model} {on} (pid {os.getpid()}): mode {args.mode}"
     if args.mode != "aggregated":
         pids = ", ".join(f"{name} pid {proc.pid}" for name, proc in engine.procs.items())
         text += f", placement {args.placement or 'default (all on ' + (args.device or 'the default device') + ')'}"
@@ -156,6 +181,8 @@ def main(argv: list[str] | None = None, default_model: Callable[[], Path] | None
             raise CLIError("--model is required (an HF checkpoint directory)")
         args.model = str(default_model())
     check_args(args)
+    if args.api == "openai":
+        return serve_http(args)
     from ipc.server import RPCServer, claim_address
 
     address: str | tuple[str, int] = args.socket or (args.host, args.port)
@@ -184,6 +211,66 @@ def main(argv: list[str] | None = None, default_model: Callable[[], Path] | None
     finally:
         if server is not None:
             server.close()  # idempotent; removes the socket file (if still ours), as serve_forever did
+        if engine is not None and args.mode != "aggregated":
+            engine.shutdown()  # stop every stage, unlink the arenas
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    log.info("stopped")
+    return 0
+
+
+def serve_http(args: argparse.Namespace) -> int:
+    """The OpenAI API: bind and serve first (/health 503), load the engine in this (the main)
+    thread, which EPDEngine's stages must outlive, then serve it until SIGTERM / SIGINT."""
+    import threading
+
+    try:
+        from engine.serving import EngineLoop
+        from ipc.http_server import UvicornThread, build_app
+    except ImportError as e:
+        raise CLIError(f"--api openai needs the http extra ({e.name} is missing): "
+                       "pip install 'epd-engine[http]'") from e
+
+    args.served_model_name = args.served_model_name or Path(args.model).resolve().name
+    app = build_app(None, args.served_model_name, api_key=args.api_key or os.environ.get("EPD_API_KEY") or None,
+                    max_waiting=args.max_waiting, max_request_bytes=args.max_request_bytes,
+                    allowed_local_media_path=args.allowed_local_media_path)
+    try:
+        http = UvicornThread(app, args.host, args.port, log_level="debug" if args.log_level == "DEBUG" else "warning")
+    except OSError as e:
+        raise CLIError(f"--host {args.host} --port {args.port}: cannot listen there: {e.strerror or e}") from e
+    stop, serving = threading.Event(), threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        name = signal.Signals(signum).name
+        if not serving.is_set():  # still loading: unwind the start-up
+            log.info("%s during start-up: stopping", name)
+            raise KeyboardInterrupt if signum == signal.SIGINT else StopRequested
+        log.info("%s: stopping the server", name)
+        stop.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    engine = loop = None
+    try:
+        http.start()
+        log.info("listening on http://%s:%d; loading %s (/health answers 503 until it is ready)",
+                 http.host, http.port, args.model)
+        engine = load_engine(args, Path(args.model))
+        loop = EngineLoop(engine)
+        loop.start()
+        app.state.frontend.attach(loop)
+        serving.set()
+        log.info("%s", _describe(args, engine, (http.host, http.port)))
+        while not stop.wait(0.1):
+            pass
+    except StopRequested:
+        log.info("stopped before serving")
+    finally:
+        if loop is not None:
+            loop.stop()  # live requests end with "server stopped"
+            loop.join(timeout_s=30)
+        if not http.stop():
+            log.error("the HTTP server did not stop within 15 s")
         if engine is not None and args.mode != "aggregated":
             engine.shutdown()  # stop every stage, unlink the arenas
         for sig, handler in previous.items():

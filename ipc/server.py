@@ -58,14 +58,13 @@ from ipc.connections import (
     claim_address,
     recv_message,
 )
+from ipc.media import check_local_path, media_dir_of
 
 __all__ = ["RPCServer", "claim_address", "AddressError", "AddressInUse", "METHODS"]
 log = logging.getLogger(__name__)
 METHODS = ("generate", "tokenize", "status", "stop", "kv_init", "kv_step", "kv_generate", "kv_close",
            "capture_start", "capture_wait", "capture_stop")
 _SAMPLING_FIELDS = set(SamplingParams.__dataclass_fields__)
-_LOCAL_PATHS_OFF = ("local file paths are disabled on this server; start it with --allowed-local-media-path DIR, "
-                    "or send the image as bytes or a data URL")
 
 
 class RPCServer:
@@ -82,11 +81,7 @@ class RPCServer:
             raise ValueError(f"handshake_timeout_s = {handshake_timeout_s}; must be in (0, 3600]")
         if not 1024 <= max_message_bytes < 2**31:
             raise ValueError(f"max_message_bytes = {max_message_bytes}; must be in [1024, 2**31)")
-        self.media_dir = None
-        if allowed_local_media_path is not None:
-            self.media_dir = Path(allowed_local_media_path).resolve()
-            if not self.media_dir.is_dir():
-                raise ValueError(f"allowed_local_media_path {allowed_local_media_path} is not a directory")
+        self.media_dir = media_dir_of(allowed_local_media_path)
         self.engine = engine
         self.max_message_bytes = max_message_bytes
         self.stopping = threading.Event()  # the loop's: set by a stop call before it is answered
@@ -278,21 +273,10 @@ class RPCServer:
             SamplingParams(**sampling)
 
     def _check_image(self, index: int, image: Any) -> Any:
-        """Bytes and data: URLs pass; a path must resolve (symlinks followed) inside the allowed
-        directory, relative paths from there. Returns the resolved path, so a symlink swapped
-        after the check is not followed."""
+        """Bytes and data: URLs pass; a path goes through the media-path policy (ipc/media.py)."""
         if not isinstance(image, (str, PurePath)) or (isinstance(image, str) and image.startswith("data:")):
             return image
-        if self.media_dir is None:
-            raise RequestError(f"images[{index}]: {_LOCAL_PATHS_OFF}")
-        shown = str(image) if len(str(image)) <= 200 else str(image)[:200] + "..."
-        try:
-            resolved = (self.media_dir / image).resolve()
-        except (OSError, RuntimeError, ValueError) as e:  # symlink loop, NUL byte
-            raise RequestError(f"images[{index}]: cannot resolve the path {shown!r}: {e}") from e
-        if not resolved.is_relative_to(self.media_dir):
-            raise RequestError(f"images[{index}]: {shown!r} is outside the allowed media directory {self.media_dir}")
-        return str(resolved)
+        return check_local_path(self.media_dir, image, f"images[{index}]")
 
 
 def _check_params(method: str, params: dict, known: set[str]) -> None:

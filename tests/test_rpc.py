@@ -174,8 +174,8 @@ def test_serve_script_needs_a_key(tiny_llama: Path) -> None:
 
     env = {k: v for k, v in os.environ.items() if k != "EPD_AUTHKEY"}
     root = Path(__file__).resolve().parents[1]
-    proc = subprocess.run([sys.executable, str(root / "scripts" / "serve.py"), "--model", str(tiny_llama)],
-                          env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, str(root / "scripts" / "serve.py"), "--model", str(tiny_llama),
+                           "--api", "rpc"], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "EPD_AUTHKEY" in proc.stderr
 
 
