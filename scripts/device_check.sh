@@ -109,7 +109,8 @@ if [[ " $STAGES " == *" serve "* ]]; then  # OpenAI server sweep (scripts/serve_
   llava7b
   stage serve_sweep env MODEL=/tmp/llava-7b BACKEND=cuda DTYPE=bfloat16 PYTHON=python3 \
     MODES="${SERVE_MODES:-aggregated pd epd}" RATES="${SERVE_RATES:-2,4,8,16}" NUM_REQUESTS="${SERVE_REQUESTS:-40}" \
-    IMAGES="${SERVE_IMAGES:-1}" SIZES="${SERVE_SIZES:-336x336}" bash scripts/serve_sweep.sh /tmp/serve_runs
+    IMAGES="${SERVE_IMAGES:-1}" SIZES="${SERVE_SIZES:-336x336}" timeout "${SERVE_TIMEOUT:-3000}" \
+    bash scripts/serve_sweep.sh /tmp/serve_runs
   (cd /tmp/serve_runs && tar czf "$OUT/serve_runs.tgz" .)
   find /tmp/serve_runs/plots -name "*.png" | head -n 5 | while read -r png; do
     cp "$png" "$OUT/$(basename "$(dirname "$png")")_$(basename "$png")"

@@ -3,7 +3,9 @@
     python scripts/make_random_model.py --shape llava-7b --out /tmp/llava-7b --device cuda
 
 Weights are drawn on the device with the tiny models' non-flat init (so greedy top-1 is
-well defined); the tokenizer is the tiny one (prompts use ids < 512; shapes are what matter).
+well defined); the tokenizer is the tiny one (prompts use ids < 512; shapes are what matter),
+with one plain added token per id above its own vocabulary ("<t512>" ...), so that every id a
+random model samples decodes to text: servers stream a chunk per token, as with a real checkpoint.
 """
 
 from __future__ import annotations
@@ -23,13 +25,22 @@ from scripts.make_tiny_model import LLAVA_CHAT_TEMPLATE, _init_non_flat, _start_
 SHAPES = ("llava-7b", "llama2-7b")
 
 
+def cover_vocab(tok, out: Path, vocab: int) -> None:
+    """Give every id in [len(tok), vocab) a plain added token "<tN>" and save the tokenizer."""
+    if len(tok) < vocab:
+        tok.add_tokens([f"<t{i}>" for i in range(len(tok), vocab)])
+        tok.save_pretrained(str(out))
+
+
 def make_random_model(shape: str, out_dir: str | Path, device: str = "cuda", dtype: torch.dtype = torch.bfloat16,
                       seed: int = 0) -> Path:
     import transformers as hf
 
     out, tok = _start_dir(out_dir, LLAVA_CHAT_TEMPLATE if shape == "llava-7b" else None)
+    vocab = 32064 if shape == "llava-7b" else 32000
+    cover_vocab(tok, out, vocab)
     text = hf.LlamaConfig(
-        vocab_size=32064 if shape == "llava-7b" else 32000, hidden_size=4096, intermediate_size=11008,
+        vocab_size=vocab, hidden_size=4096, intermediate_size=11008,
         num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
         rms_norm_eps=1e-5, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
     )
