@@ -12,4 +12,4 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
 fi
 # --no-build-isolation: setup.py must see the installed torch to build the CUDA extension
 "$PY" -m pip install -q "setuptools>=64" wheel
-"$PY" -m pip install -q --no-build-isolation -e ".[test,http]"
+"$PY" -m pip install -q --no-build-isolation -e ".[test,http,bench]"
