@@ -211,12 +211,17 @@ def main(argv: list[str] | None = None, default_model: Callable[[], Path] | None
     finally:
         if server is not None:
             server.close()  # idempotent; removes the socket file (if still ours), as serve_forever did
-        if engine is not None and args.mode != "aggregated":
-            engine.shutdown()  # stop every stage, unlink the arenas
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    log.info("stopped")
+        _wind_down(args, engine, previous)
     return 0
+
+
+def _wind_down(args: argparse.Namespace, engine, previous: dict) -> None:
+    """After the frontend stopped: the stages go (EPD), the signal handlers come back."""
+    if engine is not None and args.mode != "aggregated":
+        engine.shutdown()  # stop every stage, unlink the arenas
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
+    log.info("stopped")
 
 
 def serve_http(args: argparse.Namespace) -> int:
@@ -271,11 +276,7 @@ def serve_http(args: argparse.Namespace) -> int:
             loop.join(timeout_s=30)
         if not http.stop():
             log.error("the HTTP server did not stop within 15 s")
-        if engine is not None and args.mode != "aggregated":
-            engine.shutdown()  # stop every stage, unlink the arenas
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    log.info("stopped")
+        _wind_down(args, engine, previous)
     return 0
 
 
