@@ -295,3 +295,14 @@ def test_check_image_reads_headers_only(tmp_path: Path, monkeypatch: pytest.Monk
         return min(times)
 
     assert best_of(lambda: check_image(data)) * 10 < best_of(lambda: load_image(data))
+
+
+def test_the_alpha_policy_is_resolved_when_the_processor_is_built() -> None:
+    """Not on the first image: that would put a transformers import on a request's TTFT."""
+    from engine.images import ImageProcessor, ImageProcessorConfig, hf_composites_alpha
+
+    hf_composites_alpha.cache_clear()
+    processor = ImageProcessor(ImageProcessorConfig(image_size=336))
+    assert hf_composites_alpha.cache_info().currsize == 1
+    assert processor.composite_alpha is hf_composites_alpha()
+    assert ImageProcessor(ImageProcessorConfig(image_size=336, composite_alpha=False)).composite_alpha is False
