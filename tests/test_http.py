@@ -320,6 +320,9 @@ def test_disconnect_mid_stream_aborts(server: UvicornThread, engine_loop: Engine
                 pass
         assert _status(engine_loop)["live"] == 1
     _wait_idle(engine_loop)
+    metrics = httpx.get(_url(server, "/metrics"), timeout=T).text
+    assert 'epd_requests_total{endpoint="chat",outcome="aborted"} 1.0' in metrics
+    assert 'epd_requests_total{endpoint="chat",outcome="client_error"}' in metrics  # the bad requests before
 
 
 def test_disconnect_without_stream_aborts(server: UvicornThread, engine_loop: EngineLoop) -> None:
@@ -346,6 +349,7 @@ def test_max_waiting_answers_429(engine_loop: EngineLoop) -> None:
                 == 429 and time.monotonic() < deadline:
             time.sleep(0.05)
         assert ok.status_code == 200
+        assert 'outcome="rejected"} 1.0' in httpx.get(_url(srv, "/metrics"), timeout=T).text
     finally:
         assert srv.stop()
 
