@@ -181,6 +181,12 @@ class Frontend:
                 slot = None  # the stream releases it
                 return response
             return await self._collect(request, kind, rid, queue, endpoint, loop, owner)
+        except HTTPError as e:
+            self.metrics.outcome(endpoint, "server_error" if e.status >= 500 else "client_error")
+            raise
+        except asyncio.CancelledError:  # the server cancelled the handler (shutdown): free the request
+            loop.abort_owner(owner)
+            raise
         finally:
             if slot is not None:
                 slot.close(None, None)
@@ -225,7 +231,6 @@ class Frontend:
                 return JSONResponse(oa.response_body(kind, rid, self.model_name, event.output,
                                                      (texts or {}).get))
             if isinstance(event, Failed):
-                self.metrics.outcome(endpoint, "error")
                 raise HTTPError(503 if "stopped" in event.error else 500, event.error)
 
     async def _stream(self, kind: str, rid: str, body: Any, queue: asyncio.Queue, endpoint: str, slot: _Slot):
@@ -251,7 +256,7 @@ class Frontend:
                                 "created": created, "model": model, "choices": [], "usage": oa.usage(out)})
             else:
                 slot.finished = True
-                self.metrics.outcome(endpoint, "error")
+                self.metrics.outcome(endpoint, "server_error")
                 yield _sse(oa.error_body(503 if "stopped" in event.error else 500, event.error))
             yield "data: [DONE]\n\n"
             return

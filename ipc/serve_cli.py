@@ -267,7 +267,9 @@ def serve_http(args: argparse.Namespace) -> int:
         serving.set()
         log.info("%s", _describe(args, engine, (http.host, http.port)))
         while not stop.wait(0.1):
-            pass
+            if not http.thread.is_alive():
+                log.error("the HTTP server thread ended; stopping")
+                break
     except StopRequested:
         log.info("stopped before serving")
     finally:

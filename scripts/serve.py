@@ -1,9 +1,10 @@
-"""Serve a model over the RPC server (ipc/server.py) on a local socket.
+"""Serve a model: the OpenAI HTTP API on --host/--port, or the RPC server (ipc/server.py).
 
+    python scripts/serve.py --model DIR --port 8000                     # OpenAI API
     EPD_AUTHKEY=secret python scripts/serve.py --model DIR --socket /tmp/epd.sock
     EPD_AUTHKEY=secret python scripts/serve.py --model DIR --mode epd --placement "E:0,1 P:2 D:3"
 
-The installed entry point is `epd-serve` (ipc/serve_cli.py: flags, signals, the socket); this
+The installed entry point is `epd-serve` (ipc/serve_cli.py: flags, signals, the address); this
 checkout wrapper adds one default: without --model it serves the tiny random LLaVA made by
 scripts/make_tiny_model.py.
 """

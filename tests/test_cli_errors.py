@@ -221,3 +221,20 @@ def test_help_has_defaults_and_text(script: str, monkeypatch: pytest.MonkeyPatch
             assert f"(default: {action.default})" in " ".join(text.split()), (script, action.option_strings)
     if script == "serve.py":  # the CPU placement syntax is documented
         assert 'on the CPU, "E:cpu,cpu P:cpu D:cpu"' in " ".join(text.split())
+
+
+def test_core_imports_without_the_http_extra(tiny_llava: Path) -> None:
+    """The engine, the RPC server and the CLI import without fastapi / uvicorn / prometheus-client;
+    `--api openai` then names the missing extra (exit 2, one line)."""
+    import subprocess
+
+    code = ("import sys\n"
+            "for name in ('fastapi', 'uvicorn', 'prometheus_client', 'starlette'): sys.modules[name] = None\n"
+            "import engine, ipc.server, ipc.media, ipc.serve_cli\n"
+            "from engine import LLM\n"
+            "from engine.cli import run_main\n"
+            "from ipc.serve_cli import main\n"
+            "sys.exit(run_main(lambda: main(['--model', sys.argv[1], '--port', '8123'])))\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(tiny_llava)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    _check(proc.returncode, proc.stderr, "--api openai needs the http extra", "no http extra")

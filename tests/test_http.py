@@ -320,6 +320,9 @@ def test_disconnect_mid_stream_aborts(server: UvicornThread, engine_loop: Engine
                 pass
         assert _status(engine_loop)["live"] == 1
     _wait_idle(engine_loop)
+    metrics = httpx.get(_url(server, "/metrics"), timeout=T).text
+    assert 'epd_requests_total{endpoint="chat",outcome="aborted"} 1.0' in metrics
+    assert 'epd_requests_total{endpoint="chat",outcome="client_error"}' in metrics  # the bad requests before
 
 
 def test_disconnect_without_stream_aborts(server: UvicornThread, engine_loop: EngineLoop) -> None:
@@ -346,6 +349,7 @@ def test_max_waiting_answers_429(engine_loop: EngineLoop) -> None:
                 == 429 and time.monotonic() < deadline:
             time.sleep(0.05)
         assert ok.status_code == 200
+        assert 'outcome="rejected"} 1.0' in httpx.get(_url(srv, "/metrics"), timeout=T).text
     finally:
         assert srv.stop()
 
@@ -399,10 +403,18 @@ def test_cli_epd_chat_and_sigterm(tiny_llava: Path) -> None:
         assert "handoff" in r.model_extra["epd_metrics"]
         assert re.search(r'epd_queue_length\{stage="decode0",state="running"\}',
                          httpx.get(base + "/metrics", timeout=T).text)
+        # a stage kind with no live process left: /health says broken (503)
+        stage = min(pid for pid in stages if "spawn_main" in Path(f"/proc/{pid}/cmdline").read_text())
+        os.kill(stage, signal.SIGKILL)
+        deadline = time.monotonic() + T
+        while (health := httpx.get(base + "/health", timeout=T)).status_code == 200:
+            assert time.monotonic() < deadline, "a dead stage was never reported"
+            time.sleep(0.1)
+        assert health.status_code == 503 and health.json()["status"] == "broken", health.text
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=T)
         assert proc.returncode == 0, out
-        assert "Traceback" not in out, out
+        assert "Traceback" not in out and "stopped" in out, out
         assert not still_alive(stages), out
     finally:
         if proc.poll() is None:
