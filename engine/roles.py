@@ -128,10 +128,12 @@ class _Role:
         return {"kv_cache_blocks": own, "kv_cache_tokens": own * runner.block_size,
                 "kv_cache_gb": _gb(runner.kv_arena, own)}
 
-    def kv_blocks_to_own(self, model, mm_arena: torch.Tensor, share: float) -> int:
+    def kv_blocks_to_own(self, mm_arena: torch.Tensor, share: float) -> int:
         """config.kv_cache_tokens' blocks, or `share` of what the GPU has left now."""
         blocks = self.config.num_kv_blocks()
-        return blocks if blocks is not None else kv_blocks_from_memory(self.config, self.cfg, model, mm_arena, share)
+        if blocks is None:
+            blocks = kv_blocks_from_memory(self.config, self.cfg, self.model, mm_arena, share)
+        return blocks
 
     def drain(self) -> None:
         """Take no new work (new tasks fail with "draining"); what is in hand runs to its end."""
@@ -240,7 +242,7 @@ class PrefillRole(_Role):
 
     def _size(self, msg: SizeKV) -> None:
         """Make the KV arena (its blocks, and decode's after them when decode shares it), export it."""
-        blocks = self.kv_blocks_to_own(self.model, self.mm_arena, msg.share)
+        blocks = self.kv_blocks_to_own(self.mm_arena, msg.share)
         if msg.for_decode:  # a configured size is per stage; a measured budget is split in half
             measured = self.config.num_kv_blocks() is None
             own, extra = (blocks - blocks // 2, blocks // 2) if measured else (blocks, blocks)
@@ -370,6 +372,8 @@ class DecodeRole(_Role):
     def __init__(self, spec: RoleSpec, send: Send) -> None:
         super().__init__(spec, send)
         self.model = load_weights(self.config, self.cfg, "lm")
+        # decode reads no images: an empty MM arena, for sizing and for its runner
+        self.no_mm = torch.empty(mm_arena_shape(self.config, self.cfg, 0), dtype=self.dtype, device=self.device)
         self.kv_arena: torch.Tensor | None = None
         self.engine: AggregatedEngine | None = None
         self.srcs: list[SharedArena] = []
@@ -382,8 +386,7 @@ class DecodeRole(_Role):
 
     def handle(self, msg: object) -> None:
         if isinstance(msg, SizeKV):
-            no_mm = torch.empty(mm_arena_shape(self.config, self.cfg, 0), dtype=self.dtype, device=self.device)
-            blocks = self.kv_blocks_to_own(self.model, no_mm, msg.share)
+            blocks = self.kv_blocks_to_own(self.no_mm, msg.share)
             self.kv_arena = torch.zeros(blocks, *kv_block_shape(self.config, self.cfg), dtype=self.dtype,
                                         device=self.device)
             self.send(Sized(self.name, blocks))
@@ -405,8 +408,7 @@ class DecodeRole(_Role):
         if self.spec.shared:  # one arena: prefill0's blocks first, then this role's
             self.kv_arena, first = self.srcs[0].tensor, msg.kv_owned[0]
         pool = BlockManager(self.kv_arena.shape[0] - first, first=first)
-        no_mm = torch.empty(mm_arena_shape(self.config, self.cfg, 0), dtype=self.dtype, device=self.device)
-        runner = ModelRunner(self.config, self.cfg, self.model, self.kv_arena, no_mm)
+        runner = ModelRunner(self.config, self.cfg, self.model, self.kv_arena, self.no_mm)
         start = time.perf_counter()
         if self.config.cuda_graphs and runner.backend == "cuda":
             runner.capture_graphs()  # after the arena is final: graphs bake in its address
