@@ -4,6 +4,7 @@ sequences into tensors, runs one forward step and samples."""
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from functools import partial
 
@@ -123,7 +124,7 @@ class ModelRunner:
 
     @property
     def kv_block_bytes(self) -> int:
-        return kv_block_bytes(self.cfg, self.block_size, self.dtype)
+        return kv_block_bytes(self.config, self.cfg)
 
     # ------------------------------------------------------------------ images
 
@@ -314,9 +315,9 @@ def kv_block_shape(config: EngineConfig, cfg: ModelConfig) -> tuple[int, ...]:
     return (t.num_layers, 2, config.block_size, t.num_kv_heads, t.head_dim)
 
 
-def kv_block_bytes(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
-    t = cfg.text
-    return t.num_layers * 2 * block_size * t.num_kv_heads * t.head_dim * dtype.itemsize
+def kv_block_bytes(config: EngineConfig, cfg: ModelConfig) -> int:
+    """Bytes of one KV block (kv_block_shape) in config's dtype."""
+    return math.prod(kv_block_shape(config, cfg)) * config.torch_dtype.itemsize
 
 
 def mm_arena_shape(config: EngineConfig, cfg: ModelConfig, num_blocks: int | None = None) -> tuple[int, ...]:
@@ -358,7 +359,7 @@ def kv_blocks_from_memory(config: EngineConfig, cfg: ModelConfig, model: Multimo
     others = total - free - torch.cuda.memory_reserved(device)  # CUDA context, other processes
     reserve = 1 << 30
     budget = int((int(total * config.gpu_memory_utilization) - others - base - peak - reserve) * share)
-    block = kv_block_bytes(cfg, config.block_size, dtype)
+    block = kv_block_bytes(config, cfg)
     if budget < block:
         raise ConfigError(
             f"no GPU memory left for the KV cache: {total / 2**30:.1f} GiB x gpu_memory_utilization "
