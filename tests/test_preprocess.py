@@ -1,0 +1,145 @@
+"""Image preprocessing off the PIL path: kernels/image/reference.py == PIL bit for bit, and
+engine/preprocess.py (CPU thread pool, GPU preprocessor, decode routing) == engine.images.
+
+CPU tests run in CI; the `gpu` ones need CUDA, the built extension and (for JPEG decode) torchvision.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from engine import images as images_mod
+from engine.images import ImageProcessor, ImageProcessorConfig
+from kernels.image import reference as ref
+
+FILTERS = [ref.BICUBIC, ref.BILINEAR, ref.LANCZOS, ref.BOX, ref.HAMMING]
+# (in_hw, out_hw): downscales by awkward factors, upscales, one axis only, no-op, 1 pixel
+RESIZES = [((1080, 1920), (336, 597)), ((3024, 4032), (336, 448)), ((1000, 37), (9081, 336)),
+           ((336, 336), (336, 336)), ((1, 1), (336, 336)), ((1, 1), (1, 1)), ((5, 7), (3, 2)),
+           ((100, 100), (100, 37)), ((100, 100), (37, 100)), ((333, 500), (336, 504)), ((2, 999), (1, 17))]
+
+
+def random_pixels(h: int, w: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def pil_resize(x: np.ndarray, out_hw: tuple[int, int], resample: int) -> np.ndarray:
+    return np.asarray(Image.fromarray(x).resize((out_hw[1], out_hw[0]), resample=resample))
+
+
+def assert_equal_pixels(name: str, got: np.ndarray, expected: np.ndarray) -> None:
+    assert got.shape == expected.shape, f"{name}: shape {got.shape} != {expected.shape}"
+    bad = np.argwhere(got != expected)
+    if len(bad):
+        lines = [f"  at {tuple(i)}: got {got[tuple(i)]}, PIL {expected[tuple(i)]}" for i in bad[:5]]
+        raise AssertionError(f"{name}: {len(bad)} values differ\n" + "\n".join(lines))
+
+
+# ----------------------------------------------------------------------------- reference == PIL
+
+
+@pytest.mark.parametrize("in_hw,out_hw", RESIZES)
+def test_reference_resize_bicubic_equals_pil(in_hw: tuple[int, int], out_hw: tuple[int, int]) -> None:
+    x = random_pixels(*in_hw, seed=in_hw[0] * 7 + in_hw[1])
+    assert_equal_pixels(f"{in_hw}->{out_hw}", ref.resize(x, out_hw, ref.BICUBIC), pil_resize(x, out_hw, ref.BICUBIC))
+
+
+@pytest.mark.parametrize("resample", FILTERS)
+def test_reference_resize_filters_equal_pil(resample: int) -> None:
+    rng = np.random.default_rng(resample)
+    for _ in range(12):
+        in_hw = tuple(int(v) for v in rng.integers(1, 400, 2))
+        out_hw = tuple(int(v) for v in rng.integers(1, 500, 2))
+        x = random_pixels(*in_hw, seed=int(rng.integers(1 << 30)))
+        assert_equal_pixels(f"filter {resample} {in_hw}->{out_hw}", ref.resize(x, out_hw, resample),
+                            pil_resize(x, out_hw, resample))
+
+
+def test_reference_resize_extremes_equal_pil() -> None:
+    """Saturated inputs push the accumulator to the clip limits (negative bicubic/lanczos lobes)."""
+    x = np.zeros((64, 64, 3), dtype=np.uint8)
+    x[::2, ::3] = 255
+    x[:, 31:33] = 255
+    for resample in FILTERS:
+        for out_hw in [(21, 17), (200, 190), (64, 5)]:
+            assert_equal_pixels(f"extremes {resample} {out_hw}", ref.resize(x, out_hw, resample),
+                                pil_resize(x, out_hw, resample))
+
+
+def test_pass_order_rule_equals_pil() -> None:
+    """Pillow 13 resizes vertically first when out_h < in_h and in_h - out_h > 2 (in_w - out_w); the
+    uint8 rounding between passes makes the order visible. Sizes on both sides of the boundary."""
+    rng = np.random.default_rng(11)
+    for h, w, ow in [(200, 200, 150), (221, 82, 18), (200, 150, 60), (150, 200, 120), (64, 40, 90)]:
+        boundary = h - 2 * (w - ow)
+        for oh in sorted({max(1, boundary - 1), max(1, boundary), max(1, min(h - 1, boundary + 1)), 1, h - 1}):
+            x = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+            assert ref.vertical_first((h, w), (oh, ow)) == (oh < h and h - oh > 2 * (w - ow))
+            for resample in [ref.BILINEAR, ref.BICUBIC]:
+                assert_equal_pixels(f"order {(h, w)}->{(oh, ow)} filter {resample}",
+                                    ref.resize(x, (oh, ow), resample), pil_resize(x, (oh, ow), resample))
+
+
+def test_horizontal_pass_row_span_changes_nothing() -> None:
+    """Pillow runs the horizontal pass only over the rows the vertical pass reads; rows are independent,
+    so doing all rows and slicing gives the same temporary image."""
+    x = random_pixels(300, 200, seed=3)
+    vb, _ = ref.resample_coeffs(300, 37, ref.BICUBIC)
+    hb, hk = ref.resample_coeffs(200, 51, ref.BICUBIC)
+    row0, row1 = ref.row_span(vb)
+    assert 0 <= row0 < row1 <= 300
+    full = ref.resample_pass(x, hb, hk, axis=1)
+    assert np.array_equal(ref.resample_pass(x[row0:row1], hb, hk, axis=1), full[row0:row1])
+
+
+def test_coeffs_layout() -> None:
+    bounds, coeffs = ref.resample_coeffs(1920, 597, ref.BICUBIC)
+    assert bounds.shape == (597, 2) and coeffs.shape[0] == 597 and coeffs.dtype == np.int32
+    assert (bounds[:, 0] >= 0).all() and (bounds[:, 0] + bounds[:, 1] <= 1920).all()
+    assert (bounds[:, 1] <= coeffs.shape[1]).all()
+    for i in [0, 1, 300, 596]:  # zero past the count; each row sums to ~1.0 in fixed point
+        assert (coeffs[i, bounds[i, 1]:] == 0).all()
+        assert abs(int(coeffs[i].sum()) - (1 << ref.PRECISION_BITS)) <= coeffs.shape[1]
+    with pytest.raises(ValueError, match="resample 0 is not supported"):
+        ref.resample_coeffs(10, 5, 0)
+
+
+# ----------------------------------------------------------------------------- crop + normalize == ImageProcessor
+
+
+@pytest.mark.parametrize("hw", [(336, 597), (597, 336), (336, 336), (100, 500), (500, 100), (7, 9), (337, 338)])
+def test_crop_offsets_equal_hf_center_crop(hw: tuple[int, int]) -> None:
+    x = random_pixels(*hw, seed=hw[0] + hw[1])
+    expected = images_mod._center_crop(x, 336)
+    lut = np.repeat(np.arange(256, dtype=np.float32)[None], 3, axis=0)  # identity: the crop alone
+    got = ref.crop_normalize(x, 336, lut)
+    assert np.array_equal(got.transpose(1, 2, 0), expected.astype(np.float32))
+
+
+@pytest.mark.parametrize("cfg", [ImageProcessorConfig(image_size=336),
+                                 ImageProcessorConfig(image_size=224, rescale_factor=0.0039, image_mean=(0.5,) * 3,
+                                                      image_std=(0.25, 0.3, 0.7)),
+                                 ImageProcessorConfig(image_size=64, do_rescale=False),
+                                 ImageProcessorConfig(image_size=64, do_normalize=False)], ids=str)
+def test_lut_pipeline_equals_image_processor(cfg: ImageProcessorConfig) -> None:
+    """reference.resize + crop_normalize(lut) == ImageProcessor.preprocess_one, bit for bit."""
+    lut = ref.normalize_lut(cfg.rescale_factor if cfg.do_rescale else None,
+                            cfg.image_mean if cfg.do_normalize else None, cfg.image_std if cfg.do_normalize else None)
+    processor = ImageProcessor(cfg)
+    for hw in [(480, 640), (50, 300), (cfg.image_size, cfg.image_size), (3, 3)]:
+        x = random_pixels(*hw, seed=hw[0])
+        out_hw = images_mod._shortest_edge_hw(hw[0], hw[1], cfg.shortest_edge)
+        got = ref.crop_normalize(ref.resize(x, out_hw, cfg.resample), cfg.image_size, lut)
+        expected = processor.preprocess_one(Image.fromarray(x))
+        assert got.dtype == expected.dtype == np.float32
+        assert np.array_equal(got, expected), f"{hw}: max diff {np.abs(got - expected).max()}"
+
+
+def jpeg_bytes(x: np.ndarray, **save: object) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(x).save(buf, format="JPEG", quality=90, **save)
+    return buf.getvalue()
