@@ -6,10 +6,12 @@ CPU tests run in CI; the `gpu` ones need CUDA, the built extension and (for JPEG
 
 from __future__ import annotations
 
+import base64
 import io
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from engine import images as images_mod
@@ -78,7 +80,8 @@ def test_pass_order_rule_equals_pil() -> None:
         boundary = h - 2 * (w - ow)
         for oh in sorted({max(1, boundary - 1), max(1, boundary), max(1, min(h - 1, boundary + 1)), 1, h - 1}):
             x = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
-            assert ref.vertical_first((h, w), (oh, ow)) == (oh < h and h - oh > 2 * (w - ow))
+            rule = ref.PILLOW_VERTICAL_FIRST and oh < h and h - oh > 2 * (w - ow)
+            assert ref.vertical_first((h, w), (oh, ow)) == rule
             for resample in [ref.BILINEAR, ref.BICUBIC]:
                 assert_equal_pixels(f"order {(h, w)}->{(oh, ow)} filter {resample}",
                                     ref.resize(x, (oh, ow), resample), pil_resize(x, (oh, ow), resample))
@@ -143,3 +146,80 @@ def jpeg_bytes(x: np.ndarray, **save: object) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(x).save(buf, format="JPEG", quality=90, **save)
     return buf.getvalue()
+
+
+def png_bytes(x: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(x).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def smooth_pixels(h: int, w: int, seed: int) -> np.ndarray:
+    """Gradients + mild noise: what JPEG is made for (random noise exaggerates decoder differences)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = np.stack([xx * 255 / max(w - 1, 1), yy * 255 / max(h - 1, 1), (xx + yy) * 127 / max(h + w - 2, 1)], -1)
+    return np.clip(base + rng.normal(0, 6, (h, w, 3)), 0, 255).astype(np.uint8)
+
+
+# ----------------------------------------------------------------------------- CPU pool and decode routing
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_cpu_pool_equals_image_processor(workers: int, tmp_path) -> None:
+    from engine.preprocess import make_preprocessor
+
+    cfg = ImageProcessorConfig(image_size=64)
+    path = tmp_path / "a.png"
+    path.write_bytes(png_bytes(random_pixels(50, 90, seed=1)))
+    images = [jpeg_bytes(smooth_pixels(120, 80, seed=2)), str(path), Image.fromarray(random_pixels(64, 64, seed=3)),
+              png_bytes(random_pixels(7, 300, seed=4))]
+    pre = make_preprocessor(cfg, "cpu", workers)
+    try:
+        got = pre.preprocess(images)
+        assert torch.equal(got, ImageProcessor(cfg).preprocess(images))
+        assert pre.preprocess([]).shape == (0, 3, 64, 64)
+        with pytest.raises(images_mod.ImageError, match="image 1: cannot decode"):
+            pre.preprocess([images[0], b"not an image", b"also not"])
+    finally:
+        pre.close()
+
+
+def test_nvjpeg_routing_rules(tmp_path) -> None:
+    from engine.preprocess import nvjpeg_decodable, source_bytes
+
+    x = smooth_pixels(40, 60, seed=5)
+    plain = jpeg_bytes(x)
+    assert nvjpeg_decodable(plain)
+    assert not nvjpeg_decodable(png_bytes(x)), "PNG goes to PIL"
+    assert not nvjpeg_decodable(plain[: len(plain) // 2]), "truncated data goes to PIL (which rejects it)"
+    assert not nvjpeg_decodable(jpeg_bytes(x, progressive=True)), "progressive JPEG goes to PIL"
+    gray = io.BytesIO()
+    Image.fromarray(x[..., 0]).save(gray, format="JPEG", quality=90)
+    assert not nvjpeg_decodable(gray.getvalue()), "grayscale goes to PIL"
+    cmyk = io.BytesIO()
+    Image.fromarray(x).convert("CMYK").save(cmyk, format="JPEG", quality=90)
+    assert not nvjpeg_decodable(cmyk.getvalue()), "CMYK goes to PIL"
+    for orientation, expected in [(1, True), (3, False), (6, False), (8, False)]:
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        assert nvjpeg_decodable(jpeg_bytes(x, exif=exif.tobytes())) == expected, f"EXIF orientation {orientation}"
+    # sources: bytes, paths, data URLs give bytes; PIL images and bad sources go to load_image
+    path = tmp_path / "a.jpg"
+    path.write_bytes(plain)
+
+    url = "data:image/jpeg;base64," + base64.b64encode(plain).decode()
+    assert source_bytes(plain) == source_bytes(str(path)) == source_bytes(path) == source_bytes(url) == plain
+    assert source_bytes(Image.fromarray(x)) is None
+    assert source_bytes(str(tmp_path / "missing.jpg")) is None
+    assert source_bytes("data:image/jpeg;base64,@@@") is None
+
+
+def test_make_preprocessor_errors() -> None:
+    from engine.preprocess import make_preprocessor
+
+    cfg = ImageProcessorConfig(image_size=32)
+    with pytest.raises(images_mod.ImageError, match="workers = 0"):
+        make_preprocessor(cfg, "cpu", workers=0)
+    with pytest.raises(images_mod.ImageError, match="float32"):
+        make_preprocessor(cfg, "cpu", dtype=torch.bfloat16)

@@ -19,7 +19,8 @@ Resize follows Pillow's src/libImaging/Resample.c (matched against python-pillow
     out_h < in_h and in_h - out_h > 2 (in_w - out_w). The uint8 rounding between the passes makes
     the order visible in the output. That rule was not in the Pillow source we could read (commit
     01f132fb is older); it was fitted to the installed Pillow 13.0 on ~800 size pairs where the
-    two orders differ, all matched, and test_pass_order_rule_equals_pil keeps checking it.
+    two orders differ, all matched, and test_pass_order_rule_equals_pil keeps checking it. Older
+    Pillow releases always go horizontal first; PILLOW_VERTICAL_FIRST follows the installed one.
 Filters take PIL's numbers: 1 LANCZOS, 2 BILINEAR, 3 BICUBIC, 4 BOX, 5 HAMMING (0, NEAREST, is a
 different code path in PIL and is not reproduced here). sin/cos come from Python's math module,
 i.e. the C library PIL calls (numpy's SIMD sin may differ by an ulp).
@@ -31,9 +32,12 @@ import functools
 import math
 
 import numpy as np
+import PIL
 
 PRECISION_BITS = 32 - 8 - 2
 LANCZOS, BILINEAR, BICUBIC, BOX, HAMMING = 1, 2, 3, 4, 5
+# Pillow 13 added the vertical-first order (python-pillow/Pillow#9549); HF resizes with the installed PIL.
+PILLOW_VERTICAL_FIRST = int(PIL.__version__.split(".")[0]) >= 13
 FILTER_NAMES = {LANCZOS: "lanczos", BILINEAR: "bilinear", BICUBIC: "bicubic", BOX: "box", HAMMING: "hamming"}
 
 _sin = np.vectorize(math.sin, otypes=[np.float64])
@@ -124,9 +128,9 @@ def row_span(bounds: np.ndarray) -> tuple[int, int]:
 
 def vertical_first(in_hw: tuple[int, int], out_hw: tuple[int, int]) -> bool:
     """Pillow 13's pass order when both axes change: vertical first iff the height shrinks by more
-    than twice as many pixels as the width does."""
+    than twice as many pixels as the width does (always False before Pillow 13)."""
     (h, w), (oh, ow) = in_hw, out_hw
-    return oh < h and h - oh > 2 * (w - ow)
+    return PILLOW_VERTICAL_FIRST and oh < h and h - oh > 2 * (w - ow)
 
 
 def resample_pass(src: np.ndarray, bounds: np.ndarray, coeffs: np.ndarray, axis: int, offset: int = 0) -> np.ndarray:
