@@ -223,3 +223,95 @@ def test_make_preprocessor_errors() -> None:
         make_preprocessor(cfg, "cpu", workers=0)
     with pytest.raises(images_mod.ImageError, match="float32"):
         make_preprocessor(cfg, "cpu", dtype=torch.bfloat16)
+
+
+# ----------------------------------------------------------------------------- GPU preprocessor (device machine)
+
+
+def _gpu_ready() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    try:
+        from kernels.image import cuda  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# nvjpeg vs libjpeg (PIL) decode, after resize, in uint8 levels: provisional until the bench has measured it
+JPEG_MEAN_LEVELS, JPEG_MAX_LEVELS = 1.5, 40
+MIXED_HW = [(1080, 1920), (37, 1000), (336, 336), (200, 100), (1, 1), (3024, 4032), (500, 333)]
+
+
+@pytest.mark.parametrize("cfg", [ImageProcessorConfig(image_size=336),
+                                 ImageProcessorConfig(image_size=224, resize_hw=(300, 200), resample=ref.LANCZOS),
+                                 ImageProcessorConfig(image_size=64, do_center_crop=False, resize_hw=(64, 64)),
+                                 ImageProcessorConfig(image_size=100, do_resize=False)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.gpu
+@pytest.mark.skipif(not _gpu_ready(), reason="needs CUDA and kernels._epd_C")
+def test_gpu_preprocessor_png_bit_exact(cfg: ImageProcessorConfig, dtype: torch.dtype) -> None:
+    from engine.preprocess import make_preprocessor
+
+    rng = np.random.default_rng(0)
+    images: list = [png_bytes(random_pixels(h, w, seed=int(rng.integers(1 << 30)))) for h, w in MIXED_HW]
+    images.append(Image.fromarray(random_pixels(99, 77, seed=1)))  # an already decoded image
+    rgba = np.concatenate([random_pixels(40, 50, seed=2), np.full((40, 50, 1), 128, np.uint8)], axis=-1)
+    images.append(png_bytes(rgba))  # transparency: load_image's alpha rule
+    pre = make_preprocessor(cfg, "cuda", workers=2, dtype=dtype)
+    got = pre.preprocess(images)
+    expected = ImageProcessor(cfg).preprocess(images).to(dtype)
+    assert got.device.type == "cuda" and got.dtype == dtype
+    assert torch.equal(got.cpu(), expected), f"max diff {(got.cpu().float() - expected.float()).abs().max().item()}"
+    assert pre.preprocess([]).shape == (0, 3, cfg.image_size, cfg.image_size)
+    pre.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _gpu_ready(), reason="needs CUDA and kernels._epd_C")
+def test_gpu_resize_normalize_same_pixels_bit_exact() -> None:
+    from engine.preprocess import GpuImagePreprocessor
+
+    cfg = ImageProcessorConfig(image_size=336)
+    pixels = [random_pixels(h, w, seed=h + w) for h, w in MIXED_HW]
+    pre = GpuImagePreprocessor(cfg)
+    chw = [torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1))).cuda().permute(1, 2, 0) for x in pixels]
+    expected = ImageProcessor(cfg).preprocess([Image.fromarray(x) for x in pixels])
+    assert torch.equal(pre.resize_normalize(pixels).cpu(), expected)  # numpy in, uploaded
+    assert torch.equal(pre.resize_normalize(chw).cpu(), expected)  # nvjpeg's [3, H, W] layout as a view
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _gpu_ready(), reason="needs CUDA and kernels._epd_C")
+def test_gpu_preprocessor_jpeg_within_decode_tolerance() -> None:
+    from engine.preprocess import GpuImagePreprocessor, nvjpeg_available
+
+    if not nvjpeg_available():
+        pytest.skip("needs torchvision (nvjpeg)")
+    cfg = ImageProcessorConfig(image_size=336)
+    rotated = Image.Exif()
+    rotated[0x0112] = 6
+    jpegs = [jpeg_bytes(smooth_pixels(h, w, seed=h * 3 + w)) for h, w in [(1080, 1920), (3024, 4032), (480, 640)]]
+    jpegs.append(jpeg_bytes(smooth_pixels(300, 200, seed=5), exif=rotated.tobytes()))  # goes to PIL
+    pre = GpuImagePreprocessor(cfg)
+    decoded = pre.decode(jpegs)
+    assert [not t.is_contiguous() for t in decoded] == [True, True, True, False], "nvjpeg for 0-2, PIL for 3"
+    got = pre.preprocess(jpegs).cpu()
+    expected = ImageProcessor(cfg).preprocess(jpegs)
+    std = torch.tensor(cfg.image_std).view(1, 3, 1, 1)
+    levels = ((got - expected) * std * 255).abs()  # back to uint8 levels
+    assert torch.equal(got[3], expected[3]), "the EXIF-rotated JPEG is decoded by PIL: exact"
+    assert levels.mean() <= JPEG_MEAN_LEVELS and levels.max() <= JPEG_MAX_LEVELS, \
+        f"nvjpeg vs PIL: mean {levels.mean().item():.3f}, max {levels.max().item():.1f} levels"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _gpu_ready(), reason="needs CUDA and kernels._epd_C")
+def test_gpu_preprocessor_errors_are_image_processors() -> None:
+    from engine.preprocess import GpuImagePreprocessor
+
+    pre = GpuImagePreprocessor(ImageProcessorConfig(image_size=32))
+    with pytest.raises(images_mod.ImageError, match="image 1: cannot decode"):
+        pre.preprocess([png_bytes(random_pixels(8, 8, seed=0)), b"not an image"])
+    with pytest.raises(images_mod.ImageError, match="no GPU path"):
+        GpuImagePreprocessor(ImageProcessorConfig(image_size=32, resample=0))
