@@ -135,6 +135,8 @@ class GpuImagePreprocessor:
         self.device = torch.device(device)
         if self.device.type != "cuda":
             raise ImageError(f"GpuImagePreprocessor needs a CUDA device, got {self.device}")
+        if self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
         if cfg.do_resize and cfg.resample not in image_ref.FILTERS:
             raise ImageError(f"image processor: resample {cfg.resample} has no GPU path; supported: "
                              + ", ".join(f"{k} ({v})" for k, v in image_ref.FILTER_NAMES.items()))
