@@ -207,7 +207,6 @@ def test_nvjpeg_routing_rules(tmp_path) -> None:
     # sources: bytes, paths, data URLs give bytes; PIL images and bad sources go to load_image
     path = tmp_path / "a.jpg"
     path.write_bytes(plain)
-
     url = "data:image/jpeg;base64," + base64.b64encode(plain).decode()
     assert source_bytes(plain) == source_bytes(str(path)) == source_bytes(path) == source_bytes(url) == plain
     assert source_bytes(Image.fromarray(x)) is None

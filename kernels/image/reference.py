@@ -3,7 +3,7 @@ rescale + normalize as a 256-entry lookup table per channel.
 
 Resize follows Pillow's src/libImaging/Resample.c (matched against python-pillow/Pillow at commit
 01f132fb; Pillow 13's behaviour, checked by tests/test_preprocess.py against the installed PIL):
-  - precompute_coeffs: scale = in / out (the box edges are C floats, exact for integer sizes),
+  - precompute_coeffs: scale = in / out (in as a C float, as the box edges are: exact below 2^24),
     filterscale = max(scale, 1), support = filter support * filterscale, ksize = 2 ceil(support) + 1;
     per output i: center = (i + 0.5) scale, xmin = (int)(center - support + 0.5) clamped to >= 0,
     xmax = (int)(center + support + 0.5) clamped to <= in; weights filter((x + xmin - center + 0.5) /
@@ -98,7 +98,7 @@ def resample_coeffs(in_size: int, out_size: int, resample: int = BICUBIC) -> tup
     if in_size <= 0 or out_size <= 0:
         raise ValueError(f"resample sizes must be positive, got {in_size} -> {out_size}")
     filt, filter_support = FILTERS[resample]
-    scale = float(in_size) / out_size  # (double)(in1 - in0) / outSize
+    scale = float(np.float32(in_size)) / out_size  # (double)(in1 - in0) / outSize: the box edges are C floats
     filterscale = max(scale, 1.0)
     support = filter_support * filterscale
     ksize = int(math.ceil(support)) * 2 + 1
