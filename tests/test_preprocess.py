@@ -7,6 +7,7 @@ CPU tests run in CI; the `gpu` ones need CUDA, the built extension and (for JPEG
 from __future__ import annotations
 
 import base64
+import functools
 import io
 
 import numpy as np
@@ -242,6 +243,17 @@ JPEG_MEAN_LEVELS, JPEG_MAX_LEVELS = 1.5, 40
 MIXED_HW = [(1080, 1920), (37, 1000), (336, 336), (200, 100), (1, 1), (3024, 4032), (500, 333)]
 
 
+@functools.cache
+def mixed_pngs() -> list:
+    """PNGs of MIXED_HW (random pixels), an already decoded PIL image and a half-transparent RGBA PNG."""
+    rng = np.random.default_rng(0)
+    images: list = [png_bytes(random_pixels(h, w, seed=int(rng.integers(1 << 30)))) for h, w in MIXED_HW]
+    images.append(Image.fromarray(random_pixels(99, 77, seed=1)))
+    rgba = np.concatenate([random_pixels(40, 50, seed=2), np.full((40, 50, 1), 128, np.uint8)], axis=-1)
+    images.append(png_bytes(rgba))  # transparency: load_image's alpha rule
+    return images
+
+
 @pytest.mark.parametrize("cfg", [ImageProcessorConfig(image_size=336),
                                  ImageProcessorConfig(image_size=224, resize_hw=(300, 200), resample=ref.LANCZOS),
                                  ImageProcessorConfig(image_size=64, do_center_crop=False, resize_hw=(64, 64)),
@@ -252,11 +264,7 @@ MIXED_HW = [(1080, 1920), (37, 1000), (336, 336), (200, 100), (1, 1), (3024, 403
 def test_gpu_preprocessor_png_bit_exact(cfg: ImageProcessorConfig, dtype: torch.dtype) -> None:
     from engine.preprocess import make_preprocessor
 
-    rng = np.random.default_rng(0)
-    images: list = [png_bytes(random_pixels(h, w, seed=int(rng.integers(1 << 30)))) for h, w in MIXED_HW]
-    images.append(Image.fromarray(random_pixels(99, 77, seed=1)))  # an already decoded image
-    rgba = np.concatenate([random_pixels(40, 50, seed=2), np.full((40, 50, 1), 128, np.uint8)], axis=-1)
-    images.append(png_bytes(rgba))  # transparency: load_image's alpha rule
+    images = mixed_pngs()
     pre = make_preprocessor(cfg, "cuda", workers=2, dtype=dtype)
     got = pre.preprocess(images)
     expected = ImageProcessor(cfg).preprocess(images).to(dtype)
