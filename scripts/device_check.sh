@@ -107,8 +107,9 @@ if [[ " $STAGES " == *" epdmulti "* ]]; then
   grep -h "^|\|one at a time\|copy\|pull_blocks" "$OUT/bench_epd_multi.log" >> "$SUMMARY"
 fi
 if [[ " $STAGES " == *" image "* ]]; then  # issue 13: GPU preprocessing, LLaVA-NeXT, EPD encode share at 1080p JPEGs
-  stage pytest_gpu_image python3 -m pytest -m gpu -q --tb=short -p no:cacheprovider tests/test_preprocess.py \
-    tests/test_llava_next.py tests/test_mm_cache.py
+  stage pytest_image python3 -m pytest -q --tb=short -p no:cacheprovider tests/test_kernels_image.py \
+    tests/test_preprocess.py tests/test_preprocess_emulated.py
+  stage pytest_gpu_next python3 -m pytest -m gpu -q --tb=short -p no:cacheprovider tests/test_llava_next.py
   stage bench_preprocess python3 scripts/bench_preprocess.py --json "$OUT/bench_preprocess.json"
   grep -h "^|" "$OUT/bench_preprocess.log" >> "$SUMMARY"
   llava7b
