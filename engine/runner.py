@@ -323,7 +323,7 @@ def kv_block_bytes(config: EngineConfig, cfg: ModelConfig) -> int:
 def mm_arena_shape(config: EngineConfig, cfg: ModelConfig, num_blocks: int | None = None) -> tuple[int, ...]:
     """The MM arena: [blocks (config.num_mm_blocks by default), tokens_per_image, hidden]."""
     blocks = config.num_mm_blocks(cfg) if num_blocks is None else num_blocks
-    return (blocks, cfg.image_tokens_per_image if cfg.is_multimodal else 0, cfg.text.hidden_size)
+    return (blocks, cfg.tokens_per_item if cfg.is_multimodal else 0, cfg.text.hidden_size)
 
 
 def kv_blocks_from_memory(config: EngineConfig, cfg: ModelConfig, model: MultimodalModel, mm_arena: torch.Tensor,
