@@ -80,3 +80,14 @@ def image_processor_for(model_dir: str | Path, cfg: ModelConfig) -> ImageProcess
             raise ImageError(f"{path}: image_grid_pinpoints {[list(p) for p in ours]} differ from config.json's "
                              f"{[list(p) for p in cfg.image_grid_pinpoints]}; the token count would not match")
     return AnyresImageProcessor(clip, cfg.image_grid_pinpoints)
+
+
+def checked_sizes(decoded: list[tuple[int, int]], expected: list[tuple[int, int]], cfg: ModelConfig) -> None:
+    """An encoder's check: each image decodes to the (height, width) its token count was made for
+    (the orchestrator reads sizes from headers). Only sizes that change the layout matter."""
+    if len(decoded) != len(expected):
+        raise ImageError(f"{len(decoded)} images decoded for {len(expected)} sizes")
+    for i, (got, want) in enumerate(zip(decoded, expected)):
+        if got != want and cfg.image_layout(*got) != cfg.image_layout(*want):
+            raise ImageError(f"image {i}: decodes to {got[0]}x{got[1]} (height x width) but its header says "
+                             f"{want[0]}x{want[1]}; its token count was made for the header's size")

@@ -209,9 +209,10 @@ class LLM:
 
     # ------------------------------------------------------------------ tokenize, graph capture (RPC verbs)
 
-    def tokenize(self, prompt: str, num_images: int = 0, raw_prompt: bool = False) -> tuple[str, list[int]]:
+    def tokenize(self, prompt: str, num_images: int = 0, raw_prompt: bool = False,
+                 image_sizes: list[tuple[int, int]] | None = None) -> tuple[str, list[int]]:
         """(text after the chat template, token ids) as generate builds them for this prompt."""
-        return self.input_processor.tokenize(prompt, num_images, raw_prompt)
+        return self.input_processor.tokenize(prompt, num_images, raw_prompt, image_sizes)
 
     def capture_start(self) -> dict:
         """Start capturing the decode buckets not captured yet, in the background (serving

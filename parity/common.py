@@ -119,10 +119,10 @@ class TeacherForcing:
             need = -(-(len(s.prompt_ids) + s.sampling.max_tokens) // bs)
             s.block_table = engine.kv_blocks.allocate(need)
             assert s.block_table is not None, "KV cache too small for the parity batch"
-            if s.num_images:
-                s.mm_blocks = engine.mm_blocks.allocate(s.num_images)
+            if s.num_items:
+                s.mm_blocks = engine.mm_blocks.allocate(s.num_items)
                 assert s.mm_blocks is not None, "MM arena too small for the parity batch"
-        with_images = [s for s in seqs if s.num_images]
+        with_images = [s for s in seqs if s.num_items]
         if with_images:
             llm.runner.encode(with_images)
 
