@@ -91,3 +91,24 @@ def checked_sizes(decoded: list[tuple[int, int]], expected: list[tuple[int, int]
         if got != want and cfg.image_layout(*got) != cfg.image_layout(*want):
             raise ImageError(f"image {i}: decodes to {got[0]}x{got[1]} (height x width) but its header says "
                              f"{want[0]}x{want[1]}; its token count was made for the header's size")
+
+
+def all_items(cfg: ModelConfig, sizes: list[tuple[int | None, int | None]]) -> list[tuple[int, int]]:
+    """(image, item) for every item of images of these sizes, in order."""
+    counts = [cfg.image_layout(h, w).num_items for h, w in sizes]
+    return [(i, k) for i, n in enumerate(counts) for k in range(n)]
+
+
+def select_items(processor: ImageProcessor | AnyresImageProcessor, cfg: ModelConfig, images: list[Any],
+                 items: list[tuple[int, int]], expected_sizes: list[tuple[int, int]]) -> torch.Tensor:
+    """An encoder's inputs: `items` ((index into images, item of it)) of `images` preprocessed,
+    `[len(items), 3, S, S]`, after checking that each image decodes to the size the orchestrator
+    counted its tokens for (expected_sizes; empty: not checked)."""
+    pixels, sizes = processor.preprocess_items(images)
+    if expected_sizes:
+        checked_sizes(sizes, expected_sizes, cfg)
+    first, n = [], 0  # each image's first row in pixels
+    for h, w in sizes:
+        first.append(n)
+        n += cfg.image_layout(h, w).num_items
+    return pixels[torch.tensor([first[image] + item for image, item in items], dtype=torch.int64)]

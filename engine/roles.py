@@ -32,7 +32,7 @@ import torch
 from engine.aggregated import AggregatedEngine
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig, ModelConfig
-from engine.images_anyres import checked_sizes, image_processor_for
+from engine.images_anyres import all_items, checked_sizes, image_processor_for, select_items
 from engine.messages import (
     Abort,
     DecodeTask,
@@ -176,9 +176,7 @@ class EncodeRole(_Role):
             self.blocks.free(msg.blocks)
         elif isinstance(msg, EncodeTask):
             if not msg.items:  # every item of every image (LLaVA-1.5: one per image)
-                sizes = msg.image_sizes or [(None, None)] * len(msg.images)
-                counts = [self.cfg.image_layout(h, w).num_items for h, w in sizes]
-                msg.items = [(i, k) for i, n in enumerate(counts) for k in range(n)]
+                msg.items = all_items(self.cfg, msg.image_sizes or [(None, None)] * len(msg.images))
             if self.draining:
                 self.refuse(msg.req_id, len(msg.items))
             else:
@@ -189,7 +187,7 @@ class EncodeRole(_Role):
             task = self.pending.popleft()
             blocks = self.blocks.allocate(len(task.items))
             try:
-                pixels = self._task_items(task)
+                pixels = select_items(self.image_processor, self.cfg, task.images, task.items, task.image_sizes)
                 seq = Sequence(seq_id=task.req_id, prompt_ids=[], sampling=SamplingParams(), seed=0,
                                stop_token_ids=frozenset(), pixel_values=pixels, mm_blocks=blocks)
                 self.runner.encode([seq])
@@ -197,18 +195,6 @@ class EncodeRole(_Role):
             except Exception as e:  # a bad image fails its request, not the stage
                 self.blocks.free(blocks)
                 self.send(Failed(task.req_id, self.name, str(e), images=len(task.items)))
-
-    def _task_items(self, task: EncodeTask) -> torch.Tensor:
-        """The task's items [len(task.items), 3, S, S], after checking that each image decodes to
-        the size its token count was made for."""
-        pixels, sizes = self.image_processor.preprocess_items(task.images)
-        if task.image_sizes:
-            checked_sizes(sizes, task.image_sizes, self.cfg)
-        first, n = [], 0  # each image's first row in pixels
-        for h, w in sizes:
-            first.append(n)
-            n += self.cfg.image_layout(h, w).num_items
-        return pixels[torch.tensor([first[image] + item for image, item in task.items])]
 
     def stats(self) -> dict:
         return {"waiting": len(self.pending), "mm_blocks": _blocks(self.blocks), "vision_graphs": self.graphs}

@@ -361,6 +361,11 @@ def default_tiny_llava_dir() -> Path:
     return _cache_root() / "tiny-llava"
 
 
+def default_tiny_llava_next_dir() -> Path:
+    """Cache directory of the default tiny LLaVA-NeXT checkpoint."""
+    return _cache_root() / "tiny-llava-next"
+
+
 def default_tiny_llama_dir() -> Path:
     """Cache directory of the default tiny Llama checkpoint."""
     return _cache_root() / "tiny-llama"
@@ -396,6 +401,11 @@ def _ensure(target: Path, make: Callable[[Path], Path]) -> Path:
 def ensure_tiny_llava() -> Path:
     """Return the cached tiny LLaVA checkpoint, making it on first use."""
     return _ensure(default_tiny_llava_dir(), make_tiny_llava)
+
+
+def ensure_tiny_llava_next() -> Path:
+    """Return the cached tiny LLaVA-NeXT checkpoint, making it on first use."""
+    return _ensure(default_tiny_llava_next_dir(), make_tiny_llava_next)
 
 
 def ensure_tiny_llama() -> Path:

@@ -16,7 +16,7 @@ from PIL import Image
 from engine import LLM, Request, SamplingParams
 from engine.config import ConfigError, ModelConfig
 from engine.loader import load_model
-from scripts.make_tiny_model import NEXT_KEY_LAYOUTS, TINY_PINPOINTS, _rewrite_keys, make_tiny_llava_next
+from scripts.make_tiny_model import NEXT_KEY_LAYOUTS, TINY_PINPOINTS, _rewrite_keys
 
 STEPS = 32
 # (height, width): wide, tall, square, smaller than a tile, extreme wide
@@ -24,8 +24,8 @@ SIZES_HW = {"wide": (100, 260), "tall": (250, 90), "square": (150, 150), "small"
 
 
 @pytest.fixture(scope="module")
-def tiny_next(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny_llava_next(tmp_path_factory.mktemp("models") / "tiny-llava-next")
+def tiny_next(tiny_llava_next: Path) -> Path:
+    return tiny_llava_next
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +122,8 @@ def test_image_over_the_context_is_refused(tiny_next: Path) -> None:
     from engine.sampling import RequestError
 
     llm = LLM(tiny_next, backend="torch", device="cpu", max_model_len=160)
-    with pytest.raises(RequestError, match=r"prompt has \d+ tokens \(\d+ of them for 1 image\(s\)\).*context length 160"):
+    too_long = r"prompt has \d+ tokens \(\d+ of them for 1 image\(s\)\).*context length 160"
+    with pytest.raises(RequestError, match=too_long):
         llm.make_sequence(Request("Hi", images=[image("square")]), SamplingParams(max_tokens=8))
 
 
@@ -195,3 +196,54 @@ def test_epd_two_encoders_split_tiles_and_match_hf(tiny_next: Path, next_llm: LL
     for req, out, agg in zip(reqs, outs, aggregated):
         assert out.token_ids == agg.token_ids, req.prompt
         assert out.token_ids == hf_greedy(hf_next, next_llm.make_sequence(req)), req.prompt
+
+
+# ----------------------------------------------------------------------------- cuda backend (GPU only)
+
+
+@pytest.fixture(scope="module")
+def small_next(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small LLaVA-NeXT whose vision and text heads are 64 wide (the kernels and graphs apply), bf16."""
+    from scripts.make_tiny_model import make_tiny_llava_next
+
+    try:
+        from kernels import _epd_C  # noqa: F401
+    except ImportError:
+        pytest.skip("kernels._epd_C is not built")
+    return make_tiny_llava_next(tmp_path_factory.mktemp("models") / "small-llava-next", dtype=torch.bfloat16,
+                                vision_sizes={"hidden_size": 128, "num_attention_heads": 2, "intermediate_size": 256},
+                                text_sizes={"hidden_size": 256, "num_attention_heads": 4, "num_key_value_heads": 4,
+                                            "intermediate_size": 512})
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_backend_prefill_and_epd(small_next: Path) -> None:
+    """The CPU parity test on the cuda backend (bf16, vision graphs on): prefill logits within 1.5x
+    of HF-bf16's own error against HF fp32 (parity/logits.py's gate), and EPD with two encoders on
+    one GPU token-for-token equal to aggregated."""
+    from transformers import LlavaNextForConditionalGeneration
+
+    from engine.epd import EPDEngine
+
+    kw = {"backend": "cuda", "device": "cuda", "dtype": "bfloat16", "kv_cache_tokens": 4096,
+          "max_images_per_batch": 16}
+    llm = LLM(small_next, **kw)
+    assert llm.runner.vision_graphs is not None  # items run under the vision graphs' buckets
+    seqs = [llm.make_sequence(r, SamplingParams(max_tokens=1)) for r in requests()]
+    ours = [x.float().cpu() for x in _prefill_logits(llm, seqs)]
+    refs = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        hf = LlavaNextForConditionalGeneration.from_pretrained(str(small_next), dtype=dtype).to("cuda").eval()
+        with torch.inference_mode():
+            refs[dtype] = [hf(**{k: v.to("cuda", dtype) if k == "pixel_values" else v.to("cuda")
+                                 for k, v in hf_inputs(s).items()}).logits[0].float().cpu() for s in seqs]
+        del hf
+    for seq, o, r32, r16 in zip(seqs, ours, refs[torch.float32], refs[torch.bfloat16]):
+        assert rel_err(o, r32) <= 1.5 * rel_err(r16, r32), f"request {seq.seq_id} ({seq.image_sizes})"
+    reqs = [requests()[4], requests()[1]]
+    sp = SamplingParams(max_tokens=16, ignore_eos=True, temperature=0.0)
+    reference = [llm.generate([r], sp)[0].token_ids for r in reqs]
+    del llm
+    with EPDEngine(small_next, placement="E:0,0 P:0 D:0", **kw) as epd:
+        assert [epd.generate([r], sp)[0].token_ids for r in reqs] == reference
