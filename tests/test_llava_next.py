@@ -171,8 +171,9 @@ def test_greedy_tokens_match_hf(next_llm: LLM, hf_next) -> None:
 
 
 def test_epd_two_encoders_split_tiles_and_match_hf(tiny_next: Path, next_llm: LLM, hf_next) -> None:
-    """A two-image request (2 + 4 items) in EPD with two encoders: its items are split across both
-    (intra-request tile parallelism); tokens equal HF's and the aggregated engine's."""
+    """A two-image request (4 + 4 items) in EPD with two encoders: its items are split across both
+    (intra-request tile parallelism), prefill reassembles them in order; tokens equal HF's and the
+    aggregated engine's. Then pd mode (prefill encodes) on the same request."""
     from engine.epd import EPDEngine
 
     reqs = [requests()[4], requests()[1]]
@@ -196,6 +197,8 @@ def test_epd_two_encoders_split_tiles_and_match_hf(tiny_next: Path, next_llm: LL
     for req, out, agg in zip(reqs, outs, aggregated):
         assert out.token_ids == agg.token_ids, req.prompt
         assert out.token_ids == hf_greedy(hf_next, next_llm.make_sequence(req)), req.prompt
+    with EPDEngine(tiny_next, mode="pd", placement="P:cpu D:cpu", backend="torch", dtype="float32") as pd:
+        assert pd.generate(reqs[:1], sp)[0].token_ids == aggregated[0].token_ids  # prefill encodes the tiles
 
 
 # ----------------------------------------------------------------------------- cuda backend (GPU only)
