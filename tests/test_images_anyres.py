@@ -116,3 +116,24 @@ def test_check_image_size_after_exif_orientation(orientation: int) -> None:
     assert hw == (decoded.height, decoded.width)
     assert hw == ((120, 50) if orientation in (6, 8) else (50, 120))
     assert check_image(Image.open(io.BytesIO(data))) == hw
+
+
+def test_select_items_and_size_check() -> None:
+    from engine.config import ModelConfig
+    from engine.images import ImageError
+    from engine.images_anyres import all_items, select_items
+
+    raw = {"architectures": ["LlavaNextForConditionalGeneration"], "image_token_index": 511,
+           "image_grid_pinpoints": [list(p) for p in TINY_PINPOINTS],
+           "vision_config": {"image_size": 84, "patch_size": 14, "num_hidden_layers": 2},
+           "text_config": {"hidden_size": 32, "num_attention_heads": 2, "num_hidden_layers": 1,
+                           "intermediate_size": 64, "vocab_size": 512}}
+    cfg = ModelConfig.from_dict(raw)
+    proc = AnyresImageProcessor(ImageProcessorConfig(image_size=84), TINY_PINPOINTS)
+    images = [_image(100, 260, 1), _image(40, 60, 2)]  # 4 + 3 items
+    assert all_items(cfg, [(100, 260), (40, 60)]) == [(0, 0), (0, 1), (0, 2), (0, 3), (1, 0), (1, 1), (1, 2)]
+    everything, _ = proc.preprocess_items(images)
+    picked = select_items(proc, cfg, images, [(1, 2), (0, 0), (0, 3)], [(100, 260), (40, 60)])
+    assert torch.equal(picked, everything[[6, 0, 3]])
+    with pytest.raises(ImageError, match=r"image 1: decodes to 40x60 .* header says 80x60"):
+        select_items(proc, cfg, images, [(0, 0)], [(100, 260), (80, 60)])

@@ -250,3 +250,12 @@ def test_cuda_backend_prefill_and_epd(small_next: Path) -> None:
     del llm
     with EPDEngine(small_next, placement="E:0,0 P:0 D:0", **kw) as epd:
         assert [epd.generate([r], sp)[0].token_ids for r in reqs] == reference
+
+
+def test_tokenize_needs_sizes(next_llm: LLM) -> None:
+    from engine.sampling import RequestError
+
+    with pytest.raises(RequestError, match="token count depends on its size"):
+        next_llm.tokenize("What is this?", 1)
+    _, ids = next_llm.tokenize("What is this?", 1, image_sizes=[(100, 260)])
+    assert ids.count(next_llm.cfg.image_token_id) == next_llm.cfg.image_layout(100, 260).num_tokens == 138
