@@ -73,8 +73,10 @@ class InputProcessor:
                                f"{config.max_num_seqs}")
         items = sum(self.cfg.image_layout(h, w).num_items for h, w in sizes)
         if items > self.mm_blocks:
-            raise RequestError(f"request has {len(images)} image(s) of {items} vision-tower items (tiles); at most "
-                               f"{self.mm_blocks} fit the MM arena (raise max_images_per_batch)")
+            what = f"{len(images)} images" + (f" of {items} vision-tower items (bases + tiles)" if self.cfg.is_anyres
+                                              else "")
+            raise RequestError(f"request has {what}; at most {self.mm_blocks} fit the MM arena "
+                               "(raise max_images_per_batch)")
         pixels = None
         if preprocess and images:
             pixels, decoded = self.image_processor.preprocess_items(images)
