@@ -45,7 +45,7 @@ class AggregatedEngine:
         self.decode = DecodeScheduler(self.kv_blocks, runner.block_size, config.max_num_seqs)
 
     def add(self, seq: Sequence) -> None:
-        if seq.num_images:
+        if seq.num_items:
             assert self.encode is not None, "images on a model without a vision tower"
             self.encode.add(seq)
         else:
@@ -84,7 +84,7 @@ class AggregatedEngine:
         steps = self._decode_steps()
         batch, preempted = self.decode.schedule(lookahead=steps)
         for seq in reversed(preempted):  # the oldest preempted goes first
-            if seq.num_images:
+            if seq.num_items:
                 self.encode.waiting.appendleft(seq)
             else:
                 self.prefill.add(seq, front=True)

@@ -1,8 +1,8 @@
 """Model and engine configuration.
 
 `ModelConfig.from_dir` reads a HF checkpoint's `config.json` for the architectures
-we run (LLaVA-1.5 with a CLIP tower, Llama, Mistral); anything else is an error
-that names the architecture or field.
+we run (LLaVA-1.5 and LLaVA-NeXT with a CLIP tower, Llama, Mistral); anything else is an
+error that names the architecture or field.
 """
 
 from __future__ import annotations
@@ -14,7 +14,10 @@ from pathlib import Path
 
 import torch
 
-SUPPORTED_ARCHITECTURES = ("LlavaForConditionalGeneration", "LlamaForCausalLM", "MistralForCausalLM")
+from engine.image_layout import ImageLayout, Pinpoints, anyres_layout, single_item_layout
+
+LLAVA_ARCHITECTURES = ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration")
+SUPPORTED_ARCHITECTURES = (*LLAVA_ARCHITECTURES, "LlamaForCausalLM", "MistralForCausalLM")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -110,6 +113,8 @@ class ModelConfig:
     vision_feature_select_strategy: str = "default"  # default drops CLS; full keeps it
     projector_hidden_act: str = "gelu"
     projector_bias: bool = True
+    # LLaVA-NeXT (anyres): the (height, width) tile grids an image may be cut into; None: LLaVA-1.5
+    image_grid_pinpoints: Pinpoints | None = None
     checkpoint_dtype: torch.dtype = torch.float32
     raw: dict = field(default_factory=dict, repr=False, compare=False)
 
@@ -118,9 +123,28 @@ class ModelConfig:
         return self.vision is not None
 
     @property
-    def image_tokens_per_image(self) -> int:
+    def is_anyres(self) -> bool:
+        """LLaVA-NeXT: images are tiled (their token count depends on their size) and the
+        model has an image_newline vector."""
+        return self.image_grid_pinpoints is not None
+
+    @property
+    def tokens_per_item(self) -> int:
+        """Embedding rows the tower makes per input (a CLIP image or a NeXT tile): one MM block."""
         assert self.vision is not None
         return self.vision.num_patches + (1 if self.vision_feature_select_strategy == "full" else 0)
+
+    def image_layout(self, height: int | None, width: int | None) -> ImageLayout:
+        """The items and row layout of an image of height x width (engine/image_layout.py);
+        the size may be None when the model's layout does not depend on it (LLaVA-1.5)."""
+        assert self.vision is not None
+        if not self.is_anyres:
+            return single_item_layout(self.tokens_per_item)
+        if height is None or width is None:
+            raise ValueError(f"{self.architecture}: an image's token count depends on its size; "
+                             "the size is needed")
+        v = self.vision
+        return anyres_layout(height, width, v.image_size, v.image_size // v.patch_size, self.image_grid_pinpoints)
 
     @property
     def vision_layers_used(self) -> int:
@@ -146,7 +170,8 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, raw: dict) -> ModelConfig:
         archs = raw.get("architectures") or []
-        arch = archs[0] if archs else {"llava": "LlavaForConditionalGeneration", "llama": "LlamaForCausalLM",
+        arch = archs[0] if archs else {"llava": "LlavaForConditionalGeneration",
+                                       "llava_next": "LlavaNextForConditionalGeneration", "llama": "LlamaForCausalLM",
                                        "mistral": "MistralForCausalLM"}.get(raw.get("model_type", ""), "")
         if arch not in SUPPORTED_ARCHITECTURES:
             raise ConfigError(
@@ -154,7 +179,7 @@ class ModelConfig:
                 f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
             )
         dtype = _checkpoint_dtype(raw)
-        if arch != "LlavaForConditionalGeneration":
+        if arch not in LLAVA_ARCHITECTURES:
             return cls(architecture=arch, text=_text_config(raw, arch), checkpoint_dtype=dtype, raw=raw)
 
         text_raw = dict(raw.get("text_config") or {})
@@ -194,6 +219,7 @@ class ModelConfig:
         image_token = raw.get("image_token_index", raw.get("image_token_id"))
         if image_token is None:
             raise ConfigError("LLaVA config has no image_token_index")
+        pinpoints = _pinpoints(raw, vision, strategy) if arch == "LlavaNextForConditionalGeneration" else None
         if "tie_word_embeddings" in raw and "tie_word_embeddings" not in text_raw:
             text_raw["tie_word_embeddings"] = raw["tie_word_embeddings"]
         return cls(
@@ -205,9 +231,35 @@ class ModelConfig:
             vision_feature_select_strategy=strategy,
             projector_hidden_act=act,
             projector_bias=raw.get("multimodal_projector_bias", True),
+            image_grid_pinpoints=pinpoints,
             checkpoint_dtype=dtype,
             raw=raw,
         )
+
+
+# HF LlavaNextConfig's default (llava-v1.6 checkpoints: CLIP-L/336 tiles)
+DEFAULT_PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
+
+
+def _pinpoints(raw: dict, vision: VisionConfig, strategy: str) -> Pinpoints:
+    """LLaVA-NeXT's image_grid_pinpoints, checked: (height, width) pairs, multiples of the tile."""
+    if raw.get("mm_patch_merge_type", "spatial_unpad") != "spatial_unpad":
+        raise ConfigError(f"mm_patch_merge_type {raw['mm_patch_merge_type']!r} is not supported; "
+                          "LLaVA-NeXT here is spatial_unpad")
+    if strategy != "default":
+        raise ConfigError(f"vision_feature_select_strategy {strategy!r}: LLaVA-NeXT's tile grid needs "
+                          "'default' (the CLS token dropped)")
+    value = raw.get("image_grid_pinpoints") or DEFAULT_PINPOINTS
+    try:
+        pinpoints = tuple((int(h), int(w)) for h, w in value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"image_grid_pinpoints {value!r}: expected a list of [height, width] pairs") from None
+    tile = vision.image_size
+    bad = [p for p in pinpoints if p[0] <= 0 or p[1] <= 0 or p[0] % tile or p[1] % tile]
+    if bad:
+        raise ConfigError(f"image_grid_pinpoints {list(bad[0])}: each side must be a positive multiple of the "
+                          f"vision tower's image_size {tile}")
+    return pinpoints
 
 
 def _checkpoint_dtype(raw: dict) -> torch.dtype:
@@ -302,6 +354,8 @@ class EngineConfig:
     torch_threads: torch CPU threads of the process (0: leave torch's default).
     image_workers: threads that decode and preprocess images off the engine thread (the
     aggregated engine's front end; PIL releases the GIL while it decodes and resizes).
+    max_images_per_batch: vision-tower inputs ("items") per encode batch: a LLaVA-1.5 image is one
+    item, a LLaVA-NeXT image is 1 + its tiles; the MM arena holds two such batches.
     """
 
     model: str
@@ -380,7 +434,8 @@ class EngineConfig:
         return parse_dtype(self.dtype)
 
     def num_mm_blocks(self, cfg: ModelConfig) -> int:
-        """MM-arena blocks (one image each): two batches of images in flight, 0 without a tower."""
+        """MM-arena blocks (one item each: a CLIP image or a LLaVA-NeXT tile): two batches of
+        items in flight, 0 without a tower."""
         return 2 * self.max_images_per_batch if cfg.is_multimodal else 0
 
     def num_kv_blocks(self) -> int | None:

@@ -8,7 +8,7 @@ encodes the images itself: the DistServe-style baseline). A placement such as
 
 Each stage is one StageHandle (engine/stage_handles.py: process, channels, load, liveness, reports,
 arena; spawning and the start-up protocol live there too). The
-orchestrator validates and tokenizes (engine/input_processor.py), splits each request's images across
+orchestrator validates and tokenizes (engine/input_processor.py), splits each request's items (NeXT tiles) across
 the least-loaded encoders (routing: engine/router.py), reassembles the embeddings' block
 references in prompt order for prefill, hands prefilled KV blocks to decode, and streams tokens
 back with the per-request timestamps. A stage process that dies is detected: an encoder's work
@@ -147,7 +147,8 @@ class EPDEngine:
             raise RequestError(f"sampling.{unserved[0]} = {getattr(sp, unserved[0])!r}: {self.mode} mode does not "
                                "serve it yet; the aggregated mode (LLM, serve.py --mode aggregated) does")
         state = self.output_processor.add(seq.seq_id, seq.prompt_ids, sp, arrival)
-        flight = self.flights[seq.seq_id] = _Flight(seq, state, images)
+        layouts = [self.cfg.image_layout(h, w) for h, w in seq.image_sizes]
+        flight = self.flights[seq.seq_id] = _Flight(seq, state, images, [x.num_items for x in layouts])
         self._dispatch_encode(flight)
         return seq
 
@@ -223,8 +224,8 @@ class EPDEngine:
             if part is None:  # a part already moved to another encoder (this one was thought dead)
                 encoders[msg.encoder].send(FreeMM(msg.blocks, msg.encoder))
                 return
-            for image, block in zip(part[1], msg.blocks):
-                flight.refs[image] = (msg.encoder, block)
+            for item, block in zip(part[1], msg.blocks):
+                flight.refs[item] = (msg.encoder, block)
             if not flight.parts:
                 flight.state.metrics.encode_end = now
                 try:
@@ -313,7 +314,7 @@ class EPDEngine:
             "mode": self.mode,
             "stages_alive": {h.name: h.process.is_alive() for h in self.stages.values()},
             "requests_in_flight": len(self.flights),
-            "encoder_images_in_flight": [h.load for h in self.of_kind("encode")],
+            "encoder_images_in_flight": [h.load for h in self.of_kind("encode")],  # items (NeXT: tiles)
             "broken": self.broken,
             # per stage: pid, device and what it holds (from its start), then its latest report
             # (queues, blocks used, graphs)
@@ -321,24 +322,25 @@ class EPDEngine:
         }
 
     def _dispatch_encode(self, flight: _Flight) -> None:
-        """Split the request's images not yet encoded or being encoded over the least-loaded live
-        encoders (one part each); in pd mode (or without images) go straight to prefill."""
+        """Split the request's items (images, or LLaVA-NeXT bases and tiles) not yet encoded or
+        being encoded over the least-loaded live encoders (one part each); in pd mode (or without
+        images) go straight to prefill."""
         if not flight.images or self.mode == "pd":
             self._dispatch_prefill(flight, time.perf_counter())
             return
-        in_flight = {i for _, images in flight.parts.values() for i in images}
-        pending = [i for i in range(len(flight.images)) if i not in flight.refs and i not in in_flight]
+        in_flight = {i for _, items in flight.parts.values() for i in items}
+        pending = [i for i in range(len(flight.items)) if i not in flight.refs and i not in in_flight]
         encoders = self.of_kind("encode")
         assignment = self.router.encoders_for(pending, [h.routing_load() for h in encoders])
         if assignment is None:
             raise StageError("no encoder process is alive")
         flight.state.metrics.encode_start = flight.state.metrics.encode_start or time.perf_counter()
-        for encoder, images in assignment.items():
-            encoders[encoder].load += len(images)
+        for encoder, items in assignment.items():
+            encoders[encoder].load += len(items)
             part = flight.next_part
             flight.next_part += 1
-            flight.parts[part] = (encoder, images)
-            encoders[encoder].send(EncodeTask(flight.seq.seq_id, part, [flight.images[i] for i in images]))
+            flight.parts[part] = (encoder, items)
+            encoders[encoder].send(flight.encode_task(part, items))
 
     def _dispatch_prefill(self, flight: _Flight, now: float) -> None:
         seq = flight.seq
@@ -350,10 +352,11 @@ class EPDEngine:
         prefill = prefills[flight.prefill]
         prefill.load += 1
         if self.mode == "pd":
-            task = PrefillTask(seq.seq_id, seq.prompt_ids, [], seq.sampling, seq.seed, images=flight.images)
+            task = PrefillTask(seq.seq_id, seq.prompt_ids, [], seq.sampling, seq.seed, images=flight.images,
+                               image_sizes=seq.image_sizes)
         else:
-            refs = [flight.refs[i] for i in range(len(flight.images))]
-            task = PrefillTask(seq.seq_id, seq.prompt_ids, refs, seq.sampling, seq.seed)
+            refs = [flight.refs[i] for i in range(len(flight.items))]  # the items in prompt order
+            task = PrefillTask(seq.seq_id, seq.prompt_ids, refs, seq.sampling, seq.seed, image_sizes=seq.image_sizes)
             flight.refs.clear()  # the task owns the embeddings now: prefill frees them, even on failure
         prefill.send(task)
 
@@ -434,9 +437,10 @@ class EPDEngine:
 
     # ------------------------------------------------------------------ tokenize, graph capture (RPC verbs)
 
-    def tokenize(self, prompt: str, num_images: int = 0, raw_prompt: bool = False) -> tuple[str, list[int]]:
+    def tokenize(self, prompt: str, num_images: int = 0, raw_prompt: bool = False,
+                 image_sizes: list[tuple[int, int]] | None = None) -> tuple[str, list[int]]:
         """(text after the chat template, token ids) as add_request builds them for this prompt."""
-        return self.input_processor.tokenize(prompt, num_images, raw_prompt)
+        return self.input_processor.tokenize(prompt, num_images, raw_prompt, image_sizes)
 
     def capture_start(self) -> dict:
         raise RequestError(self._capture_in_stages())
@@ -454,12 +458,22 @@ class EPDEngine:
 
 class _Flight:
     """A request in flight: its sequence (the orchestrator's record of its tokens), its output
-    state, image sources, encoder parts and MM references."""
+    state, image sources, encoder parts and MM references. Items are numbered over the request:
+    image 0's items, then image 1's, ..."""
 
-    def __init__(self, seq: Sequence, state: RequestState, images: list) -> None:
+    def __init__(self, seq: Sequence, state: RequestState, images: list, items_per_image: list[int]) -> None:
         self.seq, self.state, self.images = seq, state, images
-        self.parts: dict[int, tuple[int, list[int]]] = {}  # part id -> (encoder, image indices being encoded)
+        self.items = [(image, k) for image, n in enumerate(items_per_image) for k in range(n)]  # (image, its item)
+        self.parts: dict[int, tuple[int, list[int]]] = {}  # part id -> (encoder, items being encoded)
         self.next_part = 0
-        self.refs: dict[int, tuple[int, int]] = {}  # image index -> (encoder, MM block), until prefill takes them
+        self.refs: dict[int, tuple[int, int]] = {}  # item -> (encoder, MM block), until prefill takes them
         self.prefill: int | None = None  # the instances it was routed to (prefill: until Prefilled)
         self.decode: int | None = None
+
+    def encode_task(self, part: int, items: list[int]) -> EncodeTask:
+        """The task for `items` of this request: the images they come from, once each."""
+        used = sorted({self.items[i][0] for i in items})
+        where = {image: k for k, image in enumerate(used)}
+        return EncodeTask(self.seq.seq_id, part, [self.images[i] for i in used],
+                          items=[(where[self.items[i][0]], self.items[i][1]) for i in items],
+                          image_sizes=[self.seq.image_sizes[i] for i in used])

@@ -140,24 +140,46 @@ def load_image(src: Any, index: int = 0, composite_alpha: bool | None = None) ->
         raise ImageError(f"image {index}: cannot convert mode {image.mode} to RGB ({e})") from e
 
 
-def check_image(src: Any, index: int = 0) -> None:
+def check_image(src: Any, index: int = 0) -> tuple[int, int]:
     """What can be checked without decoding pixels: the source type, that it can be read, that
     its header names an image format PIL knows, and the pixel limit. For a caller (the EPD
     orchestrator) that hands the image to another process to decode: a full decode costs it tens
     of ms per image on the thread that serves every request; data that is corrupt past the
-    header then fails its request in the encoder."""
+    header then fails its request in the encoder.
+
+    Returns the image's (height, width) as load_image will give it (EXIF orientation applied,
+    read from the EXIF block found with the header), which LLaVA-NeXT's token count needs."""
     if isinstance(src, Image.Image):
         _check_pixels(src, index)
-    elif isinstance(src, (bytes, bytearray, memoryview)):
-        _decode(bytes(src), f"{len(src)} bytes", index, header_only=True)
+        return _oriented_hw(src, src.getexif().get(_ORIENTATION, 1))
+    if isinstance(src, (bytes, bytearray, memoryview)):
+        image = _decode(bytes(src), f"{len(src)} bytes", index, header_only=True)
     elif isinstance(src, str) and src.startswith("data:"):
-        _from_data_url(src, index, header_only=True)
+        image = _from_data_url(src, index, header_only=True)
     elif isinstance(src, (str, Path)):
         head, shown = _read_file(src, index, 1 << 16)  # enough for every header PIL identifies
-        _decode(head, shown, index, header_only=True)
+        image = _decode(head, shown, index, header_only=True)
     else:
         raise ImageError(f"image {index}: unsupported type {type(src).__name__}; "
                          "expected a path, bytes, a PIL image or a data: URL")
+    orientation = 1
+    if image.info.get("exif"):  # getexif() could decode the whole image (PNG): read the header's block
+        exif = Image.Exif()
+        try:
+            exif.load(image.info["exif"])
+            orientation = exif.get(_ORIENTATION, 1)
+        except Exception:  # a broken EXIF block: exif_transpose ignores it too
+            orientation = 1
+    return _oriented_hw(image, orientation)
+
+
+_ORIENTATION = 0x0112  # the EXIF orientation tag
+
+
+def _oriented_hw(image: Image.Image, orientation: int) -> tuple[int, int]:
+    """(height, width) after ImageOps.exif_transpose: orientations 5-8 swap the sides."""
+    w, h = image.size
+    return (w, h) if orientation in (5, 6, 7, 8) else (h, w)
 
 
 @dataclass(frozen=True)
@@ -195,16 +217,14 @@ class ImageProcessorConfig:
             raise ImageError("image processor: image_mean and image_std need 3 values (RGB)")
 
     @classmethod
-    def from_model_dir(cls, model_dir: str | Path, image_size: int) -> ImageProcessorConfig:
-        """Read `preprocessor_config.json` (HF key names) if present, else CLIP defaults."""
+    def from_model_dir(cls, model_dir: str | Path, image_size: int, anyres: bool = False) -> ImageProcessorConfig:
+        """Read `preprocessor_config.json` (HF key names) if present, else CLIP defaults.
+        anyres: the LLaVA-NeXT processor's, whose do_pad only pads a batch's tile counts."""
         path = Path(model_dir) / "preprocessor_config.json"
         if not path.exists():
             return cls(image_size=image_size)
-        try:
-            raw = json.loads(path.read_text())
-        except (OSError, ValueError) as e:
-            raise ImageError(f"{path}: cannot read JSON ({e})") from e
-        if raw.get("do_pad"):
+        raw = read_preprocessor_json(path)
+        if raw.get("do_pad") and not anyres:
             raise ImageError(f"{path}: do_pad=true is not supported (CLIP resize + crop only)")
         size = raw.get("size", image_size)
         if isinstance(size, int):
@@ -235,6 +255,13 @@ class ImageProcessorConfig:
             image_std=_per_channel(raw.get("image_std", OPENAI_CLIP_STD)),
             do_convert_rgb=bool(raw.get("do_convert_rgb", True)),
         )
+
+
+def read_preprocessor_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ImageError(f"{path}: cannot read JSON ({e})") from e
 
 
 def _per_channel(value: float | list[float]) -> tuple[float, ...]:
@@ -276,8 +303,16 @@ class ImageProcessor:
 
     def preprocess_one(self, src: Any, index: int = 0) -> np.ndarray:
         """One image (anything `load_image` accepts) -> `[3, image_size, image_size]` float32."""
+        return self.pixels(self.load(src, index))
+
+    def load(self, src: Any, index: int = 0) -> Image.Image:
+        """The decoded RGB image, converted as this processor's transformers release does."""
+        return load_image(src, index, self.composite_alpha)
+
+    def pixels(self, image: Image.Image) -> np.ndarray:
+        """A decoded RGB image -> `[3, image_size, image_size]` float32 (resize, crop, rescale,
+        normalize)."""
         cfg = self.cfg
-        image = load_image(src, index, self.composite_alpha)
         if cfg.do_resize:
             edge = cfg.shortest_edge or cfg.image_size
             h, w = cfg.resize_hw or _shortest_edge_hw(image.height, image.width, edge)
@@ -299,3 +334,12 @@ class ImageProcessor:
         if not out:
             return torch.empty(0, 3, self.cfg.image_size, self.cfg.image_size)
         return torch.from_numpy(np.stack(out))
+
+    def preprocess_items(self, images: list[Any]) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+        """The tower's inputs for `images` and each image's (height, width): here one item per
+        image (engine/images_anyres.py has the LLaVA-NeXT processor with the same method)."""
+        loaded = [self.load(src, i) for i, src in enumerate(images)]
+        out = [self.pixels(image) for image in loaded]
+        size = self.cfg.image_size
+        pixels = torch.from_numpy(np.stack(out)) if out else torch.empty(0, 3, size, size)
+        return pixels, [(image.height, image.width) for image in loaded]

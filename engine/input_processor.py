@@ -7,8 +7,11 @@ from __future__ import annotations
 import random
 from typing import Any
 
+import torch
+
 from engine.config import EngineConfig, ModelConfig
-from engine.images import ImageProcessor, ImageProcessorConfig, check_image
+from engine.images import check_image
+from engine.images_anyres import checked_sizes, image_processor_for
 from engine.request import Request, Sequence
 from engine.sampling import RequestError, SamplingParams
 from engine.schedulers import blocks_for
@@ -24,10 +27,7 @@ class InputProcessor:
         self.config, self.cfg = config, cfg
         self.kv_blocks, self.mm_blocks = kv_blocks, mm_blocks
         self.tokenizer = Tokenizer(config.model, cfg)
-        vision = cfg.vision
-        self.image_processor = (
-            ImageProcessor(ImageProcessorConfig.from_model_dir(config.model, vision.image_size)) if vision else None
-        )
+        self.image_processor = image_processor_for(config.model, cfg) if cfg.vision else None
         self._rng = random.Random(config.seed)
         self._next_id = 0
 
@@ -35,8 +35,10 @@ class InputProcessor:
         self, request: Request | str, sampling: SamplingParams | None = None, preprocess: bool = True
     ) -> tuple[Sequence, list[Any]]:
         """Validate and tokenize one request. Returns the sequence and its images: with
-        `preprocess`, seq.pixel_values holds them ready for the tower; otherwise only their headers
-        are checked (engine.images.check_image), and the caller ships the sources elsewhere."""
+        `preprocess`, seq.pixel_values holds their items ready for the tower; otherwise only their
+        headers are checked (engine.images.check_image), and the caller ships the sources
+        elsewhere. Either way seq.image_sizes holds each image's (height, width) from its header,
+        from which its token count and row layout follow."""
         if not isinstance(request, (Request, str)):
             raise RequestError(f"request must be a Request or a prompt string, got {type(request).__name__}")
         req = Request(prompt=request) if isinstance(request, str) else request
@@ -47,15 +49,19 @@ class InputProcessor:
         images = list(req.images or [])
         if images and self.image_processor is None:
             raise RequestError(f"{self.cfg.architecture} takes no images; got {len(images)}")
+        sizes = [check_image(image, i) for i, image in enumerate(images)]  # (height, width) from the headers
         text = self.tokenizer.build_prompt(req.prompt, len(images), raw=req.raw_prompt)
-        ids = self.tokenizer.encode(text, len(images))
+        ids = self.tokenizer.encode(text, sizes)
         vocab, config = self.cfg.text.vocab_size, self.config
         if any(t >= vocab for t in sp.stop_token_ids):
             raise RequestError(f"sampling.stop_token_ids {sp.stop_token_ids}: ids must be < vocab size {vocab}")
         total = len(ids) + sp.max_tokens
         if total > config.max_model_len:
-            raise RequestError(f"prompt has {len(ids)} tokens and max_tokens is {sp.max_tokens}: {total} > the "
-                               f"context length {config.max_model_len}")
+            layouts = [self.cfg.image_layout(h, w) for h, w in sizes]
+            of_images = (f" ({sum(x.num_tokens for x in layouts)} of them for {len(sizes)} image(s))"
+                         if sizes else "")
+            raise RequestError(f"prompt has {len(ids)} tokens{of_images} and max_tokens is {sp.max_tokens}: "
+                               f"{total} > the context length {config.max_model_len}")
         # n samples share the prompt's full blocks; each needs the rest (its copy of the last
         # partial prompt block, then its answer)
         shared = len(ids) // config.block_size
@@ -67,15 +73,13 @@ class InputProcessor:
         if sp.n > config.max_num_seqs:
             raise RequestError(f"sampling.n = {sp.n}; each sample is a decode row and max_num_seqs is "
                                f"{config.max_num_seqs}")
-        if len(images) > self.mm_blocks:
-            raise RequestError(f"request has {len(images)} images; at most {self.mm_blocks} fit the MM arena "
+        items = sum(self.cfg.image_layout(h, w).num_items for h, w in sizes)
+        if items > self.mm_blocks:
+            what = f"{len(images)} images" + (f" of {items} vision-tower items (bases + tiles)" if self.cfg.is_anyres
+                                              else "")
+            raise RequestError(f"request has {what}; at most {self.mm_blocks} fit the MM arena "
                                "(raise max_images_per_batch)")
-        if preprocess:
-            pixels = self.image_processor.preprocess(images) if images else None
-        else:
-            for i, image in enumerate(images):  # headers only: the encoder decodes
-                check_image(image, i)
-            pixels = None
+        pixels = self.preprocess(images, sizes) if preprocess and images else None
         stops = set(sp.stop_token_ids) | (set() if sp.ignore_eos else set(self.tokenizer.eos_token_ids))
         seq = Sequence(
             seq_id=self._next_id,
@@ -84,17 +88,29 @@ class InputProcessor:
             seed=sp.seed if sp.seed is not None else self._rng.getrandbits(63),
             stop_token_ids=frozenset(stops),
             pixel_values=pixels,
+            image_sizes=sizes,
         )
         self._next_id += 1
         return seq, images
 
-    def tokenize(self, prompt: str, num_images: int = 0, raw_prompt: bool = False) -> tuple[str, list[int]]:
+    def preprocess(self, images: list[Any], sizes: list[tuple[int, int]]) -> torch.Tensor:
+        """The tower's inputs (items) for a sequence's images, decoded and checked against the
+        sizes its tokens were counted for (seq.image_sizes). Thread-safe: the image workers run it."""
+        pixels, decoded = self.image_processor.preprocess_items(images)
+        checked_sizes(decoded, sizes, self.cfg)  # the token counts were made for the headers' sizes
+        return pixels
+
+    def tokenize(self, prompt: str, num_images: int = 0, raw_prompt: bool = False,
+                 image_sizes: list[tuple[int, int]] | None = None) -> tuple[str, list[int]]:
         """The text after the chat template and its token ids, exactly as make_sequence builds
-        them for a request with this prompt and num_images images (each image's tokens expanded)."""
+        them for a request with this prompt and num_images images (each image's tokens expanded;
+        LLaVA-NeXT needs each image's (height, width) in image_sizes)."""
         req = Request(prompt=prompt, raw_prompt=raw_prompt)  # validates the prompt as generate does
         if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 0:
             raise RequestError(f"images = {num_images!r}; must be a count >= 0")
         if num_images and self.image_processor is None:
             raise RequestError(f"{self.cfg.architecture} takes no images; got {num_images}")
+        if image_sizes is not None and len(image_sizes) != num_images:
+            raise RequestError(f"image_sizes has {len(image_sizes)} entries for {num_images} image(s)")
         text = self.tokenizer.build_prompt(req.prompt, num_images, raw=req.raw_prompt)
-        return text, self.tokenizer.encode(text, num_images)
+        return text, self.tokenizer.encode(text, num_images if image_sizes is None else list(image_sizes))

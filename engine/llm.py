@@ -121,7 +121,7 @@ class LLM:
         seq, images = self.input_processor.make_sequence(request, sampling, preprocess=False)
         self.output_processor.add(seq.seq_id, seq.prompt_ids, seq.sampling, arrival)
         if images:
-            job = self._image_pool.submit(_timed, self.image_processor.preprocess, images)
+            job = self._image_pool.submit(_timed, self.input_processor.preprocess, images, seq.image_sizes)
             self._preprocessing[seq.seq_id] = (seq, job)
         else:
             self.engine.add(seq)
@@ -219,8 +219,8 @@ class LLM:
         arrival = time.perf_counter()
         made = [self.input_processor.make_sequence(r, sampling, preprocess=False) for r in reqs]
         # every request's images decoded (in parallel) before any is queued: a bad one raises here
-        jobs = [self._image_pool.submit(_timed, self.image_processor.preprocess, images) if images else None
-                for _, images in made]
+        jobs = [self._image_pool.submit(_timed, self.input_processor.preprocess, images, seq.image_sizes)
+                if images else None for seq, images in made]
         try:
             timed = [job.result() if job else None for job in jobs]
         finally:
@@ -262,9 +262,10 @@ class LLM:
 
     # ------------------------------------------------------------------ tokenize, graph capture (RPC verbs)
 
-    def tokenize(self, prompt: str, num_images: int = 0, raw_prompt: bool = False) -> tuple[str, list[int]]:
+    def tokenize(self, prompt: str, num_images: int = 0, raw_prompt: bool = False,
+                 image_sizes: list[tuple[int, int]] | None = None) -> tuple[str, list[int]]:
         """(text after the chat template, token ids) as generate builds them for this prompt."""
-        return self.input_processor.tokenize(prompt, num_images, raw_prompt)
+        return self.input_processor.tokenize(prompt, num_images, raw_prompt, image_sizes)
 
     def capture_start(self) -> dict:
         """Start capturing the decode buckets not captured yet, in the background (serving

@@ -2,7 +2,8 @@
 
 Handles a single file or shards (`model.safetensors.index.json`), both LLaVA key layouts
 found in the wild (`language_model.model.*` / `vision_tower.vision_model.*` and
-`model.language_model.*` / `model.vision_tower.*`), fuses Q/K/V and gate/up, and casts to
+`model.language_model.*` / `model.vision_tower.*`; LLaVA-NeXT's `image_newline` /
+`model.image_newline` with them), fuses Q/K/V and gate/up, and casts to
 the requested dtype. Missing, unexpected or misshapen tensors raise `LoadError` listing them.
 """
 
@@ -67,6 +68,7 @@ _RULES: list[_Rule] = [
      lambda m: None),
     (r"vision\.encoder\.layers\.(\d+)\.mlp\.(fc1|fc2)\.(weight|bias)", "vision.layers.{1}.{2}_{3}", lambda m: None),
     (r"projector\.(linear_1|linear_2)\.(weight|bias)", "vision.{1}_{2}", lambda m: None),
+    (r"(?:lm\.)?image_newline", "image_newline", lambda m: None),  # LLaVA-NeXT: model.image_newline or image_newline
 ]
 _COMPILED = [(re.compile(p), t, s) for p, t, s in _RULES]
 # Present in real checkpoints, unused by the served model.
@@ -138,7 +140,7 @@ def load_model(
     unexpected: list[str] = []
     bar = _Progress(sum(f.stat().st_size for f in files), progress)
     vision_layers = cfg.vision_layers_used if cfg.vision else 0
-    skipped: tuple[str, ...] = () if parts == "all" else ("lm.",) if parts == "vision" else ("vision.",)
+    skipped: tuple[str, ...] = () if parts == "all" else ("lm.", "image_newline") if parts == "vision" else ("vision.",)
     for path in files:
         try:
             handle = safe_open(str(path), framework="pt", device="cpu")

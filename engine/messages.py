@@ -64,8 +64,12 @@ class Ready:
 @dataclass
 class EncodeTask:
     req_id: int
-    part: int  # which slice of the request's images
+    part: int  # which slice of the request's items
     images: list[Any]  # sources as the user gave them (paths, bytes, PIL images, data URLs)
+    # the items to encode, in order: (index into images, item of that image: 0 = the whole image
+    # or a NeXT base, 1.. = tiles); empty: every item of every image
+    items: list[tuple[int, int]] = field(default_factory=list)
+    image_sizes: list[tuple[int, int]] = field(default_factory=list)  # (height, width) the orchestrator counted
 
 
 @dataclass
@@ -73,7 +77,7 @@ class Encoded:
     req_id: int
     part: int
     encoder: int
-    blocks: list[int]  # one MM block per image, in order
+    blocks: list[int]  # one MM block per item of the task, in order
 
 
 @dataclass
@@ -86,10 +90,11 @@ class FreeMM:
 class PrefillTask:
     req_id: int
     prompt_ids: list[int]
-    mm_refs: list[tuple[int, int]]  # epd: (encoder, block) per image, in prompt order
+    mm_refs: list[tuple[int, int]]  # epd: (encoder, block) per item, images in prompt order, items in order
     sampling: SamplingParams
     seed: int
     images: list[Any] = field(default_factory=list)  # pd: image sources, encoded by prefill itself
+    image_sizes: list[tuple[int, int]] = field(default_factory=list)  # (height, width) per image: the row layouts
 
 
 @dataclass
@@ -145,4 +150,4 @@ class Failed:
     req_id: int
     stage: str
     error: str
-    images: int = 0  # encoder: the images of the part it did not encode (its load drops by these)
+    images: int = 0  # encoder: the items of the part it did not encode (its load drops by these)

@@ -71,11 +71,13 @@ class Sequence:
     sampling: SamplingParams
     seed: int
     stop_token_ids: frozenset[int]
-    pixel_values: torch.Tensor | None = None  # [num_images, 3, S, S]
+    pixel_values: torch.Tensor | None = None  # [num_items, 3, S, S]: the tower's inputs, image after image
+    # (height, width) of each image in prompt order: its items and row layout (ModelConfig.image_layout)
+    image_sizes: list[tuple[int, int]] = field(default_factory=list)
     output_ids: list[int] = field(default_factory=list)
     block_table: list[int] = field(default_factory=list)  # KV blocks
-    mm_blocks: list[int] = field(default_factory=list)  # MM-arena blocks, one per image, until prefill
-    # EPD prefill: (encoder, block) per image, read in place in the encoders' arenas on this device
+    mm_blocks: list[int] = field(default_factory=list)  # MM-arena blocks, one per item, until prefill
+    # EPD prefill: (encoder, block) per item, read in place in the encoders' arenas on this device
     mm_peer_blocks: list[tuple[int, int]] = field(default_factory=list)
     num_cached: int = 0  # tokens whose K/V are in the arena
     status: Status = Status.WAITING
@@ -96,6 +98,11 @@ class Sequence:
 
     @property
     def num_images(self) -> int:
+        return len(self.image_sizes)
+
+    @property
+    def num_items(self) -> int:
+        """Vision-tower inputs waiting to be encoded (a LLaVA-1.5 image is one, a NeXT image 1 + tiles)."""
         return 0 if self.pixel_values is None else self.pixel_values.shape[0]
 
     def slot(self, pos: int, block_size: int) -> int:
@@ -125,6 +132,7 @@ class Sequence:
         its own seed and (empty) block table."""
         return Sequence(seq_id=self.seq_id, prompt_ids=self.prompt_ids, sampling=self.sampling, seed=seed,
                         stop_token_ids=self.stop_token_ids, pixel_values=self.pixel_values,
+                        image_sizes=self.image_sizes,
                         num_cached=self.num_cached, status=self.status, sample_index=index, parent=self)
 
     def append_tokens(self, tokens: list[int]) -> list[int]:

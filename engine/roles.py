@@ -32,7 +32,7 @@ import torch
 from engine.aggregated import AggregatedEngine
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig, ModelConfig
-from engine.images import ImageProcessor, ImageProcessorConfig
+from engine.images_anyres import all_items, checked_sizes, image_processor_for, select_items
 from engine.messages import (
     Abort,
     DecodeTask,
@@ -160,7 +160,7 @@ class EncodeRole(_Role):
             self.runner.capture_graphs()
         self.graphs = sorted(self.runner.vision_graphs.graphs) if self.runner.vision_graphs else []
         self.blocks = BlockManager(self.runner.num_mm_blocks)
-        self.image_processor = ImageProcessor(ImageProcessorConfig.from_model_dir(config.model, cfg.vision.image_size))
+        self.image_processor = image_processor_for(config.model, cfg)
         self.pending: deque[EncodeTask] = deque()
         send(Loaded(self.name, kv_owner=False))
         send(Exported(self.name, self.arena.handle))
@@ -169,30 +169,32 @@ class EncodeRole(_Role):
 
     @property
     def busy(self) -> bool:  # FCFS: the first task waits for MM blocks to be freed
-        return bool(self.pending) and self.blocks.can_allocate(len(self.pending[0].images))
+        return bool(self.pending) and self.blocks.can_allocate(len(self.pending[0].items))
 
     def handle(self, msg: object) -> None:
         if isinstance(msg, FreeMM):
             self.blocks.free(msg.blocks)
         elif isinstance(msg, EncodeTask):
+            if not msg.items:  # every item of every image (LLaVA-1.5: one per image)
+                msg.items = all_items(self.cfg, msg.image_sizes or [(None, None)] * len(msg.images))
             if self.draining:
-                self.refuse(msg.req_id, len(msg.images))
+                self.refuse(msg.req_id, len(msg.items))
             else:
                 self.pending.append(msg)
 
     def step(self) -> None:
         while self.busy:
             task = self.pending.popleft()
-            blocks = self.blocks.allocate(len(task.images))
+            blocks = self.blocks.allocate(len(task.items))
             try:
-                pixels = self.image_processor.preprocess(task.images)
+                pixels = select_items(self.image_processor, self.cfg, task.images, task.items, task.image_sizes)
                 seq = Sequence(seq_id=task.req_id, prompt_ids=[], sampling=SamplingParams(), seed=0,
                                stop_token_ids=frozenset(), pixel_values=pixels, mm_blocks=blocks)
                 self.runner.encode([seq])
                 self.send(Encoded(task.req_id, task.part, self.spec.index, blocks))
             except Exception as e:  # a bad image fails its request, not the stage
                 self.blocks.free(blocks)
-                self.send(Failed(task.req_id, self.name, str(e), images=len(task.images)))
+                self.send(Failed(task.req_id, self.name, str(e), images=len(task.items)))
 
     def stats(self) -> dict:
         return {"waiting": len(self.pending), "mm_blocks": _blocks(self.blocks), "vision_graphs": self.graphs}
@@ -213,8 +215,7 @@ class PrefillRole(_Role):
         # own MM blocks: images encoded here (pd), or copied from an encoder on another device
         self.mm_arena = torch.empty(mm_arena_shape(config, cfg), dtype=self.dtype, device=self.device)
         self.mm_blocks = BlockManager(self.mm_arena.shape[0])
-        self.image_processor = (ImageProcessor(ImageProcessorConfig.from_model_dir(config.model, cfg.vision.image_size))
-                                if spec.encodes else None)
+        self.image_processor = image_processor_for(config.model, cfg) if spec.encodes else None
         self.arena: SharedArena | None = None
         self.runner: ModelRunner | None = None
         self.peers: list[SharedArena] = []
@@ -237,7 +238,7 @@ class PrefillRole(_Role):
                 return
             self.tasks[msg.req_id] = msg
             self.sched.add(Sequence(seq_id=msg.req_id, prompt_ids=msg.prompt_ids, sampling=msg.sampling,
-                                    seed=msg.seed, stop_token_ids=frozenset()))
+                                    seed=msg.seed, stop_token_ids=frozenset(), image_sizes=list(msg.image_sizes)))
             self.stalled = False
 
     def _size(self, msg: SizeKV) -> None:
@@ -309,7 +310,7 @@ class PrefillRole(_Role):
         read them in place in the encoders' arenas on this device, or copy them into own MM
         blocks from an encoder on another device. Encoder blocks copied (or failed) are freed
         here; those read in place after the prefill. Returns the bytes copied."""
-        count = len(task.mm_refs) or len(task.images)
+        count = len(task.mm_refs) or sum(self.cfg.image_layout(h, w).num_items for h, w in task.image_sizes)
         if not count:
             return 0
         if task.mm_refs and all(self.in_place[e] for e, _ in task.mm_refs):
@@ -318,10 +319,11 @@ class PrefillRole(_Role):
         try:
             blocks = self.mm_blocks.allocate(count)
             if blocks is None:
-                raise RuntimeError(f"prefill MM staging arena is full ({count} images)")
+                raise RuntimeError(f"prefill MM staging arena is full ({count} items)")
             seq.mm_blocks = blocks
             if task.images:
-                seq.pixel_values = self.image_processor.preprocess(task.images)
+                seq.pixel_values, sizes = self.image_processor.preprocess_items(task.images)
+                checked_sizes(sizes, task.image_sizes, self.cfg)
                 self.runner.encode([seq])
                 seq.pixel_values = None
                 return 0

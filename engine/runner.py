@@ -11,6 +11,7 @@ from functools import partial
 import torch
 
 from engine.config import MAX_MULTI_STEP, ConfigError, EngineConfig, ModelConfig
+from engine.image_layout import NEWLINE
 from engine.loader import load_model
 from engine.logprobs import LogprobBatch, append_records, logprob_rows, token_logprobs
 from engine.models.llama import AttentionMetadata
@@ -23,6 +24,7 @@ from graphs.vision_graphs import VisionGraphs
 from kernels import get_backend
 
 log = logging.getLogger(__name__)
+NEWLINE_REF = (-1, -1)  # _image_rows: the token reads the model's image_newline vector
 
 
 @dataclass
@@ -53,11 +55,12 @@ def decode_batch(seqs: list[Sequence], penalty_slots: list[int]) -> DecodeBatch:
 
 class ModelRunner:
     """Runs the model's steps over arenas it is given: the KV arena [blocks, layers, 2,
-    block_size, kv_heads, head_dim] and the MM arena [blocks, tokens_per_image, hidden] (one
-    image per block). Who allocates them decides where they live: `build_runner` allocates
-    plain tensors for the in-process engine; an EPD stage role allocates shared arenas, or maps
-    another stage's (engine/roles.py). Block ids index the whole KV arena; which of its blocks
-    are whose is the block managers' business, not the runner's."""
+    block_size, kv_heads, head_dim] and the MM arena [blocks, tokens_per_item, hidden] (one
+    item per block: a CLIP image, or a LLaVA-NeXT image's base or one of its tiles). Who
+    allocates them decides where they live: `build_runner` allocates plain tensors for the
+    in-process engine; an EPD stage role allocates shared arenas, or maps another stage's
+    (engine/roles.py). Block ids index the whole KV arena; which of its blocks are whose is the
+    block managers' business, not the runner's."""
 
     def __init__(self, config: EngineConfig, cfg: ModelConfig, model: MultimodalModel, kv_arena: torch.Tensor,
                  mm_arena: torch.Tensor, mm_peers: list[torch.Tensor | None] | None = None) -> None:
@@ -130,7 +133,7 @@ class ModelRunner:
 
     @torch.inference_mode()
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """[N, 3, S, S] -> [N, tokens_per_image, hidden]; a graph replay when one fits (the
+        """[N, 3, S, S] -> [N, tokens_per_item, hidden]; a graph replay when one fits (the
         result may then be a view of a static buffer: consume it before the next call)."""
         pixel_values = pixel_values.to(self.device, self.dtype)
         if self.vision_graphs is not None:
@@ -141,7 +144,7 @@ class ModelRunner:
 
     @torch.inference_mode()
     def encode(self, seqs: list[Sequence]) -> None:
-        """Encode every image of `seqs` in one batch into their MM-arena blocks."""
+        """Encode every item of `seqs` in one batch into their MM-arena blocks (one per item)."""
         pixels = torch.cat([s.pixel_values for s in seqs])
         blocks = self._tensor([b for s in seqs for b in s.mm_blocks], torch.int64)
         self.mm_arena[blocks] = self.encode_images(pixels)
@@ -161,6 +164,7 @@ class ModelRunner:
         per sequence from its last position. Updates num_cached."""
         ids, positions, slots, cu, image_index = [], [], [], [0], []
         peer_rows: dict[int, tuple[list[int], list[int]]] = {}  # peer -> (packed positions, rows in its arena)
+        newline_at: list[int] = []  # packed positions that read image_newline (LLaVA-NeXT)
         has_images = False
         for seq in seqs:
             start = seq.num_cached
@@ -168,6 +172,9 @@ class ModelRunner:
             if (seq.mm_blocks or seq.mm_peer_blocks) and start < len(seq.prompt_ids):
                 for offset, ref in enumerate(self._image_rows(seq, start)):
                     source, row = ref if ref is not None else (0, -1)
+                    if ref is NEWLINE_REF:
+                        newline_at.append(len(ids) + offset)
+                        source = row = -1
                     image_index.append(row if source == 0 else -1)
                     has_images |= source == 0 and row >= 0
                     if source > 0:
@@ -199,6 +206,7 @@ class ModelRunner:
             image_rows_from=[(self._tensor(at, torch.int64), self._tensor(rows, torch.int64),
                               self.mm_peers[peer].view(-1, self.mm_peers[peer].shape[-1]))
                              for peer, (at, rows) in peer_rows.items()],
+            newline_at=self._tensor(newline_at, torch.int64) if newline_at else None,
         )
         last = self._tensor([c - 1 for c in cu[1:]], torch.int64)
         logits = self.model.compute_logits(self.ops, hidden if all_logits else hidden[last])
@@ -244,21 +252,40 @@ class ModelRunner:
         self.penalties.release(seq)
 
     def _image_rows(self, seq: Sequence, start: int) -> list[tuple[int, int] | None]:
-        """Per token from `start` on: (source, row) of its embedding, None for text. Source 0 is
-        this runner's MM arena (seq.mm_blocks); source e + 1 is mm_peers[e] (seq.mm_peer_blocks,
-        an encoder's arena read in place). Rows index the flattened [blocks x tokens_per_image]."""
-        per_image = self.cfg.image_tokens_per_image
+        """Per token from `start` on: (source, row) of its embedding, NEWLINE_REF for the model's
+        image_newline, None for text. Source 0 is this runner's MM arena (seq.mm_blocks); source
+        e + 1 is mm_peers[e] (seq.mm_peer_blocks, an encoder's arena read in place). Blocks are
+        the images' items in order; each image's layout (ModelConfig.image_layout, from its size)
+        says which item and row each of its tokens reads. Rows index the flattened
+        [blocks x tokens_per_item]."""
+        per_item = self.cfg.tokens_per_item
         refs = [(e + 1, b) for e, b in seq.mm_peer_blocks] or [(0, b) for b in seq.mm_blocks]
+        sizes = seq.image_sizes or [(None, None)] * len(refs)  # sizes matter only to anyres layouts
+        image_refs: list[tuple[int, int]] = []  # one per image token of the prompt, in order
+        first = 0  # the image's first item among refs
+        for h, w in sizes:
+            layout = self.cfg.image_layout(h, w)
+            if first + layout.num_items > len(refs):
+                raise ValueError(f"sequence {seq.seq_id}: its images need more than the {len(refs)} MM blocks it has")
+            for r in layout.rows:
+                if r == NEWLINE:
+                    image_refs.append(NEWLINE_REF)
+                else:
+                    source, block = refs[first + r // per_item]
+                    image_refs.append((source, block * per_item + r % per_item))
+            first += layout.num_items
         rows: list[tuple[int, int] | None] = []
         k = 0
         for p, t in enumerate(seq.prompt_ids[: seq.num_tokens]):
             if t == self.cfg.image_token_id:
                 if p >= start:
-                    source, block = refs[k // per_image]
-                    rows.append((source, block * per_image + k % per_image))
+                    rows.append(image_refs[k])
                 k += 1
             elif p >= start:
                 rows.append(None)
+        if k != len(image_refs):
+            raise ValueError(f"sequence {seq.seq_id}: {k} image tokens in the prompt, its images' layouts have "
+                             f"{len(image_refs)}")
         return rows + [None] * (seq.num_tokens - max(start, len(seq.prompt_ids)))
 
     def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
@@ -321,9 +348,9 @@ def kv_block_bytes(config: EngineConfig, cfg: ModelConfig) -> int:
 
 
 def mm_arena_shape(config: EngineConfig, cfg: ModelConfig, num_blocks: int | None = None) -> tuple[int, ...]:
-    """The MM arena: [blocks (config.num_mm_blocks by default), tokens_per_image, hidden]."""
+    """The MM arena: [blocks (config.num_mm_blocks by default), tokens_per_item, hidden]."""
     blocks = config.num_mm_blocks(cfg) if num_blocks is None else num_blocks
-    return (blocks, cfg.image_tokens_per_image if cfg.is_multimodal else 0, cfg.text.hidden_size)
+    return (blocks, cfg.tokens_per_item if cfg.is_multimodal else 0, cfg.text.hidden_size)
 
 
 def kv_blocks_from_memory(config: EngineConfig, cfg: ModelConfig, model: MultimodalModel, mm_arena: torch.Tensor,

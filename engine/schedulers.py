@@ -1,6 +1,7 @@
 """One scheduler per stage kind. Each owns a FCFS queue and the blocks it hands out.
 
-- EncodeScheduler: batches requests' images up to an image-token budget; MM blocks per image.
+- EncodeScheduler: batches requests' images up to an item budget; MM blocks per item (a
+  vision-tower input: a LLaVA-1.5 image, or a LLaVA-NeXT image's base or one of its tiles).
 - PrefillScheduler: packs whole prompts (varlen) up to a token budget; KV blocks per prompt.
 - DecodeScheduler: continuous batching; when KV blocks run out, preempts the newest
   sequence, whose blocks are freed and which is recomputed later (nothing is lost).
@@ -21,7 +22,8 @@ def blocks_for(num_tokens: int, block_size: int) -> int:
 
 
 class EncodeScheduler:
-    """Sequences waiting for their images to be encoded into MM blocks (one block per image)."""
+    """Sequences waiting for their images to be encoded into MM blocks (one block per item).
+    max_images_per_batch counts items."""
 
     def __init__(self, mm_blocks: BlockManager, max_images_per_batch: int) -> None:
         self.blocks = mm_blocks
@@ -32,13 +34,13 @@ class EncodeScheduler:
         self.waiting.append(seq)
 
     def schedule(self) -> list[Sequence]:
-        """Whole requests, FCFS, while their images fit the batch and the MM arena.
-        A request with more images than the batch limit goes alone."""
+        """Whole requests, FCFS, while their items fit the batch and the MM arena.
+        A request with more items than the batch limit goes alone."""
         batch: list[Sequence] = []
         images = 0
         while self.waiting:
             seq = self.waiting[0]
-            n = seq.num_images
+            n = seq.num_items
             if batch and images + n > self.max_images:
                 break
             blocks = self.blocks.allocate(n)

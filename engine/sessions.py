@@ -55,8 +55,8 @@ class KVSessions:
         engine, runner = self.llm.engine, self.llm.runner
         self._reserve(seq, seq.num_tokens)
         try:
-            if seq.num_images:
-                seq.mm_blocks = engine.mm_blocks.allocate(seq.num_images)
+            if seq.num_items:
+                seq.mm_blocks = engine.mm_blocks.allocate(seq.num_items)
                 if seq.mm_blocks is None:
                     raise RequestError("MM arena full; retry when running requests have been prefilled")
                 runner.encode([seq])

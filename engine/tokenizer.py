@@ -76,8 +76,11 @@ class Tokenizer:
         except Exception as e:  # jinja's TemplateError (e.g. "roles must alternate") and the like
             raise RequestError(f"messages: the checkpoint's chat template cannot render them: {e}") from e
 
-    def encode(self, text: str, num_images: int) -> list[int]:
-        """Token ids with a single BOS and each image token expanded to the tower's token count."""
+    def encode(self, text: str, images: int | list[tuple[int, int]]) -> list[int]:
+        """Token ids with a single BOS and each image token expanded to the image's token count.
+        images: each image's (height, width), or only their number where the count does not
+        depend on the size (LLaVA-1.5; LLaVA-NeXT needs the sizes)."""
+        num_images = images if isinstance(images, int) else len(images)
         ids = self.hf.encode(text, add_special_tokens=True)
         if self.bos_id is not None and ids[:2] == [self.bos_id, self.bos_id]:
             ids = ids[1:]  # the template already wrote BOS
@@ -90,10 +93,14 @@ class Tokenizer:
             )
         if not found:
             return ids
-        per_image = self.cfg.image_tokens_per_image
+        sizes = [(None, None)] * num_images if isinstance(images, int) else images
+        if isinstance(images, int) and self.cfg.is_anyres:
+            raise RequestError(f"{self.cfg.architecture}: an image's token count depends on its size; "
+                               "give each image's (height, width)")
+        counts = iter([self.cfg.image_layout(h, w).num_tokens for h, w in sizes])
         out: list[int] = []
         for t in ids:
-            out.extend([t] * per_image if t == image_id else [t])
+            out.extend([t] * next(counts) if t == image_id else [t])
         return out
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:

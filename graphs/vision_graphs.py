@@ -1,6 +1,7 @@
-"""Vision tower + projector under CUDA graphs, one graph per image-batch bucket.
+"""Vision tower + projector under CUDA graphs, one graph per item-batch bucket.
 
-Every image has the same number of tokens, so a bucket fixes every shape. Images are copied
+An item is one tower input (a CLIP image, or a LLaVA-NeXT base or tile: tiles are independent
+batch rows); every item has the same number of tokens, so a bucket fixes every shape. Images are copied
 into a static pixel buffer; padded rows hold stale pixels whose embeddings are never read.
 """
 

@@ -78,7 +78,8 @@ def build_parser(model_help: str = "HF checkpoint directory (required)") -> argp
     p.add_argument("--max-num-seqs", type=int, default=64, help="sequences decoded together at most")
     p.add_argument("--kv-cache-tokens", type=int,
                    help="KV arena capacity in tokens, per stage in epd (default: from GPU memory; CPU: 4 x context)")
-    p.add_argument("--max-images-per-batch", type=int, default=8, help="images encoded together at most")
+    p.add_argument("--max-images-per-batch", type=int, default=8,
+                   help="vision-tower items encoded together at most (a LLaVA-1.5 image is 1, a NeXT image 1 + tiles)")
     p.add_argument("--seed", type=int, default=0, help="engine seed for requests without one")
     p.add_argument("--allowed-local-media-path",
                    help="directory whose image files requests may name by path (default: none: paths are refused)")

@@ -24,7 +24,8 @@ from engine.request import Sequence  # noqa: E402
 def parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--model", help="checkpoint dir (default: the tiny LLaVA, made on first use)")
-    p.add_argument("--kind", choices=["llava", "llama"], default="llava", help="tiny model when --model is absent")
+    p.add_argument("--kind", choices=["llava", "llava-next", "llama"], default="llava",
+                   help="tiny model when --model is absent")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--device", default="cpu")
     p.add_argument("--backend", default="torch")
@@ -36,26 +37,29 @@ def parser(description: str) -> argparse.ArgumentParser:
 def resolve_model(args: argparse.Namespace) -> Path:
     if args.model:
         return Path(args.model)
-    from scripts.make_tiny_model import ensure_tiny_llama, ensure_tiny_llava
+    from scripts.make_tiny_model import ensure_tiny_llama, ensure_tiny_llava, ensure_tiny_llava_next
 
-    return ensure_tiny_llava() if args.kind == "llava" else ensure_tiny_llama()
+    return {"llava": ensure_tiny_llava, "llava-next": ensure_tiny_llava_next, "llama": ensure_tiny_llama}[args.kind]()
 
 
 def load_hf(model_dir: Path, dtype: torch.dtype, device: str) -> torch.nn.Module:
     """The HF reference model (the only place a HF forward runs)."""
     import json
 
-    from transformers import LlamaForCausalLM, LlavaForConditionalGeneration, MistralForCausalLM
+    import transformers as hf
 
     arch = json.loads((model_dir / "config.json").read_text())["architectures"][0]
-    cls = {"LlavaForConditionalGeneration": LlavaForConditionalGeneration, "LlamaForCausalLM": LlamaForCausalLM,
-           "MistralForCausalLM": MistralForCausalLM}[arch]
+    cls = {"LlavaForConditionalGeneration": hf.LlavaForConditionalGeneration,
+           "LlavaNextForConditionalGeneration": hf.LlavaNextForConditionalGeneration,
+           "LlamaForCausalLM": hf.LlamaForCausalLM, "MistralForCausalLM": hf.MistralForCausalLM}[arch]
     return cls.from_pretrained(str(model_dir), dtype=dtype).to(device).eval()
 
 
 def make_llm(args: argparse.Namespace, model_dir: Path, **kw) -> LLM:
-    """Our engine with a modest KV arena, so the HF reference models fit beside it on a GPU."""
+    """Our engine with a modest KV arena, so the HF reference models fit beside it on a GPU, and
+    an MM arena for every item of the test requests at once (LLaVA-NeXT: up to 5 per image)."""
     kw.setdefault("kv_cache_tokens", 16384)
+    kw.setdefault("max_images_per_batch", 16)
     return LLM(model_dir, backend=args.backend, dtype=parse_dtype(args.dtype), device=args.device, **kw)
 
 
@@ -98,14 +102,25 @@ def test_requests(llm: LLM, seed: int) -> list[Request]:
 class Prepared:
     seq: Sequence
     input_ids: torch.Tensor  # [1, L]
-    pixel_values: torch.Tensor | None  # [N, 3, S, S] fp32
+    pixel_values: torch.Tensor | None  # [N items, 3, S, S] fp32 (LLaVA-NeXT: each image's base and tiles)
+    image_sizes: torch.Tensor | None = None  # [images, 2] (height, width): LLaVA-NeXT's
+
+    def hf_image_kwargs(self, device: str, dtype: torch.dtype | None = None) -> dict:
+        """The images as HF's forward takes them (a 4-D item stack + image_sizes for NeXT)."""
+        if self.pixel_values is None:
+            return {}
+        kw = {"pixel_values": self.pixel_values.to(device=device, dtype=dtype)}
+        if self.image_sizes is not None:
+            kw["image_sizes"] = self.image_sizes.to(device)
+        return kw
 
 
 def prepare(llm: LLM, requests: list[Request], max_tokens: int) -> list[Prepared]:
     out = []
     for r in requests:
         seq = llm.make_sequence(r, SamplingParams(max_tokens=max_tokens, ignore_eos=True))
-        out.append(Prepared(seq, torch.tensor([seq.prompt_ids]), seq.pixel_values))
+        sizes = torch.tensor(seq.image_sizes) if llm.cfg.is_anyres and seq.image_sizes else None
+        out.append(Prepared(seq, torch.tensor([seq.prompt_ids]), seq.pixel_values, sizes))
     return out
 
 
@@ -119,10 +134,10 @@ class TeacherForcing:
             need = -(-(len(s.prompt_ids) + s.sampling.max_tokens) // bs)
             s.block_table = engine.kv_blocks.allocate(need)
             assert s.block_table is not None, "KV cache too small for the parity batch"
-            if s.num_images:
-                s.mm_blocks = engine.mm_blocks.allocate(s.num_images)
+            if s.num_items:
+                s.mm_blocks = engine.mm_blocks.allocate(s.num_items)
                 assert s.mm_blocks is not None, "MM arena too small for the parity batch"
-        with_images = [s for s in seqs if s.num_images]
+        with_images = [s for s in seqs if s.num_items]
         if with_images:
             llm.runner.encode(with_images)
 
@@ -142,11 +157,8 @@ class TeacherForcing:
 
 
 def hf_logits(hf: torch.nn.Module, p: Prepared, device: str, dtype: torch.dtype) -> torch.Tensor:
-    kw = {}
-    if p.pixel_values is not None:
-        kw["pixel_values"] = p.pixel_values.to(device=device, dtype=dtype)
     with torch.inference_mode():
-        return hf(input_ids=p.input_ids.to(device), **kw).logits[0].float()
+        return hf(input_ids=p.input_ids.to(device), **p.hf_image_kwargs(device, dtype)).logits[0].float()
 
 
 def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:

@@ -31,7 +31,7 @@ PEER_MARGIN = 0.005  # 0.5 points of top-1 agreement below HF's own at the same 
 
 
 def hf_generate(hf: torch.nn.Module, p, steps: int, device: str) -> tuple[list[int], torch.Tensor]:
-    kw = {"pixel_values": p.pixel_values.to(device)} if p.pixel_values is not None else {}
+    kw = p.hf_image_kwargs(device)
     with torch.inference_mode():
         out = hf.generate(
             input_ids=p.input_ids.to(device), attention_mask=torch.ones_like(p.input_ids).to(device), **kw,
@@ -45,7 +45,7 @@ def hf_generate(hf: torch.nn.Module, p, steps: int, device: str) -> tuple[list[i
 def hf_forced(hf: torch.nn.Module, p, tokens: list[int], device: str, dtype: torch.dtype) -> torch.Tensor:
     """Logits at the decode positions from one full forward over prompt + tokens."""
     ids = torch.cat([p.input_ids, torch.tensor([tokens])], dim=1).to(device)
-    kw = {"pixel_values": p.pixel_values.to(device=device, dtype=dtype)} if p.pixel_values is not None else {}
+    kw = p.hf_image_kwargs(device, dtype)
     with torch.inference_mode():
         logits = hf(input_ids=ids, **kw).logits[0].float().cpu()
     n = p.input_ids.shape[1]

@@ -1,4 +1,4 @@
-"""Make tiny, deterministic HF-format checkpoints (LLaVA and Llama) locally, no network.
+"""Make tiny, deterministic HF-format checkpoints (LLaVA, LLaVA-NeXT and Llama) locally, no network.
 
 Weights are random but not flat (clear top-1 logits), the tokenizer is a byte-level
 BPE trained on the spot on the corpus below. Used by CPU tests and parity scripts.
@@ -214,6 +214,33 @@ def _save(model: torch.nn.Module, out: Path, dtype: torch.dtype, sharded: bool) 
     model.to(dtype).save_pretrained(str(out), safe_serialization=True, max_shard_size=shard)
 
 
+def _tiny_vision_text(tok: Any, vision_sizes: dict | None, text_sizes: dict | None) -> tuple[Any, Any]:
+    import transformers as hf
+
+    vision = hf.CLIPVisionConfig(**{
+        "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 3, "num_attention_heads": 4,
+        "image_size": 84, "patch_size": 14, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5, **(vision_sizes or {}),
+    })
+    text = hf.LlamaConfig(**{
+        "vocab_size": len(tok), "hidden_size": 128, "intermediate_size": 352, "num_hidden_layers": 3,
+        "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 1024,
+        "rms_norm_eps": 1e-5, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+        "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id,
+        **(text_sizes or {}),
+    })
+    return vision, text
+
+
+def _clip_preprocessor(tile: int) -> dict:
+    return {
+        "image_processor_type": "CLIPImageProcessor", "processor_class": "LlavaProcessor",
+        "do_resize": True, "size": {"shortest_edge": tile}, "resample": 3,
+        "do_center_crop": True, "crop_size": {"height": tile, "width": tile},
+        "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+        "image_mean": CLIP_MEAN, "image_std": CLIP_STD, "do_convert_rgb": True,
+    }
+
+
 def make_tiny_llava(
     out_dir: str | Path,
     seed: int = 0,
@@ -231,17 +258,7 @@ def make_tiny_llava(
     if key_layout not in KEY_LAYOUTS:
         raise ValueError(f"key_layout={key_layout!r}; expected one of {sorted(KEY_LAYOUTS)}")
     out, tok = _start_dir(out_dir, LLAVA_CHAT_TEMPLATE)
-    vision = hf.CLIPVisionConfig(**{
-        "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 3, "num_attention_heads": 4,
-        "image_size": 84, "patch_size": 14, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5, **(vision_sizes or {}),
-    })
-    text = hf.LlamaConfig(**{
-        "vocab_size": len(tok), "hidden_size": 128, "intermediate_size": 352, "num_hidden_layers": 3,
-        "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 1024,
-        "rms_norm_eps": 1e-5, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
-        "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id,
-        **(text_sizes or {}),
-    })
+    vision, text = _tiny_vision_text(tok, vision_sizes, text_sizes)
     config = hf.LlavaConfig(
         vision_config=vision, text_config=text, image_token_index=tok.convert_tokens_to_ids(IMAGE),
         projector_hidden_act="gelu", vision_feature_layer=-2,
@@ -252,14 +269,60 @@ def make_tiny_llava(
     _init_non_flat(model, seed, embed_std=1.0, head_gain=3.0, residual_gain=1.0)
     _save(model, out, dtype, sharded)
     _rewrite_keys(out, KEY_LAYOUTS[key_layout])
-    preprocessor = {
-        "image_processor_type": "CLIPImageProcessor", "processor_class": "LlavaProcessor",
-        "do_resize": True, "size": {"shortest_edge": 84}, "resample": 3,
-        "do_center_crop": True, "crop_size": {"height": 84, "width": 84},
-        "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
-        "image_mean": CLIP_MEAN, "image_std": CLIP_STD, "do_convert_rgb": True,
-    }
+    (out / "preprocessor_config.json").write_text(json.dumps(_clip_preprocessor(vision.image_size), indent=2) + "\n")
+    return out
+
+
+# LLaVA-NeXT tile grids (height, width) for the tiny tower's 84 x 84 tiles: 1x2, 2x1, 2x2, 1x3, 3x1
+TINY_PINPOINTS = [[84, 168], [168, 84], [168, 168], [252, 84], [84, 252]]
+# The llava-hf hub layout of LLaVA-NeXT (e.g. llava-hf/llava-v1.6-vicuna-7b-hf): legacy + image_newline.
+NEXT_KEY_LAYOUTS: dict[str, dict[str, str]] = {
+    **KEY_LAYOUTS,
+    "model_prefixed": {**KEY_LAYOUTS["model_prefixed"], "image_newline": "model.image_newline"},
+    "legacy": {**KEY_LAYOUTS["legacy"], "image_newline": "image_newline"},
+}
+
+
+def make_tiny_llava_next(
+    out_dir: str | Path,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    sharded: bool = False,
+    key_layout: str = "hf",
+    vision_sizes: dict | None = None,
+    text_sizes: dict | None = None,
+    pinpoints: list[list[int]] | None = None,
+) -> Path:
+    """Write a tiny LLaVA-NeXT checkpoint (anyres tiles of the tiny CLIP tower, image_newline,
+    MLP projector, Llama) to out_dir; the tokenizer and chat template are tiny LLaVA's.
+    pinpoints: the (height, width) tile grids, multiples of the tower's image_size (84 unless
+    vision_sizes says otherwise; then give pinpoints that fit it)."""
+    import transformers as hf
+
+    if key_layout not in NEXT_KEY_LAYOUTS:
+        raise ValueError(f"key_layout={key_layout!r}; expected one of {sorted(NEXT_KEY_LAYOUTS)}")
+    out, tok = _start_dir(out_dir, LLAVA_CHAT_TEMPLATE)
+    vision, text = _tiny_vision_text(tok, vision_sizes, text_sizes)
+    pinpoints = pinpoints or TINY_PINPOINTS
+    config = hf.LlavaNextConfig(
+        vision_config=vision, text_config=text, image_token_index=tok.convert_tokens_to_ids(IMAGE),
+        projector_hidden_act="gelu", vision_feature_layer=-2, vision_feature_select_strategy="default",
+        image_grid_pinpoints=pinpoints, image_seq_length=IMAGE_SEQ_LENGTH,
+    )
+    torch.manual_seed(seed)
+    model = hf.LlavaNextForConditionalGeneration(config).eval()
+    _init_non_flat(model, seed, embed_std=1.0, head_gain=3.0, residual_gain=1.0)
+    with torch.no_grad():  # as large as a token embedding (std 1): the newline rows matter to the logits
+        model.model.image_newline.copy_(torch.randn(text.hidden_size, generator=torch.Generator().manual_seed(seed)))
+    _save(model, out, dtype, sharded)
+    _rewrite_keys(out, NEXT_KEY_LAYOUTS[key_layout])
+    tile = vision.image_size
+    preprocessor = {**_clip_preprocessor(tile), "image_processor_type": "LlavaNextImageProcessor",
+                    "processor_class": "LlavaNextProcessor", "do_pad": True, "image_grid_pinpoints": pinpoints}
     (out / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2) + "\n")
+    processor = {"processor_class": "LlavaNextProcessor", "patch_size": vision.patch_size,
+                 "vision_feature_select_strategy": "default", "num_additional_image_tokens": 1}
+    (out / "processor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
     return out
 
 
@@ -296,6 +359,11 @@ def _cache_root() -> Path:
 def default_tiny_llava_dir() -> Path:
     """Cache directory of the default tiny LLaVA checkpoint."""
     return _cache_root() / "tiny-llava"
+
+
+def default_tiny_llava_next_dir() -> Path:
+    """Cache directory of the default tiny LLaVA-NeXT checkpoint."""
+    return _cache_root() / "tiny-llava-next"
 
 
 def default_tiny_llama_dir() -> Path:
@@ -335,6 +403,11 @@ def ensure_tiny_llava() -> Path:
     return _ensure(default_tiny_llava_dir(), make_tiny_llava)
 
 
+def ensure_tiny_llava_next() -> Path:
+    """Return the cached tiny LLaVA-NeXT checkpoint, making it on first use."""
+    return _ensure(default_tiny_llava_next_dir(), make_tiny_llava_next)
+
+
 def ensure_tiny_llama() -> Path:
     """Return the cached tiny Llama checkpoint, making it on first use."""
     return _ensure(default_tiny_llama_dir(), make_tiny_llama)
@@ -347,22 +420,24 @@ def main(argv: list[str] | None = None) -> int:
     from engine.cli import ArgumentParser
 
     parser = ArgumentParser(description=__doc__)
-    parser.add_argument("--kind", choices=["llava", "llama"], required=True, help="which tiny model")
+    parser.add_argument("--kind", choices=["llava", "llava-next", "llama"], required=True, help="which tiny model")
     parser.add_argument("--out", type=Path, required=True, help="output checkpoint dir")
     parser.add_argument("--seed", type=int, default=0, help="weight seed")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="weight dtype on disk")
     parser.add_argument("--sharded", action="store_true", help="write several safetensors shards and an index")
     parser.add_argument("--key-layout", choices=sorted(KEY_LAYOUTS), default="hf",
-                        help="LLaVA weight names: hf as transformers saves them; the others as found in the wild")
+                        help="LLaVA(-NeXT) weight names: hf as transformers saves them; others as found in the wild")
     args = parser.parse_args(argv)
     dtype = DTYPES[args.dtype]
     if args.kind == "llava":
         out = make_tiny_llava(
             args.out, args.seed, dtype, sharded=args.sharded, key_layout=args.key_layout
         )
+    elif args.kind == "llava-next":
+        out = make_tiny_llava_next(args.out, args.seed, dtype, sharded=args.sharded, key_layout=args.key_layout)
     else:
         if args.key_layout != "hf":
-            parser.error("--key-layout applies to --kind llava only")
+            parser.error("--key-layout applies to --kind llava and llava-next only")
         out = make_tiny_llama(args.out, args.seed, dtype, sharded=args.sharded)
     print(out)
     return 0

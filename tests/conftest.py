@@ -11,12 +11,17 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from scripts.make_tiny_model import make_tiny_llama, make_tiny_llava  # noqa: E402
+from scripts.make_tiny_model import make_tiny_llama, make_tiny_llava, make_tiny_llava_next  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def tiny_llava(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_llava(tmp_path_factory.mktemp("models") / "tiny-llava")
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_next(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_llava_next(tmp_path_factory.mktemp("models") / "tiny-llava-next")
 
 
 @pytest.fixture(scope="session")

@@ -24,7 +24,7 @@ def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def test_llava_config(tiny_llava: Path) -> None:
     cfg = ModelConfig.from_dir(tiny_llava)
     assert cfg.is_multimodal and cfg.architecture == "LlavaForConditionalGeneration"
-    assert cfg.image_tokens_per_image == 36
+    assert cfg.tokens_per_item == 36
     assert cfg.vision_layers_used == cfg.vision.num_layers - 1  # feature layer -2
 
 

@@ -1,4 +1,4 @@
-"""The parity scripts against HF transformers, fp32 on the CPU, for both tiny models."""
+"""The parity scripts against HF transformers, fp32 on the CPU, for the tiny models."""
 
 from __future__ import annotations
 
@@ -12,11 +12,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("script", ["logits", "decode", "greedy", "vision"])
-@pytest.mark.parametrize("kind", ["llava", "llama"])
-def test_parity_script(script: str, kind: str, tiny_llava: Path, tiny_llama: Path) -> None:
+@pytest.mark.parametrize("kind", ["llava", "llava-next", "llama"])
+def test_parity_script(script: str, kind: str, request: pytest.FixtureRequest) -> None:
     if script == "vision" and kind == "llama":
         pytest.skip("text-only model has no vision tower")
-    model = tiny_llava if kind == "llava" else tiny_llama
+    fixture = {"llava": "tiny_llava", "llava-next": "tiny_llava_next", "llama": "tiny_llama"}[kind]
+    model = request.getfixturevalue(fixture)
     proc = subprocess.run(
         [sys.executable, str(ROOT / "parity" / f"{script}.py"), "--model", str(model), "--steps", "32"],
         capture_output=True, text=True, timeout=600,

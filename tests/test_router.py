@@ -12,7 +12,7 @@ import random
 
 import pytest
 
-from engine.router import InstanceLoad, Router, least_loaded, split_images
+from engine.router import InstanceLoad, Router, least_loaded, split_items
 
 ROUNDS = 300  # snapshots per property: well under a second
 
@@ -40,7 +40,7 @@ def test_split_gives_every_pending_image_to_exactly_one_live_encoder() -> None:
     for _ in range(ROUNDS):
         encoders = _snapshot(rng)
         images = sorted(rng.sample(range(12), rng.randint(0, 8)))
-        split = split_images(images, encoders)
+        split = split_items(images, encoders)
         live = {e.index for e in encoders if e.alive}
         if images and not live:
             assert split is None
@@ -60,7 +60,7 @@ def test_split_evens_out_the_loads() -> None:
     for _ in range(ROUNDS):
         encoders = [e for e in _snapshot(rng) if e.alive] or [InstanceLoad(0, 0)]
         images = list(range(rng.randint(1, 10)))
-        split = split_images(images, encoders)
+        split = split_items(images, encoders)
         after = {e.index: e.load + len(split.get(e.index, [])) for e in encoders}
         low = min(after.values())
         for e in encoders:
@@ -71,18 +71,18 @@ def test_split_evens_out_the_loads() -> None:
 
 def test_ties_go_to_the_lowest_index_and_keys_follow_first_pick() -> None:
     idle = [InstanceLoad(i, 0) for i in range(3)]
-    assert split_images([0, 1, 2, 3, 4], idle) == {0: [0, 3], 1: [1, 4], 2: [2]}
-    assert list(split_images([0, 1], [InstanceLoad(0, 2), InstanceLoad(1, 1), InstanceLoad(2, 0)])) == [2, 1]
+    assert split_items([0, 1, 2, 3, 4], idle) == {0: [0, 3], 1: [1, 4], 2: [2]}
+    assert list(split_items([0, 1], [InstanceLoad(0, 2), InstanceLoad(1, 1), InstanceLoad(2, 0)])) == [2, 1]
     assert least_loaded([InstanceLoad(0, 1), InstanceLoad(1, 0), InstanceLoad(2, 0)]) == 1
 
 
 def test_dead_instances_get_nothing_even_when_idle() -> None:
     encoders = [InstanceLoad(0, 0, alive=False), InstanceLoad(1, 9)]
-    assert split_images([0, 1, 2], encoders) == {1: [0, 1, 2]}
+    assert split_items([0, 1, 2], encoders) == {1: [0, 1, 2]}
     assert least_loaded([InstanceLoad(0, 0, alive=False), InstanceLoad(1, 5)]) == 1
     assert least_loaded([InstanceLoad(0, 0, alive=False)]) is None
-    assert split_images([0], [InstanceLoad(0, 0, alive=False)]) is None
-    assert split_images([], [InstanceLoad(0, 0, alive=False)]) == {}  # nothing to place: no error
+    assert split_items([0], [InstanceLoad(0, 0, alive=False)]) is None
+    assert split_items([], [InstanceLoad(0, 0, alive=False)]) == {}  # nothing to place: no error
 
 
 @pytest.mark.parametrize("requests", [1, 7, 20])

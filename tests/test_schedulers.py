@@ -27,7 +27,7 @@ class FakeRunner:
 
     def encode(self, seqs: list[Sequence]) -> None:
         for s in seqs:
-            assert len(s.mm_blocks) == s.num_images
+            assert len(s.mm_blocks) == s.num_items
             self.encoded.add(s.seq_id)
 
     @staticmethod
@@ -48,7 +48,7 @@ class FakeRunner:
     def prefill(self, seqs: list[Sequence]) -> StepOutput:
         self._check_blocks(seqs, [s.num_tokens for s in seqs])
         for s in seqs:
-            assert s.num_images == 0 or s.seq_id in self.encoded, "prefill before encode"
+            assert s.num_items == 0 or s.seq_id in self.encoded, "prefill before encode"
             self.prefill_order.append(s.seq_id)
             s.num_cached = s.num_tokens
         return StepOutput([self._token(s, s.num_tokens) for s in seqs], torch.zeros(len(seqs), 1))
@@ -115,7 +115,7 @@ def test_random_requests_all_finish_without_leaks(num_kv_blocks: int, block_size
     # FCFS: first prefills happen in arrival order within each path (text-only / with images).
     first = list(dict.fromkeys(runner.prefill_order))
     for has_images in (False, True):
-        order = [i for i in first if (seqs[i].num_images > 0) == has_images]
+        order = [i for i in first if (seqs[i].num_items > 0) == has_images]
         assert order == sorted(order)
 
 
