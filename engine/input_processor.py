@@ -9,6 +9,7 @@ from typing import Any
 
 from engine.config import EngineConfig, ModelConfig
 from engine.images import ImageProcessor, ImageProcessorConfig, check_image
+from engine.mm_cache import PixelCache, image_key, preprocess_images
 from engine.request import Request, Sequence
 from engine.sampling import RequestError, SamplingParams
 from engine.schedulers import blocks_for
@@ -28,6 +29,7 @@ class InputProcessor:
         self.image_processor = (
             ImageProcessor(ImageProcessorConfig.from_model_dir(config.model, vision.image_size)) if vision else None
         )
+        self.pixel_cache = PixelCache(config.pixel_cache_bytes) if config.pixel_cache_bytes else None
         self._rng = random.Random(config.seed)
         self._next_id = 0
 
@@ -70,12 +72,13 @@ class InputProcessor:
         if len(images) > self.mm_blocks:
             raise RequestError(f"request has {len(images)} images; at most {self.mm_blocks} fit the MM arena "
                                "(raise max_images_per_batch)")
-        if preprocess:
-            pixels = self.image_processor.preprocess(images) if images else None
-        else:
+        if not preprocess:
             for i, image in enumerate(images):  # headers only: the encoder decodes
                 check_image(image, i)
-            pixels = None
+        keys = [image_key(image, i) for i, image in enumerate(images)] if config.mm_cache else []
+        pixels = None
+        if preprocess and images:
+            pixels = preprocess_images(self.image_processor, images, keys, self.pixel_cache)
         stops = set(sp.stop_token_ids) | (set() if sp.ignore_eos else set(self.tokenizer.eos_token_ids))
         seq = Sequence(
             seq_id=self._next_id,
@@ -84,6 +87,7 @@ class InputProcessor:
             seed=sp.seed if sp.seed is not None else self._rng.getrandbits(63),
             stop_token_ids=frozenset(stops),
             pixel_values=pixels,
+            mm_keys=keys,
         )
         self._next_id += 1
         return seq, images

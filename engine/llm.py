@@ -28,7 +28,8 @@ class LLM:
     `LLM(model_dir, **settings)`: the settings are EngineConfig's fields (engine/config.py:
     backend, dtype, device, max_model_len, block_size, kv_cache_tokens, max_num_seqs,
     max_num_batched_tokens, max_images_per_batch, gpu_memory_utilization, cuda_graphs,
-    background_capture, multi_step, seed, progress, torch_threads); or pass an EngineConfig.
+    background_capture, multi_step, seed, progress, torch_threads, mm_cache, mm_pixel_cache_mb); or
+    pass an EngineConfig.
     """
 
     def __init__(self, model: str | Path | EngineConfig, **settings: Any) -> None:
@@ -149,7 +150,16 @@ class LLM:
             "kv_blocks_total": self.runner.num_kv_blocks,
             "decode_graphs_captured": sorted(self.runner.decode_graphs.graphs) if self.runner.decode_graphs else [],
             "preemptions": engine.num_preemptions,
+            "mm_cache": self.mm_cache_stats(),
         }
+
+    def mm_cache_stats(self) -> dict:
+        """The image caches (engine/mm_cache.py): embeddings (hits, misses, evictions, blocks
+        idle / in use / free) and pixels; {} for a model without a vision tower."""
+        if self.engine.encode is None:
+            return {}
+        pixels = self.input_processor.pixel_cache
+        return {**self.engine.encode.cache.stats(), **(pixels.stats() if pixels else {})}
 
     def abort(self, seq: Sequence) -> RequestOutput | None:
         """Drop a request (every one of its samples) wherever it is; its blocks return to the

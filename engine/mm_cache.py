@@ -61,8 +61,15 @@ def image_key(src: Any, index: int = 0) -> str:
 
 def items_per_image(seq: Any) -> list[int]:
     """Vision-tower inputs (= MM blocks) of each of a sequence's images, in order: one per CLIP
-    image. Its pixel_values hold them back to back."""
+    image. Its pixel_values rows and its mm_blocks hold them back to back."""
     return [1] * seq.num_images
+
+
+def image_items(seq: Any, image: int) -> range:
+    """The rows of seq.pixel_values (= the positions in seq.mm_blocks) of one of its images."""
+    counts = items_per_image(seq)
+    start = sum(counts[:image])
+    return range(start, start + counts[image])
 
 
 class EncoderCache:

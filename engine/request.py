@@ -72,6 +72,7 @@ class Sequence:
     seed: int
     stop_token_ids: frozenset[int]
     pixel_values: torch.Tensor | None = None  # [num_images, 3, S, S]
+    mm_keys: list[str] = field(default_factory=list)  # content key per image (engine/mm_cache.py); [] without
     output_ids: list[int] = field(default_factory=list)
     block_table: list[int] = field(default_factory=list)  # KV blocks
     mm_blocks: list[int] = field(default_factory=list)  # MM-arena blocks, one per image, until prefill
@@ -124,7 +125,7 @@ class Sequence:
         """Sample `index` of this (prefilled, not yet sampled) sequence: same prompt and images,
         its own seed and (empty) block table."""
         return Sequence(seq_id=self.seq_id, prompt_ids=self.prompt_ids, sampling=self.sampling, seed=seed,
-                        stop_token_ids=self.stop_token_ids, pixel_values=self.pixel_values,
+                        stop_token_ids=self.stop_token_ids, pixel_values=self.pixel_values, mm_keys=self.mm_keys,
                         num_cached=self.num_cached, status=self.status, sample_index=index, parent=self)
 
     def append_tokens(self, tokens: list[int]) -> list[int]:

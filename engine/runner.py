@@ -13,6 +13,7 @@ import torch
 from engine.config import MAX_MULTI_STEP, ConfigError, EngineConfig, ModelConfig
 from engine.loader import load_model
 from engine.logprobs import LogprobBatch, append_records, logprob_rows, token_logprobs
+from engine.mm_cache import image_items
 from engine.models.llama import AttentionMetadata
 from engine.models.llava import MultimodalModel
 from engine.penalties import PenaltyState
@@ -140,11 +141,19 @@ class ModelRunner:
         return self.model.encode_images(self.ops, pixel_values)
 
     @torch.inference_mode()
-    def encode(self, seqs: list[Sequence]) -> None:
-        """Encode every image of `seqs` in one batch into their MM-arena blocks."""
-        pixels = torch.cat([s.pixel_values for s in seqs])
-        blocks = self._tensor([b for s in seqs for b in s.mm_blocks], torch.int64)
-        self.mm_arena[blocks] = self.encode_images(pixels)
+    def encode(self, seqs: list[Sequence], images: list[tuple[Sequence, int]] | None = None) -> None:
+        """Encode every image of `seqs` in one batch into their MM-arena blocks; or only
+        `images`, (sequence, image index) pairs (the others' embeddings are cached)."""
+        if images is None:
+            pixels = torch.cat([s.pixel_values for s in seqs])
+            blocks = [b for s in seqs for b in s.mm_blocks]
+        else:
+            if not images:
+                return
+            rows = [(seq, image_items(seq, i)) for seq, i in images]
+            pixels = torch.cat([seq.pixel_values[r] for seq, r in rows])
+            blocks = [seq.mm_blocks[j] for seq, r in rows for j in r]
+        self.mm_arena[self._tensor(blocks, torch.int64)] = self.encode_images(pixels)
 
     # ------------------------------------------------------------------ steps
 

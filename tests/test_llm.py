@@ -154,7 +154,8 @@ def test_stream_closed_early_frees_everything(llava_llm: LLM) -> None:
     engine = llava_llm.engine
     assert not engine.has_work()
     assert engine.kv_blocks.num_free == llava_llm.runner.num_kv_blocks
-    assert engine.mm_blocks.num_free == llava_llm.runner.num_mm_blocks
+    assert engine.encode.cache.stats()["in_use_blocks"] == 0  # what stays is cached images, no request's
+    engine.encode.cache.check()
     assert len(llava_llm.generate("still works", GREEDY)[0].token_ids) == 12
 
 

@@ -18,6 +18,7 @@ from PIL import Image
 from engine.block_manager import BlockManager
 from engine.images import ImageError
 from engine.mm_cache import EncoderCache, EncoderHints, PixelCache, image_key
+from engine.sampling import SamplingParams
 
 
 def _png(seed: int, size: tuple[int, int] = (40, 50)) -> bytes:
@@ -174,3 +175,120 @@ def test_encoder_hints_are_bounded() -> None:
     hints.learn(["a"], 1)
     hints.learn(["c"], 0)  # b is the least recently learnt: forgotten
     assert hints.prefer(["a", "b", "c", "z"], [0, 1, 2, 3]) == {0: 1, 2: 0} and len(hints) == 2
+
+
+# ----------------------------------------------------------------------------- the aggregated engine
+
+
+def _counting_encodes(llm) -> list[int]:
+    """Images the LLM's vision tower encodes from now on, one entry (the batch size) per call."""
+    calls: list[int] = []
+    encode_images = llm.runner.encode_images
+
+    def counting(pixels: torch.Tensor) -> torch.Tensor:
+        calls.append(pixels.shape[0])
+        return encode_images(pixels)
+
+    llm.runner.encode_images = counting
+    return calls
+
+
+def _no_leak(llm) -> None:
+    cache = llm.engine.encode.cache
+    cache.check()
+    assert cache.stats()["in_use_blocks"] == 0 and llm.engine.kv_blocks.num_free == llm.runner.num_kv_blocks
+    assert not llm.has_work()
+
+
+SP = SamplingParams(max_tokens=6, ignore_eos=True)
+
+
+def test_a_repeated_image_is_encoded_once_and_outputs_do_not_change(tiny_llava: Path) -> None:
+    from engine import LLM, Request
+
+    a, b = _png(1), _png(2, (60, 30))
+    a_url = "data:image/png;base64," + base64.b64encode(a).decode()
+
+    def requests() -> list[Request]:
+        return [Request("<image> and <image> again", images=[a, a]), Request("What is it?", images=[a]),
+                Request("Compare <image> with <image>", images=[b, a_url]), Request("No image")]
+
+    plain = LLM(tiny_llava, backend="torch", device="cpu", mm_cache=False)
+    plain_calls = _counting_encodes(plain)
+    reference = plain.generate(requests(), SP)
+    assert sum(plain_calls) == 5 and plain.status()["mm_cache"]["hits"] == 0
+    llm = LLM(tiny_llava, backend="torch", device="cpu")
+    calls = _counting_encodes(llm)
+    assert [o.token_ids for o in llm.generate(requests(), SP)] == [o.token_ids for o in reference]
+    assert sum(calls) == 2  # a (twice in one request, in three requests, as bytes and as a data URL) and b
+    s = llm.status()["mm_cache"]
+    assert (s["hits"], s["misses"], s["evictions"], s["images"], s["pixel_hits"], s["pixel_misses"]) == (3, 2, 0, 2,
+                                                                                                         3, 2)
+    # later requests: nothing is encoded or preprocessed again
+    assert [o.token_ids for o in llm.generate(requests(), SP)] == [o.token_ids for o in reference]
+    assert sum(calls) == 2 and llm.status()["mm_cache"]["hits"] == 8
+    _no_leak(llm)
+
+
+def test_eviction_under_pressure_loses_no_request(tiny_llava: Path) -> None:
+    """2 MM blocks (max_images_per_batch 1) for 5 distinct images, and a KV cache small enough
+    that decode preempts: every request finishes with the output of the engine without the cache."""
+    from engine import LLM, Request
+
+    rng = random.Random(3)
+    pool = [_png(10 + i, (30 + 7 * i, 40)) for i in range(5)]
+    picks = [rng.sample(range(5), rng.choice([1, 1, 2])) for _ in range(24)]
+    requests = [Request(" ".join(["<image>"] * len(p)) + " what?", images=[pool[i] for i in p]) for p in picks]
+    sp = SamplingParams(max_tokens=24, ignore_eos=True)
+    settings = dict(backend="torch", device="cpu", max_images_per_batch=1, kv_cache_tokens=12 * 16)
+    reference = LLM(tiny_llava, mm_cache=False, **settings).generate(requests, sp)
+    llm = LLM(tiny_llava, **settings)
+    calls = _counting_encodes(llm)
+    outs = llm.generate(requests, sp)
+    assert [o.token_ids for o in outs] == [o.token_ids for o in reference]
+    assert all(len(o.token_ids) == 24 for o in outs)
+    s = llm.status()
+    assert s["preemptions"] > 0 and s["mm_cache"]["evictions"] > 0 and s["mm_cache"]["hits"] > 0
+    assert sum(calls) == s["mm_cache"]["misses"] < sum(map(len, picks)) + s["preemptions"]
+    _no_leak(llm)
+
+
+def test_a_thousand_requests_with_repeated_images_leak_no_block(tiny_llava: Path) -> None:
+    """Requests of 0-2 images from a pool of 6 (4 MM blocks), arriving in waves, some aborted
+    wherever they are (waiting for encode or prefill, or decoding): every other request ends
+    with all its tokens, the accounting is exact after every step, no block is held at the end,
+    and every image the cache missed was encoded exactly once."""
+    from engine import LLM, Request
+    from engine.request import Status
+
+    rng = random.Random(1)
+    pool = [_png(20 + i, (24 + 4 * i, 30)) for i in range(6)]
+    llm = LLM(tiny_llava, backend="torch", device="cpu", max_images_per_batch=2)
+    calls = _counting_encodes(llm)
+    cache = llm.engine.encode.cache
+    want: dict[int, int] = {}  # seq_id -> max_tokens of the requests not aborted
+    done = 0
+    for _ in range(40):  # waves
+        live = []
+        for _arrival in range(25):
+            images = [pool[rng.randrange(6)] for _ in range(rng.choice([0, 1, 1, 2]))]
+            sp = SamplingParams(max_tokens=rng.randint(1, 4), ignore_eos=True)
+            seq = llm.add_request(Request("<image> " * len(images) + "hi", images=images), sp)
+            want[seq.seq_id] = sp.max_tokens
+            live.append(seq)
+        while llm.has_work():
+            if rng.random() < 0.1:
+                seq = rng.choice(live)
+                if seq.status is not Status.FINISHED:
+                    llm.abort(seq)
+                    del want[seq.seq_id]
+            for ev in llm.step():
+                if ev.output is not None:
+                    assert len(ev.output.token_ids) == want[ev.index]
+                    done += 1
+            cache.check()
+        assert all(s.status is Status.FINISHED for s in live)
+    assert done == len(want) and 900 < done < 1000
+    s = llm.status()["mm_cache"]
+    assert s["hits"] > s["misses"] > 0 and s["evictions"] > 0 and sum(calls) == s["misses"]
+    _no_leak(llm)
