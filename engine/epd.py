@@ -9,7 +9,8 @@ encodes the images itself: the DistServe-style baseline). A placement such as
 Each stage is one StageHandle (engine/stage_handles.py: process, channels, load, liveness, reports,
 arena; spawning and the start-up protocol live there too). The
 orchestrator validates and tokenizes (engine/input_processor.py), splits each request's images across
-the least-loaded encoders (routing: engine/router.py), reassembles the embeddings' block
+the least-loaded encoders (routing: engine/router.py; an image seen before goes to the encoder
+that encoded it, whose cache answers at once: engine/mm_cache.py), reassembles the embeddings' block
 references in prompt order for prefill, hands prefilled KV blocks to decode, and streams tokens
 back with the per-request timestamps. A stage process that dies is detected: an encoder's work
 moves to another encoder; if prefill or decode dies, the requests in flight fail with an error
@@ -58,6 +59,7 @@ from engine.messages import (
     PrefillTask,
     Tokens,
 )
+from engine.mm_cache import EncoderHints, total_stats
 from engine.output_processor import OutputProcessor, RequestState
 from engine.placement import Placement
 from engine.request import Request, RequestOutput, Sequence, TokenEvent, append_step
@@ -74,6 +76,7 @@ log = logging.getLogger(__name__)
 class EPDEngine:
     # An engine that was never started (tests build one with __new__) has no stages.
     stages: Mapping[str, StageHandle] = MappingProxyType({})
+    mm_hints = EncoderHints(0)  # keeps nothing
 
     def __init__(self, model: str | Path | EngineConfig, placement: str | None = None, mode: str = "epd",
                  share_kv_arena: bool = True, start_timeout_s: float = 600.0, **settings: Any) -> None:
@@ -100,6 +103,8 @@ class EPDEngine:
         self.output_processor = OutputProcessor(self.input_processor.tokenizer)
         self.stages: dict[str, StageHandle] = {}  # by name, in start order
         self.router = Router()
+        # where each image was encoded last (its embeddings likely cached there): 4x what the encoders hold
+        self.mm_hints = EncoderHints(4 * len(where.of("encode")) * config.num_mm_blocks(self.cfg))
         self.broken: str | None = None
         self.flights: dict[int, _Flight] = {}  # requests in the stages, by seq_id
         self.late_events: list[TokenEvent] = []  # events found outside step(), returned by the next
@@ -223,6 +228,7 @@ class EPDEngine:
                 return
             for image, block in zip(part[1], msg.blocks):
                 flight.refs[image] = (msg.encoder, block)
+            self.mm_hints.learn(flight.keys(part[1]), msg.encoder)
             if not flight.parts:
                 flight.state.metrics.encode_end = now
                 try:
@@ -312,6 +318,7 @@ class EPDEngine:
             "stages_alive": {h.name: h.process.is_alive() for h in self.stages.values()},
             "requests_in_flight": len(self.flights),
             "encoder_images_in_flight": [h.load for h in self.of_kind("encode")],
+            "mm_cache": {**total_stats({h.name: h.stats for h in self.stages.values()}), "hints": len(self.mm_hints)},
             "broken": self.broken,
             # per stage: pid, device and what it holds (from its start), then its latest report
             # (queues, blocks used, graphs)
@@ -327,7 +334,8 @@ class EPDEngine:
         in_flight = {i for _, images in flight.parts.values() for i in images}
         pending = [i for i in range(len(flight.images)) if i not in flight.refs and i not in in_flight]
         encoders = self.of_kind("encode")
-        assignment = self.router.encoders_for(pending, [h.routing_load() for h in encoders])
+        assignment = self.router.encoders_for(pending, [h.routing_load() for h in encoders], flight.seq.mm_keys,
+                                              self.mm_hints.where)
         if assignment is None:
             raise StageError("no encoder process is alive")
         flight.state.metrics.encode_start = flight.state.metrics.encode_start or time.perf_counter()
@@ -336,7 +344,8 @@ class EPDEngine:
             part = flight.next_part
             flight.next_part += 1
             flight.parts[part] = (encoder, images)
-            encoders[encoder].send(EncodeTask(flight.seq.seq_id, part, [flight.images[i] for i in images]))
+            encoders[encoder].send(EncodeTask(flight.seq.seq_id, part, [flight.images[i] for i in images],
+                                              keys=flight.keys(images)))
 
     def _dispatch_prefill(self, flight: _Flight, now: float) -> None:
         seq = flight.seq
@@ -348,7 +357,8 @@ class EPDEngine:
         prefill = prefills[flight.prefill]
         prefill.load += 1
         if self.mode == "pd":
-            task = PrefillTask(seq.seq_id, seq.prompt_ids, [], seq.sampling, seq.seed, images=flight.images)
+            task = PrefillTask(seq.seq_id, seq.prompt_ids, [], seq.sampling, seq.seed, images=flight.images,
+                               image_keys=seq.mm_keys)
         else:
             refs = [flight.refs[i] for i in range(len(flight.images))]
             task = PrefillTask(seq.seq_id, seq.prompt_ids, refs, seq.sampling, seq.seed)
@@ -461,3 +471,7 @@ class _Flight:
         self.refs: dict[int, tuple[int, int]] = {}  # image index -> (encoder, MM block), until prefill takes them
         self.prefill: int | None = None  # the instances it was routed to (prefill: until Prefilled)
         self.decode: int | None = None
+
+    def keys(self, images: list[int]) -> list[str]:
+        """The content keys of these images ([] with the cache off)."""
+        return [self.seq.mm_keys[i] for i in images] if self.seq.mm_keys else []

@@ -66,6 +66,7 @@ class EncodeTask:
     req_id: int
     part: int  # which slice of the request's images
     images: list[Any]  # sources as the user gave them (paths, bytes, PIL images, data URLs)
+    keys: list[str] = field(default_factory=list)  # their content keys (engine/mm_cache.py); []: not cached
 
 
 @dataclass
@@ -73,11 +74,13 @@ class Encoded:
     req_id: int
     part: int
     encoder: int
-    blocks: list[int]  # one MM block per image, in order
+    blocks: list[int]  # one MM block per image, in order (a cached image's: one more reference)
 
 
 @dataclass
 class FreeMM:
+    """Drop one reference to each block (cached images stay in the encoder's cache)."""
+
     blocks: list[int]
     encoder: int = 0  # whose arena (the orchestrator forwards it there)
 
@@ -90,6 +93,7 @@ class PrefillTask:
     sampling: SamplingParams
     seed: int
     images: list[Any] = field(default_factory=list)  # pd: image sources, encoded by prefill itself
+    image_keys: list[str] = field(default_factory=list)  # pd: their content keys
 
 
 @dataclass

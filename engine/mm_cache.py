@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
+from collections.abc import Mapping
 from collections.abc import Sequence as Seq
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -33,6 +35,8 @@ from PIL import Image
 
 from engine.block_manager import BlockManager
 from engine.images import ImageError, ImageProcessor, _read_file, data_url_bytes
+from engine.request import Sequence
+from engine.sampling import SamplingParams
 
 Key = str | None  # None: an image without a key (never cached)
 
@@ -258,9 +262,31 @@ class EncoderHints:
             if len(self._where) > self.max_keys:
                 self._where.popitem(last=False)
 
-    def prefer(self, keys: Seq[Key], images: Seq[int]) -> dict[int, int]:
-        """Image index -> hinted encoder, for those of `images` (indices into keys) with a hint."""
-        return {i: self._where[keys[i]] for i in images if i < len(keys) and keys[i] in self._where}
+    @property
+    def where(self) -> Mapping[str, int]:
+        """Key -> encoder, read-only (engine.router.split_images' cached_at)."""
+        return MappingProxyType(self._where)
 
     def __len__(self) -> int:
         return len(self._where)
+
+
+def encode_misses(runner: Any, processor: ImageProcessor, pixel_cache: PixelCache | None, images: Seq[Any],
+                  keys: Seq[Key], taken: list[tuple[list[int], bool]]) -> None:
+    """Preprocess (through pixel_cache) and encode with `runner` (a ModelRunner) the images that
+    `taken` (EncoderCache.acquire's answer for `images`) says missed, into their blocks."""
+    misses = [i for i, (_, hit) in enumerate(taken) if not hit]
+    if not misses:
+        return
+    pixels = preprocess_images(processor, [images[i] for i in misses], [keys[i] for i in misses] if keys else [],
+                               pixel_cache)
+    seq = Sequence(seq_id=-1, prompt_ids=[], sampling=SamplingParams(), seed=0, stop_token_ids=frozenset(),
+                   pixel_values=pixels, mm_blocks=[b for i in misses for b in taken[i][0]])
+    runner.encode([seq])
+
+
+def total_stats(stages: dict[str, dict]) -> dict:
+    """The image caches of several stages (their stats' "mm_cache"), counters summed."""
+    names = ("hits", "misses", "evictions", "pixel_hits", "pixel_misses")
+    caches = [s["mm_cache"] for s in stages.values() if s.get("mm_cache")]
+    return {name: sum(c.get(name, 0) for c in caches) for name in names} if caches else {}

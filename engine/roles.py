@@ -52,9 +52,9 @@ from engine.messages import (
     SizeKV,
     Tokens,
 )
+from engine.mm_cache import EncoderCache, PixelCache, encode_misses
 from engine.request import Sequence, Status, append_step
 from engine.runner import ModelRunner, kv_block_shape, kv_blocks_from_memory, load_weights, mm_arena_shape
-from engine.sampling import SamplingParams
 from engine.schedulers import PrefillScheduler, blocks_for
 from ipc.arena import SharedArena
 from ipc.migration import pull_blocks
@@ -92,6 +92,16 @@ def _gb(tensor: torch.Tensor, rows: int | None = None) -> float:
 
 def _blocks(manager: BlockManager | None) -> dict:
     return {"used": manager.num_blocks - manager.num_free, "total": manager.num_blocks} if manager else {}
+
+
+def _mm_blocks(cache: EncoderCache) -> dict:
+    """An MM arena's blocks: used by requests, idle in the cache (evicted when needed), total."""
+    s = cache.stats()
+    return {"used": s["in_use_blocks"], "cached": s["idle_blocks"], "total": s["total_blocks"]}
+
+
+def _pixel_cache(config: EngineConfig) -> PixelCache | None:
+    return PixelCache(config.pixel_cache_bytes) if config.pixel_cache_bytes else None
 
 
 def _synchronize(device: torch.device) -> None:
@@ -160,7 +170,9 @@ class EncodeRole(_Role):
             self.runner.capture_graphs()
         self.graphs = sorted(self.runner.vision_graphs.graphs) if self.runner.vision_graphs else []
         self.blocks = BlockManager(self.runner.num_mm_blocks)
+        self.cache = EncoderCache(self.blocks, enabled=config.mm_cache)  # serves every prefill
         self.image_processor = ImageProcessor(ImageProcessorConfig.from_model_dir(config.model, cfg.vision.image_size))
+        self.pixel_cache = _pixel_cache(config)
         self.pending: deque[EncodeTask] = deque()
         send(Loaded(self.name, kv_owner=False))
         send(Exported(self.name, self.arena.handle))
@@ -169,11 +181,11 @@ class EncodeRole(_Role):
 
     @property
     def busy(self) -> bool:  # FCFS: the first task waits for MM blocks to be freed
-        return bool(self.pending) and self.blocks.can_allocate(len(self.pending[0].images))
+        return bool(self.pending) and self.cache.can_acquire(self.pending[0].keys, [1] * len(self.pending[0].images))
 
     def handle(self, msg: object) -> None:
         if isinstance(msg, FreeMM):
-            self.blocks.free(msg.blocks)
+            self.cache.release(msg.blocks)
         elif isinstance(msg, EncodeTask):
             if self.draining:
                 self.refuse(msg.req_id, len(msg.images))
@@ -183,19 +195,20 @@ class EncodeRole(_Role):
     def step(self) -> None:
         while self.busy:
             task = self.pending.popleft()
-            blocks = self.blocks.allocate(len(task.images))
+            taken = self.cache.acquire(task.keys, [1] * len(task.images))  # cached images: answered at once
+            blocks = [b for image_blocks, _ in taken for b in image_blocks]
             try:
-                pixels = self.image_processor.preprocess(task.images)
-                seq = Sequence(seq_id=task.req_id, prompt_ids=[], sampling=SamplingParams(), seed=0,
-                               stop_token_ids=frozenset(), pixel_values=pixels, mm_blocks=blocks)
-                self.runner.encode([seq])
+                encode_misses(self.runner, self.image_processor, self.pixel_cache, task.images, task.keys, taken)
                 self.send(Encoded(task.req_id, task.part, self.spec.index, blocks))
             except Exception as e:  # a bad image fails its request, not the stage
-                self.blocks.free(blocks)
+                self.cache.discard([k for k, (_, hit) in zip(task.keys, taken) if not hit])
+                self.cache.release(blocks)
                 self.send(Failed(task.req_id, self.name, str(e), images=len(task.images)))
 
     def stats(self) -> dict:
-        return {"waiting": len(self.pending), "mm_blocks": _blocks(self.blocks), "vision_graphs": self.graphs}
+        pixels = self.pixel_cache.stats() if self.pixel_cache else {}
+        return {"waiting": len(self.pending), "mm_blocks": _mm_blocks(self.cache), "vision_graphs": self.graphs,
+                "mm_cache": {**self.cache.stats(), **pixels}}
 
     def close(self) -> None:
         self.arena.close()
@@ -213,8 +226,10 @@ class PrefillRole(_Role):
         # own MM blocks: images encoded here (pd), or copied from an encoder on another device
         self.mm_arena = torch.empty(mm_arena_shape(config, cfg), dtype=self.dtype, device=self.device)
         self.mm_blocks = BlockManager(self.mm_arena.shape[0])
+        self.mm_cache = EncoderCache(self.mm_blocks, enabled=config.mm_cache and spec.encodes)  # pd: its encodes
         self.image_processor = (ImageProcessor(ImageProcessorConfig.from_model_dir(config.model, cfg.vision.image_size))
                                 if spec.encodes else None)
+        self.pixel_cache = _pixel_cache(config) if spec.encodes else None
         self.arena: SharedArena | None = None
         self.runner: ModelRunner | None = None
         self.peers: list[SharedArena] = []
@@ -316,15 +331,22 @@ class PrefillRole(_Role):
             seq.mm_peer_blocks = list(task.mm_refs)
             return 0
         try:
-            blocks = self.mm_blocks.allocate(count)
+            if task.images:  # pd: through this prefill's own encoder cache
+                taken = self.mm_cache.acquire(task.image_keys, [1] * count)
+                if taken is None:
+                    raise RuntimeError(f"prefill MM staging arena is full ({count} images)")
+                seq.mm_blocks = [b for image_blocks, _ in taken for b in image_blocks]
+                try:
+                    encode_misses(self.runner, self.image_processor, self.pixel_cache, task.images, task.image_keys,
+                                  taken)
+                except Exception:
+                    self.mm_cache.discard([k for k, (_, hit) in zip(task.image_keys, taken) if not hit])
+                    raise
+                return 0
+            blocks = self.mm_cache.allocate(count)
             if blocks is None:
                 raise RuntimeError(f"prefill MM staging arena is full ({count} images)")
             seq.mm_blocks = blocks
-            if task.images:
-                seq.pixel_values = self.image_processor.preprocess(task.images)
-                self.runner.encode([seq])
-                seq.pixel_values = None
-                return 0
             for local, (encoder, block) in zip(blocks, task.mm_refs):
                 self.mm_arena[local].copy_(self.peers[encoder].tensor[block], non_blocking=True)
             _synchronize(self.device)  # the encoders may overwrite these blocks once freed
@@ -353,8 +375,10 @@ class PrefillRole(_Role):
     def stats(self) -> dict:
         if self.runner is None:
             return {}
+        pixels = self.pixel_cache.stats() if self.pixel_cache else {}
+        cache = {"mm_cache": {**self.mm_cache.stats(), **pixels}} if self.spec.encodes else {}
         return {"waiting": len(self.sched.waiting), "kv_blocks": _blocks(self.kv_blocks),
-                "mm_blocks": _blocks(self.mm_blocks)}
+                "mm_blocks": _mm_blocks(self.mm_cache), **cache}
 
     def close(self) -> None:
         for peer in self.peers:

@@ -174,7 +174,19 @@ def test_encoder_hints_are_bounded() -> None:
     hints.learn(["a", "b", None], 0)
     hints.learn(["a"], 1)
     hints.learn(["c"], 0)  # b is the least recently learnt: forgotten
-    assert hints.prefer(["a", "b", "c", "z"], [0, 1, 2, 3]) == {0: 1, 2: 0} and len(hints) == 2
+    assert dict(hints.where) == {"a": 1, "c": 0} and len(hints) == 2
+
+
+def test_router_sends_cached_images_to_their_encoder_and_equal_images_together() -> None:
+    from engine.router import InstanceLoad, split_images
+
+    encoders = [InstanceLoad(0, 0), InstanceLoad(1, 0), InstanceLoad(2, 5, alive=False)]
+    assert split_images([0, 1, 2, 3], encoders) == {0: [0, 2], 1: [1, 3]}  # no keys: least loaded
+    keys = ["a", "a", "b", "c", "a"]
+    assert split_images([0, 1, 2, 3, 4], encoders, keys) == {0: [0, 1, 4], 1: [2, 3]}
+    # a hinted image goes to its encoder (even if busier), a hint to a dead encoder is ignored
+    assert split_images([0, 2, 3], encoders, keys, {"b": 0, "c": 2}) == {0: [0, 2], 1: [3]}
+    assert split_images([0], [InstanceLoad(0, 0, alive=False)], keys) is None
 
 
 # ----------------------------------------------------------------------------- the aggregated engine
@@ -292,3 +304,66 @@ def test_a_thousand_requests_with_repeated_images_leak_no_block(tiny_llava: Path
     s = llm.status()["mm_cache"]
     assert s["hits"] > s["misses"] > 0 and s["evictions"] > 0 and sum(calls) == s["misses"]
     _no_leak(llm)
+
+
+# ----------------------------------------------------------------------------- EPD and pd, /metrics
+
+
+def _settled(engine, stages: list[str], expected: tuple[int, int]) -> dict:
+    """engine.status() once the stages' reports show `expected` (hits, misses) in all and no MM
+    block in use (reports are asynchronous), or after 30 s."""
+    import time
+
+    deadline = time.monotonic() + 30
+    while True:
+        status = engine.status()
+        caches = status["mm_cache"]
+        used = [status["stages"].get(name, {}).get("mm_blocks", {}).get("used") for name in stages]
+        if ((caches.get("hits"), caches.get("misses")) == expected and used == [0] * len(stages)) \
+                or time.monotonic() > deadline:
+            return status
+        engine.step(timeout_s=0.05)
+
+
+@pytest.mark.parametrize("mode", ["epd", "pd"])
+def test_disaggregated_repeated_image_hits_whichever_prefill_serves_it(tiny_llava: Path, mode: str) -> None:
+    """epd: 2 encoders and 2 prefills; equal images of a request go to one encoder, a repeated
+    image to the encoder that holds it, whose cache serves both prefills; pd: the prefill that
+    encodes keeps the same cache. Outputs equal the aggregated engine's without a cache."""
+    from engine import LLM, Request
+    from engine.epd import EPDEngine
+
+    x, y = _png(31), _png(32, (50, 70))
+    first = [Request("<image> and <image>", images=[x, x])]
+    later = [Request("What is it?", images=[x]), Request("<image> or <image>", images=[y, x])]
+    reference = LLM(tiny_llava, backend="torch", device="cpu", mm_cache=False).generate(first + later, SP)
+    placement = "E:cpu,cpu P:cpu,cpu D:cpu" if mode == "epd" else "P:cpu D:cpu"
+    with EPDEngine(tiny_llava, placement=placement, mode=mode, backend="torch", device="cpu") as epd:
+        outs = epd.generate(first, SP) + epd.generate(later, SP)
+        assert [o.token_ids for o in outs] == [o.token_ids for o in reference]
+        stages = ["encode0", "encode1"] if mode == "epd" else ["prefill0"]
+        status = _settled(epd, stages, (3, 2))
+    caches = {name: status["stages"][name]["mm_cache"] for name in stages}
+    assert (status["mm_cache"]["hits"], status["mm_cache"]["misses"]) == (3, 2), caches
+    if mode == "epd":  # x (twice in the first request, then in both later ones) on encode0, y on encode1
+        assert [(c["hits"], c["misses"]) for c in caches.values()] == [(3, 1), (0, 1)]
+        assert status["mm_cache"]["hints"] == 2
+    assert all(status["stages"][name]["mm_blocks"]["used"] == 0 for name in stages)
+    assert all(status["stages"][name]["mm_blocks"]["cached"] >= 1 for name in stages)
+
+
+def test_metrics_show_the_cache_counters_per_stage() -> None:
+    pytest.importorskip("prometheus_client")
+    from ipc.http_metrics import HTTPMetrics
+
+    metrics = HTTPMetrics()
+    text = metrics.render({"mode": "aggregated", "mm_cache": {"hits": 3, "misses": 2, "evictions": 1,
+                                                              "idle_blocks": 4}}, 0, True).decode()
+    for line in ('epd_mm_cache_hits_total{stage="aggregated"} 3.0', 'epd_mm_cache_misses_total{stage="aggregated"} 2.0',
+                 'epd_mm_cache_evictions_total{stage="aggregated"} 1.0',
+                 'epd_mm_cache_idle_blocks{stage="aggregated"} 4.0'):
+        assert line in text, line
+    epd = {"mode": "epd", "stages": {"encode0": {"mm_cache": {"hits": 5, "misses": 1}}, "decode0": {"running": 0}}}
+    text = metrics.render(epd, 0, True).decode()
+    assert 'epd_mm_cache_hits_total{stage="encode0"} 5.0' in text and 'stage="aggregated"' not in text
+    assert 'stage="decode0"' not in text.split("epd_mm_cache")[-1]
