@@ -75,6 +75,7 @@ class LLM:
                          "bytes": runner.num_kv_blocks * runner.kv_block_bytes},
             "mm_blocks": runner.num_mm_blocks,
             "mm_bytes": runner.mm_arena.numel() * runner.mm_arena.element_size(),
+            "mm_cache": self.config.mm_cache,
             "max_model_len": self.max_model_len,
             "max_num_seqs": self.max_num_seqs,
             "multi_step": self.multi_step,
@@ -96,8 +97,9 @@ class LLM:
         return (f"LLM ready: {d['model']} ({d['architecture']}); backend {d['backend']} on {d['device']}, "
                 f"{d['dtype']}; weights from {files} ({_size(w['bytes'])}); KV cache {kv['blocks']} blocks x "
                 f"{kv['block_size']} = {kv['tokens']} tokens ({_size(kv['bytes'])}); MM arena {d['mm_blocks']} "
-                f"blocks ({_size(d['mm_bytes'])}); max_num_seqs {d['max_num_seqs']}, multi_step {d['multi_step']}, "
-                f"context {d['max_model_len']}; {graphs}")
+                f"blocks ({_size(d['mm_bytes'])}, image cache {'on' if d['mm_cache'] else 'off'}); "
+                f"max_num_seqs {d['max_num_seqs']}, multi_step {d['multi_step']}, context {d['max_model_len']}; "
+                f"{graphs}")
 
     # ------------------------------------------------------------------ requests
 

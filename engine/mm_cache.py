@@ -28,7 +28,7 @@ from collections.abc import Mapping
 from collections.abc import Sequence as Seq
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from PIL import Image
@@ -37,6 +37,9 @@ from engine.block_manager import BlockManager
 from engine.images import ImageError, ImageProcessor, _read_file, data_url_bytes
 from engine.request import Sequence
 from engine.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from engine.runner import ModelRunner
 
 Key = str | None  # None: an image without a key (never cached)
 
@@ -63,13 +66,13 @@ def image_key(src: Any, index: int = 0) -> str:
     return h.hexdigest()
 
 
-def items_per_image(seq: Any) -> list[int]:
+def items_per_image(seq: Sequence) -> list[int]:
     """Vision-tower inputs (= MM blocks) of each of a sequence's images, in order: one per CLIP
     image. Its pixel_values rows and its mm_blocks hold them back to back."""
     return [1] * seq.num_images
 
 
-def image_items(seq: Any, image: int) -> range:
+def image_items(seq: Sequence, image: int) -> range:
     """The rows of seq.pixel_values (= the positions in seq.mm_blocks) of one of its images."""
     counts = items_per_image(seq)
     start = sum(counts[:image])
@@ -271,18 +274,30 @@ class EncoderHints:
         return len(self._where)
 
 
-def encode_misses(runner: Any, processor: ImageProcessor, pixel_cache: PixelCache | None, images: Seq[Any],
-                  keys: Seq[Key], taken: list[tuple[list[int], bool]]) -> None:
-    """Preprocess (through pixel_cache) and encode with `runner` (a ModelRunner) the images that
-    `taken` (EncoderCache.acquire's answer for `images`) says missed, into their blocks."""
+def acquire_and_encode(cache: EncoderCache, runner: ModelRunner, processor: ImageProcessor,
+                       pixel_cache: PixelCache | None, images: Seq[Any], keys: Seq[Key]) -> list[int] | None:
+    """The MM blocks of `images` (one per image, in order) with one reference taken: cached
+    images' as they are, the others preprocessed (through pixel_cache) and encoded by `runner`
+    into new blocks. None (nothing taken) when the arena cannot hold them now. If preprocessing
+    or encoding fails, nothing stays taken or cached and the error is raised."""
+    taken = cache.acquire(keys, [1] * len(images))
+    if taken is None:
+        return None
+    blocks = [b for image_blocks, _ in taken for b in image_blocks]
     misses = [i for i, (_, hit) in enumerate(taken) if not hit]
     if not misses:
-        return
-    pixels = preprocess_images(processor, [images[i] for i in misses], [keys[i] for i in misses] if keys else [],
-                               pixel_cache)
-    seq = Sequence(seq_id=-1, prompt_ids=[], sampling=SamplingParams(), seed=0, stop_token_ids=frozenset(),
-                   pixel_values=pixels, mm_blocks=[b for i in misses for b in taken[i][0]])
-    runner.encode([seq])
+        return blocks
+    try:
+        pixels = preprocess_images(processor, [images[i] for i in misses], [keys[i] for i in misses] if keys else [],
+                                   pixel_cache)
+        seq = Sequence(seq_id=-1, prompt_ids=[], sampling=SamplingParams(), seed=0, stop_token_ids=frozenset(),
+                       pixel_values=pixels, mm_blocks=[b for i in misses for b in taken[i][0]])
+        runner.encode([seq])
+    except Exception:
+        cache.discard([keys[i] for i in misses] if keys else [])
+        cache.release(blocks)
+        raise
+    return blocks
 
 
 def total_stats(stages: dict[str, dict]) -> dict:

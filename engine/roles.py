@@ -3,7 +3,8 @@ kind, index and the resolved EngineConfig) inside a worker process (ipc/worker.p
 it messages (engine/messages.py) and calls step() while it is busy. Roles hold their weights,
 arenas, block managers and runner; they hold no queues of the transport and never block.
 
-    encode:   EncodeTask -> image embeddings into its MM arena -> Encoded
+    encode:   EncodeTask -> image embeddings into its MM arena (cached ones are not encoded
+              again) -> Encoded
     prefill:  PrefillTask (MM refs) -> reads the embeddings (in place when the encoder's arena
               is on its device, else copied into its own MM blocks), frees them (FreeMM, for
               the encoder), prefills into its KV arena -> Prefilled
@@ -52,7 +53,7 @@ from engine.messages import (
     SizeKV,
     Tokens,
 )
-from engine.mm_cache import EncoderCache, PixelCache, encode_misses
+from engine.mm_cache import EncoderCache, PixelCache, acquire_and_encode
 from engine.request import Sequence, Status, append_step
 from engine.runner import ModelRunner, kv_block_shape, kv_blocks_from_memory, load_weights, mm_arena_shape
 from engine.schedulers import PrefillScheduler, blocks_for
@@ -157,7 +158,9 @@ class _Role:
 
 
 class EncodeRole(_Role):
-    """Encode images into this worker's MM arena; free blocks when prefill says so."""
+    """Encode images into this worker's MM arena through its encoder cache (engine/mm_cache.py):
+    an image cached there is answered at once with its blocks (one more reference), so it serves
+    whichever prefill gets the request; FreeMM drops a reference."""
 
     def __init__(self, spec: RoleSpec, send: Send) -> None:
         super().__init__(spec, send)
@@ -195,14 +198,12 @@ class EncodeRole(_Role):
     def step(self) -> None:
         while self.busy:
             task = self.pending.popleft()
-            taken = self.cache.acquire(task.keys, [1] * len(task.images))  # cached images: answered at once
-            blocks = [b for image_blocks, _ in taken for b in image_blocks]
-            try:
-                encode_misses(self.runner, self.image_processor, self.pixel_cache, task.images, task.keys, taken)
+            try:  # cached images are answered at once (busy: the blocks fit)
+                blocks = acquire_and_encode(self.cache, self.runner, self.image_processor, self.pixel_cache,
+                                            task.images, task.keys)
+                assert blocks is not None, "busy said the blocks fit"
                 self.send(Encoded(task.req_id, task.part, self.spec.index, blocks))
             except Exception as e:  # a bad image fails its request, not the stage
-                self.cache.discard([k for k, (_, hit) in zip(task.keys, taken) if not hit])
-                self.cache.release(blocks)
                 self.send(Failed(task.req_id, self.name, str(e), images=len(task.images)))
 
     def stats(self) -> dict:
@@ -331,22 +332,16 @@ class PrefillRole(_Role):
             seq.mm_peer_blocks = list(task.mm_refs)
             return 0
         try:
-            if task.images:  # pd: through this prefill's own encoder cache
-                taken = self.mm_cache.acquire(task.image_keys, [1] * count)
-                if taken is None:
-                    raise RuntimeError(f"prefill MM staging arena is full ({count} images)")
-                seq.mm_blocks = [b for image_blocks, _ in taken for b in image_blocks]
-                try:
-                    encode_misses(self.runner, self.image_processor, self.pixel_cache, task.images, task.image_keys,
-                                  taken)
-                except Exception:
-                    self.mm_cache.discard([k for k, (_, hit) in zip(task.image_keys, taken) if not hit])
-                    raise
-                return 0
-            blocks = self.mm_cache.allocate(count)
+            if task.images:  # pd: encoded here, through this prefill's own encoder cache
+                blocks = acquire_and_encode(self.mm_cache, self.runner, self.image_processor, self.pixel_cache,
+                                            task.images, task.image_keys)
+            else:
+                blocks = self.mm_cache.allocate(count)
             if blocks is None:
                 raise RuntimeError(f"prefill MM staging arena is full ({count} images)")
             seq.mm_blocks = blocks
+            if task.images:
+                return 0
             for local, (encoder, block) in zip(blocks, task.mm_refs):
                 self.mm_arena[local].copy_(self.peers[encoder].tensor[block], non_blocking=True)
             _synchronize(self.device)  # the encoders may overwrite these blocks once freed

@@ -93,7 +93,7 @@ class MMCacheCollector:
     carries per stage (the engine counts; a scrape shows its latest report)."""
 
     COUNTERS = (("hits", "images whose embeddings were cached (not encoded again)"),
-                ("misses", "images encoded"),
+                ("misses", "images not cached: encoded (or failed)"),
                 ("evictions", "cached images evicted for room"),
                 ("pixel_hits", "images whose preprocessed pixels were cached"),
                 ("pixel_misses", "images preprocessed"))

@@ -51,6 +51,17 @@ def test_image_key_is_the_content_whichever_way_it_comes(tmp_path: Path) -> None
         image_key(str(tmp_path / "missing.png"))
 
 
+def test_cache_settings_are_checked() -> None:
+    from engine.config import ConfigError, EngineConfig
+
+    assert EngineConfig("m").mm_cache and EngineConfig("m").pixel_cache_bytes == 256 * 2**20
+    assert EngineConfig("m", mm_cache=False).pixel_cache_bytes == 0
+    with pytest.raises(ConfigError, match="mm_cache = 'yes'; must be True or False"):
+        EngineConfig("m", mm_cache="yes")
+    with pytest.raises(ConfigError, match="mm_pixel_cache_mb = -1; must be >= 0"):
+        EngineConfig("m", mm_pixel_cache_mb=-1)
+
+
 # ----------------------------------------------------------------------------- encoder cache
 
 
@@ -150,6 +161,34 @@ def test_random_workload_keeps_exact_accounting() -> None:
     s = cache.stats()
     assert s["in_use_blocks"] == 0 and s["idle_blocks"] + s["free_blocks"] == 12
     assert cache.hits > 0 and cache.misses > 0 and cache.evictions > 0
+
+
+class _RecordingRunner:
+    def __init__(self) -> None:
+        self.encoded: list[tuple[int, list[int]]] = []  # (pixel rows, blocks) per call
+
+    def encode(self, seqs) -> None:
+        self.encoded += [(s.pixel_values.shape[0], s.mm_blocks) for s in seqs]
+
+
+def test_acquire_and_encode_encodes_misses_once_and_keeps_nothing_of_a_failure() -> None:
+    from engine.images import ImageProcessor, ImageProcessorConfig
+    from engine.mm_cache import acquire_and_encode
+
+    cache, runner = EncoderCache(BlockManager(3)), _RecordingRunner()
+    processor, pixels = ImageProcessor(ImageProcessorConfig(image_size=28)), PixelCache(1 << 20)
+    good, corrupt = _png(1), _png(2)[:60]  # a PNG header, then nothing
+    with pytest.raises(ImageError):
+        acquire_and_encode(cache, runner, processor, pixels, [good, corrupt], [image_key(good), image_key(corrupt)])
+    assert runner.encoded == [] and cache.blocks.num_free == 3 and cache.stats()["images"] == 0
+    keys = [image_key(good)] * 2
+    blocks = acquire_and_encode(cache, runner, processor, pixels, [good, good], keys)
+    assert blocks[0] == blocks[1] and runner.encoded == [(1, blocks[:1])]  # equal images: encoded once
+    assert acquire_and_encode(cache, runner, processor, pixels, [good], keys[:1]) == blocks[:1]
+    assert len(runner.encoded) == 1 and (cache.hits, cache.misses) == (2, 3) and pixels.hits == 1  # 2 failed
+    cache.release(blocks + blocks[:1])
+    cache.check()
+    assert cache.stats()["idle_blocks"] == 1
 
 
 # ----------------------------------------------------------------------------- pixels, hints
