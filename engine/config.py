@@ -300,6 +300,8 @@ class EngineConfig:
     host checks (1-64). kv_cache_tokens: KV arena capacity in tokens (None: on a GPU, what
     gpu_memory_utilization leaves after weights and activations; on the CPU, 4 x max_model_len).
     torch_threads: torch CPU threads of the process (0: leave torch's default).
+    image_workers: threads that decode and preprocess images off the engine thread (the
+    aggregated engine's front end; PIL releases the GIL while it decodes and resizes).
     mm_cache: keep image embeddings (MM blocks, evicted least recently used) and preprocessed
     pixels (up to mm_pixel_cache_mb per process) by image content, so a repeated image is not
     preprocessed or encoded again (engine/mm_cache.py); False: every image is encoded.
@@ -322,6 +324,7 @@ class EngineConfig:
     seed: int = 0
     progress: bool | None = None
     torch_threads: int = 0
+    image_workers: int = 4
     mm_cache: bool = True
     mm_pixel_cache_mb: int = 256
 
@@ -339,7 +342,7 @@ class EngineConfig:
             except (RuntimeError, TypeError):
                 raise ConfigError(f"device = {self.device!r} is not a device; use cpu, cuda or cuda:N") from None
         for name, low in (("max_num_seqs", 1), ("max_num_batched_tokens", 1), ("max_images_per_batch", 0),
-                          ("seed", 0), ("torch_threads", 0), ("mm_pixel_cache_mb", 0)):
+                          ("seed", 0), ("torch_threads", 0), ("image_workers", 1), ("mm_pixel_cache_mb", 0)):
             _check_int(name, getattr(self, name), low)
         _check_int("multi_step", self.multi_step, 1, MAX_MULTI_STEP)
         for name in ("max_model_len", "kv_cache_tokens"):

@@ -138,8 +138,10 @@ class EPDEngine:
 
     # ------------------------------------------------------------------ engine loop (as LLM's)
 
-    def add_request(self, request: Request | str, sampling: SamplingParams | None = None) -> Sequence:
-        """Validate and send one request into the stages; its events carry index = seq_id."""
+    def add_request(self, request: Request | str, sampling: SamplingParams | None = None,
+                    arrival: float | None = None) -> Sequence:
+        """Validate and send one request into the stages; its events carry index = seq_id.
+        arrival: when it arrived (perf_counter; default now): its TTFT counts from then."""
         self._check_stages(self.late_events)  # never route to a stage that died since the last step
         if self.broken:
             raise StageError(f"engine is broken: {self.broken}")
@@ -149,7 +151,7 @@ class EPDEngine:
         if unserved:  # the stages run one sample per request and return no logprobs
             raise RequestError(f"sampling.{unserved[0]} = {getattr(sp, unserved[0])!r}: {self.mode} mode does not "
                                "serve it yet; the aggregated mode (LLM, serve.py --mode aggregated) does")
-        state = self.output_processor.add(seq.seq_id, seq.prompt_ids, sp)
+        state = self.output_processor.add(seq.seq_id, seq.prompt_ids, sp, arrival)
         flight = self.flights[seq.seq_id] = _Flight(seq, state, images)
         self._dispatch_encode(flight)
         return seq

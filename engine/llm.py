@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ import torch
 from engine.aggregated import AggregatedEngine
 from engine.config import EngineConfig, ModelConfig
 from engine.input_processor import InputProcessor
+from engine.mm_cache import preprocess_images
 from engine.output_processor import OutputProcessor
 from engine.request import Request, RequestOutput, Sequence, Status, TokenEvent, append_step
 from engine.runner import build_runner
@@ -49,6 +51,11 @@ class LLM:
         self.output_processor = OutputProcessor(self.tokenizer)
         self.engine = AggregatedEngine(self.runner, config, on_phase=self.output_processor.stamp)
         self.image_processor = self.input_processor.image_processor
+        # images are decoded and preprocessed here, off the engine thread; a request waits in
+        # _preprocessing (its clock running) until its pixels are ready, then joins the engine
+        self._image_pool = (ThreadPoolExecutor(config.image_workers, thread_name_prefix="images")
+                            if self.image_processor else None)
+        self._preprocessing: dict[int, tuple[Sequence, Future]] = {}
         self.max_num_seqs, self.multi_step = config.max_num_seqs, config.multi_step
         log.info("%s", self.summary())
 
@@ -109,23 +116,29 @@ class LLM:
 
     # ------------------------------------------------------------------ serving loop
 
-    def add_request(self, request: Request | str, sampling: SamplingParams | None = None) -> Sequence:
-        """Validate and queue one request; its events carry index = the returned seq_id."""
-        seq = self.make_sequence(request, sampling)
-        self._add(seq)
+    def add_request(self, request: Request | str, sampling: SamplingParams | None = None,
+                    arrival: float | None = None) -> Sequence:
+        """Validate and queue one request; its events carry index = the returned seq_id. Its
+        images are only header-checked here; the image workers decode and preprocess them while
+        the engine runs (its TTFT counts from `arrival`, default now). Data that is corrupt past
+        the header fails the request later, as an event with `error` set."""
+        seq, images = self.input_processor.make_sequence(request, sampling, preprocess=False)
+        self.output_processor.add(seq.seq_id, seq.prompt_ids, seq.sampling, arrival)
+        if images:
+            job = self._image_pool.submit(_timed, self._preprocess, images, seq.mm_keys)
+            self._preprocessing[seq.seq_id] = (seq, job)
+        else:
+            self.engine.add(seq)
         return seq
-
-    def _add(self, seq: Sequence) -> None:
-        self.output_processor.add(seq.seq_id, seq.prompt_ids, seq.sampling)
-        self.engine.add(seq)
 
     def step(self) -> list[TokenEvent]:
         """One engine step: a TokenEvent per token produced (index = the request's seq_id,
         sample = which of its n samples); a request's output comes on the last token of its
-        last sample to finish."""
-        produced = self.engine.step()
+        last sample to finish. Requests whose images are ready join the engine first; with
+        nothing else to do, it waits up to 50 ms for the first of them."""
+        events = self._take_preprocessed()
+        produced = self.engine.step() if self.engine.has_work() else []
         now = time.perf_counter()
-        events = []
         for kept in append_step(produced):  # multi-step decode can run past a stop: dropped there
             seq = kept.seq
             event, finished = self.output_processor.process(seq.seq_id, seq.sample_index, kept.token, now,
@@ -138,14 +151,41 @@ class LLM:
                 events.append(event)
         return events
 
+    def _preprocess(self, images: list[Any], keys: list[str]) -> torch.Tensor:
+        """An image job: pixels [N, 3, S, S], those of images seen before from the pixel cache."""
+        return preprocess_images(self.image_processor, images, keys, self.input_processor.pixel_cache)
+
+    def _take_preprocessed(self) -> list[TokenEvent]:
+        """Requests whose image jobs are done: into the engine, or failed (an error event)."""
+        if not self._preprocessing:
+            return []
+        if not self.engine.has_work():
+            wait([job for _, job in self._preprocessing.values()], timeout=0.05, return_when=FIRST_COMPLETED)
+        failed = []
+        for seq_id, (seq, job) in list(self._preprocessing.items()):
+            if not job.done():
+                continue
+            del self._preprocessing[seq_id]
+            try:
+                seq.pixel_values, start, end = job.result()
+            except Exception as e:  # a bad image fails its request only
+                self.output_processor.remove(seq_id)
+                seq.status = Status.FINISHED
+                failed.append(TokenEvent(seq_id, -1, "", error=str(e) or type(e).__name__))
+                continue
+            self.output_processor.stamp(seq_id, "preprocess", start, end)
+            self.engine.add(seq)
+        return failed
+
     def has_work(self) -> bool:
-        return self.engine.has_work()
+        return bool(self._preprocessing) or self.engine.has_work()
 
     def status(self) -> dict:
         engine = self.engine
         return {
             "mode": "aggregated",
             "running": len(engine.decode.running),
+            "waiting_preprocess": len(self._preprocessing),
             "waiting_prefill": len(engine.prefill.waiting),
             "waiting_encode": len(engine.encode.waiting) if engine.encode else 0,
             "kv_blocks_free": engine.kv_blocks.num_free,
@@ -168,6 +208,9 @@ class LLM:
         pools. Returns its output so far, finish_reason "abort" on each sample it cut short
         (samples not yet forked come back empty), or None if it had already finished."""
         root = seq.root
+        pending = self._preprocessing.pop(root.seq_id, None)
+        if pending is not None:
+            pending[1].cancel()  # a job already running finishes; its pixels are dropped
         for s in root.samples or [root]:
             if s.status is not Status.FINISHED:
                 self.engine.finish(s)
@@ -190,10 +233,25 @@ class LLM:
         else:
             raise RequestError(f"requests must be a Request, a prompt string or a list of them, "
                                f"got {type(requests).__name__}")
-        seqs = [self.make_sequence(r, sampling) for r in reqs]
+        arrival = time.perf_counter()
+        made = [self.input_processor.make_sequence(r, sampling, preprocess=False) for r in reqs]
+        # every request's images decoded (in parallel) before any is queued: a bad one raises here
+        jobs = [self._image_pool.submit(_timed, self._preprocess, images, seq.mm_keys) if images else None
+                for seq, images in made]
+        try:
+            timed = [job.result() if job else None for job in jobs]
+        finally:
+            for job in jobs:
+                if job:
+                    job.cancel()
+        seqs = [seq for seq, _ in made]
         position = {s.seq_id: i for i, s in enumerate(seqs)}
-        for s in seqs:
-            self._add(s)
+        for seq, done in zip(seqs, timed):
+            self.output_processor.add(seq.seq_id, seq.prompt_ids, seq.sampling, arrival)
+            if done is not None:
+                seq.pixel_values = done[0]
+                self.output_processor.stamp(seq.seq_id, "preprocess", done[1], done[2])
+            self.engine.add(seq)
         idle_steps = 0
         try:
             while any(s.status is not Status.FINISHED for seq in seqs for s in seq.samples or [seq]):
@@ -261,6 +319,12 @@ class LLM:
         if not self.runner.has_attention_kernel:
             raise RequestError(f"head_dim {self.cfg.text.head_dim} has no attention kernel: decode runs eagerly")
         return graphs
+
+
+def _timed(fn, *args):
+    """fn(*args) and the perf_counter times it started and ended (an image job)."""
+    start = time.perf_counter()
+    return fn(*args), start, time.perf_counter()
 
 
 def _size(nbytes: int) -> str:

@@ -23,6 +23,7 @@ own that return to the pool with their last user: outputs are the same either wa
 from __future__ import annotations
 
 import hashlib
+import threading
 from collections import OrderedDict
 from collections.abc import Mapping
 from collections.abc import Sequence as Seq
@@ -197,35 +198,39 @@ class EncoderCache:
 
 class PixelCache:
     """Preprocessed pixels ([items, 3, S, S] per image) by image key, least recently used out
-    once they pass max_bytes (0: nothing kept)."""
+    once they pass max_bytes (0: nothing kept). Thread-safe: image workers share it."""
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
         self._entries: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._lock = threading.Lock()
         self.bytes = self.hits = self.misses = self.evictions = 0
 
     def get(self, key: Key) -> torch.Tensor | None:
-        pixels = self._entries.get(key) if key is not None else None
-        if pixels is None:
-            self.misses += 1
-            return None
-        self._entries.move_to_end(key)
-        self.hits += 1
-        return pixels
+        with self._lock:
+            pixels = self._entries.get(key) if key is not None else None
+            if pixels is None:
+                self.misses += 1
+                return None
+            self._entries.move_to_end(key)
+            self.hits += 1
+            return pixels
 
     def put(self, key: Key, pixels: torch.Tensor) -> None:
         size = _nbytes(pixels)
-        if key is None or key in self._entries or size > self.max_bytes:
-            return
-        while self.bytes + size > self.max_bytes:
-            self.bytes -= _nbytes(self._entries.popitem(last=False)[1])
-            self.evictions += 1
-        self._entries[key] = pixels
-        self.bytes += size
+        with self._lock:
+            if key is None or key in self._entries or size > self.max_bytes:
+                return
+            while self.bytes + size > self.max_bytes:
+                self.bytes -= _nbytes(self._entries.popitem(last=False)[1])
+                self.evictions += 1
+            self._entries[key] = pixels
+            self.bytes += size
 
     def stats(self) -> dict:
-        return {"pixel_hits": self.hits, "pixel_misses": self.misses, "pixel_evictions": self.evictions,
-                "pixel_images": len(self._entries), "pixel_bytes": self.bytes}
+        with self._lock:
+            return {"pixel_hits": self.hits, "pixel_misses": self.misses, "pixel_evictions": self.evictions,
+                    "pixel_images": len(self._entries), "pixel_bytes": self.bytes}
 
 
 def _nbytes(t: torch.Tensor) -> int:

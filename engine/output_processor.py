@@ -24,6 +24,7 @@ class Metrics:
     """perf_counter timestamps of one request's life (its sample 0's tokens)."""
 
     arrival: float = field(default_factory=time.perf_counter)
+    preprocess_s: float = 0.0  # decoding and preprocessing its images (inside the encode interval in EPD)
     encode_start: float | None = None  # first encode of its images (requests with images)
     encode_end: float | None = None
     prefill_start: float | None = None  # first prefill (TTFT = first_token - arrival)
@@ -37,21 +38,27 @@ class Metrics:
     kv_migrate_s: float = 0.0
 
     def stamp(self, phase: str, start: float, end: float) -> None:
-        """The first encode ("encode": start and end) or prefill ("prefill": start) of the request;
-        later ones (a preempted sequence computed again) change nothing."""
-        if phase == "encode":
+        """The preprocessing of its images ("preprocess": start and end), the first encode
+        ("encode": start and end) or prefill ("prefill": start) of the request; later ones (a
+        preempted sequence computed again) change nothing."""
+        if phase == "preprocess":
+            self.preprocess_s = self.preprocess_s or end - start
+        elif phase == "encode":
             self.encode_start, self.encode_end = self.encode_start or start, self.encode_end or end
         elif phase == "prefill":
             self.prefill_start = self.prefill_start or start
         else:
-            raise ValueError(f"phase {phase!r}: 'encode' or 'prefill'")
+            raise ValueError(f"phase {phase!r}: 'preprocess', 'encode' or 'prefill'")
 
     def breakdown(self) -> dict[str, float]:
-        """Seconds in each phase up to the first token: queue, encode, wait, prefill."""
+        """Seconds in each phase up to the first token, summing to TTFT: queue (everything
+        before the images' encode that is not preprocessing: waiting for a worker, for the
+        encode scheduler), preprocess, encode, wait (encoded, not yet prefilling), prefill."""
         enc0, enc1 = self.encode_start or self.arrival, self.encode_end or self.arrival
         pre = self.prefill_start or enc1
         end = self.first_token or pre
-        return {"queue_s": enc0 - self.arrival, "encode_s": enc1 - enc0, "wait_s": pre - enc1, "prefill_s": end - pre}
+        return {"queue_s": enc0 - self.arrival - self.preprocess_s, "preprocess_s": self.preprocess_s,
+                "encode_s": enc1 - enc0, "wait_s": pre - enc1, "prefill_s": end - pre}
 
     def ttft_s(self) -> float:
         return (self.first_token or self.arrival) - self.arrival
@@ -105,10 +112,11 @@ class RequestState:
     """The frontend's record of one request: its prompt ids, sampling, timings, and its samples
     by index (each made on its first token: forks exist from their first token on)."""
 
-    def __init__(self, request_id: int, prompt_ids: list[int], sampling: SamplingParams, tokenizer: Tokenizer) -> None:
+    def __init__(self, request_id: int, prompt_ids: list[int], sampling: SamplingParams, tokenizer: Tokenizer,
+                 arrival: float | None = None) -> None:
         self.request_id, self.prompt_ids, self.sampling = request_id, prompt_ids, sampling
         self.tokenizer = tokenizer
-        self.metrics = Metrics()
+        self.metrics = Metrics() if arrival is None else Metrics(arrival=arrival)
         self.samples: dict[int, SampleState] = {}
         self.sample(0)
 
@@ -153,8 +161,10 @@ class OutputProcessor:
         self.tokenizer = tokenizer
         self.states: dict[int, RequestState] = {}
 
-    def add(self, request_id: int, prompt_ids: list[int], sampling: SamplingParams) -> RequestState:
-        state = self.states[request_id] = RequestState(request_id, prompt_ids, sampling, self.tokenizer)
+    def add(self, request_id: int, prompt_ids: list[int], sampling: SamplingParams,
+            arrival: float | None = None) -> RequestState:
+        """arrival: perf_counter time the request arrived (default: now); TTFT counts from it."""
+        state = self.states[request_id] = RequestState(request_id, prompt_ids, sampling, self.tokenizer, arrival)
         return state
 
     def stamp(self, request_id: int, phase: str, start: float, end: float) -> None:

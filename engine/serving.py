@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar, runtime_checkable
@@ -37,7 +38,8 @@ class Engine(Protocol):
     """What a frontend needs of an engine: `engine.LLM` (aggregated) and `engine.epd.EPDEngine`
     (the EPD orchestrator) both are one. Called from one thread only (the loop's)."""
 
-    def add_request(self, request: Request | str, sampling: SamplingParams | None = None) -> Sequence: ...
+    def add_request(self, request: Request | str, sampling: SamplingParams | None = None,
+                    arrival: float | None = None) -> Sequence: ...
 
     def step(self) -> list[TokenEvent]: ...
 
@@ -143,10 +145,11 @@ class EngineLoop:
                sink: Callable[[RequestEvent], None] | None = None) -> RequestHandle:
         """Queue a request; if the engine refuses it, the handle gets Failed (with the exception)."""
         handle = RequestHandle(owner, sink)
+        arrival = time.perf_counter()  # the request's clock starts here, not when the engine thread takes it
 
         def add() -> None:
             try:
-                self._add(handle, request, sampling)
+                self._add(handle, request, sampling, arrival)
             except Exception as e:
                 self.stats["errors"] += 1
                 handle.deliver(Failed(describe_error(e) if not isinstance(e, ValueError) else str(e), e))
@@ -226,8 +229,9 @@ class EngineLoop:
                 return
         cancel()
 
-    def _add(self, handle: RequestHandle, request: Request | str, sampling: SamplingParams | None) -> None:
-        handle.seq = self.engine.add_request(request, sampling)
+    def _add(self, handle: RequestHandle, request: Request | str, sampling: SamplingParams | None,
+             arrival: float | None = None) -> None:
+        handle.seq = self.engine.add_request(request, sampling, arrival=arrival)
         self.live[handle.seq.seq_id] = handle
         self.stats["requests"] += 1
 

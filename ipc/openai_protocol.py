@@ -187,7 +187,8 @@ def epd_metrics(out: RequestOutput) -> dict:
     """The request's stage timeline (names a load generator reads: keep them)."""
     b = out.ttft_breakdown
     return {"ttft_s": out.ttft_s, "e2e_s": out.e2e_s, "tokens_per_s": out.tokens_per_s,
-            "queue_s": b.get("queue_s", 0.0), "encode_s": b.get("encode_s", 0.0), "wait_s": b.get("wait_s", 0.0),
+            "queue_s": b.get("queue_s", 0.0), "preprocess_s": b.get("preprocess_s", 0.0),
+            "encode_s": b.get("encode_s", 0.0), "wait_s": b.get("wait_s", 0.0),
             "prefill_s": b.get("prefill_s", 0.0), "token_times_s": list(out.token_times_s),
             "handoff": dict(out.handoff)}
 

@@ -177,11 +177,12 @@ def main(argv: list[str] | None = None) -> None:
     n_tokens = sum(len(o.token_ids) for o in outs)
     br = {k: median([o.ttft_breakdown[k] for o in outs]) * 1e3 for k in outs[0].ttft_breakdown}
     print(f"\n{len(load)} requests at once, {args.images} image(s) each, {args.max_tokens} tokens out:")
-    print("| mode | tokens/s | TTFT p50 ms | queue | encode | wait | prefill (incl. hand-off) |")
-    print("|---|---|---|---|---|---|---|")
+    print("| mode | tokens/s | TTFT p50 ms | queue | preprocess | encode | wait | prefill (incl. hand-off) |")
+    print("|---|---|---|---|---|---|---|---|")
     print(f"| {args.mode} {args.placement} | {n_tokens / wall:.0f} | {median([o.ttft_s for o in outs]) * 1e3:.1f} | "
-          f"{br['queue_s']:.1f} | {br['encode_s']:.1f} | {br['wait_s']:.1f} | {br['prefill_s']:.1f} |")
-    print(f"| aggregated {p_dev} | {n_tokens / agg_wall:.0f} | | | | | |")
+          f"{br['queue_s']:.1f} | {br['preprocess_s']:.1f} | {br['encode_s']:.1f} | {br['wait_s']:.1f} | "
+          f"{br['prefill_s']:.1f} |")
+    print(f"| aggregated {p_dev} | {n_tokens / agg_wall:.0f} | | | | | | |")
     print("\n| hand-off (median per request) | when | bytes | ms | GB/s | ceiling GB/s | % |")
     print("|---|---|---|---|---|---|---|")
     for when, group in (("one at a time", alone), ("under load", outs)):

@@ -30,8 +30,8 @@ if str(ROOT) not in sys.path:
 from engine.cli import ArgumentParser, CLIError, run_main  # noqa: E402
 from scripts.bench_serve import attainment  # noqa: E402
 
-PHASES = (("queue_s", "queue", "#9e9e9e"), ("encode_s", "encode", "#1f77b4"), ("wait_s", "wait", "#ff7f0e"),
-          ("prefill_s", "prefill", "#2ca02c"))
+PHASES = (("queue_s", "queue", "#9e9e9e"), ("preprocess_s", "preprocess", "#17becf"), ("encode_s", "encode", "#1f77b4"),
+          ("wait_s", "wait", "#ff7f0e"), ("prefill_s", "prefill", "#2ca02c"))
 DECODE_COLOR = "#d62728"
 OTHER_COLOR = "#c5b0d5"
 

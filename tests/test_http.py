@@ -156,7 +156,7 @@ def test_chat_with_image_equals_llm_generate(client, llava_llm: LLM) -> None:
     assert r.choices[0].finish_reason == "length"
     assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(ref.prompt_token_ids), 8)
     m = r.model_extra["epd_metrics"]
-    assert set(m) == {"ttft_s", "e2e_s", "tokens_per_s", "queue_s", "encode_s", "wait_s", "prefill_s",
+    assert set(m) == {"ttft_s", "e2e_s", "tokens_per_s", "queue_s", "preprocess_s", "encode_s", "wait_s", "prefill_s",
                       "token_times_s", "handoff"}
     assert len(m["token_times_s"]) == 8 and m["encode_s"] > 0 and 0 < m["ttft_s"] <= m["e2e_s"]
 

@@ -180,11 +180,59 @@ def test_timestamps_and_ttft_breakdown(llava_llm: LLM) -> None:
     out_img, out_txt = llava_llm.generate([_requests()[0], Request("text only")], GREEDY)
     for out in (out_img, out_txt):
         parts = out.ttft_breakdown
-        assert set(parts) == {"queue_s", "encode_s", "wait_s", "prefill_s"} and min(parts.values()) >= 0
+        assert set(parts) == {"queue_s", "preprocess_s", "encode_s", "wait_s", "prefill_s"}
+        assert min(parts.values()) >= 0
         assert abs(sum(parts.values()) - out.ttft_s) < 1e-6
         times = out.token_times_s
         assert len(times) == len(out.token_ids) and times == sorted(times) and abs(times[0] - out.ttft_s) < 1e-6
     assert out_img.ttft_breakdown["encode_s"] > 0 and out_txt.ttft_breakdown["encode_s"] == 0
+    # the image's decoding and preprocessing count in its TTFT (issue 13, item 4)
+    assert out_img.ttft_breakdown["preprocess_s"] > 0 and out_txt.ttft_breakdown["preprocess_s"] == 0
+
+
+def _png_bytes(size: tuple[int, int], seed: int = 0) -> bytes:
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_images_are_preprocessed_off_the_engine_thread(llava_llm: LLM) -> None:
+    """add_request only checks headers: the image workers decode while the engine steps; the
+    outputs equal generate's, a request whose image is corrupt past its header fails alone (an
+    error event), and nothing is left behind."""
+    llm = llava_llm
+    good = [Request("what is this?", images=[_png_bytes((300, 200), i)]) for i in range(3)]
+    corrupt = _png_bytes((300, 200), 9)
+    bad = Request("and this?", images=[corrupt[: len(corrupt) // 2]])  # the header is intact
+    ref = llm.generate(good, GREEDY)
+    seqs = [llm.add_request(r, GREEDY) for r in (good[0], bad, good[1], good[2])]
+    assert all(s.pixel_values is None for s in seqs)  # nothing decoded yet
+    assert llm.status()["waiting_preprocess"] == 4
+    outputs, errors = {}, {}
+    for _ in range(500):
+        if not llm.has_work():
+            break
+        for ev in llm.step():
+            if ev.error is not None:
+                errors[ev.index] = ev.error
+            elif ev.output is not None:
+                outputs[ev.index] = ev.output
+    assert set(errors) == {seqs[1].seq_id} and "image 0" in errors[seqs[1].seq_id]
+    assert [outputs[s.seq_id].token_ids for s in (seqs[0], seqs[2], seqs[3])] == [o.token_ids for o in ref]
+    st = llm.status()
+    assert st["waiting_preprocess"] == 0 and st["kv_blocks_free"] == st["kv_blocks_total"]
+    assert llm.engine.mm_blocks.num_free == llm.runner.num_mm_blocks and not llm.output_processor.states
+
+
+def test_abort_while_preprocessing(llava_llm: LLM) -> None:
+    llm = llava_llm
+    seq = llm.add_request(Request("x", images=[_png_bytes((64, 64))]), GREEDY)
+    out = llm.abort(seq)
+    assert out is not None and out.finish_reason == "abort" and out.token_ids == []
+    for _ in range(20):
+        llm.step()
+    assert not llm.has_work() and llm.status()["waiting_preprocess"] == 0
 
 
 @pytest.mark.parametrize(

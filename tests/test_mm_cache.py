@@ -273,11 +273,13 @@ def test_a_repeated_image_is_encoded_once_and_outputs_do_not_change(tiny_llava: 
     assert [o.token_ids for o in llm.generate(requests(), SP)] == [o.token_ids for o in reference]
     assert sum(calls) == 2  # a (twice in one request, in three requests, as bytes and as a data URL) and b
     s = llm.status()["mm_cache"]
-    assert (s["hits"], s["misses"], s["evictions"], s["images"], s["pixel_hits"], s["pixel_misses"]) == (3, 2, 0, 2,
-                                                                                                         3, 2)
+    assert (s["hits"], s["misses"], s["evictions"], s["images"]) == (3, 2, 0, 2)
+    # image workers run in parallel: two of them may both preprocess a; at least a and b once
+    assert s["pixel_hits"] + s["pixel_misses"] == 5 and s["pixel_misses"] >= 2 and s["pixel_images"] == 2
     # later requests: nothing is encoded or preprocessed again
     assert [o.token_ids for o in llm.generate(requests(), SP)] == [o.token_ids for o in reference]
-    assert sum(calls) == 2 and llm.status()["mm_cache"]["hits"] == 8
+    t = llm.status()["mm_cache"]
+    assert sum(calls) == 2 and t["hits"] == 8 and t["pixel_hits"] == s["pixel_hits"] + 5
     _no_leak(llm)
 
 

@@ -268,7 +268,7 @@ class _FailingEngine:
         self.add_fails = add_fails
         self.seqs: list[SimpleNamespace] = []
 
-    def add_request(self, request, sampling):
+    def add_request(self, request, sampling, arrival=None):
         if self.add_fails:
             raise RuntimeError("add_request exploded")
         self.seqs.append(SimpleNamespace(seq_id=len(self.seqs)))
@@ -461,7 +461,7 @@ class _RecordingEngine(_FailingEngine):
     def __init__(self) -> None:
         super().__init__(add_fails=True)
 
-    def add_request(self, request, sampling):
+    def add_request(self, request, sampling, arrival=None):
         raise RequestError(f"got images {request.images!r}")
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import threading
+import time
 from collections.abc import Iterator
 from types import SimpleNamespace
 
@@ -29,7 +30,7 @@ class _FakeEngine:
         self.status_fails = False
         self.next_id = 0
 
-    def add_request(self, request, sampling=None):
+    def add_request(self, request, sampling=None, arrival=None):
         prompt = request.prompt if isinstance(request, Request) else request
         if prompt == "refuse":
             raise ValueError("prompt refused")
@@ -238,6 +239,24 @@ def test_the_loop_streams_what_the_llm_generates_offline(llama_llm) -> None:
         status = _on_engine_thread(loop, loop.status_now)
         assert status["mode"] == "aggregated" and status["running"] == 0
         assert status["kv_blocks_free"] == status["kv_blocks_total"] and status["decode_graphs_capture"]
+    finally:
+        loop.stop()
+        assert loop.join(60)
+
+
+def test_ttft_counts_from_submit_not_from_when_the_engine_thread_takes_it(llama_llm) -> None:
+    """A request submitted while the engine thread is busy (here: a 0.3 s call) has its clock
+    running from submit: its TTFT and queue time include the wait."""
+    loop = EngineLoop(llama_llm)
+    loop.start()
+    try:
+        started = threading.Event()
+        loop.call(lambda: (started.set(), time.sleep(0.3)), lambda result, error: None)
+        assert started.wait(10)
+        handle = loop.submit("Count the birds", SamplingParams(max_tokens=2, ignore_eos=True), owner="c")
+        out = list(handle.events(60))[-1].output
+        waited = out.ttft_breakdown["queue_s"] + out.ttft_breakdown["wait_s"]  # text only: before prefill
+        assert out.ttft_s >= 0.25 and waited >= 0.25
     finally:
         loop.stop()
         assert loop.join(60)
