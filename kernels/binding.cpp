@@ -5,6 +5,7 @@
 #include "kernels/cuda_ipc/bind.h"
 #include "kernels/elementwise/bind.h"
 #include "kernels/gemv/bind.h"
+#include "kernels/image/bind.h"
 #include "kernels/rmsnorm_rope/bind.h"
 #include "kernels/sampling/bind.h"
 
@@ -16,4 +17,5 @@ PYBIND11_MODULE(_epd_C, m) {
   epd::bind_gemv(m);
   epd::bind_sampling(m);
   epd::bind_cuda_ipc(m);
+  epd::bind_image(m);
 }

@@ -36,16 +36,25 @@ from engine.epd import EPDEngine  # noqa: E402
 PROMPT = "Describe this picture in detail: the colours, the animals, the weather, and what happens next."
 
 
-def requests(n: int, images_per_request: int, size: int = 336) -> list[Request]:
-    rng = np.random.default_rng(0)
+def requests(n: int, images_per_request: int, size: tuple[int, int] = (336, 336), fmt: str = "png",
+             seed: int = 0) -> list[Request]:
+    """n requests of images_per_request distinct seeded images, width x height `size`: a smooth
+    gradient plus noise (photo-like to a codec, never constant), PNG or JPEG (quality 90)."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     out = []
     for _ in range(n):
-        pngs = []
+        data = []
         for _ in range(images_per_request):
+            phase = rng.uniform(0, 6.28, 3)
+            base = np.stack([127 + 100 * np.sin(xx / (40 + 30 * c) + yy / (55 + 20 * c) + phase[c])
+                             for c in range(3)], -1)
+            pixels = np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
             buf = io.BytesIO()
-            Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(buf, format="PNG")
-            pngs.append(buf.getvalue())
-        out.append(Request(PROMPT, images=pngs))
+            Image.fromarray(pixels).save(buf, format="JPEG" if fmt == "jpeg" else "PNG", quality=90)
+            data.append(buf.getvalue())
+        out.append(Request(PROMPT, images=data))
     return out
 
 
@@ -115,13 +124,21 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--backend", default="cuda", choices=["cuda", "torch"],
                    help='torch: a CPU smoke run (--placement "E:cpu P:cpu D:cpu")')
     p.add_argument("--no-share", action="store_true", help="copy KV blocks even when P and D share a GPU")
+    p.add_argument("--image-size", default="336x336", help="WxH of each image (default: 336x336)")
+    p.add_argument("--image-format", default="png", choices=["png", "jpeg"], help="how the images are encoded")
     args = p.parse_args(argv)
+    try:
+        size = tuple(int(v) for v in args.image_size.lower().split("x"))
+        assert len(size) == 2 and min(size) > 0
+    except (ValueError, AssertionError):
+        p.error(f"--image-size {args.image_size!r}: expected WxH, e.g. 1920x1080")
     for flag in ("requests", "check_requests", "images", "max_tokens", "kv_cache_tokens"):
         positive_int(f"--{flag.replace('_', '-')}", getattr(args, flag))
     devices = check_placement(args.placement, args.mode)
     check_device(None, args.backend)
     sp = SamplingParams(max_tokens=args.max_tokens, ignore_eos=True)
-    check, load = requests(args.check_requests, args.images), requests(args.requests, args.images)
+    check = requests(args.check_requests, args.images, size, args.image_format)
+    load = requests(args.requests, args.images, size, args.image_format, seed=1)
     settings = dict(backend=args.backend, device=devices["P"][0], dtype="bfloat16",
                     kv_cache_tokens=args.kv_cache_tokens)
     p_dev, d_dev = devices["P"][0], devices["D"][0]
@@ -176,13 +193,16 @@ def main(argv: list[str] | None = None) -> None:
 
     n_tokens = sum(len(o.token_ids) for o in outs)
     br = {k: median([o.ttft_breakdown[k] for o in outs]) * 1e3 for k in outs[0].ttft_breakdown}
-    print(f"\n{len(load)} requests at once, {args.images} image(s) each, {args.max_tokens} tokens out:")
+    print(f"\n{len(load)} requests at once, {args.images} {args.image_size} {args.image_format} image(s) each, "
+          f"{args.max_tokens} tokens out:")
     print("| mode | tokens/s | TTFT p50 ms | queue | preprocess | encode | wait | prefill (incl. hand-off) |")
     print("|---|---|---|---|---|---|---|---|")
     print(f"| {args.mode} {args.placement} | {n_tokens / wall:.0f} | {median([o.ttft_s for o in outs]) * 1e3:.1f} | "
           f"{br['queue_s']:.1f} | {br['preprocess_s']:.1f} | {br['encode_s']:.1f} | {br['wait_s']:.1f} | "
           f"{br['prefill_s']:.1f} |")
     print(f"| aggregated {p_dev} | {n_tokens / agg_wall:.0f} | | | | | | |")
+    share = median([sum(o.ttft_breakdown.get(k, 0.0) for k in ("queue_s", "preprocess_s", "encode_s")) for o in outs])
+    print(f"encode share of TTFT (queue + preprocess + encode), p50: {share * 1e3:.1f} ms")
     print("\n| hand-off (median per request) | when | bytes | ms | GB/s | ceiling GB/s | % |")
     print("|---|---|---|---|---|---|---|")
     for when, group in (("one at a time", alone), ("under load", outs)):

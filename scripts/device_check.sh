@@ -5,7 +5,8 @@
 # Stages: build; test (all GPU tests) or enginetest (the engine/EPD/IPC ones only); parity;
 # bench (kernels); engine (bench_decode, bench_offline); epd (bench_epd on one GPU, arena shared
 # and copied); epdmulti (bench_epd with EPD_PLACEMENT, default "E:0,1 P:0 D:1"); profile (per-kernel
-# decode profile at batch 1 and 8).
+# decode profile at batch 1 and 8); image (GPU preprocessing, LLaVA-NeXT and cache GPU tests, bench_preprocess,
+# bench_epd with 2 1920x1080 JPEGs per request); serve (the OpenAI-server sweep).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/device_out}
@@ -104,6 +105,17 @@ if [[ " $STAGES " == *" epdmulti "* ]]; then
   llava7b
   stage bench_epd_multi python3 scripts/bench_epd.py --model /tmp/llava-7b --placement "${EPD_PLACEMENT:-E:0,1 P:0 D:1}"
   grep -h "^|\|one at a time\|copy\|pull_blocks" "$OUT/bench_epd_multi.log" >> "$SUMMARY"
+fi
+if [[ " $STAGES " == *" image "* ]]; then  # issue 13: GPU preprocessing, LLaVA-NeXT, EPD encode share at 1080p JPEGs
+  stage pytest_image python3 -m pytest -q --tb=short -p no:cacheprovider tests/test_kernels_image.py \
+    tests/test_preprocess.py tests/test_preprocess_emulated.py
+  stage pytest_gpu_next python3 -m pytest -m gpu -q --tb=short -p no:cacheprovider tests/test_llava_next.py
+  stage bench_preprocess python3 scripts/bench_preprocess.py --json "$OUT/bench_preprocess.json"
+  grep -h "^|" "$OUT/bench_preprocess.log" >> "$SUMMARY"
+  llava7b
+  stage bench_epd_1080p python3 scripts/bench_epd.py --model /tmp/llava-7b --placement "E:0,0 P:0 D:0" \
+    --requests 48 --images 2 --image-size 1920x1080 --image-format jpeg --max-tokens 16 --check-requests 2
+  grep -h "^|\|encode share\|one at a time" "$OUT/bench_epd_1080p.log" >> "$SUMMARY"
 fi
 if [[ " $STAGES " == *" serve "* ]]; then  # OpenAI server sweep (scripts/serve_sweep.sh), one GPU by default
   llava7b

@@ -1,0 +1,224 @@
+"""Image preprocessing off the single-threaded PIL path: a CPU thread pool, or the GPU.
+
+    make_preprocessor(cfg, device, workers).preprocess(images) -> [N, 3, S, S]
+
+Both equal `engine.images.ImageProcessor(cfg).preprocess(images)`:
+- CPU (`CpuImagePreprocessor`): the same per-image function on `workers` threads (PIL releases the
+  GIL in decode and resize), so the output is identical by construction.
+- GPU (`GpuImagePreprocessor`): decode (below), then resize with our CUDA kernels, which reproduce
+  PIL's 8-bit resample bit for bit (kernels/image/reference.py, tested against PIL), then one batched
+  launch of HF center crop (zero pad) + rescale + normalize + HWC -> CHW through a [3, 256] table made
+  by ImageProcessor's own numpy operations. Given the same decoded uint8 pixels the float32 output is
+  ImageProcessor's bit for bit; bfloat16/float16 output is that rounded to nearest even.
+
+JPEG decode on the GPU uses nvjpeg through torchvision (`torchvision.io.decode_jpeg(list, device=)`,
+one batched call) when torchvision imports. nvjpeg's IDCT and chroma upsampling differ from libjpeg's
+(PIL): decoded pixels differ by a few uint8 levels, so for JPEGs the GPU output is within that
+tolerance of ImageProcessor's, not equal (scripts/bench_preprocess.py measures it). An image goes to
+nvjpeg only when nvjpeg decodes what PIL would (`nvjpeg_decodable`): JPEG data (bytes, a path or a
+base64 data URL) with PIL mode RGB (3 components; not grayscale, not CMYK), no Adobe marker, not
+progressive, no EXIF rotation (orientation 2-8, which load_image applies), ending with the EOI marker
+(truncated data goes to PIL, which rejects it), within the pixel limit. Everything else (PNG, WebP, PIL
+images, the excluded JPEGs) is decoded by `load_image` on the CPU (on `workers` threads) and uploaded;
+a batch that nvjpeg rejects is decoded that way too, so errors are ImageProcessor's.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import functools
+import io
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from engine.images import (
+    MAX_IMAGE_PIXELS,
+    ImageError,
+    ImageProcessor,
+    ImageProcessorConfig,
+    _shortest_edge_hw,
+    hf_composites_alpha,
+    load_image,
+)
+from kernels.image import reference as image_ref
+
+JPEG_SOI, JPEG_EOI = b"\xff\xd8\xff", b"\xff\xd9"
+EXIF_ORIENTATION = 0x0112
+
+
+def source_bytes(src: Any) -> bytes | None:
+    """The encoded bytes of bytes / a path / a base64 data URL; None for PIL images and for sources
+    that load_image should report on (missing file, bad base64)."""
+    if isinstance(src, (bytes, bytearray, memoryview)):
+        return bytes(src)
+    if isinstance(src, str) and src.startswith("data:"):
+        header, sep, payload = src.partition(",")
+        if not sep or not header.endswith(";base64"):
+            return None
+        try:
+            return base64.b64decode("".join(payload.split()), validate=True)
+        except (binascii.Error, ValueError):
+            return None
+    if isinstance(src, (str, Path)):
+        try:
+            return Path(src).read_bytes()
+        except OSError:
+            return None
+    return None
+
+
+def nvjpeg_decodable(data: bytes) -> bool:
+    """True when nvjpeg decodes `data` to the image PIL would (up to IDCT rounding); the rules are in
+    the module docstring. Reads the header only."""
+    if not data.startswith(JPEG_SOI) or not data.rstrip(b"\x00").endswith(JPEG_EOI):
+        return False
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+            return (image.format == "JPEG" and image.mode == "RGB" and width * height <= MAX_IMAGE_PIXELS
+                    and not image.info.get("progressive") and not image.info.get("progression")
+                    and "adobe" not in image.info and image.getexif().get(EXIF_ORIENTATION, 1) not in range(2, 9))
+    except Exception:
+        return False
+
+
+@functools.cache
+def nvjpeg_available() -> bool:
+    """torchvision imports (with its CUDA decode); it is optional: CI and CPU torch do without."""
+    try:
+        from torchvision.io import decode_jpeg  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def _pool(workers: int) -> ThreadPoolExecutor | None:
+    if workers < 1:
+        raise ImageError(f"image preprocessor: workers = {workers}; must be >= 1")
+    return ThreadPoolExecutor(workers, thread_name_prefix="preprocess") if workers > 1 else None
+
+
+class CpuImagePreprocessor:
+    """ImageProcessor on `workers` threads: `preprocess(images) -> [N, 3, S, S]` float32 (CPU), equal to
+    ImageProcessor.preprocess; the first failing image (in input order) raises, as there."""
+
+    def __init__(self, cfg: ImageProcessorConfig, workers: int = 1) -> None:
+        self.cfg = cfg
+        self.processor = ImageProcessor(cfg)
+        self._pool = _pool(workers)
+
+    def preprocess(self, images: list[Any]) -> torch.Tensor:
+        if self._pool is None or len(images) < 2:
+            return self.processor.preprocess(images)
+        out = list(self._pool.map(self.processor.preprocess_one, images, range(len(images))))
+        return torch.from_numpy(np.stack(out))
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+
+
+class GpuImagePreprocessor:
+    """`preprocess(images) -> [N, 3, S, S]` of `dtype` on a CUDA device; see the module docstring for
+    what equals ImageProcessor bit for bit and what is within JPEG decode tolerance."""
+
+    def __init__(self, cfg: ImageProcessorConfig, device: str | torch.device = "cuda",
+                 dtype: torch.dtype = torch.float32, workers: int = 1, nvjpeg: bool = True) -> None:
+        from kernels.image import cuda as image_ops  # needs the built extension
+
+        self.device = torch.device(device)
+        if self.device.type != "cuda":
+            raise ImageError(f"GpuImagePreprocessor needs a CUDA device, got {self.device}")
+        if self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        if cfg.do_resize and cfg.resample not in image_ref.FILTERS:
+            raise ImageError(f"image processor: resample {cfg.resample} has no GPU path; supported: "
+                             + ", ".join(f"{k} ({v})" for k, v in image_ref.FILTER_NAMES.items()))
+        self.cfg, self.dtype, self._ops = cfg, dtype, image_ops
+        self.composite_alpha = hf_composites_alpha() if cfg.composite_alpha is None else cfg.composite_alpha
+        lut = image_ref.normalize_lut(cfg.rescale_factor if cfg.do_rescale else None,
+                                      cfg.image_mean if cfg.do_normalize else None,
+                                      cfg.image_std if cfg.do_normalize else None)
+        self._lut = torch.from_numpy(lut).to(self.device)  # [3, 256] float32
+        self._pool = _pool(workers)
+        self.nvjpeg = nvjpeg and nvjpeg_available()
+
+    def preprocess(self, images: list[Any]) -> torch.Tensor:
+        """Images (anything load_image accepts) -> [N, 3, S, S] of dtype on the device."""
+        return self.resize_normalize(self.decode(images))
+
+    def decode(self, images: list[Any]) -> list[torch.Tensor]:
+        """Each image as [H, W, 3] uint8 on the device (nvjpeg results are permuted [3, H, W] views)."""
+        out: list[torch.Tensor | None] = [None] * len(images)
+        jpegs, on_cpu = [], []
+        for i, src in enumerate(images):
+            data = source_bytes(src) if self.nvjpeg else None
+            (jpegs if data is not None and nvjpeg_decodable(data) else on_cpu).append((i, data))
+        if jpegs:
+            from torchvision.io import ImageReadMode, decode_jpeg
+
+            raw = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for _, data in jpegs]
+            try:
+                decoded = decode_jpeg(raw, mode=ImageReadMode.RGB, device=self.device)
+            except RuntimeError:  # nvjpeg rejected one: PIL decodes them all and reports errors
+                on_cpu = sorted(on_cpu + jpegs)
+            else:
+                for (i, _), chw in zip(jpegs, decoded):
+                    out[i] = chw.permute(1, 2, 0)
+        indices = [i for i, _ in on_cpu]
+        load = lambda i: np.array(load_image(images[i], i, self.composite_alpha))  # [H, W, 3], writable
+        pixels = self._pool.map(load, indices) if self._pool is not None else map(load, indices)
+        for i, x in zip(indices, pixels):
+            out[i] = torch.from_numpy(x).to(self.device)
+        return out
+
+    def target_hw(self, height: int, width: int) -> tuple[int, int]:
+        """The resized (height, width), as ImageProcessor computes it."""
+        cfg = self.cfg
+        if not cfg.do_resize:
+            return height, width
+        return cfg.resize_hw or _shortest_edge_hw(height, width, cfg.shortest_edge or cfg.image_size)
+
+    def resize_normalize(self, pixels: list[torch.Tensor | np.ndarray]) -> torch.Tensor:
+        """Decoded images ([H, W, 3] uint8, CPU or device, any strides) -> [N, 3, S, S] of dtype: PIL-exact
+        resize per image into one flat buffer, then one batched crop + normalize launch."""
+        size = self.cfg.image_size
+        if not pixels:
+            return torch.empty((0, 3, size, size), dtype=self.dtype, device=self.device)
+        images = [x.to(self.device) if isinstance(x, torch.Tensor) else torch.from_numpy(np.array(x)).to(self.device)
+                  for x in pixels]
+        for i, x in enumerate(images):
+            if x.dtype != torch.uint8 or x.dim() != 3 or x.shape[2] != 3:
+                raise ImageError(f"image {i}: decoded pixels must be [H, W, 3] uint8, got {x.dtype} {tuple(x.shape)}")
+        hws = [self.target_hw(x.shape[0], x.shape[1]) for x in images]
+        offsets = np.cumsum([0] + [h * w * 3 for h, w in hws])
+        flat = torch.empty(int(offsets[-1]), dtype=torch.uint8, device=self.device)
+        for x, (h, w), start in zip(images, hws, offsets):
+            dst = flat[int(start): int(start) + h * w * 3].view(h, w, 3)
+            if self.cfg.do_resize:
+                self._ops.resize(x, (h, w), self.cfg.resample, out=dst)  # a copy when the size is unchanged
+            else:
+                dst.copy_(x)
+        meta = torch.tensor([[int(o), h, w] for o, (h, w) in zip(offsets, hws)], dtype=torch.int64)
+        return self._ops.crop_normalize(flat, meta.to(self.device), self._lut, size, self.dtype)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+
+
+def make_preprocessor(cfg: ImageProcessorConfig, device: str | torch.device = "cpu", workers: int = 1,
+                      dtype: torch.dtype = torch.float32) -> CpuImagePreprocessor | GpuImagePreprocessor:
+    """The preprocessor for `device`: GPU kernels on a CUDA device (workers decode non-nvjpeg images),
+    else ImageProcessor on `workers` threads (float32 only)."""
+    if torch.device(device).type == "cuda":
+        return GpuImagePreprocessor(cfg, device, dtype, workers)
+    if dtype != torch.float32:
+        raise ImageError(f"image preprocessor: the CPU path makes float32, got dtype {dtype}")
+    return CpuImagePreprocessor(cfg, workers)

@@ -1,0 +1,324 @@
+"""Image preprocessing off the PIL path: kernels/image/reference.py == PIL bit for bit, and
+engine/preprocess.py (CPU thread pool, GPU preprocessor, decode routing) == engine.images.
+
+CPU tests run in CI; the `gpu` ones need CUDA, the built extension and (for JPEG decode) torchvision.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from engine import images as images_mod
+from engine.images import ImageProcessor, ImageProcessorConfig
+from kernels.image import reference as ref
+
+FILTERS = [ref.BICUBIC, ref.BILINEAR, ref.LANCZOS, ref.BOX, ref.HAMMING]
+# (in_hw, out_hw): downscales by awkward factors, upscales, one axis only, no-op, 1 pixel
+RESIZES = [((1080, 1920), (336, 597)), ((3024, 4032), (336, 448)), ((1000, 37), (9081, 336)),
+           ((336, 336), (336, 336)), ((1, 1), (336, 336)), ((1, 1), (1, 1)), ((5, 7), (3, 2)),
+           ((100, 100), (100, 37)), ((100, 100), (37, 100)), ((333, 500), (336, 504)), ((2, 999), (1, 17))]
+
+
+def random_pixels(h: int, w: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def pil_resize(x: np.ndarray, out_hw: tuple[int, int], resample: int) -> np.ndarray:
+    return np.asarray(Image.fromarray(x).resize((out_hw[1], out_hw[0]), resample=resample))
+
+
+def assert_equal_pixels(name: str, got: np.ndarray, expected: np.ndarray) -> None:
+    assert got.shape == expected.shape, f"{name}: shape {got.shape} != {expected.shape}"
+    bad = np.argwhere(got != expected)
+    if len(bad):
+        lines = [f"  at {tuple(i)}: got {got[tuple(i)]}, PIL {expected[tuple(i)]}" for i in bad[:5]]
+        raise AssertionError(f"{name}: {len(bad)} values differ\n" + "\n".join(lines))
+
+
+# ----------------------------------------------------------------------------- reference == PIL
+
+
+@pytest.mark.parametrize("in_hw,out_hw", RESIZES)
+def test_reference_resize_bicubic_equals_pil(in_hw: tuple[int, int], out_hw: tuple[int, int]) -> None:
+    x = random_pixels(*in_hw, seed=in_hw[0] * 7 + in_hw[1])
+    assert_equal_pixels(f"{in_hw}->{out_hw}", ref.resize(x, out_hw, ref.BICUBIC), pil_resize(x, out_hw, ref.BICUBIC))
+
+
+@pytest.mark.parametrize("resample", FILTERS)
+def test_reference_resize_filters_equal_pil(resample: int) -> None:
+    rng = np.random.default_rng(resample)
+    for _ in range(12):
+        in_hw = tuple(int(v) for v in rng.integers(1, 400, 2))
+        out_hw = tuple(int(v) for v in rng.integers(1, 500, 2))
+        x = random_pixels(*in_hw, seed=int(rng.integers(1 << 30)))
+        assert_equal_pixels(f"filter {resample} {in_hw}->{out_hw}", ref.resize(x, out_hw, resample),
+                            pil_resize(x, out_hw, resample))
+
+
+def test_reference_resize_extremes_equal_pil() -> None:
+    """Saturated inputs push the accumulator to the clip limits (negative bicubic/lanczos lobes)."""
+    x = np.zeros((64, 64, 3), dtype=np.uint8)
+    x[::2, ::3] = 255
+    x[:, 31:33] = 255
+    for resample in FILTERS:
+        for out_hw in [(21, 17), (200, 190), (64, 5)]:
+            assert_equal_pixels(f"extremes {resample} {out_hw}", ref.resize(x, out_hw, resample),
+                                pil_resize(x, out_hw, resample))
+
+
+def test_pass_order_rule_equals_pil() -> None:
+    """Pillow 13 resizes vertically first when out_h < in_h and in_h - out_h > 2 (in_w - out_w); the
+    uint8 rounding between passes makes the order visible. Sizes on both sides of the boundary."""
+    rng = np.random.default_rng(11)
+    for h, w, ow in [(200, 200, 150), (221, 82, 18), (200, 150, 60), (150, 200, 120), (64, 40, 90)]:
+        boundary = h - 2 * (w - ow)
+        for oh in sorted({max(1, boundary - 1), max(1, boundary), max(1, min(h - 1, boundary + 1)), 1, h - 1}):
+            x = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+            rule = ref.PILLOW_VERTICAL_FIRST and oh < h and h - oh > 2 * (w - ow)
+            assert ref.vertical_first((h, w), (oh, ow)) == rule
+            for resample in [ref.BILINEAR, ref.BICUBIC]:
+                assert_equal_pixels(f"order {(h, w)}->{(oh, ow)} filter {resample}",
+                                    ref.resize(x, (oh, ow), resample), pil_resize(x, (oh, ow), resample))
+
+
+def test_horizontal_pass_row_span_changes_nothing() -> None:
+    """Pillow runs the horizontal pass only over the rows the vertical pass reads; rows are independent,
+    so doing all rows and slicing gives the same temporary image."""
+    x = random_pixels(300, 200, seed=3)
+    vb, _ = ref.resample_coeffs(300, 37, ref.BICUBIC)
+    hb, hk = ref.resample_coeffs(200, 51, ref.BICUBIC)
+    row0, row1 = ref.row_span(vb)
+    assert 0 <= row0 < row1 <= 300
+    full = ref.resample_pass(x, hb, hk, axis=1)
+    assert np.array_equal(ref.resample_pass(x[row0:row1], hb, hk, axis=1), full[row0:row1])
+
+
+def test_coeffs_layout() -> None:
+    bounds, coeffs = ref.resample_coeffs(1920, 597, ref.BICUBIC)
+    assert bounds.shape == (597, 2) and coeffs.shape[0] == 597 and coeffs.dtype == np.int32
+    assert (bounds[:, 0] >= 0).all() and (bounds[:, 0] + bounds[:, 1] <= 1920).all()
+    assert (bounds[:, 1] <= coeffs.shape[1]).all()
+    for i in [0, 1, 300, 596]:  # zero past the count; each row sums to ~1.0 in fixed point
+        assert (coeffs[i, bounds[i, 1]:] == 0).all()
+        assert abs(int(coeffs[i].sum()) - (1 << ref.PRECISION_BITS)) <= coeffs.shape[1]
+    with pytest.raises(ValueError, match="resample 0 is not supported"):
+        ref.resample_coeffs(10, 5, 0)
+
+
+# ----------------------------------------------------------------------------- crop + normalize == ImageProcessor
+
+
+@pytest.mark.parametrize("hw", [(336, 597), (597, 336), (336, 336), (100, 500), (500, 100), (7, 9), (337, 338)])
+def test_crop_offsets_equal_hf_center_crop(hw: tuple[int, int]) -> None:
+    x = random_pixels(*hw, seed=hw[0] + hw[1])
+    expected = images_mod._center_crop(x, 336)
+    lut = np.repeat(np.arange(256, dtype=np.float32)[None], 3, axis=0)  # identity: the crop alone
+    got = ref.crop_normalize(x, 336, lut)
+    assert np.array_equal(got.transpose(1, 2, 0), expected.astype(np.float32))
+
+
+@pytest.mark.parametrize("cfg", [ImageProcessorConfig(image_size=336),
+                                 ImageProcessorConfig(image_size=224, rescale_factor=0.0039, image_mean=(0.5,) * 3,
+                                                      image_std=(0.25, 0.3, 0.7)),
+                                 ImageProcessorConfig(image_size=64, do_rescale=False),
+                                 ImageProcessorConfig(image_size=64, do_normalize=False)], ids=str)
+def test_lut_pipeline_equals_image_processor(cfg: ImageProcessorConfig) -> None:
+    """reference.resize + crop_normalize(lut) == ImageProcessor.preprocess_one, bit for bit."""
+    lut = ref.normalize_lut(cfg.rescale_factor if cfg.do_rescale else None,
+                            cfg.image_mean if cfg.do_normalize else None, cfg.image_std if cfg.do_normalize else None)
+    processor = ImageProcessor(cfg)
+    for hw in [(480, 640), (50, 300), (cfg.image_size, cfg.image_size), (3, 3)]:
+        x = random_pixels(*hw, seed=hw[0])
+        out_hw = images_mod._shortest_edge_hw(hw[0], hw[1], cfg.shortest_edge)
+        got = ref.crop_normalize(ref.resize(x, out_hw, cfg.resample), cfg.image_size, lut)
+        expected = processor.preprocess_one(Image.fromarray(x))
+        assert got.dtype == expected.dtype == np.float32
+        assert np.array_equal(got, expected), f"{hw}: max diff {np.abs(got - expected).max()}"
+
+
+def jpeg_bytes(x: np.ndarray, **save: object) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(x).save(buf, format="JPEG", quality=90, **save)
+    return buf.getvalue()
+
+
+def png_bytes(x: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(x).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def smooth_pixels(h: int, w: int, seed: int) -> np.ndarray:
+    """Gradients + mild noise: what JPEG is made for (random noise exaggerates decoder differences)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = np.stack([xx * 255 / max(w - 1, 1), yy * 255 / max(h - 1, 1), (xx + yy) * 127 / max(h + w - 2, 1)], -1)
+    return np.clip(base + rng.normal(0, 6, (h, w, 3)), 0, 255).astype(np.uint8)
+
+
+# ----------------------------------------------------------------------------- CPU pool and decode routing
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_cpu_pool_equals_image_processor(workers: int, tmp_path) -> None:
+    from engine.preprocess import make_preprocessor
+
+    cfg = ImageProcessorConfig(image_size=64)
+    path = tmp_path / "a.png"
+    path.write_bytes(png_bytes(random_pixels(50, 90, seed=1)))
+    images = [jpeg_bytes(smooth_pixels(120, 80, seed=2)), str(path), Image.fromarray(random_pixels(64, 64, seed=3)),
+              png_bytes(random_pixels(7, 300, seed=4))]
+    pre = make_preprocessor(cfg, "cpu", workers)
+    try:
+        got = pre.preprocess(images)
+        assert torch.equal(got, ImageProcessor(cfg).preprocess(images))
+        assert pre.preprocess([]).shape == (0, 3, 64, 64)
+        with pytest.raises(images_mod.ImageError, match="image 1: cannot decode"):
+            pre.preprocess([images[0], b"not an image", b"also not"])
+    finally:
+        pre.close()
+
+
+def test_nvjpeg_routing_rules(tmp_path) -> None:
+    from engine.preprocess import nvjpeg_decodable, source_bytes
+
+    x = smooth_pixels(40, 60, seed=5)
+    plain = jpeg_bytes(x)
+    assert nvjpeg_decodable(plain)
+    assert not nvjpeg_decodable(png_bytes(x)), "PNG goes to PIL"
+    assert not nvjpeg_decodable(plain[: len(plain) // 2]), "truncated data goes to PIL (which rejects it)"
+    assert not nvjpeg_decodable(jpeg_bytes(x, progressive=True)), "progressive JPEG goes to PIL"
+    gray = io.BytesIO()
+    Image.fromarray(x[..., 0]).save(gray, format="JPEG", quality=90)
+    assert not nvjpeg_decodable(gray.getvalue()), "grayscale goes to PIL"
+    cmyk = io.BytesIO()
+    Image.fromarray(x).convert("CMYK").save(cmyk, format="JPEG", quality=90)
+    assert not nvjpeg_decodable(cmyk.getvalue()), "CMYK goes to PIL"
+    for orientation, expected in [(1, True), (3, False), (6, False), (8, False)]:
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        assert nvjpeg_decodable(jpeg_bytes(x, exif=exif.tobytes())) == expected, f"EXIF orientation {orientation}"
+    # sources: bytes, paths, data URLs give bytes; PIL images and bad sources go to load_image
+    path = tmp_path / "a.jpg"
+    path.write_bytes(plain)
+    url = "data:image/jpeg;base64," + base64.b64encode(plain).decode()
+    assert source_bytes(plain) == source_bytes(str(path)) == source_bytes(path) == source_bytes(url) == plain
+    assert source_bytes(Image.fromarray(x)) is None
+    assert source_bytes(str(tmp_path / "missing.jpg")) is None
+    assert source_bytes("data:image/jpeg;base64,@@@") is None
+
+
+def test_make_preprocessor_errors() -> None:
+    from engine.preprocess import make_preprocessor
+
+    cfg = ImageProcessorConfig(image_size=32)
+    with pytest.raises(images_mod.ImageError, match="workers = 0"):
+        make_preprocessor(cfg, "cpu", workers=0)
+    with pytest.raises(images_mod.ImageError, match="float32"):
+        make_preprocessor(cfg, "cpu", dtype=torch.bfloat16)
+
+
+# ----------------------------------------------------------------------------- GPU preprocessor (device machine)
+
+
+def _gpu_ready() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    try:
+        from kernels.image import cuda  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# nvjpeg vs libjpeg (PIL) decode, after resize, in uint8 levels: provisional until the bench has measured it
+JPEG_MEAN_LEVELS, JPEG_MAX_LEVELS = 1.5, 40
+MIXED_HW = [(1080, 1920), (37, 1000), (336, 336), (200, 100), (1, 1), (3024, 4032), (500, 333)]
+
+
+@functools.cache
+def mixed_pngs() -> list:
+    """PNGs of MIXED_HW (random pixels), an already decoded PIL image and a half-transparent RGBA PNG."""
+    rng = np.random.default_rng(0)
+    images: list = [png_bytes(random_pixels(h, w, seed=int(rng.integers(1 << 30)))) for h, w in MIXED_HW]
+    images.append(Image.fromarray(random_pixels(99, 77, seed=1)))
+    rgba = np.concatenate([random_pixels(40, 50, seed=2), np.full((40, 50, 1), 128, np.uint8)], axis=-1)
+    images.append(png_bytes(rgba))  # transparency: load_image's alpha rule
+    return images
+
+
+@pytest.mark.parametrize("cfg", [ImageProcessorConfig(image_size=336),
+                                 ImageProcessorConfig(image_size=224, resize_hw=(300, 200), resample=ref.LANCZOS),
+                                 ImageProcessorConfig(image_size=64, do_center_crop=False, resize_hw=(64, 64)),
+                                 ImageProcessorConfig(image_size=100, do_resize=False)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.gpu
+@pytest.mark.skipif(not _gpu_ready(), reason="needs CUDA and kernels._epd_C")
+def test_gpu_preprocessor_png_bit_exact(cfg: ImageProcessorConfig, dtype: torch.dtype) -> None:
+    from engine.preprocess import make_preprocessor
+
+    images = mixed_pngs()
+    pre = make_preprocessor(cfg, "cuda", workers=2, dtype=dtype)
+    got = pre.preprocess(images)
+    expected = ImageProcessor(cfg).preprocess(images).to(dtype)
+    assert got.device.type == "cuda" and got.dtype == dtype
+    assert torch.equal(got.cpu(), expected), f"max diff {(got.cpu().float() - expected.float()).abs().max().item()}"
+    assert pre.preprocess([]).shape == (0, 3, cfg.image_size, cfg.image_size)
+    pre.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _gpu_ready(), reason="needs CUDA and kernels._epd_C")
+def test_gpu_resize_normalize_same_pixels_bit_exact() -> None:
+    from engine.preprocess import GpuImagePreprocessor
+
+    cfg = ImageProcessorConfig(image_size=336)
+    pixels = [random_pixels(h, w, seed=h + w) for h, w in MIXED_HW]
+    pre = GpuImagePreprocessor(cfg)
+    chw = [torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1))).cuda().permute(1, 2, 0) for x in pixels]
+    expected = ImageProcessor(cfg).preprocess([Image.fromarray(x) for x in pixels])
+    assert torch.equal(pre.resize_normalize(pixels).cpu(), expected)  # numpy in, uploaded
+    assert torch.equal(pre.resize_normalize(chw).cpu(), expected)  # nvjpeg's [3, H, W] layout as a view
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _gpu_ready(), reason="needs CUDA and kernels._epd_C")
+def test_gpu_preprocessor_jpeg_within_decode_tolerance() -> None:
+    from engine.preprocess import GpuImagePreprocessor, nvjpeg_available
+
+    if not nvjpeg_available():
+        pytest.skip("needs torchvision (nvjpeg)")
+    cfg = ImageProcessorConfig(image_size=336)
+    rotated = Image.Exif()
+    rotated[0x0112] = 6
+    jpegs = [jpeg_bytes(smooth_pixels(h, w, seed=h * 3 + w)) for h, w in [(1080, 1920), (3024, 4032), (480, 640)]]
+    jpegs.append(jpeg_bytes(smooth_pixels(300, 200, seed=5), exif=rotated.tobytes()))  # goes to PIL
+    pre = GpuImagePreprocessor(cfg)
+    decoded = pre.decode(jpegs)
+    assert [not t.is_contiguous() for t in decoded] == [True, True, True, False], "nvjpeg for 0-2, PIL for 3"
+    got = pre.preprocess(jpegs).cpu()
+    expected = ImageProcessor(cfg).preprocess(jpegs)
+    std = torch.tensor(cfg.image_std).view(1, 3, 1, 1)
+    levels = ((got - expected) * std * 255).abs()  # back to uint8 levels
+    assert torch.equal(got[3], expected[3]), "the EXIF-rotated JPEG is decoded by PIL: exact"
+    assert levels.mean() <= JPEG_MEAN_LEVELS and levels.max() <= JPEG_MAX_LEVELS, \
+        f"nvjpeg vs PIL: mean {levels.mean().item():.3f}, max {levels.max().item():.1f} levels"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _gpu_ready(), reason="needs CUDA and kernels._epd_C")
+def test_gpu_preprocessor_errors_are_image_processors() -> None:
+    from engine.preprocess import GpuImagePreprocessor
+
+    pre = GpuImagePreprocessor(ImageProcessorConfig(image_size=32))
+    with pytest.raises(images_mod.ImageError, match="image 1: cannot decode"):
+        pre.preprocess([png_bytes(random_pixels(8, 8, seed=0)), b"not an image"])
+    with pytest.raises(images_mod.ImageError, match="no GPU path"):
+        GpuImagePreprocessor(ImageProcessorConfig(image_size=32, resample=0))

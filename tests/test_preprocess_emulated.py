@@ -1,0 +1,103 @@
+"""The Python glue of the GPU image path, on the CPU: kernels/image/cuda.py (pass order, first-pass
+spans, offsets, strided input, flat output slices) and GpuImagePreprocessor.resize_normalize (packing,
+meta, LUT), run against an emulation of the three _epd_C image ops that follows the kernels' index
+math (kernels/image/resample.cu, crop_normalize.cu). The kernels themselves are tested on the GPU
+(tests/test_kernels_image.py); this catches glue bugs in CI."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import kernels
+from engine.images import ImageProcessor, ImageProcessorConfig
+from kernels.image import reference as ref
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _resample(out: torch.Tensor, src: torch.Tensor, bounds: torch.Tensor, coeffs: torch.Tensor, offset: int,
+              horizontal: bool) -> None:
+    """resample_kernel: acc = 2^21 + sum over j < min(count, K) of in[first - offset + j] * k[j] where that index
+    is inside the input, clip8(acc >> 22)."""
+    assert out.is_contiguous() and out.dtype == src.dtype == torch.uint8
+    s, b, k = src.numpy(), bounds.numpy(), coeffs.numpy()
+    assert out.shape == ((s.shape[0], len(b), 3) if horizontal else (len(b), s.shape[1], 3))
+    n = s.shape[1 if horizontal else 0]
+    acc = np.full(out.shape, 1 << 21, np.int64)
+    for j in range(k.shape[1]):
+        idx = b[:, 0] - offset + j
+        w = k[:, j] * ((j < np.minimum(b[:, 1], k.shape[1])) & (idx >= 0) & (idx < n))
+        take = np.clip(idx, 0, n - 1)
+        if horizontal:
+            acc += s[:, take].astype(np.int64) * w[None, :, None]
+        else:
+            acc += s[take].astype(np.int64) * w[:, None, None]
+    out.copy_(torch.from_numpy(np.clip(acc >> 22, 0, 255).astype(np.uint8)))
+
+
+def _crop_normalize(out: torch.Tensor, src: torch.Tensor, meta: torch.Tensor, lut: torch.Tensor) -> None:
+    """crop_normalize_kernel: top/left = floor((dim - S) / 2), level 0 outside the image or the buffer."""
+    size, flat, table = out.shape[2], src.numpy(), lut.numpy()
+    i, j = np.mgrid[0:size, 0:size]
+    for n, (offset, h, w) in enumerate(meta.tolist()):
+        y, x = i + (h - size) // 2, j + (w - size) // 2
+        at = offset + (y * w + x) * 3
+        inside = (y >= 0) & (y < h) & (x >= 0) & (x < w) & (at >= 0) & (at + 2 < flat.size)
+        for c in range(3):
+            levels = np.where(inside, flat[np.clip(at + c, 0, flat.size - 1)], 0)
+            out[n, c] = torch.from_numpy(table[c][levels]).to(out.dtype)
+
+
+@pytest.fixture
+def emulated_ops(monkeypatch: pytest.MonkeyPatch) -> types.ModuleType:
+    """A private copy of kernels/image/cuda.py bound to the emulation (the real modules stay untouched)."""
+    fake = types.ModuleType("kernels._epd_C")
+    fake.resample_horizontal = lambda out, src, b, k, offset=0: _resample(out, src, b, k, offset, True)
+    fake.resample_vertical = lambda out, src, b, k, offset=0: _resample(out, src, b, k, offset, False)
+    fake.crop_normalize = _crop_normalize
+    spec = importlib.util.spec_from_file_location("emulated_image_cuda", ROOT / "kernels" / "image" / "cuda.py")
+    module = importlib.util.module_from_spec(spec)
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, "kernels._epd_C", fake)
+        m.setattr(kernels, "_epd_C", fake, raising=False)
+        spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("in_hw,out_hw", [((480, 640), (336, 448)), ((324, 35), (90, 119)), ((221, 82), (82, 18)),
+                                          ((100, 100), (100, 37)), ((100, 100), (37, 100)), ((5, 5), (5, 5)),
+                                          ((1, 1), (336, 336)), ((1000, 37), (600, 336))])
+def test_emulated_resize_equals_pil(emulated_ops: types.ModuleType, in_hw: tuple[int, int],
+                                    out_hw: tuple[int, int]) -> None:
+    x = np.random.default_rng(in_hw[0]).integers(0, 256, (*in_hw, 3), dtype=np.uint8)
+    expected = np.asarray(Image.fromarray(x).resize((out_hw[1], out_hw[0]), resample=ref.BICUBIC))
+    chw = torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1))).permute(1, 2, 0)  # nvjpeg's layout
+    assert np.array_equal(emulated_ops.resize(chw, out_hw).numpy(), expected)
+    flat = torch.zeros(5 + out_hw[0] * out_hw[1] * 3, dtype=torch.uint8)
+    emulated_ops.resize(torch.from_numpy(x), out_hw, out=flat[5:].view(*out_hw, 3))
+    assert np.array_equal(flat[5:].view(*out_hw, 3).numpy(), expected) and (flat[:5] == 0).all()
+
+
+@pytest.mark.parametrize("cfg", [ImageProcessorConfig(image_size=336),
+                                 ImageProcessorConfig(image_size=100, do_resize=False),
+                                 ImageProcessorConfig(image_size=64, do_center_crop=False, resize_hw=(64, 64))],
+                         ids=str)
+def test_emulated_resize_normalize_equals_image_processor(emulated_ops: types.ModuleType,
+                                                          cfg: ImageProcessorConfig) -> None:
+    from engine.preprocess import GpuImagePreprocessor
+
+    pre = GpuImagePreprocessor.__new__(GpuImagePreprocessor)  # no CUDA here: the CPU stands in for the device
+    pre.device, pre.cfg, pre.dtype, pre._ops = torch.device("cpu"), cfg, torch.float32, emulated_ops
+    pre._lut = torch.from_numpy(ref.normalize_lut(cfg.rescale_factor, cfg.image_mean, cfg.image_std))
+    rng = np.random.default_rng(1)
+    pixels = [rng.integers(0, 256, (*hw, 3), dtype=np.uint8) for hw in [(480, 640), (37, 1000), (336, 336), (1, 1)]]
+    expected = ImageProcessor(cfg).preprocess([Image.fromarray(p) for p in pixels])
+    assert torch.equal(pre.resize_normalize(pixels), expected)
