@@ -40,7 +40,8 @@ class AggregatedEngine:
         self.multi_step = config.multi_step
         self.kv_blocks = kv_blocks or BlockManager(runner.num_kv_blocks)
         self.mm_blocks = BlockManager(runner.num_mm_blocks) if runner.num_mm_blocks else None
-        self.encode = EncodeScheduler(self.mm_blocks, config.max_images_per_batch) if self.mm_blocks else None
+        self.encode = (EncodeScheduler(self.mm_blocks, config.max_images_per_batch, cache=config.mm_cache)
+                       if self.mm_blocks else None)
         self.prefill = PrefillScheduler(self.kv_blocks, runner.block_size, config.max_num_batched_tokens)
         self.decode = DecodeScheduler(self.kv_blocks, runner.block_size, config.max_num_seqs)
 
@@ -62,7 +63,7 @@ class AggregatedEngine:
             encoded = self.encode.schedule()
             if encoded:
                 start = time.perf_counter()
-                self.runner.encode(encoded)
+                self.runner.encode(encoded, self.encode.to_encode)  # images cached are not encoded again
                 end = time.perf_counter()
                 for seq in encoded:
                     self._phase(seq, "encode", start, end)

@@ -43,6 +43,10 @@ class BlockManager:
             raise ValueError(f"block {b} is not in this pool [{self.first}, {self.first + self.num_blocks})")
         return b - self.first
 
+    def refs(self, block: int) -> int:
+        """References held on one block (0: free)."""
+        return self._refs[self._index(block)]
+
     def share(self, blocks: list[int]) -> None:
         """Add a reference to blocks already held (e.g. a second reader)."""
         for b in blocks:

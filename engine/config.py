@@ -356,6 +356,9 @@ class EngineConfig:
     aggregated engine's front end; PIL releases the GIL while it decodes and resizes).
     max_images_per_batch: vision-tower inputs ("items") per encode batch: a LLaVA-1.5 image is one
     item, a LLaVA-NeXT image is 1 + its tiles; the MM arena holds two such batches.
+    mm_cache: keep image embeddings (MM blocks, evicted least recently used) and preprocessed
+    pixels (up to mm_pixel_cache_mb per process) by image content, so a repeated image is not
+    preprocessed or encoded again (engine/mm_cache.py); False: every image is encoded.
     """
 
     model: str
@@ -376,6 +379,8 @@ class EngineConfig:
     progress: bool | None = None
     torch_threads: int = 0
     image_workers: int = 4
+    mm_cache: bool = True
+    mm_pixel_cache_mb: int = 256
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model", str(self.model))
@@ -391,7 +396,7 @@ class EngineConfig:
             except (RuntimeError, TypeError):
                 raise ConfigError(f"device = {self.device!r} is not a device; use cpu, cuda or cuda:N") from None
         for name, low in (("max_num_seqs", 1), ("max_num_batched_tokens", 1), ("max_images_per_batch", 0),
-                          ("seed", 0), ("torch_threads", 0), ("image_workers", 1)):
+                          ("seed", 0), ("torch_threads", 0), ("image_workers", 1), ("mm_pixel_cache_mb", 0)):
             _check_int(name, getattr(self, name), low)
         _check_int("multi_step", self.multi_step, 1, MAX_MULTI_STEP)
         for name in ("max_model_len", "kv_cache_tokens"):
@@ -402,7 +407,7 @@ class EngineConfig:
         util = self.gpu_memory_utilization
         if isinstance(util, bool) or not isinstance(util, (int, float)) or not 0.0 < util <= 1.0:
             raise ConfigError(f"gpu_memory_utilization = {util!r}; must be a number in (0, 1]")
-        for name in ("cuda_graphs", "background_capture"):
+        for name in ("cuda_graphs", "background_capture", "mm_cache"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} = {getattr(self, name)!r}; must be True or False")
 
@@ -447,6 +452,11 @@ class EngineConfig:
                 raise ConfigError("max_model_len is unresolved: resolve the config with for_model first")
             tokens = 4 * self.max_model_len
         return None if tokens is None else -(-tokens // self.block_size)
+
+    @property
+    def pixel_cache_bytes(self) -> int:
+        """Bytes of preprocessed pixels a process keeps (0 with the cache off)."""
+        return self.mm_pixel_cache_mb * 2**20 if self.mm_cache else 0
 
 
 def _check_int(name: str, value: object, low: int, high: int | None = None) -> None:

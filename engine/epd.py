@@ -9,7 +9,8 @@ encodes the images itself: the DistServe-style baseline). A placement such as
 Each stage is one StageHandle (engine/stage_handles.py: process, channels, load, liveness, reports,
 arena; spawning and the start-up protocol live there too). The
 orchestrator validates and tokenizes (engine/input_processor.py), splits each request's items (NeXT tiles) across
-the least-loaded encoders (routing: engine/router.py), reassembles the embeddings' block
+the least-loaded encoders (routing: engine/router.py; an item seen before goes to the encoder
+that encoded it, whose cache answers at once: engine/mm_cache.py), reassembles the embeddings' block
 references in prompt order for prefill, hands prefilled KV blocks to decode, and streams tokens
 back with the per-request timestamps. A stage process that dies is detected: an encoder's work
 moves to another encoder; if prefill or decode dies, the requests in flight fail with an error
@@ -58,6 +59,7 @@ from engine.messages import (
     PrefillTask,
     Tokens,
 )
+from engine.mm_cache import EncoderHints, total_stats
 from engine.output_processor import OutputProcessor, RequestState
 from engine.placement import Placement
 from engine.request import Request, RequestOutput, Sequence, TokenEvent, append_step
@@ -74,6 +76,7 @@ log = logging.getLogger(__name__)
 class EPDEngine:
     # An engine that was never started (tests build one with __new__) has no stages.
     stages: Mapping[str, StageHandle] = MappingProxyType({})
+    mm_hints = EncoderHints(0)  # keeps nothing
 
     def __init__(self, model: str | Path | EngineConfig, placement: str | None = None, mode: str = "epd",
                  share_kv_arena: bool = True, start_timeout_s: float = 600.0, **settings: Any) -> None:
@@ -100,6 +103,8 @@ class EPDEngine:
         self.output_processor = OutputProcessor(self.input_processor.tokenizer)
         self.stages: dict[str, StageHandle] = {}  # by name, in start order
         self.router = Router()
+        # where each image was encoded last (its embeddings likely cached there): 4x what the encoders hold
+        self.mm_hints = EncoderHints(4 * len(where.of("encode")) * config.num_mm_blocks(self.cfg))
         self.broken: str | None = None
         self.flights: dict[int, _Flight] = {}  # requests in the stages, by seq_id
         self.late_events: list[TokenEvent] = []  # events found outside step(), returned by the next
@@ -226,6 +231,7 @@ class EPDEngine:
                 return
             for item, block in zip(part[1], msg.blocks):
                 flight.refs[item] = (msg.encoder, block)
+            self.mm_hints.learn(flight.keys(part[1]), msg.encoder)
             if not flight.parts:
                 flight.state.metrics.encode_end = now
                 try:
@@ -315,6 +321,7 @@ class EPDEngine:
             "stages_alive": {h.name: h.process.is_alive() for h in self.stages.values()},
             "requests_in_flight": len(self.flights),
             "encoder_images_in_flight": [h.load for h in self.of_kind("encode")],  # items (NeXT: tiles)
+            "mm_cache": {**total_stats({h.name: h.stats for h in self.stages.values()}), "hints": len(self.mm_hints)},
             "broken": self.broken,
             # per stage: pid, device and what it holds (from its start), then its latest report
             # (queues, blocks used, graphs)
@@ -331,7 +338,8 @@ class EPDEngine:
         in_flight = {i for _, items in flight.parts.values() for i in items}
         pending = [i for i in range(len(flight.items)) if i not in flight.refs and i not in in_flight]
         encoders = self.of_kind("encode")
-        assignment = self.router.encoders_for(pending, [h.routing_load() for h in encoders])
+        assignment = self.router.encoders_for(pending, [h.routing_load() for h in encoders], flight.seq.mm_keys,
+                                              self.mm_hints.where)
         if assignment is None:
             raise StageError("no encoder process is alive")
         flight.state.metrics.encode_start = flight.state.metrics.encode_start or time.perf_counter()
@@ -353,7 +361,7 @@ class EPDEngine:
         prefill.load += 1
         if self.mode == "pd":
             task = PrefillTask(seq.seq_id, seq.prompt_ids, [], seq.sampling, seq.seed, images=flight.images,
-                               image_sizes=seq.image_sizes)
+                               image_sizes=seq.image_sizes, item_keys=seq.mm_keys)
         else:
             refs = [flight.refs[i] for i in range(len(flight.items))]  # the items in prompt order
             task = PrefillTask(seq.seq_id, seq.prompt_ids, refs, seq.sampling, seq.seed, image_sizes=seq.image_sizes)
@@ -471,9 +479,14 @@ class _Flight:
         self.decode: int | None = None
 
     def encode_task(self, part: int, items: list[int]) -> EncodeTask:
-        """The task for `items` of this request: the images they come from, once each."""
+        """The task for `items` of this request: the images they come from, once each, and the
+        items' content keys."""
         used = sorted({self.items[i][0] for i in items})
         where = {image: k for k, image in enumerate(used)}
         return EncodeTask(self.seq.seq_id, part, [self.images[i] for i in used],
                           items=[(where[self.items[i][0]], self.items[i][1]) for i in items],
-                          image_sizes=[self.seq.image_sizes[i] for i in used])
+                          image_sizes=[self.seq.image_sizes[i] for i in used], keys=self.keys(items))
+
+    def keys(self, items: list[int]) -> list[str]:
+        """The content keys of these items ([] with the cache off)."""
+        return [self.seq.mm_keys[i] for i in items] if self.seq.mm_keys else []

@@ -69,15 +69,20 @@ def _read_file(src: str | Path, index: int, limit: int = -1) -> tuple[bytes, str
         raise ImageError(f"image {index}: cannot read {shown}: {e}") from e
 
 
-def _from_data_url(url: str, index: int, header_only: bool = False) -> Image.Image:
+def data_url_bytes(url: str, index: int = 0) -> bytes:
+    """The encoded image a base64 data URL carries (`index` labels errors)."""
     header, sep, payload = url.partition(",")
     if not sep or not header.endswith(";base64"):
         raise ImageError(f"image {index}: only base64 data URLs are supported "
                          "('data:image/png;base64,...')")
     try:
-        data = base64.b64decode("".join(payload.split()), validate=True)
+        return base64.b64decode("".join(payload.split()), validate=True)
     except (binascii.Error, ValueError) as e:
         raise ImageError(f"image {index}: data URL has invalid base64 ({e})") from e
+
+
+def _from_data_url(url: str, index: int, header_only: bool = False) -> Image.Image:
+    data = data_url_bytes(url, index)
     return _decode(data, f"data URL ({len(data)} bytes)", index, header_only)
 
 

@@ -12,6 +12,7 @@ import torch
 from engine.config import EngineConfig, ModelConfig
 from engine.images import check_image
 from engine.images_anyres import checked_sizes, image_processor_for
+from engine.mm_cache import PixelCache, cached_pixels, image_key, item_keys
 from engine.request import Request, Sequence
 from engine.sampling import RequestError, SamplingParams
 from engine.schedulers import blocks_for
@@ -28,6 +29,7 @@ class InputProcessor:
         self.kv_blocks, self.mm_blocks = kv_blocks, mm_blocks
         self.tokenizer = Tokenizer(config.model, cfg)
         self.image_processor = image_processor_for(config.model, cfg) if cfg.vision else None
+        self.pixel_cache = PixelCache(config.pixel_cache_bytes) if config.pixel_cache_bytes else None
         self._rng = random.Random(config.seed)
         self._next_id = 0
 
@@ -79,7 +81,10 @@ class InputProcessor:
                                               else "")
             raise RequestError(f"request has {what}; at most {self.mm_blocks} fit the MM arena "
                                "(raise max_images_per_batch)")
-        pixels = self.preprocess(images, sizes) if preprocess and images else None
+        # a key per item (image key:item), read without decoding: the encoder cache's unit
+        counts = [self.cfg.image_layout(h, w).num_items for h, w in sizes]
+        keys = item_keys([image_key(image, i) for i, image in enumerate(images)], counts) if config.mm_cache else []
+        pixels = self.preprocess(images, sizes, keys) if preprocess and images else None
         stops = set(sp.stop_token_ids) | (set() if sp.ignore_eos else set(self.tokenizer.eos_token_ids))
         seq = Sequence(
             seq_id=self._next_id,
@@ -89,16 +94,22 @@ class InputProcessor:
             stop_token_ids=frozenset(stops),
             pixel_values=pixels,
             image_sizes=sizes,
+            mm_keys=keys,
         )
         self._next_id += 1
         return seq, images
 
-    def preprocess(self, images: list[Any], sizes: list[tuple[int, int]]) -> torch.Tensor:
+    def preprocess(self, images: list[Any], sizes: list[tuple[int, int]], keys: list[str] = ()) -> torch.Tensor:
         """The tower's inputs (items) for a sequence's images, decoded and checked against the
-        sizes its tokens were counted for (seq.image_sizes). Thread-safe: the image workers run it."""
-        pixels, decoded = self.image_processor.preprocess_items(images)
-        checked_sizes(decoded, sizes, self.cfg)  # the token counts were made for the headers' sizes
-        return pixels
+        sizes its tokens were counted for (seq.image_sizes); with keys (seq.mm_keys, one per
+        item), images seen before come from the pixel cache. Thread-safe: the image workers run it."""
+        def make(which: list[int]) -> torch.Tensor:
+            pixels, decoded = self.image_processor.preprocess_items([images[i] for i in which])
+            checked_sizes(decoded, [sizes[i] for i in which], self.cfg)  # tokens were counted for these sizes
+            return pixels
+
+        counts = [self.cfg.image_layout(h, w).num_items for h, w in sizes]
+        return cached_pixels(make, counts, keys, self.pixel_cache)
 
     def tokenize(self, prompt: str, num_images: int = 0, raw_prompt: bool = False,
                  image_sizes: list[tuple[int, int]] | None = None) -> tuple[str, list[int]]:

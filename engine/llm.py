@@ -29,7 +29,8 @@ class LLM:
     `LLM(model_dir, **settings)`: the settings are EngineConfig's fields (engine/config.py:
     backend, dtype, device, max_model_len, block_size, kv_cache_tokens, max_num_seqs,
     max_num_batched_tokens, max_images_per_batch, gpu_memory_utilization, cuda_graphs,
-    background_capture, multi_step, seed, progress, torch_threads); or pass an EngineConfig.
+    background_capture, multi_step, seed, progress, torch_threads, mm_cache, mm_pixel_cache_mb); or
+    pass an EngineConfig.
     """
 
     def __init__(self, model: str | Path | EngineConfig, **settings: Any) -> None:
@@ -80,6 +81,7 @@ class LLM:
                          "bytes": runner.num_kv_blocks * runner.kv_block_bytes},
             "mm_blocks": runner.num_mm_blocks,
             "mm_bytes": runner.mm_arena.numel() * runner.mm_arena.element_size(),
+            "mm_cache": self.config.mm_cache,
             "max_model_len": self.max_model_len,
             "max_num_seqs": self.max_num_seqs,
             "multi_step": self.multi_step,
@@ -101,8 +103,9 @@ class LLM:
         return (f"LLM ready: {d['model']} ({d['architecture']}); backend {d['backend']} on {d['device']}, "
                 f"{d['dtype']}; weights from {files} ({_size(w['bytes'])}); KV cache {kv['blocks']} blocks x "
                 f"{kv['block_size']} = {kv['tokens']} tokens ({_size(kv['bytes'])}); MM arena {d['mm_blocks']} "
-                f"blocks ({_size(d['mm_bytes'])}); max_num_seqs {d['max_num_seqs']}, multi_step {d['multi_step']}, "
-                f"context {d['max_model_len']}; {graphs}")
+                f"blocks ({_size(d['mm_bytes'])}, image cache {'on' if d['mm_cache'] else 'off'}); "
+                f"max_num_seqs {d['max_num_seqs']}, multi_step {d['multi_step']}, context {d['max_model_len']}; "
+                f"{graphs}")
 
     # ------------------------------------------------------------------ requests
 
@@ -121,7 +124,8 @@ class LLM:
         seq, images = self.input_processor.make_sequence(request, sampling, preprocess=False)
         self.output_processor.add(seq.seq_id, seq.prompt_ids, seq.sampling, arrival)
         if images:
-            job = self._image_pool.submit(_timed, self.input_processor.preprocess, images, seq.image_sizes)
+            job = self._image_pool.submit(_timed, self.input_processor.preprocess, images, seq.image_sizes,
+                                          seq.mm_keys)
             self._preprocessing[seq.seq_id] = (seq, job)
         else:
             self.engine.add(seq)
@@ -184,7 +188,16 @@ class LLM:
             "kv_blocks_total": self.runner.num_kv_blocks,
             "decode_graphs_captured": sorted(self.runner.decode_graphs.graphs) if self.runner.decode_graphs else [],
             "preemptions": engine.num_preemptions,
+            "mm_cache": self.mm_cache_stats(),
         }
+
+    def mm_cache_stats(self) -> dict:
+        """The image caches (engine/mm_cache.py): embeddings (hits, misses, evictions, blocks
+        idle / in use / free) and pixels; {} for a model without a vision tower."""
+        if self.engine.encode is None:
+            return {}
+        pixels = self.input_processor.pixel_cache
+        return {**self.engine.encode.cache.stats(), **(pixels.stats() if pixels else {})}
 
     def abort(self, seq: Sequence) -> RequestOutput | None:
         """Drop a request (every one of its samples) wherever it is; its blocks return to the
@@ -219,7 +232,7 @@ class LLM:
         arrival = time.perf_counter()
         made = [self.input_processor.make_sequence(r, sampling, preprocess=False) for r in reqs]
         # every request's images decoded (in parallel) before any is queued: a bad one raises here
-        jobs = [self._image_pool.submit(_timed, self.input_processor.preprocess, images, seq.image_sizes)
+        jobs = [self._image_pool.submit(_timed, self.input_processor.preprocess, images, seq.image_sizes, seq.mm_keys)
                 if images else None for seq, images in made]
         try:
             timed = [job.result() if job else None for job in jobs]

@@ -70,6 +70,7 @@ class EncodeTask:
     # or a NeXT base, 1.. = tiles); empty: every item of every image
     items: list[tuple[int, int]] = field(default_factory=list)
     image_sizes: list[tuple[int, int]] = field(default_factory=list)  # (height, width) the orchestrator counted
+    keys: list[str] = field(default_factory=list)  # content key per item (engine/mm_cache.py); []: not cached
 
 
 @dataclass
@@ -77,11 +78,13 @@ class Encoded:
     req_id: int
     part: int
     encoder: int
-    blocks: list[int]  # one MM block per item of the task, in order
+    blocks: list[int]  # one MM block per item of the task, in order (a cached item's: one more reference)
 
 
 @dataclass
 class FreeMM:
+    """Drop one reference to each block (cached images stay in the encoder's cache)."""
+
     blocks: list[int]
     encoder: int = 0  # whose arena (the orchestrator forwards it there)
 
@@ -95,6 +98,7 @@ class PrefillTask:
     seed: int
     images: list[Any] = field(default_factory=list)  # pd: image sources, encoded by prefill itself
     image_sizes: list[tuple[int, int]] = field(default_factory=list)  # (height, width) per image: the row layouts
+    item_keys: list[str] = field(default_factory=list)  # pd: content key per item
 
 
 @dataclass

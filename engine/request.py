@@ -74,6 +74,7 @@ class Sequence:
     pixel_values: torch.Tensor | None = None  # [num_items, 3, S, S]: the tower's inputs, image after image
     # (height, width) of each image in prompt order: its items and row layout (ModelConfig.image_layout)
     image_sizes: list[tuple[int, int]] = field(default_factory=list)
+    mm_keys: list[str] = field(default_factory=list)  # content key per item (engine/mm_cache.py); [] without
     output_ids: list[int] = field(default_factory=list)
     block_table: list[int] = field(default_factory=list)  # KV blocks
     mm_blocks: list[int] = field(default_factory=list)  # MM-arena blocks, one per item, until prefill
@@ -132,7 +133,7 @@ class Sequence:
         its own seed and (empty) block table."""
         return Sequence(seq_id=self.seq_id, prompt_ids=self.prompt_ids, sampling=self.sampling, seed=seed,
                         stop_token_ids=self.stop_token_ids, pixel_values=self.pixel_values,
-                        image_sizes=self.image_sizes,
+                        image_sizes=self.image_sizes, mm_keys=self.mm_keys,
                         num_cached=self.num_cached, status=self.status, sample_index=index, parent=self)
 
     def append_tokens(self, tokens: list[int]) -> list[int]:

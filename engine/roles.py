@@ -3,7 +3,8 @@ kind, index and the resolved EngineConfig) inside a worker process (ipc/worker.p
 it messages (engine/messages.py) and calls step() while it is busy. Roles hold their weights,
 arenas, block managers and runner; they hold no queues of the transport and never block.
 
-    encode:   EncodeTask -> image embeddings into its MM arena -> Encoded
+    encode:   EncodeTask -> image embeddings into its MM arena (cached ones are not encoded
+              again) -> Encoded
     prefill:  PrefillTask (MM refs) -> reads the embeddings (in place when the encoder's arena
               is on its device, else copied into its own MM blocks), frees them (FreeMM, for
               the encoder), prefills into its KV arena -> Prefilled
@@ -26,13 +27,14 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
 from engine.aggregated import AggregatedEngine
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig, ModelConfig
-from engine.images_anyres import all_items, checked_sizes, image_processor_for, select_items
+from engine.images_anyres import all_items, image_processor_for
 from engine.messages import (
     Abort,
     DecodeTask,
@@ -52,9 +54,9 @@ from engine.messages import (
     SizeKV,
     Tokens,
 )
+from engine.mm_cache import EncoderCache, PixelCache, acquire_and_encode, item_pixels
 from engine.request import Sequence, Status, append_step
 from engine.runner import ModelRunner, kv_block_shape, kv_blocks_from_memory, load_weights, mm_arena_shape
-from engine.sampling import SamplingParams
 from engine.schedulers import PrefillScheduler, blocks_for
 from ipc.arena import SharedArena
 from ipc.migration import pull_blocks
@@ -92,6 +94,16 @@ def _gb(tensor: torch.Tensor, rows: int | None = None) -> float:
 
 def _blocks(manager: BlockManager | None) -> dict:
     return {"used": manager.num_blocks - manager.num_free, "total": manager.num_blocks} if manager else {}
+
+
+def _mm_blocks(cache: EncoderCache) -> dict:
+    """An MM arena's blocks: used by requests, idle in the cache (evicted when needed), total."""
+    s = cache.stats()
+    return {"used": s["in_use_blocks"], "cached": s["idle_blocks"], "total": s["total_blocks"]}
+
+
+def _pixel_cache(config: EngineConfig) -> PixelCache | None:
+    return PixelCache(config.pixel_cache_bytes) if config.pixel_cache_bytes else None
 
 
 def _synchronize(device: torch.device) -> None:
@@ -147,7 +159,9 @@ class _Role:
 
 
 class EncodeRole(_Role):
-    """Encode images into this worker's MM arena; free blocks when prefill says so."""
+    """Encode images into this worker's MM arena through its encoder cache (engine/mm_cache.py):
+    an image cached there is answered at once with its blocks (one more reference), so it serves
+    whichever prefill gets the request; FreeMM drops a reference."""
 
     def __init__(self, spec: RoleSpec, send: Send) -> None:
         super().__init__(spec, send)
@@ -160,7 +174,9 @@ class EncodeRole(_Role):
             self.runner.capture_graphs()
         self.graphs = sorted(self.runner.vision_graphs.graphs) if self.runner.vision_graphs else []
         self.blocks = BlockManager(self.runner.num_mm_blocks)
+        self.cache = EncoderCache(self.blocks, enabled=config.mm_cache)  # serves every prefill
         self.image_processor = image_processor_for(config.model, cfg)
+        self.pixel_cache = _pixel_cache(config)
         self.pending: deque[EncodeTask] = deque()
         send(Loaded(self.name, kv_owner=False))
         send(Exported(self.name, self.arena.handle))
@@ -169,11 +185,11 @@ class EncodeRole(_Role):
 
     @property
     def busy(self) -> bool:  # FCFS: the first task waits for MM blocks to be freed
-        return bool(self.pending) and self.blocks.can_allocate(len(self.pending[0].items))
+        return bool(self.pending) and self.cache.can_acquire(self.pending[0].keys, [1] * len(self.pending[0].items))
 
     def handle(self, msg: object) -> None:
         if isinstance(msg, FreeMM):
-            self.blocks.free(msg.blocks)
+            self.cache.release(msg.blocks)
         elif isinstance(msg, EncodeTask):
             if not msg.items:  # every item of every image (LLaVA-1.5: one per image)
                 msg.items = all_items(self.cfg, msg.image_sizes or [(None, None)] * len(msg.images))
@@ -185,19 +201,24 @@ class EncodeRole(_Role):
     def step(self) -> None:
         while self.busy:
             task = self.pending.popleft()
-            blocks = self.blocks.allocate(len(task.items))
-            try:
-                pixels = select_items(self.image_processor, self.cfg, task.images, task.items, task.image_sizes)
-                seq = Sequence(seq_id=task.req_id, prompt_ids=[], sampling=SamplingParams(), seed=0,
-                               stop_token_ids=frozenset(), pixel_values=pixels, mm_blocks=blocks)
-                self.runner.encode([seq])
+            try:  # cached items are answered at once (busy: the blocks fit)
+                blocks = acquire_and_encode(self.cache, self.runner, task.keys, len(task.items),
+                                            partial(self._pixels, task))
+                assert blocks is not None, "busy said the blocks fit"
                 self.send(Encoded(task.req_id, task.part, self.spec.index, blocks))
             except Exception as e:  # a bad image fails its request, not the stage
-                self.blocks.free(blocks)
                 self.send(Failed(task.req_id, self.name, str(e), images=len(task.items)))
 
+    def _pixels(self, task: EncodeTask, misses: list[int]) -> torch.Tensor:
+        """The tower's inputs for the task's items at positions `misses` (not cached)."""
+        return item_pixels(self.image_processor, self.cfg, self.pixel_cache, task.images,
+                           [task.items[m] for m in misses], task.image_sizes,
+                           [task.keys[m] for m in misses] if task.keys else [])
+
     def stats(self) -> dict:
-        return {"waiting": len(self.pending), "mm_blocks": _blocks(self.blocks), "vision_graphs": self.graphs}
+        pixels = self.pixel_cache.stats() if self.pixel_cache else {}
+        return {"waiting": len(self.pending), "mm_blocks": _mm_blocks(self.cache), "vision_graphs": self.graphs,
+                "mm_cache": {**self.cache.stats(), **pixels}}
 
     def close(self) -> None:
         self.arena.close()
@@ -215,7 +236,9 @@ class PrefillRole(_Role):
         # own MM blocks: images encoded here (pd), or copied from an encoder on another device
         self.mm_arena = torch.empty(mm_arena_shape(config, cfg), dtype=self.dtype, device=self.device)
         self.mm_blocks = BlockManager(self.mm_arena.shape[0])
+        self.mm_cache = EncoderCache(self.mm_blocks, enabled=config.mm_cache and spec.encodes)  # pd: its encodes
         self.image_processor = image_processor_for(config.model, cfg) if spec.encodes else None
+        self.pixel_cache = _pixel_cache(config) if spec.encodes else None
         self.arena: SharedArena | None = None
         self.runner: ModelRunner | None = None
         self.peers: list[SharedArena] = []
@@ -317,15 +340,18 @@ class PrefillRole(_Role):
             seq.mm_peer_blocks = list(task.mm_refs)
             return 0
         try:
-            blocks = self.mm_blocks.allocate(count)
+            if task.images:  # pd: encoded here, through this prefill's own encoder cache
+                items = all_items(self.cfg, task.image_sizes)
+                blocks = acquire_and_encode(self.mm_cache, self.runner, task.item_keys, len(items), lambda misses: (
+                    item_pixels(self.image_processor, self.cfg, self.pixel_cache, task.images,
+                                [items[m] for m in misses], task.image_sizes,
+                                [task.item_keys[m] for m in misses] if task.item_keys else [])))
+            else:
+                blocks = self.mm_cache.allocate(count)
             if blocks is None:
                 raise RuntimeError(f"prefill MM staging arena is full ({count} items)")
             seq.mm_blocks = blocks
             if task.images:
-                seq.pixel_values, sizes = self.image_processor.preprocess_items(task.images)
-                checked_sizes(sizes, task.image_sizes, self.cfg)
-                self.runner.encode([seq])
-                seq.pixel_values = None
                 return 0
             for local, (encoder, block) in zip(blocks, task.mm_refs):
                 self.mm_arena[local].copy_(self.peers[encoder].tensor[block], non_blocking=True)
@@ -355,8 +381,10 @@ class PrefillRole(_Role):
     def stats(self) -> dict:
         if self.runner is None:
             return {}
+        pixels = self.pixel_cache.stats() if self.pixel_cache else {}
+        cache = {"mm_cache": {**self.mm_cache.stats(), **pixels}} if self.spec.encodes else {}
         return {"waiting": len(self.sched.waiting), "kv_blocks": _blocks(self.kv_blocks),
-                "mm_blocks": _blocks(self.mm_blocks)}
+                "mm_blocks": _mm_blocks(self.mm_cache), **cache}
 
     def close(self) -> None:
         for peer in self.peers:

@@ -143,11 +143,18 @@ class ModelRunner:
         return self.model.encode_images(self.ops, pixel_values)
 
     @torch.inference_mode()
-    def encode(self, seqs: list[Sequence]) -> None:
-        """Encode every item of `seqs` in one batch into their MM-arena blocks (one per item)."""
-        pixels = torch.cat([s.pixel_values for s in seqs])
-        blocks = self._tensor([b for s in seqs for b in s.mm_blocks], torch.int64)
-        self.mm_arena[blocks] = self.encode_images(pixels)
+    def encode(self, seqs: list[Sequence], items: list[tuple[Sequence, int]] | None = None) -> None:
+        """Encode every item of `seqs` in one batch into their MM-arena blocks (one per item); or
+        only `items`, (sequence, item index) pairs (the others' embeddings are cached)."""
+        if items is None:
+            pixels = torch.cat([s.pixel_values for s in seqs])
+            blocks = [b for s in seqs for b in s.mm_blocks]
+        else:
+            if not items:
+                return
+            pixels = torch.cat([seq.pixel_values[i : i + 1] for seq, i in items])
+            blocks = [seq.mm_blocks[i] for seq, i in items]
+        self.mm_arena[self._tensor(blocks, torch.int64)] = self.encode_images(pixels)
 
     # ------------------------------------------------------------------ steps
 

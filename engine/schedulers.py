@@ -1,7 +1,8 @@
 """One scheduler per stage kind. Each owns a FCFS queue and the blocks it hands out.
 
 - EncodeScheduler: batches requests' images up to an item budget; MM blocks per item (a
-  vision-tower input: a LLaVA-1.5 image, or a LLaVA-NeXT image's base or one of its tiles).
+  vision-tower input: a LLaVA-1.5 image, or a LLaVA-NeXT image's base or one of its tiles),
+  through the encoder cache (engine/mm_cache.py): a cached item is not encoded again.
 - PrefillScheduler: packs whole prompts (varlen) up to a token budget; KV blocks per prompt.
 - DecodeScheduler: continuous batching; when KV blocks run out, preempts the newest
   sequence, whose blocks are freed and which is recomputed later (nothing is lost).
@@ -14,6 +15,7 @@ from __future__ import annotations
 from collections import deque
 
 from engine.block_manager import BlockManager
+from engine.mm_cache import EncoderCache, items_per_image
 from engine.request import Sequence, Status
 
 
@@ -23,12 +25,15 @@ def blocks_for(num_tokens: int, block_size: int) -> int:
 
 class EncodeScheduler:
     """Sequences waiting for their images to be encoded into MM blocks (one block per item).
-    max_images_per_batch counts items."""
+    max_images_per_batch counts items. Blocks come from the encoder cache over mm_blocks
+    (cache=False: it keeps nothing)."""
 
-    def __init__(self, mm_blocks: BlockManager, max_images_per_batch: int) -> None:
+    def __init__(self, mm_blocks: BlockManager, max_images_per_batch: int, cache: bool = True) -> None:
         self.blocks = mm_blocks
+        self.cache = EncoderCache(mm_blocks, enabled=cache)
         self.max_images = max_images_per_batch
         self.waiting: deque[Sequence] = deque()
+        self.to_encode: list[tuple[Sequence, int]] = []  # the last batch's images not cached: (seq, image)
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -38,22 +43,34 @@ class EncodeScheduler:
         A request with more items than the batch limit goes alone."""
         batch: list[Sequence] = []
         images = 0
+        self.to_encode = []
         while self.waiting:
             seq = self.waiting[0]
             n = seq.num_items
             if batch and images + n > self.max_images:
                 break
-            blocks = self.blocks.allocate(n)
-            if blocks is None:
+            misses = self.acquire(seq)
+            if misses is None:
                 break
-            seq.mm_blocks = blocks
+            self.to_encode += [(seq, i) for i in misses]
             batch.append(self.waiting.popleft())
             images += n
         return batch
 
+    def acquire(self, seq: Sequence) -> list[int] | None:
+        """Give seq the MM blocks of its images (cached ones shared, equal ones once); returns
+        the images whose embeddings must be encoded into them, or None (nothing taken) when the
+        arena cannot hold them now."""
+        taken = self.cache.acquire(seq.mm_keys, items_per_image(seq))
+        if taken is None:
+            return None
+        seq.mm_blocks = [b for blocks, _ in taken for b in blocks]
+        return [i for i, (_, hit) in enumerate(taken) if not hit]
+
     def release(self, seq: Sequence) -> None:
-        """Free a sequence's MM blocks once prefill has consumed them."""
-        self.blocks.free(seq.mm_blocks)
+        """Drop a sequence's references to its MM blocks once prefill has consumed them (cached
+        images stay, for the next request that shows them)."""
+        self.cache.release(seq.mm_blocks)
         seq.mm_blocks = []
 
 

@@ -56,10 +56,10 @@ class KVSessions:
         self._reserve(seq, seq.num_tokens)
         try:
             if seq.num_items:
-                seq.mm_blocks = engine.mm_blocks.allocate(seq.num_items)
-                if seq.mm_blocks is None:
+                misses = engine.encode.acquire(seq)
+                if misses is None:
                     raise RequestError("MM arena full; retry when running requests have been prefilled")
-                runner.encode([seq])
+                runner.encode([seq], [(seq, i) for i in misses])
             seq.output_ids.append(runner.prefill([seq]).token_ids[0])
         except Exception:
             self.llm.abort(seq)

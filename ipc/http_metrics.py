@@ -1,10 +1,12 @@
 """Prometheus metrics of the HTTP server (ipc/http_server.py), one registry per app: requests by
 endpoint and outcome, TTFT / TPOT / E2E histograms, and gauges read from the engine's status at
-each scrape (queue lengths and blocks in use, per stage)."""
+each scrape (queue lengths and blocks in use, per stage), and the image caches' counters, which
+the engine keeps (hits, misses, evictions per stage: epd_mm_cache_*_total)."""
 
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from engine.request import RequestOutput
 
@@ -34,6 +36,8 @@ class HTTPMetrics:
         self.blocks = Gauge("epd_blocks_in_use", "arena blocks in use per stage", ["stage", "arena"], registry=r)
         self.blocks_total = Gauge("epd_blocks_total", "arena blocks per stage", ["stage", "arena"], registry=r)
         self.up = Gauge("epd_engine_up", "1 when the engine serves, 0 while loading or broken", registry=r)
+        self.mm_cache = MMCacheCollector()
+        r.register(self.mm_cache)
 
     def finished(self, endpoint: str, out: RequestOutput) -> None:
         self.requests.labels(endpoint, "success").inc()
@@ -55,12 +59,15 @@ class HTTPMetrics:
         self.queue.clear()
         self.blocks.clear()
         self.blocks_total.clear()
+        self.mm_cache.by_stage = {}
         if status is not None:
             self._from_status(status)
         return generate_latest(self.registry)
 
     def _from_status(self, status: dict) -> None:
         if status.get("mode") == "aggregated":
+            if status.get("mm_cache"):
+                self.mm_cache.by_stage = {"aggregated": status["mm_cache"]}
             self.queue.labels("aggregated", "running").set(status.get("running", 0))
             self.queue.labels("aggregated", "waiting_prefill").set(status.get("waiting_prefill", 0))
             self.queue.labels("aggregated", "waiting_encode").set(status.get("waiting_encode", 0))
@@ -68,6 +75,8 @@ class HTTPMetrics:
             self.blocks.labels("aggregated", "kv").set(total - status.get("kv_blocks_free", total))
             self.blocks_total.labels("aggregated", "kv").set(total)
             return
+        self.mm_cache.by_stage = {stage: stats["mm_cache"] for stage, stats in (status.get("stages") or {}).items()
+                                  if stats.get("mm_cache")}
         for stage, stats in (status.get("stages") or {}).items():
             for state in ("running", "waiting"):
                 if state in stats:
@@ -77,3 +86,31 @@ class HTTPMetrics:
                 if "used" in used:
                     self.blocks.labels(stage, arena.removesuffix("_blocks")).set(used["used"])
                     self.blocks_total.labels(stage, arena.removesuffix("_blocks")).set(used["total"])
+
+
+class MMCacheCollector:
+    """The image caches' counters as Prometheus counters, from the stats the engine's status
+    carries per stage (the engine counts; a scrape shows its latest report)."""
+
+    COUNTERS = (("hits", "images whose embeddings were cached (not encoded again)"),
+                ("misses", "images not cached: encoded (or failed)"),
+                ("evictions", "cached images evicted for room"),
+                ("pixel_hits", "images whose preprocessed pixels were cached"),
+                ("pixel_misses", "images preprocessed"))
+
+    def __init__(self) -> None:
+        self.by_stage: dict[str, dict] = {}
+
+    def collect(self):
+        for name, doc in self.COUNTERS:
+            family = CounterMetricFamily(f"epd_mm_cache_{name}", doc, labels=["stage"])
+            for stage, stats in self.by_stage.items():
+                if name in stats:
+                    family.add_metric([stage], stats[name])
+            yield family
+        idle = GaugeMetricFamily("epd_mm_cache_idle_blocks", "MM blocks holding cached images no request uses",
+                                 labels=["stage"])
+        for stage, stats in self.by_stage.items():
+            if "idle_blocks" in stats:
+                idle.add_metric([stage], stats["idle_blocks"])
+        yield idle

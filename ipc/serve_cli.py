@@ -89,6 +89,10 @@ def build_parser(model_help: str = "HF checkpoint directory (required)") -> argp
     p.add_argument("--gpu-memory-utilization", type=float,
                    help="share of the GPU for weights + KV (default: 0.9; epd: the stages on one GPU share it)")
     p.add_argument("--no-cuda-graphs", action="store_true", help="decode eagerly (cuda backend)")
+    p.add_argument("--no-mm-cache", action="store_true",
+                   help="encode every image, even one seen before (no caches keyed by image content)")
+    p.add_argument("--mm-pixel-cache-mb", type=int, default=256,
+                   help="preprocessed pixels kept per process, MB (0: none)")
     agg = p.add_argument_group("aggregated mode only")
     agg.add_argument("--background-capture", action="store_true",
                      help="serve at once; capture the decode graphs on a side stream")
@@ -120,6 +124,8 @@ def check_args(args: argparse.Namespace) -> None:
     positive_int("--multi-step", args.multi_step, 64)
     positive_int("--max-model-len", args.max_model_len)
     positive_int("--max-num-batched-tokens", args.max_num_batched_tokens)
+    if args.mm_pixel_cache_mb < 0:
+        raise CLIError(f"--mm-pixel-cache-mb = {args.mm_pixel_cache_mb}; must be >= 0")
     if args.gpu_memory_utilization is not None and not 0.0 < args.gpu_memory_utilization <= 1.0:
         raise CLIError(f"--gpu-memory-utilization = {args.gpu_memory_utilization}; must be in (0, 1]")
     if args.allowed_local_media_path is not None and not Path(args.allowed_local_media_path).is_dir():
@@ -149,6 +155,7 @@ def load_engine(args: argparse.Namespace, model: Path):
                           max_num_seqs=args.max_num_seqs, kv_cache_tokens=args.kv_cache_tokens,
                           max_images_per_batch=args.max_images_per_batch, cuda_graphs=not args.no_cuda_graphs,
                           background_capture=args.background_capture, seed=args.seed,
+                          mm_cache=not args.no_mm_cache, mm_pixel_cache_mb=args.mm_pixel_cache_mb,
                           **{k: v for k, v in optional.items() if v is not None})
     if args.mode == "aggregated":
         from engine import LLM

@@ -135,7 +135,7 @@ class TeacherForcing:
             s.block_table = engine.kv_blocks.allocate(need)
             assert s.block_table is not None, "KV cache too small for the parity batch"
             if s.num_items:
-                s.mm_blocks = engine.mm_blocks.allocate(s.num_items)
+                s.mm_blocks = engine.encode.cache.allocate(s.num_items)  # evicts cached images if it must
                 assert s.mm_blocks is not None, "MM arena too small for the parity batch"
         with_images = [s for s in seqs if s.num_items]
         if with_images:

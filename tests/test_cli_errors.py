@@ -56,6 +56,7 @@ CASES: list[tuple[str, list[str], dict, str]] = [
     ("serve.py", ["--model", "{llava}", "--placement", "P:cpu D:cpu"], {}, "--placement applies to --mode epd or pd"),
     ("serve.py", ["--model", "{llava}", "--device", "cpu", "--backend", "cuda"], {}, "--backend cuda runs on a GPU"),
     ("serve.py", ["--model", "{llava}", "--multi-step", "0"], {}, "--multi-step = 0; must be in [1, 64]"),
+    ("serve.py", ["--model", "{llava}", "--mm-pixel-cache-mb", "-1"], {}, "--mm-pixel-cache-mb = -1; must be >= 0"),
     ("serve.py", ["--model", "{llava}", "--mode", "epd", "--background-capture"], {},
      "--background-capture: aggregated mode only"),
     ("serve.py", ["--model", "{llava}", "--max-num-seqs", "0"], {}, "--max-num-seqs = 0; must be >= 1"),

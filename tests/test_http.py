@@ -139,7 +139,8 @@ def test_models_health_metrics(client, server: UvicornThread) -> None:
     assert 'epd_requests_total{endpoint="completions",outcome="success"}' in text
     for name in ("epd_time_to_first_token_seconds_bucket", "epd_time_per_output_token_seconds_bucket",
                  "epd_e2e_request_latency_seconds_bucket", 'epd_queue_length{stage="aggregated",state="running"}',
-                 'epd_blocks_in_use{arena="kv",stage="aggregated"}', "epd_engine_up 1.0"):
+                 'epd_blocks_in_use{arena="kv",stage="aggregated"}', "epd_engine_up 1.0",
+                 'epd_mm_cache_hits_total{stage="aggregated"}', 'epd_mm_cache_misses_total{stage="aggregated"}'):
         assert name in text, name
 
 

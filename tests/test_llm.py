@@ -154,7 +154,8 @@ def test_stream_closed_early_frees_everything(llava_llm: LLM) -> None:
     engine = llava_llm.engine
     assert not engine.has_work()
     assert engine.kv_blocks.num_free == llava_llm.runner.num_kv_blocks
-    assert engine.mm_blocks.num_free == llava_llm.runner.num_mm_blocks
+    assert engine.encode.cache.stats()["in_use_blocks"] == 0  # what stays is cached images, no request's
+    engine.encode.cache.check()
     assert len(llava_llm.generate("still works", GREEDY)[0].token_ids) == 12
 
 
@@ -221,7 +222,7 @@ def test_images_are_preprocessed_off_the_engine_thread(llava_llm: LLM) -> None:
     assert [outputs[s.seq_id].token_ids for s in (seqs[0], seqs[2], seqs[3])] == [o.token_ids for o in ref]
     st = llm.status()
     assert st["waiting_preprocess"] == 0 and st["kv_blocks_free"] == st["kv_blocks_total"]
-    assert llm.engine.mm_blocks.num_free == llm.runner.num_mm_blocks and not llm.output_processor.states
+    assert llm.engine.encode.cache.stats()["in_use_blocks"] == 0 and not llm.output_processor.states
 
 
 def test_abort_while_preprocessing(llava_llm: LLM) -> None:

@@ -153,7 +153,7 @@ def test_samples_with_images_survive_preemption(tiny_llava: Path, llava_llm: LLM
     outs = small.generate(requests, sp)
     assert any(i > 0 for i in preempted), preempted  # a forked sample was preempted and recomputed
     assert [[o.token_ids for o in r.outputs] for r in outs] == [[o.token_ids for o in r.outputs] for r in reference]
-    assert _all_free(small) and small.engine.mm_blocks.num_free == small.runner.num_mm_blocks
+    assert _all_free(small) and small.engine.encode.cache.stats()["in_use_blocks"] == 0
 
 
 def test_capacity_counts_every_sample(tiny_llama: Path, llama_llm: LLM) -> None:

@@ -25,7 +25,7 @@ class FakeRunner:
         self.kv: BlockManager | None = None  # the engine's, to check that no write lands in a shared block
         self.copies: list[tuple[int, int]] = []
 
-    def encode(self, seqs: list[Sequence]) -> None:
+    def encode(self, seqs: list[Sequence], images: list[tuple[Sequence, int]] | None = None) -> None:
         for s in seqs:
             assert len(s.mm_blocks) == s.num_items
             self.encoded.add(s.seq_id)
