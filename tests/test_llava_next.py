@@ -6,6 +6,7 @@ layouts), tokenization, prefill logits and greedy tokens, aggregated and EPD wit
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -182,13 +183,22 @@ def test_epd_two_encoders_split_tiles_and_match_hf(tiny_next: Path, next_llm: LL
         split = []
         original = epd.router.encoders_for
 
-        def spy(items, encoders):
-            assignment = original(items, encoders)
+        def spy(items, encoders, *keys_and_hints):
+            assignment = original(items, encoders, *keys_and_hints)
             split.append({e: list(v) for e, v in (assignment or {}).items()})
             return assignment
 
         epd.router.encoders_for = spy
         outs = epd.generate(reqs, sp)
+        # the same request again: each of its 8 items is answered by the encoder that cached it
+        again = epd.generate(reqs[:1], sp)[0]
+        cfg = next_llm.cfg
+        items = [sum(cfg.image_layout(im.height, im.width).num_items for im in r.images) for r in reqs]
+        deadline = time.monotonic() + 30  # the encoders report their counters asynchronously
+        while (cache := epd.status()["mm_cache"]).get("hits") != 8 and time.monotonic() < deadline:
+            epd.step(timeout_s=0.05)
+        assert (cache["hits"], cache["misses"]) == (8, sum(items))
+        assert again.token_ids == outs[0].token_ids and split[-1] == split[0]
     assert len(split[0]) == 2, f"the first request's items went to one encoder only: {split[0]}"
     cfg = next_llm.cfg
     items = sum(cfg.image_layout(im.height, im.width).num_items for im in reqs[0].images)
