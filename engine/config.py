@@ -353,7 +353,10 @@ class EngineConfig:
     gpu_memory_utilization leaves after weights and activations; on the CPU, 4 x max_model_len).
     torch_threads: torch CPU threads of the process (0: leave torch's default).
     image_workers: threads that decode and preprocess images off the engine thread (the
-    aggregated engine's front end; PIL releases the GIL while it decodes and resizes).
+    aggregated engine's front end, an encoder's PIL decodes; PIL releases the GIL while it decodes
+    and resizes). image_preprocess: "auto" (a stage that encodes on a GPU with the cuda backend
+    decodes and preprocesses LLaVA-1.5 images there: nvjpeg + PIL-exact kernels,
+    engine/preprocess.py) or "cpu" (PIL everywhere).
     max_images_per_batch: vision-tower inputs ("items") per encode batch: a LLaVA-1.5 image is one
     item, a LLaVA-NeXT image is 1 + its tiles; the MM arena holds two such batches.
     mm_cache: keep image embeddings (MM blocks, evicted least recently used) and preprocessed
@@ -379,6 +382,7 @@ class EngineConfig:
     progress: bool | None = None
     torch_threads: int = 0
     image_workers: int = 4
+    image_preprocess: str = "auto"
     mm_cache: bool = True
     mm_pixel_cache_mb: int = 256
 
@@ -407,6 +411,8 @@ class EngineConfig:
         util = self.gpu_memory_utilization
         if isinstance(util, bool) or not isinstance(util, (int, float)) or not 0.0 < util <= 1.0:
             raise ConfigError(f"gpu_memory_utilization = {util!r}; must be a number in (0, 1]")
+        if self.image_preprocess not in ("auto", "cpu"):
+            raise ConfigError(f"image_preprocess = {self.image_preprocess!r}; use 'auto' or 'cpu'")
         for name in ("cuda_graphs", "background_capture", "mm_cache"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} = {getattr(self, name)!r}; must be True or False")

@@ -232,8 +232,9 @@ class EPDEngine:
             for item, block in zip(part[1], msg.blocks):
                 flight.refs[item] = (msg.encoder, block)
             self.mm_hints.learn(flight.keys(part[1]), msg.encoder)
-            if not flight.parts:
-                flight.state.metrics.encode_end = now
+            if not flight.parts:  # the last part: the critical path's preprocess and tower times
+                metrics = flight.state.metrics
+                metrics.encode_end, metrics.preprocess_s, metrics.tower_s = now, msg.preprocess_s, msg.tower_s
                 try:
                     self._dispatch_prefill(flight, now)
                 except StageError as e:  # no prefill instance left: this request fails, step goes on

@@ -79,6 +79,8 @@ class Encoded:
     part: int
     encoder: int
     blocks: list[int]  # one MM block per item of the task, in order (a cached item's: one more reference)
+    preprocess_s: float = 0.0  # decoding + preprocessing the task's items not cached (synchronized)
+    tower_s: float = 0.0  # the vision tower + projector on them (synchronized)
 
 
 @dataclass

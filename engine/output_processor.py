@@ -25,6 +25,7 @@ class Metrics:
 
     arrival: float = field(default_factory=time.perf_counter)
     preprocess_s: float = 0.0  # decoding and preprocessing its images (inside the encode interval in EPD)
+    tower_s: float | None = None  # EPD: the encoder's tower time (the rest of the encode interval is queueing)
     encode_start: float | None = None  # first encode of its images (requests with images)
     encode_end: float | None = None
     prefill_start: float | None = None  # first prefill (TTFT = first_token - arrival)
@@ -57,8 +58,9 @@ class Metrics:
         enc0, enc1 = self.encode_start or self.arrival, self.encode_end or self.arrival
         pre = self.prefill_start or enc1
         end = self.first_token or pre
-        return {"queue_s": enc0 - self.arrival - self.preprocess_s, "preprocess_s": self.preprocess_s,
-                "encode_s": enc1 - enc0, "wait_s": pre - enc1, "prefill_s": end - pre}
+        tower = enc1 - enc0 if self.tower_s is None else self.tower_s  # EPD: the encoder measured it
+        return {"queue_s": enc1 - self.arrival - self.preprocess_s - tower, "preprocess_s": self.preprocess_s,
+                "encode_s": tower, "wait_s": pre - enc1, "prefill_s": end - pre}
 
     def ttft_s(self) -> float:
         return (self.first_token or self.arrival) - self.arrival

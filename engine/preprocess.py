@@ -31,7 +31,7 @@ import functools
 import io
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -47,6 +47,9 @@ from engine.images import (
     load_image,
 )
 from kernels.image import reference as image_ref
+
+if TYPE_CHECKING:
+    from engine.config import EngineConfig, ModelConfig
 
 JPEG_SOI, JPEG_EOI = b"\xff\xd8\xff", b"\xff\xd9"
 EXIF_ORIENTATION = 0x0112
@@ -113,6 +116,14 @@ class CpuImagePreprocessor:
         self.processor = ImageProcessor(cfg)
         self._pool = _pool(workers)
 
+    def preprocess_items(self, images: list[Any]) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+        """ImageProcessor.preprocess_items on the pool: (pixels, each image's decoded (height, width))."""
+        if self._pool is None or len(images) < 2:
+            return self.processor.preprocess_items(images)
+        loaded = list(self._pool.map(self.processor.load, images, range(len(images))))
+        out = list(self._pool.map(self.processor.pixels, loaded))
+        return torch.from_numpy(np.stack(out)), [(image.height, image.width) for image in loaded]
+
     def preprocess(self, images: list[Any]) -> torch.Tensor:
         if self._pool is None or len(images) < 2:
             return self.processor.preprocess(images)
@@ -152,6 +163,12 @@ class GpuImagePreprocessor:
     def preprocess(self, images: list[Any]) -> torch.Tensor:
         """Images (anything load_image accepts) -> [N, 3, S, S] of dtype on the device."""
         return self.resize_normalize(self.decode(images))
+
+    def preprocess_items(self, images: list[Any]) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+        """(pixels [N, 3, S, S] on the device, each image's decoded (height, width)): the
+        interface the engine's image processors share (engine/images_anyres.select_items)."""
+        decoded = self.decode(images)
+        return self.resize_normalize(decoded), [(int(x.shape[0]), int(x.shape[1])) for x in decoded]
 
     def decode(self, images: list[Any]) -> list[torch.Tensor]:
         """Each image as [H, W, 3] uint8 on the device (nvjpeg results are permuted [3, H, W] views)."""
@@ -222,3 +239,21 @@ def make_preprocessor(cfg: ImageProcessorConfig, device: str | torch.device = "c
     if dtype != torch.float32:
         raise ImageError(f"image preprocessor: the CPU path makes float32, got dtype {dtype}")
     return CpuImagePreprocessor(cfg, workers)
+
+
+def stage_image_processor(config: EngineConfig, cfg: ModelConfig):
+    """The image processor of a stage that encodes (an EPD encoder, a pd prefill): on a GPU with
+    the cuda backend and config.image_preprocess "auto", LLaVA-1.5 images are decoded (nvjpeg) and
+    preprocessed on that GPU, batched per task; otherwise (the CPU, the torch backend, "cpu",
+    LLaVA-NeXT's tiles) the checkpoint's PIL processor on config.image_workers threads where it
+    can. Either has preprocess_items(images) -> (pixels, decoded sizes)."""
+    from engine.images_anyres import image_processor_for
+
+    processor = image_processor_for(config.model, cfg)
+    device = torch.device(config.device)
+    if not isinstance(processor, ImageProcessor):  # anyres tiles: the PIL path (no GPU tiling yet)
+        return processor
+    if config.image_preprocess == "auto" and device.type == "cuda" and config.backend == "cuda":
+        return GpuImagePreprocessor(processor.cfg, device, config.torch_dtype, config.image_workers)
+    return CpuImagePreprocessor(processor.cfg, config.image_workers)
+

@@ -34,7 +34,7 @@ import torch
 from engine.aggregated import AggregatedEngine
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig, ModelConfig
-from engine.images_anyres import all_items, image_processor_for
+from engine.images_anyres import all_items
 from engine.messages import (
     Abort,
     DecodeTask,
@@ -55,6 +55,7 @@ from engine.messages import (
     Tokens,
 )
 from engine.mm_cache import EncoderCache, PixelCache, acquire_and_encode, item_pixels
+from engine.preprocess import stage_image_processor
 from engine.request import Sequence, Status, append_step
 from engine.runner import ModelRunner, kv_block_shape, kv_blocks_from_memory, load_weights, mm_arena_shape
 from engine.schedulers import PrefillScheduler, blocks_for
@@ -175,7 +176,7 @@ class EncodeRole(_Role):
         self.graphs = sorted(self.runner.vision_graphs.graphs) if self.runner.vision_graphs else []
         self.blocks = BlockManager(self.runner.num_mm_blocks)
         self.cache = EncoderCache(self.blocks, enabled=config.mm_cache)  # serves every prefill
-        self.image_processor = image_processor_for(config.model, cfg)
+        self.image_processor = stage_image_processor(config, cfg)  # on this GPU where it can
         self.pixel_cache = _pixel_cache(config)
         self.pending: deque[EncodeTask] = deque()
         send(Loaded(self.name, kv_owner=False))
@@ -201,19 +202,29 @@ class EncodeRole(_Role):
     def step(self) -> None:
         while self.busy:
             task = self.pending.popleft()
+            timing = {"preprocess_s": 0.0}
             try:  # cached items are answered at once (busy: the blocks fit)
+                start = time.perf_counter()
                 blocks = acquire_and_encode(self.cache, self.runner, task.keys, len(task.items),
-                                            partial(self._pixels, task))
+                                            partial(self._pixels, task, timing))
                 assert blocks is not None, "busy said the blocks fit"
-                self.send(Encoded(task.req_id, task.part, self.spec.index, blocks))
+                # the embeddings must be in the arena before a prefill (another process) reads them
+                _synchronize(self.device)
+                tower_s = time.perf_counter() - start - timing["preprocess_s"]
+                self.send(Encoded(task.req_id, task.part, self.spec.index, blocks, timing["preprocess_s"], tower_s))
             except Exception as e:  # a bad image fails its request, not the stage
                 self.send(Failed(task.req_id, self.name, str(e), images=len(task.items)))
 
-    def _pixels(self, task: EncodeTask, misses: list[int]) -> torch.Tensor:
-        """The tower's inputs for the task's items at positions `misses` (not cached)."""
-        return item_pixels(self.image_processor, self.cfg, self.pixel_cache, task.images,
-                           [task.items[m] for m in misses], task.image_sizes,
-                           [task.keys[m] for m in misses] if task.keys else [])
+    def _pixels(self, task: EncodeTask, timing: dict, misses: list[int]) -> torch.Tensor:
+        """The tower's inputs for the task's items at positions `misses` (not cached); the time
+        it took (synchronized) goes into timing["preprocess_s"]."""
+        start = time.perf_counter()
+        pixels = item_pixels(self.image_processor, self.cfg, self.pixel_cache, task.images,
+                             [task.items[m] for m in misses], task.image_sizes,
+                             [task.keys[m] for m in misses] if task.keys else [])
+        _synchronize(self.device)
+        timing["preprocess_s"] = time.perf_counter() - start
+        return pixels
 
     def stats(self) -> dict:
         pixels = self.pixel_cache.stats() if self.pixel_cache else {}
@@ -237,7 +248,7 @@ class PrefillRole(_Role):
         self.mm_arena = torch.empty(mm_arena_shape(config, cfg), dtype=self.dtype, device=self.device)
         self.mm_blocks = BlockManager(self.mm_arena.shape[0])
         self.mm_cache = EncoderCache(self.mm_blocks, enabled=config.mm_cache and spec.encodes)  # pd: its encodes
-        self.image_processor = image_processor_for(config.model, cfg) if spec.encodes else None
+        self.image_processor = stage_image_processor(config, cfg) if spec.encodes else None
         self.pixel_cache = _pixel_cache(config) if spec.encodes else None
         self.arena: SharedArena | None = None
         self.runner: ModelRunner | None = None
