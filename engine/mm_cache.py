@@ -258,7 +258,7 @@ def cached_pixels(make: Callable[[list[int]], torch.Tensor], counts: Seq[int], k
             got[i] = list(fresh[row : row + counts[i]])
             row += counts[i]
             for key, item in zip(keys[starts[i] : starts[i] + counts[i]], got[i]):
-                cache.put(key, item)
+                cache.put(key, item.clone())  # not a view: the batch it came from would stay alive
     return torch.stack([item for items in got for item in items])
 
 
@@ -304,7 +304,7 @@ def item_pixels(processor: Any, cfg: ModelConfig, cache: PixelCache | None, imag
         for i, x in zip(need, fresh):
             got[i] = x
             if cache is not None and keys:
-                cache.put(keys[i], x)
+                cache.put(keys[i], x.clone())  # not a view: the batch it came from would stay alive
     return torch.stack(got)
 
 

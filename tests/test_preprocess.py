@@ -179,6 +179,9 @@ def test_cpu_pool_equals_image_processor(workers: int, tmp_path) -> None:
     try:
         got = pre.preprocess(images)
         assert torch.equal(got, ImageProcessor(cfg).preprocess(images))
+        pixels, sizes = pre.preprocess_items(images)  # the engine's interface (select_items)
+        want, want_sizes = ImageProcessor(cfg).preprocess_items(images)
+        assert torch.equal(pixels, want) and sizes == want_sizes and len(sizes) == 4
         assert pre.preprocess([]).shape == (0, 3, 64, 64)
         with pytest.raises(images_mod.ImageError, match="image 1: cannot decode"):
             pre.preprocess([images[0], b"not an image", b"also not"])
@@ -270,6 +273,8 @@ def test_gpu_preprocessor_png_bit_exact(cfg: ImageProcessorConfig, dtype: torch.
     expected = ImageProcessor(cfg).preprocess(images).to(dtype)
     assert got.device.type == "cuda" and got.dtype == dtype
     assert torch.equal(got.cpu(), expected), f"max diff {(got.cpu().float() - expected.float()).abs().max().item()}"
+    pixels, sizes = pre.preprocess_items(images)
+    assert torch.equal(pixels.cpu(), expected) and sizes == ImageProcessor(cfg).preprocess_items(images)[1]
     assert pre.preprocess([]).shape == (0, 3, cfg.image_size, cfg.image_size)
     pre.close()
 
@@ -322,3 +327,23 @@ def test_gpu_preprocessor_errors_are_image_processors() -> None:
         pre.preprocess([png_bytes(random_pixels(8, 8, seed=0)), b"not an image"])
     with pytest.raises(images_mod.ImageError, match="no GPU path"):
         GpuImagePreprocessor(ImageProcessorConfig(image_size=32, resample=0))
+
+
+def test_stage_image_processor_choice(tiny_llava) -> None:
+    """An encoding stage on the CPU (or with image_preprocess "cpu") gets the PIL pool; on a GPU with
+    the cuda backend, the GPU preprocessor (checked where CUDA is)."""
+    from engine.config import EngineConfig, ModelConfig
+    from engine.preprocess import CpuImagePreprocessor, GpuImagePreprocessor, stage_image_processor
+
+    cfg = ModelConfig.from_dir(tiny_llava)
+    cpu = stage_image_processor(EngineConfig(str(tiny_llava), device="cpu", backend="torch", image_workers=2), cfg)
+    assert isinstance(cpu, CpuImagePreprocessor)
+    with pytest.raises(Exception, match="image_preprocess = 'gpu'; use 'auto' or 'cpu'"):
+        EngineConfig(str(tiny_llava), image_preprocess="gpu")
+    if _gpu_ready():
+        gpu = stage_image_processor(EngineConfig(str(tiny_llava), device="cuda", backend="cuda", dtype="bfloat16"),
+                                    cfg)
+        assert isinstance(gpu, GpuImagePreprocessor) and gpu.dtype == torch.bfloat16
+        off = EngineConfig(str(tiny_llava), device="cuda", backend="cuda", image_preprocess="cpu")
+        assert isinstance(stage_image_processor(off, cfg), CpuImagePreprocessor)
+
