@@ -356,7 +356,9 @@ class EngineConfig:
     aggregated engine's front end, an encoder's PIL decodes; PIL releases the GIL while it decodes
     and resizes). image_preprocess: "auto" (a stage that encodes on a GPU with the cuda backend
     decodes and preprocesses LLaVA-1.5 images there: nvjpeg + PIL-exact kernels,
-    engine/preprocess.py) or "cpu" (PIL everywhere).
+    engine/preprocess.py) or "cpu" (PIL everywhere). mm_cache_items: MM-arena blocks beyond two
+    encode batches, for cached image embeddings and for items encoded ahead of a busy prefill
+    (None: 256 on a GPU, 0 on the CPU).
     max_images_per_batch: vision-tower inputs ("items") per encode batch: a LLaVA-1.5 image is one
     item, a LLaVA-NeXT image is 1 + its tiles; the MM arena holds two such batches.
     mm_cache: keep image embeddings (MM blocks, evicted least recently used) and preprocessed
@@ -383,6 +385,7 @@ class EngineConfig:
     torch_threads: int = 0
     image_workers: int = 4
     image_preprocess: str = "auto"
+    mm_cache_items: int | None = None
     mm_cache: bool = True
     mm_pixel_cache_mb: int = 256
 
@@ -406,6 +409,8 @@ class EngineConfig:
         for name in ("max_model_len", "kv_cache_tokens"):
             if getattr(self, name) is not None:
                 _check_int(name, getattr(self, name), 1)
+        if self.mm_cache_items is not None:
+            _check_int("mm_cache_items", self.mm_cache_items, 0)
         if self.block_size not in BLOCK_SIZES:
             raise ConfigError(f"block_size = {self.block_size}; use one of {', '.join(map(str, BLOCK_SIZES))}")
         util = self.gpu_memory_utilization
@@ -445,9 +450,15 @@ class EngineConfig:
         return parse_dtype(self.dtype)
 
     def num_mm_blocks(self, cfg: ModelConfig) -> int:
-        """MM-arena blocks (one item each: a CLIP image or a LLaVA-NeXT tile): two batches of
-        items in flight, 0 without a tower."""
-        return 2 * self.max_images_per_batch if cfg.is_multimodal else 0
+        """MM-arena blocks (one item each: a CLIP image or a LLaVA-NeXT tile), 0 without a tower:
+        two encode batches in flight plus mm_cache_items (None: 256 on a GPU, 0 on the CPU) for
+        the encoder cache and for items encoded ahead of a busy prefill (a 7B item is 4.7 MB)."""
+        if not cfg.is_multimodal:
+            return 0
+        extra = self.mm_cache_items
+        if extra is None:
+            extra = 256 if torch.device(self.device or "cpu").type == "cuda" else 0
+        return 2 * self.max_images_per_batch + extra
 
     def num_kv_blocks(self) -> int | None:
         """KV blocks of block_size for kv_cache_tokens; on the CPU 4 x max_model_len by default;

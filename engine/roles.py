@@ -27,7 +27,6 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 
@@ -58,6 +57,7 @@ from engine.mm_cache import EncoderCache, PixelCache, acquire_and_encode, item_p
 from engine.preprocess import stage_image_processor
 from engine.request import Sequence, Status, append_step
 from engine.runner import ModelRunner, kv_block_shape, kv_blocks_from_memory, load_weights, mm_arena_shape
+from engine.sampling import SamplingParams
 from engine.schedulers import PrefillScheduler, blocks_for
 from ipc.arena import SharedArena
 from ipc.migration import pull_blocks
@@ -200,28 +200,70 @@ class EncodeRole(_Role):
                 self.pending.append(msg)
 
     def step(self) -> None:
+        """Encode the waiting tasks FCFS, as many at a time as the item budget
+        (max_images_per_batch) and the MM arena take: one preprocessing call and one tower call
+        for all their items not cached (on the H200, nvjpeg + our kernels run 1713 1080p images/s
+        at batch 32, 439 at batch 1)."""
         while self.busy:
-            task = self.pending.popleft()
-            timing = {"preprocess_s": 0.0}
-            try:  # cached items are answered at once (busy: the blocks fit)
-                start = time.perf_counter()
-                blocks = acquire_and_encode(self.cache, self.runner, task.keys, len(task.items),
-                                            partial(self._pixels, task, timing))
-                assert blocks is not None, "busy said the blocks fit"
-                # the embeddings must be in the arena before a prefill (another process) reads them
-                _synchronize(self.device)
-                tower_s = time.perf_counter() - start - timing["preprocess_s"]
-                self.send(Encoded(task.req_id, task.part, self.spec.index, blocks, timing["preprocess_s"], tower_s))
-            except Exception as e:  # a bad image fails its request, not the stage
-                self.send(Failed(task.req_id, self.name, str(e), images=len(task.items)))
+            batch, taken, items = [], [], 0
+            budget = self.config.max_images_per_batch
+            while self.busy and (not batch or items + len(self.pending[0].items) <= budget):
+                task = self.pending.popleft()
+                got = self.cache.acquire(task.keys, [1] * len(task.items))
+                assert got is not None, "busy said the blocks fit"
+                batch.append(task)
+                taken.append(got)
+                items += len(task.items)
+            self._encode_batch(batch, taken)
 
-    def _pixels(self, task: EncodeTask, timing: dict, misses: list[int]) -> torch.Tensor:
-        """The tower's inputs for the task's items at positions `misses` (not cached); the time
-        it took (synchronized) goes into timing["preprocess_s"]."""
+    def _encode_batch(self, batch: list[EncodeTask], taken: list[list[tuple[list[int], bool]]]) -> None:
+        """Encode the batch's items not cached into their blocks, synchronize (a prefill in
+        another process reads the arena), then answer each task. If an image fails, the batch's
+        blocks go back and each task runs again alone, so only the request it belongs to fails."""
+        blocks = [[b for item_blocks, _ in got for b in item_blocks] for got in taken]
+        misses = [(t, i) for t, got in enumerate(taken) for i, (_, hit) in enumerate(got) if not hit]
+        timing = {"preprocess_s": 0.0}
         start = time.perf_counter()
-        pixels = item_pixels(self.image_processor, self.cfg, self.pixel_cache, task.images,
-                             [task.items[m] for m in misses], task.image_sizes,
-                             [task.keys[m] for m in misses] if task.keys else [])
+        try:
+            if misses:
+                pixels = self._batch_pixels(batch, misses, timing)
+                seq = Sequence(seq_id=-1, prompt_ids=[], sampling=SamplingParams(), seed=0, stop_token_ids=frozenset(),
+                               pixel_values=pixels, mm_blocks=[blocks[t][i] for t, i in misses])
+                self.runner.encode([seq])
+            _synchronize(self.device)
+        except Exception as e:  # a bad image fails its request, not the stage
+            self.cache.discard([batch[t].keys[i] for t, i in misses if batch[t].keys])
+            for task_blocks in blocks:
+                self.cache.release(task_blocks)
+            if len(batch) == 1:
+                self.send(Failed(batch[0].req_id, self.name, str(e), images=len(batch[0].items)))
+            else:
+                for task in batch:
+                    self._encode_alone(task)
+            return
+        tower_s = time.perf_counter() - start - timing["preprocess_s"]
+        for task, task_blocks in zip(batch, blocks):
+            self.send(Encoded(task.req_id, task.part, self.spec.index, task_blocks, timing["preprocess_s"], tower_s))
+
+    def _encode_alone(self, task: EncodeTask) -> None:
+        got = self.cache.acquire(task.keys, [1] * len(task.items))
+        assert got is not None, "the batch's blocks were given back"
+        self._encode_batch([task], [got])
+
+    def _batch_pixels(self, batch: list[EncodeTask], misses: list[tuple[int, int]], timing: dict) -> torch.Tensor:
+        """The tower's inputs for items `misses` ((task, position of the item in it)), in that
+        order, from one preprocessing call over the tasks' images; its time (synchronized) goes
+        into timing["preprocess_s"]."""
+        start = time.perf_counter()
+        first = [0]  # each task's first image in the batch's image list
+        for task in batch:
+            first.append(first[-1] + len(task.images))
+        images = [image for task in batch for image in task.images]
+        sizes = [hw for task in batch for hw in task.image_sizes] if all(t.image_sizes for t in batch) else []
+        items = [(first[t] + batch[t].items[i][0], batch[t].items[i][1]) for t, i in misses]
+        keys = [batch[t].keys[i] if batch[t].keys else None for t, i in misses]
+        pixels = item_pixels(self.image_processor, self.cfg, self.pixel_cache, images, items, sizes,
+                             keys if any(k is not None for k in keys) else [])
         _synchronize(self.device)
         timing["preprocess_s"] = time.perf_counter() - start
         return pixels

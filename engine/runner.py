@@ -384,7 +384,7 @@ def kv_blocks_from_memory(config: EngineConfig, cfg: ModelConfig, model: Multimo
         probe.prefill([seq])
     if model.vision is not None and probe.num_mm_blocks:
         size = cfg.vision.image_size
-        probe.encode_images(torch.randn(max(1, probe.num_mm_blocks // 2), 3, size, size))
+        probe.encode_images(torch.randn(max(1, min(probe.num_mm_blocks, config.max_images_per_batch)), 3, size, size))
     torch.cuda.synchronize(device)
     peak = torch.cuda.max_memory_allocated(device) - base - arena_bytes
     del probe

@@ -1,0 +1,86 @@
+"""The EPD encoder role (engine/roles.py EncodeRole) on the CPU: waiting tasks are encoded in one
+batch (one preprocessing call, one tower call) within the item budget; a task whose image is
+corrupt fails alone and the others of its batch are still answered; cached items take no
+encode; every block comes back."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from engine.config import EngineConfig, ModelConfig
+from engine.messages import Encoded, EncodeTask, Failed, FreeMM
+from engine.mm_cache import image_key, item_keys
+from engine.roles import RoleSpec, build_role
+
+
+def _png(seed: int) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (30, 40, 3), dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture()
+def encoder(tiny_llava):
+    config = EngineConfig(str(tiny_llava), backend="torch", device="cpu", max_images_per_batch=3).for_model(
+        ModelConfig.from_dir(tiny_llava))
+    sent: list = []
+    role = build_role(RoleSpec("encode", 0, config), sent.append)
+    calls: list[int] = []
+    encode = role.runner.encode
+    role.runner.encode = lambda seqs, *a: (calls.append(sum(s.pixel_values.shape[0] for s in seqs)),
+                                           encode(seqs, *a))[1]
+    yield role, sent, calls
+    role.close()
+
+
+def _task(req: int, *images: bytes) -> EncodeTask:
+    keys = item_keys([image_key(im) for im in images], [1] * len(images))
+    return EncodeTask(req, 0, list(images), keys=keys, image_sizes=[(30, 40)] * len(images))
+
+
+def _answers(sent: list) -> dict:
+    return {m.req_id: m for m in sent if isinstance(m, (Encoded, Failed))}
+
+
+def test_waiting_tasks_are_encoded_in_one_batch_within_the_item_budget(encoder) -> None:
+    role, sent, calls = encoder
+    for req in range(4):  # 4 one-image tasks, budget 3 items: a batch of 3, then 1
+        role.handle(_task(req, _png(req)))
+    role.step()
+    assert calls == [3, 1] and sorted(_answers(sent)) == [0, 1, 2, 3]
+    assert all(isinstance(m, Encoded) and len(m.blocks) == 1 for m in _answers(sent).values())
+    first = _answers(sent)
+    assert first[0].preprocess_s > 0 and first[0].tower_s > 0
+    assert first[0].preprocess_s == first[2].preprocess_s  # one batch, one measurement
+    # the same images again: cached, no encode; then every block back (idle cached blocks stay)
+    sent.clear()
+    role.handle(_task(9, _png(0), _png(3)))
+    role.step()
+    assert calls == [3, 1] and isinstance(_answers(sent)[9], Encoded)
+    for m in list(first.values()) + [_answers(sent)[9]]:
+        role.handle(FreeMM(m.blocks, 0))
+    stats = role.cache.stats()
+    assert stats["in_use_blocks"] == 0 and stats["idle_blocks"] == 4 and stats["hits"] == 2
+    role.cache.check()
+
+
+def test_a_corrupt_image_fails_its_task_only(encoder) -> None:
+    role, sent, calls = encoder
+    corrupt = _png(5)
+    role.handle(_task(1, _png(1)))
+    role.handle(_task(2, corrupt[: len(corrupt) // 2]))  # the header is intact: it fails in the batch
+    role.handle(_task(3, _png(3)))
+    role.step()
+    answers = _answers(sent)
+    assert isinstance(answers[1], Encoded) and isinstance(answers[3], Encoded)
+    assert isinstance(answers[2], Failed) and "image 0" in answers[2].error and answers[2].images == 1
+    assert calls == [1, 1]  # the batch failed before its tower call; then each task alone
+    for req in (1, 3):
+        role.handle(FreeMM(answers[req].blocks, 0))
+    stats = role.cache.stats()
+    assert stats["in_use_blocks"] == 0 and stats["images"] == 2  # the corrupt image is not cached
+    role.cache.check()
