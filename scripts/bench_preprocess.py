@@ -155,17 +155,21 @@ def table(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from engine.cli import ArgumentParser, positive_int
+
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--sizes", default="336x336,1920x1080,4032x3024", help="WIDTHxHEIGHT list")
     p.add_argument("--batches", default="1,8,32", help="GPU batch sizes")
     p.add_argument("--workers", default="1,4,8,16", help="CPU pool sizes")
     p.add_argument("--image-size", type=int, default=336, help="vision tower input side")
     p.add_argument("--cpu-images", type=int, default=32, help="images per CPU measurement")
-    p.add_argument("--cpu-iters", type=int, default=3)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--cpu-iters", type=int, default=3, help="timed repetitions of each CPU measurement")
+    p.add_argument("--warmup", type=int, default=3, help="untimed GPU calls before timing")
+    p.add_argument("--iters", type=int, default=10, help="timed GPU calls (median reported)")
     p.add_argument("--json", help="also write the rows and parity stats to this JSON file")
     args = p.parse_args(argv)
+    for flag in ("image_size", "cpu_images", "cpu_iters", "warmup", "iters"):
+        positive_int(f"--{flag.replace('_', '-')}", getattr(args, flag))
     if not nvjpeg_available():
         print("note: torchvision is not importable: GPU rows decode with PIL", file=sys.stderr)
     result = run(args)
@@ -175,4 +179,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from engine.cli import run_main
+
+    sys.exit(run_main(main))
