@@ -45,6 +45,7 @@ from typing import Any
 import torch
 
 from engine.config import EngineConfig, ModelConfig
+from engine.images import data_url_bytes
 from engine.input_processor import InputProcessor
 from engine.messages import (
     Abort,
@@ -68,9 +69,13 @@ from engine.router import Router
 from engine.sampling import RequestError, SamplingParams
 from engine.stage_handles import StageError, StageHandle, await_ready, read_stages, spawn_stage, stage_threads
 from ipc.arena import unlink
+from ipc.byte_arena import ByteArena, ByteRef
 from ipc.worker import Crashed, Shutdown, StageStatus
 
 log = logging.getLogger(__name__)
+# the byte arena for image bytes on their way to the stages (full: sent pickled instead); small on
+# a CPU-only host, whose /dev/shm may be small (64 MB in a default container)
+IMAGE_BYTES = {"cuda": 256 << 20, "cpu": 16 << 20}
 
 
 class EPDEngine:
@@ -109,15 +114,20 @@ class EPDEngine:
         self.flights: dict[int, _Flight] = {}  # requests in the stages, by seq_id
         self.late_events: list[TokenEvent] = []  # events found outside step(), returned by the next
         shared = share_kv_arena and where.shares_kv_device()
+        # image bytes go to the stages that decode them through shared memory, not pickled
+        self.image_bytes = (ByteArena.create(IMAGE_BYTES["cuda" if torch.cuda.is_available() else "cpu"])
+                            if self.cfg.is_multimodal else None)
         ctx = mp.get_context("spawn")
         try:
             for kind in ("encode", "prefill", "decode"):
                 for i, device in enumerate(where.of(kind)):
                     spec = RoleSpec(kind, i, replace(config, device=device), encodes=mode == "pd",
-                                    shared=shared)
+                                    shared=shared, image_bytes=self.image_bytes.handle if self.image_bytes else None)
                     handle = spawn_stage(ctx, spec, device)
                     self.stages[handle.name] = handle
             self.input_processor.kv_blocks = await_ready(self.stages, time.monotonic() + start_timeout_s)
+            if self.image_bytes is not None:
+                unlink(self.image_bytes.handle)  # every stage has mapped it: no file is left behind
         except BaseException:
             self.shutdown()
             raise
@@ -153,9 +163,32 @@ class EPDEngine:
                                "serve it yet; the aggregated mode (LLM, serve.py --mode aggregated) does")
         state = self.output_processor.add(seq.seq_id, seq.prompt_ids, sp, arrival)
         layouts = [self.cfg.image_layout(h, w) for h, w in seq.image_sizes]
-        flight = self.flights[seq.seq_id] = _Flight(seq, state, images, [x.num_items for x in layouts])
+        flight = self.flights[seq.seq_id] = _Flight(seq, state, [self._ship(x) for x in images],
+                                                    [x.num_items for x in layouts])
         self._dispatch_encode(flight)
         return seq
+
+    def _ship(self, src: object) -> object:
+        """An image as the stages get it: encoded bytes (given as bytes or a data URL) copied into
+        the byte arena once, as a ByteRef (freed by _free_bytes); a path (the stage reads the file)
+        or a PIL image as given, and so is everything when the arena is full."""
+        if self.image_bytes is None:
+            return src
+        if isinstance(src, (bytes, bytearray, memoryview)):
+            data = bytes(src)
+        elif isinstance(src, str) and src.startswith("data:"):
+            data = data_url_bytes(src)  # checked by make_sequence already
+        else:
+            return src
+        ref = self.image_bytes.put(data)
+        return ref if ref is not None else src
+
+    def _free_bytes(self, flight: _Flight) -> None:
+        """The request's image bytes are read (or it has ended): free their spans, once."""
+        for i, src in enumerate(flight.images):
+            if isinstance(src, ByteRef):
+                self.image_bytes.free(src)
+                flight.images[i] = None
 
     def has_work(self) -> bool:
         """Requests in flight, events to return, or stage messages waiting (frees to forward,
@@ -233,6 +266,7 @@ class EPDEngine:
                 flight.refs[item] = (msg.encoder, block)
             self.mm_hints.learn(flight.keys(part[1]), msg.encoder)
             if not flight.parts:  # the last part: the critical path's preprocess and tower times
+                self._free_bytes(flight)
                 metrics = flight.state.metrics
                 metrics.encode_end, metrics.preprocess_s, metrics.tower_s = now, msg.preprocess_s, msg.tower_s
                 try:
@@ -252,6 +286,7 @@ class EPDEngine:
     def _prefilled(self, flight: _Flight, msg: Prefilled, now: float, events: list[TokenEvent]) -> None:
         """Prefill is done: its KV goes to the least-loaded live decode, its first token out."""
         seq, prefill = flight.seq, self.of_kind("prefill")[msg.prefill]
+        self._free_bytes(flight)  # pd: the prefill read them
         flight.state.metrics.mm_bytes, flight.state.metrics.mm_copy_s = msg.mm_bytes, msg.mm_copy_s
         prefill.load -= 1
         flight.prefill = None  # its KV is decode's (or back with prefill) from here on
@@ -277,6 +312,7 @@ class EPDEngine:
         """Free what a request still holds in the stages: embeddings not yet handed to prefill,
         its decode slot (KV still in prefill is freed when its late Prefilled arrives; embeddings
         handed to prefill are freed by prefill)."""
+        self._free_bytes(flight)  # a task not read yet may find its span reused: the stage checks (image_sources)
         encoders = self.of_kind("encode")
         for encoder, block in flight.refs.values():
             encoders[encoder].send(FreeMM([block], encoder))
@@ -437,6 +473,8 @@ class EPDEngine:
                 stage.outbox = None
         for arena in self.arenas:  # a killed stage could not remove its CPU arena file
             unlink(arena)
+        if getattr(self, "image_bytes", None) is not None:
+            self.image_bytes.close()
 
     def __enter__(self) -> EPDEngine:
         return self

@@ -53,13 +53,14 @@ from engine.messages import (
     SizeKV,
     Tokens,
 )
-from engine.mm_cache import EncoderCache, PixelCache, acquire_and_encode, item_pixels
+from engine.mm_cache import EncoderCache, PixelCache, acquire_and_encode, image_key, item_pixels
 from engine.preprocess import stage_image_processor
 from engine.request import Sequence, Status, append_step
 from engine.runner import ModelRunner, kv_block_shape, kv_blocks_from_memory, load_weights, mm_arena_shape
 from engine.sampling import SamplingParams
 from engine.schedulers import PrefillScheduler, blocks_for
-from ipc.arena import SharedArena
+from ipc.arena import ArenaHandle, SharedArena
+from ipc.byte_arena import ByteArena, ByteRef
 from ipc.migration import pull_blocks
 
 Send = Callable[[object], None]
@@ -76,6 +77,7 @@ class RoleSpec:
     config: EngineConfig
     encodes: bool = False
     shared: bool = False
+    image_bytes: ArenaHandle | None = None  # the orchestrator's byte arena (ipc/byte_arena.py): image bytes
 
     @property
     def name(self) -> str:
@@ -131,6 +133,9 @@ class _Role:
         self.cfg = ModelConfig.from_dir(self.config.model)
         self.device, self.dtype = torch.device(self.config.device), self.config.torch_dtype
         self.draining = False
+        # the orchestrator's byte arena (image bytes), mapped now: the file goes once all are ready
+        self.byte_arena = ByteArena.open(spec.image_bytes) if spec.image_bytes is not None and (
+            spec.kind == "encode" or spec.encodes) else None
 
     def base_stats(self, runner: ModelRunner) -> dict:
         return {"pid": os.getpid(), "device": str(self.device), "backend": runner.backend,
@@ -147,6 +152,22 @@ class _Role:
         if blocks is None:
             blocks = kv_blocks_from_memory(self.config, self.cfg, self.model, mm_arena, share)
         return blocks
+
+    def image_sources(self, req_id: int, images: list, keys: list[str], items: list[tuple[int, int]]) -> list | None:
+        """A task's images with those sent through the orchestrator's byte arena read out (a
+        copy: the span is reused once the orchestrator frees it). A request aborted meanwhile may
+        have had its span rewritten: with keys, an image whose bytes no longer hash to its key
+        fails the task (None; nothing is cached from it); without, the stale result is dropped by
+        the orchestrator, whose request is gone."""
+        if not any(isinstance(x, ByteRef) for x in images):
+            return images
+        out = [self.byte_arena.read(x) if isinstance(x, ByteRef) else x for x in images]
+        for (image, _), key in zip(items, keys):
+            if isinstance(images[image], ByteRef) and image_key(out[image]) != key.rpartition(":")[0]:
+                self.send(Failed(req_id, self.name, "image bytes changed before they were read (request aborted?)",
+                                 images=len(items)))
+                return None
+        return out
 
     def drain(self) -> None:
         """Take no new work (new tasks fail with "draining"); what is in hand runs to its end."""
@@ -196,7 +217,9 @@ class EncodeRole(_Role):
                 msg.items = all_items(self.cfg, msg.image_sizes or [(None, None)] * len(msg.images))
             if self.draining:
                 self.refuse(msg.req_id, len(msg.items))
-            else:
+                return
+            msg.images = self.image_sources(msg.req_id, msg.images, msg.keys, msg.items)
+            if msg.images is not None:
                 self.pending.append(msg)
 
     def step(self) -> None:
@@ -275,6 +298,8 @@ class EncodeRole(_Role):
 
     def close(self) -> None:
         self.arena.close()
+        if self.byte_arena is not None:
+            self.byte_arena.close()
 
 
 class PrefillRole(_Role):
@@ -312,6 +337,11 @@ class PrefillRole(_Role):
                 self._free_encoder_blocks(msg)
                 self.refuse(msg.req_id)
                 return
+            if msg.images:  # pd: read the bytes now (the orchestrator frees them once this request ends)
+                items = all_items(self.cfg, msg.image_sizes)
+                msg.images = self.image_sources(msg.req_id, msg.images, msg.item_keys, items)
+                if msg.images is None:
+                    return
             self.tasks[msg.req_id] = msg
             self.sched.add(Sequence(seq_id=msg.req_id, prompt_ids=msg.prompt_ids, sampling=msg.sampling,
                                     seed=msg.seed, stop_token_ids=frozenset(), image_sizes=list(msg.image_sizes)))
@@ -444,6 +474,8 @@ class PrefillRole(_Role):
             peer.close()
         if self.arena is not None:
             self.arena.close()
+        if self.byte_arena is not None:
+            self.byte_arena.close()
 
 
 class DecodeRole(_Role):

@@ -84,3 +84,28 @@ def test_a_corrupt_image_fails_its_task_only(encoder) -> None:
     stats = role.cache.stats()
     assert stats["in_use_blocks"] == 0 and stats["images"] == 2  # the corrupt image is not cached
     role.cache.check()
+
+
+def test_bytes_that_no_longer_match_their_key_fail_the_task(tiny_llava) -> None:
+    """An aborted request's span may be reused before its task is read: the encoder checks the
+    bytes against the item keys and fails the task rather than cache the wrong embeddings."""
+    from ipc.byte_arena import ByteArena
+
+    config = EngineConfig(str(tiny_llava), backend="torch", device="cpu").for_model(ModelConfig.from_dir(tiny_llava))
+    arena = ByteArena.create(1 << 16)
+    sent: list = []
+    role = build_role(RoleSpec("encode", 0, config, image_bytes=arena.handle), sent.append)
+    try:
+        good, other = _png(1), _png(2)
+        role.handle(EncodeTask(1, 0, [arena.put(good)], keys=item_keys([image_key(good)], [1]),
+                               image_sizes=[(30, 40)]))
+        role.handle(EncodeTask(2, 0, [arena.put(other)], keys=item_keys([image_key(good)], [1]),
+                               image_sizes=[(30, 40)]))  # its span now holds another image
+        role.step()
+        answers = _answers(sent)
+        assert isinstance(answers[1], Encoded) and isinstance(answers[2], Failed)
+        assert "changed before they were read" in answers[2].error and role.cache.stats()["images"] == 1
+    finally:
+        role.close()
+        arena.close()
+

@@ -71,6 +71,51 @@ def test_epd_matches_aggregated(epd: EPDEngine, tiny_llava: Path) -> None:
     assert stages["prefill0"]["kv_blocks"]["total"] > 0 and stages["decode0"]["waiting"] == 0
 
 
+def test_image_bytes_cross_to_the_encoders_through_shared_memory(epd: EPDEngine, tiny_llava: Path) -> None:
+    """Bytes and data URLs go into the orchestrator's byte arena once (ByteRefs in the tasks, not
+    pickled bytes); every span is free again when the requests are done; the arena file was
+    unlinked once the stages had mapped it."""
+    import base64
+
+    from ipc.byte_arena import ByteRef
+
+    shipped = []
+    original = epd._ship
+
+    def spy(src):
+        out = original(src)
+        shipped.append(out)
+        return out
+
+    epd._ship = spy
+    try:
+        url = "data:image/png;base64," + base64.b64encode(_png(7)).decode()
+        reqs = [Request("Describe <image>", images=[_png(6)]), Request("And <image>", images=[url])]
+        outs = epd.generate(reqs, SP)
+    finally:
+        del epd._ship
+    reference = LLM(tiny_llava, backend="torch", device="cpu").generate(reqs, SP)
+    assert [o.token_ids for o in outs] == [o.token_ids for o in reference]
+    assert len(shipped) == 2 and all(isinstance(x, ByteRef) for x in shipped)
+    assert epd.image_bytes.bytes_used == 0 and not Path(epd.image_bytes.handle.path).exists()
+
+
+def test_a_full_byte_arena_sends_the_bytes_in_the_task() -> None:
+    from types import SimpleNamespace
+
+    from ipc.byte_arena import ByteArena
+
+    arena = ByteArena.create(128)
+    try:
+        fake = SimpleNamespace(image_bytes=arena)
+        big, small = bytes(200), bytes(10)
+        assert EPDEngine._ship(fake, big) is big  # does not fit: as given
+        assert EPDEngine._ship(fake, small).length == 10
+        assert EPDEngine._ship(fake, "/some/path.png") == "/some/path.png"  # the stage reads the file
+    finally:
+        arena.close()
+
+
 def test_stops_end_epd_requests_where_aggregated_ends_them(epd: EPDEngine, tiny_llava: Path) -> None:
     """A stop token (decode stops there, the orchestrator's record of the request too: both run
     Sequence.append_tokens) and a stop string (the orchestrator's output processor; decode is
