@@ -1,4 +1,4 @@
-"""EPD orchestrator: encoders, prefill and decode as roles (engine/roles.py) in worker processes
+"""EPD orchestrator: encoders, prefill and decode as roles (engine/roles/) in worker processes
 (ipc/worker.py).
 
 Modes on the same code: "epd" (encoder processes, then prefill, then decode) and "pd" (prefill

@@ -1,5 +1,5 @@
 """Messages between the EPD orchestrator (engine/epd.py) and the stage roles it runs in worker
-processes (engine/roles.py, hosted by ipc/worker.py): small and picklable, ids only (tensors
+processes (engine/roles/, hosted by ipc/worker.py): small and picklable, ids only (tensors
 stay in the arenas). The worker shell's own messages (Shutdown, Crashed, StageStatus) are in
 ipc/worker.py.
 

@@ -59,7 +59,7 @@ class ModelRunner:
     item per block: a CLIP image, or a LLaVA-NeXT image's base or one of its tiles). Who
     allocates them decides where they live: `build_runner` allocates plain tensors for the
     in-process engine; an EPD stage role allocates shared arenas, or maps another stage's
-    (engine/roles.py). Block ids index the whole KV arena; which of its blocks are whose is the
+    (engine/roles/). Block ids index the whole KV arena; which of its blocks are whose is the
     block managers' business, not the runner's."""
 
     def __init__(self, config: EngineConfig, cfg: ModelConfig, model: MultimodalModel, kv_arena: torch.Tensor,

@@ -5,7 +5,7 @@ Pull-based, as DistServe's bridges: the decode side allocates its blocks, pulls 
 side's blocks, then acknowledges so the prefill side frees them. Runs of consecutive blocks on
 both sides move as one copy (a peer copy over NVLink between GPUs), with no staging buffer; on a
 GPU the copies are issued from C++ (`_epd_C.copy_blocks`) back to back on the current stream.
-When prefill and decode share a GPU they share one arena and nothing moves (engine/roles.py).
+When prefill and decode share a GPU they share one arena and nothing moves (engine/roles/).
 """
 
 from __future__ import annotations

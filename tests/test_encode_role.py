@@ -1,4 +1,4 @@
-"""The EPD encoder role (engine/roles.py EncodeRole) on the CPU: waiting tasks are encoded in one
+"""The EPD encoder role (engine/roles/encode.py EncodeRole) on the CPU: waiting tasks are encoded in one
 batch (one preprocessing call, one tower call) within the item budget; a task whose image is
 corrupt fails alone and the others of its batch are still answered; cached items take no
 encode; every block comes back."""

@@ -80,7 +80,7 @@ def forbidden(importer: str, imported: str) -> str | None:
     if _within(importer, IPC_MECHANISMS) and _within(imported, ("engine",)):
         return "ipc mechanisms know nothing of the engine"
     if _within(importer, ("engine",)) and _within(imported, ("ipc",)):
-        if importer in ORCHESTRATOR and _within(imported, ORCHESTRATOR_IPC):
+        if _within(importer, ORCHESTRATOR) and _within(imported, ORCHESTRATOR_IPC):
             return None
         return "engine reaches ipc only through the orchestrator's modules"
     return None

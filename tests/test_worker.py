@@ -1,4 +1,4 @@
-"""The worker shell (ipc/worker.py) and the stage roles (engine/roles.py) apart from each other:
+"""The worker shell (ipc/worker.py) and the stage roles (engine/roles/) apart from each other:
 the shell with a scripted role, in this process and in a spawned one; the real roles in this
 process with a list as their outbox, wired by hand the way the orchestrator wires them."""
 

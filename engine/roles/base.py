@@ -1,0 +1,130 @@
+"""What every stage role has: its spec (RoleSpec), the base class (_Role) and small helpers."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from engine.block_manager import BlockManager
+from engine.config import EngineConfig, ModelConfig
+from engine.messages import (
+    Failed,
+)
+from engine.mm_cache import EncoderCache, PixelCache, image_key
+from engine.runner import ModelRunner, kv_blocks_from_memory
+from ipc.arena import ArenaHandle
+from ipc.byte_arena import ByteArena, ByteRef
+
+Send = Callable[[object], None]
+
+
+@dataclass(frozen=True)
+class RoleSpec:
+    """What a worker builds: kind "encode" / "prefill" / "decode", its index among its kind,
+    the resolved config (its device included). encodes: a prefill that encodes its requests'
+    images itself (pd mode). shared: prefill0 and decode0 share prefill0's KV arena."""
+
+    kind: str
+    index: int
+    config: EngineConfig
+    encodes: bool = False
+    shared: bool = False
+    image_bytes: ArenaHandle | None = None  # the orchestrator's byte arena (ipc/byte_arena.py): image bytes
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind}{self.index}"
+
+
+def _gb(tensor: torch.Tensor, rows: int | None = None) -> float:
+    """Size in GB of `rows` leading rows of tensor (all by default)."""
+    rows = tensor.shape[0] if rows is None else rows
+    return round(rows * tensor[0].numel() * tensor.element_size() / 1e9, 4) if tensor.shape[0] else 0.0
+
+
+def _blocks(manager: BlockManager | None) -> dict:
+    return {"used": manager.num_blocks - manager.num_free, "total": manager.num_blocks} if manager else {}
+
+
+def _mm_blocks(cache: EncoderCache) -> dict:
+    """An MM arena's blocks: used by requests, idle in the cache (evicted when needed), total."""
+    s = cache.stats()
+    return {"used": s["in_use_blocks"], "cached": s["idle_blocks"], "total": s["total_blocks"]}
+
+
+def _pixel_cache(config: EngineConfig) -> PixelCache | None:
+    return PixelCache(config.pixel_cache_bytes) if config.pixel_cache_bytes else None
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _same_device(handle, device: torch.device) -> bool:
+    """The arena behind `handle` lives on `device`: readable in place (CUDA IPC on one GPU, or
+    the same shared-memory file on the CPU)."""
+    if device.type == "cpu":
+        return handle.device == "cpu"
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return handle.device == f"cuda:{index}"
+
+
+class _Role:
+    """What every role has: its spec, config, checkpoint config, device, outbox."""
+
+    busy = False
+
+    def __init__(self, spec: RoleSpec, send: Send) -> None:
+        self.spec, self.config, self.send, self.name = spec, spec.config, send, spec.name
+        self.cfg = ModelConfig.from_dir(self.config.model)
+        self.device, self.dtype = torch.device(self.config.device), self.config.torch_dtype
+        self.draining = False
+        # the orchestrator's byte arena (image bytes), mapped now: the file goes once all are ready
+        self.byte_arena = ByteArena.open(spec.image_bytes) if spec.image_bytes is not None and (
+            spec.kind == "encode" or spec.encodes) else None
+
+    def base_stats(self, runner: ModelRunner) -> dict:
+        return {"pid": os.getpid(), "device": str(self.device), "backend": runner.backend,
+                "torch_threads": torch.get_num_threads()}
+
+    def kv_stats(self, runner: ModelRunner, own: int) -> dict:
+        """The role's KV cache for its Ready message: `own` blocks of the runner's arena."""
+        return {"kv_cache_blocks": own, "kv_cache_tokens": own * runner.block_size,
+                "kv_cache_gb": _gb(runner.kv_arena, own)}
+
+    def kv_blocks_to_own(self, mm_arena: torch.Tensor, share: float) -> int:
+        """config.kv_cache_tokens' blocks, or `share` of what the GPU has left now."""
+        blocks = self.config.num_kv_blocks()
+        if blocks is None:
+            blocks = kv_blocks_from_memory(self.config, self.cfg, self.model, mm_arena, share)
+        return blocks
+
+    def image_sources(self, req_id: int, images: list, keys: list[str], items: list[tuple[int, int]]) -> list | None:
+        """A task's images with those sent through the orchestrator's byte arena read out (a
+        copy: the span is reused once the orchestrator frees it). A request aborted meanwhile may
+        have had its span rewritten: with keys, an image whose bytes no longer hash to its key
+        fails the task (None; nothing is cached from it); without, the stale result is dropped by
+        the orchestrator, whose request is gone."""
+        if not any(isinstance(x, ByteRef) for x in images):
+            return images
+        out = [self.byte_arena.read(x) if isinstance(x, ByteRef) else x for x in images]
+        for (image, _), key in zip(items, keys):
+            if isinstance(images[image], ByteRef) and image_key(out[image]) != key.rpartition(":")[0]:
+                self.send(Failed(req_id, self.name, "image bytes changed before they were read (request aborted?)",
+                                 images=len(items)))
+                return None
+        return out
+
+    def drain(self) -> None:
+        """Take no new work (new tasks fail with "draining"); what is in hand runs to its end."""
+        self.draining = True
+
+    def refuse(self, req_id: int, images: int = 0) -> None:
+        self.send(Failed(req_id, self.name, f"{self.name} is draining and takes no new requests", images=images))
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,162 @@
+"""The decode role: prefilled requests' KV taken over, continuous-batching decode, tokens out."""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+
+import torch
+
+from engine.aggregated import AggregatedEngine
+from engine.block_manager import BlockManager
+from engine.messages import (
+    Abort,
+    DecodeTask,
+    FreeKV,
+    Loaded,
+    Migrated,
+    Peers,
+    Ready,
+    Sized,
+    SizeKV,
+    Tokens,
+)
+from engine.request import Sequence, Status, append_step
+from engine.roles.base import RoleSpec, Send, _blocks, _Role, _synchronize
+from engine.runner import ModelRunner, kv_block_shape, load_weights, mm_arena_shape
+from engine.schedulers import blocks_for
+from ipc.arena import SharedArena
+from ipc.migration import pull_blocks
+
+
+class DecodeRole(_Role):
+    """Take over prefilled requests and run continuous-batching decode (multi_step steps per
+    call, as the aggregated engine). shared: the prompt's KV blocks are read in place in
+    prefill0's arena (decode owns the blocks after prefill's); otherwise they are pulled from
+    the prefill instance's arena into this worker's and acknowledged at once."""
+
+    def __init__(self, spec: RoleSpec, send: Send) -> None:
+        super().__init__(spec, send)
+        self.model = load_weights(self.config, self.cfg, "lm")
+        # decode reads no images: an empty MM arena, for sizing and for its runner
+        self.no_mm = torch.empty(mm_arena_shape(self.config, self.cfg, 0), dtype=self.dtype, device=self.device)
+        self.kv_arena: torch.Tensor | None = None
+        self.engine: AggregatedEngine | None = None
+        self.srcs: list[SharedArena] = []
+        self.live: dict[int, Sequence] = {}
+        self.borrowed: dict[int, list[int]] = {}  # shared arena: prefill's blocks each request reads in place
+        self.pending: deque[DecodeTask] = deque()
+        self.stalled = False  # the first pending task needs blocks that only a finishing request returns
+        self.graphs: list[int] = []
+        send(Loaded(self.name, kv_owner=not spec.shared))
+
+    def handle(self, msg: object) -> None:
+        if isinstance(msg, SizeKV):
+            blocks = self.kv_blocks_to_own(self.no_mm, msg.share)
+            self.kv_arena = torch.zeros(blocks, *kv_block_shape(self.config, self.cfg), dtype=self.dtype,
+                                        device=self.device)
+            self.send(Sized(self.name, blocks))
+        elif isinstance(msg, Peers):
+            self._start(msg)
+        elif isinstance(msg, Abort):
+            self._abort(msg.req_id)
+            self.stalled = False
+        elif isinstance(msg, DecodeTask):
+            if self.draining:
+                self.send(FreeKV(msg.kv_blocks, msg.prefill))
+                self.refuse(msg.req_id)
+            else:
+                self.pending.append(msg)
+
+    def _start(self, msg: Peers) -> None:
+        self.srcs = [SharedArena.open(h, self.device) for h in msg.handles]  # mapped once, kept
+        first = 0
+        if self.spec.shared:  # one arena: prefill0's blocks first, then this role's
+            self.kv_arena, first = self.srcs[0].tensor, msg.kv_owned[0]
+        pool = BlockManager(self.kv_arena.shape[0] - first, first=first)
+        runner = ModelRunner(self.config, self.cfg, self.model, self.kv_arena, self.no_mm)
+        start = time.perf_counter()
+        if self.config.cuda_graphs and runner.backend == "cuda":
+            runner.capture_graphs()  # after the arena is final: graphs bake in its address
+        self.graphs = sorted(runner.decode_graphs.graphs) if runner.decode_graphs else []
+        self.engine = AggregatedEngine(runner, self.config, kv_blocks=pool)
+        self.send(Ready(self.name, {
+            **self.base_stats(runner), **self.kv_stats(runner, pool.num_blocks),
+            "kv_arena_of": "prefill0" if self.spec.shared else None, "multi_step": self.config.multi_step,
+            "graph_buckets": self.graphs, "graph_capture_s": round(time.perf_counter() - start, 2)}))
+
+    @property
+    def busy(self) -> bool:
+        return self.engine is not None and (self.engine.has_work() or (bool(self.pending) and not self.stalled))
+
+    def _finish(self, seq: Sequence) -> None:
+        lent = self.borrowed.pop(seq.seq_id, [])
+        seq.block_table = seq.block_table[len(lent):]  # ours go back to our pool, prefill's to prefill
+        self.engine.finish(seq)
+        if lent:
+            self.send(FreeKV(lent, 0))
+
+    def _abort(self, req_id: int) -> None:
+        if req_id in self.live:
+            self._finish(self.live.pop(req_id))
+            return
+        for task in self.pending:  # not started yet: its KV blocks go straight back to prefill
+            if task.req_id == req_id:
+                self.pending.remove(task)
+                self.send(FreeKV(task.kv_blocks, task.prefill))
+                return
+
+    def _admit(self) -> None:
+        engine, runner, shared = self.engine, self.engine.runner, self.spec.shared
+        while self.pending:
+            task = self.pending[0]
+            # Reserve for the whole answer: a decode stage never preempts (it could not
+            # recompute a prompt whose image embeddings stayed with the encoders).
+            need = blocks_for(len(task.prompt_ids) + task.sampling.max_tokens, runner.block_size)
+            blocks = engine.kv_blocks.allocate(need - len(task.kv_blocks) if shared else need)
+            if blocks is None:
+                self.stalled = not engine.has_work()  # else a finishing request frees blocks
+                return
+            self.pending.popleft()
+            if shared:
+                self.borrowed[task.req_id] = task.kv_blocks
+                blocks = task.kv_blocks + blocks
+            else:
+                start = time.perf_counter()
+                nbytes = pull_blocks(self.srcs[task.prefill].tensor, task.kv_blocks, runner.kv_arena,
+                                     blocks[: len(task.kv_blocks)])
+                _synchronize(self.device)
+                self.send(Migrated(task.req_id, nbytes, time.perf_counter() - start))
+                self.send(FreeKV(task.kv_blocks, task.prefill))  # acked: prefill may reuse them
+            seq = Sequence(seq_id=task.req_id, prompt_ids=task.prompt_ids, sampling=task.sampling,
+                           seed=task.seed, stop_token_ids=task.stop_token_ids, block_table=blocks)
+            seq.num_cached, seq.status = len(task.prompt_ids), Status.RUNNING
+            self.live[seq.seq_id] = seq
+            seq.append_tokens([task.first_token])  # the one token path (the orchestrator runs it too)
+            if seq.finish_reason:
+                self._finish(self.live.pop(seq.seq_id))
+                continue
+            engine.decode.add(seq)
+
+    def step(self) -> None:
+        self._admit()
+        if not self.engine.has_work():
+            return
+        req_ids, token_ids = [], []
+        for kept in append_step(self.engine.step()):  # tokens past a stop (multi-step decode) are dropped
+            req_ids.append(kept.seq.seq_id)
+            token_ids.append(kept.token)
+            if kept.finish_reason:
+                self._finish(self.live.pop(kept.seq.seq_id))
+        if req_ids:
+            self.send(Tokens(req_ids, token_ids))
+
+    def stats(self) -> dict:
+        if self.engine is None:
+            return {}
+        return {"running": len(self.engine.decode.running), "waiting": len(self.pending),
+                "kv_blocks": _blocks(self.engine.kv_blocks), "decode_graphs": self.graphs}
+
+    def close(self) -> None:
+        for src in self.srcs:
+            src.close()

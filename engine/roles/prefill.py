@@ -1,0 +1,207 @@
+"""The prefill role: prompts into this worker's KV arena; image embeddings read from the encoders
+(or encoded here, in pd mode)."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from engine.block_manager import BlockManager
+from engine.images_anyres import all_items
+from engine.messages import (
+    Exported,
+    Failed,
+    FreeKV,
+    FreeMM,
+    Loaded,
+    Peers,
+    Prefilled,
+    PrefillTask,
+    Ready,
+    Sized,
+    SizeKV,
+)
+from engine.mm_cache import EncoderCache, acquire_and_encode, item_pixels
+from engine.preprocess import stage_image_processor
+from engine.request import Sequence, Status
+from engine.roles.base import RoleSpec, Send, _blocks, _gb, _mm_blocks, _pixel_cache, _Role, _same_device, _synchronize
+from engine.runner import ModelRunner, kv_block_shape, load_weights, mm_arena_shape
+from engine.schedulers import PrefillScheduler
+from ipc.arena import SharedArena
+
+
+class PrefillRole(_Role):
+    """Prefill prompts into this worker's KV arena; image embeddings read from the encoders'
+    arenas (in place on the same device) or, in pd mode, encoded here."""
+
+    def __init__(self, spec: RoleSpec, send: Send) -> None:
+        super().__init__(spec, send)
+        config, cfg = self.config, self.cfg
+        # epd: the LM only (embeddings come from the encoders); pd: the whole model
+        self.model = load_weights(config, cfg, "all" if spec.encodes else "lm")
+        # own MM blocks: images encoded here (pd), or copied from an encoder on another device
+        self.mm_arena = torch.empty(mm_arena_shape(config, cfg), dtype=self.dtype, device=self.device)
+        self.mm_blocks = BlockManager(self.mm_arena.shape[0])
+        self.mm_cache = EncoderCache(self.mm_blocks, enabled=config.mm_cache and spec.encodes)  # pd: its encodes
+        self.image_processor = stage_image_processor(config, cfg) if spec.encodes else None
+        self.pixel_cache = _pixel_cache(config) if spec.encodes else None
+        self.arena: SharedArena | None = None
+        self.runner: ModelRunner | None = None
+        self.peers: list[SharedArena] = []
+        self.tasks: dict[int, PrefillTask] = {}
+        self.stalled = False  # the first waiting prompt needs blocks that only a FreeKV returns
+        send(Loaded(self.name, kv_owner=True))
+
+    def handle(self, msg: object) -> None:
+        if isinstance(msg, SizeKV):
+            self._size(msg)
+        elif isinstance(msg, Peers):
+            self._map_peers(msg)
+        elif isinstance(msg, FreeKV):
+            self.kv_blocks.free(msg.blocks)
+            self.stalled = False
+        elif isinstance(msg, PrefillTask):
+            if self.draining:
+                self._free_encoder_blocks(msg)
+                self.refuse(msg.req_id)
+                return
+            if msg.images:  # pd: read the bytes now (the orchestrator frees them once this request ends)
+                items = all_items(self.cfg, msg.image_sizes)
+                msg.images = self.image_sources(msg.req_id, msg.images, msg.item_keys, items)
+                if msg.images is None:
+                    return
+            self.tasks[msg.req_id] = msg
+            self.sched.add(Sequence(seq_id=msg.req_id, prompt_ids=msg.prompt_ids, sampling=msg.sampling,
+                                    seed=msg.seed, stop_token_ids=frozenset(), image_sizes=list(msg.image_sizes)))
+            self.stalled = False
+
+    def _size(self, msg: SizeKV) -> None:
+        """Make the KV arena (its blocks, and decode's after them when decode shares it), export it."""
+        blocks = self.kv_blocks_to_own(self.mm_arena, msg.share)
+        if msg.for_decode:  # a configured size is per stage; a measured budget is split in half
+            measured = self.config.num_kv_blocks() is None
+            own, extra = (blocks - blocks // 2, blocks // 2) if measured else (blocks, blocks)
+        else:
+            own, extra = blocks, 0
+        shape = (own + extra, *kv_block_shape(self.config, self.cfg))
+        self.arena = SharedArena.create(shape, self.dtype, self.device, f"kv-prefill{self.spec.index}")
+        self.kv_blocks = BlockManager(own)
+        self.sched = PrefillScheduler(self.kv_blocks, self.config.block_size, self.config.max_num_batched_tokens)
+        self.extra = extra
+        self.send(Sized(self.name, own))
+        self.send(Exported(self.name, self.arena.handle))
+
+    def _map_peers(self, msg: Peers) -> None:
+        self.peers = [SharedArena.open(h, self.device) for h in msg.handles]
+        self.in_place = [_same_device(h, self.device) for h in msg.handles]
+        self.runner = ModelRunner(self.config, self.cfg, self.model, self.arena.tensor, self.mm_arena,
+                                  mm_peers=[p.tensor if here else None for p, here in zip(self.peers, self.in_place)])
+        mm = self.mm_arena
+        self.send(Ready(self.name, {
+            **self.base_stats(self.runner), **self.kv_stats(self.runner, self.kv_blocks.num_blocks),
+            "kv_blocks_for_decode": self.extra, "mm_arena_blocks": mm.shape[0], "mm_arena_gb": _gb(mm),
+            "mm_in_place_from": [i for i, here in enumerate(self.in_place) if here]}))
+
+    @property
+    def busy(self) -> bool:
+        return self.runner is not None and bool(self.sched.waiting) and not self.stalled
+
+    def step(self) -> None:
+        batch = self.sched.schedule(max_seqs=self.config.max_num_seqs)
+        if not batch:
+            self.stalled = True  # wait for FreeKV acks from decode
+            return
+        ready, mm, in_place = [], {}, []
+        for seq in batch:
+            task = self.tasks.pop(seq.seq_id)
+            try:
+                start = time.perf_counter()
+                nbytes = self._stage_images(seq, task)
+                mm[seq.seq_id] = (nbytes, time.perf_counter() - start if nbytes else 0.0)
+                ready.append(seq)
+                if seq.mm_peer_blocks:
+                    in_place.append(task)
+            except Exception as e:  # fails this request only
+                self._release(seq)
+                self.send(Failed(seq.seq_id, self.name, str(e)))
+        if not ready:
+            return
+        try:
+            tokens = self.runner.prefill(ready).token_ids  # synchronised: the embeddings were read
+        finally:
+            for task in in_place:
+                self._free_encoder_blocks(task)
+        for seq, token in zip(ready, tokens):
+            if seq.mm_blocks:
+                self.mm_blocks.free(seq.mm_blocks)
+                seq.mm_blocks = []
+            seq.mm_peer_blocks = []
+            seq.status = Status.FINISHED  # the KV blocks now belong to the hand-off
+            self.send(Prefilled(seq.seq_id, token, self.spec.index, seq.block_table, *mm[seq.seq_id]))
+
+    def _stage_images(self, seq: Sequence, task: PrefillTask) -> int:
+        """Make the request's image embeddings readable by the prefill: encode them here (pd),
+        read them in place in the encoders' arenas on this device, or copy them into own MM
+        blocks from an encoder on another device. Encoder blocks copied (or failed) are freed
+        here; those read in place after the prefill. Returns the bytes copied."""
+        count = len(task.mm_refs) or sum(self.cfg.image_layout(h, w).num_items for h, w in task.image_sizes)
+        if not count:
+            return 0
+        if task.mm_refs and all(self.in_place[e] for e, _ in task.mm_refs):
+            seq.mm_peer_blocks = list(task.mm_refs)
+            return 0
+        try:
+            if task.images:  # pd: encoded here, through this prefill's own encoder cache
+                items = all_items(self.cfg, task.image_sizes)
+                blocks = acquire_and_encode(self.mm_cache, self.runner, task.item_keys, len(items), lambda misses: (
+                    item_pixels(self.image_processor, self.cfg, self.pixel_cache, task.images,
+                                [items[m] for m in misses], task.image_sizes,
+                                [task.item_keys[m] for m in misses] if task.item_keys else [])))
+            else:
+                blocks = self.mm_cache.allocate(count)
+            if blocks is None:
+                raise RuntimeError(f"prefill MM staging arena is full ({count} items)")
+            seq.mm_blocks = blocks
+            if task.images:
+                return 0
+            for local, (encoder, block) in zip(blocks, task.mm_refs):
+                self.mm_arena[local].copy_(self.peers[encoder].tensor[block], non_blocking=True)
+            _synchronize(self.device)  # the encoders may overwrite these blocks once freed
+            return count * self.mm_arena[0].numel() * self.mm_arena.element_size()
+        finally:
+            self._free_encoder_blocks(task)
+
+    def _free_encoder_blocks(self, task: PrefillTask) -> None:
+        """The task owns its embeddings: the encoders get their blocks back (FreeMM) once."""
+        by_encoder: dict[int, list[int]] = {}
+        for encoder, block in task.mm_refs:
+            by_encoder.setdefault(encoder, []).append(block)
+        task.mm_refs = []
+        for encoder, freed in by_encoder.items():
+            self.send(FreeMM(freed, encoder))
+
+    def _release(self, seq: Sequence) -> None:
+        if seq.block_table:
+            self.kv_blocks.free(seq.block_table)
+            seq.block_table = []
+        if seq.mm_blocks:
+            self.mm_blocks.free(seq.mm_blocks)
+            seq.mm_blocks = []
+        seq.status = Status.FINISHED
+
+    def stats(self) -> dict:
+        if self.runner is None:
+            return {}
+        pixels = self.pixel_cache.stats() if self.pixel_cache else {}
+        cache = {"mm_cache": {**self.mm_cache.stats(), **pixels}} if self.spec.encodes else {}
+        return {"waiting": len(self.sched.waiting), "kv_blocks": _blocks(self.kv_blocks),
+                "mm_blocks": _mm_blocks(self.mm_cache), **cache}
+
+    def close(self) -> None:
+        for peer in self.peers:
+            peer.close()
+        if self.arena is not None:
+            self.arena.close()
+        if self.byte_arena is not None:
+            self.byte_arena.close()
