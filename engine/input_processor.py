@@ -75,14 +75,14 @@ class InputProcessor:
         if sp.n > config.max_num_seqs:
             raise RequestError(f"sampling.n = {sp.n}; each sample is a decode row and max_num_seqs is "
                                f"{config.max_num_seqs}")
-        items = sum(self.cfg.image_layout(h, w).num_items for h, w in sizes)
+        counts = [self.cfg.image_layout(h, w).num_items for h, w in sizes]  # items (MM blocks) per image
+        items = sum(counts)
         if items > self.mm_blocks:
             what = f"{len(images)} images" + (f" of {items} vision-tower items (bases + tiles)" if self.cfg.is_anyres
                                               else "")
             raise RequestError(f"request has {what}; at most {self.mm_blocks} fit the MM arena "
                                "(raise max_images_per_batch)")
         # a key per item (image key:item), read without decoding: the encoder cache's unit
-        counts = [self.cfg.image_layout(h, w).num_items for h, w in sizes]
         keys = item_keys([image_key(image, i) for i, image in enumerate(images)], counts) if config.mm_cache else []
         pixels = self.preprocess(images, sizes, keys) if preprocess and images else None
         stops = set(sp.stop_token_ids) | (set() if sp.ignore_eos else set(self.tokenizer.eos_token_ids))

@@ -124,9 +124,7 @@ class LLM:
         seq, images = self.input_processor.make_sequence(request, sampling, preprocess=False)
         self.output_processor.add(seq.seq_id, seq.prompt_ids, seq.sampling, arrival)
         if images:
-            job = self._image_pool.submit(_timed, self.input_processor.preprocess, images, seq.image_sizes,
-                                          seq.mm_keys)
-            self._preprocessing[seq.seq_id] = (seq, job)
+            self._preprocessing[seq.seq_id] = (seq, self._image_job(seq, images))
         else:
             self.engine.add(seq)
         return seq
@@ -163,15 +161,23 @@ class LLM:
                 continue
             del self._preprocessing[seq_id]
             try:
-                seq.pixel_values, start, end = job.result()
+                self._take_pixels(seq, job.result())
             except Exception as e:  # a bad image fails its request only
                 self.output_processor.remove(seq_id)
                 seq.status = Status.FINISHED
                 failed.append(TokenEvent(seq_id, -1, "", error=str(e) or type(e).__name__))
                 continue
-            self.output_processor.stamp(seq_id, "preprocess", start, end)
             self.engine.add(seq)
         return failed
+
+    def _image_job(self, seq: Sequence, images: list) -> Future:
+        """Decode and preprocess a sequence's images on the image workers: (pixels, start, end)."""
+        return self._image_pool.submit(_timed, self.input_processor.preprocess, images, seq.image_sizes, seq.mm_keys)
+
+    def _take_pixels(self, seq: Sequence, done: tuple) -> None:
+        """An image job's result onto its sequence, and its time into the request's timeline."""
+        seq.pixel_values, start, end = done
+        self.output_processor.stamp(seq.seq_id, "preprocess", start, end)
 
     def has_work(self) -> bool:
         return bool(self._preprocessing) or self.engine.has_work()
@@ -232,8 +238,7 @@ class LLM:
         arrival = time.perf_counter()
         made = [self.input_processor.make_sequence(r, sampling, preprocess=False) for r in reqs]
         # every request's images decoded (in parallel) before any is queued: a bad one raises here
-        jobs = [self._image_pool.submit(_timed, self.input_processor.preprocess, images, seq.image_sizes, seq.mm_keys)
-                if images else None for seq, images in made]
+        jobs = [self._image_job(seq, images) if images else None for seq, images in made]
         try:
             timed = [job.result() if job else None for job in jobs]
         finally:
@@ -245,8 +250,7 @@ class LLM:
         for seq, done in zip(seqs, timed):
             self.output_processor.add(seq.seq_id, seq.prompt_ids, seq.sampling, arrival)
             if done is not None:
-                seq.pixel_values = done[0]
-                self.output_processor.stamp(seq.seq_id, "preprocess", done[1], done[2])
+                self._take_pixels(seq, done)
             self.engine.add(seq)
         idle_steps = 0
         try:

@@ -112,11 +112,11 @@ class _Role:
         if not any(isinstance(x, ByteRef) for x in images):
             return images
         out = [self.byte_arena.read(x) if isinstance(x, ByteRef) else x for x in images]
-        for (image, _), key in zip(items, keys):
-            if isinstance(images[image], ByteRef) and image_key(out[image]) != key.rpartition(":")[0]:
-                self.send(Failed(req_id, self.name, "image bytes changed before they were read (request aborted?)",
-                                 images=len(items)))
-                return None
+        expected = {image: key.rpartition(":")[0] for (image, _), key in zip(items, keys)}  # an image's items agree
+        if any(isinstance(images[i], ByteRef) and image_key(out[i]) != key for i, key in expected.items()):
+            self.send(Failed(req_id, self.name, "image bytes changed before they were read (request aborted?)",
+                             images=len(items)))
+            return None
         return out
 
     def drain(self) -> None:
