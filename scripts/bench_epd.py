@@ -10,7 +10,11 @@
     python scripts/bench_epd.py --model /tmp/llava-7b --placement "E:0,1 P:2 D:3"
     python scripts/bench_epd.py ... --no-share  # one GPU: copy the KV blocks instead of sharing
 
-Exit status 1 if any request's tokens differ between the modes.
+Several image sizes (`--image-size 336x336,1920x1080,4032x3024`) and both preprocessing paths
+(`--image-preprocess auto,cpu`: on the GPU, then PIL threads) run in one call: a table per size
+with TTFT p50 / p99 and its breakdown (queue / preprocess / tower / wait / prefill) per engine.
+
+Exit status 1 if any request's tokens differ between the modes, or between two passes of one.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import io
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -39,18 +44,22 @@ PROMPT = "Describe this picture in detail: the colours, the animals, the weather
 def requests(n: int, images_per_request: int, size: tuple[int, int] = (336, 336), fmt: str = "png",
              seed: int = 0) -> list[Request]:
     """n requests of images_per_request distinct seeded images, width x height `size`: a smooth
-    gradient plus noise (photo-like to a codec, never constant), PNG or JPEG (quality 90)."""
+    pattern (drawn at a quarter of the size, upscaled) plus noise: photo-like to a codec, never
+    constant, and quick to make at 4032x3024. PNG or JPEG (quality 90)."""
     rng = np.random.default_rng(seed)
     w, h = size
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    yy, xx = np.mgrid[0 : max(h // 4, 1), 0 : max(w // 4, 1)].astype(np.float32) * 4
+    noise = rng.integers(-12, 13, (h, w, 3), dtype=np.int16)
     out = []
     for _ in range(n):
         data = []
         for _ in range(images_per_request):
             phase = rng.uniform(0, 6.28, 3)
             base = np.stack([127 + 100 * np.sin(xx / (40 + 30 * c) + yy / (55 + 20 * c) + phase[c])
-                             for c in range(3)], -1)
-            pixels = np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
+                             for c in range(3)], -1).astype(np.uint8)
+            smooth = np.asarray(Image.fromarray(base).resize((w, h), Image.BILINEAR), dtype=np.int16)
+            shifted = np.roll(noise, (int(rng.integers(h)), int(rng.integers(w))), (0, 1))
+            pixels = np.clip(smooth + shifted, 0, 255).astype(np.uint8)
             buf = io.BytesIO()
             Image.fromarray(pixels).save(buf, format="JPEG" if fmt == "jpeg" else "PNG", quality=90)
             data.append(buf.getvalue())
@@ -108,6 +117,68 @@ def median(xs: list[float]) -> float:
     return statistics.median(xs) if xs else 0.0
 
 
+def p99(xs: list[float]) -> float:
+    return float(np.percentile(xs, 99)) if xs else 0.0
+
+
+@dataclass
+class Workload:
+    """One image size: warm-up requests (their own images: no cache hits later), the requests
+    compared one at a time, and the load sent all at once."""
+
+    size: str
+    warm: list[Request]
+    check: list[Request]
+    load: list[Request]
+
+
+@dataclass
+class Run:
+    """What one engine did with one workload."""
+
+    alone: list  # the check requests' outputs, one at a time
+    again: list  # the same, a second time (a moving output is a race)
+    outs: list  # the load's outputs
+    wall: float  # seconds for the load
+
+
+def run_workloads(engine, workloads: list[Workload], sp: SamplingParams) -> list[Run]:
+    runs = []
+    for w in workloads:
+        engine.generate(w.warm, sp)  # warm-up: first use of each kernel (and graph bucket) at this size
+        alone, again = one_at_a_time(engine, w.check, sp), one_at_a_time(engine, w.check, sp)
+        t0 = time.perf_counter()
+        outs = engine.generate(w.load, sp)
+        runs.append(Run(alone, again, outs, time.perf_counter() - t0))
+    return runs
+
+
+def compare(name: str, a: list, b: list) -> int:
+    """How many requests' tokens are equal in a and b; prints where the others part."""
+    same = 0
+    for i, (x, y) in enumerate(zip(a, b)):
+        x, y = x.token_ids, y.token_ids
+        same += x == y
+        if x != y:
+            first = next((j for j, (u, v) in enumerate(zip(x, y)) if u != v), min(len(x), len(y)))
+            print(f"  {name}, request {i}: tokens differ from position {first}: {x[first:first + 4]} vs "
+                  f"{y[first:first + 4]}")
+    return same
+
+
+def load_row(label: str, run: Run) -> str:
+    outs = run.outs
+    n_tokens = sum(len(o.token_ids) for o in outs)
+    br = {k: median([o.ttft_breakdown.get(k, 0.0) for o in outs]) * 1e3
+          for k in ("queue_s", "preprocess_s", "encode_s", "wait_s", "prefill_s")}
+    share = median([sum(o.ttft_breakdown.get(k, 0.0) for k in ("queue_s", "preprocess_s", "encode_s"))
+                    for o in outs]) * 1e3
+    ttft = [o.ttft_s for o in outs]
+    return (f"| {label} | {n_tokens / run.wall:.0f} | {median(ttft) * 1e3:.1f} | {p99(ttft) * 1e3:.1f} | "
+            f"{br['queue_s']:.1f} | {br['preprocess_s']:.1f} | {br['encode_s']:.1f} | {br['wait_s']:.1f} | "
+            f"{br['prefill_s']:.1f} | {share:.1f} |")
+
+
 def main(argv: list[str] | None = None) -> None:
     from engine.cli import PLACEMENT_HELP, ArgumentParser, check_device, check_placement, positive_int
 
@@ -124,26 +195,35 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--backend", default="cuda", choices=["cuda", "torch"],
                    help='torch: a CPU smoke run (--placement "E:cpu P:cpu D:cpu")')
     p.add_argument("--no-share", action="store_true", help="copy KV blocks even when P and D share a GPU")
-    p.add_argument("--image-size", default="336x336", help="WxH of each image (default: 336x336)")
+    p.add_argument("--image-size", default="336x336",
+                   help="WxH of each image, or several comma-separated (each its own workload; default: 336x336)")
     p.add_argument("--image-format", default="png", choices=["png", "jpeg"], help="how the images are encoded")
-    p.add_argument("--image-preprocess", default="auto", choices=["auto", "cpu"],
-                   help="auto: encoders decode and preprocess on their GPU; cpu: PIL on image_workers threads")
+    p.add_argument("--image-preprocess", default="auto",
+                   help="auto: the stages that encode decode and preprocess on their GPU; cpu: PIL on image_workers "
+                        "threads; or both, comma-separated (each its own pair of engines)")
     args = p.parse_args(argv)
-    try:
-        size = tuple(int(v) for v in args.image_size.lower().split("x"))
-        assert len(size) == 2 and min(size) > 0
-    except (ValueError, AssertionError):
-        p.error(f"--image-size {args.image_size!r}: expected WxH, e.g. 1920x1080")
+    sizes = []
+    for text in args.image_size.split(","):
+        try:
+            size = tuple(int(v) for v in text.lower().split("x"))
+            assert len(size) == 2 and min(size) > 0
+        except (ValueError, AssertionError):
+            p.error(f"--image-size {text!r}: expected WxH, e.g. 1920x1080")
+        sizes.append((text, size))
+    modes = args.image_preprocess.split(",")
+    if any(m not in ("auto", "cpu") for m in modes):
+        p.error(f"--image-preprocess {args.image_preprocess!r}: expected auto, cpu or auto,cpu")
     for flag in ("requests", "check_requests", "images", "max_tokens", "kv_cache_tokens"):
         positive_int(f"--{flag.replace('_', '-')}", getattr(args, flag))
     devices = check_placement(args.placement, args.mode)
     check_device(None, args.backend)
     sp = SamplingParams(max_tokens=args.max_tokens, ignore_eos=True)
-    check = requests(args.check_requests, args.images, size, args.image_format)
-    load = requests(args.requests, args.images, size, args.image_format, seed=1)
-    warm = requests(2, args.images, size, args.image_format, seed=2)  # its own images: no cache hits in the load run
+    workloads = [Workload(text, requests(2, args.images, size, args.image_format, seed=2),
+                          requests(args.check_requests, args.images, size, args.image_format),
+                          requests(args.requests, args.images, size, args.image_format, seed=1))
+                 for text, size in sizes]
     settings = dict(backend=args.backend, device=devices["P"][0], dtype="bfloat16",
-                    kv_cache_tokens=args.kv_cache_tokens, image_preprocess=args.image_preprocess)
+                    kv_cache_tokens=args.kv_cache_tokens)
     p_dev, d_dev = devices["P"][0], devices["D"][0]
     ceiling = copy_gbps(p_dev, d_dev)
     e_dev = devices.get("E", [p_dev])[0]
@@ -163,63 +243,61 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{gpu}; placement {args.placement} ({args.mode}); "
           f"copy {p_dev}->{d_dev}: {ceiling:.0f} GB/s; {e_dev}->{p_dev}: {mm_ceiling:.0f} GB/s", flush=True)
 
-    t0 = time.perf_counter()
-    with EPDEngine(args.model, placement=args.placement, mode=args.mode, share_kv_arena=not args.no_share,
-                   **settings) as epd:
-        started = time.perf_counter() - t0
-        epd.generate(warm, sp)  # warm-up: first use of each kernel in every stage
-        alone = one_at_a_time(epd, check, sp)
-        epd_tokens = [o.token_ids for o in alone]
+    failed = False
+    results: dict[str, tuple[list[Run], list[Run]]] = {}
+    for pre in modes:
         t0 = time.perf_counter()
-        outs = epd.generate(load, sp)
-        wall = time.perf_counter() - t0
-        kv = {name: s.get("kv_cache_tokens") for name, s in epd.status()["stages"].items() if "kv_cache_tokens" in s}
-    print(f"stages started in {started:.1f}s; KV tokens per stage: {kv}", flush=True)
+        with EPDEngine(args.model, placement=args.placement, mode=args.mode, share_kv_arena=not args.no_share,
+                       image_preprocess=pre, **settings) as epd:
+            started = time.perf_counter() - t0
+            epd_runs = run_workloads(epd, workloads, sp)
+            kv = {n: s.get("kv_cache_tokens") for n, s in epd.status()["stages"].items() if "kv_cache_tokens" in s}
+        print(f"image_preprocess {pre}: stages started in {started:.1f}s; KV tokens per stage: {kv}", flush=True)
+        agg = LLM(args.model, image_preprocess=pre, **settings)
+        agg_runs = run_workloads(agg, workloads, sp)
+        del agg
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        results[pre] = epd_runs, agg_runs
+        for w, e, a in zip(workloads, epd_runs, agg_runs):
+            n = len(w.check)
+            same = compare("epd vs aggregated", e.alone, a.alone)
+            stable = compare("epd, second pass", e.alone, e.again), compare("aggregated, second pass", a.alone, a.again)
+            print(f"image_preprocess {pre}, {w.size}: one at a time: {same}/{n} requests token-for-token equal to "
+                  f"aggregated; second pass equal to the first: epd {stable[0]}/{n}, aggregated {stable[1]}/{n} "
+                  f"({args.max_tokens} greedy tokens each)", flush=True)
+            failed |= same < n or min(stable) < n
 
-    agg = LLM(args.model, backend=args.backend, dtype="bfloat16", device=p_dev, kv_cache_tokens=args.kv_cache_tokens)
-    agg.generate(warm, sp)
-    agg_tokens = [o.token_ids for o in one_at_a_time(agg, check, sp)]
-    t0 = time.perf_counter()
-    agg.generate(load, sp)
-    agg_wall = time.perf_counter() - t0
-    del agg
-    gc.collect()
+    for i, w in enumerate(workloads):
+        print(f"\n{args.requests} requests at once, {args.images} {w.size} {args.image_format} image(s) each, "
+              f"{args.max_tokens} tokens out (ms; breakdown columns are p50s):")
+        print("| engine | image_preprocess | tokens/s | TTFT p50 | TTFT p99 | queue | preprocess | tower | wait | "
+              "prefill (incl. hand-off) | encode share (queue + preprocess + tower) |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
+        for pre, (epd_runs, agg_runs) in results.items():
+            print(load_row(f"{args.mode} {args.placement} | {pre}", epd_runs[i]))
+            print(load_row(f"aggregated {p_dev} | {pre}", agg_runs[i]))
+        share = median([sum(o.ttft_breakdown.get(k, 0.0) for k in ("queue_s", "preprocess_s", "encode_s"))
+                        for o in results[modes[0]][0][i].outs])
+        print(f"encode share of TTFT (queue + preprocess + encode), p50, {w.size}, {modes[0]}: {share * 1e3:.1f} ms")
 
-    same = sum(a == b for a, b in zip(epd_tokens, agg_tokens))
-    for i, (a, b) in enumerate(zip(epd_tokens, agg_tokens)):
-        if a != b:
-            first = next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-            print(f"request {i}: tokens differ from position {first}: epd {a[first:first + 4]} "
-                  f"aggregated {b[first:first + 4]}")
-    print(f"one at a time: {same}/{len(check)} requests token-for-token equal to aggregated "
-          f"({args.max_tokens} greedy tokens each)")
-
-    n_tokens = sum(len(o.token_ids) for o in outs)
-    br = {k: median([o.ttft_breakdown[k] for o in outs]) * 1e3 for k in outs[0].ttft_breakdown}
-    print(f"\n{len(load)} requests at once, {args.images} {args.image_size} {args.image_format} image(s) each, "
-          f"{args.max_tokens} tokens out:")
-    print("| mode | tokens/s | TTFT p50 ms | queue | preprocess | encode | wait | prefill (incl. hand-off) |")
+    print("\n| hand-off (median per request) | image size | when | bytes | ms | GB/s | ceiling GB/s | % |")
     print("|---|---|---|---|---|---|---|---|")
-    print(f"| {args.mode} {args.placement} | {n_tokens / wall:.0f} | {median([o.ttft_s for o in outs]) * 1e3:.1f} | "
-          f"{br['queue_s']:.1f} | {br['preprocess_s']:.1f} | {br['encode_s']:.1f} | {br['wait_s']:.1f} | "
-          f"{br['prefill_s']:.1f} |")
-    print(f"| aggregated {p_dev} | {n_tokens / agg_wall:.0f} | | | | | | |")
-    share = median([sum(o.ttft_breakdown.get(k, 0.0) for k in ("queue_s", "preprocess_s", "encode_s")) for o in outs])
-    print(f"encode share of TTFT (queue + preprocess + encode), p50: {share * 1e3:.1f} ms")
-    print("\n| hand-off (median per request) | when | bytes | ms | GB/s | ceiling GB/s | % |")
-    print("|---|---|---|---|---|---|---|")
-    for when, group in (("one at a time", alone), ("under load", outs)):
-        h = [o.handoff for o in group]
-        for name, nbytes, secs, ceil in (("image embeddings E->P", "mm_bytes", "mm_copy_s", mm_ceiling),
-                                         ("KV blocks P->D", "kv_bytes", "kv_migrate_s", ceiling)):
-            timed = [x for x in h if x[secs] > 0]
-            if not timed:
-                print(f"| {name} | {when} | 0 (not moved) | 0 | | | |")
-                continue
-            gbps = median([x[nbytes] / x[secs] / 1e9 for x in timed])
-            mb, ms = median([x[nbytes] for x in timed]) / 1e6, median([x[secs] for x in timed]) * 1e3
-            print(f"| {name} | {when} | {mb:.2f} MB | {ms:.3f} | {gbps:.0f} | {ceil:.0f} | {100 * gbps / ceil:.0f}% |")
-    sys.exit(0 if same == len(check) else 1)
+    for w, run in zip(workloads, results[modes[0]][0]):
+        for when, group in (("one at a time", run.alone), ("under load", run.outs)):
+            h = [o.handoff for o in group]
+            for name, nbytes, secs, ceil in (("image embeddings E->P", "mm_bytes", "mm_copy_s", mm_ceiling),
+                                             ("KV blocks P->D", "kv_bytes", "kv_migrate_s", ceiling)):
+                timed = [x for x in h if x[secs] > 0]
+                if not timed:
+                    print(f"| {name} | {w.size} | {when} | 0 (not moved) | 0 | | | |")
+                    continue
+                gbps = median([x[nbytes] / x[secs] / 1e9 for x in timed])
+                mb, ms = median([x[nbytes] for x in timed]) / 1e6, median([x[secs] for x in timed]) * 1e3
+                print(f"| {name} | {w.size} | {when} | {mb:.2f} MB | {ms:.3f} | {gbps:.0f} | {ceil:.0f} | "
+                      f"{100 * gbps / ceil:.0f}% |")
+    sys.exit(1 if failed else 0)
 
 
 if __name__ == "__main__":

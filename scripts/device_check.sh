@@ -106,24 +106,31 @@ if [[ " $STAGES " == *" epdmulti "* ]]; then
   stage bench_epd_multi python3 scripts/bench_epd.py --model /tmp/llava-7b --placement "${EPD_PLACEMENT:-E:0,1 P:0 D:1}"
   grep -h "^|\|one at a time\|copy\|pull_blocks" "$OUT/bench_epd_multi.log" >> "$SUMMARY"
 fi
-if [[ " $STAGES " == *" image "* ]]; then  # issue 13: GPU preprocessing, LLaVA-NeXT, EPD encode share at 1080p JPEGs
+if [[ " $STAGES " == *" image "* ]]; then  # issue 13: GPU preprocessing, LLaVA-NeXT, TTFT under image-heavy load
   stage pytest_gpu_image python3 -m pytest -m gpu -q --tb=short -p no:cacheprovider tests/test_kernels_image.py \
-    tests/test_preprocess.py tests/test_llava_next.py tests/test_epd.py tests/test_cuda_engine.py
+    tests/test_preprocess.py tests/test_llava_next.py tests/test_epd.py tests/test_cuda_engine.py \
+    tests/test_encode_role.py tests/test_mm_cache.py
   [[ " $STAGES " == *" prebench "* ]] && stage bench_preprocess python3 scripts/bench_preprocess.py \
     --json "$OUT/bench_preprocess.json"
   llava7b
-  for pre in auto cpu; do  # the encoders' GPU preprocessing, then PIL (before), in the same run
-    stage "bench_epd_1080p_$pre" python3 scripts/bench_epd.py --model /tmp/llava-7b --placement "E:0,0 P:0 D:0" \
-      --requests 48 --images 2 --image-size 1920x1080 --image-format jpeg --max-tokens 16 --check-requests 2 \
-      --image-preprocess "$pre"
-    echo "bench_epd 1080p, image_preprocess=$pre:" >> "$SUMMARY"
-    grep -h "^| epd\|encode share\|one at a time" "$OUT/bench_epd_1080p_$pre.log" >> "$SUMMARY"
-  done
-  [[ -f /tmp/llava-next-7b/config.json ]] || stage make_next7b python3 scripts/make_random_model.py \
-    --shape llava-next-7b --out /tmp/llava-next-7b --device cuda
-  stage parity_logits_next7b python3 parity/logits.py --model /tmp/llava-next-7b --dtype bfloat16 --device cuda \
-    --backend cuda
-  grep -h "ratio\|PASS\|FAIL" "$OUT/parity_logits_next7b.log" | tail -n 8 >> "$SUMMARY"
+  # 48 requests x 2 JPEGs at once, three sizes; GPU preprocessing (auto), then PIL threads (cpu: the before)
+  stage bench_epd_images python3 scripts/bench_epd.py --model /tmp/llava-7b --placement "E:0,0 P:0 D:0" \
+    --requests 48 --images 2 --image-size "${IMAGE_SIZES:-336x336,1920x1080,4032x3024}" --image-format jpeg \
+    --max-tokens 16 --check-requests 4 --image-preprocess auto,cpu
+  grep -h "^| \|encode share\|one at a time\|differ" "$OUT/bench_epd_images.log" >> "$SUMMARY"
+  if [[ " $STAGES " == *" onecheck "* ]]; then  # one encoder: does the token check depend on the split?
+    stage bench_epd_one_encoder python3 scripts/bench_epd.py --model /tmp/llava-7b --placement "E:0 P:0 D:0" \
+      --requests 8 --images 2 --image-size 1920x1080 --image-format jpeg --max-tokens 16 --check-requests 6 \
+      --image-preprocess cpu,auto
+    grep -h "one at a time\|differ" "$OUT/bench_epd_one_encoder.log" >> "$SUMMARY"
+  fi
+  if [[ " $STAGES " == *" next7b "* ]]; then
+    [[ -f /tmp/llava-next-7b/config.json ]] || stage make_next7b python3 scripts/make_random_model.py \
+      --shape llava-next-7b --out /tmp/llava-next-7b --device cuda
+    stage parity_logits_next7b python3 parity/logits.py --model /tmp/llava-next-7b --dtype bfloat16 --device cuda \
+      --backend cuda
+    grep -h "ratio\|PASS\|FAIL" "$OUT/parity_logits_next7b.log" | tail -n 8 >> "$SUMMARY"
+  fi
 fi
 if [[ " $STAGES " == *" serve "* ]]; then  # OpenAI server sweep (scripts/serve_sweep.sh), one GPU by default
   llava7b
