@@ -5,14 +5,17 @@ tokenizer also detokenizes the outputs: engine/output_processor.py.)"""
 from __future__ import annotations
 
 import random
+import threading
+from contextlib import nullcontext
 from typing import Any
 
 import torch
 
 from engine.config import EngineConfig, ModelConfig
-from engine.images import check_image
+from engine.images import check_image, data_url_bytes
 from engine.images_anyres import checked_sizes, image_processor_for
 from engine.mm_cache import PixelCache, cached_pixels, image_key, item_keys
+from engine.preprocess import stage_image_processor
 from engine.request import Request, Sequence
 from engine.sampling import RequestError, SamplingParams
 from engine.schedulers import blocks_for
@@ -29,6 +32,8 @@ class InputProcessor:
         self.kv_blocks, self.mm_blocks = kv_blocks, mm_blocks
         self.tokenizer = Tokenizer(config.model, cfg)
         self.image_processor = image_processor_for(config.model, cfg) if cfg.vision else None
+        self._preprocessor = None  # made at the first preprocess: on a GPU where it can (stage_image_processor)
+        self._lock, self._local = threading.Lock(), threading.local()
         self.pixel_cache = PixelCache(config.pixel_cache_bytes) if config.pixel_cache_bytes else None
         self._rng = random.Random(config.seed)
         self._next_id = 0
@@ -48,7 +53,9 @@ class InputProcessor:
         if sampling is not None and not isinstance(sampling, SamplingParams):
             raise RequestError(f"sampling must be a SamplingParams, got {type(sampling).__name__}")
         sp = req.sampling or sampling or SamplingParams()
-        images = list(req.images or [])
+        # a data URL's base64 decoded once, here: the header check, the key and the encoder read the bytes
+        images = [data_url_bytes(x, i) if isinstance(x, str) and x.startswith("data:") else x
+                  for i, x in enumerate(req.images or [])]
         if images and self.image_processor is None:
             raise RequestError(f"{self.cfg.architecture} takes no images; got {len(images)}")
         sizes = [check_image(image, i) for i, image in enumerate(images)]  # (height, width) from the headers
@@ -102,14 +109,39 @@ class InputProcessor:
     def preprocess(self, images: list[Any], sizes: list[tuple[int, int]], keys: list[str] = ()) -> torch.Tensor:
         """The tower's inputs (items) for a sequence's images, decoded and checked against the
         sizes its tokens were counted for (seq.image_sizes); with keys (seq.mm_keys, one per
-        item), images seen before come from the pixel cache. Thread-safe: the image workers run it."""
+        item), images seen before come from the pixel cache. On a GPU with the cuda backend (and
+        image_preprocess "auto") on the device, made on this thread's own CUDA stream and
+        synchronized: the caller reads them on its stream (record_stream). Thread-safe: the
+        image workers run it."""
+        processor = self._stage_processor()
+
         def make(which: list[int]) -> torch.Tensor:
-            pixels, decoded = self.image_processor.preprocess_items([images[i] for i in which])
+            pixels, decoded = processor.preprocess_items([images[i] for i in which])
             checked_sizes(decoded, [sizes[i] for i in which], self.cfg)  # tokens were counted for these sizes
             return pixels
 
         counts = [self.cfg.image_layout(h, w).num_items for h, w in sizes]
-        return cached_pixels(make, counts, keys, self.pixel_cache)
+        stream = self._thread_stream()
+        with torch.cuda.stream(stream) if stream is not None else nullcontext():
+            # no pixel cache on the GPU (engine/roles/base._pixel_cache says why)
+            pixels = cached_pixels(make, counts, keys, self.pixel_cache if stream is None else None)
+            if stream is not None:
+                stream.synchronize()
+        return pixels
+
+    def _stage_processor(self):
+        with self._lock:
+            if self._preprocessor is None:
+                self._preprocessor = stage_image_processor(self.config, self.cfg)
+            return self._preprocessor
+
+    def _thread_stream(self) -> torch.cuda.Stream | None:
+        """This thread's CUDA stream for preprocessing on the device (None: not on a GPU)."""
+        if not hasattr(self._local, "stream"):
+            device = torch.device(self.config.device)
+            on_gpu = getattr(self._preprocessor, "device", torch.device("cpu")).type == "cuda"
+            self._local.stream = torch.cuda.Stream(device) if on_gpu else None
+        return self._local.stream
 
     def tokenize(self, prompt: str, num_images: int = 0, raw_prompt: bool = False,
                  image_sizes: list[tuple[int, int]] | None = None) -> tuple[str, list[int]]:

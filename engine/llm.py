@@ -177,6 +177,8 @@ class LLM:
     def _take_pixels(self, seq: Sequence, done: tuple) -> None:
         """An image job's result onto its sequence, and its time into the request's timeline."""
         seq.pixel_values, start, end = done
+        if seq.pixel_values.is_cuda:  # made on an image worker's stream, read on the engine's
+            seq.pixel_values.record_stream(torch.cuda.current_stream(seq.pixel_values.device))
         self.output_processor.stamp(seq.seq_id, "preprocess", start, end)
 
     def has_work(self) -> bool:

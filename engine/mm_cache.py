@@ -1,6 +1,6 @@
 """Caches keyed by image content (as vLLM's processor and encoder caches).
 
-- `image_key`: blake2b of what the user sent, read without decoding any pixel: the bytes of an
+- `image_key`: SHA-256 (first 128 bits) of what the user sent, read without decoding any pixel: the bytes of an
   encoded image (given as bytes, a file path or a base64 data URL: one image, one key whichever
   way it came), or for a PIL image its mode, size, palette, transparency, EXIF orientation and
   pixel buffer. Nothing per request enters the key: the engine's preprocessing and weights are
@@ -50,7 +50,7 @@ Key = str | None  # None: an image without a key (never cached)
 def image_key(src: Any, index: int = 0) -> str:
     """The content key of one image (anything engine.images.load_image accepts); `index` only
     labels errors. Cheap: hashing only (a data URL is base64-decoded, a file read)."""
-    h = hashlib.blake2b(digest_size=16)
+    h = hashlib.sha256()  # 2.5x blake2b's speed here (SHA extensions): 4032x3024 JPEGs are ~4 MB
     if isinstance(src, Image.Image):  # already in memory: its pixels are what the user gave
         h.update(b"pil\0" + f"{src.mode}\0{src.size}\0{src.info.get('transparency')!r}\0".encode())
         h.update(str(src.getexif().get(0x0112)).encode())  # EXIF orientation: load_image applies it
@@ -66,7 +66,7 @@ def image_key(src: Any, index: int = 0) -> str:
     else:
         raise ImageError(f"image {index}: unsupported type {type(src).__name__}; "
                          "expected a path, bytes, a PIL image or a data: URL")
-    return h.hexdigest()
+    return h.hexdigest()[:32]
 
 
 def item_keys(keys: Seq[str], counts: Seq[int]) -> list[str]:

@@ -137,3 +137,38 @@ def test_epd_stages_on_one_gpu_load_only_their_half(small_llava: Path) -> None:
             assert all(o.handoff["mm_bytes"] == 0 for o in outs)
         else:  # encoder0 on GPU 1: its images are copied to prefill's GPU
             assert outs[2].handoff["mm_bytes"] == 3 * outs[0].handoff["mm_bytes"] > 0
+
+
+def test_aggregated_engine_preprocesses_on_its_gpu(small_llava: Path) -> None:
+    """image_preprocess "auto": the LLM's image workers decode and preprocess on the GPU, each on
+    its own stream, while the engine steps; PNG pixels are PIL's bit for bit, so the tokens
+    equal the PIL path's ("cpu") — for requests sent one by one and for 12 at once (4 workers
+    racing the engine: a stream hazard would move tokens)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from engine import LLM, Request, SamplingParams
+    from engine.preprocess import GpuImagePreprocessor
+
+    def png(seed: int, w: int, h: int) -> bytes:
+        buf = io.BytesIO()
+        Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)).save(buf, "PNG")
+        return buf.getvalue()
+
+    sizes = [(84, 84), (200, 120), (97, 301), (640, 480)]
+    reqs = [Request(f"Describe {i}", images=[png(i, *sizes[i % 4]), png(100 + i, *sizes[(i + 1) % 4])])
+            for i in range(12)]
+    sp = SamplingParams(max_tokens=12, ignore_eos=True)
+    kw = {"backend": "cuda", "device": "cuda", "dtype": "bfloat16", "kv_cache_tokens": 8192, "image_workers": 4}
+    outs = {}
+    for pre in ("cpu", "auto"):
+        llm = LLM(small_llava, image_preprocess=pre, mm_cache=False, **kw)
+        alone = [llm.generate([r], sp)[0].token_ids for r in reqs[:3]]
+        together = [o.token_ids for o in llm.generate(reqs, sp)]
+        on_gpu = isinstance(llm.input_processor._stage_processor(), GpuImagePreprocessor)
+        assert on_gpu == (pre == "auto")
+        outs[pre] = alone, together
+        del llm
+    assert outs["auto"] == outs["cpu"]

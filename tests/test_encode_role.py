@@ -42,6 +42,15 @@ def _task(req: int, *images: bytes) -> EncodeTask:
     return EncodeTask(req, 0, list(images), keys=keys, image_sizes=[(30, 40)] * len(images))
 
 
+def _drain(role) -> None:
+    """Step the role as its worker does, until it has nothing left to do (bounded)."""
+    for _ in range(1000):
+        if not role.busy:
+            return
+        role.step()
+    raise AssertionError("the encoder is still busy after 1000 steps")
+
+
 def _answers(sent: list) -> dict:
     return {m.req_id: m for m in sent if isinstance(m, (Encoded, Failed))}
 
@@ -50,7 +59,7 @@ def test_waiting_tasks_are_encoded_in_one_batch_within_the_item_budget(encoder) 
     role, sent, calls = encoder
     for req in range(4):  # 4 one-image tasks, budget 3 items: a batch of 3, then 1
         role.handle(_task(req, _png(req)))
-    role.step()
+    _drain(role)
     assert calls == [3, 1] and sorted(_answers(sent)) == [0, 1, 2, 3]
     assert all(isinstance(m, Encoded) and len(m.blocks) == 1 for m in _answers(sent).values())
     first = _answers(sent)
@@ -59,7 +68,7 @@ def test_waiting_tasks_are_encoded_in_one_batch_within_the_item_budget(encoder) 
     # the same images again: cached, no encode; then every block back (idle cached blocks stay)
     sent.clear()
     role.handle(_task(9, _png(0), _png(3)))
-    role.step()
+    _drain(role)
     assert calls == [3, 1] and isinstance(_answers(sent)[9], Encoded)
     for m in list(first.values()) + [_answers(sent)[9]]:
         role.handle(FreeMM(m.blocks, 0))
@@ -74,7 +83,7 @@ def test_a_corrupt_image_fails_its_task_only(encoder) -> None:
     role.handle(_task(1, _png(1)))
     role.handle(_task(2, corrupt[: len(corrupt) // 2]))  # the header is intact: it fails in the batch
     role.handle(_task(3, _png(3)))
-    role.step()
+    _drain(role)
     answers = _answers(sent)
     assert isinstance(answers[1], Encoded) and isinstance(answers[3], Encoded)
     assert isinstance(answers[2], Failed) and "image 0" in answers[2].error and answers[2].images == 1
@@ -101,7 +110,7 @@ def test_bytes_that_no_longer_match_their_key_fail_the_task(tiny_llava) -> None:
                                image_sizes=[(30, 40)]))
         role.handle(EncodeTask(2, 0, [arena.put(other)], keys=item_keys([image_key(good)], [1]),
                                image_sizes=[(30, 40)]))  # its span now holds another image
-        role.step()
+        _drain(role)
         answers = _answers(sent)
         assert isinstance(answers[1], Encoded) and isinstance(answers[2], Failed)
         assert "changed before they were read" in answers[2].error and role.cache.stats()["images"] == 1
@@ -109,3 +118,33 @@ def test_bytes_that_no_longer_match_their_key_fail_the_task(tiny_llava) -> None:
         role.close()
         arena.close()
 
+
+
+def test_the_next_batch_preprocesses_while_the_tower_runs(encoder) -> None:
+    """Two stages: batch 2's preprocessing (on the role's thread) overlaps batch 1's tower (on
+    the worker's thread); the answers still come in order, one Encoded per task."""
+    import time
+
+    role, sent, calls = encoder
+    spans: dict[str, list[tuple[float, float]]] = {"preprocess": [], "tower": []}
+
+    def timed(name, fn):
+        def run(*args):
+            start = time.perf_counter()
+            time.sleep(0.15)
+            out = fn(*args)
+            spans[name].append((start, time.perf_counter()))
+            return out
+        return run
+
+    role.image_processor.preprocess_items = timed("preprocess", role.image_processor.preprocess_items)
+    role.runner.encode = timed("tower", role.runner.encode)
+    sent.clear()  # Loaded, Exported, Ready
+    for req in range(6):  # budget 3: two batches
+        role.handle(_task(req, _png(req)))
+    _drain(role)
+    assert [type(m) for m in sent] == [Encoded] * 6 and [m.req_id for m in sent] == list(range(6))
+    (p1, p2), (t1, t2) = spans["preprocess"], spans["tower"]
+    assert p1[1] <= t1[0] and p2[1] <= t2[0]  # each batch's pixels before its tower
+    assert p2[0] < t1[1], f"batch 2 preprocessed only after batch 1's tower: {spans}"
+    role.cache.check()

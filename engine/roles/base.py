@@ -21,6 +21,11 @@ from ipc.byte_arena import ByteArena, ByteRef
 Send = Callable[[object], None]
 
 
+class StaleImage(RuntimeError):
+    """Image bytes in the orchestrator's byte arena no longer hash to their key (the span was
+    reused after the request was aborted): its task fails, nothing is cached from it."""
+
+
 @dataclass(frozen=True)
 class RoleSpec:
     """What a worker builds: kind "encode" / "prefill" / "decode", its index among its kind,
@@ -55,8 +60,11 @@ def _mm_blocks(cache: EncoderCache) -> dict:
     return {"used": s["in_use_blocks"], "cached": s["idle_blocks"], "total": s["total_blocks"]}
 
 
-def _pixel_cache(config: EngineConfig) -> PixelCache | None:
-    return PixelCache(config.pixel_cache_bytes) if config.pixel_cache_bytes else None
+def _pixel_cache(config: EngineConfig, processor) -> PixelCache | None:
+    """The stage's pixel cache; none when it preprocesses on its GPU (a few ms per image there,
+    and the memory is the KV cache's): the encoder cache keeps the embeddings either way."""
+    on_gpu = getattr(processor, "device", torch.device("cpu")).type == "cuda"
+    return PixelCache(config.pixel_cache_bytes) if config.pixel_cache_bytes and not on_gpu else None
 
 
 def _synchronize(device: torch.device) -> None:
@@ -103,20 +111,19 @@ class _Role:
             blocks = kv_blocks_from_memory(self.config, self.cfg, self.model, mm_arena, share)
         return blocks
 
-    def image_sources(self, req_id: int, images: list, keys: list[str], items: list[tuple[int, int]]) -> list | None:
+    def image_sources(self, images: list, keys: list[str], items: list[tuple[int, int]]) -> list:
         """A task's images with those sent through the orchestrator's byte arena read out (a
         copy: the span is reused once the orchestrator frees it). A request aborted meanwhile may
         have had its span rewritten: with keys, an image whose bytes no longer hash to its key
-        fails the task (None; nothing is cached from it); without, the stale result is dropped by
-        the orchestrator, whose request is gone."""
+        raises StaleImage (nothing is cached from it); without, the stale result is dropped by
+        the orchestrator, whose request is gone. Thread-safe (an encoder reads on its
+        preprocessing thread)."""
         if not any(isinstance(x, ByteRef) for x in images):
             return images
         out = [self.byte_arena.read(x) if isinstance(x, ByteRef) else x for x in images]
         expected = {image: key.rpartition(":")[0] for (image, _), key in zip(items, keys)}  # an image's items agree
         if any(isinstance(images[i], ByteRef) and image_key(out[i]) != key for i, key in expected.items()):
-            self.send(Failed(req_id, self.name, "image bytes changed before they were read (request aborted?)",
-                             images=len(items)))
-            return None
+            raise StaleImage("image bytes changed before they were read (request aborted?)")
         return out
 
     def drain(self) -> None:

@@ -1,9 +1,18 @@
-"""The encode role: images into this worker's MM arena, answered from its encoder cache where it can."""
+"""The encode role: images into this worker's MM arena, answered from its encoder cache where it can.
+
+Two stages, pipelined: a preprocessing thread reads a batch's image bytes, checks them and
+decodes + preprocesses them (on its own CUDA stream where the GPU path runs), while the worker's
+thread runs the vision tower on the batch before. nvjpeg's Huffman decode and PIL run on the CPU
+and the tower on the GPU, so the two overlap; the thread releases the GIL in both.
+"""
 
 from __future__ import annotations
 
 import time
 from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from contextlib import nullcontext
+from dataclasses import dataclass, field
 
 import torch
 
@@ -21,10 +30,28 @@ from engine.messages import (
 from engine.mm_cache import EncoderCache, item_pixels
 from engine.preprocess import stage_image_processor
 from engine.request import Sequence
-from engine.roles.base import RoleSpec, Send, _gb, _mm_blocks, _pixel_cache, _Role, _synchronize
+from engine.roles.base import RoleSpec, Send, StaleImage, _gb, _mm_blocks, _pixel_cache, _Role, _synchronize
 from engine.runner import ModelRunner, kv_block_shape, load_weights, mm_arena_shape
 from engine.sampling import SamplingParams
 from ipc.arena import SharedArena
+
+MAX_IN_FLIGHT = 2  # batches past the queue: one in the tower, one preprocessing
+
+
+@dataclass
+class _Batch:
+    """Tasks encoded together: their MM blocks (taken from the cache), which of their items
+    need the tower, and the preprocessing job's result (pixels, stale tasks, seconds)."""
+
+    tasks: list[EncodeTask]
+    taken: list[list[tuple[list[int], bool]]]
+    job: Future | None = None
+    blocks: list[list[int]] = field(init=False)
+    misses: list[tuple[int, int]] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.blocks = [[b for item_blocks, _ in got for b in item_blocks] for got in self.taken]
+        self.misses = [(t, i) for t, got in enumerate(self.taken) for i, (_, hit) in enumerate(got) if not hit]
 
 
 class EncodeRole(_Role):
@@ -45,15 +72,21 @@ class EncodeRole(_Role):
         self.blocks = BlockManager(self.runner.num_mm_blocks)
         self.cache = EncoderCache(self.blocks, enabled=config.mm_cache)  # serves every prefill
         self.image_processor = stage_image_processor(config, cfg)  # on this GPU where it can
-        self.pixel_cache = _pixel_cache(config)
+        self.pixel_cache = _pixel_cache(config, self.image_processor)
         self.pending: deque[EncodeTask] = deque()
+        self.in_flight: deque[_Batch] = deque()
+        self._prep = ThreadPoolExecutor(1, thread_name_prefix="preprocess")
+        self._prep_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         send(Loaded(self.name, kv_owner=False))
         send(Exported(self.name, self.arena.handle))
         send(Ready(self.name, {**self.base_stats(self.runner), "mm_arena_blocks": self.arena.tensor.shape[0],
                                "mm_arena_gb": _gb(self.arena.tensor), "graph_buckets": self.graphs}))
 
     @property
-    def busy(self) -> bool:  # FCFS: the first task waits for MM blocks to be freed
+    def busy(self) -> bool:
+        return bool(self.in_flight) or self._can_start()
+
+    def _can_start(self) -> bool:  # FCFS: the first task waits for MM blocks to be freed
         return bool(self.pending) and self.cache.can_acquire(self.pending[0].keys, [1] * len(self.pending[0].items))
 
     def handle(self, msg: object) -> None:
@@ -65,78 +98,126 @@ class EncodeRole(_Role):
             if self.draining:
                 self.refuse(msg.req_id, len(msg.items))
                 return
-            msg.images = self.image_sources(msg.req_id, msg.images, msg.keys, msg.items)
-            if msg.images is not None:
-                self.pending.append(msg)
+            self.pending.append(msg)
 
     def step(self) -> None:
-        """Encode the waiting tasks FCFS, as many at a time as the item budget
-        (max_images_per_batch) and the MM arena take: one preprocessing call and one tower call
-        for all their items not cached (on the H200, nvjpeg + our kernels run 1713 1080p images/s
-        at batch 32, 439 at batch 1)."""
-        while self.busy:
-            batch, taken, items = [], [], 0
-            budget = self.config.max_images_per_batch
-            while self.busy and (not batch or items + len(self.pending[0].items) <= budget):
-                task = self.pending.popleft()
-                got = self.cache.acquire(task.keys, [1] * len(task.items))
-                assert got is not None, "busy said the blocks fit"
-                batch.append(task)
-                taken.append(got)
-                items += len(task.items)
-            self._encode_batch(batch, taken)
+        """Start a batch when none is preprocessing: the waiting tasks FCFS, as many as the item
+        budget (max_images_per_batch) and the MM arena take (on the H200, nvjpeg + our kernels
+        run 1713 1080p images/s at batch 32, 439 at batch 1), its preprocessing on the thread.
+        Then the oldest batch's tower once its pixels are ready, waiting for them a few
+        milliseconds at most (new tasks come in between)."""
+        self._start_batch()
+        if self.in_flight:
+            head = self.in_flight[0]
+            wait([head.job], timeout=0.005)
+            if head.job.done():
+                self.in_flight.popleft()
+                self._start_batch()  # the thread is free: the next batch preprocesses during this tower
+                self._finish(head)
 
-    def _encode_batch(self, batch: list[EncodeTask], taken: list[list[tuple[list[int], bool]]]) -> None:
-        """Encode the batch's items not cached into their blocks, synchronize (a prefill in
-        another process reads the arena), then answer each task. If an image fails, the batch's
-        blocks go back and each task runs again alone, so only the request it belongs to fails."""
-        blocks = [[b for item_blocks, _ in got for b in item_blocks] for got in taken]
-        misses = [(t, i) for t, got in enumerate(taken) for i, (_, hit) in enumerate(got) if not hit]
-        timing = {"preprocess_s": 0.0}
+    def _start_batch(self) -> None:
+        """A batch onto the preprocessing thread, if it is idle and the MM arena takes one."""
+        if (len(self.in_flight) < MAX_IN_FLIGHT and all(b.job.done() for b in self.in_flight)
+                and self._can_start()):
+            batch = self._take_batch()
+            batch.job = self._prep.submit(self._prepare, batch)
+            self.in_flight.append(batch)
+
+    def _take_batch(self) -> _Batch:
+        tasks, taken, items = [], [], 0
+        budget = self.config.max_images_per_batch
+        while self._can_start() and (not tasks or items + len(self.pending[0].items) <= budget):
+            task = self.pending.popleft()
+            got = self.cache.acquire(task.keys, [1] * len(task.items))
+            assert got is not None, "_can_start said the blocks fit"
+            tasks.append(task)
+            taken.append(got)
+            items += len(task.items)
+        return _Batch(tasks, taken)
+
+    def _prepare(self, batch: _Batch) -> tuple[torch.Tensor | None, dict[int, str], float]:
+        """The preprocessing job (on the thread): each task's bytes read and checked (a task whose
+        bytes went stale is reported, not preprocessed), then the tower's inputs for the batch's
+        misses of the other tasks, in order, from one preprocessing call, synchronized. Returns
+        (pixels or None, {task: error} for stale tasks, seconds); a bad image raises."""
+        start = time.perf_counter()
+        stale = {}
+        for t, task in enumerate(batch.tasks):
+            try:
+                task.images = self.image_sources(task.images, task.keys, task.items)
+            except StaleImage as e:
+                stale[t] = str(e)
+        misses = [(t, i) for t, i in batch.misses if t not in stale]
+        if not misses:
+            return None, stale, time.perf_counter() - start
+        with torch.cuda.stream(self._prep_stream) if self._prep_stream is not None else nullcontext():
+            pixels = self._pixels(batch.tasks, misses)
+            if self._prep_stream is not None:
+                self._prep_stream.synchronize()
+        return pixels, stale, time.perf_counter() - start
+
+    def _pixels(self, tasks: list[EncodeTask], misses: list[tuple[int, int]]) -> torch.Tensor:
+        """The tower's inputs for items `misses` ((task, position of the item in it)), in that
+        order, from one preprocessing call over the tasks' images."""
+        used = sorted({t for t, _ in misses})  # tasks with items to preprocess
+        images = [image for t in used for image in tasks[t].images]
+        first = dict(zip(used, _starts([len(tasks[t].images) for t in used])))  # each one's first image there
+        sizes = [hw for t in used for hw in tasks[t].image_sizes] if all(tasks[t].image_sizes for t in used) else []
+        items = [(first[t] + tasks[t].items[i][0], tasks[t].items[i][1]) for t, i in misses]
+        keys = [tasks[t].keys[i] if tasks[t].keys else None for t, i in misses]
+        return item_pixels(self.image_processor, self.cfg, self.pixel_cache, images, items, sizes,
+                           keys if any(k is not None for k in keys) else [])
+
+    def _finish(self, batch: _Batch) -> None:
+        """The tower for a batch whose pixels are ready, synchronized (a prefill in another
+        process reads the arena), then each task answered. Stale tasks fail alone; if an image
+        or the tower fails, the batch's blocks go back and each task runs again alone, so only
+        the request it belongs to fails."""
+        try:
+            pixels, stale, preprocess_s = batch.job.result()
+        except Exception as e:  # a bad image: its request fails, not the stage
+            self._retry_alone(batch, e)
+            return
+        for t, error in stale.items():
+            task = batch.tasks[t]
+            self.cache.discard([task.keys[i] for tt, i in batch.misses if tt == t and task.keys])
+            self.cache.release(batch.blocks[t])
+            self.send(Failed(task.req_id, self.name, error, images=len(task.items)))
+        misses = [(t, i) for t, i in batch.misses if t not in stale]
         start = time.perf_counter()
         try:
             if misses:
-                pixels = self._batch_pixels(batch, misses, timing)
+                if pixels.is_cuda:  # made on the preprocessing stream, read on this one
+                    pixels.record_stream(torch.cuda.current_stream(pixels.device))
                 seq = Sequence(seq_id=-1, prompt_ids=[], sampling=SamplingParams(), seed=0, stop_token_ids=frozenset(),
-                               pixel_values=pixels, mm_blocks=[blocks[t][i] for t, i in misses])
+                               pixel_values=pixels, mm_blocks=[batch.blocks[t][i] for t, i in misses])
                 self.runner.encode([seq])
             _synchronize(self.device)
-        except Exception as e:  # a bad image fails its request, not the stage
-            self.cache.discard([batch[t].keys[i] for t, i in misses if batch[t].keys])
-            for task_blocks in blocks:
-                self.cache.release(task_blocks)
-            if len(batch) == 1:
-                self.send(Failed(batch[0].req_id, self.name, str(e), images=len(batch[0].items)))
-            else:
-                for task in batch:
-                    self._encode_alone(task)
+        except Exception as e:
+            self._retry_alone(batch, e, skip=set(stale))
             return
-        tower_s = time.perf_counter() - start - timing["preprocess_s"]
-        for task, task_blocks in zip(batch, blocks):
-            self.send(Encoded(task.req_id, task.part, self.spec.index, task_blocks, timing["preprocess_s"], tower_s))
+        tower_s = time.perf_counter() - start
+        for t, (task, blocks) in enumerate(zip(batch.tasks, batch.blocks)):
+            if t not in stale:
+                self.send(Encoded(task.req_id, task.part, self.spec.index, blocks, preprocess_s, tower_s))
 
-    def _encode_alone(self, task: EncodeTask) -> None:
-        got = self.cache.acquire(task.keys, [1] * len(task.items))
-        assert got is not None, "the batch's blocks were given back"
-        self._encode_batch([task], [got])
-
-    def _batch_pixels(self, batch: list[EncodeTask], misses: list[tuple[int, int]], timing: dict) -> torch.Tensor:
-        """The tower's inputs for items `misses` ((task, position of the item in it)), in that
-        order, from one preprocessing call over the tasks' images; its time (synchronized) goes
-        into timing["preprocess_s"]."""
-        start = time.perf_counter()
-        first = [0]  # each task's first image in the batch's image list
-        for task in batch:
-            first.append(first[-1] + len(task.images))
-        images = [image for task in batch for image in task.images]
-        sizes = [hw for task in batch for hw in task.image_sizes] if all(t.image_sizes for t in batch) else []
-        items = [(first[t] + batch[t].items[i][0], batch[t].items[i][1]) for t, i in misses]
-        keys = [batch[t].keys[i] if batch[t].keys else None for t, i in misses]
-        pixels = item_pixels(self.image_processor, self.cfg, self.pixel_cache, images, items, sizes,
-                             keys if any(k is not None for k in keys) else [])
-        _synchronize(self.device)
-        timing["preprocess_s"] = time.perf_counter() - start
-        return pixels
+    def _retry_alone(self, batch: _Batch, error: Exception, skip: set[int] = frozenset()) -> None:
+        """Give a failed batch's blocks back (nothing of it cached); one task: it fails with the
+        error; several: each runs again alone, at once."""
+        todo = [t for t in range(len(batch.tasks)) if t not in skip]
+        self.cache.discard([batch.tasks[t].keys[i] for t, i in batch.misses if t in todo and batch.tasks[t].keys])
+        for t in todo:
+            self.cache.release(batch.blocks[t])
+        if len(todo) == 1 and len(batch.tasks) == 1:
+            task = batch.tasks[0]
+            self.send(Failed(task.req_id, self.name, str(error) or type(error).__name__, images=len(task.items)))
+            return
+        for t in todo:
+            got = self.cache.acquire(batch.tasks[t].keys, [1] * len(batch.tasks[t].items))
+            assert got is not None, "the batch's blocks were given back"
+            alone = _Batch([batch.tasks[t]], [got])
+            alone.job = _done(self._prepare, alone)
+            self._finish(alone)
 
     def stats(self) -> dict:
         pixels = self.pixel_cache.stats() if self.pixel_cache else {}
@@ -144,6 +225,27 @@ class EncodeRole(_Role):
                 "mm_cache": {**self.cache.stats(), **pixels}}
 
     def close(self) -> None:
+        self._prep.shutdown(cancel_futures=True)
         self.arena.close()
         if self.byte_arena is not None:
             self.byte_arena.close()
+
+
+def _starts(counts: list[int]) -> list[int]:
+    """Where each of consecutive runs of these lengths starts."""
+    out, n = [], 0
+    for c in counts:
+        out.append(n)
+        n += c
+    return out
+
+
+def _done(fn, *args) -> Future:
+    """fn(*args) run now, as a finished Future (its result or its exception)."""
+    future: Future = Future()
+    try:
+        future.set_result(fn(*args))
+    except Exception as e:
+        future.set_exception(e)
+    return future
+

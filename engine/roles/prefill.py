@@ -25,7 +25,18 @@ from engine.messages import (
 from engine.mm_cache import EncoderCache, acquire_and_encode, item_pixels
 from engine.preprocess import stage_image_processor
 from engine.request import Sequence, Status
-from engine.roles.base import RoleSpec, Send, _blocks, _gb, _mm_blocks, _pixel_cache, _Role, _same_device, _synchronize
+from engine.roles.base import (
+    RoleSpec,
+    Send,
+    StaleImage,
+    _blocks,
+    _gb,
+    _mm_blocks,
+    _pixel_cache,
+    _Role,
+    _same_device,
+    _synchronize,
+)
 from engine.runner import ModelRunner, kv_block_shape, load_weights, mm_arena_shape
 from engine.schedulers import PrefillScheduler
 from ipc.arena import SharedArena
@@ -45,7 +56,7 @@ class PrefillRole(_Role):
         self.mm_blocks = BlockManager(self.mm_arena.shape[0])
         self.mm_cache = EncoderCache(self.mm_blocks, enabled=config.mm_cache and spec.encodes)  # pd: its encodes
         self.image_processor = stage_image_processor(config, cfg) if spec.encodes else None
-        self.pixel_cache = _pixel_cache(config) if spec.encodes else None
+        self.pixel_cache = _pixel_cache(config, self.image_processor) if spec.encodes else None
         self.arena: SharedArena | None = None
         self.runner: ModelRunner | None = None
         self.peers: list[SharedArena] = []
@@ -68,8 +79,10 @@ class PrefillRole(_Role):
                 return
             if msg.images:  # pd: read the bytes now (the orchestrator frees them once this request ends)
                 items = all_items(self.cfg, msg.image_sizes)
-                msg.images = self.image_sources(msg.req_id, msg.images, msg.item_keys, items)
-                if msg.images is None:
+                try:
+                    msg.images = self.image_sources(msg.images, msg.item_keys, items)
+                except StaleImage as e:
+                    self.send(Failed(msg.req_id, self.name, str(e), images=len(items)))
                     return
             self.tasks[msg.req_id] = msg
             self.sched.add(Sequence(seq_id=msg.req_id, prompt_ids=msg.prompt_ids, sampling=msg.sampling,
