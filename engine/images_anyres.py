@@ -111,4 +111,4 @@ def select_items(processor: ImageProcessor | AnyresImageProcessor, cfg: ModelCon
     for h, w in sizes:
         first.append(n)
         n += cfg.image_layout(h, w).num_items
-    return pixels[torch.tensor([first[image] + item for image, item in items], dtype=torch.int64)]
+    return pixels[torch.tensor([first[image] + item for image, item in items], dtype=torch.int64, device=pixels.device)]

@@ -2,7 +2,8 @@
 
     make_preprocessor(cfg, device, workers).preprocess(images) -> [N, 3, S, S]
 
-Both equal `engine.images.ImageProcessor(cfg).preprocess(images)`:
+Both equal `engine.images.ImageProcessor(cfg).preprocess(images)` (LLaVA-NeXT's tiles on the GPU:
+engine/preprocess_anyres.py, built on GpuImagePreprocessor):
 - CPU (`CpuImagePreprocessor`): the same per-image function on `workers` threads (PIL releases the
   GIL in decode and resize), so the output is identical by construction.
 - GPU (`GpuImagePreprocessor`): decode (below), then resize with our CUDA kernels, which reproduce
@@ -243,17 +244,23 @@ def make_preprocessor(cfg: ImageProcessorConfig, device: str | torch.device = "c
 
 def stage_image_processor(config: EngineConfig, cfg: ModelConfig):
     """The image processor of a stage that encodes (an EPD encoder, a pd prefill): on a GPU with
-    the cuda backend and config.image_preprocess "auto", LLaVA-1.5 images are decoded (nvjpeg) and
-    preprocessed on that GPU, batched per task; otherwise (the CPU, the torch backend, "cpu",
-    LLaVA-NeXT's tiles) the checkpoint's PIL processor on config.image_workers threads where it
-    can. Either has preprocess_items(images) -> (pixels, decoded sizes)."""
-    from engine.images_anyres import image_processor_for
+    the cuda backend and config.image_preprocess "auto", images are decoded (nvjpeg) and preprocessed
+    on that GPU, batched per task (LLaVA-NeXT's tiles by engine/preprocess_anyres.py); otherwise (the
+    CPU, the torch backend, "cpu") the checkpoint's PIL processor, on config.image_workers threads
+    for LLaVA-1.5. Each has preprocess_items(images) -> (pixels, decoded sizes)."""
+    from engine.images_anyres import AnyresImageProcessor, image_processor_for
 
     processor = image_processor_for(config.model, cfg)
     device = torch.device(config.device)
-    if not isinstance(processor, ImageProcessor):  # anyres tiles: the PIL path (no GPU tiling yet)
-        return processor
-    if config.image_preprocess == "auto" and device.type == "cuda" and config.backend == "cuda":
+    on_gpu = config.image_preprocess == "auto" and device.type == "cuda" and config.backend == "cuda"
+    if isinstance(processor, AnyresImageProcessor):
+        if not on_gpu:
+            return processor
+        from engine.preprocess_anyres import GpuAnyresPreprocessor
+
+        gpu = GpuImagePreprocessor(processor.cfg, device, config.torch_dtype, config.image_workers)
+        return GpuAnyresPreprocessor(gpu, processor.pinpoints)
+    if on_gpu:
         return GpuImagePreprocessor(processor.cfg, device, config.torch_dtype, config.image_workers)
     return CpuImagePreprocessor(processor.cfg, config.image_workers)
 

@@ -327,11 +327,54 @@ def test_gpu_preprocessor_errors_are_image_processors() -> None:
         GpuImagePreprocessor(ImageProcessorConfig(image_size=32, resample=0))
 
 
-def test_stage_image_processor_choice(tiny_llava) -> None:
-    """An encoding stage on the CPU (or with image_preprocess "cpu") gets the PIL pool; on a GPU with
-    the cuda backend, the GPU preprocessor (checked where CUDA is)."""
+# (height, width) at tile 336: landscape, smaller than a tile, very wide, tall, a pinpoint exactly, 4032x3024
+ANYRES_HW = [(480, 640), (200, 150), (60, 1500), (1400, 300), (336, 672), (3024, 4032)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.gpu
+@pytest.mark.skipif(not _gpu_ready(), reason="needs CUDA and kernels._epd_C")
+def test_gpu_anyres_png_bit_exact(dtype: torch.dtype) -> None:
+    """GpuAnyresPreprocessor == AnyresImageProcessor (LLaVA-NeXT's pinpoints, tile 336) on PNGs, all in one
+    call and two in one call; select_items on its device pixels."""
+    from engine.config import DEFAULT_PINPOINTS, ModelConfig
+    from engine.images_anyres import AnyresImageProcessor, select_items
+    from engine.preprocess import GpuImagePreprocessor
+    from engine.preprocess_anyres import GpuAnyresPreprocessor
+
+    cfg = ImageProcessorConfig(image_size=336)
+    rng = np.random.default_rng(3)
+    images = [png_bytes(random_pixels(h, w, seed=int(rng.integers(1 << 30)))) for h, w in ANYRES_HW]
+    cpu = AnyresImageProcessor(cfg, DEFAULT_PINPOINTS)
+    gpu = GpuAnyresPreprocessor(GpuImagePreprocessor(cfg, "cuda", dtype, workers=2), DEFAULT_PINPOINTS)
+    for batch in (images, images[1:3]):
+        want, want_sizes = cpu.preprocess_items(batch)
+        got, sizes = gpu.preprocess_items(batch)
+        assert got.device.type == "cuda" and got.dtype == dtype and sizes == want_sizes
+        assert torch.equal(got.cpu(), want.to(dtype)), \
+            f"max diff {(got.cpu().float() - want.to(dtype).float()).abs().max().item()}"
+    raw = {"architectures": ["LlavaNextForConditionalGeneration"], "image_token_index": 511,
+           "image_grid_pinpoints": [list(p) for p in DEFAULT_PINPOINTS],
+           "vision_config": {"image_size": 336, "patch_size": 14, "num_hidden_layers": 2},
+           "text_config": {"hidden_size": 32, "num_attention_heads": 2, "num_hidden_layers": 1,
+                           "intermediate_size": 64, "vocab_size": 512}}
+    model = ModelConfig.from_dict(raw)
+    items = [(1, 2), (0, 0), (0, 1)]
+    picked = select_items(gpu, model, images[:2], items, [])
+    everything, _ = cpu.preprocess_items(images[:2])
+    first = model.image_layout(*ANYRES_HW[0]).num_items
+    assert torch.equal(picked.cpu(), everything[[first + 2, 0, 1]].to(dtype))
+    assert gpu.preprocess_items([])[0].shape == (0, 3, 336, 336)
+    gpu.close()
+
+
+def test_stage_image_processor_choice(tiny_llava, tiny_llava_next) -> None:
+    """An encoding stage on the CPU (or with image_preprocess "cpu") gets the PIL pool (LLaVA-NeXT: the PIL
+    anyres processor); on a GPU with the cuda backend, the GPU preprocessor (checked where CUDA is)."""
     from engine.config import EngineConfig, ModelConfig
+    from engine.images_anyres import AnyresImageProcessor
     from engine.preprocess import CpuImagePreprocessor, GpuImagePreprocessor, stage_image_processor
+    from engine.preprocess_anyres import GpuAnyresPreprocessor
 
     cfg = ModelConfig.from_dir(tiny_llava)
     cpu = stage_image_processor(EngineConfig(str(tiny_llava), device="cpu", backend="torch", image_workers=2), cfg)
@@ -344,4 +387,14 @@ def test_stage_image_processor_choice(tiny_llava) -> None:
         assert isinstance(gpu, GpuImagePreprocessor) and gpu.dtype == torch.bfloat16
         off = EngineConfig(str(tiny_llava), device="cuda", backend="cuda", image_preprocess="cpu")
         assert isinstance(stage_image_processor(off, cfg), CpuImagePreprocessor)
+    next_cfg = ModelConfig.from_dir(tiny_llava_next)  # LLaVA-NeXT: the PIL anyres processor, or its GPU twin
+    cpu = stage_image_processor(EngineConfig(str(tiny_llava_next), device="cpu", backend="torch"), next_cfg)
+    assert isinstance(cpu, AnyresImageProcessor)
+    if _gpu_ready():
+        gpu = stage_image_processor(EngineConfig(str(tiny_llava_next), device="cuda", backend="cuda",
+                                                 dtype="bfloat16"), next_cfg)
+        assert isinstance(gpu, GpuAnyresPreprocessor) and gpu.dtype == torch.bfloat16
+        assert gpu.pinpoints == cpu.pinpoints
+        off = EngineConfig(str(tiny_llava_next), device="cuda", backend="cuda", image_preprocess="cpu")
+        assert isinstance(stage_image_processor(off, next_cfg), AnyresImageProcessor)
 

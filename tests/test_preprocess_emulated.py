@@ -2,11 +2,13 @@
 spans, offsets, strided input, flat output slices) and GpuImagePreprocessor.resize_normalize (packing,
 meta, LUT), run against an emulation of the three _epd_C image ops that follows the kernels' index
 math (kernels/image/resample.cu, crop_normalize.cu). The kernels themselves are tested on the GPU
-(tests/test_kernels_image.py); this catches glue bugs in CI."""
+(tests/test_kernels_image.py); this catches glue bugs in CI. Also GpuAnyresPreprocessor (LLaVA-NeXT tiles)
+against AnyresImageProcessor on the same emulation."""
 
 from __future__ import annotations
 
 import importlib.util
+import io
 import sys
 import types
 from pathlib import Path
@@ -17,7 +19,11 @@ import torch
 from PIL import Image
 
 import kernels
+from engine.config import DEFAULT_PINPOINTS
 from engine.images import ImageProcessor, ImageProcessorConfig
+from engine.images_anyres import AnyresImageProcessor, image_processor_for
+from engine.preprocess import GpuImagePreprocessor
+from engine.preprocess_anyres import GpuAnyresPreprocessor
 from kernels.image import reference as ref
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,6 +78,19 @@ def emulated_ops(monkeypatch: pytest.MonkeyPatch) -> types.ModuleType:
     return module
 
 
+def emulated_preprocessor(cfg: ImageProcessorConfig, ops: types.ModuleType,
+                          dtype: torch.dtype = torch.float32) -> GpuImagePreprocessor:
+    """A GpuImagePreprocessor on the CPU (which stands in for the device) over the emulated ops; decode
+    is PIL's (no nvjpeg, no pool), so given image sources it decodes what ImageProcessor does."""
+    pre = GpuImagePreprocessor.__new__(GpuImagePreprocessor)  # no CUDA here
+    pre.device, pre.cfg, pre.dtype, pre._ops = torch.device("cpu"), cfg, dtype, ops
+    pre._lut = torch.from_numpy(ref.normalize_lut(cfg.rescale_factor if cfg.do_rescale else None,
+                                                  cfg.image_mean if cfg.do_normalize else None,
+                                                  cfg.image_std if cfg.do_normalize else None))
+    pre.composite_alpha, pre._pool, pre.nvjpeg = ImageProcessor(cfg).composite_alpha, None, False
+    return pre
+
+
 @pytest.mark.parametrize("in_hw,out_hw", [((480, 640), (336, 448)), ((324, 35), (90, 119)), ((221, 82), (82, 18)),
                                           ((100, 100), (100, 37)), ((100, 100), (37, 100)), ((5, 5), (5, 5)),
                                           ((1, 1), (336, 336)), ((1000, 37), (600, 336))])
@@ -92,12 +111,68 @@ def test_emulated_resize_equals_pil(emulated_ops: types.ModuleType, in_hw: tuple
                          ids=str)
 def test_emulated_resize_normalize_equals_image_processor(emulated_ops: types.ModuleType,
                                                           cfg: ImageProcessorConfig) -> None:
-    from engine.preprocess import GpuImagePreprocessor
-
-    pre = GpuImagePreprocessor.__new__(GpuImagePreprocessor)  # no CUDA here: the CPU stands in for the device
-    pre.device, pre.cfg, pre.dtype, pre._ops = torch.device("cpu"), cfg, torch.float32, emulated_ops
-    pre._lut = torch.from_numpy(ref.normalize_lut(cfg.rescale_factor, cfg.image_mean, cfg.image_std))
+    pre = emulated_preprocessor(cfg, emulated_ops)
     rng = np.random.default_rng(1)
     pixels = [rng.integers(0, 256, (*hw, 3), dtype=np.uint8) for hw in [(480, 640), (37, 1000), (336, 336), (1, 1)]]
     expected = ImageProcessor(cfg).preprocess([Image.fromarray(p) for p in pixels])
     assert torch.equal(pre.resize_normalize(pixels), expected)
+
+
+# (height, width) at tile 336: landscape, smaller than a tile, very wide, tall, a pinpoint exactly, one pixel
+ANYRES_HW = [(480, 640), (200, 150), (60, 1500), (1400, 300), (336, 672), (1, 1)]
+
+
+def _png(x: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(x).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _anyres_images(sizes: list[tuple[int, int]], scale: float = 1.0) -> list[bytes]:
+    rng = np.random.default_rng(7)
+    return [_png(rng.integers(0, 256, (max(1, int(h * scale)), max(1, int(w * scale)), 3), dtype=np.uint8))
+            for h, w in sizes]
+
+
+def _check_anyres(cfg: ImageProcessorConfig, pinpoints, ops: types.ModuleType, images: list[bytes],
+                  dtype: torch.dtype = torch.float32) -> None:
+    want, want_sizes = AnyresImageProcessor(cfg, pinpoints).preprocess_items(images)
+    got, sizes = GpuAnyresPreprocessor(emulated_preprocessor(cfg, ops, dtype), pinpoints).preprocess_items(images)
+    assert sizes == want_sizes
+    assert got.shape == want.shape and got.dtype == dtype
+    assert torch.equal(got, want.to(dtype)), f"{(got.float() - want).abs().amax(dim=(1, 2, 3)).tolist()}"
+
+
+@pytest.mark.parametrize("hw", ANYRES_HW, ids=str)
+def test_emulated_anyres_equals_anyres_processor(emulated_ops: types.ModuleType, hw: tuple[int, int]) -> None:
+    """A real LLaVA-NeXT config (tile 336, its pinpoints), one image at a time: pinpoint resize, padding,
+    tiles (the one-copy path), base."""
+    _check_anyres(ImageProcessorConfig(image_size=336), DEFAULT_PINPOINTS, emulated_ops, _anyres_images([hw]))
+
+
+def test_emulated_anyres_several_images_one_call(emulated_ops: types.ModuleType, tiny_llava_next) -> None:
+    """The tiny NeXT checkpoint's processor (tile 84, its pinpoints): every size in one call, then two images,
+    then none; float32 and bfloat16."""
+    from engine.config import ModelConfig
+
+    proc = image_processor_for(tiny_llava_next, ModelConfig.from_dir(tiny_llava_next))
+    assert isinstance(proc, AnyresImageProcessor)
+    images = _anyres_images(ANYRES_HW, scale=0.25)
+    _check_anyres(proc.cfg, proc.pinpoints, emulated_ops, images)
+    _check_anyres(proc.cfg, proc.pinpoints, emulated_ops, images[2:4], torch.bfloat16)
+    empty, sizes = GpuAnyresPreprocessor(emulated_preprocessor(proc.cfg, emulated_ops), proc.pinpoints) \
+        .preprocess_items([])
+    assert empty.shape == (0, 3, 84, 84) and sizes == []
+
+
+@pytest.mark.parametrize(("cfg", "pinpoints"), [
+    (ImageProcessorConfig(image_size=84, shortest_edge=100), None),  # CLIP resizes tiles and base, then crops
+    (ImageProcessorConfig(image_size=84, resize_hw=(90, 120), resample=ref.LANCZOS), None),  # base_hw not square
+    (ImageProcessorConfig(image_size=84, do_resize=False), None),  # CLIP's resize off: tiles and base copied
+    (ImageProcessorConfig(image_size=84), ((100, 200), (200, 100))),  # pinpoints not multiples: partial tiles
+], ids=["shortest_edge_100", "resize_hw_lanczos", "no_resize", "partial_tiles"])
+def test_emulated_anyres_config_variants(emulated_ops: types.ModuleType, cfg: ImageProcessorConfig,
+                                         pinpoints) -> None:
+    """ImageProcessor's resize logic per item, where it is not an identity (the per-tile path)."""
+    pinpoints = pinpoints or tuple((h // 4, w // 4) for h, w in DEFAULT_PINPOINTS)
+    _check_anyres(cfg, pinpoints, emulated_ops, _anyres_images(ANYRES_HW, scale=0.25))
