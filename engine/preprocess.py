@@ -243,7 +243,8 @@ def make_preprocessor(cfg: ImageProcessorConfig, device: str | torch.device = "c
 
 
 def stage_image_processor(config: EngineConfig, cfg: ModelConfig):
-    """The image processor of a stage that encodes (an EPD encoder, a pd prefill): on a GPU with
+    """The image processor of whatever encodes (an EPD encoder, a pd prefill, the LLM's image
+    workers): on a GPU with
     the cuda backend and config.image_preprocess "auto", images are decoded (nvjpeg) and preprocessed
     on that GPU, batched per task (LLaVA-NeXT's tiles by engine/preprocess_anyres.py); otherwise (the
     CPU, the torch backend, "cpu") the checkpoint's PIL processor, on config.image_workers threads
