@@ -118,6 +118,12 @@ if [[ " $STAGES " == *" image "* ]]; then  # issue 13: GPU preprocessing, LLaVA-
     --requests 48 --images 2 --image-size "${IMAGE_SIZES:-336x336,1920x1080,4032x3024}" --image-format jpeg \
     --max-tokens 16 --check-requests 4 --image-preprocess auto,cpu
   grep -h "^| \|encode share\|one at a time\|differ" "$OUT/bench_epd_images.log" >> "$SUMMARY"
+  if [[ " $STAGES " == *" batch16 "* ]]; then  # encoder batches of 16 items (the default is 8)
+    stage bench_epd_batch16 python3 scripts/bench_epd.py --model /tmp/llava-7b --placement "E:0,0 P:0 D:0" \
+      --requests 48 --images 2 --image-size 1920x1080 --image-format jpeg --max-tokens 16 --check-requests 2 \
+      --image-preprocess auto --max-images-per-batch 16
+    grep -h "^| \|encode share" "$OUT/bench_epd_batch16.log" | grep -v "^| image emb\|^| KV" >> "$SUMMARY"
+  fi
   if [[ " $STAGES " == *" onecheck "* ]]; then  # one encoder: does the token check depend on the split?
     stage bench_epd_one_encoder python3 scripts/bench_epd.py --model /tmp/llava-7b --placement "E:0 P:0 D:0" \
       --requests 8 --images 2 --image-size 1920x1080 --image-format jpeg --max-tokens 16 --check-requests 6 \

@@ -30,7 +30,7 @@ from engine.messages import (
 from engine.mm_cache import EncoderCache, item_pixels
 from engine.preprocess import stage_image_processor
 from engine.request import Sequence
-from engine.roles.base import RoleSpec, Send, StaleImage, _gb, _mm_blocks, _pixel_cache, _Role, _synchronize
+from engine.roles.base import RoleSpec, Send, StaleImage, _gb, _mm_blocks, _pixel_cache, _Role
 from engine.runner import ModelRunner, kv_block_shape, load_weights, mm_arena_shape
 from engine.sampling import SamplingParams
 from ipc.arena import SharedArena
@@ -192,7 +192,8 @@ class EncodeRole(_Role):
                 seq = Sequence(seq_id=-1, prompt_ids=[], sampling=SamplingParams(), seed=0, stop_token_ids=frozenset(),
                                pixel_values=pixels, mm_blocks=[batch.blocks[t][i] for t, i in misses])
                 self.runner.encode([seq])
-            _synchronize(self.device)
+            if self.device.type == "cuda":  # this stream only: the next batch's preprocessing runs on the other
+                torch.cuda.current_stream(self.device).synchronize()
         except Exception as e:
             self._retry_alone(batch, e, skip=set(stale))
             return
