@@ -218,3 +218,4 @@ class PrefillRole(_Role):
             self.arena.close()
         if self.byte_arena is not None:
             self.byte_arena.close()
+        super().close()
