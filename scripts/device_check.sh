@@ -116,7 +116,7 @@ if [[ " $STAGES " == *" image "* ]]; then  # issue 13: GPU preprocessing, LLaVA-
   # 48 requests x 2 JPEGs at once, three sizes; GPU preprocessing (auto), then PIL threads (cpu: the before)
   stage bench_epd_images python3 scripts/bench_epd.py --model /tmp/llava-7b --placement "E:0,0 P:0 D:0" \
     --requests 48 --images 2 --image-size "${IMAGE_SIZES:-336x336,1920x1080,4032x3024}" --image-format jpeg \
-    --max-tokens 16 --check-requests 4 --image-preprocess auto,cpu
+    --max-tokens 16 --check-requests 4 --image-preprocess "${IMAGE_PREPROCESS:-auto,cpu}"
   grep -h "^| \|encode share\|one at a time\|differ" "$OUT/bench_epd_images.log" >> "$SUMMARY"
   if [[ " $STAGES " == *" batch16 "* ]]; then  # encoder batches of 16 items (the default is 8)
     stage bench_epd_batch16 python3 scripts/bench_epd.py --model /tmp/llava-7b --placement "E:0,0 P:0 D:0" \
