@@ -175,11 +175,9 @@ class GpuImagePreprocessor:
         """Each image as [H, W, 3] uint8 on the device (nvjpeg results are permuted [3, H, W] views)."""
         out: list[torch.Tensor | None] = [None] * len(images)
         jpegs, on_cpu = [], []
-        # the header reads on the workers (a few hundred us each on the CPU, batched here)
-        routed = (self._pool.map(self._route, images) if self._pool is not None and len(images) > 1
-                  else map(self._route, images))
-        for i, (data, nvjpeg) in enumerate(routed):
-            (jpegs if nvjpeg else on_cpu).append((i, data))
+        for i, src in enumerate(images):
+            data = source_bytes(src) if self.nvjpeg else None
+            (jpegs if data is not None and nvjpeg_decodable(data) else on_cpu).append((i, data))
         if jpegs:
             from torchvision.io import ImageReadMode, decode_jpeg
 
@@ -197,11 +195,6 @@ class GpuImagePreprocessor:
         for i, x in zip(indices, pixels):
             out[i] = torch.from_numpy(x).to(self.device)
         return out
-
-    def _route(self, src: Any) -> tuple[bytes | None, bool]:
-        """(the source's encoded bytes, whether nvjpeg decodes them)."""
-        data = source_bytes(src) if self.nvjpeg else None
-        return data, data is not None and nvjpeg_decodable(data)
 
     def target_hw(self, height: int, width: int) -> tuple[int, int]:
         """The resized (height, width), as ImageProcessor computes it."""
@@ -251,11 +244,11 @@ def make_preprocessor(cfg: ImageProcessorConfig, device: str | torch.device = "c
 
 def stage_image_processor(config: EngineConfig, cfg: ModelConfig):
     """The image processor of whatever encodes (an EPD encoder, a pd prefill, the LLM's image
-    workers): on a GPU with the cuda backend and config.image_preprocess "auto", images are
-    decoded (nvjpeg) and preprocessed on that GPU, batched (LLaVA-NeXT's tiles by
-    engine/preprocess_anyres.py); otherwise (the CPU, the torch backend, "cpu") the checkpoint's
-    PIL processor, on config.image_workers threads for LLaVA-1.5. Each has
-    preprocess_items(images) -> (pixels, decoded sizes)."""
+    workers): on a GPU with
+    the cuda backend and config.image_preprocess "auto", images are decoded (nvjpeg) and preprocessed
+    on that GPU, batched per task (LLaVA-NeXT's tiles by engine/preprocess_anyres.py); otherwise (the
+    CPU, the torch backend, "cpu") the checkpoint's PIL processor, on config.image_workers threads
+    for LLaVA-1.5. Each has preprocess_items(images) -> (pixels, decoded sizes)."""
     from engine.images_anyres import AnyresImageProcessor, image_processor_for
 
     processor = image_processor_for(config.model, cfg)

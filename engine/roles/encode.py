@@ -230,7 +230,6 @@ class EncodeRole(_Role):
         self.arena.close()
         if self.byte_arena is not None:
             self.byte_arena.close()
-        super().close()
 
 
 def _starts(counts: list[int]) -> list[int]:

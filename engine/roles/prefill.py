@@ -218,4 +218,3 @@ class PrefillRole(_Role):
             self.arena.close()
         if self.byte_arena is not None:
             self.byte_arena.close()
-        super().close()
