@@ -244,11 +244,11 @@ def make_preprocessor(cfg: ImageProcessorConfig, device: str | torch.device = "c
 
 def stage_image_processor(config: EngineConfig, cfg: ModelConfig):
     """The image processor of whatever encodes (an EPD encoder, a pd prefill, the LLM's image
-    workers): on a GPU with
-    the cuda backend and config.image_preprocess "auto", images are decoded (nvjpeg) and preprocessed
-    on that GPU, batched per task (LLaVA-NeXT's tiles by engine/preprocess_anyres.py); otherwise (the
-    CPU, the torch backend, "cpu") the checkpoint's PIL processor, on config.image_workers threads
-    for LLaVA-1.5. Each has preprocess_items(images) -> (pixels, decoded sizes)."""
+    workers): on a GPU with the cuda backend and config.image_preprocess "auto", images are
+    decoded (nvjpeg) and preprocessed on that GPU, batched (LLaVA-NeXT's tiles by
+    engine/preprocess_anyres.py); otherwise (the CPU, the torch backend, "cpu") the checkpoint's
+    PIL processor, on config.image_workers threads for LLaVA-1.5. Each has
+    preprocess_items(images) -> (pixels, decoded sizes)."""
     from engine.images_anyres import AnyresImageProcessor, image_processor_for
 
     processor = image_processor_for(config.model, cfg)
