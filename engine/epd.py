@@ -67,7 +67,16 @@ from engine.request import Request, RequestOutput, Sequence, TokenEvent, append_
 from engine.roles import RoleSpec
 from engine.router import Router
 from engine.sampling import RequestError, SamplingParams
-from engine.stage_handles import StageError, StageHandle, await_ready, read_stages, spawn_stage, stage_threads
+from engine.stage_handles import (
+    StageError,
+    StageHandle,
+    await_loaded,
+    await_ready,
+    read_stages,
+    spawn_stage,
+    stage_threads,
+    weight_plan,
+)
 from ipc.arena import unlink
 from ipc.byte_arena import ByteArena, ByteRef
 from ipc.worker import Crashed, Shutdown, StageStatus
@@ -118,14 +127,26 @@ class EPDEngine:
         self.image_bytes = (ByteArena.create(IMAGE_BYTES["cuda" if torch.cuda.is_available() else "cpu"])
                             if self.cfg.is_multimodal else None)
         ctx = mp.get_context("spawn")
+        specs = [RoleSpec(kind, i, replace(config, device=device), encodes=mode == "pd", shared=shared,
+                          image_bytes=self.image_bytes.handle if self.image_bytes else None)
+                 for kind in ("encode", "prefill", "decode") for i, device in enumerate(where.of(kind))]
+        # stages on one device share one copy of each weight half: the first to need it loads it
+        # and packs it (engine/roles/weights.py), the others start once it has and map it
+        maps = weight_plan([(s.name, s.config.device, _parts(s)) for s in specs])
+        owners = {owner for owner in maps.values() if owner is not None}
+        deadline = time.monotonic() + start_timeout_s
         try:
-            for kind in ("encode", "prefill", "decode"):
-                for i, device in enumerate(where.of(kind)):
-                    spec = RoleSpec(kind, i, replace(config, device=device), encodes=mode == "pd",
-                                    shared=shared, image_bytes=self.image_bytes.handle if self.image_bytes else None)
-                    handle = spawn_stage(ctx, spec, device)
-                    self.stages[handle.name] = handle
-            self.input_processor.kv_blocks = await_ready(self.stages, time.monotonic() + start_timeout_s)
+            for spec in specs:
+                if maps[spec.name] is None:
+                    self.stages[spec.name] = spawn_stage(ctx, replace(spec, pack_weights=spec.name in owners),
+                                                         spec.config.device)
+            await_loaded(self.stages, sorted(owners), deadline)
+            for spec in specs:
+                if maps[spec.name] is not None:
+                    manifest = self.stages[maps[spec.name]].weights  # None: it had no room to pack them
+                    self.stages[spec.name] = spawn_stage(ctx, replace(spec, weights=manifest), spec.config.device)
+            self.stages = {spec.name: self.stages[spec.name] for spec in specs}  # in index order
+            self.input_processor.kv_blocks = await_ready(self.stages, deadline)
             if self.image_bytes is not None:
                 unlink(self.image_bytes.handle)  # every stage has mapped it: no file is left behind
         except BaseException:
@@ -143,8 +164,9 @@ class EPDEngine:
 
     @property
     def arenas(self) -> list:
-        """Every arena the stages exported (shutdown unlinks them after killed stages)."""
-        return [h.arena for h in self.stages.values() if h.arena is not None]
+        """Every arena the stages exported, weights included (shutdown unlinks them after killed stages)."""
+        return [a for h in self.stages.values() for a in (h.arena, h.weights.handle if h.weights else None)
+                if a is not None]
 
     # ------------------------------------------------------------------ engine loop (as LLM's)
 
@@ -501,6 +523,11 @@ class EPDEngine:
     def _capture_in_stages(self) -> str:
         return (f"in {self.mode} mode the decode stages capture their graphs at start (see status: "
                 "stages.decodeN); capture control is for the aggregated engine")
+
+
+def _parts(spec: RoleSpec) -> str:
+    """The weights a stage holds: the tower (an encoder), the LM, or both (a pd prefill)."""
+    return "vision" if spec.kind == "encode" else "all" if spec.encodes else "lm"
 
 
 class _Flight:

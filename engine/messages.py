@@ -3,10 +3,12 @@ processes (engine/roles/, hosted by ipc/worker.py): small and picklable, ids onl
 stay in the arenas). The worker shell's own messages (Shutdown, Crashed, StageStatus) are in
 ipc/worker.py.
 
-Start-up, per stage: Loaded (its weights are in memory) -> SizeKV (prefill and decode: size the
-KV arena now; sent once every stage on the device is loaded, to one KV owner at a time, so each
-sees the memory the others hold) -> Exported (its arena's handle; encoders and prefill) -> Peers
-(the arenas it maps; prefill and decode) -> Ready (what it holds).
+Start-up, per stage: Loaded (its weights are in memory; a stage whose weights others on its
+device share sends their manifest, and those stages start after it, mapping them:
+engine/roles/weights.py) -> SizeKV (prefill and decode: size the KV arena now; sent once every
+stage on the device is loaded, to one KV owner at a time, so each sees the memory the others
+hold) -> Exported (its arena's handle; encoders and prefill) -> Peers (the arenas it maps;
+prefill and decode) -> Ready (what it holds).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from engine.sampling import SamplingParams
 class Loaded:
     stage: str
     kv_owner: bool  # it sizes a KV arena of its own when told (SizeKV)
+    weights: Any = None  # engine.weights.WeightManifest: its weights, packed for stages that share them
 
 
 @dataclass

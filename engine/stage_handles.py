@@ -97,6 +97,7 @@ class StageHandle:
     loaded: bool = False  # its weights are in memory (Loaded)
     kv_owner: bool = False  # it sizes a KV arena of its own (SizeKV)
     kv_blocks: int | None = None  # the KV blocks it owns, once sized (Sized)
+    weights: Any | None = None  # the manifest of its weights, packed for stages that map them (Loaded)
 
     @property
     def name(self) -> str:
@@ -178,27 +179,58 @@ def await_ready(stages: dict[str, StageHandle], deadline: float) -> int:
             msgs = read_stages(handles, 0.0)  # a stage that just died: what it sent first
             _raise_if_not_starting(handles, msgs, deadline)
         for _, msg in msgs:
-            stage = stages.get(getattr(msg, "stage", ""))
-            if isinstance(msg, Loaded):
-                stage.loaded, stage.kv_owner = True, msg.kv_owner
-            elif isinstance(msg, Sized):
-                stage.kv_blocks = msg.blocks
-                sizing.pop(stage.device, None)
-            elif isinstance(msg, Exported):
-                stage.arena = msg.handle
-            elif isinstance(msg, Ready):
-                stage.ready = msg.stats
-            elif isinstance(msg, Crashed):
-                log.debug("stage %s failed to start:\n%s", msg.stage, msg.traceback)
-                raise StageError(f"stage {msg.stage} failed to start: {msg.error}")
-            elif isinstance(msg, StageStatus):
-                stage.stats = msg.stats
+            absorb(stages, msg)
+            if isinstance(msg, Sized):
+                sizing.pop(stages[msg.stage].device, None)
     for handle in handles:
-        if handle.arena is not None:
-            unlink(handle.arena)
+        for arena in (handle.arena, handle.weights.handle if handle.weights is not None else None):
+            if arena is not None:
+                unlink(arena)
     for handle in handles:
         log.info(stage_summary(handle.name, handle.ready))
     return min(h.ready["kv_cache_blocks"] for h in handles if "kv_cache_blocks" in h.ready)
+
+
+def absorb(stages: dict[str, StageHandle], msg: object) -> None:
+    """A start-up message into its stage's handle (Crashed: StageError)."""
+    stage = stages.get(getattr(msg, "stage", ""))
+    if isinstance(msg, Loaded):
+        stage.loaded, stage.kv_owner, stage.weights = True, msg.kv_owner, msg.weights
+    elif isinstance(msg, Sized):
+        stage.kv_blocks = msg.blocks
+    elif isinstance(msg, Exported):
+        stage.arena = msg.handle
+    elif isinstance(msg, Ready):
+        stage.ready = msg.stats
+    elif isinstance(msg, Crashed):
+        log.debug("stage %s failed to start:\n%s", msg.stage, msg.traceback)
+        raise StageError(f"stage {msg.stage} failed to start: {msg.error}")
+    elif isinstance(msg, StageStatus):
+        stage.stats = msg.stats
+
+
+def await_loaded(stages: dict[str, StageHandle], names: list[str], deadline: float) -> None:
+    """Wait until the named stages have loaded their weights (their Loaded message carries the
+    manifest of weights packed for the stages started after them, which map them)."""
+    handles = list(stages.values())
+    while any(not stages[n].loaded for n in names):
+        msgs = read_stages(handles, 1.0)
+        if not msgs:
+            msgs = read_stages(handles, 0.0)
+            _raise_if_not_starting(handles, msgs, deadline)
+        for _, msg in msgs:
+            absorb(stages, msg)
+
+
+def weight_plan(stages: list[tuple[str, str, str]]) -> dict[str, str | None]:
+    """Which stage's weights each stage maps: stages are (name, device, parts) in start order;
+    a stage maps those of the first one before it on its device whose parts cover its own ("all"
+    covers "vision" and "lm"), or none (it reads the checkpoint, and packs it when others map it)."""
+    plan: dict[str, str | None] = {}
+    for name, device, parts in stages:
+        plan[name] = next((other for other, d, p in stages[: len(plan)] if d == device and plan[other] is None
+                           and p in (parts, "all")), None)
+    return plan
 
 
 def size_next(stages: list[StageHandle], sizing: dict[str, StageHandle]) -> None:

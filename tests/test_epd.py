@@ -55,6 +55,11 @@ def test_epd_matches_aggregated(epd: EPDEngine, tiny_llava: Path) -> None:
     # KV read in place too (shared arena)
     assert all(o.handoff["mm_bytes"] == 0 and o.handoff["kv_bytes"] == 0 for o in outputs)
     assert epd.stages["prefill0"].ready["mm_in_place_from"] == [0, 1]
+    # one copy of each weight half on the device: encode1 maps encode0's tower, decode0 prefill0's LM
+    weights = {name: h.ready["weights"] for name, h in epd.stages.items()}
+    assert [(weights[n]["parts"], weights[n]["shared"]) for n in ("encode0", "encode1", "prefill0", "decode0")] == [
+        ("vision", False), ("vision", True), ("lm", False), ("lm", True)]
+    assert weights["encode0"]["bytes"] == weights["encode1"]["bytes"] > 0
     # again, so every stage has freed and reused its blocks
     assert [o.token_ids for o in epd.generate(_requests(), SP)] == [o.token_ids for o in reference]
     # the stages report their queues and blocks; idle again, nothing is held
@@ -383,3 +388,13 @@ def test_kv_owners_on_one_device_size_one_at_a_time_after_every_stage_there_load
     shared[1].loaded, shared[1].kv_owner = True, False  # reads prefill0's arena
     size_next(shared, {})
     assert shared[0].inbox.sent == [SizeKV(share=1.0, for_decode=True)] and not shared[1].inbox.sent
+
+
+def test_weight_plan_maps_the_first_covering_store_on_the_device() -> None:
+    from engine.stage_handles import weight_plan
+
+    stages = [("encode0", "cpu", "vision"), ("encode1", "cpu", "vision"), ("encode2", "cuda:1", "vision"),
+              ("prefill0", "cpu", "all"), ("prefill1", "cuda:1", "lm"), ("decode0", "cpu", "lm"),
+              ("decode1", "cuda:1", "lm")]
+    assert weight_plan(stages) == {"encode0": None, "encode1": "encode0", "encode2": None, "prefill0": None,
+                                   "prefill1": None, "decode0": "prefill0", "decode1": "prefill1"}

@@ -14,7 +14,8 @@ from engine.messages import (
     Failed,
 )
 from engine.mm_cache import EncoderCache, PixelCache, image_key
-from engine.runner import ModelRunner, kv_blocks_from_memory
+from engine.roles.weights import WeightManifest, WeightStore, room_to_pack
+from engine.runner import ModelRunner, kv_blocks_from_memory, load_weights
 from ipc.arena import ArenaHandle
 from ipc.byte_arena import ByteArena, ByteRef
 
@@ -38,6 +39,8 @@ class RoleSpec:
     encodes: bool = False
     shared: bool = False
     image_bytes: ArenaHandle | None = None  # the orchestrator's byte arena (ipc/byte_arena.py): image bytes
+    pack_weights: bool = False  # other stages on its device will map its weights: pack them (engine/roles/weights.py)
+    weights: WeightManifest | None = None  # map these (another stage's, same device) instead of reading disk
 
     @property
     def name(self) -> str:
@@ -91,13 +94,42 @@ class _Role:
         self.cfg = ModelConfig.from_dir(self.config.model)
         self.device, self.dtype = torch.device(self.config.device), self.config.torch_dtype
         self.draining = False
+        self.weight_store: WeightStore | None = None  # its weights when shared (packed here or mapped)
         # the orchestrator's byte arena (image bytes), mapped now: the file goes once all are ready
         self.byte_arena = ByteArena.open(spec.image_bytes) if spec.image_bytes is not None and (
             spec.kind == "encode" or spec.encodes) else None
 
+    def load_model(self, parts: str):
+        """The role's weights ("vision", "lm" or "all"): mapped from the store spec.weights
+        describes (zero copy), else read from disk, and packed into a store of their own when
+        spec.pack_weights (and there is room: a CPU store lives in /dev/shm)."""
+        if self.spec.weights is not None:
+            self.weight_store = WeightStore.open(self.spec.weights, self.cfg, self.device, parts)
+            return self.weight_store.model
+        model = load_weights(self.config, self.cfg, parts)
+        if self.spec.pack_weights and room_to_pack(model):
+            self.weight_store = WeightStore.pack(model, f"weights-{self.name}")
+        return model
+
+    @property
+    def packed_weights(self) -> WeightManifest | None:
+        """What Loaded carries: the manifest of weights this role packed for others."""
+        store = self.weight_store
+        return store.manifest if store is not None and not store.shared else None
+
+    def weight_stats(self, model) -> dict:
+        if self.weight_store is not None:
+            return self.weight_store.describe()
+        nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        return {"parts": "vision" if model.lm is None else "lm" if model.vision is None else "all", "bytes": nbytes,
+                "shared": False, "device": str(self.device)}
+
     def base_stats(self, runner: ModelRunner) -> dict:
-        return {"pid": os.getpid(), "device": str(self.device), "backend": runner.backend,
-                "torch_threads": torch.get_num_threads()}
+        stats = {"pid": os.getpid(), "device": str(self.device), "backend": runner.backend,
+                 "torch_threads": torch.get_num_threads(), "weights": self.weight_stats(runner.model)}
+        if self.device.type == "cuda":  # what this process allocated (mapped weights are the owner's)
+            stats["gpu_allocated_gb"] = round(torch.cuda.memory_allocated(self.device) / 1e9, 3)
+        return stats
 
     def kv_stats(self, runner: ModelRunner, own: int) -> dict:
         """The role's KV cache for its Ready message: `own` blocks of the runner's arena."""
@@ -134,4 +166,5 @@ class _Role:
         self.send(Failed(req_id, self.name, f"{self.name} is draining and takes no new requests", images=images))
 
     def close(self) -> None:
-        pass
+        if self.weight_store is not None:
+            self.weight_store.close()

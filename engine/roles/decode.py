@@ -23,7 +23,7 @@ from engine.messages import (
 )
 from engine.request import Sequence, Status, append_step
 from engine.roles.base import RoleSpec, Send, _blocks, _Role, _synchronize
-from engine.runner import ModelRunner, kv_block_shape, load_weights, mm_arena_shape
+from engine.runner import ModelRunner, kv_block_shape, mm_arena_shape
 from engine.schedulers import blocks_for
 from ipc.arena import SharedArena
 from ipc.migration import pull_blocks
@@ -37,7 +37,7 @@ class DecodeRole(_Role):
 
     def __init__(self, spec: RoleSpec, send: Send) -> None:
         super().__init__(spec, send)
-        self.model = load_weights(self.config, self.cfg, "lm")
+        self.model = self.load_model("lm")
         # decode reads no images: an empty MM arena, for sizing and for its runner
         self.no_mm = torch.empty(mm_arena_shape(self.config, self.cfg, 0), dtype=self.dtype, device=self.device)
         self.kv_arena: torch.Tensor | None = None
@@ -48,7 +48,7 @@ class DecodeRole(_Role):
         self.pending: deque[DecodeTask] = deque()
         self.stalled = False  # the first pending task needs blocks that only a finishing request returns
         self.graphs: list[int] = []
-        send(Loaded(self.name, kv_owner=not spec.shared))
+        send(Loaded(self.name, kv_owner=not spec.shared, weights=self.packed_weights))
 
     def handle(self, msg: object) -> None:
         if isinstance(msg, SizeKV):
@@ -160,3 +160,4 @@ class DecodeRole(_Role):
     def close(self) -> None:
         for src in self.srcs:
             src.close()
+        super().close()

@@ -31,7 +31,7 @@ from engine.mm_cache import EncoderCache, item_pixels
 from engine.preprocess import stage_image_processor
 from engine.request import Sequence
 from engine.roles.base import RoleSpec, Send, StaleImage, _gb, _mm_blocks, _pixel_cache, _Role
-from engine.runner import ModelRunner, kv_block_shape, load_weights, mm_arena_shape
+from engine.runner import ModelRunner, kv_block_shape, mm_arena_shape
 from engine.sampling import SamplingParams
 from ipc.arena import SharedArena
 
@@ -62,7 +62,7 @@ class EncodeRole(_Role):
     def __init__(self, spec: RoleSpec, send: Send) -> None:
         super().__init__(spec, send)
         config, cfg = self.config, self.cfg
-        model = load_weights(config, cfg, "vision")
+        model = self.load_model("vision")
         self.arena = SharedArena.create(mm_arena_shape(config, cfg), self.dtype, self.device, f"mm{spec.index}")
         no_kv = torch.empty(0, *kv_block_shape(config, cfg), dtype=self.dtype, device=self.device)
         self.runner = ModelRunner(config, cfg, model, no_kv, self.arena.tensor)
@@ -77,7 +77,7 @@ class EncodeRole(_Role):
         self.in_flight: deque[_Batch] = deque()
         self._prep = ThreadPoolExecutor(1, thread_name_prefix="preprocess")
         self._prep_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
-        send(Loaded(self.name, kv_owner=False))
+        send(Loaded(self.name, kv_owner=False, weights=self.packed_weights))
         send(Exported(self.name, self.arena.handle))
         send(Ready(self.name, {**self.base_stats(self.runner), "mm_arena_blocks": self.arena.tensor.shape[0],
                                "mm_arena_gb": _gb(self.arena.tensor), "graph_buckets": self.graphs}))
@@ -230,6 +230,7 @@ class EncodeRole(_Role):
         self.arena.close()
         if self.byte_arena is not None:
             self.byte_arena.close()
+        super().close()
 
 
 def _starts(counts: list[int]) -> list[int]:

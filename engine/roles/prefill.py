@@ -37,7 +37,7 @@ from engine.roles.base import (
     _same_device,
     _synchronize,
 )
-from engine.runner import ModelRunner, kv_block_shape, load_weights, mm_arena_shape
+from engine.runner import ModelRunner, kv_block_shape, mm_arena_shape
 from engine.schedulers import PrefillScheduler
 from ipc.arena import SharedArena
 
@@ -50,7 +50,7 @@ class PrefillRole(_Role):
         super().__init__(spec, send)
         config, cfg = self.config, self.cfg
         # epd: the LM only (embeddings come from the encoders); pd: the whole model
-        self.model = load_weights(config, cfg, "all" if spec.encodes else "lm")
+        self.model = self.load_model("all" if spec.encodes else "lm")
         # own MM blocks: images encoded here (pd), or copied from an encoder on another device
         self.mm_arena = torch.empty(mm_arena_shape(config, cfg), dtype=self.dtype, device=self.device)
         self.mm_blocks = BlockManager(self.mm_arena.shape[0])
@@ -62,7 +62,7 @@ class PrefillRole(_Role):
         self.peers: list[SharedArena] = []
         self.tasks: dict[int, PrefillTask] = {}
         self.stalled = False  # the first waiting prompt needs blocks that only a FreeKV returns
-        send(Loaded(self.name, kv_owner=True))
+        send(Loaded(self.name, kv_owner=True, weights=self.packed_weights))
 
     def handle(self, msg: object) -> None:
         if isinstance(msg, SizeKV):
@@ -218,3 +218,4 @@ class PrefillRole(_Role):
             self.arena.close()
         if self.byte_arena is not None:
             self.byte_arena.close()
+        super().close()
