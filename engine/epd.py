@@ -91,6 +91,7 @@ class EPDEngine:
     # An engine that was never started (tests build one with __new__) has no stages.
     stages: Mapping[str, StageHandle] = MappingProxyType({})
     mm_hints = EncoderHints(0)  # keeps nothing
+    weight_sources: Mapping[str, str | None] = MappingProxyType({})  # stage -> the stage whose weights it maps
 
     def __init__(self, model: str | Path | EngineConfig, placement: str | None = None, mode: str = "epd",
                  share_kv_arena: bool = True, start_timeout_s: float = 600.0, **settings: Any) -> None:
@@ -132,7 +133,7 @@ class EPDEngine:
                  for kind in ("encode", "prefill", "decode") for i, device in enumerate(where.of(kind))]
         # stages on one device share one copy of each weight half: the first to need it loads it
         # and packs it (engine/roles/weights.py), the others start once it has and map it
-        maps = weight_plan([(s.name, s.config.device, _parts(s)) for s in specs])
+        maps = self.weight_sources = weight_plan([(s.name, s.config.device, _parts(s)) for s in specs])
         owners = {owner for owner in maps.values() if owner is not None}
         deadline = time.monotonic() + start_timeout_s
         try:
@@ -448,6 +449,7 @@ class EPDEngine:
                 continue
             stage.dead = True
             kind, index = stage.kind, stage.index
+            self._stop_mappers_of(stage)
             died = f"stage {stage.name} died (exit code {stage.process.exitcode}" + (
                 f": {stage.crash})" if stage.crash is not None else ")")
             if self.broken is None and not any(h.process.is_alive() for h in self.of_kind(kind)):
@@ -468,6 +470,20 @@ class EPDEngine:
                         stage.load -= 1
                         flight.decode = None  # nothing to abort there
                     self._fail(flight, died, events)
+
+    def _stop_mappers_of(self, owner: StageHandle) -> None:
+        """On a GPU, stages that map a dead stage's weights lose them with it (CUDA IPC memory
+        is its exporter's): they are stopped, and handled as dead by the same pass. On the CPU
+        the shared file outlives its creator: they serve on."""
+        if owner.device == "cpu":
+            return
+        for name, source in self.weight_sources.items():
+            mapper = self.stages[name]
+            if source == owner.name and mapper.process.is_alive():
+                log.warning("stopping %s: it mapped the weights of %s, which died", name, owner.name)
+                mapper.crash = f"it mapped the weights of {owner.name}, which died"
+                mapper.process.kill()
+                mapper.process.join(5.0)
 
     def shutdown(self, timeout_s: float = 30.0) -> None:
         """Stop every stage process and remove the arena files: none is left behind. Returns

@@ -317,6 +317,12 @@ class _FakeProcess:
     def is_alive(self) -> bool:
         return self.running
 
+    def kill(self) -> None:
+        self.running, self.exitcode = False, -9
+
+    def join(self, timeout: float | None = None) -> None:
+        pass
+
 
 class _FakeInbox:
     def __init__(self) -> None:
@@ -398,3 +404,26 @@ def test_weight_plan_maps_the_first_covering_store_on_the_device() -> None:
               ("decode1", "cuda:1", "lm")]
     assert weight_plan(stages) == {"encode0": None, "encode1": "encode0", "encode2": None, "prefill0": None,
                                    "prefill1": None, "decode0": "prefill0", "decode1": "prefill1"}
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda:0"])
+def test_a_dead_weight_owner_stops_its_mappers_on_a_gpu_only(device: str) -> None:
+    """CUDA IPC memory is its exporter's: on a GPU, a stage mapping a dead stage's weights is
+    stopped and handled as dead in the same pass (its requests fail naming it); on the CPU the
+    shared file outlives its creator and the mapper serves on."""
+    from engine.epd import StageHandle
+
+    epd = EPDEngine.__new__(EPDEngine)
+    epd.flights, epd.late_events, epd.broken, epd.mode = {}, [], None, "epd"
+    epd.stages = {h.name: h for h in (StageHandle(kind, i, device, _FakeProcess(), _FakeInbox(), None)
+                                       for kind, i in (("prefill", 0), ("prefill", 1), ("decode", 0), ("decode", 1)))}
+    epd.weight_sources = {"prefill0": None, "prefill1": "prefill0", "decode0": "prefill0", "decode1": None}
+    epd.stages["prefill0"].process.kill()
+    epd._check_stages([])
+    dead = {name for name, h in epd.stages.items() if h.dead}
+    if device == "cpu":
+        assert dead == {"prefill0"} and epd.broken is None
+    else:
+        assert dead == {"prefill0", "prefill1", "decode0"}
+        assert epd.stages["decode0"].crash == "it mapped the weights of prefill0, which died"
+        assert epd.broken == "stage prefill0 died (exit code -9) and no prefill process is left"
