@@ -9,6 +9,8 @@ handed. The shell moves messages and nothing else: it knows no models, requests 
             role.step()             one unit of work, while role.busy (else wait for a message)
       Shutdown                      role.close() and exit; Shutdown(drain=True) first calls
                                     role.drain() and steps until role.busy is False
+      SwitchRole(name, build)       role.close(), then role = build(send): the same process
+                                    serves another role (the orchestrator drained the old one)
 
 A role is any object with handle / step / drain / stats / busy / close (the Role protocol).
 The worker dies with its parent (ipc/parent_watch.py), ignores SIGINT (the parent spawns it so),
@@ -35,6 +37,15 @@ class Shutdown:
     """Stop the worker. drain: let the role finish what it holds first (it takes no new work)."""
 
     drain: bool = False
+
+
+@dataclass
+class SwitchRole:
+    """Close the role and build another in its place (its reports then carry `name`). The sender
+    has drained the old role: nothing of it is in flight."""
+
+    name: str
+    build: Callable[[Callable[[object], None]], object]
 
 
 @dataclass
@@ -92,11 +103,19 @@ class _Reporter:
             self.last, self.sent = now, stats
 
 
-def serve(role: Role, name: str, inbox, send: Callable[[object], None]) -> None:
-    """The message loop around one role, until Shutdown (or the inbox's end)."""
-    report = _Reporter(send, name)
+class _Shell:
+    """What the worker runs now: its role and the name it reports under (a switch changes both)."""
+
+    def __init__(self, role: Role, name: str) -> None:
+        self.role, self.name = role, name
+
+
+def serve(shell: _Shell, inbox, send: Callable[[object], None]) -> None:
+    """The message loop around the shell's role, until Shutdown (or the inbox's end)."""
+    report = _Reporter(send, shell.name)
     draining = False
     while True:
+        role = shell.role
         idle = not role.busy
         report(role.stats(), idle)
         if draining and idle:
@@ -106,11 +125,16 @@ def serve(role: Role, name: str, inbox, send: Callable[[object], None]) -> None:
                 if not msg.drain:
                     return
                 draining = True
-                role.drain()
+                shell.role.drain()
+            elif isinstance(msg, SwitchRole):
+                shell.role.close()
+                shell.role, shell.name = None, msg.name
+                shell.role = msg.build(send)
+                report = _Reporter(send, shell.name)
             else:
-                role.handle(msg)
-        if role.busy:
-            role.step()
+                shell.role.handle(msg)
+        if shell.role.busy:
+            shell.role.step()
 
 
 def worker_main(build: Callable[[Callable[[object], None]], Role], name: str, parent_pid: int, torch_threads: int,
@@ -121,18 +145,18 @@ def worker_main(build: Callable[[Callable[[object], None]], Role], name: str, pa
         import torch
 
         torch.set_num_threads(torch_threads)
-    role = None
+    shell = _Shell(None, name)
     try:
-        role = build(outbox.send)
-        serve(role, name, inbox, outbox.send)
+        shell.role = build(outbox.send)
+        serve(shell, inbox, outbox.send)
     except Exception as e:
         first = (str(e).strip().splitlines() or [""])[0]
         try:
-            outbox.send(Crashed(name, f"{type(e).__name__}: {first}" if first else type(e).__name__,
+            outbox.send(Crashed(shell.name, f"{type(e).__name__}: {first}" if first else type(e).__name__,
                                 traceback.format_exc()))
         except OSError:  # the parent is gone too
             pass
         sys.exit(1)
     finally:
-        if role is not None:
-            role.close()
+        if shell.role is not None:
+            shell.role.close()

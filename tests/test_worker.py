@@ -30,7 +30,7 @@ from engine.messages import (
     Tokens,
 )
 from engine.roles import RoleSpec, build_role
-from ipc.worker import Crashed, Shutdown, StageStatus, serve, worker_main
+from ipc.worker import Crashed, Shutdown, StageStatus, SwitchRole, _Shell, serve, worker_main
 
 
 class _Inbox:
@@ -82,7 +82,7 @@ class _Counter:
 
 def test_shell_steps_while_busy_and_reports_before_it_waits() -> None:
     role, sent = _Counter(), []
-    serve(role, "w0", _Inbox([3, 2], [Shutdown()]), sent.append)
+    serve(_Shell(role, "w0"), _Inbox([3, 2], [Shutdown()]), sent.append)
     # both messages were waiting: handled together, then 5 steps before it blocks for the Shutdown
     assert role.handled == [3, 2] and role.done == 5 and role.closed is False  # worker_main closes
     reports = [m.stats["done"] for m in sent if isinstance(m, StageStatus)]
@@ -91,16 +91,31 @@ def test_shell_steps_while_busy_and_reports_before_it_waits() -> None:
 
 def test_shell_drain_finishes_work_in_hand_and_takes_no_more() -> None:
     role = _Counter()
-    serve(role, "w0", _Inbox([4, Shutdown(drain=True), 7]), lambda m: None)
+    serve(_Shell(role, "w0"), _Inbox([4, Shutdown(drain=True), 7]), lambda m: None)
     assert role.draining and role.handled == [4, 7] and role.done == 4  # the 7 came after the drain
     role = _Counter()
-    serve(role, "w0", _Inbox([4, Shutdown(), 7]), lambda m: None)
+    serve(_Shell(role, "w0"), _Inbox([4, Shutdown(), 7]), lambda m: None)
     assert role.handled == [4] and role.done == 0  # a plain Shutdown leaves at once
+
+
+def test_shell_switches_role_and_reports_under_the_new_name() -> None:
+    """SwitchRole: the old role is closed, the new one built with the worker's send, and the
+    messages after it (and the reports) are the new role's."""
+    old, new, sent = _Counter(), _Counter(), []
+    shell = _Shell(old, "encode1")
+    built = []
+    switch = SwitchRole("prefill1", lambda send: (built.append(send), new)[1])
+    serve(shell, _Inbox([2], [switch, 3], [Shutdown()]), sent.append)
+    assert old.closed and old.handled == [2] and old.done == 2
+    assert shell.role is new and shell.name == "prefill1" and built == [sent.append]
+    assert new.handled == [3] and new.done == 3 and not new.closed  # worker_main closes the last one
+    names = [m.stage for m in sent if isinstance(m, StageStatus)]
+    assert names[0] == "encode1" and names[-1] == "prefill1"
 
 
 def test_shell_treats_the_end_of_its_inbox_as_shutdown() -> None:
     role = _Counter()
-    serve(role, "w0", _Inbox([1]), lambda m: None)
+    serve(_Shell(role, "w0"), _Inbox([1]), lambda m: None)
     assert role.done == 1
 
 
@@ -220,7 +235,10 @@ def test_roles_wired_by_hand_serve_a_request_as_the_aggregated_engine(tiny_llava
 
     enc.handle(EncodeTask(7, 0, images))
     assert enc.busy
-    enc.step()
+    for _ in range(1000):  # preprocessing runs on the encoder's thread: a few steps
+        if not enc.busy:
+            break
+        enc.step()
     encoded = out["encode0"][-1]
     assert isinstance(encoded, Encoded) and len(encoded.blocks) == 2
     pre.handle(PrefillTask(7, prompt_ids, [(0, b) for b in encoded.blocks], sp, seed=0))
