@@ -20,9 +20,9 @@ answer at once).
 Start-up: every stage process starts at once and loads its weights in parallel; once every
 stage on a device has loaded, the KV owners there size their arenas one after another (each
 sees what the others hold: EngineConfig.kv_cache_tokens, or its share of the GPU's memory); the
-arenas' handles then go to the stages that map them, and once every stage is ready the CPU arena
-files are unlinked (the mappings stay valid), so none is left in /dev/shm however the processes
-end.
+arenas' handles then go to the stages that map them. The CPU arena files stay while the engine
+runs (a stage that changes role, engine/switching.py, maps its peers' arenas then); shutdown
+removes them, and so does each stage for the files it made or mapped if this process dies.
 Stages die with this process (ipc/parent_watch.py): build the engine in a thread that lives as
 long as it, such as the main thread.
 
@@ -44,6 +44,7 @@ from typing import Any
 
 import torch
 
+from engine import switching
 from engine.config import EngineConfig, ModelConfig
 from engine.images import data_url_bytes
 from engine.input_processor import InputProcessor
@@ -92,6 +93,7 @@ class EPDEngine:
     stages: Mapping[str, StageHandle] = MappingProxyType({})
     mm_hints = EncoderHints(0)  # keeps nothing
     weight_sources: Mapping[str, str | None] = MappingProxyType({})  # stage -> the stage whose weights it maps
+    switches: list[dict] = []  # noqa: RUF012 (read-only default for engines built with __new__)
 
     def __init__(self, model: str | Path | EngineConfig, placement: str | None = None, mode: str = "epd",
                  share_kv_arena: bool = True, start_timeout_s: float = 600.0, **settings: Any) -> None:
@@ -123,6 +125,7 @@ class EPDEngine:
         self.broken: str | None = None
         self.flights: dict[int, _Flight] = {}  # requests in the stages, by seq_id
         self.late_events: list[TokenEvent] = []  # events found outside step(), returned by the next
+        self.switches: list[dict] = []  # role switches done (engine/switching.py)
         shared = share_kv_arena and where.shares_kv_device()
         # image bytes go to the stages that decode them through shared memory, not pickled
         self.image_bytes = (ByteArena.create(IMAGE_BYTES["cuda" if torch.cuda.is_available() else "cpu"])
@@ -133,7 +136,8 @@ class EPDEngine:
                  for kind in ("encode", "prefill", "decode") for i, device in enumerate(where.of(kind))]
         # stages on one device share one copy of each weight half: the first to need it loads it
         # and packs it (engine/roles/weights.py), the others start once it has and map it
-        maps = self.weight_sources = weight_plan([(s.name, s.config.device, _parts(s)) for s in specs])
+        maps = self.weight_sources = weight_plan([(s.name, s.config.device, switching.parts_of(s.kind, mode))
+                                                   for s in specs])
         owners = {owner for owner in maps.values() if owner is not None}
         deadline = time.monotonic() + start_timeout_s
         try:
@@ -148,8 +152,6 @@ class EPDEngine:
                     self.stages[spec.name] = spawn_stage(ctx, replace(spec, weights=manifest), spec.config.device)
             self.stages = {spec.name: self.stages[spec.name] for spec in specs}  # in index order
             self.input_processor.kv_blocks = await_ready(self.stages, deadline)
-            if self.image_bytes is not None:
-                unlink(self.image_bytes.handle)  # every stage has mapped it: no file is left behind
         except BaseException:
             self.shutdown()
             raise
@@ -247,6 +249,12 @@ class EPDEngine:
     def _handle(self, stage: StageHandle, msg: object, events: list[TokenEvent]) -> None:
         """One message from `stage`: reports, frees to forward between stages, tokens, and the
         request's progress (encoded, prefilled, failed)."""
+        named = self.stages.get(getattr(msg, "stage", None))
+        if named is not None and named is not stage:  # a role switch: the new role's messages
+            stage = named
+        if stage.starting:
+            switching.advance(self, stage, msg)
+            return
         encoders, prefills = self.of_kind("encode"), self.of_kind("prefill")
         if isinstance(msg, StageStatus):
             stage.stats = msg.stats
@@ -378,15 +386,33 @@ class EPDEngine:
         self._check_stages(self.late_events)
         return {
             "mode": self.mode,
-            "stages_alive": {h.name: h.process.is_alive() for h in self.stages.values()},
+            "stages_alive": {h.name: h.moved_to is None and h.process.is_alive() for h in self.stages.values()},
             "requests_in_flight": len(self.flights),
             "encoder_images_in_flight": [h.load for h in self.of_kind("encode")],  # items (NeXT: tiles)
             "mm_cache": {**total_stats({h.name: h.stats for h in self.stages.values()}), "hints": len(self.mm_hints)},
             "broken": self.broken,
             # per stage: pid, device and what it holds (from its start), then its latest report
             # (queues, blocks used, graphs)
-            "stages": {h.name: {**(h.ready or {}), **h.stats} for h in self.stages.values()},
+            "stages": {h.name: {**(h.ready or {}), **h.stats, **({"moved_to": h.moved_to} if h.moved_to else {})}
+                       for h in self.stages.values()},
+            "switches": list(self.switches),  # role switches: from, to, drain_s, seconds
         }
+
+    def switch_role(self, kind: str, index: int, new_kind: str, timeout_s: float = 300.0) -> dict:
+        """Make stage `kind index` serve as `new_kind` (engine/switching.py): it drains, its worker
+        builds the new role, which starts up as at engine start; requests go on meanwhile (their
+        events come from the next step). Returns once it serves: {from, to, drain_s, seconds}.
+        RequestError: not possible (the message says why)."""
+        return switching.wait_switch(self, self.stages[self.begin_switch(kind, index, new_kind)], timeout_s)
+
+    def begin_switch(self, kind: str, index: int, new_kind: str) -> str:
+        """switch_role without the wait: the name the stage will have; steps advance the switch
+        and switch_done(name) tells when it is over (the serving loop's way)."""
+        return switching.start_switch(self, switching.check_switch(self, kind, index, new_kind), new_kind).name
+
+    def switch_done(self, name: str) -> dict | None:
+        """The record of the switch to `name` once it serves, else None; StageError if it died."""
+        return switching.done(self, self.stages[name])
 
     def _dispatch_encode(self, flight: _Flight) -> None:
         """Split the request's items (images, or LLaVA-NeXT bases and tiles) not yet encoded or
@@ -452,7 +478,7 @@ class EPDEngine:
             self._stop_mappers_of(stage)
             died = f"stage {stage.name} died (exit code {stage.process.exitcode}" + (
                 f": {stage.crash})" if stage.crash is not None else ")")
-            if self.broken is None and not any(h.process.is_alive() for h in self.of_kind(kind)):
+            if self.broken is None and not any(not h.dead and h.process.is_alive() for h in self.of_kind(kind)):
                 self.broken = f"{died} and no {kind} process is left"
             if kind == "encode":
                 stage.load = 0
@@ -489,7 +515,7 @@ class EPDEngine:
         """Stop every stage process and remove the arena files: none is left behind. Returns
         within about timeout_s + 10 s whatever state the stages are in (dead, stuck in a step, or
         blocked sending to us: we read on while they exit)."""
-        stages = list(self.stages.values())
+        stages = [h for h in self.stages.values() if h.moved_to is None]  # a process once, under its last role
         for stage in stages:
             if stage.process.is_alive():
                 stage.inbox.put(Shutdown())
@@ -539,11 +565,6 @@ class EPDEngine:
     def _capture_in_stages(self) -> str:
         return (f"in {self.mode} mode the decode stages capture their graphs at start (see status: "
                 "stages.decodeN); capture control is for the aggregated engine")
-
-
-def _parts(spec: RoleSpec) -> str:
-    """The weights a stage holds: the tower (an encoder), the LM, or both (a pd prefill)."""
-    return "vision" if spec.kind == "encode" else "all" if spec.encodes else "lm"
 
 
 class _Flight:

@@ -51,8 +51,18 @@ class Exported:
 
 @dataclass
 class Peers:
-    handles: list  # prefill: the encoders' MM arenas; decode: the prefill instances' KV arenas
+    handles: list  # prefill: the encoders' MM arenas; decode: the prefill instances' KV arenas (None: gone)
     kv_owned: list[int] = field(default_factory=list)  # decode: the blocks each prefill owns (from Sized)
+
+
+@dataclass
+class PeerArena:
+    """After a role switch: the arena of instance `index` of `kind` ("encode": an MM arena, for
+    the prefills; "prefill": a KV arena, for the decodes) is now `handle` (None: gone, unmap it)."""
+
+    kind: str
+    index: int
+    handle: Any = None
 
 
 @dataclass

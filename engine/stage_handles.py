@@ -2,7 +2,8 @@
 channels, load, liveness, reports), spawning a worker with its role, reading the outboxes, and
 the start-up protocol (engine/messages.py): once every stage on a device has loaded, its KV
 owners size their arenas one at a time; with every arena made, each stage gets the handles it
-maps; every stage reports Ready; then the CPU arena files are unlinked (all mapped)."""
+maps; every stage reports Ready. CPU arena files stay until shutdown (a stage that switches role
+maps its peers' arenas then; each stage removes the files it made or mapped if its parent dies)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,6 @@ from typing import Any
 from engine.messages import Exported, Loaded, Peers, Ready, Sized, SizeKV
 from engine.roles import RoleSpec, build_role
 from engine.router import InstanceLoad
-from ipc.arena import unlink
 from ipc.channel import Inbox
 from ipc.worker import Crashed, StageStatus, worker_main
 
@@ -98,14 +98,20 @@ class StageHandle:
     kv_owner: bool = False  # it sizes a KV arena of its own (SizeKV)
     kv_blocks: int | None = None  # the KV blocks it owns, once sized (Sized)
     weights: Any | None = None  # the manifest of its weights, packed for stages that map them (Loaded)
+    # role switches (engine/switching.py): the new role's name while this one drains; the name it
+    # became (this handle is then a hole in its kind's list); a new role not yet Ready
+    switching: str | None = None
+    moved_to: str | None = None
+    starting: bool = False
+    switch_started: float = 0.0
 
     @property
     def name(self) -> str:
         return f"{self.kind}{self.index}"
 
     def alive(self) -> bool:
-        """Routable: not known dead and its process running."""
-        return not self.dead and self.process.is_alive()
+        """Routable: not known dead, not switching role or starting one, and its process running."""
+        return not (self.dead or self.switching or self.starting) and self.process.is_alive()
 
     def routing_load(self) -> InstanceLoad:
         return InstanceLoad(self.index, self.load, self.alive())
@@ -158,7 +164,7 @@ def read_stages(stages: Iterable[StageHandle], timeout_s: float) -> list[tuple[S
 
 def await_ready(stages: dict[str, StageHandle], deadline: float) -> int:
     """Run the start-up protocol until every stage is Ready (StageError: one failed, died or
-    missed the deadline); unlink the CPU arena files and log one line per stage. Returns the
+    missed the deadline); log one line per stage. Returns the
     smallest KV pool of any stage: what one request may use."""
     handles = list(stages.values())
     peers_sent = False
@@ -182,10 +188,6 @@ def await_ready(stages: dict[str, StageHandle], deadline: float) -> int:
             absorb(stages, msg)
             if isinstance(msg, Sized):
                 sizing.pop(stages[msg.stage].device, None)
-    for handle in handles:
-        for arena in (handle.arena, handle.weights.handle if handle.weights is not None else None):
-            if arena is not None:
-                unlink(arena)
     for handle in handles:
         log.info(stage_summary(handle.name, handle.ready))
     return min(h.ready["kv_cache_blocks"] for h in handles if "kv_cache_blocks" in h.ready)

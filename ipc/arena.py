@@ -2,8 +2,9 @@
 
 On a GPU the handle is a CUDA IPC handle (cudaIpcGetMemHandle, via kernels._epd_C) plus the
 offset of the tensor inside its allocation; on the CPU (CI) it names a file in /dev/shm that
-both sides map (torch.from_file, shared). Either way only the small handle crosses processes:
-tensor data never does.
+both sides map (torch.from_file, shared); the file stays while the engine runs (a stage that
+changes role maps its peers' arenas then) and goes at shutdown, or with the processes. Either
+way only the small handle crosses processes: tensor data never does.
 """
 
 from __future__ import annotations
@@ -17,14 +18,18 @@ import torch
 
 SHM_DIR = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path("/tmp")
 _OWNED_FILES: set[str] = set()  # CPU arena files this process created and has not unlinked yet
+_MAPPED_FILES: set[str] = set()  # CPU arena files of other processes this one mapped
 
 
 def unlink_owned_files() -> None:
-    """Remove every CPU arena file this process created (a stage exiting because its parent
-    died: nobody else would). Safe from a signal handler: no locks, missing files ignored."""
-    for path in list(_OWNED_FILES):
-        Path(path).unlink(missing_ok=True)
-        _OWNED_FILES.discard(path)
+    """Remove every CPU arena file this process created or mapped (a stage exiting because its
+    parent died: nobody else would; the files stay for the engine's life, as a stage that
+    changes role maps its peers' then). Safe from a signal handler: no locks, missing files
+    ignored."""
+    for files in (_OWNED_FILES, _MAPPED_FILES):
+        for path in list(files):
+            Path(path).unlink(missing_ok=True)
+            files.discard(path)
 
 
 @dataclass(frozen=True)
@@ -89,6 +94,7 @@ class SharedArena:
         for n in handle.shape:
             numel *= n
         tensor = torch.from_file(handle.path, shared=True, size=numel, dtype=handle.dtype).view(handle.shape)
+        _MAPPED_FILES.add(handle.path)
         return cls(tensor, handle, owner=False)
 
     def close(self) -> None:

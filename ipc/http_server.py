@@ -41,6 +41,7 @@ from engine.request import Request
 from engine.sampling import RequestError
 from engine.serving import EngineLoop, Failed, Finished, LoopStopped, TokenDelta, describe_error
 from ipc import openai_protocol as oa
+from ipc.http_admin import add_admin_routes
 from ipc.http_metrics import CONTENT_TYPE, HTTPMetrics
 from ipc.media import image_source, media_dir_of
 
@@ -414,6 +415,13 @@ def build_app(loop: EngineLoop | None, model_name: str, **settings: Any) -> Fast
         up = status is not None and not status.get("broken")
         return Response(front.metrics.render(status, front.admitted, up), media_type=CONTENT_TYPE)
 
+    async def on_engine(fn: Any) -> Any:
+        aio = asyncio.get_running_loop()
+        fut = aio.create_future()
+        front.serving_loop().call(fn, partial(_resolve, aio, fut))
+        return await fut
+
+    add_admin_routes(app, front, on_engine, HTTPError)
     return app
 
 

@@ -21,6 +21,9 @@ is a dict {"id": any, "method": str, "params": dict}; replies carry the call's i
                                only this call waits (not the engine, not other clients)
   capture_stop              -> the same fields; the capture stops after the bucket in progress
               (aggregated engine on the cuda backend; elsewhere an error says why)
+  switch_role(kind, index, new_kind, timeout_s) -> {"event": "switched", "from", "to", "drain_s", "seconds"}
+              once stage kind+index serves as new_kind (EPD; engine/switching.py); serving goes on
+              meanwhile; a switch that cannot be done is an error saying why
   any bad call -> {"id", "error": "<message naming the field>"}; the server carries on.
 Images in generate / kv_init are bytes, data: URLs, or local paths; paths only inside
 allowed_local_media_path (off by default: the server's files are not the clients').
@@ -63,7 +66,7 @@ from ipc.media import check_local_path, media_dir_of
 __all__ = ["RPCServer", "claim_address", "AddressError", "AddressInUse", "METHODS"]
 log = logging.getLogger(__name__)
 METHODS = ("generate", "tokenize", "status", "stop", "kv_init", "kv_step", "kv_generate", "kv_close",
-           "capture_start", "capture_wait", "capture_stop")
+           "capture_start", "capture_wait", "capture_stop", "switch_role")
 _SAMPLING_FIELDS = set(SamplingParams.__dataclass_fields__)
 
 
@@ -230,6 +233,45 @@ class RPCServer:
         except Exception as e:
             log.exception("capture_wait failed")
             client.send({"id": call_id, "error": f"capture_wait failed: {describe_error(e)}"})
+
+    def _call_switch_role(self, client: ClientConnection, call_id: Any, params: dict) -> None:
+        _check_params("switch_role", params, {"kind", "index", "new_kind", "timeout_s"})
+        kind, index, new_kind = params.get("kind"), params.get("index"), params.get("new_kind")
+        timeout_s = params.get("timeout_s", 300.0)
+        if not isinstance(index, int) or isinstance(index, bool) or index < 0:
+            raise RequestError(f"switch_role: params.index = {index!r}; must be an int >= 0")
+        if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not 0 < timeout_s <= 86400:
+            raise RequestError(f"switch_role: params.timeout_s = {timeout_s!r}; must be a number in (0, 86400]")
+        if not hasattr(self.engine, "begin_switch"):
+            raise RequestError("switch_role: the aggregated engine has no stages to switch (serve --mode epd or pd)")
+        name = self.engine.begin_switch(kind, index, new_kind)
+        # the engine loop advances the switch as it steps; this thread asks it when it is over
+        threading.Thread(target=self._switch_waiter, args=(client, call_id, name, float(timeout_s)),
+                         name="switch-wait", daemon=True).start()
+        return None
+
+    def _switch_waiter(self, client: ClientConnection, call_id: Any, name: str, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        def ask() -> dict:
+            answer: dict = {}
+            ready = threading.Event()
+            self.loop.call(partial(self.engine.switch_done, name),
+                           lambda result, error: (answer.update(result=result, error=error), ready.set()))
+            ready.wait(30)
+            return answer
+
+        while not self.stopping.is_set():
+            answer = ask()
+            if answer.get("error") is not None:
+                client.send({"id": call_id, "error": f"switch_role failed: {describe_error(answer['error'])}"})
+                return
+            if answer.get("result") is not None:
+                client.send({"id": call_id, "event": "switched", **answer["result"]})
+                return
+            if time.monotonic() > deadline:
+                client.send({"id": call_id, "error": f"switch_role: {name} not serving within {timeout_s:g} s"})
+                return
+            time.sleep(0.05)
 
     def _call_kv_init(self, client: ClientConnection, call_id: Any, params: dict) -> dict:
         request, sampling = self._parse_generate(params, "kv_init")

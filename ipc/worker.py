@@ -9,8 +9,9 @@ handed. The shell moves messages and nothing else: it knows no models, requests 
             role.step()             one unit of work, while role.busy (else wait for a message)
       Shutdown                      role.close() and exit; Shutdown(drain=True) first calls
                                     role.drain() and steps until role.busy is False
-      SwitchRole(name, build)       role.close(), then role = build(send): the same process
-                                    serves another role (the orchestrator drained the old one)
+      SwitchRole(name, build)       role.drain(); once role.drained (what it holds is done and
+                                    given back): role.close(), Switched, role = build(send): the
+                                    same process serves another role
 
 A role is any object with handle / step / drain / stats / busy / close (the Role protocol).
 The worker dies with its parent (ipc/parent_watch.py), ignores SIGINT (the parent spawns it so),
@@ -41,11 +42,19 @@ class Shutdown:
 
 @dataclass
 class SwitchRole:
-    """Close the role and build another in its place (its reports then carry `name`). The sender
-    has drained the old role: nothing of it is in flight."""
+    """Drain the role, close it and build another in its place (its reports then carry `name`).
+    The sender routes no new work to the old role."""
 
     name: str
     build: Callable[[Callable[[object], None]], object]
+
+
+@dataclass
+class Switched:
+    """The worker closed its old role (drained) and now builds the one named `stage`."""
+
+    stage: str
+    drain_s: float  # from SwitchRole to the old role's close
 
 
 @dataclass
@@ -108,6 +117,8 @@ class _Shell:
 
     def __init__(self, role: Role, name: str) -> None:
         self.role, self.name = role, name
+        self.switch: SwitchRole | None = None  # asked for: done once the role is drained
+        self.switch_at = 0.0
 
 
 def serve(shell: _Shell, inbox, send: Callable[[object], None]) -> None:
@@ -115,6 +126,13 @@ def serve(shell: _Shell, inbox, send: Callable[[object], None]) -> None:
     report = _Reporter(send, shell.name)
     draining = False
     while True:
+        if shell.switch is not None and getattr(shell.role, "drained", not shell.role.busy):
+            switch, shell.switch = shell.switch, None  # before any wait: the drain may end in a step
+            shell.role.close()
+            shell.role, shell.name = None, switch.name
+            send(Switched(switch.name, time.monotonic() - shell.switch_at))
+            shell.role = switch.build(send)
+            report = _Reporter(send, shell.name)
         role = shell.role
         idle = not role.busy
         report(role.stats(), idle)
@@ -125,16 +143,14 @@ def serve(shell: _Shell, inbox, send: Callable[[object], None]) -> None:
                 if not msg.drain:
                     return
                 draining = True
-                shell.role.drain()
+                role.drain()
             elif isinstance(msg, SwitchRole):
-                shell.role.close()
-                shell.role, shell.name = None, msg.name
-                shell.role = msg.build(send)
-                report = _Reporter(send, shell.name)
+                shell.switch, shell.switch_at = msg, time.monotonic()
+                role.drain()
             else:
-                shell.role.handle(msg)
-        if shell.role.busy:
-            shell.role.step()
+                role.handle(msg)
+        if role.busy:
+            role.step()
 
 
 def worker_main(build: Callable[[Callable[[object], None]], Role], name: str, parent_pid: int, torch_threads: int,

@@ -42,6 +42,7 @@ def epd(tiny_llava: Path):
     engine.shutdown()
     assert not any(p.is_alive() for p in engine.procs.values()), "a stage process outlived shutdown"
     assert not any(Path(h.path).exists() for h in engine.arenas), "an arena file outlived shutdown"
+    assert not Path(engine.image_bytes.handle.path).exists()
 
 
 def test_epd_matches_aggregated(epd: EPDEngine, tiny_llava: Path) -> None:
@@ -78,8 +79,7 @@ def test_epd_matches_aggregated(epd: EPDEngine, tiny_llava: Path) -> None:
 
 def test_image_bytes_cross_to_the_encoders_through_shared_memory(epd: EPDEngine, tiny_llava: Path) -> None:
     """Bytes and data URLs go into the orchestrator's byte arena once (ByteRefs in the tasks, not
-    pickled bytes); every span is free again when the requests are done; the arena file was
-    unlinked once the stages had mapped it."""
+    pickled bytes); every span is free again when the requests are done."""
     import base64
 
     from ipc.byte_arena import ByteRef
@@ -102,7 +102,7 @@ def test_image_bytes_cross_to_the_encoders_through_shared_memory(epd: EPDEngine,
     reference = LLM(tiny_llava, backend="torch", device="cpu").generate(reqs, SP)
     assert [o.token_ids for o in outs] == [o.token_ids for o in reference]
     assert len(shipped) == 2 and all(isinstance(x, ByteRef) for x in shipped)
-    assert epd.image_bytes.bytes_used == 0 and not Path(epd.image_bytes.handle.path).exists()
+    assert epd.image_bytes.bytes_used == 0
 
 
 def test_a_full_byte_arena_sends_the_bytes_in_the_task() -> None:

@@ -144,12 +144,12 @@ def test_stages_and_arenas_do_not_outlive_their_parent(tiny_llava: Path, tmp_pat
     try:
         stages = info["stages"]
         assert len(stages) == 4 and all(_alive(p) for p in stages)
-        assert all(not Path(p).exists() for p in info["arenas"]), "arena files outlive the start-up"
+        assert all(Path(p).exists() for p in info["arenas"])  # kept while it runs (a role switch maps them)
         proc.send_signal(signal.SIGKILL if how == "sigkill" else signal.SIGTERM)
         assert proc.wait(timeout=60) == (-signal.SIGKILL if how == "sigkill" else 0)
         family = stages + ([info["tracker"]] if info["tracker"] else [])
         assert _wait_gone(family, 30) == [], "stage processes outlived their parent"
-        assert _arena_files(stages) == []
+        assert _arena_files(stages + [proc.pid]) == []  # the engine's byte arena too (its stages remove it)
     finally:
         if proc.poll() is None:
             proc.kill()

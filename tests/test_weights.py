@@ -161,3 +161,40 @@ def test_a_peer_receives_the_weights_over_gloo(llm, tiny_llava) -> None:
 def test_peer_link_rejects_bad_arguments() -> None:
     with pytest.raises(ValueError, match="ranks 0 and 1"):
         PeerLink("127.0.0.1", _free_port(), rank=2)
+
+
+def _open_on_gpu(manifest: WeightManifest, model_dir: str, conn) -> None:
+    import torch
+
+    from engine.config import ModelConfig
+    from engine.roles.weights import WeightStore
+
+    before = torch.cuda.memory_allocated()
+    store = WeightStore.open(manifest, ModelConfig.from_dir(model_dir), "cuda:0")
+    conn.send((sum(float(p.double().sum()) for p in store.model.parameters()), torch.cuda.memory_allocated() - before))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_ipc_weights_cost_the_mapper_no_memory(tiny_llava) -> None:
+    """On a GPU the mapper's parameters are the owner's memory (CUDA IPC): the same values, and
+    the mapper's allocator holds no weight bytes (only rotary tables)."""
+    import multiprocess as mp
+
+    from engine.config import EngineConfig
+    from engine.runner import load_weights
+
+    config = EngineConfig(str(tiny_llava), backend="cuda", device="cuda:0").for_model(ModelConfig.from_dir(tiny_llava))
+    model = load_weights(config, ModelConfig.from_dir(tiny_llava))
+    store = WeightStore.pack(model)
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_open_on_gpu, args=(store.manifest, str(tiny_llava), child))
+    proc.start()
+    try:
+        assert parent.poll(180), "the child did not answer"
+        checksum, allocated = parent.recv()
+    finally:
+        proc.join(30)
+    assert checksum == pytest.approx(sum(float(p.double().sum()) for p in model.parameters()))
+    assert allocated < store.nbytes / 2, (allocated, store.nbytes)

@@ -30,7 +30,7 @@ from engine.messages import (
     Tokens,
 )
 from engine.roles import RoleSpec, build_role
-from ipc.worker import Crashed, Shutdown, StageStatus, SwitchRole, _Shell, serve, worker_main
+from ipc.worker import Crashed, Shutdown, StageStatus, Switched, SwitchRole, _Shell, serve, worker_main
 
 
 class _Inbox:
@@ -99,14 +99,17 @@ def test_shell_drain_finishes_work_in_hand_and_takes_no_more() -> None:
 
 
 def test_shell_switches_role_and_reports_under_the_new_name() -> None:
-    """SwitchRole: the old role is closed, the new one built with the worker's send, and the
-    messages after it (and the reports) are the new role's."""
+    """SwitchRole: the old role drains (what comes with the switch is still its), is closed, the
+    new one built with the worker's send; the messages after it (and the reports) are the new
+    role's."""
     old, new, sent = _Counter(), _Counter(), []
     shell = _Shell(old, "encode1")
     built = []
     switch = SwitchRole("prefill1", lambda send: (built.append(send), new)[1])
-    serve(shell, _Inbox([2], [switch, 3], [Shutdown()]), sent.append)
-    assert old.closed and old.handled == [2] and old.done == 2
+    serve(shell, _Inbox([2], [switch, 1], [3], [Shutdown()]), sent.append)
+    # the 1 came with the switch: the old role's (a free, an abort), taken while it drains
+    assert old.closed and old.handled == [2, 1] and old.done == 2
+    assert [m.stage for m in sent if isinstance(m, Switched)] == ["prefill1"]
     assert shell.role is new and shell.name == "prefill1" and built == [sent.append]
     assert new.handled == [3] and new.done == 3 and not new.closed  # worker_main closes the last one
     names = [m.stage for m in sent if isinstance(m, StageStatus)]

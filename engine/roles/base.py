@@ -158,6 +158,11 @@ class _Role:
             raise StaleImage("image bytes changed before they were read (request aborted?)")
         return out
 
+    @property
+    def drained(self) -> bool:
+        """Nothing in hand and nothing lent out: the role can close (a role switch waits for it)."""
+        return not self.busy
+
     def drain(self) -> None:
         """Take no new work (new tasks fail with "draining"); what is in hand runs to its end."""
         self.draining = True

@@ -15,6 +15,7 @@ from engine.messages import (
     FreeKV,
     Loaded,
     Migrated,
+    PeerArena,
     Peers,
     Ready,
     Sized,
@@ -58,6 +59,11 @@ class DecodeRole(_Role):
             self.send(Sized(self.name, blocks))
         elif isinstance(msg, Peers):
             self._start(msg)
+        elif isinstance(msg, PeerArena):  # a prefill instance that came or went by a role switch
+            self.srcs.extend([None] * (msg.index + 1 - len(self.srcs)))
+            if self.srcs[msg.index] is not None:
+                self.srcs[msg.index].close()
+            self.srcs[msg.index] = SharedArena.open(msg.handle, self.device) if msg.handle is not None else None
         elif isinstance(msg, Abort):
             self._abort(msg.req_id)
             self.stalled = False
@@ -69,7 +75,7 @@ class DecodeRole(_Role):
                 self.pending.append(msg)
 
     def _start(self, msg: Peers) -> None:
-        self.srcs = [SharedArena.open(h, self.device) for h in msg.handles]  # mapped once, kept
+        self.srcs = [SharedArena.open(h, self.device) if h is not None else None for h in msg.handles]  # kept
         first = 0
         if self.spec.shared:  # one arena: prefill0's blocks first, then this role's
             self.kv_arena, first = self.srcs[0].tensor, msg.kv_owned[0]
@@ -84,6 +90,10 @@ class DecodeRole(_Role):
             **self.base_stats(runner), **self.kv_stats(runner, pool.num_blocks),
             "kv_arena_of": "prefill0" if self.spec.shared else None, "multi_step": self.config.multi_step,
             "graph_buckets": self.graphs, "graph_capture_s": round(time.perf_counter() - start, 2)}))
+
+    @property
+    def drained(self) -> bool:
+        return not self.busy and not self.live and not self.pending
 
     @property
     def busy(self) -> bool:
@@ -159,5 +169,6 @@ class DecodeRole(_Role):
 
     def close(self) -> None:
         for src in self.srcs:
-            src.close()
+            if src is not None:
+                src.close()
         super().close()

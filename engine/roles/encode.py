@@ -86,6 +86,10 @@ class EncodeRole(_Role):
     def busy(self) -> bool:
         return bool(self.in_flight) or self._can_start()
 
+    @property
+    def drained(self) -> bool:  # and no prefill reads its blocks any more
+        return not self.busy and not self.pending and self.cache.stats()["in_use_blocks"] == 0
+
     def _can_start(self) -> bool:  # FCFS: the first task waits for MM blocks to be freed
         return bool(self.pending) and self.cache.can_acquire(self.pending[0].keys, [1] * len(self.pending[0].items))
 

@@ -15,6 +15,7 @@ from engine.messages import (
     FreeKV,
     FreeMM,
     Loaded,
+    PeerArena,
     Peers,
     Prefilled,
     PrefillTask,
@@ -69,6 +70,8 @@ class PrefillRole(_Role):
             self._size(msg)
         elif isinstance(msg, Peers):
             self._map_peers(msg)
+        elif isinstance(msg, PeerArena):
+            self._map_encoder(msg.index, msg.handle)
         elif isinstance(msg, FreeKV):
             self.kv_blocks.free(msg.blocks)
             self.stalled = False
@@ -106,8 +109,9 @@ class PrefillRole(_Role):
         self.send(Exported(self.name, self.arena.handle))
 
     def _map_peers(self, msg: Peers) -> None:
-        self.peers = [SharedArena.open(h, self.device) for h in msg.handles]
-        self.in_place = [_same_device(h, self.device) for h in msg.handles]
+        self.peers, self.in_place = [], []
+        for index, handle in enumerate(msg.handles):
+            self._map_encoder(index, handle)
         self.runner = ModelRunner(self.config, self.cfg, self.model, self.arena.tensor, self.mm_arena,
                                   mm_peers=[p.tensor if here else None for p, here in zip(self.peers, self.in_place)])
         mm = self.mm_arena
@@ -115,6 +119,25 @@ class PrefillRole(_Role):
             **self.base_stats(self.runner), **self.kv_stats(self.runner, self.kv_blocks.num_blocks),
             "kv_blocks_for_decode": self.extra, "mm_arena_blocks": mm.shape[0], "mm_arena_gb": _gb(mm),
             "mm_in_place_from": [i for i, here in enumerate(self.in_place) if here]}))
+
+    def _map_encoder(self, index: int, handle) -> None:
+        """Encoder `index`'s MM arena mapped (handle None: an encoder that changed role, unmapped)."""
+        while len(self.peers) <= index:
+            self.peers.append(None)
+            self.in_place.append(False)
+        if self.peers[index] is not None:
+            self.peers[index].close()
+        self.peers[index] = SharedArena.open(handle, self.device) if handle is not None else None
+        self.in_place[index] = handle is not None and _same_device(handle, self.device)
+        if self.runner is not None:
+            mm = self.runner.mm_peers
+            mm.extend([None] * (index + 1 - len(mm)))
+            mm[index] = self.peers[index].tensor if self.in_place[index] else None
+
+    @property
+    def drained(self) -> bool:  # and decode has given back every KV block it pulled or read
+        blocks = getattr(self, "kv_blocks", None)
+        return not self.busy and not self.tasks and (blocks is None or blocks.num_free == blocks.num_blocks)
 
     @property
     def busy(self) -> bool:
@@ -213,7 +236,8 @@ class PrefillRole(_Role):
 
     def close(self) -> None:
         for peer in self.peers:
-            peer.close()
+            if peer is not None:
+                peer.close()
         if self.arena is not None:
             self.arena.close()
         if self.byte_arena is not None:

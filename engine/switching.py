@@ -1,0 +1,155 @@
+"""Role switches: a stage process stops serving as one kind and serves as another, while the
+engine goes on serving (issue 14). `EPDEngine.switch_role(kind, index, new_kind)` runs it:
+
+1. checks: the stage is alive and not switching; its kind keeps a live instance; a prefill
+   whose KV arena a decode shares, or a stage whose weights others map, cannot go (say which);
+2. the old handle stops being routed to; the worker gets SwitchRole and lets the role finish
+   what it holds (encode: its tasks and the blocks prefills read; prefill: its prompts and the KV
+   blocks decode pulls; decode: its running requests), then closes it and builds the new role
+   in the same process (ipc/worker.py);
+3. the new role goes through start-up as at engine start (Loaded, SizeKV for a KV owner,
+   Exported, Peers, Ready) under a new handle: `<new_kind><next index>`; its weights are mapped
+   from a stage on its device that holds them (engine/roles/weights.py), else read from disk;
+4. the stages that map its arenas learn of them (PeerArena: the prefills an encoder's, the
+   decodes a prefill's) and drop the old one's; the old handle stays in its kind's list as a
+   hole (indices never move), marked `moved_to`.
+
+Each switch is recorded (durations of the drain and of the build) in `status()["switches"]`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import replace
+from functools import partial
+
+from engine.messages import Exported, Loaded, PeerArena, Peers, Ready, Sized, SizeKV
+from engine.roles import RoleSpec, build_role
+from engine.sampling import RequestError
+from engine.stage_handles import StageError, StageHandle, absorb
+from ipc.worker import Crashed, Switched, SwitchRole
+
+KINDS = ("encode", "prefill", "decode")
+log = logging.getLogger("engine.epd")
+
+
+def parts_of(kind: str, mode: str) -> str:
+    """The weights a stage of `kind` holds: the tower (an encoder), the LM, or both (a pd prefill)."""
+    return "vision" if kind == "encode" else "all" if kind == "prefill" and mode == "pd" else "lm"
+
+
+def check_switch(epd, kind: str, index: int, new_kind: str) -> StageHandle:
+    """The stage to switch, or RequestError saying why it cannot."""
+    if kind not in KINDS or new_kind not in KINDS:
+        raise RequestError(f"switch_role: kinds are {', '.join(KINDS)}; got {kind!r} -> {new_kind!r}")
+    if kind == new_kind:
+        raise RequestError(f"switch_role: {kind}{index} already serves as {kind}")
+    if epd.mode == "pd" and "encode" in (kind, new_kind):
+        raise RequestError("switch_role: pd mode has no encoders (prefill encodes the images)")
+    stage = epd.stages.get(f"{kind}{index}")
+    if stage is None or stage.moved_to is not None:
+        have = [h.name for h in epd.of_kind(kind) if h.moved_to is None]
+        raise RequestError(f"switch_role: there is no stage {kind}{index} (the {kind} stages: {have})")
+    if not stage.alive() or stage.switching:
+        raise RequestError(f"switch_role: {stage.name} is {'switching' if stage.switching else 'not alive'}")
+    if not any(h.alive() and h is not stage for h in epd.of_kind(kind)):
+        raise RequestError(f"switch_role: {stage.name} is the last live {kind} stage; the engine needs one")
+    if kind == "prefill" and any(h.alive() and h.ready and h.ready.get("kv_arena_of") == stage.name
+                                 for h in epd.of_kind("decode")):
+        raise RequestError(f"switch_role: {stage.name}'s KV arena is shared with a decode stage (start the engine "
+                           "with share_kv_arena=False to switch it)")
+    mappers = [name for name, source in epd.weight_sources.items()
+               if source == stage.name and epd.stages[name].alive()]
+    if mappers:
+        raise RequestError(f"switch_role: {stage.name}'s weights are mapped by {', '.join(mappers)}; "
+                           "switch those first")
+    return stage
+
+
+def start_switch(epd, stage: StageHandle, new_kind: str) -> StageHandle:
+    """Stop routing to `stage`, tell its worker to switch once drained; the new role's handle
+    (starting: not routed to until it is Ready)."""
+    index = len(epd.of_kind(new_kind))
+    config = replace(epd.config, device=stage.device)
+    source = _weight_source(epd, stage.device, parts_of(new_kind, epd.mode))
+    spec = RoleSpec(new_kind, index, config, encodes=epd.mode == "pd",
+                    image_bytes=epd.image_bytes.handle if epd.image_bytes else None,
+                    weights=epd.stages[source].weights if source else None)
+    new = StageHandle(new_kind, index, stage.device, stage.process, stage.inbox, None, starting=True,
+                      switch_started=time.perf_counter())
+    epd.stages[new.name] = new
+    epd.weight_sources = {**epd.weight_sources, new.name: source}
+    stage.switching = new.name
+    stage.send(SwitchRole(new.name, partial(build_role, spec)))
+    return new
+
+
+def _weight_source(epd, device: str, parts: str) -> str | None:
+    """A live stage on `device` whose packed weights cover `parts`."""
+    for h in epd.stages.values():
+        if h.device == device and h.alive() and h.weights is not None and h.weights.parts in (parts, "all"):
+            return h.name
+    return None
+
+
+def advance(epd, new: StageHandle, msg: object) -> None:
+    """A start-up message from a switched stage's new role: the protocol's next step."""
+    if isinstance(msg, Crashed):  # its death is noticed by _check_stages; wait_switch raises
+        new.crash = msg.error
+        log.error("stage %s crashed while switching role: %s\n%s", msg.stage, msg.error, msg.traceback)
+        return
+    absorb(epd.stages, msg)
+    if isinstance(msg, Switched):  # the old role is closed: its handle becomes a hole
+        old = next(h for h in epd.stages.values() if h.switching == new.name)
+        old.dead, old.moved_to, old.switching = True, new.name, None
+        new.outbox, old.outbox = old.outbox, None
+        epd.switches.append({"from": old.name, "to": new.name, "drain_s": round(msg.drain_s, 3)})
+    elif isinstance(msg, Loaded) and new.kv_owner:
+        new.send(SizeKV(share=1.0, for_decode=False))
+    elif isinstance(msg, Exported) and new.kind == "prefill":
+        new.send(Peers([None if h.moved_to or h.dead else h.arena for h in epd.of_kind("encode")]))
+    elif isinstance(msg, Sized) and new.kind == "decode":
+        prefills = epd.of_kind("prefill")
+        new.send(Peers([None if h.moved_to or h.dead else h.arena for h in prefills],
+                       [h.kv_blocks or 0 for h in prefills]))
+    elif isinstance(msg, Ready):
+        _finish(epd, new)
+
+
+def _finish(epd, new: StageHandle) -> None:
+    """The new role is Ready: the stages that map arenas learn of its arena and drop the old
+    one's; then it is routed to."""
+    record = next(r for r in epd.switches if r["to"] == new.name)
+    old = epd.stages[record["from"]]
+    mappers = {"encode": "prefill", "prefill": "decode"}
+    if old.kind in mappers:
+        for h in epd.of_kind(mappers[old.kind]):
+            h.send(PeerArena(old.kind, old.index, None))
+    if new.kind in mappers:
+        for h in epd.of_kind(mappers[new.kind]):
+            h.send(PeerArena(new.kind, new.index, new.arena))
+    new.starting = False
+    pools = [h.ready["kv_cache_blocks"] for h in epd.stages.values() if h.alive() and "kv_cache_blocks" in h.ready]
+    epd.input_processor.kv_blocks = min(pools)  # what one request may use: the smallest live pool
+    record["seconds"] = round(time.perf_counter() - new.switch_started, 3)
+
+
+def done(epd, new: StageHandle) -> dict | None:
+    """The switch's record once the new role serves; None while it drains or starts; StageError
+    if its process died on the way (its requests, if any, fail as a dead stage's)."""
+    if new.dead or not new.process.is_alive():
+        raise StageError(f"switch to {new.name} failed: the stage died ({new.crash or 'no message'})")
+    if new.starting:
+        return None
+    return dict(next(r for r in epd.switches if r["to"] == new.name))
+
+
+def wait_switch(epd, new: StageHandle, timeout_s: float) -> dict:
+    """Step the engine (its events kept for the next step) until the new role serves."""
+    deadline = time.monotonic() + timeout_s
+    while (record := done(epd, new)) is None:
+        if time.monotonic() > deadline:
+            raise StageError(f"switch to {new.name} not done within {timeout_s:g} s")
+        epd.late_events.extend(epd.step(timeout_s=0.02))
+    return record

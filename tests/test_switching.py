@@ -1,0 +1,190 @@
+"""Role switches on the CPU (engine/switching.py), under load on the tiny model: an encoder
+switched to prefill and back while requests are in flight; outputs equal the aggregated engine,
+no request is lost, no block leaks, status tells the story; the switches that cannot be done are
+refused with the reason."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+from test_epd import _png
+
+from engine import LLM, Request, SamplingParams
+from engine.epd import EPDEngine
+from engine.sampling import RequestError
+
+SP = SamplingParams(max_tokens=10, ignore_eos=True)
+
+
+def _requests(n: int, offset: int = 0) -> list[Request]:
+    return [Request(f"Describe picture {i}", images=[_png(offset + i)]) if i % 3 else Request(f"Hello {i}")
+            for i in range(n)]
+
+
+def _run(epd: EPDEngine, reqs: list[Request], during=None) -> list[list[int]]:
+    """Queue every request, call during() once they are in flight, then step to the end."""
+    seqs = [epd.add_request(r, SP) for r in reqs]
+    index = {s.seq_id: i for i, s in enumerate(seqs)}
+    tokens: dict[int, list[int]] = {}
+    errors: list[str] = []
+    if during is not None:
+        epd.step(timeout_s=0.05)
+        during()
+    deadline = time.monotonic() + 120
+    while len(tokens) + len(errors) < len(reqs) and time.monotonic() < deadline:
+        for ev in epd.step(timeout_s=0.05):
+            if ev.error:
+                errors.append(ev.error)
+            elif ev.output is not None:
+                tokens[index[ev.index]] = ev.output.token_ids
+    assert not errors, errors
+    return [tokens[i] for i in range(len(reqs))]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_llava: Path) -> dict[str, list[list[int]]]:
+    llm = LLM(tiny_llava, backend="torch", device="cpu")
+    return {name: [o.token_ids for o in llm.generate(reqs, SP)]
+            for name, reqs in (("a", _requests(9)), ("b", _requests(9, 50)), ("c", _requests(6, 90)))}
+
+
+def _idle(epd: EPDEngine) -> dict:
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        stages = epd.status()["stages"]
+        if all(s.get(k, {}).get("used", 0) == 0 for name, s in stages.items() if "moved_to" not in s
+               for k in ("kv_blocks", "mm_blocks")) and stages["decode0"]["running"] == 0:
+            return stages
+        epd.step(timeout_s=0.05)
+    raise AssertionError(f"blocks still used: {epd.status()['stages']}")
+
+
+def test_encoder_to_prefill_and_back_under_load(tiny_llava: Path, reference) -> None:
+    with EPDEngine(tiny_llava, placement="E:cpu,cpu P:cpu D:cpu", share_kv_arena=False, backend="torch",
+                   device="cpu", kv_cache_tokens=4096) as epd:
+        switched = {}
+        assert _run(epd, _requests(9), lambda: switched.update(epd.switch_role("encode", 1, "prefill"))) == \
+            reference["a"]
+        assert switched["from"] == "encode1" and switched["to"] == "prefill1" and switched["seconds"] > 0
+        status = epd.status()
+        assert status["stages"]["encode1"]["moved_to"] == "prefill1"
+        assert status["stages_alive"]["prefill1"] and not status["stages_alive"]["encode1"]
+        # prefill1 maps prefill0's LM (zero copy), and gets requests: both prefills serve now
+        assert status["stages"]["prefill1"]["weights"] == {**status["stages"]["prefill0"]["weights"], "shared": True}
+        assert _run(epd, _requests(9, 50)) == reference["b"]
+        assert epd.stages["prefill1"].ready["mm_in_place_from"] == [0]  # encode1's arena is gone
+        _idle(epd)
+        # and back: a third encoder (indices never move), mapping encode0's tower
+        back = {}
+        assert _run(epd, _requests(6, 90), lambda: back.update(epd.switch_role("prefill", 1, "encode"))) == \
+            reference["c"]
+        assert back["to"] == "encode2"
+        stages = _idle(epd)
+        assert [s["from"] + ">" + s["to"] for s in epd.status()["switches"]] == ["encode1>prefill1", "prefill1>encode2"]
+        assert stages["encode2"]["weights"]["shared"] and stages["prefill1"]["moved_to"] == "encode2"
+        assert [h.name for h in epd.of_kind("encode") if h.alive()] == ["encode0", "encode2"]
+        assert _run(epd, _requests(9)) == reference["a"]  # encode0 and encode2 serve, prefill0 alone
+        assert sum(h.load for h in epd.stages.values()) == 0
+
+
+def test_impossible_switches_are_refused_with_the_reason(tiny_llava: Path, reference, tmp_path: Path) -> None:
+    with EPDEngine(tiny_llava, placement="E:cpu P:cpu D:cpu", backend="torch", device="cpu",
+                   kv_cache_tokens=4096) as epd:
+        cases = [(("encode", 0, "prefill"), "the last live encode stage"),
+                 (("prefill", 0, "encode"), "the last live prefill stage"),
+                 (("encode", 3, "prefill"), "there is no stage encode3"),
+                 (("encode", 0, "encode"), "already serves as encode"),
+                 (("encode", 0, "vision"), "kinds are encode, prefill, decode")]
+        for args, why in cases:
+            with pytest.raises(RequestError, match=why):
+                epd.switch_role(*args)
+        assert epd.status()["switches"] == []
+    with EPDEngine(tiny_llava, placement="E:cpu P:cpu,cpu D:cpu", backend="torch", device="cpu",
+                   kv_cache_tokens=4096) as epd:
+        with pytest.raises(RequestError, match="prefill0's weights are mapped by prefill1, decode0; switch those"):
+            epd.switch_role("prefill", 0, "decode")
+    with EPDEngine(tiny_llava, placement="E:cpu,cpu P:cpu D:cpu", backend="torch", device="cpu",
+                   kv_cache_tokens=4096) as epd:  # prefill0 and decode0 share one KV arena; over RPC
+        import threading
+
+        from ipc.client import RPCClient, RPCError
+        from ipc.server import RPCServer
+
+        server = RPCServer(epd, str(tmp_path / "epd.sock"), b"k")
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        try:
+            client = RPCClient(server.address, b"k", timeout_s=120)
+            done = client.switch_role("encode", 1, "prefill")
+            assert done["from"] == "encode1" and done["to"] == "prefill1" and done["seconds"] > 0
+            with pytest.raises(RPCError, match="prefill0's KV arena is shared with a decode stage"):
+                client.switch_role("prefill", 0, "encode")
+            with pytest.raises(RPCError, match="there is no stage encode1 \\(the encode stages: \\['encode0'\\]\\)"):
+                client.switch_role("encode", 1, "decode")
+            with pytest.raises(RPCError, match="params.index = -1; must be an int >= 0"):
+                client.switch_role("encode", -1, "decode")
+            req = _requests(3)[1]
+            msgs = list(client.generate(req.prompt, images=req.images, max_tokens=SP.max_tokens, ignore_eos=True))
+            assert msgs[-1]["output"]["token_ids"] == reference["a"][1]
+            assert [s["to"] for s in client.status()["switches"]] == ["prefill1"]
+            client.stop()
+        finally:
+            thread.join(timeout=60)
+
+
+def test_http_admin_route_switches_while_chats_go_on(tiny_llava: Path, reference) -> None:
+    """POST /admin/switch_role behind the API key: 200 with the record once the new role serves,
+    while chat completions run; the reasons for refusals come back as 400s."""
+    pytest.importorskip("fastapi")
+    pytest.importorskip("uvicorn")
+    httpx = pytest.importorskip("httpx")
+    import base64
+    import threading
+
+    from engine.serving import EngineLoop
+    from ipc.http_server import UvicornThread, build_app
+
+    with EPDEngine(tiny_llava, placement="E:cpu,cpu P:cpu D:cpu", share_kv_arena=False, backend="torch",
+                   device="cpu", kv_cache_tokens=4096) as epd:
+        loop = EngineLoop(epd)
+        loop.start()
+        srv = UvicornThread(build_app(loop, "tiny", api_key="key"), "127.0.0.1", 0).start()
+        url = f"http://127.0.0.1:{srv.port}"
+        auth = {"Authorization": "Bearer key"}
+        reqs = _requests(9)
+        codes: dict[int, int] = {}
+
+        def chat(i: int) -> None:
+            r = reqs[i]
+            content = [{"type": "text", "text": r.prompt}] + [
+                {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(x).decode()}}
+                for x in r.images or []]
+            body = {"model": "tiny", "messages": [{"role": "user", "content": content}], "max_tokens": SP.max_tokens,
+                    "temperature": 0}
+            got = httpx.post(f"{url}/v1/chat/completions", json=body, headers=auth, timeout=120)
+            codes[i] = got.status_code
+
+        try:
+            threads = [threading.Thread(target=chat, args=(i,)) for i in range(len(reqs))]
+            for t in threads:
+                t.start()
+            got = httpx.post(f"{url}/admin/switch_role", json={"kind": "encode", "index": 1, "new_kind": "prefill"},
+                             headers=auth, timeout=120)
+            assert got.status_code == 200, got.text
+            assert got.json()["to"] == "prefill1" and got.json()["drain_s"] >= 0
+            for t in threads:
+                t.join(120)
+            assert codes == {i: 200 for i in range(len(reqs))}  # none lost or failed
+            refused = httpx.post(f"{url}/admin/switch_role", json={"kind": "encode", "index": 0, "new_kind": "decode"},
+                                 headers=auth, timeout=60)
+            assert refused.status_code == 400 and "the last live encode stage" in refused.text
+            bad = httpx.post(f"{url}/admin/switch_role", json={"kind": "encode", "index": "0"}, headers=auth,
+                             timeout=60)
+            assert bad.status_code == 400 and "index = '0'" in bad.text
+            assert httpx.post(f"{url}/admin/switch_role", json={}, timeout=60).status_code == 401
+        finally:
+            assert srv.stop()
+            loop.stop()
+            assert loop.join(60)
