@@ -56,6 +56,7 @@ from engine.messages import (
     Failed,
     FreeKV,
     FreeMM,
+    HandedOver,
     Migrated,
     Prefilled,
     PrefillTask,
@@ -266,8 +267,11 @@ class EPDEngine:
         if isinstance(msg, FreeMM):  # prefill consumed embeddings: to the encoder that holds them
             encoders[msg.encoder].send(msg)
             return
-        if isinstance(msg, FreeKV):  # decode pulled or finished reading KV: to its prefill
-            prefills[msg.prefill].send(msg)
+        if isinstance(msg, FreeKV):  # decode pulled or finished reading KV: to its prefill (or decode)
+            (self.of_kind("decode")[msg.decode] if msg.decode is not None else prefills[msg.prefill]).send(msg)
+            return
+        if isinstance(msg, HandedOver):  # a decode changing role gave a request up: another continues it
+            self._hand_over(stage, msg.task, events)
             return
         if isinstance(msg, Tokens):  # those of requests no longer here (finished or aborted) are late
             self._tokens([(self.flights[r].seq, t) for r, t in zip(msg.req_ids, msg.token_ids) if r in self.flights],
@@ -332,6 +336,24 @@ class EPDEngine:
         decode.send(DecodeTask(seq.seq_id, seq.prompt_ids, msg.first_token, msg.prefill, msg.kv_blocks, seq.sampling,
                                seq.seed, seq.stop_token_ids))
         self._tokens([(seq, msg.first_token)], now, events)
+
+    def _hand_over(self, src: StageHandle, task: DecodeTask, events: list[TokenEvent]) -> None:
+        """A request a switching decode gave up: to the least-loaded live decode, which pulls its
+        KV from where it is (the old decode's arena, or prefill's if it had not started)."""
+        src.load -= 1
+        flight = self.flights.get(task.req_id)
+        decodes = self.of_kind("decode")
+        dst = self.router.decode_for([h.routing_load() for h in decodes]) if flight is not None else None
+        if dst is None:  # ended meanwhile, or no decode left: the KV goes back where it is
+            back = FreeKV(task.kv_blocks, task.prefill, decode=task.src_decode)
+            (src if task.src_decode is not None else self.of_kind("prefill")[task.prefill]).send(back)
+            if flight is not None:
+                flight.decode = None
+                self._fail(flight, "no decode process is alive", events)
+            return
+        flight.decode = dst
+        decodes[dst].load += 1
+        decodes[dst].send(task)
 
     def _fail(self, flight: _Flight, error: str, events: list[TokenEvent]) -> None:
         del self.flights[flight.seq.seq_id]

@@ -143,12 +143,27 @@ class DecodeTask:
     sampling: SamplingParams
     seed: int
     stop_token_ids: frozenset[int] = field(default_factory=frozenset)
+    # a request handed over by a decode that changes role (HandedOver): its tokens after the
+    # first, the decode whose arena (src_arena) holds kv_blocks (acked there), the KV length
+    more_tokens: list[int] = field(default_factory=list)
+    src_decode: int | None = None
+    src_arena: Any = None
+    num_cached: int = 0
+
+
+@dataclass
+class HandedOver:
+    """A decode that changes role gives up a request: the task another decode continues it from
+    (its KV blocks stay lent until that decode acks with FreeKV(decode=...))."""
+
+    task: DecodeTask
 
 
 @dataclass
 class FreeKV:
     blocks: list[int]
     prefill: int = 0  # whose arena (the orchestrator forwards it there)
+    decode: int | None = None  # a handed-over request's blocks: that decode's arena instead
 
 
 @dataclass

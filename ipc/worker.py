@@ -144,9 +144,9 @@ def serve(shell: _Shell, inbox, send: Callable[[object], None]) -> None:
                     return
                 draining = True
                 role.drain()
-            elif isinstance(msg, SwitchRole):
+            elif isinstance(msg, SwitchRole):  # a role that can hand its work over does (decode's requests)
                 shell.switch, shell.switch_at = msg, time.monotonic()
-                role.drain()
+                getattr(role, "hand_over", role.drain)()
             else:
                 role.handle(msg)
         if role.busy:

@@ -188,3 +188,46 @@ def test_http_admin_route_switches_while_chats_go_on(tiny_llava: Path, reference
             assert srv.stop()
             loop.stop()
             assert loop.join(60)
+
+
+def test_decode_to_prefill_hands_its_running_requests_over(tiny_llava: Path) -> None:
+    """A decode switched to prefill while it decodes: each of its requests moves, with the KV
+    written so far, to the other decode (pulled from the old one's arena) and continues there;
+    the greedy tokens equal the aggregated engine's, nothing is lost, no block stays used."""
+    sp = SamplingParams(max_tokens=24, ignore_eos=True)
+    reqs = _requests(8, 200)
+    expected = [o.token_ids for o in LLM(tiny_llava, backend="torch", device="cpu").generate(reqs, sp)]
+    with EPDEngine(tiny_llava, placement="E:cpu P:cpu D:cpu,cpu", backend="torch", device="cpu",
+                   kv_cache_tokens=4096) as epd:
+        seqs = [epd.add_request(r, sp) for r in reqs]
+        index = {s.seq_id: i for i, s in enumerate(seqs)}
+        out: dict[int, list[int]] = {}
+        started = {}
+        deadline = time.monotonic() + 120
+        while len(out) < len(reqs) and time.monotonic() < deadline:
+            for ev in epd.step(timeout_s=0.05):
+                assert ev.error is None, ev.error
+                if ev.output is not None:
+                    out[index[ev.index]] = ev.output.token_ids
+            on_d0 = [f for f in epd.flights.values() if f.decode == 0 and len(f.seq.output_ids) >= 3]
+            if not started and on_d0:
+                started["moved"] = len(on_d0)
+                started.update(epd.switch_role("decode", 0, "prefill"))
+        assert started["moved"] >= 1 and started["to"] == "prefill1"
+        assert [out[i] for i in range(len(reqs))] == expected
+        stages = _idle_all(epd)
+        assert stages["decode0"]["moved_to"] == "prefill1" and stages["decode1"]["running"] == 0
+        assert sum(h.load for h in epd.stages.values()) == 0
+        # the new prefill serves: requests go through both prefills and the remaining decode
+        assert [o.token_ids for o in epd.generate(reqs, sp)] == expected
+
+
+def _idle_all(epd: EPDEngine) -> dict:
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        stages = epd.status()["stages"]
+        if all(s.get(k, {}).get("used", 0) == 0 for s in stages.values() if "moved_to" not in s
+               for k in ("kv_blocks", "mm_blocks")):
+            return stages
+        epd.step(timeout_s=0.05)
+    raise AssertionError(f"blocks still used: {epd.status()['stages']}")

@@ -13,6 +13,7 @@ from engine.messages import (
     Abort,
     DecodeTask,
     FreeKV,
+    HandedOver,
     Loaded,
     Migrated,
     PeerArena,
@@ -49,13 +50,19 @@ class DecodeRole(_Role):
         self.pending: deque[DecodeTask] = deque()
         self.stalled = False  # the first pending task needs blocks that only a finishing request returns
         self.graphs: list[int] = []
+        self.own_arena: SharedArena | None = None
+        self.arena_handle = None  # where this role's blocks are: its own arena or prefill0's
+        self.lent: dict[tuple, tuple[int, list[int]]] = {}  # handed over: KV sent -> (request, its blocks)
+        self.mapped: dict[object, SharedArena] = {}  # other decodes' arenas, mapped for handed-over requests
         send(Loaded(self.name, kv_owner=not spec.shared, weights=self.packed_weights))
 
     def handle(self, msg: object) -> None:
         if isinstance(msg, SizeKV):
             blocks = self.kv_blocks_to_own(self.no_mm, msg.share)
-            self.kv_arena = torch.zeros(blocks, *kv_block_shape(self.config, self.cfg), dtype=self.dtype,
-                                        device=self.device)
+            # shared: a decode that changes role hands its requests over from this arena
+            self.own_arena = SharedArena.create((blocks, *kv_block_shape(self.config, self.cfg)), self.dtype,
+                                                self.device, f"kv-decode{self.spec.index}")
+            self.kv_arena = self.own_arena.tensor
             self.send(Sized(self.name, blocks))
         elif isinstance(msg, Peers):
             self._start(msg)
@@ -64,12 +71,18 @@ class DecodeRole(_Role):
             if self.srcs[msg.index] is not None:
                 self.srcs[msg.index].close()
             self.srcs[msg.index] = SharedArena.open(msg.handle, self.device) if msg.handle is not None else None
+        elif isinstance(msg, FreeKV) and msg.decode is not None:  # a handed-over request's blocks: pulled
+            req_id, blocks = self.lent.pop(tuple(msg.blocks))
+            lent = self.borrowed.pop(req_id, [])  # shared arena: prefill's blocks go back to prefill
+            self.engine.kv_blocks.free(blocks[len(lent):])
+            if lent:
+                self.send(FreeKV(lent, 0))
         elif isinstance(msg, Abort):
             self._abort(msg.req_id)
             self.stalled = False
         elif isinstance(msg, DecodeTask):
             if self.draining:
-                self.send(FreeKV(msg.kv_blocks, msg.prefill))
+                self.send(FreeKV(msg.kv_blocks, msg.prefill, decode=msg.src_decode))
                 self.refuse(msg.req_id)
             else:
                 self.pending.append(msg)
@@ -77,8 +90,10 @@ class DecodeRole(_Role):
     def _start(self, msg: Peers) -> None:
         self.srcs = [SharedArena.open(h, self.device) if h is not None else None for h in msg.handles]  # kept
         first = 0
+        self.arena_handle = self.own_arena.handle if self.own_arena is not None else None
         if self.spec.shared:  # one arena: prefill0's blocks first, then this role's
             self.kv_arena, first = self.srcs[0].tensor, msg.kv_owned[0]
+            self.arena_handle = msg.handles[0]
         pool = BlockManager(self.kv_arena.shape[0] - first, first=first)
         runner = ModelRunner(self.config, self.cfg, self.model, self.kv_arena, self.no_mm)
         start = time.perf_counter()
@@ -93,7 +108,25 @@ class DecodeRole(_Role):
 
     @property
     def drained(self) -> bool:
-        return not self.busy and not self.live and not self.pending
+        return not self.busy and not self.live and not self.pending and not self.lent
+
+    def hand_over(self) -> None:
+        """For a role switch: give every request up (HandedOver: the orchestrator sends it to
+        another decode, which pulls its KV from this arena and acks), taking no new ones."""
+        self.drain()
+        for task in list(self.pending):  # not started: as it came (its KV is still prefill's)
+            self.send(HandedOver(task))
+        self.pending.clear()
+        for req_id, seq in list(self.live.items()):
+            if seq in self.engine.decode.running:
+                self.engine.decode.running.remove(seq)  # out of the batch; its blocks stay until the ack
+            del self.live[req_id]
+            kv = seq.block_table[: blocks_for(seq.num_cached, self.engine.runner.block_size)]  # the KV written
+            self.lent[tuple(kv)] = (req_id, seq.block_table)
+            tokens = seq.output_ids
+            self.send(HandedOver(DecodeTask(req_id, seq.prompt_ids, tokens[0], 0, kv, seq.sampling, seq.seed,
+                                            seq.stop_token_ids, more_tokens=tokens[1:], src_decode=self.spec.index,
+                                            src_arena=self.arena_handle, num_cached=seq.num_cached)))
 
     @property
     def busy(self) -> bool:
@@ -113,7 +146,7 @@ class DecodeRole(_Role):
         for task in self.pending:  # not started yet: its KV blocks go straight back to prefill
             if task.req_id == req_id:
                 self.pending.remove(task)
-                self.send(FreeKV(task.kv_blocks, task.prefill))
+                self.send(FreeKV(task.kv_blocks, task.prefill, decode=task.src_decode))
                 return
 
     def _admit(self) -> None:
@@ -123,12 +156,22 @@ class DecodeRole(_Role):
             # Reserve for the whole answer: a decode stage never preempts (it could not
             # recompute a prompt whose image embeddings stayed with the encoders).
             need = blocks_for(len(task.prompt_ids) + task.sampling.max_tokens, runner.block_size)
-            blocks = engine.kv_blocks.allocate(need - len(task.kv_blocks) if shared else need)
+            blocks = engine.kv_blocks.allocate(need - len(task.kv_blocks) if shared and task.src_arena is None
+                                               else need)
             if blocks is None:
                 self.stalled = not engine.has_work()  # else a finishing request frees blocks
                 return
             self.pending.popleft()
-            if shared:
+            if task.src_arena is not None:  # handed over by another decode: pull from its arena, ack there
+                if task.src_arena not in self.mapped:
+                    self.mapped[task.src_arena] = SharedArena.open(task.src_arena, self.device)
+                start = time.perf_counter()
+                nbytes = pull_blocks(self.mapped[task.src_arena].tensor, task.kv_blocks, runner.kv_arena,
+                                     blocks[: len(task.kv_blocks)])
+                _synchronize(self.device)
+                self.send(Migrated(task.req_id, nbytes, time.perf_counter() - start))
+                self.send(FreeKV(task.kv_blocks, 0, decode=task.src_decode))
+            elif shared:
                 self.borrowed[task.req_id] = task.kv_blocks
                 blocks = task.kv_blocks + blocks
             else:
@@ -140,9 +183,9 @@ class DecodeRole(_Role):
                 self.send(FreeKV(task.kv_blocks, task.prefill))  # acked: prefill may reuse them
             seq = Sequence(seq_id=task.req_id, prompt_ids=task.prompt_ids, sampling=task.sampling,
                            seed=task.seed, stop_token_ids=task.stop_token_ids, block_table=blocks)
-            seq.num_cached, seq.status = len(task.prompt_ids), Status.RUNNING
+            seq.num_cached, seq.status = task.num_cached or len(task.prompt_ids), Status.RUNNING
             self.live[seq.seq_id] = seq
-            seq.append_tokens([task.first_token])  # the one token path (the orchestrator runs it too)
+            seq.append_tokens([task.first_token, *task.more_tokens])  # the one token path (the orchestrator's too)
             if seq.finish_reason:
                 self._finish(self.live.pop(seq.seq_id))
                 continue
@@ -168,7 +211,7 @@ class DecodeRole(_Role):
                 "kv_blocks": _blocks(self.engine.kv_blocks), "decode_graphs": self.graphs}
 
     def close(self) -> None:
-        for src in self.srcs:
+        for src in [*self.srcs, *self.mapped.values(), self.own_arena]:
             if src is not None:
                 src.close()
         super().close()
