@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--backend", default="cuda", choices=["cuda", "torch"],
                    help='torch: a CPU smoke run (--placement "E:cpu P:cpu D:cpu")')
     p.add_argument("--no-share", action="store_true", help="copy KV blocks even when P and D share a GPU")
-    p.add_argument("--max-images-per-batch", type=int, default=8, help="vision-tower items per encode batch (default 8)")
+    p.add_argument("--max-images-per-batch", type=int, default=8, help="vision-tower items per encode batch")
     p.add_argument("--image-size", default="336x336",
                    help="WxH of each image, or several comma-separated (each its own workload; default: 336x336)")
     p.add_argument("--image-format", default="png", choices=["png", "jpeg"], help="how the images are encoded")
@@ -224,7 +224,8 @@ def main(argv: list[str] | None = None) -> None:
                           requests(args.requests, args.images, size, args.image_format, seed=1))
                  for text, size in sizes]
     settings = dict(backend=args.backend, device=devices["P"][0], dtype="bfloat16",
-                    kv_cache_tokens=args.kv_cache_tokens, max_images_per_batch=args.max_images_per_batch, progress=False)
+                    kv_cache_tokens=args.kv_cache_tokens, max_images_per_batch=args.max_images_per_batch,
+                    progress=False)
     p_dev, d_dev = devices["P"][0], devices["D"][0]
     ceiling = copy_gbps(p_dev, d_dev)
     e_dev = devices.get("E", [p_dev])[0]

@@ -6,7 +6,8 @@
 # bench (kernels); engine (bench_decode, bench_offline); epd (bench_epd on one GPU, arena shared
 # and copied); epdmulti (bench_epd with EPD_PLACEMENT, default "E:0,1 P:0 D:1"); profile (per-kernel
 # decode profile at batch 1 and 8); image (GPU preprocessing, LLaVA-NeXT and cache GPU tests, bench_preprocess,
-# bench_epd with 2 1920x1080 JPEGs per request); serve (the OpenAI-server sweep).
+# bench_epd with 2 1920x1080 JPEGs per request); switch (shared weights, role switches); serve (the
+# OpenAI-server sweep).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/device_out}
@@ -137,6 +138,13 @@ if [[ " $STAGES " == *" image "* ]]; then  # issue 13: GPU preprocessing, LLaVA-
       --backend cuda
     grep -h "ratio\|PASS\|FAIL" "$OUT/parity_logits_next7b.log" | tail -n 8 >> "$SUMMARY"
   fi
+fi
+if [[ " $STAGES " == *" switch "* ]]; then  # issue 14: weights shared over CUDA IPC, role switches timed
+  llava7b
+  stage pytest_gpu_switch python3 -m pytest -m gpu -q --tb=short -p no:cacheprovider tests/test_weights.py \
+    tests/test_cuda_engine.py tests/test_epd.py
+  stage bench_switch python3 scripts/bench_switch.py --model /tmp/llava-7b
+  grep -h "^| \|GPU used\|switch \|one at a time" "$OUT/bench_switch.log" >> "$SUMMARY"
 fi
 if [[ " $STAGES " == *" serve "* ]]; then  # OpenAI server sweep (scripts/serve_sweep.sh), one GPU by default
   llava7b

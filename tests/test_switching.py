@@ -231,3 +231,25 @@ def _idle_all(epd: EPDEngine) -> dict:
             return stages
         epd.step(timeout_s=0.05)
     raise AssertionError(f"blocks still used: {epd.status()['stages']}")
+
+
+def test_a_worker_killed_during_its_switch_is_a_dead_stage(tiny_llava: Path, reference) -> None:
+    """The switching worker dies before its new role is ready: switch_role raises naming it, the
+    engine serves on with the stages left (the old handle is a dead stage: nothing was on it)."""
+    import os
+    import signal
+
+    from engine.stage_handles import StageError
+
+    with EPDEngine(tiny_llava, placement="E:cpu,cpu P:cpu D:cpu", backend="torch", device="cpu",
+                   kv_cache_tokens=4096) as epd:
+        name = epd.begin_switch("encode", 1, "prefill")
+        os.kill(epd.procs["encode1"].pid, signal.SIGKILL)
+        with pytest.raises(StageError, match="switch to prefill1 failed: the stage died"):
+            deadline = time.monotonic() + 60
+            while epd.switch_done(name) is None and time.monotonic() < deadline:
+                epd.late_events.extend(epd.step(timeout_s=0.05))
+        assert epd.broken is None
+        assert _run(epd, _requests(9)) == reference["a"]  # on encode0, prefill0, decode0
+        alive = epd.status()["stages_alive"]
+        assert alive["encode0"] and not alive["encode1"] and not alive["prefill1"] and alive["prefill0"]
