@@ -36,13 +36,16 @@ def memory_table(epd: EPDEngine) -> None:
         w = s.get("weights", {})
         print(f"| {name} | {w.get('parts')} | {w.get('bytes', 0) / 1e9:.2f} GB | {w.get('shared')} | "
               f"{s.get('gpu_allocated_gb', 0):.2f} |")
-    free, total = torch.cuda.mem_get_info()
     own = sum(s["weights"]["bytes"] for s in epd.status()["stages"].values()
               if "moved_to" not in s and not s["weights"]["shared"])
     mapped = sum(s["weights"]["bytes"] for s in epd.status()["stages"].values()
                  if "moved_to" not in s and s["weights"]["shared"])
-    print(f"GPU used {(total - free) / 1e9:.1f} GB of {total / 1e9:.0f}; weights held once: {own / 1e9:.2f} GB, "
-          f"mapped (a copy each would add): {mapped / 1e9:.2f} GB", flush=True)
+    used = ""
+    if torch.cuda.is_available():
+        free, total = torch.cuda.mem_get_info()
+        used = f"GPU used {(total - free) / 1e9:.1f} GB of {total / 1e9:.0f}; "
+    print(f"{used}weights held once: {own / 1e9:.2f} GB, mapped (a copy each would add): {mapped / 1e9:.2f} GB",
+          flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -54,14 +57,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--requests", type=int, default=16, help="requests in flight during each switch")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--kv-cache-tokens", type=int, default=32768, help="per KV owner")
+    p.add_argument("--backend", default="cuda", choices=["cuda", "torch"],
+                   help='torch: a CPU smoke run (--placement "E:cpu,cpu P:cpu,cpu D:cpu")')
     args = p.parse_args(argv)
     for flag in ("requests", "max_tokens", "kv_cache_tokens"):
         positive_int(f"--{flag.replace('_', '-')}", getattr(args, flag))
     sp = SamplingParams(max_tokens=args.max_tokens, ignore_eos=True)
     check = requests(3, 1, (640, 480), "jpeg", seed=5)
     load = requests(args.requests, 1, (640, 480), "jpeg", seed=6)
-    with EPDEngine(args.model, placement=args.placement, share_kv_arena=False, backend="cuda", device="cuda:0",
-                   dtype="bfloat16", kv_cache_tokens=args.kv_cache_tokens, progress=False) as epd:
+    device = "cuda:0" if args.backend == "cuda" else "cpu"
+    with EPDEngine(args.model, placement=args.placement, share_kv_arena=False, backend=args.backend, device=device,
+                   dtype="bfloat16" if args.backend == "cuda" else "float32", kv_cache_tokens=args.kv_cache_tokens,
+                   progress=False) as epd:
         epd.generate(requests(2, 1, (640, 480), "jpeg", seed=7), sp)  # warm-up
         before = [epd.generate([r], sp)[0].token_ids for r in check]
         memory_table(epd)
