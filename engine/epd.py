@@ -420,17 +420,20 @@ class EPDEngine:
             "switches": list(self.switches),  # role switches: from, to, drain_s, seconds
         }
 
-    def switch_role(self, kind: str, index: int, new_kind: str, timeout_s: float = 300.0) -> dict:
+    def switch_role(self, kind: str, index: int, new_kind: str, weights: str = "auto", timeout_s: float = 300.0
+                    ) -> dict:
         """Make stage `kind index` serve as `new_kind` (engine/switching.py): it drains, its worker
         builds the new role, which starts up as at engine start; requests go on meanwhile (their
-        events come from the next step). Returns once it serves: {from, to, drain_s, seconds}.
-        RequestError: not possible (the message says why)."""
-        return switching.wait_switch(self, self.stages[self.begin_switch(kind, index, new_kind)], timeout_s)
+        events come from the next step). weights: "auto", "map", "peer" or "disk" (where the new
+        role's come from: switching.start_switch). Returns once it serves: {from, to, weights,
+        drain_s, seconds}. RequestError: not possible (the message says why)."""
+        return switching.wait_switch(self, self.stages[self.begin_switch(kind, index, new_kind, weights)], timeout_s)
 
-    def begin_switch(self, kind: str, index: int, new_kind: str) -> str:
+    def begin_switch(self, kind: str, index: int, new_kind: str, weights: str = "auto") -> str:
         """switch_role without the wait: the name the stage will have; steps advance the switch
         and switch_done(name) tells when it is over (the serving loop's way)."""
-        return switching.start_switch(self, switching.check_switch(self, kind, index, new_kind), new_kind).name
+        stage = switching.check_switch(self, kind, index, new_kind)
+        return switching.start_switch(self, stage, new_kind, weights).name
 
     def switch_done(self, name: str) -> dict | None:
         """The record of the switch to `name` once it serves, else None; StageError if it died."""

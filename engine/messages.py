@@ -66,6 +66,16 @@ class PeerArena:
 
 
 @dataclass
+class SendWeights:
+    """Send this stage's packed weights to the stage that changes role, over a PeerLink
+    (ipc/peer_link.py) it serves at host:port as rank 0; the stage serves on meanwhile."""
+
+    host: str
+    port: int
+    backend: str  # "gloo" (CPU) or "nccl" (GPUs)
+
+
+@dataclass
 class Ready:
     stage: str
     stats: dict  # pid, device, torch_threads and what it holds (KV / MM blocks, GB, graph buckets)

@@ -104,6 +104,8 @@ class StageHandle:
     moved_to: str | None = None
     starting: bool = False
     switch_started: float = 0.0
+    weights_from: str = ""  # a new role's: "mapped from X", "copied from X over gloo", "read from disk"
+    peer_send: tuple | None = None  # (source handle, SendWeights) for a copy, sent when the old role closed
 
     @property
     def name(self) -> str:

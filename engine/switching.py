@@ -9,7 +9,8 @@ engine goes on serving (issue 14). `EPDEngine.switch_role(kind, index, new_kind)
    in the same process (ipc/worker.py);
 3. the new role goes through start-up as at engine start (Loaded, SizeKV for a KV owner,
    Exported, Peers, Ready) under a new handle: `<new_kind><next index>`; its weights are mapped
-   from a stage on its device that holds them (engine/roles/weights.py), else read from disk;
+   from a stage on its device that holds them (engine/roles/weights.py), else copied from a live
+   stage that holds them (ipc/peer_link.py), else read from disk (`weights=` chooses);
 4. the stages that map its arenas learn of them (PeerArena: the prefills an encoder's, the
    decodes a prefill's) and drop the old one's; the old handle stays in its kind's list as a
    hole (indices never move), marked `moved_to`.
@@ -20,11 +21,12 @@ Each switch is recorded (durations of the drain and of the build) in `status()["
 from __future__ import annotations
 
 import logging
+import socket
 import time
 from dataclasses import replace
 from functools import partial
 
-from engine.messages import Exported, Loaded, PeerArena, Peers, Ready, Sized, SizeKV
+from engine.messages import Exported, Loaded, PeerArena, Peers, Ready, SendWeights, Sized, SizeKV
 from engine.roles import RoleSpec, build_role
 from engine.sampling import RequestError
 from engine.stage_handles import StageError, StageHandle, absorb
@@ -67,30 +69,58 @@ def check_switch(epd, kind: str, index: int, new_kind: str) -> StageHandle:
     return stage
 
 
-def start_switch(epd, stage: StageHandle, new_kind: str) -> StageHandle:
+WEIGHT_SOURCES = ("auto", "map", "peer", "disk")
+
+
+def start_switch(epd, stage: StageHandle, new_kind: str, weights: str = "auto") -> StageHandle:
     """Stop routing to `stage`, tell its worker to switch once drained; the new role's handle
-    (starting: not routed to until it is Ready)."""
+    (starting: not routed to until it is Ready). weights: where the new role's come from —
+    "map" (a stage on its device that holds them: zero copy), "peer" (a copy from a live stage
+    that holds them, over a PeerLink: NCCL between GPUs, gloo on the CPU), "disk", or "auto"
+    (map, else peer, else disk)."""
+    if weights not in WEIGHT_SOURCES:
+        raise RequestError(f"switch_role: weights = {weights!r}; use one of {', '.join(WEIGHT_SOURCES)}")
+    parts = parts_of(new_kind, epd.mode)
     index = len(epd.of_kind(new_kind))
     config = replace(epd.config, device=stage.device)
-    source = _weight_source(epd, stage.device, parts_of(new_kind, epd.mode))
+    here = _weight_source(epd, parts, lambda d: d == stage.device) if weights in ("auto", "map") else None
+    peer = (_weight_source(epd, parts, lambda d: d != stage.device or d == "cpu")
+            if weights == "peer" or (weights == "auto" and here is None) else None)
+    if weights in ("map", "peer") and (here or peer) is None:
+        where = f"on {stage.device}" if weights == "map" else "on a device it can copy from"
+        raise RequestError(f"switch_role: weights={weights!r}, but no live stage {where} holds packed {parts} weights")
     spec = RoleSpec(new_kind, index, config, encodes=epd.mode == "pd",
                     image_bytes=epd.image_bytes.handle if epd.image_bytes else None,
-                    weights=epd.stages[source].weights if source else None)
+                    weights=epd.stages[here].weights if here else None)
     new = StageHandle(new_kind, index, stage.device, stage.process, stage.inbox, None, starting=True,
                       switch_started=time.perf_counter())
+    new.weights_from = f"mapped from {here}" if here else "read from disk"
+    if peer is not None:
+        source = epd.stages[peer]
+        backend = "gloo" if stage.device == "cpu" else "nccl"
+        port = _free_port()
+        spec = replace(spec, weights_peer=("127.0.0.1", port, backend, source.weights))
+        new.peer_send = (source, SendWeights("127.0.0.1", port, backend))  # sent once the old role has closed
+        new.weights_from = f"copied from {peer} over {backend}"
     epd.stages[new.name] = new
-    epd.weight_sources = {**epd.weight_sources, new.name: source}
+    epd.weight_sources = {**epd.weight_sources, new.name: here}
     stage.switching = new.name
     stage.send(SwitchRole(new.name, partial(build_role, spec)))
     return new
 
 
-def _weight_source(epd, device: str, parts: str) -> str | None:
-    """A live stage on `device` whose packed weights cover `parts`."""
+def _weight_source(epd, parts: str, on_device) -> str | None:
+    """A live stage on a device on_device accepts whose packed weights cover `parts`."""
     for h in epd.stages.values():
-        if h.device == device and h.alive() and h.weights is not None and h.weights.parts in (parts, "all"):
+        if on_device(h.device) and h.alive() and h.weights is not None and h.weights.parts in (parts, "all"):
             return h.name
     return None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def advance(epd, new: StageHandle, msg: object) -> None:
@@ -104,7 +134,11 @@ def advance(epd, new: StageHandle, msg: object) -> None:
         old = next(h for h in epd.stages.values() if h.switching == new.name)
         old.dead, old.moved_to, old.switching = True, new.name, None
         new.outbox, old.outbox = old.outbox, None
-        epd.switches.append({"from": old.name, "to": new.name, "drain_s": round(msg.drain_s, 3)})
+        epd.switches.append({"from": old.name, "to": new.name, "weights": new.weights_from,
+                             "drain_s": round(msg.drain_s, 3)})
+        if new.peer_send is not None:  # the new role is about to wait for its weights: the source sends
+            source, send = new.peer_send
+            source.send(send)
     elif isinstance(msg, Loaded) and new.kv_owner:
         new.send(SizeKV(share=1.0, for_decode=False))
     elif isinstance(msg, Exported) and new.kind == "prefill":
@@ -151,5 +185,6 @@ def wait_switch(epd, new: StageHandle, timeout_s: float) -> dict:
     while (record := done(epd, new)) is None:
         if time.monotonic() > deadline:
             raise StageError(f"switch to {new.name} not done within {timeout_s:g} s")
-        epd.late_events.extend(epd.step(timeout_s=0.02))
+        events = epd.step(timeout_s=0.02)  # two statements: step replaces epd.late_events
+        epd.late_events.extend(events)
     return record

@@ -106,11 +106,13 @@ class RPCClient:
         """Stop the background capture after the bucket in progress; {"captured", "pending", "state"}."""
         return _fields(next(self.call("capture_stop")))
 
-    def switch_role(self, kind: str, index: int, new_kind: str, timeout_s: float = 300.0) -> dict:
-        """Make EPD stage kind+index serve as new_kind; once it does: {"from", "to", "drain_s", "seconds"}."""
+    def switch_role(self, kind: str, index: int, new_kind: str, weights: str = "auto", timeout_s: float = 300.0
+                    ) -> dict:
+        """Make EPD stage kind+index serve as new_kind (weights: auto, map, peer or disk); once it
+        does: {"from", "to", "weights", "drain_s", "seconds"}."""
         wait = None if self.timeout_s is None else timeout_s + self.timeout_s
         return _fields(next(self.call("switch_role", reply_timeout_s=wait, kind=kind, index=index, new_kind=new_kind,
-                                      timeout_s=timeout_s)))
+                                      weights=weights, timeout_s=timeout_s)))
 
     def status(self) -> dict:
         return next(self.call("status"))["status"]

@@ -1,6 +1,6 @@
 """Admin routes of the HTTP server (ipc/http_server.py), behind the same API key:
 
-    POST /admin/switch_role {"kind": "encode", "index": 1, "new_kind": "prefill", "timeout_s": 300}
+    POST /admin/switch_role {"kind": "encode", "index": 1, "new_kind": "prefill", "weights": "auto", "timeout_s": 300}
         -> 200 {"from", "to", "drain_s", "seconds"} once the stage serves in its new role (EPD,
            engine/switching.py; requests go on meanwhile); 400 with the reason when the switch
            cannot be done; 504 past timeout_s; 500 if the stage died on the way.
@@ -35,9 +35,10 @@ def add_admin_routes(app: FastAPI, front: Any, on_engine: Any, http_error: type)
             raise http_error(400, f"the body must be JSON: {e}") from e
         if not isinstance(body, dict):
             raise http_error(400, "the body must be a JSON object {kind, index, new_kind}")
-        unknown = sorted(set(body) - {"kind", "index", "new_kind", "timeout_s"})
+        unknown = sorted(set(body) - {"kind", "index", "new_kind", "weights", "timeout_s"})
         if unknown:
-            raise http_error(400, f"unknown field(s) {unknown}; expected kind, index, new_kind, timeout_s", unknown[0])
+            raise http_error(400, f"unknown field(s) {unknown}; expected kind, index, new_kind, weights, timeout_s",
+                             unknown[0])
         kind, index, new_kind = body.get("kind"), body.get("index"), body.get("new_kind")
         timeout_s = body.get("timeout_s", 300.0)
         if not isinstance(index, int) or isinstance(index, bool) or index < 0:
@@ -48,7 +49,7 @@ def add_admin_routes(app: FastAPI, front: Any, on_engine: Any, http_error: type)
         if not hasattr(engine, "begin_switch"):
             raise http_error(400, "the aggregated engine has no stages to switch (serve --mode epd or pd)")
         try:
-            name = await on_engine(partial(engine.begin_switch, kind, index, new_kind))
+            name = await on_engine(partial(engine.begin_switch, kind, index, new_kind, body.get("weights", "auto")))
         except RequestError as e:
             raise http_error(400, str(e)) from e
         deadline = time.monotonic() + timeout_s

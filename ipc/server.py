@@ -21,7 +21,8 @@ is a dict {"id": any, "method": str, "params": dict}; replies carry the call's i
                                only this call waits (not the engine, not other clients)
   capture_stop              -> the same fields; the capture stops after the bucket in progress
               (aggregated engine on the cuda backend; elsewhere an error says why)
-  switch_role(kind, index, new_kind, timeout_s) -> {"event": "switched", "from", "to", "drain_s", "seconds"}
+  switch_role(kind, index, new_kind, weights, timeout_s) -> {"event": "switched", "from", "to", "weights",
+              "drain_s", "seconds"}
               once stage kind+index serves as new_kind (EPD; engine/switching.py); serving goes on
               meanwhile; a switch that cannot be done is an error saying why
   any bad call -> {"id", "error": "<message naming the field>"}; the server carries on.
@@ -235,7 +236,7 @@ class RPCServer:
             client.send({"id": call_id, "error": f"capture_wait failed: {describe_error(e)}"})
 
     def _call_switch_role(self, client: ClientConnection, call_id: Any, params: dict) -> None:
-        _check_params("switch_role", params, {"kind", "index", "new_kind", "timeout_s"})
+        _check_params("switch_role", params, {"kind", "index", "new_kind", "weights", "timeout_s"})
         kind, index, new_kind = params.get("kind"), params.get("index"), params.get("new_kind")
         timeout_s = params.get("timeout_s", 300.0)
         if not isinstance(index, int) or isinstance(index, bool) or index < 0:
@@ -244,7 +245,7 @@ class RPCServer:
             raise RequestError(f"switch_role: params.timeout_s = {timeout_s!r}; must be a number in (0, 86400]")
         if not hasattr(self.engine, "begin_switch"):
             raise RequestError("switch_role: the aggregated engine has no stages to switch (serve --mode epd or pd)")
-        name = self.engine.begin_switch(kind, index, new_kind)
+        name = self.engine.begin_switch(kind, index, new_kind, params.get("weights", "auto"))
         # the engine loop advances the switch as it steps; this thread asks it when it is over
         threading.Thread(target=self._switch_waiter, args=(client, call_id, name, float(timeout_s)),
                          name="switch-wait", daemon=True).start()

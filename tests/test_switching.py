@@ -29,17 +29,24 @@ def _run(epd: EPDEngine, reqs: list[Request], during=None) -> list[list[int]]:
     index = {s.seq_id: i for i, s in enumerate(seqs)}
     tokens: dict[int, list[int]] = {}
     errors: list[str] = []
-    if during is not None:
-        epd.step(timeout_s=0.05)
-        during()
-    deadline = time.monotonic() + 120
-    while len(tokens) + len(errors) < len(reqs) and time.monotonic() < deadline:
-        for ev in epd.step(timeout_s=0.05):
+
+    def take(events) -> None:
+        for ev in events:
             if ev.error:
                 errors.append(ev.error)
             elif ev.output is not None:
                 tokens[index[ev.index]] = ev.output.token_ids
+
+    if during is not None:
+        take(epd.step(timeout_s=0.05))
+        during()
+    deadline = time.monotonic() + 120
+    while len(tokens) + len(errors) < len(reqs) and time.monotonic() < deadline:
+        take(epd.step(timeout_s=0.05))
     assert not errors, errors
+    missing = [i for i in range(len(reqs)) if i not in tokens]
+    flights = [(f.seq.seq_id, f.parts, f.prefill, f.decode) for f in epd.flights.values()]
+    assert not missing, f"requests {missing} not done; in flight: {flights}"
     return [tokens[i] for i in range(len(reqs))]
 
 
@@ -248,8 +255,28 @@ def test_a_worker_killed_during_its_switch_is_a_dead_stage(tiny_llava: Path, ref
         with pytest.raises(StageError, match="switch to prefill1 failed: the stage died"):
             deadline = time.monotonic() + 60
             while epd.switch_done(name) is None and time.monotonic() < deadline:
-                epd.late_events.extend(epd.step(timeout_s=0.05))
+                events = epd.step(timeout_s=0.05)
+                epd.late_events.extend(events)
         assert epd.broken is None
         assert _run(epd, _requests(9)) == reference["a"]  # on encode0, prefill0, decode0
         alive = epd.status()["stages_alive"]
         assert alive["encode0"] and not alive["encode1"] and not alive["prefill1"] and alive["prefill0"]
+
+
+def test_a_switching_stage_gets_its_weights_over_gloo_from_a_peer(tiny_llava: Path, reference) -> None:
+    """weights="peer": the new prefill's LM is copied from prefill0 over a PeerLink (gloo on the
+    CPU) while prefill0 serves on; it owns that copy (not shared); outputs equal aggregated.
+    weights="disk" reads the checkpoint; a source that does not exist is refused."""
+    with EPDEngine(tiny_llava, placement="E:cpu,cpu,cpu P:cpu D:cpu", share_kv_arena=False, backend="torch",
+                   device="cpu", kv_cache_tokens=4096) as epd:
+        done = {}
+        assert _run(epd, _requests(9), lambda: done.update(epd.switch_role("encode", 1, "prefill", weights="peer"))) \
+            == reference["a"]
+        assert done["weights"] == "copied from prefill0 over gloo"
+        stages = epd.status()["stages"]
+        assert stages["prefill1"]["weights"]["shared"] is False
+        assert stages["prefill1"]["weights"]["bytes"] == stages["prefill0"]["weights"]["bytes"]
+        assert epd.switch_role("encode", 2, "decode", weights="disk")["weights"] == "read from disk"
+        assert _run(epd, _requests(9, 50)) == reference["b"]
+        with pytest.raises(RequestError, match="weights = 'nccl'; use one of auto, map, peer, disk"):
+            epd.switch_role("decode", 1, "prefill", weights="nccl")

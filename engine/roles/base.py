@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -10,14 +11,13 @@ import torch
 
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig, ModelConfig
-from engine.messages import (
-    Failed,
-)
+from engine.messages import Failed, SendWeights
 from engine.mm_cache import EncoderCache, PixelCache, image_key
 from engine.roles.weights import WeightManifest, WeightStore, room_to_pack
 from engine.runner import ModelRunner, kv_blocks_from_memory, load_weights
 from ipc.arena import ArenaHandle
 from ipc.byte_arena import ByteArena, ByteRef
+from ipc.peer_link import PeerLink
 
 Send = Callable[[object], None]
 
@@ -41,6 +41,7 @@ class RoleSpec:
     image_bytes: ArenaHandle | None = None  # the orchestrator's byte arena (ipc/byte_arena.py): image bytes
     pack_weights: bool = False  # other stages on its device will map its weights: pack them (engine/roles/weights.py)
     weights: WeightManifest | None = None  # map these (another stage's, same device) instead of reading disk
+    weights_peer: tuple | None = None  # (host, port, backend, manifest): receive a copy over a PeerLink instead
 
     @property
     def name(self) -> str:
@@ -106,10 +107,32 @@ class _Role:
         if self.spec.weights is not None:
             self.weight_store = WeightStore.open(self.spec.weights, self.cfg, self.device, parts)
             return self.weight_store.model
+        if self.spec.weights_peer is not None:  # a copy from a live stage (SendWeights), one message per chunk
+            host, port, backend, manifest = self.spec.weights_peer
+            link = PeerLink(host, port, rank=1, backend=backend, device=self.device if backend == "nccl" else None)
+            try:
+                self.weight_store = WeightStore.receive(manifest, self.cfg, self.device, link, f"weights-{self.name}",
+                                                        parts)
+            finally:
+                link.close()
+            return self.weight_store.model
         model = load_weights(self.config, self.cfg, parts)
         if self.spec.pack_weights and room_to_pack(model):
             self.weight_store = WeightStore.pack(model, f"weights-{self.name}")
         return model
+
+    def send_weights(self, msg: SendWeights) -> None:
+        """Serve this role's packed weights to one peer (SendWeights), on a thread: the role
+        serves on while the copy runs."""
+        def run() -> None:
+            link = PeerLink(msg.host, msg.port, rank=0, backend=msg.backend,
+                            device=self.device if msg.backend == "nccl" else None)
+            try:
+                self.weight_store.send(link)
+            finally:
+                link.close()
+
+        threading.Thread(target=run, name="send-weights", daemon=True).start()
 
     @property
     def packed_weights(self) -> WeightManifest | None:

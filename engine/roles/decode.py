@@ -19,6 +19,7 @@ from engine.messages import (
     PeerArena,
     Peers,
     Ready,
+    SendWeights,
     Sized,
     SizeKV,
     Tokens,
@@ -57,6 +58,9 @@ class DecodeRole(_Role):
         send(Loaded(self.name, kv_owner=not spec.shared, weights=self.packed_weights))
 
     def handle(self, msg: object) -> None:
+        if isinstance(msg, SendWeights):
+            self.send_weights(msg)
+            return
         if isinstance(msg, SizeKV):
             blocks = self.kv_blocks_to_own(self.no_mm, msg.share)
             # shared: a decode that changes role hands its requests over from this arena

@@ -26,6 +26,7 @@ from engine.messages import (
     FreeMM,
     Loaded,
     Ready,
+    SendWeights,
 )
 from engine.mm_cache import EncoderCache, item_pixels
 from engine.preprocess import stage_image_processor
@@ -94,6 +95,9 @@ class EncodeRole(_Role):
         return bool(self.pending) and self.cache.can_acquire(self.pending[0].keys, [1] * len(self.pending[0].items))
 
     def handle(self, msg: object) -> None:
+        if isinstance(msg, SendWeights):
+            self.send_weights(msg)
+            return
         if isinstance(msg, FreeMM):
             self.cache.release(msg.blocks)
         elif isinstance(msg, EncodeTask):

@@ -20,6 +20,7 @@ from engine.messages import (
     Prefilled,
     PrefillTask,
     Ready,
+    SendWeights,
     Sized,
     SizeKV,
 )
@@ -66,6 +67,9 @@ class PrefillRole(_Role):
         send(Loaded(self.name, kv_owner=True, weights=self.packed_weights))
 
     def handle(self, msg: object) -> None:
+        if isinstance(msg, SendWeights):
+            self.send_weights(msg)
+            return
         if isinstance(msg, SizeKV):
             self._size(msg)
         elif isinstance(msg, Peers):

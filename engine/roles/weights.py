@@ -98,16 +98,16 @@ class WeightStore:
 
     @classmethod
     def receive(cls, manifest: WeightManifest, cfg: ModelConfig, device: torch.device | str, link: PeerLink,
-                name: str = "weights") -> WeightStore:
+                name: str = "weights", parts: str | None = None) -> WeightStore:
         """A copy of a peer's store (it calls send on the other end of `link`), into a new
-        arena of this process's on `device`."""
+        arena of this process's on `device`; parts: the half of an "all" store to build."""
         arena = SharedArena.create((manifest.nbytes,), torch.uint8, device, name)
         for chunk in _chunks(arena.tensor):
             link.recv(chunk)
         if arena.tensor.is_cuda:
             torch.cuda.synchronize(arena.tensor.device)
         mine = WeightManifest(arena.handle, manifest.entries, manifest.parts, manifest.nbytes)
-        return cls(arena, mine, _build(cfg, mine, arena.tensor), shared=False)
+        return cls(arena, mine, _build(cfg, mine, arena.tensor, parts), shared=False)
 
     def send(self, link: PeerLink) -> None:
         """Send the arena to the peer on `link` (which calls receive with this manifest)."""
