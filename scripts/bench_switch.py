@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model", required=True, help="LLaVA checkpoint dir")
     p.add_argument("--placement", default="E:0,0 P:0,0 D:0", help="stages on GPU 0")
     p.add_argument("--requests", type=int, default=16, help="requests in flight during each switch")
-    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--max-tokens", type=int, default=64, help="tokens generated per request")
     p.add_argument("--kv-cache-tokens", type=int, default=32768, help="per KV owner")
     p.add_argument("--backend", default="cuda", choices=["cuda", "torch"],
                    help='torch: a CPU smoke run (--placement "E:cpu,cpu P:cpu,cpu D:cpu")')

@@ -21,7 +21,7 @@ IPC_MECHANISMS = ("ipc.arena", "ipc.migration", "ipc.channel", "ipc.parent_watch
                   "ipc.peer_link")
 # The engine modules that drive processes, and what they may use of ipc: the orchestrator spawns
 # worker shells and talks over channels; the stage roles own and map arenas and pull blocks.
-ORCHESTRATOR = ("engine.epd", "engine.stage_handles", "engine.roles")
+ORCHESTRATOR = ("engine.epd", "engine.stage_handles", "engine.roles", "engine.switching")
 ORCHESTRATOR_IPC = ("ipc.arena", "ipc.byte_arena", "ipc.channel", "ipc.migration", "ipc.worker", "ipc.peer_link")
 
 # (importer, imported) -> the issue-11 item that removes the arrow.

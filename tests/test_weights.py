@@ -96,14 +96,20 @@ def _open_in_child(manifest: WeightManifest, model_dir: str, conn) -> None:
     conn.send(float(store.model.lm.norm[0]))
 
 
-def test_another_process_maps_the_same_weights(llm, tiny_llava) -> None:
+def _start(target, *args):
+    """target(*args, conn) in a spawned process: (the process, our end of the pipe)."""
     import multiprocess as mp
 
-    store = WeightStore.pack(llm.runner.model)
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
-    proc = ctx.Process(target=_open_in_child, args=(store.manifest, str(tiny_llava), child))
+    proc = ctx.Process(target=target, args=(*args, child))
     proc.start()
+    return proc, parent
+
+
+def test_another_process_maps_the_same_weights(llm, tiny_llava) -> None:
+    store = WeightStore.pack(llm.runner.model)
+    proc, parent = _start(_open_in_child, store.manifest, str(tiny_llava))
     try:
         assert parent.poll(120), "the child did not answer"
         checksum = parent.recv()
@@ -135,15 +141,10 @@ def _receive_in_child(manifest: WeightManifest, model_dir: str, port: int, conn)
 
 
 def test_a_peer_receives_the_weights_over_gloo(llm, tiny_llava) -> None:
-    import multiprocess as mp
-
     expected = _tokens(llm)
     store = WeightStore.pack(llm.runner.model)
     port = _free_port()
-    ctx = mp.get_context("spawn")
-    parent, child = ctx.Pipe()
-    proc = ctx.Process(target=_receive_in_child, args=(store.manifest, str(tiny_llava), port, child))
-    proc.start()
+    proc, parent = _start(_receive_in_child, store.manifest, str(tiny_llava), port)
     try:
         link = PeerLink("127.0.0.1", port, rank=0, backend="gloo")
         store.send(link)
@@ -179,18 +180,13 @@ def _open_on_gpu(manifest: WeightManifest, model_dir: str, conn) -> None:
 def test_cuda_ipc_weights_cost_the_mapper_no_memory(tiny_llava) -> None:
     """On a GPU the mapper's parameters are the owner's memory (CUDA IPC): the same values, and
     the mapper's allocator holds no weight bytes (only rotary tables)."""
-    import multiprocess as mp
-
     from engine.config import EngineConfig
     from engine.runner import load_weights
 
     config = EngineConfig(str(tiny_llava), backend="cuda", device="cuda:0").for_model(ModelConfig.from_dir(tiny_llava))
     model = load_weights(config, ModelConfig.from_dir(tiny_llava))
     store = WeightStore.pack(model)
-    ctx = mp.get_context("spawn")
-    parent, child = ctx.Pipe()
-    proc = ctx.Process(target=_open_on_gpu, args=(store.manifest, str(tiny_llava), child))
-    proc.start()
+    proc, parent = _start(_open_on_gpu, store.manifest, str(tiny_llava))
     try:
         assert parent.poll(180), "the child did not answer"
         checksum, allocated = parent.recv()
