@@ -280,3 +280,18 @@ def test_a_switching_stage_gets_its_weights_over_gloo_from_a_peer(tiny_llava: Pa
         assert _run(epd, _requests(9, 50)) == reference["b"]
         with pytest.raises(RequestError, match="weights = 'nccl'; use one of auto, map, peer, disk"):
             epd.switch_role("decode", 1, "prefill", weights="nccl")
+
+
+def test_pd_mode_decode_to_prefill_maps_the_whole_model(tiny_llava: Path) -> None:
+    """pd mode: the new prefill encodes images too, so it maps prefill0's whole model (tower and
+    LM); outputs equal aggregated; encoders do not exist there, and a switch to one is refused."""
+    sp = SamplingParams(max_tokens=12, ignore_eos=True)
+    reqs = _requests(6, 300)
+    expected = [o.token_ids for o in LLM(tiny_llava, backend="torch", device="cpu").generate(reqs, sp)]
+    with EPDEngine(tiny_llava, placement="P:cpu D:cpu,cpu", mode="pd", backend="torch", device="cpu",
+                   kv_cache_tokens=4096) as epd:
+        assert epd.switch_role("decode", 1, "prefill")["weights"] == "mapped from prefill0"
+        assert epd.status()["stages"]["prefill1"]["weights"]["parts"] == "all"
+        assert [o.token_ids for o in epd.generate(reqs, sp)] == expected
+        with pytest.raises(RequestError, match="pd mode has no encoders"):
+            epd.switch_role("prefill", 1, "encode")
