@@ -12,6 +12,7 @@ from engine.block_manager import BlockManager
 from engine.messages import (
     Abort,
     DecodeTask,
+    Exported,
     FreeKV,
     HandedOver,
     Loaded,
@@ -68,6 +69,7 @@ class DecodeRole(_Role):
                                                 self.device, f"kv-decode{self.spec.index}")
             self.kv_arena = self.own_arena.tensor
             self.send(Sized(self.name, blocks))
+            self.send(Exported(self.name, self.own_arena.handle))  # the orchestrator removes its file if it is killed
         elif isinstance(msg, Peers):
             self._start(msg)
         elif isinstance(msg, PeerArena):  # a prefill instance that came or went by a role switch
