@@ -46,7 +46,6 @@ import torch
 
 from engine import switching
 from engine.config import EngineConfig, ModelConfig
-from engine.images import data_url_bytes
 from engine.input_processor import InputProcessor
 from engine.messages import (
     Abort,
@@ -195,18 +194,13 @@ class EPDEngine:
         return seq
 
     def _ship(self, src: object) -> object:
-        """An image as the stages get it: encoded bytes (given as bytes or a data URL) copied into
-        the byte arena once, as a ByteRef (freed by _free_bytes); a path (the stage reads the file)
-        or a PIL image as given, and so is everything when the arena is full."""
-        if self.image_bytes is None:
+        """An image as the stages get it: encoded bytes (given as bytes, or a data URL, which
+        make_sequence has decoded) copied into the byte arena once, as a ByteRef (freed by
+        _free_bytes); a path (the stage reads the file) or a PIL image as given, and so is
+        everything when the arena is full."""
+        if self.image_bytes is None or not isinstance(src, (bytes, bytearray, memoryview)):
             return src
-        if isinstance(src, (bytes, bytearray, memoryview)):
-            data = bytes(src)
-        elif isinstance(src, str) and src.startswith("data:"):
-            data = data_url_bytes(src)  # checked by make_sequence already
-        else:
-            return src
-        ref = self.image_bytes.put(data)
+        ref = self.image_bytes.put(bytes(src))
         return ref if ref is not None else src
 
     def _free_bytes(self, flight: _Flight) -> None:
@@ -250,9 +244,7 @@ class EPDEngine:
     def _handle(self, stage: StageHandle, msg: object, events: list[TokenEvent]) -> None:
         """One message from `stage`: reports, frees to forward between stages, tokens, and the
         request's progress (encoded, prefilled, failed)."""
-        named = self.stages.get(getattr(msg, "stage", None))
-        if named is not None and named is not stage:  # a role switch: the new role's messages
-            stage = named
+        stage = self.stages.get(getattr(msg, "stage", None)) or stage  # a role switch: the new role's messages
         if stage.starting:
             switching.advance(self, stage, msg)
             return
@@ -268,7 +260,7 @@ class EPDEngine:
             encoders[msg.encoder].send(msg)
             return
         if isinstance(msg, FreeKV):  # decode pulled or finished reading KV: to its prefill (or decode)
-            (self.of_kind("decode")[msg.decode] if msg.decode is not None else prefills[msg.prefill]).send(msg)
+            self._kv_owner(msg).send(msg)
             return
         if isinstance(msg, HandedOver):  # a decode changing role gave a request up: another continues it
             self._hand_over(stage, msg.task, events)
@@ -346,7 +338,7 @@ class EPDEngine:
         dst = self.router.decode_for([h.routing_load() for h in decodes]) if flight is not None else None
         if dst is None:  # ended meanwhile, or no decode left: the KV goes back where it is
             back = FreeKV(task.kv_blocks, task.prefill, decode=task.src_decode)
-            (src if task.src_decode is not None else self.of_kind("prefill")[task.prefill]).send(back)
+            self._kv_owner(back).send(back)
             if flight is not None:
                 flight.decode = None
                 self._fail(flight, "no decode process is alive", events)
@@ -354,6 +346,11 @@ class EPDEngine:
         flight.decode = dst
         decodes[dst].load += 1
         decodes[dst].send(task)
+
+    def _kv_owner(self, free: FreeKV) -> StageHandle:
+        """The stage whose arena the freed KV blocks are in: a prefill, or a decode that handed
+        its requests over."""
+        return self.of_kind("decode")[free.decode] if free.decode is not None else self.of_kind("prefill")[free.prefill]
 
     def _fail(self, flight: _Flight, error: str, events: list[TokenEvent]) -> None:
         del self.flights[flight.seq.seq_id]

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import random
 import threading
-from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -15,7 +14,7 @@ from engine.config import EngineConfig, ModelConfig
 from engine.images import check_image, data_url_bytes
 from engine.images_anyres import checked_sizes, image_processor_for
 from engine.mm_cache import PixelCache, cached_pixels, image_key, item_keys
-from engine.preprocess import stage_image_processor
+from engine.preprocess import on_side_stream, stage_image_processor
 from engine.request import Request, Sequence
 from engine.sampling import RequestError, SamplingParams
 from engine.schedulers import blocks_for
@@ -122,11 +121,8 @@ class InputProcessor:
 
         counts = [self.cfg.image_layout(h, w).num_items for h, w in sizes]
         stream = self._thread_stream()
-        with torch.cuda.stream(stream) if stream is not None else nullcontext():
-            # no pixel cache on the GPU (engine/roles/base._pixel_cache says why)
+        with on_side_stream(stream):  # no pixel cache on the GPU (engine/roles/base._pixel_cache says why)
             pixels = cached_pixels(make, counts, keys, self.pixel_cache if stream is None else None)
-            if stream is not None:
-                stream.synchronize()
         return pixels
 
     def _stage_processor(self):

@@ -30,7 +30,9 @@ import base64
 import binascii
 import functools
 import io
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -100,6 +102,19 @@ def nvjpeg_available() -> bool:
     except Exception:
         return False
     return True
+
+
+@contextmanager
+def on_side_stream(stream: torch.cuda.Stream | None) -> Iterator[None]:
+    """Run the block's GPU work on `stream` (a preprocessing thread's own), then synchronize it:
+    what the block made is ready for another stream (whose reader calls record_stream). None:
+    the block runs as it is (the CPU path)."""
+    if stream is None:
+        yield
+        return
+    with torch.cuda.stream(stream):
+        yield
+    stream.synchronize()
 
 
 def _pool(workers: int) -> ThreadPoolExecutor | None:

@@ -20,6 +20,7 @@ from typing import Any
 
 from engine.messages import Exported, Loaded, Peers, Ready, Sized, SizeKV
 from engine.roles import RoleSpec, build_role
+from engine.roles.weights import covers
 from engine.router import InstanceLoad
 from ipc.channel import Inbox
 from ipc.worker import Crashed, StageStatus, worker_main
@@ -192,7 +193,12 @@ def await_ready(stages: dict[str, StageHandle], deadline: float) -> int:
                 sizing.pop(stages[msg.stage].device, None)
     for handle in handles:
         log.info(stage_summary(handle.name, handle.ready))
-    return min(h.ready["kv_cache_blocks"] for h in handles if "kv_cache_blocks" in h.ready)
+    return smallest_kv_pool(handles)
+
+
+def smallest_kv_pool(stages: Iterable[StageHandle]) -> int:
+    """The KV blocks one request may use: the smallest pool of these ready stages."""
+    return min(h.ready["kv_cache_blocks"] for h in stages if h.ready and "kv_cache_blocks" in h.ready)
 
 
 def absorb(stages: dict[str, StageHandle], msg: object) -> None:
@@ -233,7 +239,7 @@ def weight_plan(stages: list[tuple[str, str, str]]) -> dict[str, str | None]:
     plan: dict[str, str | None] = {}
     for name, device, parts in stages:
         plan[name] = next((other for other, d, p in stages[: len(plan)] if d == device and plan[other] is None
-                           and p in (parts, "all")), None)
+                           and covers(p, parts)), None)
     return plan
 
 

@@ -28,8 +28,9 @@ from functools import partial
 
 from engine.messages import Exported, Loaded, PeerArena, Peers, Ready, SendWeights, Sized, SizeKV
 from engine.roles import RoleSpec, build_role
+from engine.roles.weights import covers
 from engine.sampling import RequestError
-from engine.stage_handles import StageError, StageHandle, absorb
+from engine.stage_handles import StageError, StageHandle, absorb, smallest_kv_pool
 from ipc.worker import Crashed, Switched, SwitchRole
 
 KINDS = ("encode", "prefill", "decode")
@@ -112,7 +113,7 @@ def start_switch(epd, stage: StageHandle, new_kind: str, weights: str = "auto") 
 def _weight_source(epd, parts: str, on_device) -> str | None:
     """A live stage on a device on_device accepts whose packed weights cover `parts`."""
     for h in epd.stages.values():
-        if on_device(h.device) and h.alive() and h.weights is not None and h.weights.parts in (parts, "all"):
+        if on_device(h.device) and h.alive() and h.weights is not None and covers(h.weights.parts, parts):
             return h.name
     return None
 
@@ -142,13 +143,17 @@ def advance(epd, new: StageHandle, msg: object) -> None:
     elif isinstance(msg, Loaded) and new.kv_owner:
         new.send(SizeKV(share=1.0, for_decode=False))
     elif isinstance(msg, Exported) and new.kind == "prefill":
-        new.send(Peers([None if h.moved_to or h.dead else h.arena for h in epd.of_kind("encode")]))
+        new.send(Peers(_arenas(epd.of_kind("encode"))))
     elif isinstance(msg, Sized) and new.kind == "decode":
         prefills = epd.of_kind("prefill")
-        new.send(Peers([None if h.moved_to or h.dead else h.arena for h in prefills],
-                       [h.kv_blocks or 0 for h in prefills]))
+        new.send(Peers(_arenas(prefills), [h.kv_blocks or 0 for h in prefills]))
     elif isinstance(msg, Ready):
         _finish(epd, new)
+
+
+def _arenas(handles: list[StageHandle]) -> list:
+    """Their arenas by index; None where a stage is gone (dead, or a hole left by a switch)."""
+    return [None if h.dead else h.arena for h in handles]
 
 
 def _finish(epd, new: StageHandle) -> None:
@@ -164,8 +169,7 @@ def _finish(epd, new: StageHandle) -> None:
         for h in epd.of_kind(mappers[new.kind]):
             h.send(PeerArena(new.kind, new.index, new.arena))
     new.starting = False
-    pools = [h.ready["kv_cache_blocks"] for h in epd.stages.values() if h.alive() and "kv_cache_blocks" in h.ready]
-    epd.input_processor.kv_blocks = min(pools)  # what one request may use: the smallest live pool
+    epd.input_processor.kv_blocks = smallest_kv_pool(h for h in epd.stages.values() if h.alive())
     record["seconds"] = round(time.perf_counter() - new.switch_started, 3)
 
 

@@ -13,7 +13,8 @@ import torch
 class PeerLink:
     """A two-process torch.distributed group formed on demand (no global init_process_group):
     rank 0 serves a TCPStore on (host, port), rank 1 connects; "gloo" for CPU tensors, "nccl" for
-    GPU tensors. send / recv move one tensor to / from the other rank, synchronously."""
+    GPU tensors (on `device`, made current; gloo ignores it). send / recv move one tensor to /
+    from the other rank, synchronously."""
 
     def __init__(self, host: str, port: int, rank: int, backend: str = "gloo", timeout_s: float = 120.0,
                  device: torch.device | str | None = None) -> None:

@@ -13,7 +13,7 @@ from engine.block_manager import BlockManager
 from engine.config import EngineConfig, ModelConfig
 from engine.messages import Failed, SendWeights
 from engine.mm_cache import EncoderCache, PixelCache, image_key
-from engine.roles.weights import WeightManifest, WeightStore, room_to_pack
+from engine.roles.weights import WeightManifest, WeightStore, model_parts, room_to_pack
 from engine.runner import ModelRunner, kv_blocks_from_memory, load_weights
 from ipc.arena import ArenaHandle
 from ipc.byte_arena import ByteArena, ByteRef
@@ -96,7 +96,7 @@ class _Role:
         self.device, self.dtype = torch.device(self.config.device), self.config.torch_dtype
         self.draining = False
         self.weight_store: WeightStore | None = None  # its weights when shared (packed here or mapped)
-        # the orchestrator's byte arena (image bytes), mapped now: the file goes once all are ready
+        # the orchestrator's byte arena (image bytes), mapped now (kept: a role switch maps it later too)
         self.byte_arena = ByteArena.open(spec.image_bytes) if spec.image_bytes is not None and (
             spec.kind == "encode" or spec.encodes) else None
 
@@ -109,7 +109,7 @@ class _Role:
             return self.weight_store.model
         if self.spec.weights_peer is not None:  # a copy from a live stage (SendWeights), one message per chunk
             host, port, backend, manifest = self.spec.weights_peer
-            link = PeerLink(host, port, rank=1, backend=backend, device=self.device if backend == "nccl" else None)
+            link = PeerLink(host, port, rank=1, backend=backend, device=self.device)
             try:
                 self.weight_store = WeightStore.receive(manifest, self.cfg, self.device, link, f"weights-{self.name}",
                                                         parts)
@@ -125,8 +125,7 @@ class _Role:
         """Serve this role's packed weights to one peer (SendWeights), on a thread: the role
         serves on while the copy runs."""
         def run() -> None:
-            link = PeerLink(msg.host, msg.port, rank=0, backend=msg.backend,
-                            device=self.device if msg.backend == "nccl" else None)
+            link = PeerLink(msg.host, msg.port, rank=0, backend=msg.backend, device=self.device)
             try:
                 self.weight_store.send(link)
             finally:
@@ -144,8 +143,7 @@ class _Role:
         if self.weight_store is not None:
             return self.weight_store.describe()
         nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
-        return {"parts": "vision" if model.lm is None else "lm" if model.vision is None else "all", "bytes": nbytes,
-                "shared": False, "device": str(self.device)}
+        return {"parts": model_parts(model), "bytes": nbytes, "shared": False, "device": str(self.device)}
 
     def base_stats(self, runner: ModelRunner) -> dict:
         stats = {"pid": os.getpid(), "device": str(self.device), "backend": runner.backend,

@@ -11,7 +11,6 @@ from __future__ import annotations
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor, wait
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -29,7 +28,7 @@ from engine.messages import (
     SendWeights,
 )
 from engine.mm_cache import EncoderCache, item_pixels
-from engine.preprocess import stage_image_processor
+from engine.preprocess import on_side_stream, stage_image_processor
 from engine.request import Sequence
 from engine.roles.base import RoleSpec, Send, StaleImage, _gb, _mm_blocks, _pixel_cache, _Role
 from engine.runner import ModelRunner, kv_block_shape, mm_arena_shape
@@ -158,10 +157,8 @@ class EncodeRole(_Role):
         misses = [(t, i) for t, i in batch.misses if t not in stale]
         if not misses:
             return None, stale, time.perf_counter() - start
-        with torch.cuda.stream(self._prep_stream) if self._prep_stream is not None else nullcontext():
+        with on_side_stream(self._prep_stream):
             pixels = self._pixels(batch.tasks, misses)
-            if self._prep_stream is not None:
-                self._prep_stream.synchronize()
         return pixels, stale, time.perf_counter() - start
 
     def _pixels(self, tasks: list[EncodeTask], misses: list[tuple[int, int]]) -> torch.Tensor:

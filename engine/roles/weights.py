@@ -85,7 +85,7 @@ class WeightStore:
             view.copy_(params[entry.name].detach())
             _install(model, entry.name, view)
         _retie(model)
-        manifest = WeightManifest(arena.handle, tuple(entries), _parts(model), offset)
+        manifest = WeightManifest(arena.handle, tuple(entries), model_parts(model), offset)
         return cls(arena, manifest, model, shared=False)
 
     @classmethod
@@ -122,6 +122,11 @@ class WeightStore:
         self.arena.close()
 
 
+def covers(store_parts: str, parts: str) -> bool:
+    """A store of `store_parts` holds a model of `parts` ("all" holds "vision" and "lm")."""
+    return store_parts in (parts, "all")
+
+
 def room_to_pack(model: MultimodalModel) -> bool:
     """A store for model's weights fits: always on a GPU (the caching allocator frees the
     originals as they are moved); on the CPU the shm file system must hold them with a margin
@@ -153,7 +158,8 @@ def _retie(model: MultimodalModel) -> None:
         model.lm.lm_head = model.lm.embed_tokens
 
 
-def _parts(model: MultimodalModel) -> str:
+def model_parts(model: MultimodalModel) -> str:
+    """Which half of the checkpoint a model holds: "vision", "lm" or "all"."""
     return "vision" if model.lm is None else "lm" if model.vision is None and model.cfg.is_multimodal else "all"
 
 
@@ -162,7 +168,7 @@ def _build(cfg: ModelConfig, manifest: WeightManifest, arena: torch.Tensor, part
     """A model of `parts` (default manifest.parts; a half of an "all" store) whose parameters
     are views of `arena`."""
     parts = parts or manifest.parts
-    if parts != manifest.parts and manifest.parts != "all":
+    if not covers(manifest.parts, parts):
         raise ValueError(f"a {manifest.parts!r} weight store has no {parts!r} model")
     with torch.device("meta"):
         model = MultimodalModel(cfg, parts)
