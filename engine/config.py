@@ -364,6 +364,9 @@ class EngineConfig:
     mm_cache: keep image embeddings (MM blocks, evicted least recently used) and preprocessed
     pixels (up to mm_pixel_cache_mb per process) by image content, so a repeated image is not
     preprocessed or encoded again (engine/mm_cache.py); False: every image is encoded.
+    encode_first (EPD): a prefill waits (0.25 s at most per batch) while an encoder on its device
+    has work in hand (ipc/busy_board.py): without MPS a GPU time-slices between processes, and
+    the encoders' batches of a few ms would wait behind a long prefill's slices.
     """
 
     model: str
@@ -388,6 +391,7 @@ class EngineConfig:
     mm_cache_items: int | None = None
     mm_cache: bool = True
     mm_pixel_cache_mb: int = 256
+    encode_first: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model", str(self.model))
@@ -418,7 +422,7 @@ class EngineConfig:
             raise ConfigError(f"gpu_memory_utilization = {util!r}; must be a number in (0, 1]")
         if self.image_preprocess not in ("auto", "cpu"):
             raise ConfigError(f"image_preprocess = {self.image_preprocess!r}; use 'auto' or 'cpu'")
-        for name in ("cuda_graphs", "background_capture", "mm_cache"):
+        for name in ("cuda_graphs", "background_capture", "mm_cache", "encode_first"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} = {getattr(self, name)!r}; must be True or False")
 

@@ -79,6 +79,7 @@ from engine.stage_handles import (
     weight_plan,
 )
 from ipc.arena import unlink
+from ipc.busy_board import BusyBoard
 from ipc.byte_arena import ByteArena, ByteRef
 from ipc.worker import Crashed, Shutdown, StageStatus
 
@@ -130,9 +131,12 @@ class EPDEngine:
         # image bytes go to the stages that decode them through shared memory, not pickled
         self.image_bytes = (ByteArena.create(IMAGE_BYTES["cuda" if torch.cuda.is_available() else "cpu"])
                             if self.cfg.is_multimodal else None)
+        # which encoders have work in hand, read by the prefills on their device (encode_first)
+        self.busy_board = BusyBoard.create() if mode == "epd" else None
         ctx = mp.get_context("spawn")
         specs = [RoleSpec(kind, i, replace(config, device=device), encodes=mode == "pd", shared=shared,
-                          image_bytes=self.image_bytes.handle if self.image_bytes else None)
+                          image_bytes=self.image_bytes.handle if self.image_bytes else None,
+                          busy_board=self.busy_board.handle if self.busy_board else None)
                  for kind in ("encode", "prefill", "decode") for i, device in enumerate(where.of(kind))]
         # stages on one device share one copy of each weight half: the first to need it loads it
         # and packs it (engine/roles/weights.py), the others start once it has and map it
@@ -504,6 +508,7 @@ class EPDEngine:
                 self.broken = f"{died} and no {kind} process is left"
             if kind == "encode":
                 stage.load = 0
+                self.busy_board.set(index, stage.device, False)  # it published busy, perhaps
             for flight in list(self.flights.values()):
                 if self.broken:
                     self._fail(flight, self.broken, events)
@@ -561,6 +566,8 @@ class EPDEngine:
             unlink(arena)
         if getattr(self, "image_bytes", None) is not None:
             self.image_bytes.close()
+        if getattr(self, "busy_board", None) is not None:
+            self.busy_board.close()
 
     def __enter__(self) -> EPDEngine:
         return self

@@ -92,6 +92,7 @@ def start_switch(epd, stage: StageHandle, new_kind: str, weights: str = "auto") 
         raise RequestError(f"switch_role: weights={weights!r}, but no live stage {where} holds packed {parts} weights")
     spec = RoleSpec(new_kind, index, config, encodes=epd.mode == "pd",
                     image_bytes=epd.image_bytes.handle if epd.image_bytes else None,
+                    busy_board=epd.busy_board.handle if epd.busy_board else None,
                     weights=epd.stages[here].weights if here else None)
     new = StageHandle(new_kind, index, stage.device, stage.process, stage.inbox, None, starting=True,
                       switch_started=time.perf_counter())

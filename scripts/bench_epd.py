@@ -202,6 +202,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--image-preprocess", default="auto",
                    help="auto: the stages that encode decode and preprocess on their GPU; cpu: PIL on image_workers "
                         "threads; or both, comma-separated (each its own pair of engines)")
+    p.add_argument("--no-encode-first", action="store_true",
+                   help="prefills do not wait for busy encoders on their GPU (EngineConfig.encode_first=False)")
     args = p.parse_args(argv)
     sizes = []
     for text in args.image_size.split(","):
@@ -225,7 +227,7 @@ def main(argv: list[str] | None = None) -> None:
                  for text, size in sizes]
     settings = dict(backend=args.backend, device=devices["P"][0], dtype="bfloat16",
                     kv_cache_tokens=args.kv_cache_tokens, max_images_per_batch=args.max_images_per_batch,
-                    progress=False)
+                    encode_first=not args.no_encode_first, progress=False)
     p_dev, d_dev = devices["P"][0], devices["D"][0]
     ceiling = copy_gbps(p_dev, d_dev)
     e_dev = devices.get("E", [p_dev])[0]

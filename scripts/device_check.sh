@@ -6,8 +6,8 @@
 # bench (kernels); engine (bench_decode, bench_offline); epd (bench_epd on one GPU, arena shared
 # and copied); epdmulti (bench_epd with EPD_PLACEMENT, default "E:0,1 P:0 D:1"); profile (per-kernel
 # decode profile at batch 1 and 8); image (GPU preprocessing, LLaVA-NeXT and cache GPU tests, bench_preprocess,
-# bench_epd with 2 1920x1080 JPEGs per request); switch (shared weights, role switches); serve (the
-# OpenAI-server sweep).
+# bench_epd with 2 JPEGs per request; with encodefirst, 1080p again with encode_first off); switch
+# (shared weights, role switches); serve (the OpenAI-server sweep).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/device_out}
@@ -119,6 +119,12 @@ if [[ " $STAGES " == *" image "* ]]; then  # issue 13: GPU preprocessing, LLaVA-
     --requests 48 --images 2 --image-size "${IMAGE_SIZES:-336x336,1920x1080,4032x3024}" --image-format jpeg \
     --max-tokens 16 --check-requests 4 --image-preprocess "${IMAGE_PREPROCESS:-auto,cpu}"
   grep -h "^| \|encode share\|one at a time\|differ" "$OUT/bench_epd_images.log" >> "$SUMMARY"
+  if [[ " $STAGES " == *" encodefirst "* ]]; then  # the before of encode_first: prefills do not wait for encoders
+    stage bench_epd_no_encode_first python3 scripts/bench_epd.py --model /tmp/llava-7b --placement "E:0,0 P:0 D:0" \
+      --requests 48 --images 2 --image-size 1920x1080 --image-format jpeg --max-tokens 16 --check-requests 2 \
+      --image-preprocess auto --no-encode-first
+    grep -h "^| \|encode share" "$OUT/bench_epd_no_encode_first.log" | grep -v "^| image emb\|^| KV" >> "$SUMMARY"
+  fi
   if [[ " $STAGES " == *" batch16 "* ]]; then  # encoder batches of 16 items (the default is 8)
     stage bench_epd_batch16 python3 scripts/bench_epd.py --model /tmp/llava-7b --placement "E:0,0 P:0 D:0" \
       --requests 48 --images 2 --image-size 1920x1080 --image-format jpeg --max-tokens 16 --check-requests 2 \

@@ -42,6 +42,7 @@ class RoleSpec:
     pack_weights: bool = False  # other stages on its device will map its weights: pack them (engine/roles/weights.py)
     weights: WeightManifest | None = None  # map these (another stage's, same device) instead of reading disk
     weights_peer: tuple | None = None  # (host, port, backend, manifest): receive a copy over a PeerLink instead
+    busy_board: ArenaHandle | None = None  # epd: which encoders have work in hand (ipc/busy_board.py)
 
     @property
     def name(self) -> str:

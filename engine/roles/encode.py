@@ -34,6 +34,7 @@ from engine.roles.base import RoleSpec, Send, StaleImage, _gb, _mm_blocks, _pixe
 from engine.runner import ModelRunner, kv_block_shape, mm_arena_shape
 from engine.sampling import SamplingParams
 from ipc.arena import SharedArena
+from ipc.busy_board import BusyBoard
 
 MAX_IN_FLIGHT = 2  # batches past the queue: one in the tower, one preprocessing
 
@@ -77,6 +78,8 @@ class EncodeRole(_Role):
         self.in_flight: deque[_Batch] = deque()
         self._prep = ThreadPoolExecutor(1, thread_name_prefix="preprocess")
         self._prep_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self.board = BusyBoard.open(spec.busy_board) if spec.busy_board is not None else None
+        self._published = False
         send(Loaded(self.name, kv_owner=False, weights=self.packed_weights))
         send(Exported(self.name, self.arena.handle))
         send(Ready(self.name, {**self.base_stats(self.runner), "mm_arena_blocks": self.arena.tensor.shape[0],
@@ -106,6 +109,14 @@ class EncodeRole(_Role):
                 self.refuse(msg.req_id, len(msg.items))
                 return
             self.pending.append(msg)
+        self._publish()
+
+    def _publish(self) -> None:
+        """This encoder's slot on the busy board: work in hand (a prefill on this device waits)."""
+        busy = self.busy
+        if self.board is not None and busy != self._published:
+            self.board.set(self.spec.index, self.device, busy)
+            self._published = busy
 
     def step(self) -> None:
         """Start a batch when none is preprocessing: the waiting tasks FCFS, as many as the item
@@ -121,6 +132,7 @@ class EncodeRole(_Role):
                 self.in_flight.popleft()
                 self._start_batch()  # the thread is free: the next batch preprocesses during this tower
                 self._finish(head)
+        self._publish()
 
     def _start_batch(self) -> None:
         """A batch onto the preprocessing thread, if it is idle and the MM arena takes one."""
@@ -232,6 +244,9 @@ class EncodeRole(_Role):
 
     def close(self) -> None:
         self._prep.shutdown(cancel_futures=True)
+        if self.board is not None:
+            self.board.set(self.spec.index, self.device, False)
+            self.board.close()
         self.arena.close()
         if self.byte_arena is not None:
             self.byte_arena.close()

@@ -42,6 +42,9 @@ from engine.roles.base import (
 from engine.runner import ModelRunner, kv_block_shape, mm_arena_shape
 from engine.schedulers import PrefillScheduler
 from ipc.arena import SharedArena
+from ipc.busy_board import BusyBoard
+
+MAX_DEFER_S = 0.25  # encode_first: the longest a prefill batch waits for the encoders on its device
 
 
 class PrefillRole(_Role):
@@ -64,6 +67,10 @@ class PrefillRole(_Role):
         self.peers: list[SharedArena] = []
         self.tasks: dict[int, PrefillTask] = {}
         self.stalled = False  # the first waiting prompt needs blocks that only a FreeKV returns
+        self.board = (BusyBoard.open(spec.busy_board) if spec.busy_board is not None and config.encode_first
+                      and not spec.encodes else None)
+        self.deferred_since: float | None = None  # when this batch began to wait for the encoders
+        self.deferred_s = 0.0  # in all
         send(Loaded(self.name, kv_owner=True, weights=self.packed_weights))
 
     def handle(self, msg: object) -> None:
@@ -147,7 +154,25 @@ class PrefillRole(_Role):
     def busy(self) -> bool:
         return self.runner is not None and bool(self.sched.waiting) and not self.stalled
 
+    def _defer(self) -> bool:
+        """encode_first: True while an encoder on this device has work in hand and this batch has
+        waited less than MAX_DEFER_S (it sleeps 0.5 ms: the worker polls its inbox in between).
+        It cannot starve: an encoder whose MM arena is full of embeddings waiting for this prefill
+        has nothing it can run, so it is not busy."""
+        now = time.monotonic()
+        waited = now - self.deferred_since if self.deferred_since is not None else 0.0
+        if self.board is None or waited >= MAX_DEFER_S or not self.board.busy_on(self.device):
+            self.deferred_since = None
+            self.deferred_s += waited
+            return False
+        if self.deferred_since is None:
+            self.deferred_since = now
+        time.sleep(0.0005)
+        return True
+
     def step(self) -> None:
+        if self._defer():
+            return
         batch = self.sched.schedule(max_seqs=self.config.max_num_seqs)
         if not batch:
             self.stalled = True  # wait for FreeKV acks from decode
@@ -236,9 +261,11 @@ class PrefillRole(_Role):
         pixels = self.pixel_cache.stats() if self.pixel_cache else {}
         cache = {"mm_cache": {**self.mm_cache.stats(), **pixels}} if self.spec.encodes else {}
         return {"waiting": len(self.sched.waiting), "kv_blocks": _blocks(self.kv_blocks),
-                "mm_blocks": _mm_blocks(self.mm_cache), **cache}
+                "mm_blocks": _mm_blocks(self.mm_cache), "encode_first_wait_s": round(self.deferred_s, 3), **cache}
 
     def close(self) -> None:
+        if self.board is not None:
+            self.board.close()
         for peer in self.peers:
             if peer is not None:
                 peer.close()
