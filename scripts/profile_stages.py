@@ -258,6 +258,7 @@ def handoff_fixed_s(prompt_tokens: int, kv_blocks: int, calls: int, warmup: int)
     from multiprocess.connection import wait
 
     from engine.messages import DecodeTask
+    from engine.stage_handles import _sigint_ignored_by_children
     from ipc.channel import Inbox
     from ipc.worker import Shutdown, worker_main
 
@@ -266,7 +267,8 @@ def handoff_fixed_s(prompt_tokens: int, kv_blocks: int, calls: int, warmup: int)
     outbox, writer = ctx.Pipe(duplex=False)
     proc = ctx.Process(target=worker_main, args=(_EchoRole, "echo0", os.getpid(), 0, inbox.reader, writer),
                        name="echo0", daemon=True)
-    proc.start()
+    with _sigint_ignored_by_children():  # as the engine starts its stages: Ctrl-C is the parent's
+        proc.start()
     writer.close()
     inbox.started()
     g = torch.Generator().manual_seed(4)
