@@ -7,7 +7,8 @@
 # and copied); epdmulti (bench_epd with EPD_PLACEMENT, default "E:0,1 P:0 D:1"); profile (per-kernel
 # decode profile at batch 1 and 8); image (GPU preprocessing, LLaVA-NeXT and cache GPU tests, bench_preprocess,
 # bench_epd with 2 JPEGs per request; with encodefirst, 1080p again with encode_first off); switch
-# (shared weights, role switches); serve (the OpenAI-server sweep).
+# (shared weights, role switches); serve (the OpenAI-server sweep); profile_stages (per-stage costs
+# for the simulator: $OUT/costs_h200.json).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/device_out}
@@ -151,6 +152,12 @@ if [[ " $STAGES " == *" switch "* ]]; then  # issue 14: weights shared over CUDA
     tests/test_cuda_engine.py tests/test_epd.py
   stage bench_switch python3 scripts/bench_switch.py --model /tmp/llava-7b
   grep -h "^| \|GPU used\|switch \|one at a time" "$OUT/bench_switch.log" >> "$SUMMARY"
+fi
+if [[ " $STAGES " == *" profile_stages "* ]]; then  # issue 15: the per-stage cost profile a simulator is fitted from
+  llava7b
+  stage profile_stages python3 scripts/profile_stages.py --model /tmp/llava-7b --backend cuda --device cuda \
+    --dtype bfloat16 --out "$OUT/costs_h200.json"
+  grep -h "^## \|^| \|^wrote" "$OUT/profile_stages.log" >> "$SUMMARY"
 fi
 if [[ " $STAGES " == *" serve "* ]]; then  # OpenAI server sweep (scripts/serve_sweep.sh), one GPU by default
   llava7b
