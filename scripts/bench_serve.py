@@ -479,7 +479,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--phases", help="one run of phases back to back instead of --rates, e.g. "
                    '"requests=100,rate=8,images=2,size=1920x1080,max_tokens=10;requests=100,rate=8,images=0,'
                    'max_tokens=128" (keys: requests, rate, images, size, prompt_tokens, max_tokens, burstiness); '
-                   "the phases' shapes replace --workload, --images-per-request, --image-size, --max-tokens")
+                   "the phases' shapes replace --workload, --num-requests, --images-per-request, --image-size, "
+                   "--max-tokens")
     p.add_argument("--ignore-eos", action="store_true",
                    help='send "ignore_eos": true, so every request makes max_tokens (vLLM, SGLang, ours)')
     p.add_argument("--max-concurrency", type=int, help="requests in flight at most (default: unbounded)")

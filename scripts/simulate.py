@@ -35,6 +35,7 @@ from engine.simulator.metrics import goodput_by_attainment, goodput_by_p99  # no
 from engine.simulator.search import SearchSettings, search  # noqa: E402
 from engine.simulator.sim import DEFAULT_PLACEMENTS, MODES, SimConfig, parse_devices, simulate  # noqa: E402
 from engine.simulator.workload import Phase, parse_phases, phase_dict, with_rate  # noqa: E402
+from scripts import plot_serve  # noqa: E402
 from scripts.bench_serve import format_table, parse_rates, parse_size, strict_json, write_summary  # noqa: E402
 
 SHARING = {"processor": ProcessorSharing, "none": Unshared}
@@ -158,16 +159,12 @@ def run_search(args: argparse.Namespace, costs: CostModel, config: SimConfig, ph
 
 
 def read_records(path: str) -> list[dict]:
-    records = []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rec = json.loads(line)
-                    float(rec["rate"]), rec["scheduled_s"], rec["request_id"], rec["max_tokens"]
-                except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-                    raise CLIError(f"{path}:{n}: not a bench_serve.py record ({e})") from None
-                records.append(rec)
+    """plot_serve.py's reader, and the fields a comparison needs checked."""
+    records = plot_serve.read_records(Path(path))
+    for n, rec in enumerate(records, 1):
+        missing = [k for k in ("scheduled_s", "request_id", "max_tokens") if k not in rec]
+        if missing:
+            raise CLIError(f"{path}: record {n} has no {missing[0]!r}; not a bench_serve.py record")
     if not records:
         raise CLIError(f"{path}: no records")
     return records

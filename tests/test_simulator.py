@@ -209,6 +209,8 @@ def test_runs_are_deterministic_and_placements_checked() -> None:
     assert one.records == simulate(costs, "epd", "E:0,1 P:2 D:3", phases, seed=4).records
     assert one.records != simulate(costs, "epd", "E:0,1 P:2 D:3", phases, seed=5).records
     assert parse_devices("aggregated", "A:0,1") == {"aggregated": ("0", "1")}
+    engine_config = type("EngineConfig", (), {"max_num_seqs": 8, "max_num_batched_tokens": 512, "model": "m"})()
+    assert SimConfig.of(engine_config) == SimConfig(max_num_seqs=8, max_num_batched_tokens=512)
     for mode, bad in [("epd", "P:0 D:0"), ("pd", "E:0 P:0 D:0"), ("aggregated", "E:0"), ("fast", None)]:
         with pytest.raises(ValueError):
             parse_devices(mode, bad)
