@@ -26,6 +26,8 @@ from bisect import bisect_left
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from engine.simulator.workload import parse_size
+
 VERSION = 1
 TABLES = ("tower", "prefill")
 
@@ -56,17 +58,6 @@ def _points(name: str, value: object, width: int) -> list[tuple[float, ...]]:
     if len(set(keys)) != len(keys):
         raise ValueError(f"cost model: {name!r} measures one point twice")
     return rows
-
-
-def parse_size(text: str) -> tuple[int, int]:
-    """ "1920x1080" -> (1920, 1080): (width, height)."""
-    try:
-        w, h = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise ValueError(f"image size {text!r}: expected WxH, e.g. 336x336") from None
-    if w <= 0 or h <= 0:
-        raise ValueError(f"image size {text!r}: width and height must be > 0")
-    return w, h
 
 
 @dataclass(frozen=True)

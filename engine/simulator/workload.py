@@ -44,11 +44,21 @@ _KEYS = {"requests": "requests", "rate": "rate", "images": "images", "size": "im
          "prompt_tokens": "prompt_tokens", "max_tokens": "max_tokens", "burstiness": "burstiness"}
 
 
+def parse_size(text: str) -> tuple[int, int]:
+    """ "1920x1080" -> (1920, 1080): (width, height)."""
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"image size {text!r}: expected WxH, e.g. 336x336") from None
+    if w <= 0 or h <= 0:
+        raise ValueError(f"image size {text!r}: width and height must be > 0")
+    return w, h
+
+
 def _value(key: str, text: str) -> object:
     try:
         if key == "size":
-            w, h = (int(v) for v in text.lower().split("x"))
-            return (w, h)
+            return parse_size(text)
         if key in ("rate", "burstiness"):
             return float(text)
         return int(text)
