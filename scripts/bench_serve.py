@@ -7,8 +7,11 @@
 It speaks only the OpenAI HTTP API (POST /v1/chat/completions or /v1/completions, streamed SSE with
 stream_options.include_usage; GET /v1/models), so the same command drives our server, vLLM or SGLang.
 Requests arrive by a seeded gamma process (shape --burstiness, mean 1/rate; 1.0 = Poisson; inf = all
-at once). Per request: TTFT = first content chunk - send; E2EL = last chunk - send; ITL = gaps
-between content chunks; TPOT = (E2EL - TTFT) / (output tokens - 1), for requests of > 1 token.
+at once); --phases runs a multi-phase workload instead, as one run (engine/simulator/workload.py:
+phases back to back, each with its rate, images per request, image size, prompt and output length;
+each record has its phase index, the summary one entry per phase and one over all). Per request:
+TTFT = first content chunk - send; E2EL = last chunk - send; ITL = gaps between content chunks;
+TPOT = (E2EL - TTFT) / (output tokens - 1), for requests of > 1 token.
 Output tokens come from the usage chunk when the server sends one, else the content chunks counted.
 A request meets the SLO when it succeeded, TTFT < --slo-ttft and (if it has a TPOT) TPOT < --slo-tpot.
 Goodput: the highest rate whose SLO attainment is >= --attainment-target; also reported, the highest
@@ -35,125 +38,37 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from engine.cli import ArgumentParser, CLIError, positive_int, run_main  # noqa: E402
+from engine.simulator.metrics import (  # noqa: E402, F401 -- defined there (one rule with the simulator)
+    METRICS,
+    PERCENTILES,
+    attainment,
+    goodput_by_attainment,
+    goodput_by_p99,
+    meets_slo,
+    offered_rate,
+    percentile,
+    stats_ms,
+    summarize_phases,
+    summarize_rate,
+    tpot_of,
+)
+from engine.simulator.workload import (  # noqa: E402
+    Phase,
+    arrival_offsets,
+    parse_phases,
+    phase_arrivals,
+    phase_dict,
+)
 
 WORKLOADS = ("epd-synthetic", "mixed", "long-output")
 OUTPUT_TOKENS = {"epd-synthetic": 10, "mixed": 32, "long-output": 256}
 PROMPT_WORDS = 22  # the EPD paper's synthetic prompt: 22 tokens (one common word is ~one Llama token)
-PERCENTILES = (50, 90, 99)
-METRICS = ("ttft", "tpot", "itl", "e2el")
 WORDS = ("the", "a", "image", "picture", "photo", "describe", "what", "is", "in", "this", "please", "tell", "me",
          "about", "scene", "color", "shape", "object", "left", "right", "top", "bottom", "one", "two", "small",
          "large", "many", "how", "where", "show", "see", "look", "and", "of", "on", "with")
 
 
-# ---------------------------------------------------------------- arrivals, percentiles, SLOs
-
-
-def arrival_offsets(n: int, rate: float, burstiness: float = 1.0, seed: int = 0) -> list[float]:
-    """Send times (s from the start) of n requests: cumulative gamma inter-arrival gaps of shape
-    `burstiness` and mean 1/rate (vLLM's; burstiness 1 = Poisson, < 1 burstier, > 1 steadier).
-    The first request goes at 0. rate inf: all at 0."""
-    import numpy as np
-
-    if n <= 0:
-        return []
-    if math.isinf(rate):
-        return [0.0] * n
-    if rate <= 0 or burstiness <= 0:
-        raise ValueError(f"rate {rate} and burstiness {burstiness} must be > 0")
-    rng = np.random.default_rng(seed & 0xFFFFFFFF)
-    gaps = rng.gamma(shape=burstiness, scale=1.0 / (rate * burstiness), size=n - 1)
-    return [0.0] + np.cumsum(gaps).tolist()
-
-
-def percentile(values: list[float], q: float) -> float | None:
-    """The q-th percentile (0-100) with linear interpolation (numpy's default); None when empty."""
-    if not values:
-        return None
-    xs = sorted(values)
-    pos = (len(xs) - 1) * q / 100.0
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
-
-
-def stats_ms(values_s: list[float]) -> dict[str, float | None]:
-    """mean / p50 / p90 / p99 in milliseconds of values given in seconds."""
-    out: dict[str, float | None] = {"mean": sum(values_s) / len(values_s) * 1e3 if values_s else None}
-    for q in PERCENTILES:
-        p = percentile(values_s, q)
-        out[f"p{q}"] = None if p is None else p * 1e3
-    return out
-
-
-def tpot_of(e2el: float | None, ttft: float | None, output_tokens: int) -> float | None:
-    """(E2EL - TTFT) / (tokens - 1): the mean time per output token after the first; None for <= 1 token."""
-    if e2el is None or ttft is None or output_tokens <= 1:
-        return None
-    return (e2el - ttft) / (output_tokens - 1)
-
-
-def meets_slo(record: dict, slo_ttft: float, slo_tpot: float) -> bool:
-    """Succeeded, TTFT < slo_ttft and TPOT < slo_tpot (a request of one token has no TPOT and is judged
-    on TTFT alone). Failed requests miss."""
-    if not record.get("success") or record.get("ttft_s") is None:
-        return False
-    tpot = record.get("tpot_s")
-    return record["ttft_s"] < slo_ttft and (tpot is None or tpot < slo_tpot)
-
-
-def attainment(records: list[dict], slo_ttft: float, slo_tpot: float) -> float:
-    """Share of `records` (all of them, failed included) that meet the SLO; 0 for none."""
-    if not records:
-        return 0.0
-    return sum(meets_slo(r, slo_ttft, slo_tpot) for r in records) / len(records)
-
-
-def goodput_by_attainment(per_rate: list[dict], target: float = 0.9) -> float | None:
-    """The highest rate whose `attainment` is >= target (None when no rate reaches it)."""
-    ok = [r["rate"] for r in per_rate if r["attainment"] >= target]
-    return max(ok) if ok else None
-
-
-def goodput_by_p99(per_rate: list[dict], slo_ttft: float, slo_tpot: float) -> float | None:
-    """vLLM-style: the highest rate whose P99 TTFT < slo_ttft and P99 TPOT < slo_tpot (a rate with no
-    completed request, or none with a TPOT, fails / is judged on TTFT alone)."""
-    ok = []
-    for r in per_rate:
-        ttft = r["ttft_ms"]["p99"]
-        tpot = r["tpot_ms"]["p99"]
-        if ttft is None or ttft >= slo_ttft * 1e3:
-            continue
-        if tpot is not None and tpot >= slo_tpot * 1e3:
-            continue
-        ok.append(r["rate"])
-    return max(ok) if ok else None
-
-
-def summarize_rate(rate: float, records: list[dict], duration_s: float, slo_ttft: float, slo_tpot: float) -> dict:
-    """One rate's summary from its request records (vLLM's names; times in ms)."""
-    done = [r for r in records if r.get("success")]
-    out_tokens = sum(r.get("output_tokens") or 0 for r in done)
-    good = sum(meets_slo(r, slo_ttft, slo_tpot) for r in records)
-    duration = max(duration_s, 1e-9)
-    return {
-        "rate": rate,
-        "num_requests": len(records),
-        "completed": len(done),
-        "failed": len(records) - len(done),
-        "duration_s": duration_s,
-        "request_throughput": len(done) / duration,
-        "output_throughput": out_tokens / duration,
-        "total_output_tokens": out_tokens,
-        "total_prompt_tokens": sum(r.get("prompt_tokens") or 0 for r in done),
-        "ttft_ms": stats_ms([r["ttft_s"] for r in done if r.get("ttft_s") is not None]),
-        "tpot_ms": stats_ms([r["tpot_s"] for r in done if r.get("tpot_s") is not None]),
-        "itl_ms": stats_ms([x for r in done for x in r.get("itls_s") or []]),
-        "e2el_ms": stats_ms([r["e2el_s"] for r in done if r.get("e2el_s") is not None]),
-        "attainment": attainment(records, slo_ttft, slo_tpot),
-        "good_request_throughput": good / duration,  # vLLM's --goodput: SLO-meeting requests per second
-        "errors": sorted({r["error"] for r in records if r.get("error")})[:10],
-    }
+# ---------------------------------------------------------------- output helpers
 
 
 def strict_json(obj):
@@ -202,6 +117,7 @@ class RequestSpec:
     prompt: str
     images: list[str] = field(default_factory=list)  # data URLs
     max_tokens: int = 10
+    phase: int | None = None  # its phase's index in a --phases workload
 
 
 def make_jpeg(width: int, height: int, seed: int | list[int], quality: int = 85) -> bytes:
@@ -245,13 +161,26 @@ def make_workload(name: str, n: int, seed: int = 0, images_per_request: int = 1,
     text_only: set[int] = set()
     if name == "mixed":
         text_only = set(np.random.default_rng(seed & 0xFFFFFFFF).permutation(n)[: n // 2].tolist())
-    w, h = image_size
-    specs = []
-    for i in range(n):
-        k = 0 if i in text_only else images_per_request
-        images = [data_url(make_jpeg(w, h, seed=[seed & 0xFFFFFFFF, i, j])) for j in range(k)]
-        specs.append(RequestSpec(id=i, prompt=make_prompt(PROMPT_WORDS, [seed & 0xFFFFFFFF, i]), images=images,
-                                 max_tokens=out_tokens))
+    return [make_spec(i, seed, 0 if i in text_only else images_per_request, image_size, PROMPT_WORDS, out_tokens)
+            for i in range(n)]
+
+
+def make_spec(i: int, seed: int, images: int, image_size: tuple[int, int], prompt_words: int, max_tokens: int,
+              phase: int | None = None) -> RequestSpec:
+    """Request i of a seeded workload: a prompt of prompt_words words and `images` JPEGs, all made
+    from (seed, i), so equal seeds give equal requests."""
+    s, (w, h) = seed & 0xFFFFFFFF, image_size
+    return RequestSpec(id=i, prompt=make_prompt(prompt_words, [s, i]), max_tokens=max_tokens, phase=phase,
+                       images=[data_url(make_jpeg(w, h, seed=[s, i, j])) for j in range(images)])
+
+
+def make_phase_workload(phases: list[Phase], seed: int = 0) -> list[RequestSpec]:
+    """The requests of a --phases workload in send order (ids 0.. across the phases), each shaped by
+    its phase: images per request, image size, max_tokens, a prompt of prompt_tokens words."""
+    specs: list[RequestSpec] = []
+    for k, phase in enumerate(phases):
+        specs += [make_spec(len(specs) + i, seed, phase.images, phase.image_size, phase.prompt_tokens,
+                            phase.max_tokens, phase=k) for i in range(phase.requests)]
     return specs
 
 
@@ -460,23 +389,24 @@ class Prepared:
     images: int
     max_tokens: int
     body: bytes
+    phase: int | None = None
 
 
 def prepare(specs: list[RequestSpec], endpoint: str, model: str, ignore_eos: bool = False) -> list[Prepared]:
     return [Prepared(s.id, len(s.images), s.max_tokens, json.dumps(request_body(s, endpoint, model, ignore_eos))
-                     .encode()) for s in specs]
+                     .encode(), s.phase) for s in specs]
 
 
 async def run_rate(base_url: str, endpoint: str, requests: list[Prepared], rate: float, *,
                    burstiness: float, seed: int, api_key: str | None, max_concurrency: int | None,
-                   timeout: float, progress: bool) -> tuple[list[dict], float]:
-    """Send the requests at `rate` (seeded arrivals); their records and the wall time from the first
-    send to the last reply."""
+                   timeout: float, progress: bool, offsets: list[float] | None = None) -> tuple[list[dict], float]:
+    """Send the requests at `rate` (seeded arrivals; or at the given offsets, s from the start); their
+    records and the wall time from the first send to the last reply."""
     httpx = _httpx()
     path = "/v1/chat/completions" if endpoint == "chat" else "/v1/completions"
     url = base_url + path
     headers = {**_headers(api_key), "Content-Type": "application/json"}
-    offsets = arrival_offsets(len(requests), rate, burstiness, seed)
+    offsets = offsets if offsets is not None else arrival_offsets(len(requests), rate, burstiness, seed)
     sem = asyncio.Semaphore(max_concurrency) if max_concurrency else None
     bar = Progress(len(requests), f"rate {rate:g}", progress)
     limits = httpx.Limits(max_connections=max_concurrency or len(requests) or 1, max_keepalive_connections=64)
@@ -493,7 +423,7 @@ async def run_rate(base_url: str, endpoint: str, requests: list[Prepared], rate:
                 sent = time.perf_counter() - t0
                 rec = await send_one(client, url, req.body, headers, timeout)
             bar.update()
-            return {"rate": rate, "request_id": req.id, "scheduled_s": offset, "start_s": sent,
+            return {"rate": rate, "request_id": req.id, "phase": req.phase, "scheduled_s": offset, "start_s": sent,
                     "images": req.images, "max_tokens": req.max_tokens, **rec}
 
         try:
@@ -510,7 +440,8 @@ async def run_rate(base_url: str, endpoint: str, requests: list[Prepared], rate:
 def format_table(summary: dict) -> str:
     """One rate's printed table (vLLM's layout, abridged)."""
     s = summary
-    rows = [f"{'=' * 20} rate {s['rate']:g} req/s {'=' * 20}",
+    phase = "" if s.get("phase") is None else f"phase {s['phase']}, "
+    rows = [f"{'=' * 20} {phase}rate {s['rate']:g} req/s {'=' * 20}",
             f"{'completed / failed:':<34}{s['completed']} / {s['failed']}",
             f"{'duration (s):':<34}{s['duration_s']:.2f}",
             f"{'request throughput (req/s):':<34}{s['request_throughput']:.2f}",
@@ -534,7 +465,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", help="bearer token (default: $OPENAI_API_KEY; none when unset)")
     p.add_argument("--endpoint", choices=["chat", "completions"], default="chat",
                    help="/v1/chat/completions (images as image_url parts) or /v1/completions (text only)")
-    p.add_argument("--rates", default="1,2,4", help="request rates (req/s) to run in turn; inf = all at once")
+    p.add_argument("--rates", help="request rates (req/s) to run in turn; inf = all at once (default: 1,2,4)")
     p.add_argument("--num-requests", type=int, default=50, help="requests per rate")
     p.add_argument("--burstiness", type=float, default=1.0,
                    help="gamma shape of the inter-arrival times (1 = Poisson; < 1 burstier)")
@@ -545,6 +476,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images-per-request", type=int, default=1, help="images in each request with images")
     p.add_argument("--image-size", default="336x336", help="image resolution WxH, e.g. 336x336 or 1920x1080")
     p.add_argument("--max-tokens", type=int, help="output tokens per request (default: the workload's)")
+    p.add_argument("--phases", help="one run of phases back to back instead of --rates, e.g. "
+                   '"requests=100,rate=8,images=2,size=1920x1080,max_tokens=10;requests=100,rate=8,images=0,'
+                   'max_tokens=128" (keys: requests, rate, images, size, prompt_tokens, max_tokens, burstiness); '
+                   "the phases' shapes replace --workload, --num-requests, --images-per-request, --image-size, "
+                   "--max-tokens")
     p.add_argument("--ignore-eos", action="store_true",
                    help='send "ignore_eos": true, so every request makes max_tokens (vLLM, SGLang, ours)')
     p.add_argument("--max-concurrency", type=int, help="requests in flight at most (default: unbounded)")
@@ -580,8 +516,10 @@ def check_args(args: argparse.Namespace) -> None:
         raise CLIError(f"--base-url {args.base_url!r}: expected http://HOST:PORT")
 
 
-def result_of(args: argparse.Namespace, base_url: str, model: str, label: str, per_rate: list[dict]) -> dict:
-    """The summary JSON: the run's settings, one summary per rate done so far, both goodputs."""
+def result_of(args: argparse.Namespace, base_url: str, model: str, label: str, per_rate: list[dict],
+              phases: list[Phase] | None = None, overall: dict | None = None) -> dict:
+    """The summary JSON: the run's settings, one summary per rate done so far (with --phases: per
+    phase, and `overall` over all of them), both goodputs."""
     w, h = parse_size(args.image_size)
     return {
         "label": label, "base_url": base_url, "model": model, "endpoint": args.endpoint,
@@ -590,7 +528,9 @@ def result_of(args: argparse.Namespace, base_url: str, model: str, label: str, p
         "max_concurrency": args.max_concurrency, "ignore_eos": args.ignore_eos, "max_tokens": args.max_tokens,
         "slo": {"ttft_s": args.slo_ttft, "tpot_s": args.slo_tpot, "attainment_target": args.attainment_target},
         "records_file": str(Path(args.records).resolve()) if args.records else None,
+        "phases": [phase_dict(p) for p in phases] if phases else None,
         "rates": per_rate,
+        "overall": overall,
         "goodput": {"by_attainment": goodput_by_attainment(per_rate, args.attainment_target),
                     "by_p99": goodput_by_p99(per_rate, args.slo_ttft, args.slo_tpot)},
     }
@@ -620,7 +560,9 @@ async def warm_up(base_url: str, endpoint: str, requests: list[Prepared], n: int
                                "(--warmup-requests 0 to skip the check)")
 
 
-async def _run(args: argparse.Namespace, rates: list[float], specs: list[RequestSpec]) -> dict:
+async def _run(args: argparse.Namespace, rates: list[float], specs: list[RequestSpec],
+               phases: list[Phase] | None = None) -> dict:
+    """Every rate in turn (or, with phases, the one multi-phase run); the summary."""
     httpx = _httpx()
     base_url = args.base_url.rstrip("/")
     api_key = args.api_key or os.environ.get("OPENAI_API_KEY")
@@ -633,28 +575,41 @@ async def _run(args: argparse.Namespace, rates: list[float], specs: list[Request
     label = args.label or model
     await warm_up(base_url, args.endpoint, requests, args.warmup_requests, api_key, args.request_timeout)
     per_rate: list[dict] = []
+    overall = None
+    if phases:  # one run: each request at its phase's send time, its rate that of its phase
+        offsets = [t for t, _ in phase_arrivals(phases, args.seed)]
+        runs = [(offered_rate(offsets), offsets)]
+    else:
+        runs = [(rate, None) for rate in rates]
     if args.records:
         Path(args.records).parent.mkdir(parents=True, exist_ok=True)
     records_file = open(args.records, "w") if args.records else None  # noqa: SIM115
     try:
-        for i, rate in enumerate(rates):
+        for i, (rate, offsets) in enumerate(runs):
             records, duration = await run_rate(
                 base_url, args.endpoint, requests, rate, burstiness=args.burstiness, seed=args.seed + i,
                 api_key=api_key, max_concurrency=args.max_concurrency, timeout=args.request_timeout,
-                progress=not args.no_progress)
-            summary = summarize_rate(rate, records, duration, args.slo_ttft, args.slo_tpot)
-            per_rate.append(summary)
-            print(format_table(summary), flush=True)
+                progress=not args.no_progress, offsets=offsets)
+            if phases:
+                for rec in records:
+                    rec["rate"] = phases[rec["phase"]].rate
+                per_rate, overall = summarize_phases(phases, records, duration, args.slo_ttft, args.slo_tpot)
+                summaries = [*per_rate, overall]
+            else:
+                summaries = [summarize_rate(rate, records, duration, args.slo_ttft, args.slo_tpot)]
+                per_rate += summaries
+            for summary in summaries:
+                print(format_table(summary), flush=True)
             if records_file is not None:
                 for rec in records:
                     records_file.write(json.dumps(strict_json({"label": label, **rec}), allow_nan=False) + "\n")
                 records_file.flush()
             if args.out:  # after every rate, so an interrupted sweep keeps the rates it finished
-                write_summary(args.out, result_of(args, base_url, model, label, per_rate))
+                write_summary(args.out, result_of(args, base_url, model, label, per_rate, phases, overall))
     finally:
         if records_file is not None:
             records_file.close()
-    result = result_of(args, base_url, model, label, per_rate)
+    result = result_of(args, base_url, model, label, per_rate, phases, overall)
     g = result["goodput"]
     fmt = lambda r: "none" if r is None else f"{r:g} req/s"
     print(f"goodput: {fmt(g['by_attainment'])} (>= {args.attainment_target:.0%} attain TTFT < {args.slo_ttft:g} s "
@@ -665,14 +620,25 @@ async def _run(args: argparse.Namespace, rates: list[float], specs: list[Request
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     check_args(args)
-    rates = parse_rates(args.rates)
+    phases = None
+    if args.phases is not None:
+        if args.rates is not None:
+            raise CLIError("--phases sets each phase's rate; drop --rates")
+        try:
+            phases = parse_phases(args.phases)
+        except ValueError as e:
+            raise CLIError(f"--phases: {e}") from None
+    rates = parse_rates(args.rates or "1,2,4")
     size = parse_size(args.image_size)
     _httpx()
-    specs = make_workload(args.workload, args.num_requests, args.seed, args.images_per_request, size,
-                          args.max_tokens)
+    if phases:
+        specs = make_phase_workload(phases, args.seed)
+    else:
+        specs = make_workload(args.workload, args.num_requests, args.seed, args.images_per_request, size,
+                              args.max_tokens)
     if args.endpoint == "completions" and any(s.images for s in specs):
         raise CLIError("--endpoint completions takes no images; use --endpoint chat or --images-per-request 0")
-    result = asyncio.run(_run(args, rates, specs))
+    result = asyncio.run(_run(args, rates, specs, phases))
     if args.out:
         write_summary(args.out, result)
         print(f"summary: {args.out}", flush=True)

@@ -380,6 +380,46 @@ def test_end_to_end_with_plots(fake_server: str, tmp_path: Path, capsys: pytest.
     assert sorted(p.name for p in out2.glob("*.png")) == ["attainment.png", "ttft_cdf_rate20.png"]
 
 
+def test_phase_workload() -> None:
+    phases = bs.parse_phases("requests=2,rate=4,images=2,size=64x48;requests=3,rate=inf,images=0,max_tokens=7,"
+                             "prompt_tokens=5")
+    specs = bs.make_phase_workload(phases, seed=1)
+    assert [s.id for s in specs] == list(range(5)) and [s.phase for s in specs] == [0, 0, 1, 1, 1]
+    assert [len(s.images) for s in specs] == [2, 2, 0, 0, 0] and [s.max_tokens for s in specs] == [10] * 2 + [7] * 3
+    assert all(_decode(u).size == (64, 48) for s in specs for u in s.images)
+    assert [len(s.prompt.split()) for s in specs] == [22, 22, 5, 5, 5]
+    # one phase of the epd-synthetic shape: the same requests as --workload epd-synthetic
+    one = bs.make_phase_workload(bs.parse_phases("requests=3,rate=1,images=2,size=64x48"), seed=1)
+    plain = bs.make_workload("epd-synthetic", 3, seed=1, images_per_request=2, image_size=(64, 48))
+    assert [(s.prompt, s.images, s.max_tokens) for s in one] == [(s.prompt, s.images, s.max_tokens) for s in plain]
+
+
+def test_phases_one_run(fake_server: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    pytest.importorskip("httpx")
+    records, summary = tmp_path / "p.jsonl", tmp_path / "p.json"
+    phases = "requests=3,rate=50,images=1,size=32x24,max_tokens=3;requests=2,rate=inf,images=0,max_tokens=2"
+    assert bs.main(["--base-url", fake_server, "--phases", phases, "--ignore-eos", "--no-progress", "--seed", "2",
+                    "--warmup-requests", "0", "--records", str(records), "--out", str(summary)]) == 0
+    printed = capsys.readouterr().out
+    assert "phase 0, rate 50 req/s" in printed and "phase 1, rate inf req/s" in printed and "phase all" in printed
+    assert sorted(len(b["messages"][0]["content"]) if isinstance(b["messages"][0]["content"], list) else 0
+                  for b in FakeOpenAI.bodies) == [0, 0, 2, 2, 2]  # text + 1 image in phase 0, text only in 1
+    recs = sorted((json.loads(x) for x in records.read_text().splitlines()), key=lambda r: r["request_id"])
+    assert [r["phase"] for r in recs] == [0, 0, 0, 1, 1] and [r["rate"] for r in recs] == [50.0] * 3 + ["inf"] * 2
+    assert [r["output_tokens"] for r in recs] == [3, 3, 3, 2, 2] and [r["images"] for r in recs] == [1, 1, 1, 0, 0]
+    offsets = [t for t, _ in bs.phase_arrivals(bs.parse_phases(phases), seed=2)]
+    assert [r["scheduled_s"] for r in recs] == pytest.approx(offsets)
+    assert recs[3]["scheduled_s"] == recs[4]["scheduled_s"] == recs[2]["scheduled_s"]  # back to back
+    s = json.loads(summary.read_text())
+    assert [p["requests"] for p in s["phases"]] == [3, 2]
+    assert [(r["phase"], r["rate"], r["completed"]) for r in s["rates"]] == [(0, 50.0, 3), (1, "inf", 2)]
+    assert s["overall"]["phase"] == "all" and s["overall"]["num_requests"] == 5 and s["overall"]["attainment"] == 1.0
+    with pytest.raises(bs.CLIError, match="drop --rates"):
+        bs.main(["--base-url", fake_server, "--phases", phases, "--rates", "1"])
+    with pytest.raises(bs.CLIError, match="--phases: .*unknown key 'colour'"):
+        bs.main(["--base-url", fake_server, "--phases", "requests=1,rate=1,colour=red"])
+
+
 def test_failures_are_records(fake_server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("httpx")
     real = bs.make_workload

@@ -1,0 +1,90 @@
+"""Predicted vs measured: bench_serve.py's records of a run, simulated with the same requests.
+
+The measured records give the workload exactly: each request's send time (scheduled_s), images,
+output tokens (what it made; max_tokens if it failed) and prompt tokens (the server's usage count,
+when it sent one). What they lack comes from the caller: the image size (per phase for a --phases
+run) and the text tokens of a prompt without a usage count. A records file holds one run per rate,
+or one --phases run (records with a phase index), compared per phase and over all.
+"""
+
+from __future__ import annotations
+
+from engine.simulator.cost_model import CostModel
+from engine.simulator.metrics import summarize_rate
+from engine.simulator.request import SimRequest
+from engine.simulator.sim import SimConfig, Simulation
+
+Size = tuple[int, int]
+
+
+def group_runs(records: list[dict]) -> dict[object, list[dict]]:
+    """Runs of a records file: "phases" -> every record of a --phases run, else rate -> its records."""
+    if any(r.get("phase") is not None for r in records):
+        return {"phases": records}
+    runs: dict[object, list[dict]] = {}
+    for r in records:
+        runs.setdefault(float(r["rate"]), []).append(r)
+    return runs
+
+
+def requests_of(records: list[dict], costs: CostModel, sizes: list[Size], prompt_tokens: int) -> list[SimRequest]:
+    """The simulated requests of measured records (sizes[phase], or sizes[0] without phases)."""
+    out = []
+    for r in sorted(records, key=lambda r: (r["scheduled_s"], r["request_id"])):
+        phase = r.get("phase") or 0
+        images = int(r.get("images") or 0)
+        tokens = r.get("output_tokens") if r.get("success") and r.get("output_tokens") else r["max_tokens"]
+        prompt = r.get("prompt_tokens") or prompt_tokens + images * costs.image_tokens
+        out.append(SimRequest(id=r["request_id"], arrival=float(r["scheduled_s"]), images=images,
+                              image_size=sizes[min(phase, len(sizes) - 1)], prompt_tokens=int(prompt),
+                              max_tokens=int(tokens), phase=r.get("phase"), rate=float(r["rate"])))
+    return out
+
+
+def _summary(records: list[dict], slo_ttft: float, slo_tpot: float) -> dict:
+    end = max((r["start_s"] + (r.get("e2el_s") or 0.0) for r in records), default=0.0)
+    start = min(r["scheduled_s"] for r in records)
+    s = summarize_rate(float(records[0]["rate"]), records, end - start, slo_ttft, slo_tpot)
+    return {"ttft_p50_ms": s["ttft_ms"]["p50"], "ttft_p90_ms": s["ttft_ms"]["p90"],
+            "tpot_p50_ms": s["tpot_ms"]["p50"], "attainment": s["attainment"], "completed": s["completed"]}
+
+
+def compare(costs: CostModel, mode: str, placement: str | None, records: list[dict], sizes: list[Size],
+            prompt_tokens: int = 22, config: SimConfig | None = None, slo_ttft: float = 1.4,
+            slo_tpot: float = 0.04) -> list[dict]:
+    """One row per run (and per phase of a --phases run, then its "all" row): rate, phase,
+    measured and predicted TTFT p50 / p90, TPOT p50 and attainment, and attainment's difference
+    (predicted - measured) in percentage points."""
+    rows = []
+    for key, measured in group_runs(records).items():
+        sim = Simulation(costs, mode, placement, config)
+        predicted = [r.record() for r in sim.run(requests_of(measured, costs, sizes, prompt_tokens))]
+        groups = [(float(key), None, measured, predicted)] if key != "phases" else []
+        if key == "phases":
+            for k in sorted({r["phase"] for r in measured}):
+                groups.append((float(next(r["rate"] for r in measured if r["phase"] == k)), k,
+                               [r for r in measured if r["phase"] == k], [r for r in predicted if r["phase"] == k]))
+            groups.append((None, "all", measured, predicted))
+        for rate, phase, meas, pred in groups:
+            m, p = _summary(meas, slo_ttft, slo_tpot), _summary(pred, slo_ttft, slo_tpot)
+            rows.append({"rate": rate, "phase": phase, "requests": len(meas), "measured": m, "predicted": p,
+                         "attainment_diff_points": (p["attainment"] - m["attainment"]) * 100})
+    return rows
+
+
+def format_rows(rows: list[dict]) -> str:
+    """The comparison as a table: predicted / measured per column."""
+    def ms(v: float | None) -> str:
+        return "-" if v is None else f"{v:.0f}"
+
+    lines = [f"{'rate':>8} {'phase':>5} {'TTFT p50 ms':>15} {'TTFT p90 ms':>15} {'attainment %':>14} {'diff':>7}",
+             f"{'':>8} {'':>5} {'pred / meas':>15} {'pred / meas':>15} {'pred / meas':>14} {'points':>7}"]
+    for r in rows:
+        p, m = r["predicted"], r["measured"]
+        rate = "all" if r["rate"] is None else f"{r['rate']:g}"
+        phase = "-" if r["phase"] is None else str(r["phase"])
+        lines.append(f"{rate:>8} {phase:>5} {ms(p['ttft_p50_ms']) + ' / ' + ms(m['ttft_p50_ms']):>15} "
+                     f"{ms(p['ttft_p90_ms']) + ' / ' + ms(m['ttft_p90_ms']):>15} "
+                     f"{p['attainment'] * 100:>6.1f} / {m['attainment'] * 100:<5.1f} "
+                     f"{r['attainment_diff_points']:>+7.1f}")
+    return "\n".join(lines)
