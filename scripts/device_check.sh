@@ -8,7 +8,7 @@
 # decode profile at batch 1 and 8); image (GPU preprocessing, LLaVA-NeXT and cache GPU tests, bench_preprocess,
 # bench_epd with 2 JPEGs per request; with encodefirst, 1080p again with encode_first off); switch
 # (shared weights, role switches); serve (the OpenAI-server sweep); profile_stages (per-stage costs
-# for the simulator: $OUT/costs_h200.json).
+# for the simulator: $OUT/costs_h200.json); oneencoder (1080p bench_epd with one encoder process).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/device_out}
@@ -153,10 +153,17 @@ if [[ " $STAGES " == *" switch "* ]]; then  # issue 14: weights shared over CUDA
   stage bench_switch python3 scripts/bench_switch.py --model /tmp/llava-7b
   grep -h "^| \|GPU used\|switch \|one at a time" "$OUT/bench_switch.log" >> "$SUMMARY"
 fi
+if [[ " $STAGES " == *" oneencoder "* ]]; then  # issue 13: one encoder process on the GPU instead of two
+  llava7b
+  stage bench_epd_one_encoder python3 scripts/bench_epd.py --model /tmp/llava-7b --placement "E:0 P:0 D:0" \
+    --requests 48 --images 2 --image-size 1920x1080 --image-format jpeg --max-tokens 16 --check-requests 2 \
+    --image-preprocess auto
+  grep -h "^| \|encode share" "$OUT/bench_epd_one_encoder.log" | grep -v "^| image emb\|^| KV" >> "$SUMMARY"
+fi
 if [[ " $STAGES " == *" profile_stages "* ]]; then  # issue 15: the per-stage cost profile a simulator is fitted from
   llava7b
   stage profile_stages python3 scripts/profile_stages.py --model /tmp/llava-7b --backend cuda --device cuda \
-    --dtype bfloat16 --out "$OUT/costs_h200.json"
+    --dtype bfloat16 --out "$OUT/costs_h200.json" --prefill-tokens 16,256,1024,2048,4096,8192
   grep -h "^## \|^| \|^wrote" "$OUT/profile_stages.log" >> "$SUMMARY"
 fi
 if [[ " $STAGES " == *" serve "* ]]; then  # OpenAI server sweep (scripts/serve_sweep.sh), one GPU by default
