@@ -45,7 +45,10 @@ from typing import Any
 import torch
 
 from engine import switching
+from engine.allocator import AllocatorPolicy
 from engine.config import EngineConfig, ModelConfig
+from engine.dynamic import Dynamic
+from engine.estimator import LoadEstimator
 from engine.input_processor import InputProcessor
 from engine.messages import (
     Abort,
@@ -97,10 +100,13 @@ class EPDEngine:
     switches: list[dict] = []  # noqa: RUF012 (read-only default for engines built with __new__)
 
     def __init__(self, model: str | Path | EngineConfig, placement: str | None = None, mode: str = "epd",
-                 share_kv_arena: bool = True, start_timeout_s: float = 600.0, **settings: Any) -> None:
+                 share_kv_arena: bool = True, start_timeout_s: float = 600.0,
+                 dynamic: bool | AllocatorPolicy = False, **settings: Any) -> None:
         """settings: EngineConfig's fields (as for LLM), used by every stage; device is the
         default placement's home. share_kv_arena: one prefill and one decode on one device share
-        one KV arena (decode reads the prompt's KV in place); otherwise decode pulls copies."""
+        one KV arena (decode reads the prompt's KV in place); otherwise decode pulls copies.
+        dynamic: instances change role as the load shifts (engine/allocator.py's policy; True:
+        the default policy with this config's max_num_seqs)."""
         import multiprocess as mp
 
         if mode not in ("epd", "pd"):
@@ -127,6 +133,10 @@ class EPDEngine:
         self.flights: dict[int, _Flight] = {}  # requests in the stages, by seq_id
         self.late_events: list[TokenEvent] = []  # events found outside step(), returned by the next
         self.switches: list[dict] = []  # role switches done (engine/switching.py)
+        self.estimator = LoadEstimator()  # per stage: arrivals, queues, speed, predicted wait
+        if dynamic is True:
+            dynamic = AllocatorPolicy(max_num_seqs=config.max_num_seqs)
+        self.dynamic = Dynamic(dynamic) if dynamic else None
         shared = share_kv_arena and where.shares_kv_device()
         # image bytes go to the stages that decode them through shared memory, not pickled
         self.image_bytes = (ByteArena.create(IMAGE_BYTES["cuda" if torch.cuda.is_available() else "cpu"])
@@ -240,6 +250,8 @@ class EPDEngine:
             self._check_stages(events)
         for handle, msg in msgs:
             self._handle(handle, msg, events)
+        if self.dynamic is not None:
+            self.dynamic.tick(self)
         return events
 
     def _read(self, timeout_s: float) -> list[tuple[StageHandle, object]]:
@@ -270,22 +282,27 @@ class EPDEngine:
             self._hand_over(stage, msg.task, events)
             return
         if isinstance(msg, Tokens):  # those of requests no longer here (finished or aborted) are late
+            self.estimator.steps(stage.name, len(msg.req_ids), time.perf_counter())
             self._tokens([(self.flights[r].seq, t) for r, t in zip(msg.req_ids, msg.token_ids) if r in self.flights],
                          time.perf_counter(), events)
             return
         if isinstance(msg, Encoded):
             encoders[msg.encoder].load -= len(msg.blocks)
+            self.estimator.done(encoders[msg.encoder].name, msg.req_id, time.perf_counter())
         elif isinstance(msg, Failed) and stage.kind == "encode":
             stage.load -= msg.images
+            self.estimator.done(stage.name, msg.req_id, time.perf_counter())
         flight = self.flights.get(getattr(msg, "req_id", None))
         if flight is None:
             if isinstance(msg, Encoded):  # images of a request that ended: give the blocks back
                 encoders[msg.encoder].send(FreeMM(msg.blocks, msg.encoder))
             elif isinstance(msg, Prefilled):  # KV of a request that ended meanwhile
                 prefills[msg.prefill].load -= 1
+                self.estimator.done(prefills[msg.prefill].name, msg.req_id, time.perf_counter())
                 prefills[msg.prefill].send(FreeKV(msg.kv_blocks, msg.prefill))
             elif isinstance(msg, Failed) and stage.kind == "prefill":
                 stage.load -= 1
+                self.estimator.done(stage.name, msg.req_id, time.perf_counter())
             return  # a late message for a finished or failed request
         now = time.perf_counter()
         if isinstance(msg, Encoded):
@@ -311,6 +328,7 @@ class EPDEngine:
         elif isinstance(msg, Failed):
             if stage.kind == "prefill" and flight.prefill is not None:
                 prefills[flight.prefill].load -= 1
+                self.estimator.done(prefills[flight.prefill].name, msg.req_id, now)
                 flight.prefill = None
             self._fail(flight, f"{msg.stage}: {msg.error}", events)
 
@@ -320,6 +338,7 @@ class EPDEngine:
         self._free_bytes(flight)  # pd: the prefill read them
         flight.state.metrics.mm_bytes, flight.state.metrics.mm_copy_s = msg.mm_bytes, msg.mm_copy_s
         prefill.load -= 1
+        self.estimator.done(prefill.name, seq.seq_id, now)
         flight.prefill = None  # its KV is decode's (or back with prefill) from here on
         decodes = self.of_kind("decode")
         flight.decode = self.router.decode_for([h.routing_load() for h in decodes])
@@ -329,6 +348,7 @@ class EPDEngine:
             return
         decode = decodes[flight.decode]
         decode.load += 1
+        self.estimator.sent(decode.name, seq.seq_id, 0, now)
         decode.send(DecodeTask(seq.seq_id, seq.prompt_ids, msg.first_token, msg.prefill, msg.kv_blocks, seq.sampling,
                                seq.seed, seq.stop_token_ids))
         self._tokens([(seq, msg.first_token)], now, events)
@@ -337,6 +357,8 @@ class EPDEngine:
         """A request a switching decode gave up: to the least-loaded live decode, which pulls its
         KV from where it is (the old decode's arena, or prefill's if it had not started)."""
         src.load -= 1
+        now = time.perf_counter()
+        self.estimator.done(src.name, task.req_id, now)
         flight = self.flights.get(task.req_id)
         decodes = self.of_kind("decode")
         dst = self.router.decode_for([h.routing_load() for h in decodes]) if flight is not None else None
@@ -349,6 +371,7 @@ class EPDEngine:
             return
         flight.decode = dst
         decodes[dst].load += 1
+        self.estimator.sent(decodes[dst].name, task.req_id, 0, now)
         decodes[dst].send(task)
 
     def _kv_owner(self, free: FreeKV) -> StageHandle:
@@ -374,6 +397,7 @@ class EPDEngine:
         if flight.decode is not None:
             decode = self.of_kind("decode")[flight.decode]
             decode.load -= 1
+            self.estimator.done(decode.name, flight.seq.seq_id, time.perf_counter())
             decode.send(Abort(flight.seq.seq_id))
             flight.decode = None
 
@@ -419,7 +443,14 @@ class EPDEngine:
             "stages": {h.name: {**(h.ready or {}), **h.stats, **({"moved_to": h.moved_to} if h.moved_to else {})}
                        for h in self.stages.values()},
             "switches": list(self.switches),  # role switches: from, to, drain_s, seconds
+            "load": self.load(),  # the load estimator's figures (engine/estimator.py)
+            **({"allocator": self.dynamic.status()} if self.dynamic is not None else {}),
         }
+
+    def load(self) -> dict:
+        """The load estimator's snapshot over the live, routed stages."""
+        live = {h.name: h.kind for h in self.stages.values() if h.moved_to is None and h.alive()}
+        return self.estimator.snapshot(time.perf_counter(), live)
 
     def switch_role(self, kind: str, index: int, new_kind: str, weights: str = "auto", timeout_s: float = 300.0
                     ) -> dict:
@@ -457,6 +488,7 @@ class EPDEngine:
         flight.state.metrics.encode_start = flight.state.metrics.encode_start or time.perf_counter()
         for encoder, items in assignment.items():
             encoders[encoder].load += len(items)
+            self.estimator.sent(encoders[encoder].name, flight.seq.seq_id, len(items), time.perf_counter())
             part = flight.next_part
             flight.next_part += 1
             flight.parts[part] = (encoder, items)
@@ -471,6 +503,7 @@ class EPDEngine:
             raise StageError("no prefill process is alive")
         prefill = prefills[flight.prefill]
         prefill.load += 1
+        self.estimator.sent(prefill.name, seq.seq_id, len(seq.prompt_ids), now)
         if self.mode == "pd":
             task = PrefillTask(seq.seq_id, seq.prompt_ids, [], seq.sampling, seq.seed, images=flight.images,
                                image_sizes=seq.image_sizes, item_keys=seq.mm_keys)
@@ -508,6 +541,7 @@ class EPDEngine:
                 self.broken = f"{died} and no {kind} process is left"
             if kind == "encode":
                 stage.load = 0
+                self.estimator.forget(stage.name)
                 self.busy_board.set(index, stage.device, False)  # it published busy, perhaps
             for flight in list(self.flights.values()):
                 if self.broken:
@@ -521,6 +555,7 @@ class EPDEngine:
                 elif (kind == "prefill" and flight.prefill == index) or (kind == "decode" and flight.decode == index):
                     if kind == "decode":
                         stage.load -= 1
+                        self.estimator.done(stage.name, flight.seq.seq_id, time.perf_counter())
                         flight.decode = None  # nothing to abort there
                     self._fail(flight, died, events)
 

@@ -163,7 +163,7 @@ fi
 if [[ " $STAGES " == *" profile_stages "* ]]; then  # issue 15: the per-stage cost profile a simulator is fitted from
   llava7b
   stage profile_stages python3 scripts/profile_stages.py --model /tmp/llava-7b --backend cuda --device cuda \
-    --dtype bfloat16 --out "$OUT/costs_h200.json" --prefill-tokens 16,256,1024,2048,4096,8192
+    --dtype bfloat16 --out "$OUT/costs_h200.json" --prefill-tokens 16,256,1024,2048,4000
   grep -h "^## \|^| \|^wrote" "$OUT/profile_stages.log" >> "$SUMMARY"
 fi
 if [[ " $STAGES " == *" serve "* ]]; then  # OpenAI server sweep (scripts/serve_sweep.sh), one GPU by default

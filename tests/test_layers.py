@@ -21,7 +21,7 @@ IPC_MECHANISMS = ("ipc.arena", "ipc.busy_board", "ipc.migration", "ipc.channel",
                   "ipc.worker", "ipc.peer_link")
 # The engine modules that drive processes, and what they may use of ipc: the orchestrator spawns
 # worker shells and talks over channels; the stage roles own and map arenas and pull blocks.
-ORCHESTRATOR = ("engine.epd", "engine.stage_handles", "engine.roles", "engine.switching")
+ORCHESTRATOR = ("engine.epd", "engine.stage_handles", "engine.roles", "engine.switching", "engine.dynamic")
 ORCHESTRATOR_IPC = ("ipc.arena", "ipc.busy_board", "ipc.byte_arena", "ipc.channel", "ipc.migration", "ipc.worker",
                     "ipc.peer_link")
 

@@ -1,0 +1,169 @@
+"""The load estimator, the allocator's policy, and dynamic EPD end to end (engine/estimator.py,
+engine/allocator.py, engine/dynamic.py)."""
+
+from __future__ import annotations
+
+import io
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from engine import LLM, Request, SamplingParams
+from engine.allocator import Allocator, AllocatorPolicy
+from engine.epd import EPDEngine
+from engine.estimator import LoadEstimator
+
+KINDS = {"encode0": "encode", "prefill0": "prefill", "decode0": "decode"}
+
+
+def test_estimator_on_a_scripted_load() -> None:
+    """An encoder fed 1 task (4 items) every 0.5 s that takes 0.2 s: arrival 2/s, utilization
+    0.4, 0.05 s per item; a backlog of 10 items then predicts a 0.5 s wait."""
+    est = LoadEstimator(tau_s=2.0)
+    t = 0.0
+    for i in range(40):
+        est.sent("encode0", i, 4, t)
+        est.done("encode0", i, t + 0.2)
+        t += 0.5
+    s = est.snapshot(t - 0.25, KINDS)["stages"]["encode0"]  # mid-period: decayed sums swing with the phase
+    assert s["arrival_rate"] == pytest.approx(2.0, rel=0.15)
+    assert s["utilization"] == pytest.approx(0.4, rel=0.15)
+    assert s["s_per_unit"] == pytest.approx(0.05, rel=0.01)
+    assert s["queued_units"] == 0 and s["predicted_wait_s"] == 0
+    est.sent("encode0", 100, 6, t)
+    est.sent("encode0", 101, 4, t)
+    s = est.snapshot(t + 0.1, KINDS)
+    assert s["stages"]["encode0"]["queued_requests"] == 2
+    assert s["kinds"]["encode"]["predicted_wait_s"] == pytest.approx(0.5, rel=0.05)
+    est.done("encode0", 999, t)  # never sent: ignored
+    assert est.snapshot(t + 0.1, KINDS)["stages"]["encode0"]["queued_units"] == 10
+    # a batch answering eight tasks at once is counted right: 8 x 2 items in 0.4 s of work
+    est2 = LoadEstimator(tau_s=2.0)
+    for r in range(8):
+        est2.sent("encode0", r, 2, 0.0)
+    for r in range(8):
+        est2.done("encode0", r, 0.4)
+    assert est2.snapshot(0.4, KINDS)["stages"]["encode0"]["s_per_unit"] == pytest.approx(0.025)
+    # decode: steps every 20 ms over 5 requests
+    for r in range(5):
+        est.sent("decode0", r, 0, 0.0)
+    for k in range(50):
+        est.steps("decode0", 5, 0.02 * k)
+    d = est.snapshot(1.0, KINDS)["stages"]["decode0"]
+    assert d["running"] == 5 and d["step_s"] == pytest.approx(0.02)
+    assert d["tokens_per_s"] == pytest.approx(250, rel=0.01)
+    with pytest.raises(ValueError, match="tau_s"):
+        LoadEstimator(0)
+
+
+def _snapshot(encode: float, prefill: float, decode_step: float, n: dict[str, int] | None = None) -> dict:
+    """Kind totals as the estimator gives them: encode and prefill utilizations, decode step."""
+    n = {"encode": 2, "prefill": 2, "decode": 1, **(n or {})}
+    kinds = {"encode": {"instances": n["encode"], "utilization": encode, "predicted_wait_s": 0.0},
+             "prefill": {"instances": n["prefill"], "utilization": prefill, "predicted_wait_s": 0.0},
+             "decode": {"instances": n["decode"], "utilization": 0.5, "running": 1, "step_s": decode_step}}
+    stages = {f"{k}{i}": {"kind": k, "queued_units": i, "running": 0} for k in kinds for i in range(n[k])}
+    return {"kinds": kinds, "stages": stages}
+
+
+def test_the_allocator_moves_a_cool_instance_to_a_hot_kind_after_confirmation() -> None:
+    a = Allocator(AllocatorPolicy(interval_s=1.0, confirm=2))
+    hot = _snapshot(encode=0.95, prefill=0.2, decode_step=0.01)
+    assert a.evaluate(hot, 0.0) is None  # once is not enough
+    assert a.evaluate(hot, 0.5) is None  # between intervals
+    d = a.evaluate(hot, 1.0)
+    assert d is not None and (d.from_kind, d.to_kind, d.stage) == ("prefill", "encode", "prefill0")
+    assert "encode pressure 0.95" in d.reason and d.pressures["encode"] == 0.95
+    # a donor whose pressure after losing one instance would pass `low` gives nothing
+    b = Allocator(AllocatorPolicy(confirm=1))
+    assert b.evaluate(_snapshot(encode=0.95, prefill=0.3, decode_step=0.01), 0.0) is None  # 0.3 x 2 > 0.5
+    # nor one with a single instance; decode's pressure is its step against the TPOT SLO
+    c = Allocator(AllocatorPolicy(confirm=1, slo_tpot_s=0.04))
+    d = c.evaluate(_snapshot(encode=0.1, prefill=0.1, decode_step=0.039, n={"prefill": 1}), 0.0)
+    assert d is not None and (d.from_kind, d.to_kind) == ("encode", "decode")
+    # below `high` nothing moves
+    assert Allocator(AllocatorPolicy(confirm=1)).evaluate(_snapshot(0.7, 0.1, 0.01), 0.0) is None
+
+
+def test_the_allocator_does_not_flap_on_an_oscillating_load() -> None:
+    """Load that swaps between encode-heavy and prefill-heavy every 3 s for 60 s: the cooldown
+    (10 x the switch's cost, 5 s at least), the dwell and the reverse delay allow few switches,
+    and never the reverse of the last within reverse_after_s."""
+    policy = AllocatorPolicy(interval_s=0.5, confirm=2, min_cooldown_s=5.0, cost_factor=10.0, min_dwell_s=10.0,
+                             reverse_after_s=30.0)
+    a = Allocator(policy)
+    switches = []
+    n = {"encode": 2, "prefill": 2}
+    t = 0.0
+    while t < 60.0:
+        heavy = "encode" if int(t // 3) % 2 == 0 else "prefill"
+        snap = _snapshot(encode=0.95 if heavy == "encode" else 0.1, prefill=0.95 if heavy == "prefill" else 0.1,
+                         decode_step=0.01, n=n)
+        d = a.evaluate(snap, t)
+        if d is not None:
+            switches.append((t, d.from_kind, d.to_kind))
+            n[d.from_kind] -= 1
+            n[d.to_kind] += 1
+            a.switched(d, 0.4, t)
+        t += 0.25
+    assert 1 <= len(switches) <= 3, switches
+    for (t0, f0, to0), (t1, f1, to1) in zip(switches, switches[1:]):
+        assert t1 - t0 >= 5.0
+        if (f1, to1) == (to0, f0):
+            assert t1 - t0 >= 30.0, switches
+
+
+def test_a_slow_switch_lengthens_the_cooldown() -> None:
+    a = Allocator(AllocatorPolicy(confirm=1, interval_s=0.1, min_cooldown_s=1.0, cost_factor=10.0))
+    hot = _snapshot(encode=0.95, prefill=0.1, decode_step=0.01, n={"prefill": 4})
+    d = a.evaluate(hot, 0.0)
+    a.switched(d, 3.0, 0.0)  # it took 3 s: 30 s of cooldown
+    assert a.evaluate(hot, 29.0) is None
+    assert a.evaluate(hot, 30.5) is not None
+
+
+def test_policy_errors_name_the_field() -> None:
+    with pytest.raises(ValueError, match="low"):
+        AllocatorPolicy(low=0.9, high=0.8)
+    with pytest.raises(ValueError, match="slo_ttft_s"):
+        AllocatorPolicy(slo_ttft_s=0)
+
+
+def _png(seed: int) -> bytes:
+    arr = np.random.default_rng(seed).integers(0, 256, (200 + seed % 7, 240, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_dynamic_epd_moves_a_prefill_to_encode_under_image_load(tiny_llava: Path) -> None:
+    """One encoder, two prefills, requests of 4 images each: the encoder is the bottleneck, a
+    prefill switches to encode (logged with its reason), outputs equal the aggregated engine's."""
+    requests = [Request("Look: <image> <image> <image> <image>", images=[_png(4 * i + k) for k in range(4)])
+                for i in range(24)]
+    sp = SamplingParams(max_tokens=4, ignore_eos=True)
+    reference = [o.token_ids for o in LLM(tiny_llava, backend="torch", device="cpu").generate(requests, sp)]
+    policy = AllocatorPolicy(slo_ttft_s=0.3, interval_s=0.1, confirm=2, min_cooldown_s=0.5, min_dwell_s=1.0)
+    with EPDEngine(tiny_llava, placement="E:cpu P:cpu,cpu D:cpu", backend="torch", device="cpu",
+                   max_images_per_batch=2, mm_cache=False, dynamic=policy) as epd:
+        outputs = []
+        for _ in range(3):  # load in waves until the allocator acts (bounded)
+            outputs = epd.generate(requests, sp)
+            assert [o.token_ids for o in outputs] == reference
+            if any("new_stage" in d for d in epd.status()["allocator"]["decisions"]):
+                break
+        status = epd.status()
+        done = [d for d in status["allocator"]["decisions"] if "new_stage" in d]
+        assert done, status["allocator"]
+        d = done[0]
+        assert (d["from"], d["to"]) == ("prefill", "encode") and "encode pressure" in d["reason"]
+        assert d["seconds"] > 0 and d["new_stage"].startswith("encode") and d["new_stage"] in status["stages"]
+        assert any("refused" in x for x in status["allocator"]["decisions"]) or d["stage"] == "prefill1"
+        assert status["load"]["kinds"]["encode"]["instances"] == 2
+        assert [o.token_ids for o in epd.generate(requests, sp)] == reference  # and after it
+        deadline = time.monotonic() + 20
+        while epd.status()["requests_in_flight"] and time.monotonic() < deadline:
+            epd.step(0.05)
