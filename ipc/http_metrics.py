@@ -35,6 +35,10 @@ class HTTPMetrics:
                            ["stage", "state"], registry=r)
         self.blocks = Gauge("epd_blocks_in_use", "arena blocks in use per stage", ["stage", "arena"], registry=r)
         self.blocks_total = Gauge("epd_blocks_total", "arena blocks per stage", ["stage", "arena"], registry=r)
+        self.load = Gauge("epd_stage_load", "the load estimator's figures per stage (engine/estimator.py): "
+                          "arrival_rate (req/s), utilization, queued_units, predicted_wait_s, step_s (decode)",
+                          ["stage", "figure"], registry=r)
+        self.switches = Gauge("epd_role_switches", "role switches done (by hand or by --dynamic)", registry=r)
         self.up = Gauge("epd_engine_up", "1 when the engine serves, 0 while loading or broken", registry=r)
         self.mm_cache = MMCacheCollector()
         r.register(self.mm_cache)
@@ -59,6 +63,7 @@ class HTTPMetrics:
         self.queue.clear()
         self.blocks.clear()
         self.blocks_total.clear()
+        self.load.clear()
         self.mm_cache.by_stage = {}
         if status is not None:
             self._from_status(status)
@@ -77,6 +82,11 @@ class HTTPMetrics:
             return
         self.mm_cache.by_stage = {stage: stats["mm_cache"] for stage, stats in (status.get("stages") or {}).items()
                                   if stats.get("mm_cache")}
+        for stage, row in ((status.get("load") or {}).get("stages") or {}).items():
+            for figure in ("arrival_rate", "utilization", "queued_units", "predicted_wait_s", "step_s", "running"):
+                if row.get(figure) is not None:
+                    self.load.labels(stage, figure).set(row[figure])
+        self.switches.set(len(status.get("switches") or []))
         for stage, stats in (status.get("stages") or {}).items():
             for state in ("running", "waiting"):
                 if state in stats:

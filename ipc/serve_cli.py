@@ -93,6 +93,11 @@ def build_parser(model_help: str = "HF checkpoint directory (required)") -> argp
                    help="encode every image, even one seen before (no caches keyed by image content)")
     p.add_argument("--mm-pixel-cache-mb", type=int, default=256,
                    help="preprocessed pixels kept per process, MB (0: none)")
+    dyn = p.add_argument_group("epd / pd modes")
+    dyn.add_argument("--dynamic", action="store_true",
+                     help="instances change role as the load shifts (engine/allocator.py), steered by the SLOs")
+    dyn.add_argument("--slo-ttft", type=float, default=1.4, help="TTFT SLO in seconds (--dynamic's target)")
+    dyn.add_argument("--slo-tpot", type=float, default=0.04, help="TPOT SLO in seconds (--dynamic's target)")
     agg = p.add_argument_group("aggregated mode only")
     agg.add_argument("--background-capture", action="store_true",
                      help="serve at once; capture the decode graphs on a side stream")
@@ -131,9 +136,14 @@ def check_args(args: argparse.Namespace) -> None:
     if args.allowed_local_media_path is not None and not Path(args.allowed_local_media_path).is_dir():
         raise CLIError(f"--allowed-local-media-path {args.allowed_local_media_path!r}: not a directory")
     check_device(args.device, args.backend)
+    for flag in ("slo_ttft", "slo_tpot"):
+        if not getattr(args, flag) > 0:
+            raise CLIError(f"--{flag.replace('_', '-')} = {getattr(args, flag)}; must be > 0 (seconds)")
     if args.mode == "aggregated":
         if args.placement:
             raise CLIError("--placement applies to --mode epd or pd; aggregated runs on --device")
+        if args.dynamic:
+            raise CLIError("--dynamic applies to --mode epd or pd (stages that change role)")
         return
     if not cfg.is_multimodal:
         raise CLIError(f"--mode {args.mode} needs a vision tower; {cfg.architecture} has none (use aggregated)")
@@ -161,9 +171,12 @@ def load_engine(args: argparse.Namespace, model: Path):
         from engine import LLM
 
         return LLM(config)
+    from engine.allocator import AllocatorPolicy
     from engine.epd import EPDEngine
 
-    return EPDEngine(config, placement=args.placement, mode=args.mode)
+    dynamic = (AllocatorPolicy(slo_ttft_s=args.slo_ttft, slo_tpot_s=args.slo_tpot, max_num_seqs=args.max_num_seqs)
+               if args.dynamic else False)
+    return EPDEngine(config, placement=args.placement, mode=args.mode, dynamic=dynamic)
 
 
 def _describe(args: argparse.Namespace, engine, address: object) -> str:

@@ -167,3 +167,20 @@ def test_dynamic_epd_moves_a_prefill_to_encode_under_image_load(tiny_llava: Path
         deadline = time.monotonic() + 20
         while epd.status()["requests_in_flight"] and time.monotonic() < deadline:
             epd.step(0.05)
+
+
+def test_metrics_show_the_estimator_per_stage() -> None:
+    pytest.importorskip("prometheus_client")
+    from ipc.http_metrics import HTTPMetrics
+
+    est = LoadEstimator()
+    est.sent("encode0", 1, 3, 0.0)
+    est.sent("decode0", 1, 0, 0.0)
+    est.steps("decode0", 1, 0.0)
+    est.steps("decode0", 1, 0.025)
+    status = {"mode": "epd", "stages": {}, "switches": [{"from": "encode1", "to": "prefill1"}],
+              "load": est.snapshot(0.05, KINDS)}
+    text = HTTPMetrics().render(status, admitted=0, up=True).decode()
+    assert 'epd_stage_load{figure="queued_units",stage="encode0"} 3.0' in text
+    assert 'epd_stage_load{figure="step_s",stage="decode0"} 0.025' in text
+    assert "epd_role_switches 1.0" in text
