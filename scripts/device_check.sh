@@ -8,7 +8,8 @@
 # decode profile at batch 1 and 8); image (GPU preprocessing, LLaVA-NeXT and cache GPU tests, bench_preprocess,
 # bench_epd with 2 JPEGs per request; with encodefirst, 1080p again with encode_first off); switch
 # (shared weights, role switches); serve (the OpenAI-server sweep); profile_stages (per-stage costs
-# for the simulator: $OUT/costs_h200.json); oneencoder (1080p bench_epd with one encoder process).
+# for the simulator: $OUT/costs_h200.json); oneencoder (1080p bench_epd with one encoder process);
+# dynamic (a shifting workload through the OpenAI server, static vs --dynamic).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/device_out}
@@ -165,6 +166,19 @@ if [[ " $STAGES " == *" profile_stages "* ]]; then  # issue 15: the per-stage co
   stage profile_stages python3 scripts/profile_stages.py --model /tmp/llava-7b --backend cuda --device cuda \
     --dtype bfloat16 --out "$OUT/costs_h200.json" --prefill-tokens 16,256,1024,2048,4000
   grep -h "^## \|^| \|^wrote" "$OUT/profile_stages.log" >> "$SUMMARY"
+fi
+if [[ " $STAGES " == *" dynamic "* ]]; then  # issue 15: a shifting workload, static vs --dynamic, same placement
+  llava7b
+  PH=${DYN_PHASES:-"requests=400,rate=40,images=2,size=1920x1080,max_tokens=10;requests=400,rate=40,images=0,max_tokens=128"}
+  for run in "static|" "dynamic|--dynamic"; do
+    IFS='|' read -r label extra <<< "$run"
+    stage "dyn_$label" env MODEL=/tmp/llava-7b BACKEND=cuda DTYPE=bfloat16 PYTHON=python3 MODES=epd \
+      EPD_PLACEMENT="${DYN_PLACEMENT:-E:0,0 P:0 D:0}" SERVER_ARGS="$extra" PHASES="$PH" timeout 240 \
+      bash scripts/serve_sweep.sh "/tmp/dyn_runs/$label"
+    grep -h "SLO attainment\|^phase\|goodput" "$OUT/dyn_$label.log" | head -n 12 >> "$SUMMARY"
+  done
+  grep -h "dynamic:" /tmp/dyn_runs/dynamic/epd/server.log | head -n 20 >> "$SUMMARY"
+  (cd /tmp/dyn_runs && tar czf "$OUT/dyn_runs.tgz" .)
 fi
 if [[ " $STAGES " == *" serve "* ]]; then  # OpenAI server sweep (scripts/serve_sweep.sh), one GPU by default
   llava7b

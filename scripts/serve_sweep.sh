@@ -19,6 +19,8 @@
 #   RATES            1,2,4,8           NUM_REQUESTS 100
 #   IMAGES           "1 2 4"           SIZES "336x336 1920x1080"
 #   WORKLOAD         epd-synthetic     SLO_TTFT 1.4  SLO_TPOT 0.04
+#   PHASES           a multi-phase workload (bench_serve.py --phases) instead of RATES x IMAGES x SIZES:
+#                    one run per mode, named "phases"
 #   REQUEST_TIMEOUT  300 (s, per request)
 #   HEALTH_TIMEOUT   900 (s to wait for /health after start; model load + graph capture)
 #   STOP_TIMEOUT     60  (s to wait after SIGTERM before SIGKILL)
@@ -161,11 +163,15 @@ for mode in $MODES; do
     for n in $IMAGES; do
         for size in $SIZES; do
             name="img${n}_${size}"
+            load=(--rates "$RATES" --num-requests "$NUM_REQUESTS" --images-per-request "$n" --image-size "$size")
+            if [[ -n "${PHASES:-}" ]]; then
+                name="phases"
+                load=(--phases "$PHASES")
+            fi
             log "$mode: $name"
             # shellcheck disable=SC2086  # BENCH_ARGS is meant to be word-split
             if ! "$PYTHON" "$ROOT/scripts/bench_serve.py" --base-url "$BASE_URL" --workload "$WORKLOAD" \
-                --rates "$RATES" --num-requests "$NUM_REQUESTS" --images-per-request "$n" --image-size "$size" \
-                --slo-ttft "$SLO_TTFT" --slo-tpot "$SLO_TPOT" --request-timeout "$REQUEST_TIMEOUT" \
+                "${load[@]}" --slo-ttft "$SLO_TTFT" --slo-tpot "$SLO_TPOT" --request-timeout "$REQUEST_TIMEOUT" \
                 --label "$mode" --records "$OUT_DIR/$mode/$name.jsonl" --out "$OUT_DIR/$mode/$name.json" \
                 $BENCH_ARGS; then
                 log "$mode $name: bench_serve.py failed (see above)"
@@ -177,6 +183,7 @@ for mode in $MODES; do
                 failed_modes+=("$mode")
                 continue 3
             fi
+            [[ -z "${PHASES:-}" ]] || break 2
         done
     done
     stop_server
