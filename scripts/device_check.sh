@@ -175,7 +175,7 @@ if [[ " $STAGES " == *" dynamic "* ]]; then  # issue 15: a shifting workload, st
     stage "dyn_$label" env MODEL=/tmp/llava-7b BACKEND=cuda DTYPE=bfloat16 PYTHON=python3 MODES=epd \
       EPD_PLACEMENT="${DYN_PLACEMENT:-E:0,0 P:0 D:0}" SERVER_ARGS="$extra" PHASES="$PH" timeout 240 \
       bash scripts/serve_sweep.sh "/tmp/dyn_runs/$label"
-    grep -h "SLO attainment\|^phase\|goodput" "$OUT/dyn_$label.log" | head -n 12 >> "$SUMMARY"
+    grep -h "SLO attainment\|= phase\|goodput\|^TTFT\|^TPOT" "$OUT/dyn_$label.log" | head -n 16 >> "$SUMMARY"
   done
   grep -h "dynamic:" /tmp/dyn_runs/dynamic/epd/server.log | head -n 20 >> "$SUMMARY"
   (cd /tmp/dyn_runs && tar czf "$OUT/dyn_runs.tgz" .)
