@@ -133,6 +133,8 @@ class DecodeScheduler:
         return self.max_num_seqs - len(self.running)
 
     def add(self, seq: Sequence) -> None:
+        if self.free_slots <= 0:
+            raise RuntimeError(f"decode batch full: {len(self.running)} running, max_num_seqs = {self.max_num_seqs}")
         self.running.append(seq)
 
     def schedule(self, lookahead: int = 1) -> tuple[list[Sequence], list[Sequence]]:

@@ -427,3 +427,18 @@ def test_a_dead_weight_owner_stops_its_mappers_on_a_gpu_only(device: str) -> Non
         assert dead == {"prefill0", "prefill1", "decode0"}
         assert epd.stages["decode0"].crash == "it mapped the weights of prefill0, which died"
         assert epd.broken == "stage prefill0 died (exit code -9) and no prefill process is left"
+
+
+def test_a_decode_stage_runs_at_most_max_num_seqs_requests(tiny_llava: Path) -> None:
+    """More requests than max_num_seqs reach decode at once: the rest wait for a slot (they
+    crashed the decode's graphs on a GPU), and every output equals the aggregated engine's."""
+    requests = [Request(f"Number {i}: tell me more", images=[_png(i % 3)]) for i in range(7)]
+    sp = SamplingParams(max_tokens=10, ignore_eos=True)
+    reference = LLM(tiny_llava, backend="torch", device="cpu", max_num_seqs=2).generate(requests, sp)
+    with EPDEngine(tiny_llava, placement="E:cpu P:cpu D:cpu", backend="torch", device="cpu", max_num_seqs=2) as epd:
+        batches = []
+        steps = epd.estimator.steps
+        epd.estimator.steps = lambda name, batch, now: (batches.append(batch), steps(name, batch, now))
+        outputs = epd.generate(requests, sp)
+    assert [o.token_ids for o in outputs] == [o.token_ids for o in reference]
+    assert batches and max(batches) <= 2, batches

@@ -157,7 +157,7 @@ class DecodeRole(_Role):
 
     def _admit(self) -> None:
         engine, runner, shared = self.engine, self.engine.runner, self.spec.shared
-        while self.pending:
+        while self.pending and engine.decode.free_slots > 0:  # max_num_seqs: the graphs' largest batch
             task = self.pending[0]
             # Reserve for the whole answer: a decode stage never preempts (it could not
             # recompute a prompt whose image embeddings stayed with the encoders).
