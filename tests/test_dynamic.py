@@ -184,3 +184,15 @@ def test_metrics_show_the_estimator_per_stage() -> None:
     assert 'epd_stage_load{figure="queued_units",stage="encode0"} 3.0' in text
     assert 'epd_stage_load{figure="step_s",stage="decode0"} 0.025' in text
     assert "epd_role_switches 1.0" in text
+
+
+def test_bench_dynamic_runs_static_and_dynamic(tiny_llava: Path, capsys: pytest.CaptureFixture) -> None:
+    from scripts import bench_dynamic
+
+    with pytest.raises(SystemExit) as done:
+        bench_dynamic.main(["--model", str(tiny_llava), "--backend", "torch", "--placement", "E:cpu,cpu P:cpu D:cpu",
+                            "--requests", "6", "--short", "2", "--short-tokens", "3", "--long-tokens", "8",
+                            "--image-size", "64", "--interval", "0.1", "--cooldown", "0.5", "--dwell", "1"])
+    out = capsys.readouterr().out
+    assert done.value.code == 0, out
+    assert "| static | 6/6 |" in out and "| dynamic | 6/6 |" in out
