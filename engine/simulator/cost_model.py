@@ -33,7 +33,10 @@ from a measurement of the H200 run in docs/runs/h200-2026-12-01/:
   front of dispatch, and the first token's SSE back. Measured: the client's TTFT minus the
   server's (epd_metrics.ttft_s) is 15 ms p50 at 8 req/s, 20-53 ms from 16 to 96 req/s, and the
   server's own queue before the encoders another 2.5-24 ms. A constant delay of every arrival
-  shifts the whole run, so it adds exactly itself to every TTFT.
+  shifts the whole run, so it adds exactly itself to every TTFT. It is one number for all loads,
+  while that path grows with load (18 ms p50 in all at 8 req/s, 36-88 ms at 40-96): fitted on
+  low rates it stays right at high ones (there TTFT is mostly prefill backlog), fitted on high
+  rates only it comes out too large for low ones (docs/runs/h200-2026-12-01/fit.txt).
 - encode_batch_overhead_s: a fixed extra time per encoder batch that preprocesses at least one
   image (one whose embeddings are not cached), on the encoder's preprocessing thread: in the
   running engine a batch of ~8 1080p images preprocesses in 18-21 ms, against 5.3 ms alone in
@@ -44,7 +47,7 @@ from a measurement of the H200 run in docs/runs/h200-2026-12-01/:
   processor sharing's 1 / k (events.ProcessorSharing), i.e. the GPU loses that share of its
   throughput to context switches between processes. Measured: the tower takes ~9 ms per batch in
   the pipeline vs 7.3 ms alone; TPOT p50 is 15 ms at 24-96 req/s where pure processor sharing
-  predicts 11.4 ms.
+  predicts 11-11.4 ms.
 """
 
 from __future__ import annotations
