@@ -11,7 +11,10 @@ Rates run in turn as bench_serve.py runs them (the i-th with seed + i); --phases
 phases back to back. --search ranks every placement of the three modes on --gpus GPUs by goodput
 per GPU (the highest rate with attainment >= --attainment-target, every phase at that rate).
 --compare simulates the requests of a bench_serve.py records file (their send times, images and
-tokens) and prints predicted vs measured TTFT p50 / p90 and attainment per rate. --out writes a
+tokens) and prints predicted vs measured TTFT p50 / p90 and attainment per rate; with
+--repeated-images the file is one bench_serve.py run against one server (the same images at every
+rate, after --warmup-requests, so cached after their first sending: engine/simulator/compare.py).
+The cost model's "calibration" section, if any, applies (scripts/fit_simulator.py fits it). --out writes a
 summary in bench_serve.py's layout (plot_serve.py reads it), --records the predicted records.
 Placements: engine/placement.py's for epd and pd; "A:0,1" (one aggregated instance per entry).
 """
@@ -69,6 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--search", action="store_true", help="rank every placement on --gpus GPUs by goodput per GPU")
     p.add_argument("--gpus", type=int, help="GPUs for --search")
     p.add_argument("--compare", help="a bench_serve.py records JSONL: predicted vs measured per rate")
+    p.add_argument("--repeated-images", action="store_true",
+                   help="--compare: one bench_serve.py run on one server (request i's images at every rate: "
+                        "encoded once, then cached)")
+    p.add_argument("--warmup-requests", type=int, default=1,
+                   help="--repeated-images: bench_serve.py's warm-up requests before the first rate")
     p.add_argument("--label", help="name of the run in the summary (default: sim-<mode>)")
     p.add_argument("--records", help="write the predicted per-request records (JSON lines) here")
     p.add_argument("--out", help="write the summary JSON here")
@@ -78,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
 def check_args(args: argparse.Namespace) -> None:
     for flag in ("num_requests", "max_tokens", "max_num_seqs", "max_num_batched_tokens", "image_workers", "gpus"):
         positive_int(f"--{flag.replace('_', '-')}", getattr(args, flag))
-    for flag in ("images_per_request", "prompt_tokens", "max_images_per_batch"):
+    for flag in ("images_per_request", "prompt_tokens", "max_images_per_batch", "warmup_requests"):
         if getattr(args, flag) < 0:
             raise CLIError(f"--{flag.replace('_', '-')} = {getattr(args, flag)}; must be >= 0")
     for flag in ("slo_ttft", "slo_tpot", "burstiness"):
@@ -172,7 +180,8 @@ def read_records(path: str) -> list[dict]:
 
 def run_compare(args: argparse.Namespace, costs: CostModel, config: SimConfig, phases: list[Phase]) -> dict:
     rows = compare(costs, args.mode, args.placement, read_records(args.compare), [p.image_size for p in phases],
-                   args.prompt_tokens, config, args.slo_ttft, args.slo_tpot)
+                   args.prompt_tokens, config, args.slo_ttft, args.slo_tpot, args.repeated_images,
+                   args.warmup_requests)
     print(format_rows(rows))
     return {"compare": rows, "records_file": str(Path(args.compare).resolve()), "mode": args.mode,
             "placement": args.placement or DEFAULT_PLACEMENTS[args.mode]}

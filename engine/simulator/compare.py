@@ -5,6 +5,16 @@ output tokens (what it made; max_tokens if it failed) and prompt tokens (the ser
 when it sent one). What they lack comes from the caller: the image size (per phase for a --phases
 run) and the text tokens of a prompt without a usage count. A records file holds one run per rate,
 or one --phases run (records with a phase index), compared per phase and over all.
+
+repeated_images: the file is one bench_serve.py run against one server, which sends request i's
+images (seeded by the run's seed, i and the image's index) at every rate, after a warm-up of its
+first `warmup` requests (--warmup-requests, default 1). Then image j of request i has the key
+(i, j), the warm-up fills the encoders' caches first, and each rate starts with the caches the
+rate before left (Simulation.cache_state / warm): as measured, an image is encoded only the
+first time it is sent. Without it every image of every run is new (each run a fresh server).
+
+`simulate_runs` pairs each run's measured records with predicted ones, `rows_of` summarizes
+pairs (scripts/fit_simulator.py shifts predicted TTFTs in between), `compare` is both.
 """
 
 from __future__ import annotations
@@ -27,8 +37,10 @@ def group_runs(records: list[dict]) -> dict[object, list[dict]]:
     return runs
 
 
-def requests_of(records: list[dict], costs: CostModel, sizes: list[Size], prompt_tokens: int) -> list[SimRequest]:
-    """The simulated requests of measured records (sizes[phase], or sizes[0] without phases)."""
+def requests_of(records: list[dict], costs: CostModel, sizes: list[Size], prompt_tokens: int,
+                keyed: bool = False) -> list[SimRequest]:
+    """The simulated requests of measured records (sizes[phase], or sizes[0] without phases);
+    keyed: image j of request i has the content key (i, j)."""
     out = []
     for r in sorted(records, key=lambda r: (r["scheduled_s"], r["request_id"])):
         phase = r.get("phase") or 0
@@ -37,7 +49,44 @@ def requests_of(records: list[dict], costs: CostModel, sizes: list[Size], prompt
         prompt = r.get("prompt_tokens") or prompt_tokens + images * costs.image_tokens
         out.append(SimRequest(id=r["request_id"], arrival=float(r["scheduled_s"]), images=images,
                               image_size=sizes[min(phase, len(sizes) - 1)], prompt_tokens=int(prompt),
-                              max_tokens=int(tokens), phase=r.get("phase"), rate=float(r["rate"])))
+                              max_tokens=int(tokens), phase=r.get("phase"), rate=float(r["rate"]),
+                              image_keys=tuple((r["request_id"], j) for j in range(images)) if keyed else ()))
+    return out
+
+
+def warm_up_state(costs: CostModel, mode: str, placement: str | None, records: list[dict], sizes: list[Size],
+                  prompt_tokens: int, config: SimConfig | None, warmup: int) -> dict | None:
+    """The encoders' caches after bench_serve.py's warm-up: its first `warmup` requests (request ids
+    0..warmup-1), one after another on an idle server."""
+    first: dict[int, dict] = {}
+    for r in records:
+        if r["request_id"] < warmup:
+            first.setdefault(r["request_id"], r)
+    if not first:
+        return None
+    reqs = requests_of([first[i] for i in sorted(first)], costs, sizes, prompt_tokens, keyed=True)
+    for n, req in enumerate(reqs):
+        req.arrival = 100.0 * n  # one after another
+    sim = Simulation(costs, mode, placement, config)
+    sim.run(reqs)
+    return sim.cache_state()
+
+
+def simulate_runs(costs: CostModel, mode: str, placement: str | None, records: list[dict], sizes: list[Size],
+                  prompt_tokens: int = 22, config: SimConfig | None = None, repeated_images: bool = False,
+                  warmup: int = 1) -> list[tuple[object, list[dict], list[dict]]]:
+    """(run key, measured records, predicted records) per run of the file, in its order (see the
+    module docstring for repeated_images and warmup)."""
+    out = []
+    state = (warm_up_state(costs, mode, placement, records, sizes, prompt_tokens, config, warmup)
+             if repeated_images and warmup > 0 else None)
+    for key, measured in group_runs(records).items():
+        sim = Simulation(costs, mode, placement, config)
+        sim.warm(state)
+        predicted = [r.record() for r in sim.run(requests_of(measured, costs, sizes, prompt_tokens, repeated_images))]
+        if repeated_images:
+            state = sim.cache_state()
+        out.append((key, measured, predicted))
     return out
 
 
@@ -51,14 +100,19 @@ def _summary(records: list[dict], slo_ttft: float, slo_tpot: float) -> dict:
 
 def compare(costs: CostModel, mode: str, placement: str | None, records: list[dict], sizes: list[Size],
             prompt_tokens: int = 22, config: SimConfig | None = None, slo_ttft: float = 1.4,
-            slo_tpot: float = 0.04) -> list[dict]:
+            slo_tpot: float = 0.04, repeated_images: bool = False, warmup: int = 1) -> list[dict]:
     """One row per run (and per phase of a --phases run, then its "all" row): rate, phase,
     measured and predicted TTFT p50 / p90, TPOT p50 and attainment, and attainment's difference
     (predicted - measured) in percentage points."""
+    runs = simulate_runs(costs, mode, placement, records, sizes, prompt_tokens, config, repeated_images, warmup)
+    return rows_of(runs, slo_ttft, slo_tpot)
+
+
+def rows_of(runs: list[tuple[object, list[dict], list[dict]]], slo_ttft: float = 1.4,
+            slo_tpot: float = 0.04) -> list[dict]:
+    """compare's rows of simulate_runs' (key, measured, predicted) triples."""
     rows = []
-    for key, measured in group_runs(records).items():
-        sim = Simulation(costs, mode, placement, config)
-        predicted = [r.record() for r in sim.run(requests_of(measured, costs, sizes, prompt_tokens))]
+    for key, measured, predicted in runs:
         groups = [(float(key), None, measured, predicted)] if key != "phases" else []
         if key == "phases":
             for k in sorted({r["phase"] for r in measured}):

@@ -16,6 +16,38 @@ on (never below 0); decode is bilinear in (batch, context). A size never measure
 nearest measured size's time, scaled by pixel count. What it ignores: times that vary from run
 to run (the interpolant is a mean), and any dependence not in the table (a prefill's time on how
 its tokens split into prompts, a decode step's on how contexts spread around their mean).
+
+Calibration (optional section, scripts/fit_simulator.py fits it on measured bench_serve.py runs;
+a file without it reads as all zeros, i.e. the profile alone, and to_dict writes it back only when
+it was given):
+
+    "calibration": {"request_overhead_s": s, "encode_batch_overhead_s": s, "colocation_factor": f,
+                    "fit": {...}}   # fit: how it was fitted (free-form, kept as read)
+
+The profile times each stage alone; the running engine pays for three things it cannot see, each
+from a measurement of the H200 run in docs/runs/h200-2026-12-01/:
+
+- request_overhead_s: a fixed delay per request between its send and its dispatch to the stages
+  (it counts in TTFT): the client's HTTP send and the server's parse, base64 decode, the
+  orchestrator's SHA-256 of each image (~0.4 ms per 400 KB JPEG) and reading its header, all in
+  front of dispatch, and the first token's SSE back. Measured: the client's TTFT minus the
+  server's (epd_metrics.ttft_s) is 15 ms p50 at 8 req/s, 20-53 ms from 16 to 96 req/s, and the
+  server's own queue before the encoders another 2.5-24 ms. A constant delay of every arrival
+  shifts the whole run, so it adds exactly itself to every TTFT. It is one number for all loads,
+  while that path grows with load (18 ms p50 in all at 8 req/s, 36-88 ms at 40-96): fitted on
+  low rates it stays right at high ones (there TTFT is mostly prefill backlog), fitted on high
+  rates only it comes out too large for low ones (docs/runs/h200-2026-12-01/fit.txt).
+- encode_batch_overhead_s: a fixed extra time per encoder batch that preprocesses at least one
+  image (one whose embeddings are not cached), on the encoder's preprocessing thread: in the
+  running engine a batch of ~8 1080p images preprocesses in 18-21 ms, against 5.3 ms alone in
+  the profile (2.2 ms at 336x336): ~15 ms that does not scale with pixels, the batch's host
+  syncs waiting for time slices of a GPU shared by two encoders, prefill and decode.
+- colocation_factor: time-slicing overhead of a shared GPU: while k >= 2 jobs of instances on
+  one GPU are busy, each runs at 1 / (k (1 + colocation_factor)) of its solo speed instead of
+  processor sharing's 1 / k (events.ProcessorSharing), i.e. the GPU loses that share of its
+  throughput to context switches between processes. Measured: the tower takes ~9 ms per batch in
+  the pipeline vs 7.3 ms alone; TPOT p50 is 15 ms at 24-96 req/s where pure processor sharing
+  predicts 11-11.4 ms.
 """
 
 from __future__ import annotations
@@ -23,7 +55,7 @@ from __future__ import annotations
 import json
 import math
 from bisect import bisect_left
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from engine.simulator.workload import parse_size
@@ -68,6 +100,47 @@ class Handoff:
 
 
 @dataclass(frozen=True)
+class Calibration:
+    """What the running engine adds to the profile's stage times (the module docstring says why)."""
+
+    request_overhead_s: float = 0.0  # per request, before dispatch
+    encode_batch_overhead_s: float = 0.0  # per encoder batch with images to preprocess
+    colocation_factor: float = 0.0  # a shared GPU's throughput lost to time-slicing: 1 / (1 + f)
+    fit: dict | None = None  # how it was fitted (free-form)
+
+    PARAMETERS = ("request_overhead_s", "encode_batch_overhead_s", "colocation_factor")
+
+    @classmethod
+    def from_dict(cls, d: object) -> Calibration:
+        if not isinstance(d, dict):
+            raise ValueError(f"cost model: 'calibration' must be an object (got {d!r})")
+        unknown = set(d) - {*cls.PARAMETERS, "fit"}
+        if unknown:
+            raise ValueError(f"cost model: 'calibration' takes {', '.join(cls.PARAMETERS)} and fit "
+                             f"(got {sorted(unknown)})")
+        values = {}
+        for k in cls.PARAMETERS:
+            v = d.get(k, 0.0)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise ValueError(f"cost model: calibration.{k} = {v!r}: expected a non-negative number")
+            values[k] = float(v)
+        fit = d.get("fit")
+        if fit is not None and not isinstance(fit, dict):
+            raise ValueError(f"cost model: calibration.fit must be an object (got {fit!r})")
+        return cls(**values, fit=fit)
+
+    def to_dict(self) -> dict:
+        out: dict = {k: getattr(self, k) for k in self.PARAMETERS}
+        return out | ({"fit": self.fit} if self.fit is not None else {})
+
+    def params(self) -> dict[str, float]:
+        return {k: getattr(self, k) for k in self.PARAMETERS}
+
+
+NO_CALIBRATION = Calibration()
+
+
+@dataclass(frozen=True)
 class CostModel:
     """Stage times of one model on one device (see the module docstring for the schema)."""
 
@@ -79,6 +152,7 @@ class CostModel:
     image_tokens: int = 576
     block_size: int = 16
     meta: dict | None = None  # device, model, backend, dtype: as read
+    calibration: Calibration | None = None  # None: the file has none (all zeros in effect)
     _curves: dict = field(init=False, repr=False, compare=False)  # table -> (xs, ys), made once
 
     def __post_init__(self) -> None:
@@ -116,7 +190,8 @@ class CostModel:
         return cls(preprocess=preprocess, tower=_points("tower", d["tower"], 2),
                    prefill=_points("prefill", d["prefill"], 2), decode=_points("decode", d["decode"], 3),
                    handoff=Handoff(**{k: float(v) for k, v in hand.items()}),
-                   image_tokens=int(d.get("image_tokens", 576)), block_size=int(d.get("block_size", 16)), meta=meta)
+                   image_tokens=int(d.get("image_tokens", 576)), block_size=int(d.get("block_size", 16)), meta=meta,
+                   calibration=Calibration.from_dict(d["calibration"]) if "calibration" in d else None)
 
     def to_dict(self) -> dict:
         """The JSON form (what from_dict reads)."""
@@ -126,7 +201,17 @@ class CostModel:
                 "preprocess": {f"{w}x{h_}": [list(p) for p in pts] for (w, h_), pts in self.preprocess.items()},
                 "tower": [list(p) for p in self.tower], "prefill": [list(p) for p in self.prefill],
                 "decode": [list(p) for p in self.decode],
-                "handoff": {"fixed_s": h.fixed_s, "mm_item_s": h.mm_item_s, "kv_token_s": h.kv_token_s}}
+                "handoff": {"fixed_s": h.fixed_s, "mm_item_s": h.mm_item_s, "kv_token_s": h.kv_token_s},
+                **({"calibration": self.calibration.to_dict()} if self.calibration is not None else {})}
+
+    @property
+    def calib(self) -> Calibration:
+        """The calibration in effect (all zeros when the file has none)."""
+        return self.calibration or NO_CALIBRATION
+
+    def calibrated(self, **params: float) -> CostModel:
+        """This model with calibration parameters set (the others kept); fit= replaces the fit note."""
+        return replace(self, calibration=replace(self.calib, **params))
 
     # ------------------------------------------------------------------ stage times (seconds)
 

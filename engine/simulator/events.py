@@ -8,7 +8,9 @@ time on the GPU alone, `then` is called when it is done. `ProcessorSharing` (the
 k jobs of the instances on a GPU are busy each progresses at 1/k of its solo speed; at each change
 of k the remaining work is re-planned. Real GPUs time-slice between processes (and overlap
 kernels of different processes only with MPS), so a job's slow-down depends on its kernels'
-lengths and occupancy; processor sharing is the fluid limit of fair time-slicing. `Unshared`
+lengths and occupancy; processor sharing is the fluid limit of fair time-slicing. Its
+`colocation_factor` f (the cost model's calibration) charges the switching: while k >= 2 jobs are
+busy each progresses at 1 / (k (1 + f)), the GPU giving up f / (1 + f) of its throughput. `Unshared`
 runs every job at full speed (each instance as if it had its own GPU): the bound without
 contention.
 """
@@ -58,8 +60,9 @@ class ProcessorSharing:
 
     EPS = 1e-12  # remaining solo seconds below which a job is done
 
-    def __init__(self, loop: EventLoop) -> None:
+    def __init__(self, loop: EventLoop, colocation_factor: float = 0.0) -> None:
         self.loop = loop
+        self.colocation_factor = colocation_factor  # k >= 2 busy jobs: each at 1 / (k (1 + f))
         self.jobs: dict[int, list] = {}  # id -> [remaining solo seconds, callback]
         self._ids = itertools.count()
         self._last = 0.0  # when remaining work was last brought up to date
@@ -78,16 +81,21 @@ class ProcessorSharing:
         """Charge every job its share of the time since the last change."""
         now = self.loop.now
         if self.jobs:
-            share = (now - self._last) / len(self.jobs)
+            share = (now - self._last) / self._stretch()
             for job in self.jobs.values():
                 job[0] -= share
         self._last = now
+
+    def _stretch(self) -> float:
+        """Wall seconds per solo second of each busy job: k, times 1 + f when shared."""
+        k = len(self.jobs)
+        return k * (1.0 + self.colocation_factor) if k > 1 else float(k)
 
     def _replan(self) -> None:
         self._plan += 1
         if self.jobs:
             plan, first = self._plan, min(job[0] for job in self.jobs.values())
-            self.loop.after(max(first, 0.0) * len(self.jobs), lambda: self._complete(plan))
+            self.loop.after(max(first, 0.0) * self._stretch(), lambda: self._complete(plan))
 
     def _complete(self, plan: int) -> None:
         if plan != self._plan:

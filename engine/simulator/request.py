@@ -19,6 +19,7 @@ class SimRequest:
     max_tokens: int
     phase: int | None = None  # its phase's index in a --phases workload
     rate: float = 0.0  # its phase's rate (the record's "rate")
+    image_keys: tuple = ()  # content keys of its images, for the encoders' caches (empty: all new)
     # the images' encode: of the part that finished last (EPD), or of the request's own batch
     preprocess_s: float = 0.0
     tower_s: float = 0.0

@@ -10,6 +10,17 @@ last part is encoded (embeddings copied only from an encoder on another GPU), pr
 (KV moved unless one prefill and one decode share a GPU, and so a KV arena). Requests across
 aggregated instances go to the least loaded one.
 
+Images with content keys (SimRequest.image_keys; none: every image is new) go through the
+encoders' caches as engine/mm_cache.py's: an item an encoder holds is answered without
+preprocessing or tower, and routing sends a key to the encoder that took it last (the
+orchestrator's hints, through engine/router.py's split_items). `cache_state` / `warm` carry the
+caches from one run to the next, as one server serves bench_serve.py's rates in turn.
+
+The cost model's calibration (cost_model.Calibration) acts here: request_overhead_s delays each
+request's dispatch (its TTFT counts from its arrival), colocation_factor slows the GPUs' shared
+work (events.ProcessorSharing), encode_batch_overhead_s each encoder batch that preprocesses
+(stages.Encoder).
+
 TTFT = the prefill's completion (its first token) - arrival; TPOT = (last token - first token) /
 (tokens - 1). The same seed gives the same run.
 """
@@ -40,6 +51,14 @@ class SimConfig:
     max_num_batched_tokens: int = 8192
     max_images_per_batch: int = 8
     image_workers: int = 4  # aggregated: threads preprocessing images
+    mm_cache: bool = True  # EPD encoders keep embeddings by image key (requests with image_keys)
+    mm_cache_items: int | None = None  # MM-arena blocks beyond two encode batches (None: 256, a GPU's)
+
+    @property
+    def mm_cache_capacity(self) -> int:
+        """Items an encoder's cache holds (EngineConfig.num_mm_blocks); 0 with the cache off."""
+        extra = 256 if self.mm_cache_items is None else self.mm_cache_items
+        return 2 * self.max_images_per_batch + extra if self.mm_cache else 0
 
     @classmethod
     def of(cls, config: object) -> SimConfig:
@@ -84,7 +103,10 @@ class Simulation:
         self.devices = parse_devices(mode, placement)
         self.placement = placement or DEFAULT_PLACEMENTS[mode]
         self.loop = EventLoop()
-        self.gpus = {d: sharing(self.loop) for kind in self.devices.values() for d in kind}
+        factor = costs.calib.colocation_factor
+        shared = factor > 0 and isinstance(sharing, type) and issubclass(sharing, ProcessorSharing)
+        self.gpus = {d: sharing(self.loop, factor) if shared else sharing(self.loop)
+                     for kind in self.devices.values() for d in kind}
         make = {"encode": Encoder, "prefill": lambda s, i, d: Prefill(s, i, d, encodes=mode == "pd"),
                 "decode": Decode, "aggregated": Aggregated}
         self.instances: dict[str, list[Instance]] = {
@@ -93,11 +115,26 @@ class Simulation:
         self.shared_kv = mode != "aggregated" and Placement.parse(self.placement, mode).shares_kv_device()
         self.batches: list[BatchRecord] = []
         self._parts: dict[SimRequest, list[Part]] = {}  # a request's encoder parts
+        self.hints: dict[object, int] = {}  # image key -> the encoder that took it last
+
+    def cache_state(self) -> dict:
+        """The encoders' caches (keys, least recently used first) and the routing hints."""
+        return {"hints": dict(self.hints), "encoders": [list(e.cache) for e in self.instances.get("encode", [])]}
+
+    def warm(self, state: dict | None) -> None:
+        """Start with the caches of `state` (cache_state() of a run on the same placement)."""
+        if not state:
+            return
+        self.hints.update(state["hints"])
+        for encoder, keys in zip(self.instances.get("encode", []), state["encoders"]):
+            for key in keys:
+                encoder.remember(key)
 
     def run(self, requests: list[SimRequest]) -> list[SimRequest]:
         """Simulate until every request has finished; the requests, their timelines filled in."""
+        delay = self.costs.calib.request_overhead_s
         for req in requests:
-            self.loop.at(req.arrival, lambda req=req: self._arrive(req))
+            self.loop.at(req.arrival + delay, lambda req=req: self._arrive(req))
         self.loop.run()
         return requests
 
@@ -113,8 +150,10 @@ class Simulation:
         if self.mode == "aggregated":
             self.instances["aggregated"][self._least_loaded("aggregated")].add(req)
         elif self.mode == "epd" and req.images:
-            assignment = split_items(list(range(req.images)), self._snapshot("encode"))
-            parts = [Part(req, len(items), e) for e, items in assignment.items()]
+            keys = req.image_keys if self.config.mm_cache else ()
+            assignment = split_items(list(range(req.images)), self._snapshot("encode"), keys, self.hints)
+            parts = [Part(req, len(items), e, tuple(keys[i] for i in items if i < len(keys)))
+                     for e, items in assignment.items()]
             self._parts[req] = parts
             req.parts_left = len(parts)
             for part in parts:

@@ -8,7 +8,11 @@ one GPU slow each other down.
   max_images_per_batch items (whole parts; a larger part goes alone); a batch's images are
   preprocessed on the encoder's preprocessing thread, then its tower runs on the GPU. Pipelined
   as the role: the next batch preprocesses during this one's tower, at most two batches past the
-  queue, and nothing new starts while the worker is in a tower.
+  queue, and nothing new starts while the worker is in a tower. Its cache (as engine/mm_cache.py's
+  EncoderCache, LRU over SimConfig.mm_cache_capacity items): an item whose key it holds is a hit,
+  neither preprocessed nor through the tower; a batch preprocesses and encodes its misses only,
+  and one with misses costs the calibration's encode_batch_overhead_s more on the preprocessing
+  thread.
 - `Prefill` (engine/roles/prefill.py): FCFS prompts up to max_num_batched_tokens (a longer one goes
   alone) and max_num_seqs, one forward; in pd mode it first preprocesses and encodes each
   request's images itself, one request after another (not pipelined, as the role).
@@ -16,14 +20,16 @@ one GPU slow each other down.
   costs decode_s(batch, mean context) and gives every running sequence one token; new requests
   join at step boundaries.
 
-Ignored: KV and MM arena capacity (no stalls, no preemption), the encoder and pixel caches (every
-image is encoded), multi-step decode, the worker's polling granularity, message latency beyond
-the cost model's hand-off, and preprocessing's use of the GPU (it runs on its own resource).
+Ignored: KV and MM arena capacity (no stalls, no preemption), the pixel cache and pd's encoder
+cache (there every image is encoded), multi-step decode, a prefill's encode_first wait, the
+worker's polling granularity, message latency beyond the cost model's hand-off, and
+preprocessing's use of the GPU (it runs on its own resource; its waits for the GPU are the
+calibration's encode_batch_overhead_s).
 """
 
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -45,6 +51,8 @@ class Part:
     req: SimRequest
     items: int
     encoder: int
+    keys: tuple = ()  # its items' content keys (fewer than items: the rest have none)
+    misses: int = 0  # items not in the encoder's cache when its batch was taken
     prep_start: float = 0.0
     prep_end: float = 0.0
     tower_start: float = 0.0
@@ -109,6 +117,26 @@ class Encoder(Instance):
         self.pending: deque[Part] = deque()
         self.in_flight: deque[_Batch] = deque()  # preprocessing or preprocessed, not yet in the tower
         self.in_tower = False
+        self.cache: OrderedDict = OrderedDict()  # image key -> None, least recently used first
+        self.capacity = self.config.mm_cache_capacity
+
+    def remember(self, key: object) -> bool:
+        """Look `key` up in the cache and hold it (most recently used); True if it was there."""
+        hit = key in self.cache
+        if self.capacity > 0:
+            self.cache[key] = None
+            self.cache.move_to_end(key)
+            while len(self.cache) > self.capacity:
+                self.cache.popitem(last=False)
+        return hit
+
+    def _take(self, part: Part) -> None:
+        """A part into a batch: its items looked up (and taken into the cache)."""
+        hits = 0
+        for key in part.keys:
+            hits += self.remember(key)
+            self.sim.hints[key] = self.index
+        part.misses = part.items - hits
 
     def add(self, part: Part) -> None:
         self.pending.append(part)
@@ -130,8 +158,12 @@ class Encoder(Instance):
             batch = _Batch(take_items(self.pending, self.config.max_images_per_batch, lambda p: p.items))
             for part in batch.parts:
                 part.prep_start = self.loop.now
+                self._take(part)
             self.in_flight.append(batch)
-            self.loop.after(self.preprocess_s([(p.req, p.items) for p in batch.parts]), lambda: self._prepared(batch))
+            seconds = self.preprocess_s([(p.req, p.misses) for p in batch.parts if p.misses])
+            if any(p.misses for p in batch.parts):
+                seconds += self.costs.calib.encode_batch_overhead_s
+            self.loop.after(seconds, lambda: self._prepared(batch))
 
     def _prepared(self, batch: _Batch) -> None:
         batch.ready = True
@@ -141,13 +173,17 @@ class Encoder(Instance):
 
     def _tower(self, batch: _Batch) -> None:
         self.in_tower = True
-        start, items = self.loop.now, sum(p.items for p in batch.parts)
-        self.gpu.submit(self.costs.tower_s(items), lambda: self._encoded(batch, start, items))
+        start, items = self.loop.now, sum(p.misses for p in batch.parts)
+        if items:
+            self.gpu.submit(self.costs.tower_s(items), lambda: self._encoded(batch, start, items))
+        else:  # every item cached: answered without the tower
+            self.loop.after(0.0, lambda: self._encoded(batch, start, 0))
 
     def _encoded(self, batch: _Batch, start: float, items: int) -> None:
         self.in_tower = False
         now = self.loop.now
-        self.sim.log_batch(self, items=items, seqs=len(batch.parts), start=start)
+        if items:
+            self.sim.log_batch(self, items=items, seqs=len(batch.parts), start=start)
         for part in batch.parts:
             part.tower_start, part.tower_end = start, now
             self.sim.encoded(part)
