@@ -469,7 +469,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-requests", type=int, default=50, help="requests per rate")
     p.add_argument("--burstiness", type=float, default=1.0,
                    help="gamma shape of the inter-arrival times (1 = Poisson; < 1 burstier)")
-    p.add_argument("--seed", type=int, default=0, help="seeds the arrivals, prompts and images")
+    p.add_argument("--seed", type=int, default=0, help="seeds the arrivals, prompts and images (rate i: seed + i)")
+    p.add_argument("--same-images", action="store_true",
+                   help="send rate 0's requests at every rate (a server's image cache then answers rates 1..)")
     p.add_argument("--workload", choices=WORKLOADS, default="epd-synthetic",
                    help="epd-synthetic: 22-token prompt + images, 10 output tokens; mixed: half text-only, "
                         "32 output tokens; long-output: 256 output tokens")
@@ -561,8 +563,10 @@ async def warm_up(base_url: str, endpoint: str, requests: list[Prepared], n: int
 
 
 async def _run(args: argparse.Namespace, rates: list[float], specs: list[RequestSpec],
-               phases: list[Phase] | None = None) -> dict:
-    """Every rate in turn (or, with phases, the one multi-phase run); the summary."""
+               phases: list[Phase] | None = None, remake=None) -> dict:
+    """Every rate in turn (or, with phases, the one multi-phase run); the summary. remake(i):
+    rate i's requests (fresh images: a server's image cache must not answer rate i from the
+    images of rate 0); None: the same requests at every rate."""
     httpx = _httpx()
     base_url = args.base_url.rstrip("/")
     api_key = args.api_key or os.environ.get("OPENAI_API_KEY")
@@ -586,6 +590,8 @@ async def _run(args: argparse.Namespace, rates: list[float], specs: list[Request
     records_file = open(args.records, "w") if args.records else None  # noqa: SIM115
     try:
         for i, (rate, offsets) in enumerate(runs):
+            if i > 0 and remake is not None:
+                requests = prepare(remake(i), args.endpoint, model, args.ignore_eos)
             records, duration = await run_rate(
                 base_url, args.endpoint, requests, rate, burstiness=args.burstiness, seed=args.seed + i,
                 api_key=api_key, max_concurrency=args.max_concurrency, timeout=args.request_timeout,
@@ -638,7 +644,10 @@ def main(argv: list[str] | None = None) -> int:
                               args.max_tokens)
     if args.endpoint == "completions" and any(s.images for s in specs):
         raise CLIError("--endpoint completions takes no images; use --endpoint chat or --images-per-request 0")
-    result = asyncio.run(_run(args, rates, specs, phases))
+    remake = None if phases or args.same_images else (
+        lambda i: make_workload(args.workload, args.num_requests, args.seed + i, args.images_per_request, size,
+                                args.max_tokens))
+    result = asyncio.run(_run(args, rates, specs, phases, remake))
     if args.out:
         write_summary(args.out, result)
         print(f"summary: {args.out}", flush=True)

@@ -555,3 +555,23 @@ def test_serve_sweep_on_fake_server(tmp_path: Path) -> None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(("127.0.0.1", port))
     assert "stopping the server" in proc.stderr and "SIGKILL" not in proc.stderr
+
+
+def test_each_rate_sends_fresh_images_unless_asked(fake_server: str) -> None:
+    """A server's image cache must not answer rate 1 from rate 0's images (they are seeded per
+    rate); --same-images sends rate 0's again."""
+    pytest.importorskip("httpx")
+
+    def images_by_rate(extra: list[str]) -> list[set[str]]:
+        FakeOpenAI.bodies = []
+        assert bs.main(["--base-url", fake_server, "--rates", "inf,inf", "--num-requests", "3", "--image-size",
+                        "32x24", "--max-tokens", "2", "--request-timeout", "30", "--no-progress",
+                        "--warmup-requests", "0", *extra]) == 0
+        urls = [[part["image_url"]["url"] for part in b["messages"][0]["content"] if part.get("type") == "image_url"]
+                for b in FakeOpenAI.bodies]
+        return [{u for us in urls[:3] for u in us}, {u for us in urls[3:] for u in us}]
+
+    first, second = images_by_rate([])
+    assert len(first) == 3 and not first & second
+    first, second = images_by_rate(["--same-images"])
+    assert first == second
