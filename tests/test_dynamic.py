@@ -149,10 +149,12 @@ def test_dynamic_epd_moves_a_prefill_to_encode_under_image_load(tiny_llava: Path
     policy = AllocatorPolicy(slo_ttft_s=0.3, interval_s=0.1, confirm=2, min_cooldown_s=0.5, min_dwell_s=1.0)
     with EPDEngine(tiny_llava, placement="E:cpu P:cpu,cpu D:cpu", backend="torch", device="cpu",
                    max_images_per_batch=2, mm_cache=False, dynamic=policy) as epd:
-        outputs = []
-        for _ in range(3):  # load in waves until the allocator acts (bounded)
+        for _ in range(6):  # load in waves until the allocator has switched one (bounded)
             outputs = epd.generate(requests, sp)
             assert [o.token_ids for o in outputs] == reference
+            deadline = time.monotonic() + 30  # a switch it started completes on later steps
+            while epd.status()["allocator"]["switching_to"] and time.monotonic() < deadline:
+                epd.step(0.05)
             if any("new_stage" in d for d in epd.status()["allocator"]["decisions"]):
                 break
         status = epd.status()

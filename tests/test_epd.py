@@ -14,6 +14,7 @@ from PIL import Image
 from engine import LLM, Request, SamplingParams
 from engine.config import ModelConfig
 from engine.epd import EPDEngine, StageError
+from engine.estimator import LoadEstimator
 
 
 def _png(seed: int) -> bytes:
@@ -339,6 +340,7 @@ def test_stage_handles_without_processes() -> None:
     from engine.router import InstanceLoad
 
     epd = EPDEngine.__new__(EPDEngine)
+    epd.estimator, epd.dynamic = LoadEstimator(), None
     epd.flights, epd.late_events, epd.broken, epd.mode = {}, [], None, "pd"
     epd.stages = {h.name: h for h in (StageHandle(kind, i, "cpu", _FakeProcess(), _FakeInbox(), None)
                                        for kind, i in (("prefill", 0), ("prefill", 1), ("decode", 0)))}
@@ -414,6 +416,7 @@ def test_a_dead_weight_owner_stops_its_mappers_on_a_gpu_only(device: str) -> Non
     from engine.epd import StageHandle
 
     epd = EPDEngine.__new__(EPDEngine)
+    epd.estimator, epd.dynamic = LoadEstimator(), None
     epd.flights, epd.late_events, epd.broken, epd.mode = {}, [], None, "epd"
     epd.stages = {h.name: h for h in (StageHandle(kind, i, device, _FakeProcess(), _FakeInbox(), None)
                                        for kind, i in (("prefill", 0), ("prefill", 1), ("decode", 0), ("decode", 1)))}

@@ -14,6 +14,7 @@ from PIL import Image
 from engine import LLM, Request, RequestError, SamplingParams
 from engine.config import EngineConfig
 from engine.epd import EPDEngine
+from engine.estimator import LoadEstimator
 from engine.input_processor import InputProcessor
 from engine.sampling import sample_seed
 
@@ -179,6 +180,7 @@ def test_penalties_with_samples_equal_single_runs(llama_llm: LLM) -> None:
 def test_disaggregated_modes_refuse_what_they_cannot_serve(tiny_llava: Path, sampling: dict, field: str) -> None:
     """Checked in add_request before anything is sent to a stage (no stages needed here)."""
     epd = EPDEngine.__new__(EPDEngine)
+    epd.estimator, epd.dynamic = LoadEstimator(), None
     epd.stages, epd.flights, epd.late_events, epd.broken, epd.mode = {}, {}, [], None, "pd"
     from engine.config import ModelConfig
 
