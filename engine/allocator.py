@@ -7,6 +7,11 @@ Policy, evaluated every `interval_s`:
    - encode: max(utilization, predicted wait / (encode_share x slo_ttft_s));
    - prefill: max(utilization, predicted wait / (prefill_share x slo_ttft_s));
    - decode: max(step time / slo_tpot_s, running requests / (instances x max_num_seqs)).
+   While decode's slots are all taken, the prefill queue is decode's: a prefill keeps the KV of
+   the requests decode has no slot for, and waits for its blocks. Its pressure then counts as
+   decode's (prefill's is capped at decode's, decode's raised to prefill's), so an instance goes
+   to decode, not to a prefill that would only queue more. (Seen on the CPU: prefill pressure 27
+   behind 64 full decode slots.)
    Utilization alone would call a stage that is busy but well within its budget hot; a wait
    alone misses a stage that answers at once but never rests.
 2. The hottest kind with pressure >= high is the receiver; the donor is the coolest other kind
@@ -75,15 +80,19 @@ class Allocator:
 
     def pressures(self, snapshot: dict) -> dict[str, float]:
         p, kinds, out = self.policy, snapshot["kinds"], {}
+        decode_full = False
         for kind, k in kinds.items():
             if kind == "decode":
                 step = (k["step_s"] or 0.0) / p.slo_tpot_s
                 slots = k["running"] / (k["instances"] * p.max_num_seqs)
                 out[kind] = round(max(step, slots), 3)
+                decode_full = slots >= 1.0
             else:
                 share = p.encode_share if kind == "encode" else p.prefill_share
                 wait = (k["predicted_wait_s"] or 0.0) / (share * p.slo_ttft_s)
                 out[kind] = round(max(k["utilization"], wait), 3)
+        if decode_full and out.get("prefill", 0.0) > out["decode"]:
+            out["decode"], out["prefill"] = out["prefill"], out["decode"]
         return out
 
     def switched(self, decision: Decision, seconds: float, now: float) -> None:

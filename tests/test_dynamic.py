@@ -198,3 +198,19 @@ def test_bench_dynamic_runs_static_and_dynamic(tiny_llava: Path, capsys: pytest.
     out = capsys.readouterr().out
     assert done.value.code == 0, out
     assert "| static | 6/6 |" in out and "| dynamic | 6/6 |" in out
+
+
+def test_a_prefill_queue_behind_full_decode_slots_calls_for_decode() -> None:
+    """Decode's 64 slots are taken and prefill's queue (the requests decode has no slot for) is
+    long: the instance goes to decode, not to prefill."""
+    snap = _snapshot(encode=0.05, prefill=0.3, decode_step=0.01, n={"encode": 2, "prefill": 1})
+    snap["kinds"]["prefill"]["predicted_wait_s"] = 5.0
+    snap["kinds"]["decode"]["running"] = 64
+    a = Allocator(AllocatorPolicy(confirm=1, max_num_seqs=64))
+    pressures = a.pressures(snap)
+    assert pressures["decode"] > 5 and pressures["prefill"] == 1.0
+    d = a.evaluate(snap, 0.0)
+    assert d is not None and (d.from_kind, d.to_kind) == ("encode", "decode")
+    snap["kinds"]["decode"]["running"] = 10  # slots free: the prefill queue is prefill's own
+    d = Allocator(AllocatorPolicy(confirm=1, max_num_seqs=64)).evaluate(snap, 0.0)
+    assert d is not None and (d.from_kind, d.to_kind) == ("encode", "prefill")
