@@ -7,7 +7,8 @@ Policy, evaluated every `interval_s`:
    - encode: max(utilization, predicted wait / (encode_share x slo_ttft_s));
    - prefill: max(utilization, predicted wait / (prefill_share x slo_ttft_s));
    - decode: max(step time / slo_tpot_s, running requests / (instances x max_num_seqs)).
-   While decode's slots are all taken, the prefill queue is decode's: a prefill keeps the KV of
+   While decode's slots are all taken, or a prefill's KV arena is full (KV it holds for
+   decode, or shares with it), the prefill queue is decode's: a prefill keeps the KV of
    the requests decode has no slot for, and waits for its blocks. Its pressure then counts as
    decode's (prefill's is capped at decode's, decode's raised to prefill's), so an instance goes
    to decode, not to a prefill that would only queue more. (Seen on the CPU: prefill pressure 27
@@ -86,7 +87,7 @@ class Allocator:
                 step = (k["step_s"] or 0.0) / p.slo_tpot_s
                 slots = k["running"] / (k["instances"] * p.max_num_seqs)
                 out[kind] = round(max(step, slots), 3)
-                decode_full = slots >= 1.0
+                decode_full = slots >= 1.0 or kinds.get("prefill", {}).get("kv_full", False)
             else:
                 share = p.encode_share if kind == "encode" else p.prefill_share
                 wait = (k["predicted_wait_s"] or 0.0) / (share * p.slo_ttft_s)

@@ -214,3 +214,19 @@ def test_a_prefill_queue_behind_full_decode_slots_calls_for_decode() -> None:
     snap["kinds"]["decode"]["running"] = 10  # slots free: the prefill queue is prefill's own
     d = Allocator(AllocatorPolicy(confirm=1, max_num_seqs=64)).evaluate(snap, 0.0)
     assert d is not None and (d.from_kind, d.to_kind) == ("encode", "prefill")
+
+
+def test_a_full_prefill_kv_arena_calls_for_decode_and_is_shown() -> None:
+    """The estimator shows each stage's KV use from its block report; a prefill whose arena is
+    full (the KV of requests waiting for decode) makes its queue decode's pressure."""
+    est = LoadEstimator()
+    est.sent("prefill0", 1, 600, 0.0)
+    snap = est.snapshot(0.1, {"prefill0": "prefill", "decode0": "decode"},
+                        {"prefill0": {"used": 250, "total": 256}, "decode0": None})
+    assert snap["stages"]["prefill0"]["kv_used"] == pytest.approx(0.977) and snap["kinds"]["prefill"]["kv_full"]
+    assert "kv_used" not in snap["stages"]["decode0"] and not snap["kinds"]["decode"]["kv_full"]
+    s = _snapshot(encode=0.05, prefill=0.3, decode_step=0.01, n={"encode": 2, "prefill": 1})
+    s["kinds"]["prefill"]["predicted_wait_s"] = 5.0
+    s["kinds"]["prefill"]["kv_full"] = True
+    d = Allocator(AllocatorPolicy(confirm=1)).evaluate(s, 0.0)
+    assert d is not None and (d.from_kind, d.to_kind) == ("encode", "decode")
