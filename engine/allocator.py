@@ -10,9 +10,12 @@ Policy, evaluated every `interval_s`:
    While decode's slots are all taken, or a prefill's KV arena is full (KV it holds for
    decode, or shares with it), the prefill queue is decode's: a prefill keeps the KV of
    the requests decode has no slot for, and waits for its blocks. Its pressure then counts as
-   decode's (prefill's is capped at decode's, decode's raised to prefill's), so an instance goes
-   to decode, not to a prefill that would only queue more. (Seen on the CPU: prefill pressure 27
-   behind 64 full decode slots.)
+   decode's (decode's is raised to it, prefill's is 0: blocked, it needs no instance), so an
+   instance goes to decode, not to a prefill that would only queue more. (Seen on the CPU: prefill pressure 27
+   behind 64 full decode slots.) Not done for encoders: a full MM arena (mm_full) is also the
+   normal state of a busy encoder whose arena holds two batches (the CPU's), so it does not tell
+   a blocked encoder from a saturated one. On the CPU the encoders looked busy for 48 s while a
+   KV-bound prefill held their embeddings, and no donor was found until then.
    Utilization alone would call a stage that is busy but well within its budget hot; a wait
    alone misses a stage that answers at once but never rests.
 2. The hottest kind with pressure >= high is the receiver; the donor is the coolest other kind
@@ -92,8 +95,8 @@ class Allocator:
                 share = p.encode_share if kind == "encode" else p.prefill_share
                 wait = (k["predicted_wait_s"] or 0.0) / (share * p.slo_ttft_s)
                 out[kind] = round(max(k["utilization"], wait), 3)
-        if decode_full and out.get("prefill", 0.0) > out["decode"]:
-            out["decode"], out["prefill"] = out["prefill"], out["decode"]
+        if decode_full and "prefill" in out:  # blocked: its queue is decode's
+            out["decode"], out["prefill"] = max(out["decode"], out["prefill"]), 0.0
         return out
 
     def switched(self, decision: Decision, seconds: float, now: float) -> None:

@@ -450,7 +450,8 @@ class EPDEngine:
     def load(self) -> dict:
         """The load estimator's snapshot over the live, routed stages."""
         live = {h.name: h.kind for h in self.stages.values() if h.moved_to is None and h.alive()}
-        blocks = {name: self.stages[name].stats.get("kv_blocks") for name in live}
+        blocks = {name: {arena: self.stages[name].stats.get(arena) for arena in ("kv_blocks", "mm_blocks")}
+                  for name in live}
         return self.estimator.snapshot(time.perf_counter(), live, blocks)
 
     def switch_role(self, kind: str, index: int, new_kind: str, weights: str = "auto", timeout_s: float = 300.0

@@ -133,8 +133,9 @@ class LoadEstimator:
 
     def snapshot(self, now: float, kinds: dict[str, str], blocks: dict[str, dict] | None = None) -> dict:
         """{"stages": name -> figures, "kinds": kind -> totals} for the live stages `kinds`
-        (name -> kind); blocks: each stage's latest KV block report ({"used", "total"}), shown as
-        kv_used (a fraction) and, per kind, kv_full (a stage of it at >= KV_FULL)."""
+        (name -> kind); blocks: each stage's latest block reports ({"kv_blocks": {"used", "total"},
+        "mm_blocks": ...}), shown as kv_used / mm_used (fractions) and, per kind, kv_full / mm_full
+        (a stage of it at >= KV_FULL)."""
         stages = {}
         for name, kind in kinds.items():
             x = self._get(name)
@@ -149,9 +150,10 @@ class LoadEstimator:
                 s_per_unit = work / units if units > 1e-9 else None
                 row.update(queued_requests=x.queued_requests, queued_units=x.queued_units, s_per_unit=s_per_unit,
                            predicted_wait_s=x.queued_units * s_per_unit if s_per_unit is not None else None)
-            kv = (blocks or {}).get(name) or {}
-            if kv.get("total"):
-                row["kv_used"] = round(kv["used"] / kv["total"], 3)
+            for arena in ("kv", "mm"):
+                b = ((blocks or {}).get(name) or {}).get(f"{arena}_blocks") or {}
+                if b.get("total"):
+                    row[f"{arena}_used"] = round(b["used"] / b["total"], 3)
             stages[name] = row
         return {"tau_s": self.tau_s, "stages": stages, "kinds": _by_kind(stages)}
 
@@ -164,7 +166,8 @@ def _by_kind(stages: dict[str, dict]) -> dict[str, dict]:
             continue
         total = {"instances": len(rows), "arrival_rate": round(sum(r["arrival_rate"] for r in rows), 3),
                  "utilization": round(sum(r["utilization"] for r in rows) / len(rows), 3),
-                 "kv_full": any(r.get("kv_used", 0.0) >= KV_FULL for r in rows)}
+                 "kv_full": any(r.get("kv_used", 0.0) >= KV_FULL for r in rows),
+                 "mm_full": any(r.get("mm_used", 0.0) >= KV_FULL for r in rows)}
         if kind == "decode":
             steps = [r["step_s"] for r in rows if r["step_s"] is not None]
             total.update(running=sum(r["running"] for r in rows), step_s=max(steps) if steps else None)

@@ -208,7 +208,7 @@ def test_a_prefill_queue_behind_full_decode_slots_calls_for_decode() -> None:
     snap["kinds"]["decode"]["running"] = 64
     a = Allocator(AllocatorPolicy(confirm=1, max_num_seqs=64))
     pressures = a.pressures(snap)
-    assert pressures["decode"] > 5 and pressures["prefill"] == 1.0
+    assert pressures["decode"] > 5 and pressures["prefill"] == 0.0
     d = a.evaluate(snap, 0.0)
     assert d is not None and (d.from_kind, d.to_kind) == ("encode", "decode")
     snap["kinds"]["decode"]["running"] = 10  # slots free: the prefill queue is prefill's own
@@ -222,11 +222,14 @@ def test_a_full_prefill_kv_arena_calls_for_decode_and_is_shown() -> None:
     est = LoadEstimator()
     est.sent("prefill0", 1, 600, 0.0)
     snap = est.snapshot(0.1, {"prefill0": "prefill", "decode0": "decode"},
-                        {"prefill0": {"used": 250, "total": 256}, "decode0": None})
+                        {"prefill0": {"kv_blocks": {"used": 250, "total": 256}, "mm_blocks": {"used": 1, "total": 4}},
+                         "decode0": {"kv_blocks": None}})
     assert snap["stages"]["prefill0"]["kv_used"] == pytest.approx(0.977) and snap["kinds"]["prefill"]["kv_full"]
     assert "kv_used" not in snap["stages"]["decode0"] and not snap["kinds"]["decode"]["kv_full"]
+    assert snap["stages"]["prefill0"]["mm_used"] == 0.25 and not snap["kinds"]["prefill"]["mm_full"]
     s = _snapshot(encode=0.05, prefill=0.3, decode_step=0.01, n={"encode": 2, "prefill": 1})
     s["kinds"]["prefill"]["predicted_wait_s"] = 5.0
     s["kinds"]["prefill"]["kv_full"] = True
     d = Allocator(AllocatorPolicy(confirm=1)).evaluate(s, 0.0)
     assert d is not None and (d.from_kind, d.to_kind) == ("encode", "decode")
+
