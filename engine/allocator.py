@@ -11,8 +11,8 @@ Policy, evaluated every `interval_s`:
    decode, or shares with it), the prefill queue is decode's: a prefill keeps the KV of
    the requests decode has no slot for, and waits for its blocks. Its pressure then counts as
    decode's (decode's is raised to it, prefill's is 0: blocked, it needs no instance), so an
-   instance goes to decode, not to a prefill that would only queue more. (Seen on the CPU: prefill pressure 27
-   behind 64 full decode slots.) Not done for encoders: a full MM arena (mm_full) is also the
+   instance goes to decode, not to a prefill that would only queue more (seen on the CPU:
+   prefill pressure 27 behind 64 full decode slots). Not done for encoders: a full MM arena (mm_full) is also the
    normal state of a busy encoder whose arena holds two batches (the CPU's), so it does not tell
    a blocked encoder from a saturated one. On the CPU the encoders looked busy for 48 s while a
    KV-bound prefill held their embeddings, and no donor was found until then.
@@ -81,6 +81,7 @@ class Allocator:
     last_switch: tuple[str, str, float] | None = None  # (from, to, when it ended)
     last_switch_s: float = 0.0
     dwell_until: dict[str, float] = field(default_factory=dict)  # stage name -> earliest next switch
+    last_pressures: dict[str, float] = field(default_factory=dict)  # of the last evaluation
 
     def pressures(self, snapshot: dict) -> dict[str, float]:
         p, kinds, out = self.policy, snapshot["kinds"], {}
@@ -108,16 +109,20 @@ class Allocator:
     def dwell(self, name: str, now: float) -> None:
         self.dwell_until[name] = now + self.policy.min_dwell_s
 
+    def due(self, now: float) -> bool:
+        """An evaluation interval has passed (before it, evaluate returns None at once)."""
+        return self.last_eval is None or now - self.last_eval >= self.policy.interval_s
+
     def evaluate(self, snapshot: dict, now: float) -> Decision | None:
         """A switch to make now, or None (also between intervals and during cooldowns)."""
         p = self.policy
-        if self.last_eval is not None and now - self.last_eval < p.interval_s:
+        if not self.due(now):
             return None
         self.last_eval = now
+        pressures = self.last_pressures = self.pressures(snapshot)
         if self.last_switch is not None and now - self.last_switch[2] < max(p.min_cooldown_s,
                                                                              p.cost_factor * self.last_switch_s):
             return None
-        pressures = self.pressures(snapshot)
         kinds = snapshot["kinds"]
         hot = max(pressures, key=pressures.get, default=None)
         if hot is None or pressures[hot] < p.high:

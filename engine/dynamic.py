@@ -24,17 +24,15 @@ class Dynamic:
         self.started = time.perf_counter()
         self.decisions: list[dict] = []
         self.pending: tuple[str, Decision, dict] | None = None  # (new stage name, decision, its record)
-        self.last_pressures: dict[str, float] = {}
 
     def tick(self, epd) -> None:
         now = time.perf_counter()
         if self.pending is not None:
             self._follow(epd, now)
             return
-        snapshot = epd.load()
-        decision = self.allocator.evaluate(snapshot, now)
-        if self.allocator.last_eval == now:
-            self.last_pressures = self.allocator.pressures(snapshot)
+        if not self.allocator.due(now):  # the snapshot only when the allocator will read it
+            return
+        decision = self.allocator.evaluate(epd.load(), now)
         if decision is None:
             return
         stage = epd.stages[decision.stage]
@@ -69,5 +67,5 @@ class Dynamic:
         log.info("dynamic: %s serves as %s after %.2f s", name, decision.to_kind, done["seconds"])
 
     def status(self) -> dict:
-        return {"policy": dataclasses.asdict(self.allocator.policy), "pressures": self.last_pressures,
+        return {"policy": dataclasses.asdict(self.allocator.policy), "pressures": self.allocator.last_pressures,
                 "switching_to": self.pending[0] if self.pending else None, "decisions": list(self.decisions)}

@@ -48,8 +48,6 @@ class Decayed:
 @dataclass
 class _Instance:
     tau_s: float
-    queued_requests: int = 0
-    queued_units: int = 0
     tasks: dict[int, list[int]] = field(default_factory=dict)  # req_id -> units of each task queued here
     busy_mark: float | None = None  # since when the busy time not yet counted runs
     work_mark: float | None = None  # since when the busy time not yet paid for by an answer runs
@@ -64,6 +62,14 @@ class _Instance:
     def __post_init__(self) -> None:
         self.arrivals, self.busy, self.units_done = Decayed(self.tau_s), Decayed(self.tau_s), Decayed(self.tau_s)
         self.work = Decayed(self.tau_s)
+
+    @property
+    def queued_requests(self) -> int:
+        return sum(len(units) for units in self.tasks.values())
+
+    @property
+    def queued_units(self) -> int:
+        return sum(sum(units) for units in self.tasks.values())
 
     def account(self, now: float) -> None:
         """Count the busy time up to now."""
@@ -88,10 +94,8 @@ class LoadEstimator:
 
     def sent(self, name: str, req_id: int, units: int, now: float) -> None:
         x = self._get(name)
-        x.tasks.setdefault(req_id, []).append(units)
         x.account(now)
-        x.queued_requests += 1
-        x.queued_units += units
+        x.tasks.setdefault(req_id, []).append(units)
         x.arrivals.add(1.0, now)
         if x.busy_mark is None:
             x.busy_mark = now
@@ -104,12 +108,10 @@ class LoadEstimator:
         queued = x.tasks.get(req_id)
         if not queued:
             return
+        x.account(now)  # up to now, with the task still queued
         units = queued.pop(0)
         if not queued:
             del x.tasks[req_id]
-        x.account(now)
-        x.queued_requests = max(x.queued_requests - 1, 0)
-        x.queued_units = max(x.queued_units - units, 0)
         x.units_done.add(float(units), now)
         if x.work_mark is not None:
             x.work.add(max(now - x.work_mark, 0.0), now)
