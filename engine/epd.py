@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -191,6 +192,7 @@ class EPDEngine:
                     arrival: float | None = None) -> Sequence:
         """Validate and send one request into the stages; its events carry index = seq_id.
         arrival: when it arrived (perf_counter; default now): its TTFT counts from then."""
+        arrival = time.perf_counter() if arrival is None else arrival  # its checks and hashing count
         self._check_stages(self.late_events)  # never route to a stage that died since the last step
         if self.broken:
             raise StageError(f"engine is broken: {self.broken}")
@@ -217,12 +219,13 @@ class EPDEngine:
         ref = self.image_bytes.put(bytes(src))
         return ref if ref is not None else src
 
-    def _free_bytes(self, flight: _Flight) -> None:
-        """The request's image bytes are read (or it has ended): free their spans, once."""
-        for i, src in enumerate(flight.images):
-            if isinstance(src, ByteRef):
-                self.image_bytes.free(src)
-                flight.images[i] = None
+    def _free_bytes(self, flight: _Flight, readers: Counter | None = None) -> None:
+        """The request's image bytes are read (or it has ended): free their spans, once, after
+        the stages in readers (names, tasks each) have answered for them."""
+        refs = [src for src in flight.images if isinstance(src, ByteRef)]
+        flight.images = [None if isinstance(src, ByteRef) else src for src in flight.images]
+        if refs:
+            self.image_bytes.hold(flight.seq.seq_id, refs, readers or Counter())
 
     def has_work(self) -> bool:
         """Requests in flight, events to return, or stage messages waiting (frees to forward,
@@ -294,6 +297,8 @@ class EPDEngine:
             self.estimator.done(stage.name, msg.req_id, time.perf_counter())
         flight = self.flights.get(getattr(msg, "req_id", None))
         if flight is None:
+            if self.image_bytes is not None and isinstance(msg, (Encoded, Failed, Prefilled)):
+                self.image_bytes.answered(msg.req_id, stage.name)  # the spans it held are free once all have
             if isinstance(msg, Encoded):  # images of a request that ended: give the blocks back
                 encoders[msg.encoder].send(FreeMM(msg.blocks, msg.encoder))
             elif isinstance(msg, Prefilled):  # KV of a request that ended meanwhile
@@ -317,6 +322,7 @@ class EPDEngine:
                 self._free_bytes(flight)
                 metrics = flight.state.metrics
                 metrics.encode_end, metrics.preprocess_s, metrics.tower_s = now, msg.preprocess_s, msg.tower_s
+                metrics.encoder_times = msg.times
                 try:
                     self._dispatch_prefill(flight, now)
                 except StageError as e:  # no prefill instance left: this request fails, step goes on
@@ -330,6 +336,8 @@ class EPDEngine:
                 prefills[flight.prefill].load -= 1
                 self.estimator.done(prefills[flight.prefill].name, msg.req_id, now)
                 flight.prefill = None
+            elif stage.kind == "encode":  # that task is answered (one part per encoder in flight)
+                flight.parts.pop(next((p for p, (e, _) in flight.parts.items() if e == stage.index), None), None)
             self._fail(flight, f"{msg.stage}: {msg.error}", events)
 
     def _prefilled(self, flight: _Flight, msg: Prefilled, now: float, events: list[TokenEvent]) -> None:
@@ -389,7 +397,10 @@ class EPDEngine:
         """Free what a request still holds in the stages: embeddings not yet handed to prefill,
         its decode slot (KV still in prefill is freed when its late Prefilled arrives; embeddings
         handed to prefill are freed by prefill)."""
-        self._free_bytes(flight)  # a task not read yet may find its span reused: the stage checks (image_sources)
+        readers = Counter(self.of_kind("encode")[encoder].name for encoder, _ in flight.parts.values())
+        if self.mode == "pd" and flight.prefill is not None:  # it reads the bytes of its task
+            readers[self.of_kind("prefill")[flight.prefill].name] += 1
+        self._free_bytes(flight, readers)  # no span is reused while a stage may still read it
         encoders = self.of_kind("encode")
         for encoder, block in flight.refs.values():
             encoders[encoder].send(FreeMM([block], encoder))
@@ -406,21 +417,26 @@ class EPDEngine:
         """Run all requests through the stages; outputs in request order. A request that fails
         in a stage raises StageError after the others have finished."""
         seqs: list[Sequence] = []
-        try:
-            for r in requests:
-                seqs.append(self.add_request(r, sampling))
-        except Exception:  # one bad request: none of the batch runs
-            for seq in seqs:
-                self.abort(seq)
-            raise
         outputs: dict[int, RequestOutput] = {}
         errors: dict[int, str] = {}
-        while any(s.seq_id in self.flights for s in seqs) or self.late_events:
-            for ev in self.step():
+
+        def take(events: list[TokenEvent]) -> None:
+            for ev in events:
                 if ev.error is not None:
                     errors[ev.index] = ev.error
                 elif ev.output is not None:
                     outputs[ev.index] = ev.output
+
+        try:
+            for r in requests:
+                seqs.append(self.add_request(r, sampling))
+                take(self.step(0.0))  # the stages' answers are handled as they come, not after the last add
+        except Exception:  # one bad request: none of the batch runs
+            for seq in seqs:
+                self.abort(seq)
+            raise
+        while any(s.seq_id in self.flights for s in seqs) or self.late_events:
+            take(self.step())
         if errors:
             raise StageError("; ".join(f"request {i}: {e}" for i, e in sorted(errors.items())))
         return [outputs[s.seq_id] for s in seqs]
@@ -560,6 +576,8 @@ class EPDEngine:
                         self.estimator.done(stage.name, flight.seq.seq_id, time.perf_counter())
                         flight.decode = None  # nothing to abort there
                     self._fail(flight, died, events)
+            if self.image_bytes is not None:  # after the flights failed: it will answer for none of theirs
+                self.image_bytes.reader_gone(stage.name)
 
     def _stop_mappers_of(self, owner: StageHandle) -> None:
         """On a GPU, stages that map a dead stage's weights lose them with it (CUDA IPC memory

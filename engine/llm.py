@@ -121,6 +121,7 @@ class LLM:
         images are only header-checked here; the image workers decode and preprocess them while
         the engine runs (its TTFT counts from `arrival`, default now). Data that is corrupt past
         the header fails the request later, as an event with `error` set."""
+        arrival = time.perf_counter() if arrival is None else arrival  # its checks and hashing count
         seq, images = self.input_processor.make_sequence(request, sampling, preprocess=False)
         self.output_processor.add(seq.seq_id, seq.prompt_ids, seq.sampling, arrival)
         if images:
@@ -129,12 +130,12 @@ class LLM:
             self.engine.add(seq)
         return seq
 
-    def step(self) -> list[TokenEvent]:
+    def step(self, timeout_s: float = 0.05) -> list[TokenEvent]:
         """One engine step: a TokenEvent per token produced (index = the request's seq_id,
         sample = which of its n samples); a request's output comes on the last token of its
         last sample to finish. Requests whose images are ready join the engine first; with
-        nothing else to do, it waits up to 50 ms for the first of them."""
-        events = self._take_preprocessed()
+        nothing else to do, it waits up to timeout_s for the first of them."""
+        events = self._take_preprocessed(timeout_s)
         produced = self.engine.step() if self.engine.has_work() else []
         now = time.perf_counter()
         for kept in append_step(produced):  # multi-step decode can run past a stop: dropped there
@@ -149,12 +150,12 @@ class LLM:
                 events.append(event)
         return events
 
-    def _take_preprocessed(self) -> list[TokenEvent]:
+    def _take_preprocessed(self, timeout_s: float) -> list[TokenEvent]:
         """Requests whose image jobs are done: into the engine, or failed (an error event)."""
         if not self._preprocessing:
             return []
         if not self.engine.has_work():
-            wait([job for _, job in self._preprocessing.values()], timeout=0.05, return_when=FIRST_COMPLETED)
+            wait([job for _, job in self._preprocessing.values()], timeout=timeout_s, return_when=FIRST_COMPLETED)
         failed = []
         for seq_id, (seq, job) in list(self._preprocessing.items()):
             if not job.done():

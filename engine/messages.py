@@ -104,6 +104,7 @@ class Encoded:
     blocks: list[int]  # one MM block per item of the task, in order (a cached item's: one more reference)
     preprocess_s: float = 0.0  # decoding + preprocessing the task's items not cached (synchronized)
     tower_s: float = 0.0  # the vision tower + projector on them (synchronized)
+    times: tuple[float, ...] = ()  # the batch's preprocess start, end, tower start, end (perf_counter)
 
 
 @dataclass

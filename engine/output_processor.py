@@ -28,6 +28,7 @@ class Metrics:
     tower_s: float | None = None  # EPD: the encoder's tower time (the rest of the encode interval is queueing)
     encode_start: float | None = None  # first encode of its images (requests with images)
     encode_end: float | None = None
+    encoder_times: tuple[float, ...] = ()  # EPD: the last part's batch: preprocess start, end, tower start, end
     prefill_start: float | None = None  # first prefill (TTFT = first_token - arrival)
     first_token: float | None = None
     token_times: list[float] = field(default_factory=list)  # one per output token
@@ -61,6 +62,16 @@ class Metrics:
         tower = enc1 - enc0 if self.tower_s is None else self.tower_s  # EPD: the encoder measured it
         return {"queue_s": enc1 - self.arrival - self.preprocess_s - tower, "preprocess_s": self.preprocess_s,
                 "encode_s": tower, "wait_s": pre - enc1, "prefill_s": end - pre}
+
+    def timeline(self) -> dict[str, float]:
+        """Each stamp of the request's way to its first token, in seconds since its arrival: the
+        encode dispatched (EPD) or started, the encoder's batch (preprocess start and end, tower
+        start and end; EPD), encoded (the orchestrator has the embeddings), prefill start, first
+        token. Stamps a request has not had are left out."""
+        stamps = {"encode_start": self.encode_start, "encode_end": self.encode_end,
+                  "prefill_start": self.prefill_start, "first_token": self.first_token}
+        stamps.update(zip(("preprocess_start", "preprocess_end", "tower_start", "tower_end"), self.encoder_times))
+        return {k: v - self.arrival for k, v in stamps.items() if v is not None}
 
     def ttft_s(self) -> float:
         return (self.first_token or self.arrival) - self.arrival
@@ -148,6 +159,7 @@ class RequestState:
             tokens_per_s=m.decode_tokens_per_s(len(first.token_ids)),
             e2e_s=now - m.arrival,
             ttft_breakdown=m.breakdown(),
+            timeline=m.timeline(),
             handoff={"mm_bytes": m.mm_bytes, "mm_copy_s": m.mm_copy_s, "kv_bytes": m.kv_bytes,
                      "kv_migrate_s": m.kv_migrate_s},
             token_times_s=[t - m.arrival for t in m.token_times],

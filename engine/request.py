@@ -215,6 +215,7 @@ class RequestOutput:
     e2e_s: float
     ttft_breakdown: dict[str, float] = field(default_factory=dict)  # queue / encode / wait / prefill seconds
     token_times_s: list[float] = field(default_factory=list)  # each token's time since arrival
+    timeline: dict[str, float] = field(default_factory=dict)  # stamps on the way to the first token (Metrics.timeline)
     handoff: dict[str, float] = field(default_factory=dict)  # EPD: mm_bytes, mm_copy_s, kv_bytes, kv_migrate_s
     outputs: list[CompletionOutput] = field(default_factory=list)
 

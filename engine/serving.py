@@ -31,6 +31,8 @@ __all__ = ["Engine", "EngineLoop", "Failed", "Finished", "LoopStopped", "Request
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 STOPPED = "server stopped"
+STEP_WAIT_S = 0.005  # a step waits this long at most for the stages: then new requests are taken
+INTAKE_S = 0.005  # requests taken in one go for at most this long: then the stages' messages are read
 
 
 @runtime_checkable
@@ -41,7 +43,7 @@ class Engine(Protocol):
     def add_request(self, request: Request | str, sampling: SamplingParams | None = None,
                     arrival: float | None = None) -> Sequence: ...
 
-    def step(self) -> list[TokenEvent]: ...
+    def step(self, timeout_s: float = 0.05) -> list[TokenEvent]: ...  # waits up to timeout_s for work in flight
 
     def abort(self, seq: Sequence) -> object: ...
 
@@ -241,17 +243,20 @@ class EngineLoop:
         return self.sessions
 
     def _run(self) -> None:
+        """Take queued requests (INTAKE_S at most in one go, so stage answers are not held back by
+        a burst), then step (waiting STEP_WAIT_S at most, so a new request is not held back)."""
         while not self.stopping.is_set():
             try:
                 block = not self.engine.has_work()
+                deadline = None
                 try:
-                    while True:
+                    while deadline is None or time.perf_counter() < deadline:
                         self._inbox.get(block=block, timeout=0.1 if block else None)[0]()
-                        block = False
+                        block, deadline = False, deadline or time.perf_counter() + INTAKE_S
                 except queue.Empty:
                     pass
                 if self.engine.has_work() and not self.stopping.is_set():
-                    self._step()
+                    self._step(0.0 if not self._inbox.empty() else STEP_WAIT_S)
             except Exception:  # never end the loop: stop and status must keep answering
                 log.exception("engine loop error")
                 self.stopping.wait(0.1)
@@ -273,9 +278,9 @@ class EngineLoop:
             except Exception:
                 log.exception("cancelling a command queued at stop failed")
 
-    def _step(self) -> None:
+    def _step(self, timeout_s: float) -> None:
         try:
-            events = self.engine.step()
+            events = self.engine.step(timeout_s)
         except Exception as e:  # a failed step must not leave requests hanging
             log.exception("engine step failed")
             self.stats["errors"] += len(self.live)

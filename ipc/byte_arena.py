@@ -4,7 +4,9 @@ SharedArena), writes each image's encoded bytes once, and sends only a `ByteRef`
 length) in the task; the stage that decodes the image maps the arena once (its handle travels in
 the stage's spec) and reads the bytes in place. The orchestrator frees a span when the stage has
 answered for the image (encoded or failed), so a span is never rewritten while a reader may still
-look at it. Allocation is the orchestrator's alone: first fit over a free list kept sorted by
+look at it: a request that ends while a stage still holds its task has its spans held (`hold`) until
+every such stage has answered (`answered`) or died (`reader_gone`). Readers therefore need no check
+that the bytes are still theirs. Allocation is the orchestrator's alone: first fit over a free list kept sorted by
 offset, neighbours merged on free. A full arena refuses (`put` returns None) and the caller
 sends the bytes in the message instead: nothing waits and nothing fails for want of space.
 """
@@ -12,6 +14,8 @@ sends the bytes in the message instead: nothing waits and nothing fails for want
 from __future__ import annotations
 
 import bisect
+from collections import Counter
+from collections.abc import Hashable
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +42,7 @@ class ByteArena:
         self._view = memoryview(shared.tensor.numpy()).cast("B")
         self._free: list[tuple[int, int]] = [(0, self.capacity)] if shared.owner else []  # (offset, size), sorted
         self._spans: dict[int, int] = {}  # offset -> size of each live span
+        self._held: dict[Hashable, tuple[list[ByteRef], Counter]] = {}  # owner -> (spans, answers awaited per reader)
 
     @classmethod
     def create(cls, capacity: int, name: str = "images") -> ByteArena:
@@ -98,6 +103,34 @@ class ByteArena:
             self._free[i - 1] = (offset, size)
         else:
             self._free.insert(i, (offset, size))
+
+    def hold(self, owner: Hashable, refs: list[ByteRef], readers: Counter) -> None:
+        """Free refs once each reader has answered as many times as counted (at once if none)."""
+        if +readers:
+            self._held[owner] = (refs, +readers)
+            return
+        for ref in refs:
+            self.free(ref)
+
+    def answered(self, owner: Hashable, reader: Hashable) -> None:
+        """reader answered for one of owner's tasks: the last answer frees owner's held spans."""
+        held = self._held.get(owner)
+        if held is not None and held[1][reader] > 0:
+            held[1][reader] -= 1
+            if not +held[1]:
+                del self._held[owner]
+                self.hold(owner, held[0], Counter())
+
+    def reader_gone(self, reader: Hashable) -> None:
+        """reader died: it will answer for nothing it holds."""
+        for owner in list(self._held):
+            while owner in self._held and self._held[owner][1][reader] > 0:
+                self.answered(owner, reader)
+
+    @property
+    def held(self) -> int:
+        """Requests whose spans wait for a reader's answer."""
+        return len(self._held)
 
     def close(self) -> None:
         self._view.release()

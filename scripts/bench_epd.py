@@ -179,6 +179,21 @@ def load_row(label: str, run: Run) -> str:
             f"{br['prefill_s']:.1f} | {share:.1f} |")
 
 
+SEGMENTS = (("intake", None, "encode_start"), ("to encoder batch", "encode_start", "preprocess_start"),
+            ("preprocess", "preprocess_start", "preprocess_end"), ("to tower", "preprocess_end", "tower_start"),
+            ("tower", "tower_start", "tower_end"), ("to orchestrator", "tower_end", "encode_end"))
+
+
+def timeline_row(label: str, run: Run) -> str | None:
+    """The encode share split at each stamp of the requests' timelines (p50s, ms); None without
+    encoder stamps (aggregated)."""
+    lines = [o.timeline for o in run.outs if "tower_end" in o.timeline]
+    if not lines:
+        return None
+    cells = [median([t[b] - (t[a] if a else 0.0) for t in lines]) * 1e3 for _, a, b in SEGMENTS]
+    return f"| {label} | " + " | ".join(f"{c:.1f}" for c in cells) + " |"
+
+
 def main(argv: list[str] | None = None) -> None:
     from engine.cli import PLACEMENT_HELP, ArgumentParser, check_device, check_placement, positive_int
 
@@ -282,6 +297,12 @@ def main(argv: list[str] | None = None) -> None:
         for pre, (epd_runs, agg_runs) in results.items():
             print(load_row(f"{args.mode} {args.placement} | {pre}", epd_runs[i]))
             print(load_row(f"aggregated {p_dev} | {pre}", agg_runs[i]))
+        rows = [timeline_row(f"{args.mode} | {pre}", epd_runs[i]) for pre, (epd_runs, _) in results.items()]
+        if any(rows):
+            print("\nthe encode share's stamps (p50 ms of each segment; intake: arrival to dispatch):")
+            print("| engine | image_preprocess | " + " | ".join(name for name, _, _ in SEGMENTS) + " |")
+            print("|---|---|" + "---|" * len(SEGMENTS))
+            print("\n".join(r for r in rows if r))
         share = median([sum(o.ttft_breakdown.get(k, 0.0) for k in ("queue_s", "preprocess_s", "encode_s"))
                         for o in results[modes[0]][0][i].outs])
         print(f"encode share of TTFT (queue + preprocess + encode), p50, {w.size}, {modes[0]}: {share * 1e3:.1f} ms")

@@ -89,3 +89,23 @@ def test_only_the_owner_allocates_and_refs_are_checked() -> None:
             ByteArena.create(8)
     finally:
         arena.close()
+
+
+def test_held_spans_are_freed_when_every_reader_has_answered_or_died() -> None:
+    from collections import Counter
+
+    arena = ByteArena.create(1024)
+    try:
+        a, b, c = arena.put(bytes(100)), arena.put(bytes(100)), arena.put(bytes(100))
+        arena.hold(1, [a, b], Counter({"encode0": 2, "encode1": 1}))  # a request ended with 3 tasks out
+        arena.hold(2, [c], Counter())  # none out: freed at once
+        assert arena.held == 1 and arena.bytes_used == 256
+        arena.answered(1, "encode0")
+        arena.answered(1, "prefill0")  # not one of its readers: changes nothing
+        arena.answered(7, "encode0")  # not held: changes nothing
+        assert arena.held == 1 and arena.bytes_used == 256
+        arena.answered(1, "encode0")
+        arena.reader_gone("encode1")  # died: it answers for nothing
+        assert arena.held == 0 and arena.bytes_used == 0 and arena.bytes_free == 1024
+    finally:
+        arena.close()

@@ -106,6 +106,25 @@ def test_image_bytes_cross_to_the_encoders_through_shared_memory(epd: EPDEngine,
     assert epd.image_bytes.bytes_used == 0
 
 
+def test_an_aborted_request_keeps_its_image_bytes_until_its_encoder_answers(epd: EPDEngine) -> None:
+    """A request aborted while an encoder holds its task: its span is not reused before the
+    encoder has read it (it is held until the encoder's late answer), then freed."""
+    seq = epd.add_request(Request("Describe <image> and <image>", images=[_png(11), _png(12)]), SP)
+    epd.abort(seq)
+    assert epd.image_bytes.held == 1 and epd.image_bytes.bytes_used > 0
+    out = epd.generate([Request("And <image>", images=[_png(13)])], SP)[0]
+    deadline = time.monotonic() + 30
+    while epd.image_bytes.held and time.monotonic() < deadline:  # the late answers, if not read yet
+        epd.step()
+    assert epd.image_bytes.held == 0 and epd.image_bytes.bytes_used == 0
+    # the stamps on its way to the first token, in order (the encoder's batch on the same clock)
+    t = out.timeline
+    order = ["encode_start", "preprocess_start", "preprocess_end", "tower_start", "tower_end", "encode_end",
+             "prefill_start", "first_token"]
+    assert list(t) != [] and set(order) <= set(t) and [t[k] for k in order] == sorted(t[k] for k in order)
+    assert abs(t["first_token"] - out.ttft_s) < 1e-9
+
+
 def test_a_full_byte_arena_sends_the_bytes_in_the_task() -> None:
     from types import SimpleNamespace
 
@@ -341,7 +360,7 @@ def test_stage_handles_without_processes() -> None:
 
     epd = EPDEngine.__new__(EPDEngine)
     epd.estimator, epd.dynamic = LoadEstimator(), None
-    epd.flights, epd.late_events, epd.broken, epd.mode = {}, [], None, "pd"
+    epd.flights, epd.late_events, epd.broken, epd.mode, epd.image_bytes = {}, [], None, "pd", None
     epd.stages = {h.name: h for h in (StageHandle(kind, i, "cpu", _FakeProcess(), _FakeInbox(), None)
                                        for kind, i in (("prefill", 0), ("prefill", 1), ("decode", 0)))}
     procs = epd.procs
@@ -417,7 +436,7 @@ def test_a_dead_weight_owner_stops_its_mappers_on_a_gpu_only(device: str) -> Non
 
     epd = EPDEngine.__new__(EPDEngine)
     epd.estimator, epd.dynamic = LoadEstimator(), None
-    epd.flights, epd.late_events, epd.broken, epd.mode = {}, [], None, "epd"
+    epd.flights, epd.late_events, epd.broken, epd.mode, epd.image_bytes = {}, [], None, "epd", None
     epd.stages = {h.name: h for h in (StageHandle(kind, i, device, _FakeProcess(), _FakeInbox(), None)
                                        for kind, i in (("prefill", 0), ("prefill", 1), ("decode", 0), ("decode", 1)))}
     epd.weight_sources = {"prefill0": None, "prefill1": "prefill0", "decode0": "prefill0", "decode1": None}

@@ -181,7 +181,7 @@ def test_disaggregated_modes_refuse_what_they_cannot_serve(tiny_llava: Path, sam
     """Checked in add_request before anything is sent to a stage (no stages needed here)."""
     epd = EPDEngine.__new__(EPDEngine)
     epd.estimator, epd.dynamic = LoadEstimator(), None
-    epd.stages, epd.flights, epd.late_events, epd.broken, epd.mode = {}, {}, [], None, "pd"
+    epd.stages, epd.flights, epd.late_events, epd.broken, epd.mode, epd.image_bytes = {}, {}, [], None, "pd", None
     from engine.config import ModelConfig
 
     cfg = ModelConfig.from_dir(tiny_llava)

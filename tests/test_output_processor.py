@@ -217,7 +217,7 @@ def test_every_mode_ends_at_the_same_stop_token(llama_llm: LLM, tiny_llama: Path
     # the orchestrator, stages faked: everything decode might have sampled arrives at once
     epd = EPDEngine.__new__(EPDEngine)
     epd.estimator, epd.dynamic = LoadEstimator(), None
-    epd.flights, epd.late_events, epd.broken, epd.mode, epd.router = {}, [], None, "pd", Router()
+    epd.flights, epd.late_events, epd.broken, epd.mode, epd.router, epd.image_bytes = {}, [], None, "pd", Router(), None
     epd.input_processor, epd.output_processor = llama_llm.input_processor, OutputProcessor(llama_llm.tokenizer)
     prefill, dec = (StageHandle(kind, 0, "cpu", _Alive(), _Pipe([]), None) for kind in ("prefill", "decode"))
     epd.stages = {"prefill0": prefill, "decode0": dec}

@@ -277,7 +277,7 @@ class _FailingEngine:
     def has_work(self) -> bool:
         return bool(self.seqs)
 
-    def step(self):
+    def step(self, timeout_s: float = 0.05):
         raise RuntimeError("step exploded")
 
     def abort(self, seq) -> None:

@@ -39,7 +39,7 @@ class _FakeEngine:
         self.seqs[seq.seq_id] = seq
         return seq
 
-    def step(self) -> list[TokenEvent]:
+    def step(self, timeout_s: float = 0.05) -> list[TokenEvent]:
         if self.step_fails:
             raise RuntimeError("step exploded")
         events = []

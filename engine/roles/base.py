@@ -12,7 +12,7 @@ import torch
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig, ModelConfig
 from engine.messages import Failed, SendWeights
-from engine.mm_cache import EncoderCache, PixelCache, image_key
+from engine.mm_cache import EncoderCache, PixelCache
 from engine.roles.weights import WeightManifest, WeightStore, model_parts, room_to_pack
 from engine.runner import ModelRunner, kv_blocks_from_memory, load_weights
 from ipc.arena import ArenaHandle
@@ -20,11 +20,6 @@ from ipc.byte_arena import ByteArena, ByteRef
 from ipc.peer_link import PeerLink
 
 Send = Callable[[object], None]
-
-
-class StaleImage(RuntimeError):
-    """Image bytes in the orchestrator's byte arena no longer hash to their key (the span was
-    reused after the request was aborted): its task fails, nothing is cached from it."""
 
 
 @dataclass(frozen=True)
@@ -165,20 +160,11 @@ class _Role:
             blocks = kv_blocks_from_memory(self.config, self.cfg, self.model, mm_arena, share)
         return blocks
 
-    def image_sources(self, images: list, keys: list[str], items: list[tuple[int, int]]) -> list:
+    def image_sources(self, images: list) -> list:
         """A task's images with those sent through the orchestrator's byte arena read out (a
-        copy: the span is reused once the orchestrator frees it). A request aborted meanwhile may
-        have had its span rewritten: with keys, an image whose bytes no longer hash to its key
-        raises StaleImage (nothing is cached from it); without, the stale result is dropped by
-        the orchestrator, whose request is gone. Thread-safe (an encoder reads on its
-        preprocessing thread)."""
-        if not any(isinstance(x, ByteRef) for x in images):
-            return images
-        out = [self.byte_arena.read(x) if isinstance(x, ByteRef) else x for x in images]
-        expected = {image: key.rpartition(":")[0] for (image, _), key in zip(items, keys)}  # an image's items agree
-        if any(isinstance(images[i], ByteRef) and image_key(out[i]) != key for i, key in expected.items()):
-            raise StaleImage("image bytes changed before they were read (request aborted?)")
-        return out
+        copy: the orchestrator frees the span once this stage has answered for the task).
+        Thread-safe (an encoder reads on its preprocessing thread)."""
+        return [self.byte_arena.read(x) if isinstance(x, ByteRef) else x for x in images]
 
     @property
     def drained(self) -> bool:

@@ -30,7 +30,7 @@ from engine.messages import (
 from engine.mm_cache import EncoderCache, item_pixels
 from engine.preprocess import on_side_stream, stage_image_processor
 from engine.request import Sequence
-from engine.roles.base import RoleSpec, Send, StaleImage, _gb, _mm_blocks, _pixel_cache, _Role
+from engine.roles.base import RoleSpec, Send, _gb, _mm_blocks, _pixel_cache, _Role
 from engine.runner import ModelRunner, kv_block_shape, mm_arena_shape
 from engine.sampling import SamplingParams
 from ipc.arena import SharedArena
@@ -42,7 +42,7 @@ MAX_IN_FLIGHT = 2  # batches past the queue: one in the tower, one preprocessing
 @dataclass
 class _Batch:
     """Tasks encoded together: their MM blocks (taken from the cache), which of their items
-    need the tower, and the preprocessing job's result (pixels, stale tasks, seconds)."""
+    need the tower, and the preprocessing job's result (pixels, its start and end)."""
 
     tasks: list[EncodeTask]
     taken: list[list[tuple[list[int], bool]]]
@@ -154,24 +154,18 @@ class EncodeRole(_Role):
             items += len(task.items)
         return _Batch(tasks, taken)
 
-    def _prepare(self, batch: _Batch) -> tuple[torch.Tensor | None, dict[int, str], float]:
-        """The preprocessing job (on the thread): each task's bytes read and checked (a task whose
-        bytes went stale is reported, not preprocessed), then the tower's inputs for the batch's
-        misses of the other tasks, in order, from one preprocessing call, synchronized. Returns
-        (pixels or None, {task: error} for stale tasks, seconds); a bad image raises."""
+    def _prepare(self, batch: _Batch) -> tuple[torch.Tensor | None, float, float]:
+        """The preprocessing job (on the thread): the tower's inputs for the batch's misses, in
+        order, from one preprocessing call, synchronized. Returns (pixels or None, its start, its
+        end: perf_counter); a bad image raises."""
         start = time.perf_counter()
-        stale = {}
-        for t, task in enumerate(batch.tasks):
-            try:
-                task.images = self.image_sources(task.images, task.keys, task.items)
-            except StaleImage as e:
-                stale[t] = str(e)
-        misses = [(t, i) for t, i in batch.misses if t not in stale]
-        if not misses:
-            return None, stale, time.perf_counter() - start
+        if not batch.misses:
+            return None, start, start
+        for task in batch.tasks:
+            task.images = self.image_sources(task.images)
         with on_side_stream(self._prep_stream):
-            pixels = self._pixels(batch.tasks, misses)
-        return pixels, stale, time.perf_counter() - start
+            pixels = self._pixels(batch.tasks, batch.misses)
+        return pixels, start, time.perf_counter()
 
     def _pixels(self, tasks: list[EncodeTask], misses: list[tuple[int, int]]) -> torch.Tensor:
         """The tower's inputs for items `misses` ((task, position of the item in it)), in that
@@ -187,46 +181,41 @@ class EncodeRole(_Role):
 
     def _finish(self, batch: _Batch) -> None:
         """The tower for a batch whose pixels are ready, synchronized (a prefill in another
-        process reads the arena), then each task answered. Stale tasks fail alone; if an image
+        process reads the arena), then each task answered with the batch's times. If an image
         or the tower fails, the batch's blocks go back and each task runs again alone, so only
         the request it belongs to fails."""
         try:
-            pixels, stale, preprocess_s = batch.job.result()
+            pixels, prep_start, prep_end = batch.job.result()
         except Exception as e:  # a bad image: its request fails, not the stage
             self._retry_alone(batch, e)
             return
-        for t, error in stale.items():
-            task = batch.tasks[t]
-            self.cache.discard([task.keys[i] for tt, i in batch.misses if tt == t and task.keys])
-            self.cache.release(batch.blocks[t])
-            self.send(Failed(task.req_id, self.name, error, images=len(task.items)))
-        misses = [(t, i) for t, i in batch.misses if t not in stale]
         start = time.perf_counter()
         try:
-            if misses:
+            if batch.misses:
                 if pixels.is_cuda:  # made on the preprocessing stream, read on this one
                     pixels.record_stream(torch.cuda.current_stream(pixels.device))
                 seq = Sequence(seq_id=-1, prompt_ids=[], sampling=SamplingParams(), seed=0, stop_token_ids=frozenset(),
-                               pixel_values=pixels, mm_blocks=[batch.blocks[t][i] for t, i in misses])
+                               pixel_values=pixels, mm_blocks=[batch.blocks[t][i] for t, i in batch.misses])
                 self.runner.encode([seq])
             if self.device.type == "cuda":  # this stream only: the next batch's preprocessing runs on the other
                 torch.cuda.current_stream(self.device).synchronize()
         except Exception as e:
-            self._retry_alone(batch, e, skip=set(stale))
+            self._retry_alone(batch, e)
             return
-        tower_s = time.perf_counter() - start
-        for t, (task, blocks) in enumerate(zip(batch.tasks, batch.blocks)):
-            if t not in stale:
-                self.send(Encoded(task.req_id, task.part, self.spec.index, blocks, preprocess_s, tower_s))
+        end = time.perf_counter()
+        times = (prep_start, prep_end, start, end)
+        for task, blocks in zip(batch.tasks, batch.blocks):
+            self.send(Encoded(task.req_id, task.part, self.spec.index, blocks, prep_end - prep_start, end - start,
+                              times))
 
-    def _retry_alone(self, batch: _Batch, error: Exception, skip: set[int] = frozenset()) -> None:
+    def _retry_alone(self, batch: _Batch, error: Exception) -> None:
         """Give a failed batch's blocks back (nothing of it cached); one task: it fails with the
         error; several: each runs again alone, at once."""
-        todo = [t for t in range(len(batch.tasks)) if t not in skip]
-        self.cache.discard([batch.tasks[t].keys[i] for t, i in batch.misses if t in todo and batch.tasks[t].keys])
+        todo = range(len(batch.tasks))
+        self.cache.discard([batch.tasks[t].keys[i] for t, i in batch.misses if batch.tasks[t].keys])
         for t in todo:
             self.cache.release(batch.blocks[t])
-        if len(todo) == 1 and len(batch.tasks) == 1:
+        if len(batch.tasks) == 1:
             task = batch.tasks[0]
             self.send(Failed(task.req_id, self.name, str(error) or type(error).__name__, images=len(task.items)))
             return

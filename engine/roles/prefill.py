@@ -30,7 +30,6 @@ from engine.request import Sequence, Status
 from engine.roles.base import (
     RoleSpec,
     Send,
-    StaleImage,
     _blocks,
     _gb,
     _mm_blocks,
@@ -91,13 +90,8 @@ class PrefillRole(_Role):
                 self._free_encoder_blocks(msg)
                 self.refuse(msg.req_id)
                 return
-            if msg.images:  # pd: read the bytes now (the orchestrator frees them once this request ends)
-                items = all_items(self.cfg, msg.image_sizes)
-                try:
-                    msg.images = self.image_sources(msg.images, msg.item_keys, items)
-                except StaleImage as e:
-                    self.send(Failed(msg.req_id, self.name, str(e), images=len(items)))
-                    return
+            if msg.images:  # pd: read the bytes now (the orchestrator frees them once this task is answered)
+                msg.images = self.image_sources(msg.images)
             self.tasks[msg.req_id] = msg
             self.sched.add(Sequence(seq_id=msg.req_id, prompt_ids=msg.prompt_ids, sampling=msg.sampling,
                                     seed=msg.seed, stop_token_ids=frozenset(), image_sizes=list(msg.image_sizes)))
