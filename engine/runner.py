@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
@@ -166,9 +167,11 @@ class ModelRunner:
         return self._tensor([s.block_table + [0] * (width - len(s.block_table)) for s in seqs], torch.int32)
 
     @torch.inference_mode()
-    def prefill(self, seqs: list[Sequence], all_logits: bool = False) -> StepOutput:
+    def prefill(self, seqs: list[Sequence], all_logits: bool = False,
+                after_layer: Callable[[int], None] | None = None) -> StepOutput:
         """One forward over each sequence's uncached tokens (packed varlen); samples one token
-        per sequence from its last position. Updates num_cached."""
+        per sequence from its last position. Updates num_cached. after_layer(i): called as each
+        layer is launched (a prefill stage yields the GPU to its encoders there)."""
         ids, positions, slots, cu, image_index = [], [], [], [0], []
         peer_rows: dict[int, tuple[list[int], list[int]]] = {}  # peer -> (packed positions, rows in its arena)
         newline_at: list[int] = []  # packed positions that read image_newline (LLaVA-NeXT)
@@ -214,6 +217,7 @@ class ModelRunner:
                               self.mm_peers[peer].view(-1, self.mm_peers[peer].shape[-1]))
                              for peer, (at, rows) in peer_rows.items()],
             newline_at=self._tensor(newline_at, torch.int64) if newline_at else None,
+            after_layer=after_layer,
         )
         last = self._tensor([c - 1 for c in cu[1:]], torch.int64)
         logits = self.model.compute_logits(self.ops, hidden if all_logits else hidden[last])

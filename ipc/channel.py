@@ -11,17 +11,38 @@
         its copy of the read end) or the inbox is closed, messages are dropped. Unlike
         multiprocessing.Queue, nothing joins that thread at exit, so a dead stage's full pipe
         can never hold up the orchestrator's exit.
+
+Both directions write `dumps(msg)`: the C pickler, which is ~90x faster than multiprocess's dill
+on a prompt's token list (3.2 ms vs 36 us for a 1200-token PrefillTask on the CI machine) - that
+was orchestrator time per request, and a decode's per-step time for its Tokens. What the C
+pickler cannot carry (a role switch's build closure) goes through dill; readers' `recv` (dill's
+loads, the C unpickler underneath) reads both.
 """
 
 from __future__ import annotations
 
 import logging
+import pickle
 import threading
 from collections import deque
+from collections.abc import Callable
 
 from multiprocess.reduction import ForkingPickler
 
 log = logging.getLogger(__name__)
+
+
+def dumps(msg: object) -> bytes:
+    """A message as bytes: pickle's C pickler, or dill for what it cannot carry (closures)."""
+    try:
+        return pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception:  # PicklingError, or AttributeError / TypeError for local objects
+        return bytes(ForkingPickler.dumps(msg))
+
+
+def sender(conn) -> Callable[[object], None]:
+    """send(msg) for a plain pipe's write end (a stage's outbox), through dumps."""
+    return lambda msg: conn.send_bytes(dumps(msg))
 
 
 class Inbox:
@@ -44,7 +65,7 @@ class Inbox:
         self._thread.start()
 
     def put(self, msg: object) -> None:
-        data = bytes(ForkingPickler.dumps(msg))
+        data = dumps(msg)
         with self._cond:
             if self._closed or self.broken:
                 return

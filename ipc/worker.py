@@ -28,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+from ipc.channel import sender
 from ipc.parent_watch import bind_to_parent
 
 REPORT_INTERVAL_S = 0.2  # at most this often while busy; always before the worker blocks
@@ -163,12 +164,13 @@ def worker_main(build: Callable[[Callable[[object], None]], Role], name: str, pa
         torch.set_num_threads(torch_threads)
     shell = _Shell(None, name)
     try:
-        shell.role = build(outbox.send)
-        serve(shell, inbox, outbox.send)
+        send = sender(outbox)
+        shell.role = build(send)
+        serve(shell, inbox, send)
     except Exception as e:
         first = (str(e).strip().splitlines() or [""])[0]
         try:
-            outbox.send(Crashed(shell.name, f"{type(e).__name__}: {first}" if first else type(e).__name__,
+            sender(outbox)(Crashed(shell.name, f"{type(e).__name__}: {first}" if first else type(e).__name__,
                                 traceback.format_exc()))
         except OSError:  # the parent is gone too
             pass

@@ -61,6 +61,45 @@ def test_a_prefill_waits_while_an_encoder_is_busy_at_most_max_defer(monkeypatch:
     assert not prefill.PrefillRole._defer(idle)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_a_large_prefill_batch_stops_at_a_layer_boundary_while_an_encoder_is_busy(device: str) -> None:
+    import threading
+
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    board = BusyBoard.create()
+    cpu = torch.device(device)  # on a GPU each boundary also records an event and waits for the one before
+    if device == "cuda":
+        torch.cuda.set_device(cpu)
+        torch.cuda._sleep(1000)  # some work in flight for the events
+    try:
+        idle = prefill._LayerYield(board, cpu, budget_s=0.05)  # no encoder busy: it runs straight through
+        for layer in range(3 * prefill.YIELD_EVERY):
+            idle(layer)
+        assert idle.yields == 0 and idle.waited == 0.0
+        board.set(0, cpu, True)  # busy for longer than the budget: one stop, as long as the budget
+        stuck = prefill._LayerYield(board, cpu, budget_s=0.05)
+        for layer in range(3 * prefill.YIELD_EVERY):
+            stuck(layer)
+        assert stuck.yields == 1 and 0.05 <= stuck.waited < 0.5
+        spent = prefill._LayerYield(board, cpu, budget_s=0.0)  # the batch used its budget before it began
+        spent(prefill.YIELD_EVERY - 1)
+        assert spent.yields == 0
+        # the encoder's batch ends: the prefill goes on at once; only boundaries look at the board
+        released = prefill._LayerYield(board, cpu, budget_s=5.0)
+        released(0)
+        assert released.yields == 0, "not a boundary"
+        timer = threading.Timer(0.03, board.set, (0, cpu, False))
+        timer.start()
+        released(prefill.YIELD_EVERY - 1)
+        timer.join()
+        assert released.yields == 1 and 0.02 <= released.waited < 1.0
+    finally:
+        board.close()
+
+
 def _png(seed: int) -> bytes:
     arr = np.random.default_rng(seed).integers(0, 256, (60 + seed, 80, 3), dtype=np.uint8)
     buf = io.BytesIO()

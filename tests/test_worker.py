@@ -284,3 +284,32 @@ def test_epd_multi_step_decode_matches_aggregated(tiny_llava: Path, placement: s
         assert epd.stages["decode0"].ready["multi_step"] == 4
         assert [o.token_ids for o in epd.generate(_requests(), sp)] == reference
 
+
+
+def test_messages_go_through_the_c_pickler_and_closures_through_dill() -> None:
+    """ipc/channel.dumps: plain messages as pickle writes them (the C pickler: dill's pure-Python
+    one took 3.2 ms for a 1200-token PrefillTask); a closure, which pickle cannot carry, through
+    dill; a pipe's reader (multiprocess recv) reads both."""
+    import pickle
+    from functools import partial
+
+    from engine.messages import PrefillTask
+    from engine.sampling import SamplingParams
+    from ipc.channel import dumps, sender
+
+    task = PrefillTask(7, list(range(1200)), [(0, 1)], SamplingParams(max_tokens=3), 11)
+    assert dumps(task) == pickle.dumps(task, protocol=pickle.HIGHEST_PROTOCOL)
+    offset = 5
+    closure = lambda x: x + offset  # noqa: E731 - a local function: pickle refuses it
+    with pytest.raises((pickle.PicklingError, AttributeError)):
+        pickle.dumps(closure)
+    reader, writer = mp.get_context("spawn").Pipe(duplex=False)
+    try:
+        send = sender(writer)
+        for msg in (task, closure, partial(max, 3)):
+            send(msg)
+        got = [reader.recv() for _ in range(3)]
+        assert got[0] == task and got[1](1) == 6 and got[2](1) == 3
+    finally:
+        reader.close()
+        writer.close()

@@ -5,6 +5,7 @@ Weights are fused at load: qkv_proj = [q; k; v] rows, gate_up_proj = [gate; up] 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -104,11 +105,14 @@ class LlamaModel(nn.Module):
         positions: torch.Tensor,  # [T] int64
         meta: AttentionMetadata,
         kv_arena: torch.Tensor,
+        after_layer: Callable[[int], None] | None = None,  # called with each layer's index once it is launched
     ) -> torch.Tensor:
         """Returns the final-normed hidden states [T, H]."""
         hidden, residual = input_embeds, None
         for i, layer in enumerate(self.layers):
             hidden, residual = layer(ops, i, hidden, residual, positions, self.cos_sin, meta, kv_arena)
+            if after_layer is not None:
+                after_layer(i)
         hidden, _ = ops.add_rms_norm(hidden, residual, self.norm, self.cfg.rms_norm_eps)
         return hidden
 

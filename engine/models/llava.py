@@ -3,6 +3,7 @@ LLaVA-NeXT, the image_newline vector that ends each row of a tiled image's featu
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from types import ModuleType
 
 import torch
@@ -49,6 +50,7 @@ class MultimodalModel(nn.Module):
         image_embeds: torch.Tensor | None = None,  # [N, hidden]
         image_rows_from: tuple = (),  # (positions [M], rows [M], embeds [N', hidden]) from further arenas
         newline_at: torch.Tensor | None = None,  # [K] int64: positions that take image_newline (NeXT)
+        after_layer: Callable[[int], None] | None = None,  # LlamaModel.forward's
     ) -> torch.Tensor:
         embeds = ops.embed_tokens(input_ids, self.lm.embed_tokens, image_index, image_embeds)
         for at, rows, source in image_rows_from:  # read in place (an encoder's arena on this device)
@@ -56,7 +58,7 @@ class MultimodalModel(nn.Module):
         if newline_at is not None:
             newline = self.image_newline.to(embeds.dtype)
             embeds.index_copy_(0, newline_at, newline.expand(newline_at.shape[0], -1))
-        return self.lm(ops, embeds, positions, meta, kv_arena)
+        return self.lm(ops, embeds, positions, meta, kv_arena, after_layer)
 
     def compute_logits(self, ops: ModuleType, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm.compute_logits(ops, hidden)
