@@ -345,6 +345,7 @@ class EPDEngine:
         seq, prefill = flight.seq, self.of_kind("prefill")[msg.prefill]
         self._free_bytes(flight)  # pd: the prefill read them
         flight.state.metrics.mm_bytes, flight.state.metrics.mm_copy_s = msg.mm_bytes, msg.mm_copy_s
+        flight.state.metrics.prefill_times = msg.times
         prefill.load -= 1
         self.estimator.done(prefill.name, seq.seq_id, now)
         flight.prefill = None  # its KV is decode's (or back with prefill) from here on

@@ -135,6 +135,7 @@ class Prefilled:
     kv_blocks: list[int]
     mm_bytes: int = 0  # image embeddings copied in from the encoders' arenas
     mm_copy_s: float = 0.0
+    times: tuple[float, ...] = ()  # the prefill batch's start (after encode_first's wait) and end (perf_counter)
 
 
 @dataclass

@@ -29,6 +29,7 @@ class Metrics:
     encode_start: float | None = None  # first encode of its images (requests with images)
     encode_end: float | None = None
     encoder_times: tuple[float, ...] = ()  # EPD: the last part's batch: preprocess start, end, tower start, end
+    prefill_times: tuple[float, ...] = ()  # EPD: its prefill batch's start and end in the prefill stage
     prefill_start: float | None = None  # first prefill (TTFT = first_token - arrival)
     first_token: float | None = None
     token_times: list[float] = field(default_factory=list)  # one per output token
@@ -66,11 +67,13 @@ class Metrics:
     def timeline(self) -> dict[str, float]:
         """Each stamp of the request's way to its first token, in seconds since its arrival: the
         encode dispatched (EPD) or started, the encoder's batch (preprocess start and end, tower
-        start and end; EPD), encoded (the orchestrator has the embeddings), prefill start, first
-        token. Stamps a request has not had are left out."""
+        start and end; EPD), encoded (the orchestrator has the embeddings), prefill start (sent to
+        a prefill, in EPD), the prefill batch in the stage (start, end; EPD), first token. Stamps
+        a request has not had are left out."""
         stamps = {"encode_start": self.encode_start, "encode_end": self.encode_end,
                   "prefill_start": self.prefill_start, "first_token": self.first_token}
         stamps.update(zip(("preprocess_start", "preprocess_end", "tower_start", "tower_end"), self.encoder_times))
+        stamps.update(zip(("prefill_batch_start", "prefill_batch_end"), self.prefill_times))
         return {k: v - self.arrival for k, v in stamps.items() if v is not None}
 
     def ttft_s(self) -> float:
@@ -160,6 +163,7 @@ class RequestState:
             e2e_s=now - m.arrival,
             ttft_breakdown=m.breakdown(),
             timeline=m.timeline(),
+            arrival=m.arrival,
             handoff={"mm_bytes": m.mm_bytes, "mm_copy_s": m.mm_copy_s, "kv_bytes": m.kv_bytes,
                      "kv_migrate_s": m.kv_migrate_s},
             token_times_s=[t - m.arrival for t in m.token_times],

@@ -216,6 +216,7 @@ class RequestOutput:
     ttft_breakdown: dict[str, float] = field(default_factory=dict)  # queue / encode / wait / prefill seconds
     token_times_s: list[float] = field(default_factory=list)  # each token's time since arrival
     timeline: dict[str, float] = field(default_factory=dict)  # stamps on the way to the first token (Metrics.timeline)
+    arrival: float = 0.0  # perf_counter when it arrived: timeline and token times count from it
     handoff: dict[str, float] = field(default_factory=dict)  # EPD: mm_bytes, mm_copy_s, kv_bytes, kv_migrate_s
     outputs: list[CompletionOutput] = field(default_factory=list)
 

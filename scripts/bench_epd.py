@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import gc
 import io
+import json
 import statistics
 import sys
 import time
@@ -194,6 +195,18 @@ def timeline_row(label: str, run: Run) -> str | None:
     return f"| {label} | " + " | ".join(f"{c:.1f}" for c in cells) + " |"
 
 
+def write_timelines(out: Path, pre: str, workloads: list[Workload], epd_runs: list[Run], agg_runs: list[Run]) -> None:
+    """One JSON line per request of each load: engine, size, arrival (perf_counter), its
+    timeline stamps and token times (seconds since arrival)."""
+    out.mkdir(parents=True, exist_ok=True)
+    for w, e, a in zip(workloads, epd_runs, agg_runs):
+        with open(out / f"timeline_{pre}_{w.size}.jsonl", "w") as f:
+            for engine, run in (("epd", e), ("aggregated", a)):
+                for o in run.outs:
+                    f.write(json.dumps({"engine": engine, "size": w.size, "arrival": o.arrival, "ttft": o.ttft_s,
+                                        "timeline": o.timeline, "token_times": o.token_times_s}) + "\n")
+
+
 def main(argv: list[str] | None = None) -> None:
     from engine.cli import PLACEMENT_HELP, ArgumentParser, check_device, check_placement, positive_int
 
@@ -217,6 +230,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--image-preprocess", default="auto",
                    help="auto: the stages that encode decode and preprocess on their GPU; cpu: PIL on image_workers "
                         "threads; or both, comma-separated (each its own pair of engines)")
+    p.add_argument("--timeline", metavar="DIR",
+                   help="write each load's requests (arrival, timeline stamps, token times) as JSON lines there")
     p.add_argument("--no-encode-first", action="store_true",
                    help="prefills do not wait for busy encoders on their GPU (EngineConfig.encode_first=False)")
     args = p.parse_args(argv)
@@ -279,6 +294,8 @@ def main(argv: list[str] | None = None) -> None:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         results[pre] = epd_runs, agg_runs
+        if args.timeline:
+            write_timelines(Path(args.timeline), pre, workloads, epd_runs, agg_runs)
         for w, e, a in zip(workloads, epd_runs, agg_runs):
             n = len(w.check)
             same = compare("epd vs aggregated", e.alone, a.alone)

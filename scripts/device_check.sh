@@ -161,6 +161,19 @@ if [[ " $STAGES " == *" oneencoder "* ]]; then  # issue 13: one encoder process 
     --image-preprocess auto
   grep -h "^| \|encode share" "$OUT/bench_epd_one_encoder.log" | grep -v "^| image emb\|^| KV" >> "$SUMMARY"
 fi
+if [[ " $STAGES " == *" timeline "* ]]; then  # issue 13: 1080p bursts with per-request stamps, layer yields on/off/on
+  llava7b
+  stage pytest_gpu_busy python3 -m pytest -m gpu -q --tb=short -p no:cacheprovider tests/test_busy_board.py
+  for run in yield_a:4 noyield:0 yield_b:4; do
+    IFS=: read -r label every <<< "$run"
+    stage "bench_epd_$label" env EPD_YIELD_EVERY="$every" python3 scripts/bench_epd.py --model /tmp/llava-7b \
+      --placement "E:0,0 P:0 D:0" --requests 48 --images 2 --image-size 1920x1080 --image-format jpeg \
+      --max-tokens 16 --check-requests 2 --image-preprocess auto --timeline "$OUT/tl_$label"
+    echo "layer yields every $every ($label):" >> "$SUMMARY"
+    grep -h "^| \|encode share" "$OUT/bench_epd_$label.log" | grep -v "^| image emb\|^| KV\|^| hand" >> "$SUMMARY"
+  done
+  (cd "$OUT" && tar czf timelines.tgz tl_* && rm -rf tl_*)
+fi
 if [[ " $STAGES " == *" profile_stages "* ]]; then  # issue 15: the per-stage cost profile a simulator is fitted from
   llava7b
   stage profile_stages python3 scripts/profile_stages.py --model /tmp/llava-7b --backend cuda --device cuda \

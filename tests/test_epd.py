@@ -120,7 +120,7 @@ def test_an_aborted_request_keeps_its_image_bytes_until_its_encoder_answers(epd:
     # the stamps on its way to the first token, in order (the encoder's batch on the same clock)
     t = out.timeline
     order = ["encode_start", "preprocess_start", "preprocess_end", "tower_start", "tower_end", "encode_end",
-             "prefill_start", "first_token"]
+             "prefill_start", "prefill_batch_start", "prefill_batch_end", "first_token"]
     assert list(t) != [] and set(order) <= set(t) and [t[k] for k in order] == sorted(t[k] for k in order)
     assert abs(t["first_token"] - out.ttft_s) < 1e-9
 

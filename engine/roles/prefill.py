@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import torch
@@ -44,7 +45,8 @@ from ipc.arena import SharedArena
 from ipc.busy_board import BusyBoard
 
 MAX_DEFER_S = 0.25  # encode_first: the longest a prefill batch waits for the encoders on its device
-YIELD_EVERY = 4  # layers between a large prefill batch's looks at the busy board
+# layers between a large batch's looks at the busy board (EPD_YIELD_EVERY=0: never, for A/B runs)
+YIELD_EVERY = int(os.environ.get("EPD_YIELD_EVERY", 4))
 YIELD_MIN_TOKENS = 1024  # a batch of fewer tokens (~25 ms on an H200) does not yield inside
 
 
@@ -62,7 +64,7 @@ class _LayerYield:
         self.behind: torch.cuda.Event | None = None  # the end of the chunk before the last
 
     def __call__(self, layer: int) -> None:
-        if (layer + 1) % YIELD_EVERY:
+        if YIELD_EVERY <= 0 or (layer + 1) % YIELD_EVERY:
             return
         if self.device.type == "cuda":
             event = torch.cuda.Event()
@@ -224,6 +226,7 @@ class PrefillRole(_Role):
                 self.send(Failed(seq.seq_id, self.name, str(e)))
         if not ready:
             return
+        started = time.perf_counter()
         after_layer = None
         if self.board is not None and sum(s.num_tokens - s.num_cached for s in ready) >= YIELD_MIN_TOKENS:
             after_layer = _LayerYield(self.board, self.device, MAX_DEFER_S - self.batch_waited)
@@ -235,13 +238,15 @@ class PrefillRole(_Role):
                 self.yields += after_layer.yields
             for task in in_place:
                 self._free_encoder_blocks(task)
+        ended = time.perf_counter()
         for seq, token in zip(ready, tokens):
             if seq.mm_blocks:
                 self.mm_blocks.free(seq.mm_blocks)
                 seq.mm_blocks = []
             seq.mm_peer_blocks = []
             seq.status = Status.FINISHED  # the KV blocks now belong to the hand-off
-            self.send(Prefilled(seq.seq_id, token, self.spec.index, seq.block_table, *mm[seq.seq_id]))
+            self.send(Prefilled(seq.seq_id, token, self.spec.index, seq.block_table, *mm[seq.seq_id],
+                                times=(started, ended)))
 
     def _stage_images(self, seq: Sequence, task: PrefillTask) -> int:
         """Make the request's image embeddings readable by the prefill: encode them here (pd),
