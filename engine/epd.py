@@ -166,7 +166,7 @@ class EPDEngine:
                     manifest = self.stages[maps[spec.name]].weights  # None: it had no room to pack them
                     self.stages[spec.name] = spawn_stage(ctx, replace(spec, weights=manifest), spec.config.device)
             self.stages = {spec.name: self.stages[spec.name] for spec in specs}  # in index order
-            self.input_processor.kv_blocks = await_ready(self.stages, deadline)
+            self.input_processor.kv_blocks = await_ready(self.stages, deadline, room_for_switch=bool(dynamic))
         except BaseException:
             self.shutdown()
             raise

@@ -165,7 +165,7 @@ def read_stages(stages: Iterable[StageHandle], timeout_s: float) -> list[tuple[S
     return msgs
 
 
-def await_ready(stages: dict[str, StageHandle], deadline: float) -> int:
+def await_ready(stages: dict[str, StageHandle], deadline: float, room_for_switch: bool = False) -> int:
     """Run the start-up protocol until every stage is Ready (StageError: one failed, died or
     missed the deadline); log one line per stage. Returns the
     smallest KV pool of any stage: what one request may use."""
@@ -173,7 +173,7 @@ def await_ready(stages: dict[str, StageHandle], deadline: float) -> int:
     peers_sent = False
     sizing: dict[str, StageHandle] = {}  # device -> the KV owner sizing there now
     while any(h.ready is None for h in handles):
-        size_next(handles, sizing)
+        size_next(handles, sizing, room_for_switch)
         if not peers_sent and all(h.arena is not None for h in handles if h.kind != "decode") \
                 and all(h.kv_blocks is not None for h in handles if h.kv_owner):
             mm = [h.arena for h in handles if h.kind == "encode"]
@@ -243,10 +243,12 @@ def weight_plan(stages: list[tuple[str, str, str]]) -> dict[str, str | None]:
     return plan
 
 
-def size_next(stages: list[StageHandle], sizing: dict[str, StageHandle]) -> None:
+def size_next(stages: list[StageHandle], sizing: dict[str, StageHandle], room_for_switch: bool = False) -> None:
     """On each device whose stages have all loaded, tell the next KV owner to size its arena
     (one at a time: each takes its share of what is left after the ones before it). sizing:
-    device -> the owner sizing there now (its Sized message removes it)."""
+    device -> the owner sizing there now (its Sized message removes it). room_for_switch
+    (--dynamic): on a device with an encoder, one owner's share is left free, for the arena
+    of an encoder that switches to prefill or decode (else that switch finds no memory)."""
     for device in {h.device for h in stages}:
         here = [h for h in stages if h.device == device]
         if device in sizing or not all(h.loaded for h in here):
@@ -255,7 +257,8 @@ def size_next(stages: list[StageHandle], sizing: dict[str, StageHandle]) -> None
         if waiting:
             owner = waiting[0]
             for_decode = owner.kind == "prefill" and any(h.kind == "decode" and not h.kv_owner for h in here)
-            owner.inbox.put(SizeKV(share=1.0 / len(waiting), for_decode=for_decode))
+            spare = int(room_for_switch and any(h.kind == "encode" for h in here))
+            owner.inbox.put(SizeKV(share=1.0 / (len(waiting) + spare), for_decode=for_decode))
             sizing[device] = owner
 
 

@@ -416,6 +416,15 @@ def test_kv_owners_on_one_device_size_one_at_a_time_after_every_stage_there_load
     size_next(shared, {})
     assert shared[0].inbox.sent == [SizeKV(share=1.0, for_decode=True)] and not shared[1].inbox.sent
 
+    # --dynamic: a device with an encoder keeps one owner's share free (an encoder that switches
+    # to prefill or decode needs an arena there); a device without one does not
+    dyn = [StageHandle(kind, 0, device, _FakeProcess(), _FakeInbox(), None)
+           for kind, device in (("encode", "cuda:0"), ("prefill", "cuda:0"), ("decode", "cuda:1"))]
+    for h in dyn:
+        h.loaded, h.kv_owner = True, h.kind != "encode"
+    size_next(dyn, {}, room_for_switch=True)
+    assert dyn[1].inbox.sent == [SizeKV(share=0.5)] and dyn[2].inbox.sent == [SizeKV(share=1.0)]
+
 
 def test_weight_plan_maps_the_first_covering_store_on_the_device() -> None:
     from engine.stage_handles import weight_plan
