@@ -161,6 +161,17 @@ if [[ " $STAGES " == *" oneencoder "* ]]; then  # issue 13: one encoder process 
     --image-preprocess auto
   grep -h "^| \|encode share" "$OUT/bench_epd_one_encoder.log" | grep -v "^| image emb\|^| KV" >> "$SUMMARY"
 fi
+if [[ " $STAGES " == *" batchab "* ]]; then  # issue 13: 1080p bursts, encoder batches of 16 then 8 items, same run
+  llava7b
+  for items in 16 8; do
+    stage "bench_epd_items$items" python3 scripts/bench_epd.py --model /tmp/llava-7b --placement "E:0,0 P:0 D:0" \
+      --requests 48 --images 2 --image-size 1920x1080 --image-format jpeg --max-tokens 16 --check-requests 2 \
+      --image-preprocess auto --max-images-per-batch "$items" --timeline "$OUT/tl_items$items"
+    echo "encoder batches of $items items:" >> "$SUMMARY"
+    grep -h "^| \|encode share" "$OUT/bench_epd_items$items.log" | grep -v "^| image emb\|^| KV\|^| hand" >> "$SUMMARY"
+  done
+  (cd "$OUT" && tar czf timelines.tgz tl_* && rm -rf tl_*)
+fi
 if [[ " $STAGES " == *" timeline "* ]]; then  # issue 13: 1080p bursts with per-request stamps, layer yields on/off/on
   llava7b
   stage pytest_gpu_busy python3 -m pytest -m gpu -q --tb=short -p no:cacheprovider tests/test_busy_board.py
