@@ -46,7 +46,7 @@ from engine.simulator.workload import parse_size  # noqa: E402
 WITHIN = 10.0  # percent (TTFT p50 / p90) and points (attainment): a rate "within" has all three inside
 # coarse grids of the simulated parameters (refined around the best, halving the step)
 GRIDS = {
-    "colocation_factor": (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.8),
+    "colocation_factor": (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0, 1.5, 2.0, 3.0),
     "encode_batch_overhead_s": (0.0, 0.0025, 0.005, 0.0075, 0.01, 0.0125, 0.015, 0.0175, 0.02, 0.025, 0.03, 0.04),
 }
 REQUEST_OVERHEAD_MAX_S, REQUEST_OVERHEAD_STEP_S = 0.15, 0.0002  # its scan (no simulation per value)
