@@ -290,11 +290,9 @@ class EPDEngine:
                          time.perf_counter(), events)
             return
         if isinstance(msg, Encoded):
-            encoders[msg.encoder].load -= len(msg.blocks)
-            self.estimator.done(encoders[msg.encoder].name, msg.req_id, time.perf_counter())
+            self._done(encoders[msg.encoder], msg.req_id, len(msg.blocks))
         elif isinstance(msg, Failed) and stage.kind == "encode":
-            stage.load -= msg.images
-            self.estimator.done(stage.name, msg.req_id, time.perf_counter())
+            self._done(stage, msg.req_id, msg.images)
         flight = self.flights.get(getattr(msg, "req_id", None))
         if flight is None:
             if self.image_bytes is not None and isinstance(msg, (Encoded, Failed, Prefilled)):
@@ -302,12 +300,10 @@ class EPDEngine:
             if isinstance(msg, Encoded):  # images of a request that ended: give the blocks back
                 encoders[msg.encoder].send(FreeMM(msg.blocks, msg.encoder))
             elif isinstance(msg, Prefilled):  # KV of a request that ended meanwhile
-                prefills[msg.prefill].load -= 1
-                self.estimator.done(prefills[msg.prefill].name, msg.req_id, time.perf_counter())
+                self._done(prefills[msg.prefill], msg.req_id)
                 prefills[msg.prefill].send(FreeKV(msg.kv_blocks, msg.prefill))
             elif isinstance(msg, Failed) and stage.kind == "prefill":
-                stage.load -= 1
-                self.estimator.done(stage.name, msg.req_id, time.perf_counter())
+                self._done(stage, msg.req_id)
             return  # a late message for a finished or failed request
         now = time.perf_counter()
         if isinstance(msg, Encoded):
@@ -333,8 +329,7 @@ class EPDEngine:
             self._prefilled(flight, msg, now, events)
         elif isinstance(msg, Failed):
             if stage.kind == "prefill" and flight.prefill is not None:
-                prefills[flight.prefill].load -= 1
-                self.estimator.done(prefills[flight.prefill].name, msg.req_id, now)
+                self._done(prefills[flight.prefill], msg.req_id, now=now)
                 flight.prefill = None
             elif stage.kind == "encode":  # that task is answered (one part per encoder in flight)
                 flight.parts.pop(next((p for p, (e, _) in flight.parts.items() if e == stage.index), None), None)
@@ -346,8 +341,7 @@ class EPDEngine:
         self._free_bytes(flight)  # pd: the prefill read them
         flight.state.metrics.mm_bytes, flight.state.metrics.mm_copy_s = msg.mm_bytes, msg.mm_copy_s
         flight.state.metrics.prefill_times = msg.times
-        prefill.load -= 1
-        self.estimator.done(prefill.name, seq.seq_id, now)
+        self._done(prefill, seq.seq_id, now=now)
         flight.prefill = None  # its KV is decode's (or back with prefill) from here on
         decodes = self.of_kind("decode")
         flight.decode = self.router.decode_for([h.routing_load() for h in decodes])
@@ -356,8 +350,7 @@ class EPDEngine:
             self._fail(flight, "no decode process is alive", events)
             return
         decode = decodes[flight.decode]
-        decode.load += 1
-        self.estimator.sent(decode.name, seq.seq_id, 0, now)
+        self._sent(decode, seq.seq_id, now=now)
         decode.send(DecodeTask(seq.seq_id, seq.prompt_ids, msg.first_token, msg.prefill, msg.kv_blocks, seq.sampling,
                                seq.seed, seq.stop_token_ids))
         self._tokens([(seq, msg.first_token)], now, events)
@@ -365,9 +358,8 @@ class EPDEngine:
     def _hand_over(self, src: StageHandle, task: DecodeTask, events: list[TokenEvent]) -> None:
         """A request a switching decode gave up: to the least-loaded live decode, which pulls its
         KV from where it is (the old decode's arena, or prefill's if it had not started)."""
-        src.load -= 1
         now = time.perf_counter()
-        self.estimator.done(src.name, task.req_id, now)
+        self._done(src, task.req_id, now=now)
         flight = self.flights.get(task.req_id)
         decodes = self.of_kind("decode")
         dst = self.router.decode_for([h.routing_load() for h in decodes]) if flight is not None else None
@@ -379,9 +371,19 @@ class EPDEngine:
                 self._fail(flight, "no decode process is alive", events)
             return
         flight.decode = dst
-        decodes[dst].load += 1
-        self.estimator.sent(decodes[dst].name, task.req_id, 0, now)
+        self._sent(decodes[dst], task.req_id, now=now)
         decodes[dst].send(task)
+
+    def _sent(self, stage: StageHandle, req_id: int, units: int = 0, now: float | None = None) -> None:
+        """A task to `stage`: its routing load (items for an encoder, requests for the others)
+        and the estimator's record (units: items, prompt tokens, or 0 for a decode)."""
+        stage.load += units if stage.kind == "encode" else 1
+        self.estimator.sent(stage.name, req_id, units, time.perf_counter() if now is None else now)
+
+    def _done(self, stage: StageHandle, req_id: int, units: int = 0, now: float | None = None) -> None:
+        """`stage` answered (or gave up) one task of req_id: what _sent counted comes off."""
+        stage.load -= units if stage.kind == "encode" else 1
+        self.estimator.done(stage.name, req_id, time.perf_counter() if now is None else now)
 
     def _kv_owner(self, free: FreeKV) -> StageHandle:
         """The stage whose arena the freed KV blocks are in: a prefill, or a decode that handed
@@ -408,8 +410,7 @@ class EPDEngine:
         flight.refs.clear()
         if flight.decode is not None:
             decode = self.of_kind("decode")[flight.decode]
-            decode.load -= 1
-            self.estimator.done(decode.name, flight.seq.seq_id, time.perf_counter())
+            self._done(decode, flight.seq.seq_id)
             decode.send(Abort(flight.seq.seq_id))
             flight.decode = None
 
@@ -506,8 +507,7 @@ class EPDEngine:
             raise StageError("no encoder process is alive")
         flight.state.metrics.encode_start = flight.state.metrics.encode_start or time.perf_counter()
         for encoder, items in assignment.items():
-            encoders[encoder].load += len(items)
-            self.estimator.sent(encoders[encoder].name, flight.seq.seq_id, len(items), time.perf_counter())
+            self._sent(encoders[encoder], flight.seq.seq_id, len(items))
             part = flight.next_part
             flight.next_part += 1
             flight.parts[part] = (encoder, items)
@@ -521,8 +521,7 @@ class EPDEngine:
         if flight.prefill is None:
             raise StageError("no prefill process is alive")
         prefill = prefills[flight.prefill]
-        prefill.load += 1
-        self.estimator.sent(prefill.name, seq.seq_id, len(seq.prompt_ids), now)
+        self._sent(prefill, seq.seq_id, len(seq.prompt_ids), now)
         if self.mode == "pd":
             task = PrefillTask(seq.seq_id, seq.prompt_ids, [], seq.sampling, seq.seed, images=flight.images,
                                image_sizes=seq.image_sizes, item_keys=seq.mm_keys)
@@ -573,8 +572,7 @@ class EPDEngine:
                         self._dispatch_encode(flight)  # the lost images go to a live encoder
                 elif (kind == "prefill" and flight.prefill == index) or (kind == "decode" and flight.decode == index):
                     if kind == "decode":
-                        stage.load -= 1
-                        self.estimator.done(stage.name, flight.seq.seq_id, time.perf_counter())
+                        self._done(stage, flight.seq.seq_id)
                         flight.decode = None  # nothing to abort there
                     self._fail(flight, died, events)
             if self.image_bytes is not None:  # after the flights failed: it will answer for none of theirs
