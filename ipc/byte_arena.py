@@ -4,11 +4,12 @@ SharedArena), writes each image's encoded bytes once, and sends only a `ByteRef`
 length) in the task; the stage that decodes the image maps the arena once (its handle travels in
 the stage's spec) and reads the bytes in place. The orchestrator frees a span when the stage has
 answered for the image (encoded or failed), so a span is never rewritten while a reader may still
-look at it: a request that ends while a stage still holds its task has its spans held (`hold`) until
-every such stage has answered (`answered`) or died (`reader_gone`). Readers therefore need no check
-that the bytes are still theirs. Allocation is the orchestrator's alone: first fit over a free list kept sorted by
-offset, neighbours merged on free. A full arena refuses (`put` returns None) and the caller
-sends the bytes in the message instead: nothing waits and nothing fails for want of space.
+look at it: a request that ends while a stage still holds its task has its spans held (`hold`)
+until every such stage has answered (`answered`) or died (`reader_gone`), so readers need no check
+that the bytes are still theirs. Allocation is the orchestrator's alone: first fit over a free
+list kept sorted by offset, neighbours merged on free. A full arena refuses (`put` returns None)
+and the caller sends the bytes in the message instead: nothing waits and nothing fails for want
+of space.
 """
 
 from __future__ import annotations
@@ -112,20 +113,21 @@ class ByteArena:
         for ref in refs:
             self.free(ref)
 
-    def answered(self, owner: Hashable, reader: Hashable) -> None:
-        """reader answered for one of owner's tasks: the last answer frees owner's held spans."""
+    def answered(self, owner: Hashable, reader: Hashable, times: int = 1) -> None:
+        """reader answered for `times` of owner's tasks: the last answer frees owner's held spans."""
         held = self._held.get(owner)
-        if held is not None and held[1][reader] > 0:
-            held[1][reader] -= 1
-            if not +held[1]:
-                del self._held[owner]
-                self.hold(owner, held[0], Counter())
+        if held is None or held[1][reader] <= 0:
+            return
+        refs, readers = held
+        readers[reader] = max(readers[reader] - times, 0)
+        if not +readers:
+            del self._held[owner]
+            self.hold(owner, refs, Counter())
 
     def reader_gone(self, reader: Hashable) -> None:
         """reader died: it will answer for nothing it holds."""
-        for owner in list(self._held):
-            while owner in self._held and self._held[owner][1][reader] > 0:
-                self.answered(owner, reader)
+        for owner, (_, readers) in list(self._held.items()):
+            self.answered(owner, reader, readers[reader])
 
     @property
     def held(self) -> int:

@@ -163,15 +163,15 @@ def worker_main(build: Callable[[Callable[[object], None]], Role], name: str, pa
 
         torch.set_num_threads(torch_threads)
     shell = _Shell(None, name)
+    send = sender(outbox)
     try:
-        send = sender(outbox)
         shell.role = build(send)
         serve(shell, inbox, send)
     except Exception as e:
         first = (str(e).strip().splitlines() or [""])[0]
         try:
-            sender(outbox)(Crashed(shell.name, f"{type(e).__name__}: {first}" if first else type(e).__name__,
-                                traceback.format_exc()))
+            send(Crashed(shell.name, f"{type(e).__name__}: {first}" if first else type(e).__name__,
+                         traceback.format_exc()))
         except OSError:  # the parent is gone too
             pass
         sys.exit(1)

@@ -211,18 +211,17 @@ class EncodeRole(_Role):
     def _retry_alone(self, batch: _Batch, error: Exception) -> None:
         """Give a failed batch's blocks back (nothing of it cached); one task: it fails with the
         error; several: each runs again alone, at once."""
-        todo = range(len(batch.tasks))
         self.cache.discard([batch.tasks[t].keys[i] for t, i in batch.misses if batch.tasks[t].keys])
-        for t in todo:
-            self.cache.release(batch.blocks[t])
+        for blocks in batch.blocks:
+            self.cache.release(blocks)
         if len(batch.tasks) == 1:
             task = batch.tasks[0]
             self.send(Failed(task.req_id, self.name, str(error) or type(error).__name__, images=len(task.items)))
             return
-        for t in todo:
-            got = self.cache.acquire(batch.tasks[t].keys, [1] * len(batch.tasks[t].items))
+        for task in batch.tasks:
+            got = self.cache.acquire(task.keys, [1] * len(task.items))
             assert got is not None, "the batch's blocks were given back"
-            alone = _Batch([batch.tasks[t]], [got])
+            alone = _Batch([task], [got])
             alone.job = _done(self._prepare, alone)
             self._finish(alone)
 
