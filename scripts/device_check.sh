@@ -9,7 +9,8 @@
 # bench_epd with 2 JPEGs per request; with encodefirst, 1080p again with encode_first off); switch
 # (shared weights, role switches); serve (the OpenAI-server sweep); profile_stages (per-stage costs
 # for the simulator: $OUT/costs_h200.json); oneencoder (1080p bench_epd with one encoder process);
-# dynamic (a shifting workload through the OpenAI server, static vs --dynamic).
+# dynamic (a shifting workload through the OpenAI server, static vs --dynamic); encprofile (an encoder's
+# GPU time per image by kernel: scripts/profile_encoder.py).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/device_out}
@@ -184,6 +185,14 @@ if [[ " $STAGES " == *" timeline "* ]]; then  # issue 13: 1080p bursts with per-
     grep -h "^| \|encode share" "$OUT/bench_epd_$label.log" | grep -v "^| image emb\|^| KV\|^| hand" >> "$SUMMARY"
   done
   (cd "$OUT" && tar czf timelines.tgz tl_* && rm -rf tl_*)
+fi
+if [[ " $STAGES " == *" encprofile "* ]]; then  # issue 13/16: an encoder's GPU time per image, by kernel
+  llava7b
+  for size in ${ENC_SIZES:-1920x1080}; do
+    stage "profile_encoder_$size" python3 scripts/profile_encoder.py --model /tmp/llava-7b --size "$size" \
+      --batch "${ENC_BATCHES:-8,32}"
+    sed -n '/^## summary/,$p' "$OUT/profile_encoder_$size.log" >> "$SUMMARY"
+  done
 fi
 if [[ " $STAGES " == *" profile_stages "* ]]; then  # issue 15: the per-stage cost profile a simulator is fitted from
   llava7b
