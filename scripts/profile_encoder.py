@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = ModelConfig.from_dir(args.model)
     config = EngineConfig(model=args.model, backend="cuda", dtype="bfloat16", device="cuda",
-                          max_images_per_batch=max(batches))
+                          max_images_per_batch=max(batches), progress=False).for_model(cfg)
     runner = build_runner(config, cfg, parts="vision")
     runner.capture_graphs()
     processor = stage_image_processor(config, cfg)
