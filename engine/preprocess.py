@@ -32,7 +32,7 @@ import functools
 import io
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -102,6 +102,11 @@ def nvjpeg_available() -> bool:
     except Exception:
         return False
     return True
+
+
+def on_stream(stream: torch.cuda.Stream | None):
+    """torch.cuda.stream(stream), or nothing on the CPU path (None)."""
+    return torch.cuda.stream(stream) if stream is not None else nullcontext()
 
 
 @contextmanager

@@ -10,7 +10,8 @@
 # (shared weights, role switches); serve (the OpenAI-server sweep); profile_stages (per-stage costs
 # for the simulator: $OUT/costs_h200.json); oneencoder (1080p bench_epd with one encoder process);
 # dynamic (a shifting workload through the OpenAI server, static vs --dynamic); encprofile (an encoder's
-# GPU time per image by kernel: scripts/profile_encoder.py).
+# GPU time per image by kernel: scripts/profile_encoder.py); burst (the 1080p burst BURST_RUNS times, with
+# timelines).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/device_out}
@@ -193,6 +194,17 @@ if [[ " $STAGES " == *" encprofile "* ]]; then  # issue 13/16: an encoder's GPU 
       --batch "${ENC_BATCHES:-8,32}"
     sed -n '/^## summary/,$p' "$OUT/profile_encoder_$size.log" >> "$SUMMARY"
   done
+fi
+if [[ " $STAGES " == *" burst "* ]]; then  # issue 13: the 1080p burst, BURST_RUNS times, with per-request stamps
+  llava7b
+  for run in $(seq 1 "${BURST_RUNS:-2}"); do
+    stage "bench_epd_burst$run" python3 scripts/bench_epd.py --model /tmp/llava-7b --placement "E:0,0 P:0 D:0" \
+      --requests 48 --images 2 --image-size "${BURST_SIZE:-1920x1080}" --image-format jpeg --max-tokens 16 \
+      --check-requests 2 --image-preprocess auto --timeline "$OUT/tl_burst$run"
+    echo "burst $run:" >> "$SUMMARY"
+    grep -h "^| \|encode share" "$OUT/bench_epd_burst$run.log" | grep -v "^| image emb\|^| KV\|^| hand" >> "$SUMMARY"
+  done
+  (cd "$OUT" && tar czf timelines.tgz tl_* && rm -rf tl_*)
 fi
 if [[ " $STAGES " == *" profile_stages "* ]]; then  # issue 15: the per-stage cost profile a simulator is fitted from
   llava7b

@@ -28,7 +28,7 @@ from engine.messages import (
     SendWeights,
 )
 from engine.mm_cache import EncoderCache, item_pixels
-from engine.preprocess import on_side_stream, stage_image_processor
+from engine.preprocess import on_side_stream, on_stream, stage_image_processor
 from engine.request import Sequence
 from engine.roles.base import RoleSpec, Send, _gb, _mm_blocks, _pixel_cache, _Role
 from engine.runner import ModelRunner, kv_block_shape, mm_arena_shape
@@ -78,6 +78,9 @@ class EncodeRole(_Role):
         self.in_flight: deque[_Batch] = deque()
         self._prep = ThreadPoolExecutor(1, thread_name_prefix="preprocess")
         self._prep_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        # the tower on a stream of its own, not the legacy default stream: work on that stream
+        # inside nvjpeg would wait for the tower and serialize the pipeline (docs/benchmarks.md)
+        self._tower_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.board = BusyBoard.open(spec.busy_board) if spec.busy_board is not None else None
         self._published = False
         send(Loaded(self.name, kv_owner=False, weights=self.packed_weights))
@@ -191,14 +194,16 @@ class EncodeRole(_Role):
             return
         start = time.perf_counter()
         try:
-            if batch.misses:
-                if pixels.is_cuda:  # made on the preprocessing stream, read on this one
-                    pixels.record_stream(torch.cuda.current_stream(pixels.device))
-                seq = Sequence(seq_id=-1, prompt_ids=[], sampling=SamplingParams(), seed=0, stop_token_ids=frozenset(),
-                               pixel_values=pixels, mm_blocks=[batch.blocks[t][i] for t, i in batch.misses])
-                self.runner.encode([seq])
-            if self.device.type == "cuda":  # this stream only: the next batch's preprocessing runs on the other
-                torch.cuda.current_stream(self.device).synchronize()
+            with on_stream(self._tower_stream):
+                if batch.misses:
+                    if pixels.is_cuda:  # made on the preprocessing stream, read on this one
+                        pixels.record_stream(self._tower_stream)
+                    seq = Sequence(seq_id=-1, prompt_ids=[], sampling=SamplingParams(), seed=0,
+                                   stop_token_ids=frozenset(), pixel_values=pixels,
+                                   mm_blocks=[batch.blocks[t][i] for t, i in batch.misses])
+                    self.runner.encode([seq])
+                if self._tower_stream is not None:  # this stream only: the next batch preprocesses on the other
+                    self._tower_stream.synchronize()
         except Exception as e:
             self._retry_alone(batch, e)
             return
