@@ -144,10 +144,48 @@ def main(argv: list[str] | None = None) -> int:
     images = [r.images[0] for r in requests(count, 1, (width, height), "jpeg", seed=3)]
     hw = [(height, width)] * count
 
-    def prep(n: int, offset: int = 0) -> torch.Tensor:
+    high = torch.cuda.Stream(priority=-1)  # the highest priority torch offers
+
+    def prep(n: int, offset: int = 0, on: torch.cuda.Stream | None = None) -> torch.Tensor:
         batch = images[offset: offset + n]
-        with on_side_stream(stream):
+        with on_side_stream(on or stream):
             return item_pixels(processor, cfg, None, batch, all_items(cfg, hw[:n]), hw[:n], [])
+
+    def prep_steps(n: int, during_tower: bool) -> dict[str, float]:
+        """GpuImagePreprocessor's steps one by one, each synchronized: ms per step; with
+        during_tower, a tower replay is launched on another stream first (it runs meanwhile)."""
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        from engine.preprocess import nvjpeg_decodable, source_bytes
+
+        gpu, batch = inner, images[:n]
+        marks: list[tuple[str, float]] = []
+        if during_tower:  # the graph replay alone: runner.encode's scatter would wait for it on the host
+            with torch.cuda.stream(side):
+                runner.vision_graphs.run(tower_pixels[n])
+        t = time.perf_counter()
+
+        def mark(name: str) -> None:
+            nonlocal t
+            stream.synchronize()
+            now = time.perf_counter()
+            marks.append((name, now - t))
+            t = now
+
+        with torch.cuda.stream(stream):
+            data = [source_bytes(x) for x in batch]
+            assert all(nvjpeg_decodable(d) for d in data)
+            mark("header checks")
+            raw = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in data]
+            mark("bytes to tensors")
+            decoded = [x.permute(1, 2, 0) for x in decode_jpeg(raw, mode=ImageReadMode.RGB, device=gpu.device)]
+            mark("nvjpeg decode")
+            out = gpu.resize_normalize(decoded)
+            mark("resize + normalize")
+            torch.stack([out[i] for i in range(n)])
+            mark("stack")
+        side.synchronize()
+        return dict(marks)
 
     def tower(pixels: torch.Tensor) -> None:
         seq = Sequence(seq_id=-1, prompt_ids=[], sampling=SamplingParams(), seed=0, stop_token_ids=frozenset(),
@@ -164,39 +202,61 @@ def main(argv: list[str] | None = None) -> int:
 
     side = torch.cuda.Stream()
 
-    def pipelined(n: int, own_stream: bool = False) -> None:
+    def pipelined(n: int, own_stream: bool = False, prep_stream: torch.cuda.Stream | None = None) -> None:
         """As EncodeRole: batch i+1 preprocesses during tower i; the tower on the thread's
         current stream (the legacy default stream) or on a stream of its own."""
         tower_stream = side if own_stream else torch.cuda.current_stream()
         with ThreadPoolExecutor(1) as pool, torch.cuda.stream(tower_stream):
-            job = pool.submit(prep, n, 0)
+            job = pool.submit(prep, n, 0, prep_stream)
             for i in range(k):
                 pixels = job.result()
                 pixels.record_stream(tower_stream)
                 if i + 1 < k:
-                    job = pool.submit(prep, n, ((i + 1) % 2) * n)
+                    job = pool.submit(prep, n, ((i + 1) % 2) * n, prep_stream)
                 tower(pixels)
                 tower_stream.synchronize()
 
+    def switch_interval(fn: Callable[[int], None], seconds: float) -> Callable[[int], None]:
+        def run(n: int) -> None:
+            before = sys.getswitchinterval()
+            sys.setswitchinterval(seconds)
+            try:
+                fn(n)
+            finally:
+                sys.setswitchinterval(before)
+        return run
+
+    tower_pixels: dict[int, torch.Tensor] = {}
+
     def measure(n: int) -> str:
-        pixels = prep(n)
+        pixels = tower_pixels[n] = prep(n)
         pre_ms = wall_ms(lambda: prep(n), args.repeats)
         pre_busy = profile_table(f"preprocess, batch {n}", lambda: prep(n))
         tower_ms = wall_ms(lambda: tower(pixels), args.repeats)
         tower_busy = profile_table(f"tower + projector, batch {n}", lambda: tower(pixels))
-        variants = (serial, pipelined, lambda n: pipelined(n, own_stream=True))
+        own = lambda n: pipelined(n, own_stream=True)  # noqa: E731
+        variants = (serial, pipelined, own, lambda n: pipelined(n, True, high), switch_interval(own, 2e-4))
         rates = [k * n / (wall_ms(lambda fn=fn: fn(n), 5) / 1e3) for fn in variants]
+        if getattr(inner, "nvjpeg", False):
+            print(f"\n### preprocess steps, batch {n}, each synchronized (median ms of {args.repeats})")
+            print("| step | alone | during a tower |")
+            print("|---|---|---|")
+            runs = {flag: [prep_steps(n, flag) for _ in range(args.repeats + 2)][2:] for flag in (False, True)}
+            for step in runs[False][0]:
+                alone, during = (statistics.median(r[step] for r in runs[flag]) for flag in (False, True))
+                print(f"| {step} | {1e3 * alone:.2f} | {1e3 * during:.2f} |")
         for own in (False, True):
             stream_table(f"pipelined, batch {n}, tower on {'its own stream' if own else 'the default stream'}",
                          lambda own=own: pipelined(n, own))
-        return (f"| {n} | {pre_ms:.2f} | {pre_busy:.2f} | {tower_ms:.2f} | {tower_busy:.2f} | {rates[0]:.0f} | "
-                f"{rates[1]:.0f} | {rates[2]:.0f} |")
+        return (f"| {n} | {pre_ms:.2f} | {pre_busy:.2f} | {tower_ms:.2f} | {tower_busy:.2f} | "
+                + " | ".join(f"{r:.0f}" for r in rates) + " |")
 
     rows = [measure(n) for n in batches]
     print("\n## summary")
     print("| batch | preprocess wall ms | GPU busy ms | tower wall ms | GPU busy ms | serial images/s | "
-          "pipelined images/s | pipelined, tower on its own stream |")
-    print("|---|---|---|---|---|---|---|---|")
+          "pipelined images/s | pipelined, tower on its own stream | + preprocessing stream at high priority | "
+          "own stream, GIL switch interval 0.2 ms |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
     return 0
 
