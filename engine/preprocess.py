@@ -12,8 +12,9 @@ engine/preprocess_anyres.py, built on GpuImagePreprocessor):
   by ImageProcessor's own numpy operations. Given the same decoded uint8 pixels the float32 output is
   ImageProcessor's bit for bit; bfloat16/float16 output is that rounded to nearest even.
 
-JPEG decode on the GPU uses nvjpeg through torchvision (`torchvision.io.decode_jpeg(list, device=)`,
-one batched call) when torchvision imports. nvjpeg's IDCT and chroma upsampling differ from libjpeg's
+JPEG decode on the GPU uses nvjpeg's hardware engine through our decoder (kernels/jpeg, one batched
+call whose allocations never synchronize the device), and torchvision (`torchvision.io.decode_jpeg(list,
+device=)`) for what that leaves, when torchvision imports. nvjpeg's IDCT and chroma upsampling differ from libjpeg's
 (PIL): decoded pixels differ by a few uint8 levels, so for JPEGs the GPU output is within that
 tolerance of ImageProcessor's, not equal (scripts/bench_preprocess.py measures it). An image goes to
 nvjpeg only when nvjpeg decodes what PIL would (`nvjpeg_decodable`): JPEG data (bytes, a path or a
@@ -50,6 +51,7 @@ from engine.images import (
     load_image,
 )
 from kernels.image import reference as image_ref
+from kernels.jpeg import decoder as jpeg_decoder
 
 if TYPE_CHECKING:
     from engine.config import EngineConfig, ModelConfig
@@ -199,11 +201,9 @@ class GpuImagePreprocessor:
             data = source_bytes(src) if self.nvjpeg else None
             (jpegs if data is not None and nvjpeg_decodable(data) else on_cpu).append((i, data))
         if jpegs:
-            from torchvision.io import ImageReadMode, decode_jpeg
-
             raw = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for _, data in jpegs]
             try:
-                decoded = decode_jpeg(raw, mode=ImageReadMode.RGB, device=self.device)
+                decoded = self._nvjpeg(raw)
             except RuntimeError:  # nvjpeg rejected one: PIL decodes them all and reports errors
                 on_cpu = sorted(on_cpu + jpegs)
             else:
@@ -215,6 +215,21 @@ class GpuImagePreprocessor:
         for i, x in zip(indices, pixels):
             out[i] = torch.from_numpy(x).to(self.device)
         return out
+
+    def _nvjpeg(self, raw: list[torch.Tensor]) -> list[torch.Tensor]:
+        """[3, H, W] uint8 on the device per JPEG: nvjpeg's hardware engine through our decoder
+        (kernels/jpeg: it never synchronizes the device), torchvision for what it leaves (a GPU
+        without the engine, a JPEG the engine does not take). Raises RuntimeError if nvjpeg
+        rejects one."""
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        hardware = jpeg_decoder(self.device)
+        got = hardware.decode(raw) if hardware is not None else [None] * len(raw)
+        rest = [i for i, x in enumerate(got) if x is None]
+        if rest:
+            for i, x in zip(rest, decode_jpeg([raw[i] for i in rest], mode=ImageReadMode.RGB, device=self.device)):
+                got[i] = x
+        return got
 
     def target_hw(self, height: int, width: int) -> tuple[int, int]:
         """The resized (height, width), as ImageProcessor computes it."""

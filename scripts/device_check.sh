@@ -187,6 +187,11 @@ if [[ " $STAGES " == *" timeline "* ]]; then  # issue 13: 1080p bursts with per-
   done
   (cd "$OUT" && tar czf timelines.tgz tl_* && rm -rf tl_*)
 fi
+if [[ " $STAGES " == *" jpegtest "* ]]; then  # the hardware JPEG decoder and the preprocessing / encode-role GPU tests
+  python3 -c "from kernels.build import nvjpeg_paths; print('nvjpeg:', nvjpeg_paths())" >> "$SUMMARY" 2>&1
+  stage pytest_gpu_jpeg python3 -m pytest -m gpu -q --tb=short -p no:cacheprovider tests/test_jpeg_decoder.py \
+    tests/test_preprocess.py tests/test_encode_role.py tests/test_llava_next.py
+fi
 if [[ " $STAGES " == *" encprofile "* ]]; then  # issue 13/16: an encoder's GPU time per image, by kernel
   llava7b
   for size in ${ENC_SIZES:-1920x1080}; do
