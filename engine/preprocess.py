@@ -223,6 +223,10 @@ class GpuImagePreprocessor:
         rejects one."""
         from torchvision.io import ImageReadMode, decode_jpeg
 
+        # nvjpeg's hardware decode writes its output when it is called, not in stream order
+        # (torchcodec PR #1634 measured it on the H100): nothing queued on this stream may still
+        # use memory the allocator hands out for it. Idle here (each call ends synchronized): cheap.
+        torch.cuda.current_stream(self.device).synchronize()
         hardware = jpeg_decoder(self.device)
         got = hardware.decode(raw) if hardware is not None else [None] * len(raw)
         rest = [i for i, x in enumerate(got) if x is None]

@@ -21,6 +21,7 @@ loop is sent as Crashed (its first line and the traceback) and the process exits
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 import traceback
@@ -158,6 +159,11 @@ def worker_main(build: Callable[[Callable[[object], None]], Role], name: str, pa
                 inbox, outbox) -> None:
     """Process entry: tie the worker to its parent, build the role, serve it."""
     bind_to_parent(parent_pid)
+    # CUDA's hardware work queues per context (default 8, read when the context is made): streams
+    # past that share queues, and a kernel waits for all that is queued ahead of it in its queue,
+    # whatever its stream. An encoder runs the tower, the preprocessing and nvjpeg's eight internal
+    # streams; at 8, a decode waited for the tower (docs/benchmarks.md, session 10).
+    os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "32")
     if torch_threads > 0:
         import torch
 

@@ -195,9 +195,13 @@ fi
 if [[ " $STAGES " == *" encprofile "* ]]; then  # issue 13/16: an encoder's GPU time per image, by kernel
   llava7b
   for size in ${ENC_SIZES:-1920x1080}; do
-    stage "profile_encoder_$size" python3 scripts/profile_encoder.py --model /tmp/llava-7b --size "$size" \
-      --batch "${ENC_BATCHES:-8,32}"
-    sed -n '/^## summary/,$p' "$OUT/profile_encoder_$size.log" >> "$SUMMARY"
+    for conn in ${ENC_CONNECTIONS:-8 32}; do  # CUDA's hardware queues per context (the workers run 32)
+      stage "profile_encoder_${size}_c$conn" env CUDA_DEVICE_MAX_CONNECTIONS="$conn" python3 scripts/profile_encoder.py \
+        --model /tmp/llava-7b --size "$size" --batch "${ENC_BATCHES:-8,32}"
+      echo "CUDA_DEVICE_MAX_CONNECTIONS=$conn:" >> "$SUMMARY"
+      sed -n '/^## summary/,$p' "$OUT/profile_encoder_${size}_c$conn.log" >> "$SUMMARY"
+      grep -A8 "preprocess steps" "$OUT/profile_encoder_${size}_c$conn.log" >> "$SUMMARY"
+    done
   done
 fi
 if [[ " $STAGES " == *" burst "* ]]; then  # issue 13: the 1080p burst, BURST_RUNS times, with per-request stamps

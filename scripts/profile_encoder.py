@@ -14,6 +14,7 @@ or nvjpeg's hardware engine), and how much the encode role's pipeline hides.
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -151,9 +152,12 @@ def main(argv: list[str] | None = None) -> int:
         with on_side_stream(on or stream):
             return item_pixels(processor, cfg, None, batch, all_items(cfg, hw[:n]), hw[:n], [])
 
-    def prep_steps(n: int, during_tower: bool) -> dict[str, float]:
+    def prep_steps(n: int, during_tower: bool, torchvision: bool = False) -> dict[str, float]:
         """GpuImagePreprocessor's steps one by one, each synchronized: ms per step; with
-        during_tower, a tower replay is launched on another stream first (it runs meanwhile)."""
+        during_tower, a tower replay is launched on another stream first (it runs meanwhile);
+        with torchvision, its decode_jpeg instead of our decoder (kernels/jpeg)."""
+        from torchvision.io import ImageReadMode, decode_jpeg
+
         from engine.preprocess import nvjpeg_decodable, source_bytes
 
         gpu, batch = inner, images[:n]
@@ -176,12 +180,10 @@ def main(argv: list[str] | None = None) -> int:
             mark("header checks")
             raw = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in data]
             mark("bytes to tensors")
-            decoded = [x.permute(1, 2, 0) for x in gpu._nvjpeg(raw)]
+            planes = (decode_jpeg(raw, mode=ImageReadMode.RGB, device=gpu.device) if torchvision
+                      else gpu._nvjpeg(raw))
+            decoded = [x.permute(1, 2, 0) for x in planes]
             mark("nvjpeg decode")
-            from torchvision.io import ImageReadMode, decode_jpeg
-
-            decode_jpeg(raw, mode=ImageReadMode.RGB, device=gpu.device)
-            mark("(torchvision's decode of the same, for comparison)")
             out = gpu.resize_normalize(decoded)
             mark("resize + normalize")
             torch.stack([out[i] for i in range(n)])
@@ -240,13 +242,16 @@ def main(argv: list[str] | None = None) -> int:
         variants = (serial, pipelined, own, lambda n: pipelined(n, True, high), switch_interval(own, 2e-4))
         rates = [k * n / (wall_ms(lambda fn=fn: fn(n), 5) / 1e3) for fn in variants]
         if getattr(inner, "nvjpeg", False):
-            print(f"\n### preprocess steps, batch {n}, each synchronized (median ms of {args.repeats})")
-            print("| step | alone | during a tower |")
-            print("|---|---|---|")
-            runs = {flag: [prep_steps(n, flag) for _ in range(args.repeats + 2)][2:] for flag in (False, True)}
-            for step in runs[False][0]:
-                alone, during = (statistics.median(r[step] for r in runs[flag]) for flag in (False, True))
-                print(f"| {step} | {1e3 * alone:.2f} | {1e3 * during:.2f} |")
+            connections = os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS", "8 (default)")
+            print(f"\n### preprocess steps, batch {n}, each synchronized (median ms of {args.repeats}), "
+                  f"CUDA_DEVICE_MAX_CONNECTIONS {connections}")
+            print("| step | ours alone | ours during a tower | torchvision alone | torchvision during a tower |")
+            print("|---|---|---|---|---|")
+            cases = [(during, tv) for tv in (False, True) for during in (False, True)]
+            runs = {c: [prep_steps(n, *c) for _ in range(args.repeats + 2)][2:] for c in cases}
+            for step in runs[cases[0]][0]:
+                cells = [1e3 * statistics.median(r[step] for r in runs[c]) for c in cases]
+                print(f"| {step} | " + " | ".join(f"{x:.2f}" for x in cells) + " |")
         for own in (False, True):
             stream_table(f"pipelined, batch {n}, tower on {'its own stream' if own else 'the default stream'}",
                          lambda own=own: pipelined(n, own))

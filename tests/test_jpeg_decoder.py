@@ -5,7 +5,11 @@ streams' work (what it was made for). The CPU test checks the build's rules for 
 from __future__ import annotations
 
 import io
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -88,11 +92,9 @@ def test_what_the_hardware_does_not_take_is_none() -> None:
         _decoder().decode([jpeg(8, 8, 0), torch.zeros(0, dtype=torch.uint8)])
 
 
-@pytest.mark.gpu
-@needs_decoder
-def test_decode_does_not_wait_for_other_streams() -> None:
-    """~150 ms of GEMMs queued on another stream; a decode on this one must not wait for them (the
-    default nvjpeg allocators' cudaFree did). Generous margins: only a device-wide wait fails it."""
+def no_wait_check() -> str:
+    """~280 ms of GEMMs queued on another stream, then a decode of 8 1080p JPEGs: its time to done.
+    Run in a fresh process (CUDA_DEVICE_MAX_CONNECTIONS is read when the context is made)."""
     batch = [jpeg(1080, 1920, s) for s in range(8)]
     dec, other = torch.cuda.Stream(), torch.cuda.Stream()
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
@@ -100,8 +102,7 @@ def test_decode_does_not_wait_for_other_streams() -> None:
         for _ in range(3):
             _decoder().decode(batch)
     torch.cuda.synchronize()
-    start = torch.cuda.Event(enable_timing=True)
-    end = torch.cuda.Event(enable_timing=True)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     with torch.cuda.stream(other):
         start.record()
         for _ in range(200):
@@ -109,7 +110,6 @@ def test_decode_does_not_wait_for_other_streams() -> None:
         end.record()
     end.synchronize()
     gemm_ms = start.elapsed_time(end)
-    assert gemm_ms > 60, f"the GEMMs took {gemm_ms:.1f} ms: too short to tell a wait"
     with torch.cuda.stream(other):
         for _ in range(200):
             a @ a
@@ -120,4 +120,27 @@ def test_decode_does_not_wait_for_other_streams() -> None:
     decode_ms = 1e3 * (time.perf_counter() - t0)
     torch.cuda.synchronize()
     assert all(x is not None for x in out)
-    assert decode_ms < gemm_ms / 2, f"decode took {decode_ms:.1f} ms with {gemm_ms:.1f} ms of GEMMs on another stream"
+    return f"{decode_ms:.1f} {gemm_ms:.1f}"
+
+
+@pytest.mark.gpu
+@needs_decoder
+@pytest.mark.parametrize("connections", ["8", "32"])
+def test_decode_does_not_wait_for_other_streams(connections: str) -> None:
+    """A decode must not wait for another stream's work. Session 10 measured it waiting (317 ms with
+    410 ms of GEMMs queued) at CUDA's default of 8 hardware queues: the suspect is a false
+    dependency, nvjpeg's eight internal streams sharing queues with the busy stream. The workers
+    run with 32 (ipc/worker.py); with 8 this test records what happens (xfail, not a pass)."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "CUDA_DEVICE_MAX_CONNECTIONS": connections, "PYTHONPATH": str(root)}
+    code = "import sys; sys.path.insert(0, 'tests'); import test_jpeg_decoder as t; print(t.no_wait_check())"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    decode_ms, gemm_ms = map(float, proc.stdout.split()[-2:])
+    print(f"CUDA_DEVICE_MAX_CONNECTIONS={connections}: decode {decode_ms:.1f} ms with {gemm_ms:.1f} ms of GEMMs")
+    assert gemm_ms > 60, f"the GEMMs took {gemm_ms:.1f} ms: too short to tell a wait"
+    waited = decode_ms >= gemm_ms / 2
+    if connections == "8" and waited:
+        pytest.xfail(f"8 queues: decode {decode_ms:.1f} ms with {gemm_ms:.1f} ms of GEMMs on another stream")
+    assert not waited, f"decode took {decode_ms:.1f} ms with {gemm_ms:.1f} ms of GEMMs on another stream"
