@@ -135,24 +135,30 @@ class EPDEngine:
         self.late_events: list[TokenEvent] = []  # events found outside step(), returned by the next
         self.switches: list[dict] = []  # role switches done (engine/switching.py)
         self.estimator = LoadEstimator()  # per stage: arrivals, queues, speed, predicted wait
+        if dynamic and where.multi_host:
+            raise ValueError(f"placement {where.text!r}: role switching (dynamic) across hosts is not supported yet")
+        self.multi_host = where.multi_host
         if dynamic is True:
             dynamic = AllocatorPolicy(max_num_seqs=config.max_num_seqs)
         self.dynamic = Dynamic(dynamic) if dynamic else None
         shared = share_kv_arena and where.shares_kv_device()
-        # image bytes go to the stages that decode them through shared memory, not pickled
+        # image bytes go to the stages that decode them through shared memory, not pickled (in the
+        # tasks when some stage is on another host: no memory is shared with it)
         self.image_bytes = (ByteArena.create(IMAGE_BYTES["cuda" if torch.cuda.is_available() else "cpu"])
-                            if self.cfg.is_multimodal else None)
-        # which encoders have work in hand, read by the prefills on their device (encode_first)
+                            if self.cfg.is_multimodal and not where.multi_host else None)
+        # which encoders have work in hand, read by the prefills on their device (encode_first);
+        # shared memory of this host, so only its stages have it
         self.busy_board = BusyBoard.create() if mode == "epd" else None
         ctx = mp.get_context("spawn")
         specs = [RoleSpec(kind, i, replace(config, device=device), encodes=mode == "pd", shared=shared,
                           image_bytes=self.image_bytes.handle if self.image_bytes else None,
-                          busy_board=self.busy_board.handle if self.busy_board else None)
-                 for kind in ("encode", "prefill", "decode") for i, device in enumerate(where.of(kind))]
+                          busy_board=self.busy_board.handle if self.busy_board and not host else None, host=host)
+                 for kind in ("encode", "prefill", "decode")
+                 for i, (device, host) in enumerate(zip(where.of(kind), where.hosts_of(kind)))]
         # stages on one device share one copy of each weight half: the first to need it loads it
         # and packs it (engine/roles/weights.py), the others start once it has and map it
-        maps = self.weight_sources = weight_plan([(s.name, s.config.device, switching.parts_of(s.kind, mode))
-                                                   for s in specs])
+        maps = self.weight_sources = weight_plan([(s.name, f"{s.host}/{s.config.device}",
+                                                   switching.parts_of(s.kind, mode)) for s in specs])
         owners = {owner for owner in maps.values() if owner is not None}
         deadline = time.monotonic() + start_timeout_s
         try:
@@ -597,12 +603,16 @@ class EPDEngine:
         within about timeout_s + 10 s whatever state the stages are in (dead, stuck in a step, or
         blocked sending to us: we read on while they exit)."""
         stages = [h for h in self.stages.values() if h.moved_to is None]  # a process once, under its last role
-        for stage in stages:
-            if stage.process.is_alive():
-                stage.inbox.put(Shutdown())
         deadline = time.monotonic() + timeout_s
-        while any(h.process.is_alive() for h in stages) and time.monotonic() < deadline:
-            self._read(0.05)  # discarded: we are stopping
+        # across hosts, readers of arenas stop before their owners (decode, prefill, encode): a link
+        # then closes from its reading end and each owner's server thread ends before its process
+        for group in ([[h for h in stages if h.kind == k] for k in ("decode", "prefill", "encode")]
+                      if getattr(self, "multi_host", False) else [stages]):
+            for stage in group:
+                if stage.process.is_alive():
+                    stage.inbox.put(Shutdown())
+            while any(h.process.is_alive() for h in group) and time.monotonic() < deadline:
+                self._read(0.05)  # discarded: we are stopping
         for stage in stages:
             proc = stage.process
             if proc.is_alive():

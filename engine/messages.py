@@ -51,8 +51,18 @@ class Exported:
 
 @dataclass
 class Peers:
-    handles: list  # prefill: the encoders' MM arenas; decode: the prefill instances' KV arenas (None: gone)
+    handles: list  # prefill: the encoders' MM arenas; decode: the prefill instances' KV arenas (None: gone;
+    #                an ipc.linked_arena.LinkedHandle: on another host, read over a link)
     kv_owned: list[int] = field(default_factory=list)  # decode: the blocks each prefill owns (from Sized)
+
+
+@dataclass
+class ServeArena:
+    """To an arena's owner: serve it to `reader`, a stage on another host, over `link` (an
+    ipc.linked_arena.LinkSpec; the reader's Peers carries the matching LinkedHandle)."""
+
+    link: Any
+    reader: str
 
 
 @dataclass

@@ -11,6 +11,7 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -18,11 +19,12 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
-from engine.messages import Exported, Loaded, Peers, Ready, Sized, SizeKV
+from engine.messages import Exported, Loaded, Peers, Ready, ServeArena, Sized, SizeKV
 from engine.roles import RoleSpec, build_role
 from engine.roles.weights import covers
 from engine.router import InstanceLoad
 from ipc.channel import Inbox
+from ipc.linked_arena import LinkedHandle, LinkSpec
 from ipc.worker import Crashed, StageStatus, worker_main
 
 log = logging.getLogger("engine.epd")
@@ -107,10 +109,16 @@ class StageHandle:
     switch_started: float = 0.0
     weights_from: str = ""  # a new role's: "mapped from X", "copied from X over gloo", "read from disk"
     peer_send: tuple | None = None  # (source handle, SendWeights) for a copy, sent when the old role closed
+    host: str = ""  # its host label in the placement ("": the orchestrator's)
 
     @property
     def name(self) -> str:
         return f"{self.kind}{self.index}"
+
+    @property
+    def placed(self) -> tuple[str, str]:
+        """(host, device): stages that share this share memory (and a GPU's budget)."""
+        return self.host, self.device
 
     def alive(self) -> bool:
         """Routable: not known dead, not switching role or starting one, and its process running."""
@@ -138,7 +146,7 @@ def spawn_stage(ctx, spec: RoleSpec, device: str) -> StageHandle:
     # closed, its death is an EOF for our reader and an EPIPE for our writer, even mid-message.
     writer.close()
     inbox.started()
-    return StageHandle(spec.kind, spec.index, device, proc, inbox, outbox)
+    return StageHandle(spec.kind, spec.index, device, proc, inbox, outbox, host=spec.host)
 
 
 def read_stages(stages: Iterable[StageHandle], timeout_s: float) -> list[tuple[StageHandle, object]]:
@@ -171,17 +179,19 @@ def await_ready(stages: dict[str, StageHandle], deadline: float, room_for_switch
     smallest KV pool of any stage: what one request may use."""
     handles = list(stages.values())
     peers_sent = False
-    sizing: dict[str, StageHandle] = {}  # device -> the KV owner sizing there now
+    sizing: dict[tuple, StageHandle] = {}  # (host, device) -> the KV owner sizing there now
     while any(h.ready is None for h in handles):
         size_next(handles, sizing, room_for_switch)
         if not peers_sent and all(h.arena is not None for h in handles if h.kind != "decode") \
                 and all(h.kv_blocks is not None for h in handles if h.kv_owner):
-            mm = [h.arena for h in handles if h.kind == "encode"]
+            encoders = [h for h in handles if h.kind == "encode"]
             prefills = [h for h in handles if h.kind == "prefill"]
-            kv, owned = [h.arena for h in prefills], [h.kv_blocks for h in prefills]
+            owned = [h.kv_blocks for h in prefills]
             for handle in handles:
                 if handle.kind != "encode":
-                    handle.inbox.put(Peers(kv, owned) if handle.kind == "decode" else Peers(mm))
+                    owners = prefills if handle.kind == "decode" else encoders
+                    views = [peer_view(owner, handle) for owner in owners]
+                    handle.inbox.put(Peers(views, owned) if handle.kind == "decode" else Peers(views))
             peers_sent = True
         msgs = read_stages(handles, 1.0)
         if not msgs:
@@ -190,7 +200,7 @@ def await_ready(stages: dict[str, StageHandle], deadline: float, room_for_switch
         for _, msg in msgs:
             absorb(stages, msg)
             if isinstance(msg, Sized):
-                sizing.pop(stages[msg.stage].device, None)
+                sizing.pop(stages[msg.stage].placed, None)
     for handle in handles:
         log.info(stage_summary(handle.name, handle.ready))
     return smallest_kv_pool(handles)
@@ -243,14 +253,39 @@ def weight_plan(stages: list[tuple[str, str, str]]) -> dict[str, str | None]:
     return plan
 
 
-def size_next(stages: list[StageHandle], sizing: dict[str, StageHandle], room_for_switch: bool = False) -> None:
+def peer_view(owner: StageHandle, reader: StageHandle):
+    """What `reader` is given for `owner`'s arena: its handle (mapped) when they share a host;
+    else a LinkedHandle, and the owner is told to serve the arena on that link (ServeArena):
+    NCCL between two GPUs, gloo otherwise (the stages' CPU memory over TCP)."""
+    if owner.host == reader.host:
+        return owner.arena
+    arena = owner.arena
+    gpus = arena.device.startswith("cuda") and reader.device.startswith("cuda") and arena.device != reader.device
+    link = LinkSpec(host_address(owner.host), free_port(), "nccl" if gpus else "gloo")
+    owner.send(ServeArena(link, reader.name))
+    return LinkedHandle(link, tuple(arena.shape), arena.dtype, arena.device)
+
+
+def host_address(host: str) -> str:
+    """The address stages reach `host` at. Hosts here are labels of one machine's processes (the
+    cross-host path without a cluster: nothing is mapped between them), so loopback."""
+    return "127.0.0.1"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def size_next(stages: list[StageHandle], sizing: dict[tuple, StageHandle], room_for_switch: bool = False) -> None:
     """On each device whose stages have all loaded, tell the next KV owner to size its arena
     (one at a time: each takes its share of what is left after the ones before it). sizing:
-    device -> the owner sizing there now (its Sized message removes it). room_for_switch
+    (host, device) -> the owner sizing there now (its Sized message removes it). room_for_switch
     (--dynamic): on a device with an encoder, one owner's share is left free, for the arena
     of an encoder that switches to prefill or decode (else that switch finds no memory)."""
-    for device in {h.device for h in stages}:
-        here = [h for h in stages if h.device == device]
+    for device in {h.placed for h in stages}:
+        here = [h for h in stages if h.placed == device]
         if device in sizing or not all(h.loaded for h in here):
             continue
         waiting = [h for h in here if h.kv_owner and h.kv_blocks is None]

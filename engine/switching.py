@@ -50,6 +50,8 @@ def check_switch(epd, kind: str, index: int, new_kind: str) -> StageHandle:
         raise RequestError(f"switch_role: {kind}{index} already serves as {kind}")
     if epd.mode == "pd" and "encode" in (kind, new_kind):
         raise RequestError("switch_role: pd mode has no encoders (prefill encodes the images)")
+    if getattr(epd, "multi_host", False):
+        raise RequestError("switch_role: not supported yet when stages are on several hosts")
     stage = epd.stages.get(f"{kind}{index}")
     if stage is None or stage.moved_to is not None:
         have = [h.name for h in epd.of_kind(kind) if h.moved_to is None]

@@ -2,7 +2,7 @@
 whose memory it cannot map (another host; issue 18, docs/multihost.md).
 
     owner:  ArenaServer(arena_tensor, LinkSpec(host, port, backend)).start()   # a thread
-    reader: reader = LinkedArena(LinkSpec(...), shape, dtype, device)
+    reader: reader = LinkedArena.open(LinkedHandle(LinkSpec(...), shape, dtype, owner_device), device)
             reader.pull(src_ids, dst_arena, dst_ids)    # dst[dst_ids] = owner's arena[src_ids]
             reader.read(src_ids) -> [len(src_ids), *block shape] on the reader's device
 
@@ -28,6 +28,7 @@ from ipc.peer_link import PeerLink
 
 log = logging.getLogger(__name__)
 STOP = -1  # a request of this many blocks ends the server thread (the reader closes)
+SERVE_TIMEOUT_S = 7 * 24 * 3600.0  # a server waits this long for its reader's next request
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,17 @@ class LinkSpec:
     port: int
     backend: str = "gloo"  # "gloo" (CPU tensors over TCP) or "nccl" (GPU tensors)
     timeout_s: float = 120.0
+
+
+@dataclass(frozen=True)
+class LinkedHandle:
+    """What a reader is given, in place of an ArenaHandle, for an arena on another host: where
+    it is served, and its shape and dtype (the owner's device is for messages only)."""
+
+    link: LinkSpec
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    device: str
 
 
 def _wire_device(backend: str, arena_device: torch.device) -> torch.device:
@@ -52,8 +64,11 @@ def _wire_device(backend: str, arena_device: torch.device) -> torch.device:
 class ArenaServer:
     """The owner's side: a thread that answers one reader's pulls of `arena`'s blocks."""
 
-    def __init__(self, arena: torch.Tensor, link: LinkSpec, name: str = "arena") -> None:
-        self.arena, self.spec, self.name = arena, link, name
+    def __init__(self, arena: torch.Tensor, link: LinkSpec, name: str = "arena",
+                 idle_timeout_s: float = SERVE_TIMEOUT_S) -> None:
+        """idle_timeout_s: how long the server waits for its reader's next request (a reader
+        that dies closes the connection, which ends the wait at once; this bounds a hung one)."""
+        self.arena, self.spec, self.name, self.idle_timeout_s = arena, link, name, idle_timeout_s
         self.wire = _wire_device(link.backend, arena.device)
         self.served_blocks = 0
         self.error: BaseException | None = None
@@ -74,7 +89,7 @@ class ArenaServer:
         link = None
         try:
             link = PeerLink(self.spec.host, self.spec.port, rank=0, backend=self.spec.backend,
-                            timeout_s=self.spec.timeout_s, device=self.arena.device if self.spec.backend == "nccl"
+                            timeout_s=self.idle_timeout_s, device=self.arena.device if self.spec.backend == "nccl"
                             else None)
             count = torch.zeros(1, dtype=torch.int64, device=self.wire)
             stream = torch.cuda.Stream(self.arena.device) if self.arena.is_cuda else None
@@ -116,6 +131,14 @@ class LinkedArena:
         self.wire = _wire_device(link.backend, self.device)
         self.block_bytes = math.prod(self.shape[1:]) * torch.empty(0, dtype=dtype).element_size()
         self._link: PeerLink | None = None
+
+    @classmethod
+    def open(cls, handle: LinkedHandle, device: torch.device | str = "cpu") -> LinkedArena:
+        """The reader of the arena `handle` names, connected now (its owner was told to serve it
+        first): a link that cannot be formed fails here, at start-up, not under a request."""
+        reader = cls(handle.link, handle.shape, handle.dtype, device)
+        reader._connect()
+        return reader
 
     def _connect(self) -> PeerLink:
         if self._link is None:

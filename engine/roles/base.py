@@ -11,12 +11,13 @@ import torch
 
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig, ModelConfig
-from engine.messages import Failed, SendWeights
+from engine.messages import Failed, SendWeights, ServeArena
 from engine.mm_cache import EncoderCache, PixelCache
 from engine.roles.weights import WeightManifest, WeightStore, model_parts, room_to_pack
 from engine.runner import ModelRunner, kv_blocks_from_memory, load_weights
-from ipc.arena import ArenaHandle
+from ipc.arena import ArenaHandle, SharedArena
 from ipc.byte_arena import ByteArena, ByteRef
+from ipc.linked_arena import ArenaServer, LinkedArena, LinkedHandle
 from ipc.peer_link import PeerLink
 
 Send = Callable[[object], None]
@@ -38,6 +39,7 @@ class RoleSpec:
     weights: WeightManifest | None = None  # map these (another stage's, same device) instead of reading disk
     weights_peer: tuple | None = None  # (host, port, backend, manifest): receive a copy over a PeerLink instead
     busy_board: ArenaHandle | None = None  # epd: which encoders have work in hand (ipc/busy_board.py)
+    host: str = ""  # its host label in the placement ("": the orchestrator's): peers elsewhere are linked
 
     @property
     def name(self) -> str:
@@ -72,9 +74,19 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def open_peer_arena(handle: ArenaHandle | LinkedHandle, device: torch.device) -> SharedArena | LinkedArena:
+    """A peer stage's arena: mapped (CUDA IPC, or the shared-memory file on the CPU), or, for a
+    stage on another host, read over a link (LinkedArena: pull / read / close)."""
+    if isinstance(handle, LinkedHandle):
+        return LinkedArena.open(handle, device)
+    return SharedArena.open(handle, device)
+
+
 def _same_device(handle, device: torch.device) -> bool:
     """The arena behind `handle` lives on `device`: readable in place (CUDA IPC on one GPU, or
-    the same shared-memory file on the CPU)."""
+    the same shared-memory file on the CPU); never one on another host."""
+    if isinstance(handle, LinkedHandle):
+        return False
     if device.type == "cpu":
         return handle.device == "cpu"
     index = device.index if device.index is not None else torch.cuda.current_device()
@@ -91,6 +103,7 @@ class _Role:
         self.cfg = ModelConfig.from_dir(self.config.model)
         self.device, self.dtype = torch.device(self.config.device), self.config.torch_dtype
         self.draining = False
+        self.arena_servers: list[ArenaServer] = []  # its arena, served to stages on other hosts
         self.weight_store: WeightStore | None = None  # its weights when shared (packed here or mapped)
         # the orchestrator's byte arena (image bytes), mapped now (kept: a role switch maps it later too)
         self.byte_arena = ByteArena.open(spec.image_bytes) if spec.image_bytes is not None and (
@@ -128,6 +141,14 @@ class _Role:
                 link.close()
 
         threading.Thread(target=run, name="send-weights", daemon=True).start()
+
+    def serve_arena(self, msg: ServeArena, arena: torch.Tensor) -> None:
+        """Serve `arena` to a stage on another host (ServeArena), on a thread of its own."""
+        self.arena_servers.append(ArenaServer(arena, msg.link, f"{self.name}->{msg.reader}").start())
+
+    def served(self) -> dict:
+        """Blocks of its arena read by stages on other hosts (stats), when it serves any."""
+        return {"arena_served_blocks": sum(s.served_blocks for s in self.arena_servers)} if self.arena_servers else {}
 
     @property
     def packed_weights(self) -> WeightManifest | None:

@@ -13,6 +13,7 @@ from engine.messages import (
     Abort,
     DecodeTask,
     Exported,
+    Failed,
     FreeKV,
     HandedOver,
     Loaded,
@@ -26,11 +27,20 @@ from engine.messages import (
     Tokens,
 )
 from engine.request import Sequence, Status, append_step
-from engine.roles.base import RoleSpec, Send, _blocks, _Role, _synchronize
+from engine.roles.base import RoleSpec, Send, _blocks, _Role, _synchronize, open_peer_arena
 from engine.runner import ModelRunner, kv_block_shape, mm_arena_shape
 from engine.schedulers import blocks_for
 from ipc.arena import SharedArena
+from ipc.linked_arena import LinkedArena
 from ipc.migration import pull_blocks
+
+
+def _pull(src: SharedArena | LinkedArena, src_ids: list[int], dst: torch.Tensor, dst_ids: list[int]) -> int:
+    """dst[dst_ids] = src's blocks src_ids: peer copies from a mapped arena, or over the link
+    from a prefill on another host. Returns the bytes moved."""
+    if isinstance(src, LinkedArena):
+        return src.pull(src_ids, dst, dst_ids)
+    return pull_blocks(src.tensor, src_ids, dst, dst_ids)
 
 
 class DecodeRole(_Role):
@@ -46,7 +56,7 @@ class DecodeRole(_Role):
         self.no_mm = torch.empty(mm_arena_shape(self.config, self.cfg, 0), dtype=self.dtype, device=self.device)
         self.kv_arena: torch.Tensor | None = None
         self.engine: AggregatedEngine | None = None
-        self.srcs: list[SharedArena] = []
+        self.srcs: list[SharedArena | LinkedArena | None] = []  # the prefill instances' KV arenas
         self.live: dict[int, Sequence] = {}
         self.borrowed: dict[int, list[int]] = {}  # shared arena: prefill's blocks each request reads in place
         self.pending: deque[DecodeTask] = deque()
@@ -76,7 +86,7 @@ class DecodeRole(_Role):
             self.srcs.extend([None] * (msg.index + 1 - len(self.srcs)))
             if self.srcs[msg.index] is not None:
                 self.srcs[msg.index].close()
-            self.srcs[msg.index] = SharedArena.open(msg.handle, self.device) if msg.handle is not None else None
+            self.srcs[msg.index] = open_peer_arena(msg.handle, self.device) if msg.handle is not None else None
         elif isinstance(msg, FreeKV) and msg.decode is not None:  # a handed-over request's blocks: pulled
             req_id, blocks = self.lent.pop(tuple(msg.blocks))
             lent = self.borrowed.pop(req_id, [])  # shared arena: prefill's blocks go back to prefill
@@ -94,7 +104,7 @@ class DecodeRole(_Role):
                 self.pending.append(msg)
 
     def _start(self, msg: Peers) -> None:
-        self.srcs = [SharedArena.open(h, self.device) if h is not None else None for h in msg.handles]  # kept
+        self.srcs = [open_peer_arena(h, self.device) if h is not None else None for h in msg.handles]  # kept
         first = 0
         self.arena_handle = self.own_arena.handle if self.own_arena is not None else None
         if self.spec.shared:  # one arena: prefill0's blocks first, then this role's
@@ -110,6 +120,7 @@ class DecodeRole(_Role):
         self.send(Ready(self.name, {
             **self.base_stats(runner), **self.kv_stats(runner, pool.num_blocks),
             "kv_arena_of": "prefill0" if self.spec.shared else None, "multi_step": self.config.multi_step,
+            "kv_linked_from": [i for i, src in enumerate(self.srcs) if isinstance(src, LinkedArena)],
             "graph_buckets": self.graphs, "graph_capture_s": round(time.perf_counter() - start, 2)}))
 
     @property
@@ -182,8 +193,14 @@ class DecodeRole(_Role):
                 blocks = task.kv_blocks + blocks
             else:
                 start = time.perf_counter()
-                nbytes = pull_blocks(self.srcs[task.prefill].tensor, task.kv_blocks, runner.kv_arena,
-                                     blocks[: len(task.kv_blocks)])
+                try:
+                    nbytes = _pull(self.srcs[task.prefill], task.kv_blocks, runner.kv_arena,
+                                   blocks[: len(task.kv_blocks)])
+                except RuntimeError as e:  # a link to a prefill on another host broke: this request fails
+                    engine.kv_blocks.free(blocks)
+                    self.send(FreeKV(task.kv_blocks, task.prefill))  # if that prefill still lives
+                    self.send(Failed(task.req_id, self.name, f"KV pull from prefill{task.prefill} failed: {e}"))
+                    continue
                 _synchronize(self.device)
                 self.send(Migrated(task.req_id, nbytes, time.perf_counter() - start))
                 self.send(FreeKV(task.kv_blocks, task.prefill))  # acked: prefill may reuse them

@@ -27,6 +27,7 @@ from engine.messages import (
     Loaded,
     Ready,
     SendWeights,
+    ServeArena,
 )
 from engine.mm_cache import EncoderCache, item_pixels
 from engine.preprocess import on_side_stream, on_stream, stage_image_processor
@@ -103,6 +104,9 @@ class EncodeRole(_Role):
     def handle(self, msg: object) -> None:
         if isinstance(msg, SendWeights):
             self.send_weights(msg)
+            return
+        if isinstance(msg, ServeArena):  # a prefill on another host reads this MM arena over a link
+            self.serve_arena(msg, self.arena.tensor)
             return
         if isinstance(msg, FreeMM):
             self.cache.release(msg.blocks)
@@ -234,7 +238,7 @@ class EncodeRole(_Role):
     def stats(self) -> dict:
         pixels = self.pixel_cache.stats() if self.pixel_cache else {}
         return {"waiting": len(self.pending), "mm_blocks": _mm_blocks(self.cache), "vision_graphs": self.graphs,
-                "mm_cache": {**self.cache.stats(), **pixels}}
+                "mm_cache": {**self.cache.stats(), **pixels}, **self.served()}
 
     def close(self) -> None:
         self._prep.shutdown(cancel_futures=True)

@@ -22,6 +22,7 @@ from engine.messages import (
     PrefillTask,
     Ready,
     SendWeights,
+    ServeArena,
     Sized,
     SizeKV,
 )
@@ -38,11 +39,13 @@ from engine.roles.base import (
     _Role,
     _same_device,
     _synchronize,
+    open_peer_arena,
 )
 from engine.runner import ModelRunner, kv_block_shape, mm_arena_shape
 from engine.schedulers import PrefillScheduler
 from ipc.arena import SharedArena
 from ipc.busy_board import BusyBoard
+from ipc.linked_arena import LinkedArena
 
 MAX_DEFER_S = 0.25  # encode_first: the longest a prefill batch waits for the encoders on its device
 # layers between a large batch's looks at the busy board (EPD_YIELD_EVERY=0: never, for A/B runs)
@@ -100,7 +103,7 @@ class PrefillRole(_Role):
         self.pixel_cache = _pixel_cache(config, self.image_processor) if spec.encodes else None
         self.arena: SharedArena | None = None
         self.runner: ModelRunner | None = None
-        self.peers: list[SharedArena] = []
+        self.peers: list[SharedArena | LinkedArena | None] = []  # the encoders' MM arenas
         self.tasks: dict[int, PrefillTask] = {}
         self.stalled = False  # the first waiting prompt needs blocks that only a FreeKV returns
         self.board = (BusyBoard.open(spec.busy_board) if spec.busy_board is not None and config.encode_first
@@ -115,7 +118,9 @@ class PrefillRole(_Role):
         if isinstance(msg, SendWeights):
             self.send_weights(msg)
             return
-        if isinstance(msg, SizeKV):
+        if isinstance(msg, ServeArena):  # a decode on another host pulls KV blocks from this arena over a link
+            self.serve_arena(msg, self.arena.tensor)
+        elif isinstance(msg, SizeKV):
             self._size(msg)
         elif isinstance(msg, Peers):
             self._map_peers(msg)
@@ -162,7 +167,8 @@ class PrefillRole(_Role):
         self.send(Ready(self.name, {
             **self.base_stats(self.runner), **self.kv_stats(self.runner, self.kv_blocks.num_blocks),
             "kv_blocks_for_decode": self.extra, "mm_arena_blocks": mm.shape[0], "mm_arena_gb": _gb(mm),
-            "mm_in_place_from": [i for i, here in enumerate(self.in_place) if here]}))
+            "mm_in_place_from": [i for i, here in enumerate(self.in_place) if here],
+            "mm_linked_from": [i for i, peer in enumerate(self.peers) if isinstance(peer, LinkedArena)]}))
 
     def _map_encoder(self, index: int, handle) -> None:
         """Encoder `index`'s MM arena mapped (handle None: an encoder that changed role, unmapped)."""
@@ -171,7 +177,7 @@ class PrefillRole(_Role):
             self.in_place.append(False)
         if self.peers[index] is not None:
             self.peers[index].close()
-        self.peers[index] = SharedArena.open(handle, self.device) if handle is not None else None
+        self.peers[index] = open_peer_arena(handle, self.device) if handle is not None else None
         self.in_place[index] = handle is not None and _same_device(handle, self.device)
         if self.runner is not None:
             mm = self.runner.mm_peers
@@ -273,8 +279,14 @@ class PrefillRole(_Role):
             seq.mm_blocks = blocks
             if task.images:
                 return 0
-            for local, (encoder, block) in zip(blocks, task.mm_refs):
-                self.mm_arena[local].copy_(self.peers[encoder].tensor[block], non_blocking=True)
+            for encoder in sorted({e for e, _ in task.mm_refs}):
+                pairs = [(local, block) for local, (e, block) in zip(blocks, task.mm_refs) if e == encoder]
+                peer = self.peers[encoder]
+                if isinstance(peer, LinkedArena):  # an encoder on another host: pulled over the link
+                    peer.pull([b for _, b in pairs], self.mm_arena, [local for local, _ in pairs])
+                    continue
+                for local, block in pairs:
+                    self.mm_arena[local].copy_(peer.tensor[block], non_blocking=True)
             _synchronize(self.device)  # the encoders may overwrite these blocks once freed
             return count * self.mm_arena[0].numel() * self.mm_arena.element_size()
         finally:
@@ -305,7 +317,7 @@ class PrefillRole(_Role):
         cache = {"mm_cache": {**self.mm_cache.stats(), **pixels}} if self.spec.encodes else {}
         return {"waiting": len(self.sched.waiting), "kv_blocks": _blocks(self.kv_blocks),
                 "mm_blocks": _mm_blocks(self.mm_cache), "encode_first_wait_s": round(self.deferred_s, 3),
-                "encode_first_yields": self.yields, **cache}
+                "encode_first_yields": self.yields, **cache, **self.served()}
 
     def close(self) -> None:
         if self.board is not None:

@@ -1,0 +1,93 @@
+"""Stages on different hosts (issue 18): placement host labels, and EPD whose stages share no memory
+across a host boundary: image bytes travel in the tasks, embeddings and KV blocks over links
+(ipc/linked_arena.py), never a mapped arena. Host labels without a cluster run on this machine,
+each label a host of its own, so CI runs the cross-host path for real."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from engine import LLM
+from engine.epd import EPDEngine
+from engine.placement import Placement
+from engine.request import RequestError
+from engine.runner import kv_block_bytes
+from tests.test_epd import SP, _requests
+
+
+def test_placement_host_labels() -> None:
+    p = Placement.parse("E:node0/0,node0/1 P:node1/0 D:node1/1", "epd")
+    assert p.devices == {"encode": ("cuda:0", "cuda:1"), "prefill": ("cuda:0",), "decode": ("cuda:1",)}
+    assert p.hosts_of("encode") == ("node0", "node0") and p.hosts_of("decode") == ("node1",)
+    assert p.multi_host
+    local = Placement.parse("E:0,0 P:0 D:0", "epd")
+    assert not local.multi_host and local.hosts_of("prefill") == ("",) and local.shares_kv_device()
+    assert not Placement.parse("E:a/cpu P:a/cpu D:b/cpu", "epd").shares_kv_device(), "no shared arena across hosts"
+    assert Placement.parse("E:cpu P:b/cpu D:b/cpu", "epd").shares_kv_device()
+    with pytest.raises(ValueError, match="host '1a' in '1a/0' must be a name like node0"):
+        Placement.parse("E:1a/0 P:0 D:0", "epd")
+    with pytest.raises(ValueError, match="neither a GPU index nor 'cpu'"):
+        Placement.parse("E:a/gpu P:0 D:0", "epd")
+
+
+def _reference(tiny_llava: Path) -> list[list[int]]:
+    return [o.token_ids for o in LLM(tiny_llava, backend="torch", device="cpu").generate(_requests(), SP)]
+
+
+def _reported(engine: EPDEngine, stage: str, key: str, want, timeout_s: float = 20.0):
+    """A stage's reported figure once it reaches `want` (reports are asynchronous), else its last."""
+    deadline = time.monotonic() + timeout_s
+    while (got := engine.status()["stages"][stage].get(key)) != want and time.monotonic() < deadline:
+        engine.step(timeout_s=0.05)
+    return got
+
+
+def _exit_codes(engine: EPDEngine) -> dict[str, int | None]:
+    return {name: proc.exitcode for name, proc in engine.procs.items()}
+
+
+def test_encoder_on_another_host_matches_aggregated(tiny_llava: Path) -> None:
+    """E on host a, P and D on host b: embeddings pulled over a link, KV shared on host b."""
+    expected = _reference(tiny_llava)
+    engine = EPDEngine(tiny_llava, placement="E:a/cpu P:b/cpu D:b/cpu", backend="torch", device="cpu")
+    try:
+        assert engine.image_bytes is None, "no shared memory with another host: image bytes go in the tasks"
+        assert engine.stages["prefill0"].ready["mm_linked_from"] == [0]
+        assert engine.stages["prefill0"].ready["mm_in_place_from"] == []
+        outputs = engine.generate(_requests(), SP)
+        assert [o.token_ids for o in outputs] == expected
+        with_images = [o for o, r in zip(outputs, _requests()) if r.images]
+        assert all(o.handoff["mm_bytes"] > 0 for o in with_images), "embeddings copied over the link"
+        assert all(o.handoff["kv_bytes"] == 0 for o in outputs), "prefill and decode share host b's arena"
+        served = sum(len(r.images) for r in _requests())  # one block per LLaVA-1.5 image
+        assert _reported(engine, "encode0", "arena_served_blocks", served) == served
+        with pytest.raises(RequestError, match="several hosts"):
+            engine.switch_role("encode", 0, "prefill")
+    finally:
+        engine.shutdown()
+    assert _exit_codes(engine) == dict.fromkeys(engine.procs, 0), "every stage exits cleanly, links closed"
+
+
+def test_kv_and_embeddings_cross_hosts(tiny_llava: Path) -> None:
+    """E here, P on host a, D on host b: both hand-offs over links; the same tokens."""
+    expected = _reference(tiny_llava)
+    engine = EPDEngine(tiny_llava, placement="E:cpu P:a/cpu D:b/cpu", backend="torch", device="cpu")
+    try:
+        assert engine.stages["decode0"].ready["kv_linked_from"] == [0]
+        assert engine.stages["prefill0"].ready["mm_linked_from"] == [0]
+        outputs = engine.generate(_requests(), SP)
+        assert [o.token_ids for o in outputs] == expected
+        assert all(o.handoff["kv_bytes"] > 0 for o in outputs), "KV pulled over the link"
+        blocks = sum(o.handoff["kv_bytes"] for o in outputs) // kv_block_bytes(engine.config, engine.cfg)
+        assert _reported(engine, "prefill0", "arena_served_blocks", blocks) == blocks > 0
+    finally:
+        engine.shutdown()
+    assert _exit_codes(engine) == dict.fromkeys(engine.procs, 0)
+
+
+def test_dynamic_across_hosts_is_refused(tiny_llava: Path) -> None:
+    with pytest.raises(ValueError, match="role switching .dynamic. across hosts is not supported yet"):
+        EPDEngine(tiny_llava, placement="E:a/cpu P:b/cpu D:b/cpu", backend="torch", device="cpu", dynamic=True)
