@@ -399,13 +399,13 @@ def test_kv_owners_on_one_device_size_one_at_a_time_after_every_stage_there_load
     sizing: dict = {}
     size_next(stages, sizing)
     assert not p0.inbox.sent and not p1.inbox.sent  # encode0 (same GPU) still loading
-    assert d0.inbox.sent == [SizeKV(share=1.0)] and sizing["cuda:1"] is d0  # its GPU is ready
+    assert d0.inbox.sent == [SizeKV(share=1.0)] and sizing[("", "cuda:1")] is d0  # its GPU is ready
     enc.loaded = True
     size_next(stages, sizing)
     size_next(stages, sizing)  # asked again before prefill0 answered: nothing more is sent
     assert p0.inbox.sent == [SizeKV(share=0.5)] and not p1.inbox.sent
     p0.kv_blocks = 100
-    del sizing["cuda:0"]  # what its Sized message does
+    del sizing[("", "cuda:0")]  # what its Sized message does (keyed by host and device)
     size_next(stages, sizing)
     assert p1.inbox.sent == [SizeKV(share=1.0)]
 
@@ -424,6 +424,14 @@ def test_kv_owners_on_one_device_size_one_at_a_time_after_every_stage_there_load
         h.loaded, h.kv_owner = True, h.kind != "encode"
     size_next(dyn, {}, room_for_switch=True)
     assert dyn[1].inbox.sent == [SizeKV(share=0.5)] and dyn[2].inbox.sent == [SizeKV(share=1.0)]
+
+    # the same GPU index on two hosts is two GPUs: each sizes on its own
+    hosts = [StageHandle("prefill", i, "cuda:0", _FakeProcess(), _FakeInbox(), None, host=host)
+             for i, host in enumerate(("a", "b"))]
+    for h in hosts:
+        h.loaded, h.kv_owner = True, True
+    size_next(hosts, {})
+    assert [h.inbox.sent for h in hosts] == [[SizeKV(share=1.0)], [SizeKV(share=1.0)]]
 
 
 def test_weight_plan_maps_the_first_covering_store_on_the_device() -> None:
