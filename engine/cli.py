@@ -19,6 +19,8 @@ PROJECT_LOGGERS = ("engine", "graphs", "ipc", "kernels")
 PLACEMENT_HELP = (
     'stage instances and their devices: "E:<dev>[,<dev>...] P:<dev>[,...] D:<dev>[,...]", where <dev> is a '
     'GPU index or "cpu" (one instance per entry), e.g. "E:0,1 P:2 D:3" or, on the CPU, "E:cpu,cpu P:cpu D:cpu"; '
+    'an entry "<host>/<dev>" puts it on another host (a Ray node with --cluster; without, a host of its own on '
+    'this machine: nothing shared across hosts), e.g. "E:node0/0 P:node1/0 D:node1/1"; '
     'mode pd takes only P and D. Default: two encoders, one prefill, one decode, all on --device'
 )
 
@@ -181,14 +183,15 @@ def require_cuda_backend(what: str) -> None:
         raise CLIError(f"{what}: runs on the cuda backend only; build the extension (python -m kernels.build)")
 
 
-def check_placement(placement: str, mode: str) -> dict[str, list[str]]:
+def check_placement(placement: str, mode: str, cluster: bool = False) -> dict[str, list[str]]:
     """Parse --placement for `mode` and check that its GPUs exist (the orchestrator's own
-    checks, Placement.parse and check_devices, as one-line CLI errors)."""
+    checks, Placement.parse and check_devices, as one-line CLI errors; with a cluster, those
+    of the stages on this host only)."""
     from engine.placement import Placement
 
     try:
         where = Placement.parse(placement, mode)
-        where.check_devices(_cuda_devices())
+        where.check_devices(_cuda_devices(), remote_hosts=cluster)
     except ValueError as e:
         raise CLIError(f"--placement: {e}") from e
     return where.by_letter()

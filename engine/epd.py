@@ -102,12 +102,15 @@ class EPDEngine:
 
     def __init__(self, model: str | Path | EngineConfig, placement: str | None = None, mode: str = "epd",
                  share_kv_arena: bool = True, start_timeout_s: float = 600.0,
-                 dynamic: bool | AllocatorPolicy = False, **settings: Any) -> None:
+                 dynamic: bool | AllocatorPolicy = False, cluster: str | None = None, **settings: Any) -> None:
         """settings: EngineConfig's fields (as for LLM), used by every stage; device is the
         default placement's home. share_kv_arena: one prefill and one decode on one device share
         one KV arena (decode reads the prompt's KV in place); otherwise decode pulls copies.
         dynamic: instances change role as the load shifts (engine/allocator.py's policy; True:
-        the default policy with this config's max_num_seqs)."""
+        the default policy with this config's max_num_seqs). cluster: a Ray address; stages
+        whose placement names a host ("E:node0/0 P:node1/0 ...") run as actors on the node with
+        that custom resource (engine/ray_stages.py); without it, host labels are hosts of this
+        machine's processes (nothing mapped between them: the cross-host path, tested anywhere)."""
         import multiprocess as mp
 
         if mode not in ("epd", "pd"):
@@ -118,7 +121,7 @@ class EPDEngine:
             raise ValueError(f"{self.cfg.architecture} has no vision tower: use the aggregated LLM")
         home = "cpu" if (config.device or "cpu") == "cpu" else str(torch.device(config.device).index or 0)
         where = Placement.parse(placement, mode) if placement else Placement.default(home, mode)
-        where.check_devices(torch.cuda.device_count())
+        where.check_devices(torch.cuda.device_count(), remote_hosts=bool(cluster))
         self.mode = mode
         threads = config.torch_threads or stage_threads(where.num_stages)
         config = replace(config.for_model(self.cfg), torch_threads=threads)
@@ -138,6 +141,18 @@ class EPDEngine:
         if dynamic and where.multi_host:
             raise ValueError(f"placement {where.text!r}: role switching (dynamic) across hosts is not supported yet")
         self.multi_host = where.multi_host
+        self.cluster, addresses = cluster, {}
+        if cluster:
+            from engine import ray_stages
+
+            addresses = ray_stages.connect(cluster)
+            named = {h for kind in where.devices for h in where.hosts_of(kind) if h}
+            if named - set(addresses):
+                raise ValueError(f"placement {where.text!r}: host(s) {sorted(named - set(addresses))} name no node of "
+                                 f"the cluster at {cluster} (its nodes' custom resources: {sorted(addresses)})")
+            import ray
+
+            addresses[""] = ray.util.get_node_ip_address()  # this process's node: where actors connect to
         if dynamic is True:
             dynamic = AllocatorPolicy(max_num_seqs=config.max_num_seqs)
         self.dynamic = Dynamic(dynamic) if dynamic else None
@@ -164,18 +179,27 @@ class EPDEngine:
         try:
             for spec in specs:
                 if maps[spec.name] is None:
-                    self.stages[spec.name] = spawn_stage(ctx, replace(spec, pack_weights=spec.name in owners),
-                                                         spec.config.device)
+                    self.stages[spec.name] = self._spawn(ctx, replace(spec, pack_weights=spec.name in owners),
+                                                         addresses)
             await_loaded(self.stages, sorted(owners), deadline)
             for spec in specs:
                 if maps[spec.name] is not None:
                     manifest = self.stages[maps[spec.name]].weights  # None: it had no room to pack them
-                    self.stages[spec.name] = spawn_stage(ctx, replace(spec, weights=manifest), spec.config.device)
+                    self.stages[spec.name] = self._spawn(ctx, replace(spec, weights=manifest), addresses)
             self.stages = {spec.name: self.stages[spec.name] for spec in specs}  # in index order
-            self.input_processor.kv_blocks = await_ready(self.stages, deadline, room_for_switch=bool(dynamic))
+            self.input_processor.kv_blocks = await_ready(self.stages, deadline, room_for_switch=bool(dynamic),
+                                                         addresses=addresses)
         except BaseException:
             self.shutdown()
             raise
+
+    def _spawn(self, ctx, spec: RoleSpec, addresses: dict[str, str]) -> StageHandle:
+        """A stage process here, or (a host label and a cluster) an actor on that node."""
+        if spec.host and self.cluster:
+            from engine import ray_stages
+
+            return ray_stages.spawn_ray_stage(ctx, spec, spec.config.device, addresses[""])
+        return spawn_stage(ctx, spec, spec.config.device)
 
     @property
     def procs(self) -> Mapping[str, Any]:

@@ -97,9 +97,13 @@ class Placement:
         return (len(self.of("prefill")) == len(self.of("decode")) == 1 and self.of("prefill") == self.of("decode")
                 and self.hosts_of("prefill") == self.hosts_of("decode"))
 
-    def check_devices(self, gpu_count: int) -> None:
-        """Every GPU the placement names must exist here (checked before any stage is spawned)."""
-        check_placement_devices(self.text, self.by_letter(), gpu_count)
+    def check_devices(self, gpu_count: int, remote_hosts: bool = False) -> None:
+        """Every GPU the placement names must exist here (checked before any stage is spawned);
+        remote_hosts (a cluster): only those of this host's stages (host "")."""
+        letter = {kind: key for key, kind in LETTERS.items()}
+        local = {letter[kind]: [d for d, h in zip(devices, self.hosts_of(kind)) if not (remote_hosts and h)]
+                 for kind, devices in self.devices.items()}
+        check_placement_devices(self.text, local, gpu_count)
 
     def by_letter(self) -> dict[str, list[str]]:
         """{"E": [...], "P": [...], "D": [...]}: the shape the command-line tools read."""

@@ -173,10 +173,12 @@ def read_stages(stages: Iterable[StageHandle], timeout_s: float) -> list[tuple[S
     return msgs
 
 
-def await_ready(stages: dict[str, StageHandle], deadline: float, room_for_switch: bool = False) -> int:
+def await_ready(stages: dict[str, StageHandle], deadline: float, room_for_switch: bool = False,
+                addresses: dict[str, str] | None = None) -> int:
     """Run the start-up protocol until every stage is Ready (StageError: one failed, died or
     missed the deadline); log one line per stage. Returns the
-    smallest KV pool of any stage: what one request may use."""
+    smallest KV pool of any stage: what one request may use. addresses: host label -> the
+    address its stages serve arenas on (stages on different hosts read them over links)."""
     handles = list(stages.values())
     peers_sent = False
     sizing: dict[tuple, StageHandle] = {}  # (host, device) -> the KV owner sizing there now
@@ -190,7 +192,7 @@ def await_ready(stages: dict[str, StageHandle], deadline: float, room_for_switch
             for handle in handles:
                 if handle.kind != "encode":
                     owners = prefills if handle.kind == "decode" else encoders
-                    views = [peer_view(owner, handle) for owner in owners]
+                    views = [peer_view(owner, handle, addresses or {}) for owner in owners]
                     handle.inbox.put(Peers(views, owned) if handle.kind == "decode" else Peers(views))
             peers_sent = True
         msgs = read_stages(handles, 1.0)
@@ -253,23 +255,18 @@ def weight_plan(stages: list[tuple[str, str, str]]) -> dict[str, str | None]:
     return plan
 
 
-def peer_view(owner: StageHandle, reader: StageHandle):
+def peer_view(owner: StageHandle, reader: StageHandle, addresses: dict[str, str]):
     """What `reader` is given for `owner`'s arena: its handle (mapped) when they share a host;
     else a LinkedHandle, and the owner is told to serve the arena on that link (ServeArena):
-    NCCL between two GPUs, gloo otherwise (the stages' CPU memory over TCP)."""
+    NCCL between two GPUs, gloo otherwise (the stages' CPU memory over TCP). The owner listens
+    on its host's address (addresses; loopback for host labels of this machine, no cluster)."""
     if owner.host == reader.host:
         return owner.arena
     arena = owner.arena
     gpus = arena.device.startswith("cuda") and reader.device.startswith("cuda") and arena.device != reader.device
-    link = LinkSpec(host_address(owner.host), free_port(), "nccl" if gpus else "gloo")
+    link = LinkSpec(addresses.get(owner.host, "127.0.0.1"), free_port(), "nccl" if gpus else "gloo")
     owner.send(ServeArena(link, reader.name))
     return LinkedHandle(link, tuple(arena.shape), arena.dtype, arena.device)
-
-
-def host_address(host: str) -> str:
-    """The address stages reach `host` at. Hosts here are labels of one machine's processes (the
-    cross-host path without a cluster: nothing is mapped between them), so loopback."""
-    return "127.0.0.1"
 
 
 def free_port() -> int:

@@ -49,9 +49,11 @@ class Inbox:
     """The orchestrator's end of a stage's inbox. `reader` goes to the stage at spawn; call
     `started()` once the stage has it."""
 
-    def __init__(self, ctx, name: str) -> None:
+    def __init__(self, ctx, name: str, writer=None) -> None:
+        """A new pipe from `ctx`; or, with `writer`, that connection's write side (a socket to a
+        stage on another host: reader is then None)."""
         self.name = name
-        self.reader, self._writer = ctx.Pipe(duplex=False)
+        self.reader, self._writer = (None, writer) if writer is not None else ctx.Pipe(duplex=False)
         self._pending: deque[bytes] = deque()
         self._cond = threading.Condition()
         self._closed = False
@@ -61,7 +63,8 @@ class Inbox:
     def started(self) -> None:
         """The stage holds the read end now: drop ours (so its death is EPIPE, not a full pipe)
         and start writing."""
-        self.reader.close()
+        if self.reader is not None:
+            self.reader.close()
         self._thread.start()
 
     def put(self, msg: object) -> None:

@@ -94,6 +94,8 @@ def build_parser(model_help: str = "HF checkpoint directory (required)") -> argp
     p.add_argument("--mm-pixel-cache-mb", type=int, default=256,
                    help="preprocessed pixels kept per process, MB (0: none)")
     dyn = p.add_argument_group("epd / pd modes")
+    dyn.add_argument("--cluster", help="a Ray cluster's address: stages whose --placement names a host run as actors "
+                                       "on the node with that custom resource (the ray extra)")
     dyn.add_argument("--dynamic", action="store_true",
                      help="instances change role as the load shifts (engine/allocator.py), steered by the SLOs")
     dyn.add_argument("--slo-ttft", type=float, default=1.4, help="TTFT SLO in seconds (--dynamic's target)")
@@ -144,6 +146,8 @@ def check_args(args: argparse.Namespace) -> None:
             raise CLIError("--placement applies to --mode epd or pd; aggregated runs on --device")
         if args.dynamic:
             raise CLIError("--dynamic applies to --mode epd or pd (stages that change role)")
+        if args.cluster:
+            raise CLIError("--cluster applies to --mode epd or pd (stages on the cluster's nodes)")
         return
     if not cfg.is_multimodal:
         raise CLIError(f"--mode {args.mode} needs a vision tower; {cfg.architecture} has none (use aggregated)")
@@ -151,7 +155,7 @@ def check_args(args: argparse.Namespace) -> None:
     if given:
         raise CLIError(f"{', '.join(given)}: aggregated mode only (the EPD stages use their own settings)")
     if args.placement:
-        check_placement(args.placement, args.mode)
+        check_placement(args.placement, args.mode, cluster=bool(args.cluster))
 
 
 def load_engine(args: argparse.Namespace, model: Path):
@@ -176,7 +180,7 @@ def load_engine(args: argparse.Namespace, model: Path):
 
     dynamic = (AllocatorPolicy(slo_ttft_s=args.slo_ttft, slo_tpot_s=args.slo_tpot, max_num_seqs=args.max_num_seqs)
                if args.dynamic else False)
-    return EPDEngine(config, placement=args.placement, mode=args.mode, dynamic=dynamic)
+    return EPDEngine(config, placement=args.placement, mode=args.mode, dynamic=dynamic, cluster=args.cluster)
 
 
 def _describe(args: argparse.Namespace, engine, address: object) -> str:

@@ -159,6 +159,14 @@ def worker_main(build: Callable[[Callable[[object], None]], Role], name: str, pa
                 inbox, outbox) -> None:
     """Process entry: tie the worker to its parent, build the role, serve it."""
     bind_to_parent(parent_pid)
+    run_worker(build, name, torch_threads, inbox, outbox)
+
+
+def run_worker(build: Callable[[Callable[[object], None]], Role], name: str, torch_threads: int, inbox,
+               outbox) -> None:
+    """Build the role and serve it over (inbox, outbox) until Shutdown or the inbox's end: a
+    spawned process's body, or a Ray actor's on another host (its connections are sockets, and
+    the orchestrator's end closing is its end)."""
     # CUDA's hardware work queues per context (default 8, read when the context is made): streams
     # past that share queues, and a kernel waits for all that is queued ahead of it in its queue,
     # whatever its stream. An encoder runs the tower, the preprocessing and nvjpeg's eight internal

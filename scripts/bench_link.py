@@ -51,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     from engine.cli import ArgumentParser, positive_int
 
     p = ArgumentParser(description=__doc__)
-    p.add_argument("--backend", default="gloo", choices=["gloo", "nccl"])
+    p.add_argument("--backend", default="gloo", choices=["gloo", "nccl"],
+                   help="gloo: CPU tensors over TCP; nccl: GPU tensors (two GPUs)")
     p.add_argument("--sizes-mb", default="4.7,75,300", help="message sizes in MB (10^6 bytes), comma-separated")
     p.add_argument("--repeats", type=int, default=5, help="timed sends per size (the median is kept)")
     args = p.parse_args(argv)

@@ -31,6 +31,13 @@ def test_placement_host_labels() -> None:
         Placement.parse("E:1a/0 P:0 D:0", "epd")
     with pytest.raises(ValueError, match="neither a GPU index nor 'cpu'"):
         Placement.parse("E:a/gpu P:0 D:0", "epd")
+    # with a cluster, only this host's GPUs are checked here (the nodes' are theirs)
+    remote = Placement.parse("E:node0/3 P:1 D:node1/2", "epd")
+    remote.check_devices(2, remote_hosts=True)
+    with pytest.raises(ValueError, match="names GPU 3, but this machine has 2 CUDA devices"):
+        remote.check_devices(2)
+    with pytest.raises(ValueError, match="names GPU 1, but this machine has 1 CUDA device"):
+        remote.check_devices(1, remote_hosts=True)
 
 
 def _reference(tiny_llava: Path) -> list[list[int]]:

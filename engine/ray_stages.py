@@ -1,0 +1,152 @@
+"""Stages on the nodes of a Ray cluster (issue 18; the optional `ray` extra).
+
+    EPDEngine(model, placement="E:node0/0,node0/1 P:node1/0 D:node1/1", cluster="10.0.0.1:6379")
+
+A placement's host label names a Ray node by a custom resource of that name (`ray start ...
+--resources='{"node1": 100}'`): the stage runs as an actor pinned there, with a GPU of its own
+for a GPU stage (Ray picks which of the node's GPUs: the placement's index is not kept there).
+The actor runs the same worker shell (ipc.worker.run_worker) over two socket connections to the
+orchestrator (multiprocess.connection, authkey) in place of pipes, so the messages and the
+protocol are those of a local stage. Tensors never go through Ray: embeddings and KV blocks
+cross hosts over links (ipc/linked_arena.py), image bytes in the tasks. A lost actor is a closed
+connection, the event a dead local stage raises: its requests fail or are routed around, the
+other stages serve on.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from dataclasses import replace
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from engine.roles import RoleSpec, build_role
+from engine.stage_handles import StageHandle
+from ipc.channel import Inbox
+
+CONNECT_TIMEOUT_S = 300.0  # an actor's start (a worker process, imports, its connections)
+
+
+def connect(address: str) -> dict[str, str]:
+    """Join the cluster at `address` (once per process); {host label: node IP} for every alive
+    node's custom resources (the labels a placement may name)."""
+    import ray
+
+    if not ray.is_initialized():
+        # the actors import this engine: from the nodes' installs, else from this checkout (a
+        # shared filesystem, as on one machine)
+        root = str(Path(__file__).resolve().parents[1])
+        path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
+        ray.init(address=address, log_to_driver=False, configure_logging=False,
+                 runtime_env={"env_vars": {"PYTHONPATH": path}})
+    labels: dict[str, str] = {}
+    for node in ray.nodes():
+        if node.get("Alive"):
+            for resource in node.get("Resources", {}):
+                if not resource.startswith(("node:", "CPU", "GPU", "memory", "object_store_memory", "accelerator")):
+                    labels[resource] = node["NodeManagerAddress"]
+    return labels
+
+
+def _actor_class():
+    import ray
+
+    @ray.remote(num_cpus=0, max_restarts=0)
+    class StageActor:
+        """One stage on a node: serves its role until Shutdown or the orchestrator's end."""
+
+        def run(self, address: tuple, authkey: bytes, build, name: str, torch_threads: int) -> None:
+            from multiprocess.connection import Client
+
+            from ipc.worker import run_worker
+
+            inbox = Client(address, authkey=authkey)
+            outbox = Client(address, authkey=authkey)
+            try:
+                run_worker(build, name, torch_threads, inbox, outbox)
+            except SystemExit:  # run_worker's way to end after reporting a crash
+                pass
+            finally:
+                inbox.close()
+                outbox.close()
+
+    return StageActor
+
+
+class RayProcess:
+    """A Ray actor as StageHandle.process: alive while its run task is; kill / terminate end it."""
+
+    pid = None
+
+    def __init__(self, actor: Any, task: Any) -> None:
+        self.actor, self.task = actor, task
+        self._killed = False
+
+    def is_alive(self) -> bool:
+        import ray
+
+        if self._killed:
+            return False
+        done, _ = ray.wait([self.task], timeout=0)
+        return not done
+
+    @property
+    def exitcode(self) -> int | None:
+        import ray
+
+        if self.is_alive():
+            return None
+        if self._killed:
+            return -9
+        try:
+            ray.get(self.task, timeout=0)
+        except Exception:
+            return 1
+        return 0
+
+    def terminate(self) -> None:
+        import ray
+
+        ray.kill(self.actor)
+        self._killed = True
+
+    kill = terminate
+
+    def join(self, timeout: float | None = None) -> None:
+        """Wait for the run task; then give the actor back (it holds its node's resources)."""
+        import ray
+
+        ray.wait([self.task], timeout=timeout)
+        if not self.is_alive() and not self._killed:
+            ray.kill(self.actor)
+            self._killed = self.exitcode is None  # keep the exit code of a task that ended by itself
+
+
+def spawn_ray_stage(ctx, spec: RoleSpec, device: str, listen_host: str) -> StageHandle:
+    """Start spec's role as an actor on the node whose resource is spec.host; the handle the
+    orchestrator keeps for it (its connections accepted here, on listen_host)."""
+    from multiprocess.connection import Listener
+
+    authkey = secrets.token_bytes(32)
+    listener = Listener((listen_host, 0), authkey=authkey)
+    try:
+        gpus = 1 if device.startswith("cuda") else 0
+        if gpus:  # Ray gives the actor one GPU of its node, visible to it as cuda:0
+            spec = replace(spec, config=replace(spec.config, device="cuda:0"))
+        actor = _actor_class().options(resources={spec.host: 0.001}, num_gpus=gpus, name=None).remote()
+        task = actor.run.remote(listener.address, authkey, partial(build_role, spec), spec.name,
+                                spec.config.torch_threads)
+        listener._listener._socket.settimeout(CONNECT_TIMEOUT_S)
+        try:
+            inbox_conn = listener.accept()
+            outbox_conn = listener.accept()
+        except TimeoutError as e:
+            raise RuntimeError(f"stage {spec.name}: its actor on {spec.host} did not connect within "
+                               f"{CONNECT_TIMEOUT_S:.0f} s") from e
+    finally:
+        listener.close()
+    inbox = Inbox(ctx, spec.name, writer=inbox_conn)
+    inbox.started()
+    return StageHandle(spec.kind, spec.index, device, RayProcess(actor, task), inbox, outbox_conn, host=spec.host)
