@@ -55,21 +55,39 @@ def cluster():
         subprocess.run([RAY, "stop", "--force"], capture_output=True, timeout=120)
 
 
-def test_epd_across_two_ray_nodes(cluster: str, tiny_llava: Path) -> None:
+def _expected(tiny_llava: Path) -> list[list[int]]:
+    return [o.token_ids for o in LLM(tiny_llava, backend="torch", device="cpu").generate(_requests(), SP)]
+
+
+def test_encoder_on_one_node_prefill_and_decode_on_the_other(cluster: str, tiny_llava: Path) -> None:
+    engine = EPDEngine(tiny_llava, placement="E:node0/cpu P:node1/cpu D:node1/cpu", backend="torch", device="cpu",
+                       cluster=cluster)
+    try:
+        assert {name: h.host for name, h in engine.stages.items()} == {
+            "encode0": "node0", "prefill0": "node1", "decode0": "node1"}
+        assert engine.stages["prefill0"].ready["mm_linked_from"] == [0], "the only path across: a link"
+        assert engine.image_bytes is None, "no shared memory across the nodes: image bytes go in the tasks"
+        outputs = engine.generate(_requests(), SP)
+        assert [o.token_ids for o in outputs] == _expected(tiny_llava)
+        with_images = [o for o, r in zip(outputs, _requests()) if r.images]
+        assert all(o.handoff["mm_bytes"] > 0 for o in with_images)
+    finally:
+        engine.shutdown()
+    assert {name: proc.exitcode for name, proc in engine.procs.items()} == dict.fromkeys(engine.procs, 0)
+
+
+def test_a_killed_actor_is_routed_around(cluster: str, tiny_llava: Path) -> None:
     import ray
 
-    expected = [o.token_ids for o in LLM(tiny_llava, backend="torch", device="cpu").generate(_requests(), SP)]
+    expected = _expected(tiny_llava)
     engine = EPDEngine(tiny_llava, placement="E:node0/cpu,node1/cpu P:node1/cpu D:node1/cpu", backend="torch",
                        device="cpu", cluster=cluster)
     try:
-        nodes = {name: h.host for name, h in engine.stages.items()}
-        assert nodes == {"encode0": "node0", "encode1": "node1", "prefill0": "node1", "decode0": "node1"}
         actors = {name: h.process.actor for name, h in engine.stages.items()}
         assert all(a is not None for a in actors.values()), "every stage is an actor"
         # encode0's arena is on the other node: read over a link; encode1's is mapped, as on one host
         assert engine.stages["prefill0"].ready["mm_linked_from"] == [0]
         assert engine.stages["prefill0"].ready["mm_in_place_from"] == [1]
-        assert engine.image_bytes is None
         outputs = engine.generate(_requests(), SP)
         assert [o.token_ids for o in outputs] == expected
         # a lost actor: its connection closes, its requests go to the other encoder
