@@ -18,12 +18,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("engine", "graphs", "kernels", "ipc")
 IPC_MECHANISMS = ("ipc.arena", "ipc.busy_board", "ipc.migration", "ipc.channel", "ipc.parent_watch", "ipc.connections",
-                  "ipc.worker", "ipc.peer_link")
+                  "ipc.worker", "ipc.peer_link", "ipc.linked_arena")
 # The engine modules that drive processes, and what they may use of ipc: the orchestrator spawns
-# worker shells and talks over channels; the stage roles own and map arenas and pull blocks.
-ORCHESTRATOR = ("engine.epd", "engine.stage_handles", "engine.roles", "engine.switching", "engine.dynamic")
+# worker shells (here, or as Ray actors) and talks over channels; the stage roles own and map
+# arenas, or read them over links, and pull blocks.
+ORCHESTRATOR = ("engine.epd", "engine.stage_handles", "engine.roles", "engine.switching", "engine.dynamic",
+                "engine.ray_stages")
 ORCHESTRATOR_IPC = ("ipc.arena", "ipc.busy_board", "ipc.byte_arena", "ipc.channel", "ipc.migration", "ipc.worker",
-                    "ipc.peer_link")
+                    "ipc.peer_link", "ipc.linked_arena")
 
 # (importer, imported) -> the issue-11 item that removes the arrow.
 ALLOWED_TODAY: dict[tuple[str, str], str] = {
