@@ -82,7 +82,8 @@ class RayProcess:
 
     def __init__(self, actor: Any, task: Any) -> None:
         self.actor, self.task = actor, task
-        self._killed = False
+        self._killed = False  # by terminate / kill: exit code -9
+        self._released = False  # the actor given back after its task ended
 
     def is_alive(self) -> bool:
         import ray
@@ -115,13 +116,14 @@ class RayProcess:
     kill = terminate
 
     def join(self, timeout: float | None = None) -> None:
-        """Wait for the run task; then give the actor back (it holds its node's resources)."""
+        """Wait for the run task; then give the actor back (it holds its node's resources). The
+        exit code stays the task's."""
         import ray
 
         ray.wait([self.task], timeout=timeout)
-        if not self.is_alive() and not self._killed:
+        if not self.is_alive() and not self._released:
             ray.kill(self.actor)
-            self._killed = self.exitcode is None  # keep the exit code of a task that ended by itself
+            self._released = True
 
 
 def spawn_ray_stage(ctx, spec: RoleSpec, device: str, listen_host: str) -> StageHandle:
