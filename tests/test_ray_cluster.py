@@ -11,6 +11,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -21,7 +22,9 @@ from engine.epd import EPDEngine
 from tests.test_epd import SP, _requests
 
 pytest.importorskip("ray")
-RAY = shutil.which("ray")
+# the ray command of this Python's environment (a venv's bin may not be on PATH), else PATH's
+_BESIDE = Path(sys.executable).with_name("ray")
+RAY = str(_BESIDE) if _BESIDE.exists() else shutil.which("ray")
 pytestmark = pytest.mark.skipif(RAY is None, reason="the ray command is not on PATH")
 
 
