@@ -27,7 +27,7 @@ def extensions() -> tuple[list, dict]:
         return [], {}
     if CUDA_HOME is None or not torch.cuda.is_available() and os.environ.get("EPD_FORCE_CUDA") != "1":
         return [], {}
-    from kernels.build import CXX_FLAGS, JPEG_SOURCES, NVCC_FLAGS, ROOT, nvjpeg_paths, sources
+    from kernels.build import CXX_FLAGS, JPEG_SOURCES, NVCC_FLAGS, ROOT, nvjpeg_link_args, nvjpeg_paths, sources
 
     exts = [CUDAExtension(
         name="kernels._epd_C",
@@ -43,7 +43,7 @@ def extensions() -> tuple[list, dict]:
             sources=JPEG_SOURCES,
             include_dirs=[str(ROOT), str(include)],
             extra_compile_args={"cxx": CXX_FLAGS},
-            extra_link_args=[f"-L{lib}", f"-l:{name}", f"-Wl,-rpath,{lib}"],
+            extra_link_args=nvjpeg_link_args(lib, name),
         ))
     return exts, {"build_ext": BuildExtension.with_options(use_ninja=True)}
 

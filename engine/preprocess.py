@@ -221,8 +221,6 @@ class GpuImagePreprocessor:
         (kernels/jpeg: it never synchronizes the device), torchvision for what it leaves (a GPU
         without the engine, a JPEG the engine does not take). Raises RuntimeError if nvjpeg
         rejects one."""
-        from torchvision.io import ImageReadMode, decode_jpeg
-
         # nvjpeg's hardware decode writes its output when it is called, not in stream order
         # (torchcodec PR #1634 measured it on the H100): nothing queued on this stream may still
         # use memory the allocator hands out for it. Idle here (each call ends synchronized): cheap.
@@ -231,6 +229,8 @@ class GpuImagePreprocessor:
         got = hardware.decode(raw) if hardware is not None else [None] * len(raw)
         rest = [i for i, x in enumerate(got) if x is None]
         if rest:
+            from torchvision.io import ImageReadMode, decode_jpeg
+
             for i, x in zip(rest, decode_jpeg([raw[i] for i in rest], mode=ImageReadMode.RGB, device=self.device)):
                 got[i] = x
         return got

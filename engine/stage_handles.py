@@ -11,7 +11,6 @@ import contextlib
 import logging
 import os
 import signal
-import socket
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -25,6 +24,7 @@ from engine.roles.weights import covers
 from engine.router import InstanceLoad
 from ipc.channel import Inbox
 from ipc.linked_arena import LinkedHandle, LinkSpec
+from ipc.peer_link import free_port
 from ipc.worker import Crashed, StageStatus, worker_main
 
 log = logging.getLogger("engine.epd")
@@ -267,12 +267,6 @@ def peer_view(owner: StageHandle, reader: StageHandle, addresses: dict[str, str]
     link = LinkSpec(addresses.get(owner.host, "127.0.0.1"), free_port(), "nccl" if gpus else "gloo")
     owner.send(ServeArena(link, reader.name))
     return LinkedHandle(link, tuple(arena.shape), arena.dtype, arena.device)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def size_next(stages: list[StageHandle], sizing: dict[tuple, StageHandle], room_for_switch: bool = False) -> None:

@@ -21,7 +21,6 @@ Each switch is recorded (durations of the drain and of the build) in `status()["
 from __future__ import annotations
 
 import logging
-import socket
 import time
 from dataclasses import replace
 from functools import partial
@@ -31,6 +30,7 @@ from engine.roles import RoleSpec, build_role
 from engine.roles.weights import covers
 from engine.sampling import RequestError
 from engine.stage_handles import StageError, StageHandle, absorb, smallest_kv_pool
+from ipc.peer_link import free_port
 from ipc.worker import Crashed, Switched, SwitchRole
 
 KINDS = ("encode", "prefill", "decode")
@@ -102,7 +102,7 @@ def start_switch(epd, stage: StageHandle, new_kind: str, weights: str = "auto") 
     if peer is not None:
         source = epd.stages[peer]
         backend = "gloo" if stage.device == "cpu" else "nccl"
-        port = _free_port()
+        port = free_port()
         spec = replace(spec, weights_peer=("127.0.0.1", port, backend, source.weights))
         new.peer_send = (source, SendWeights("127.0.0.1", port, backend))  # sent once the old role has closed
         new.weights_from = f"copied from {peer} over {backend}"
@@ -119,12 +119,6 @@ def _weight_source(epd, parts: str, on_device) -> str | None:
         if on_device(h.device) and h.alive() and h.weights is not None and covers(h.weights.parts, parts):
             return h.name
     return None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def advance(epd, new: StageHandle, msg: object) -> None:

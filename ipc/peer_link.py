@@ -5,9 +5,17 @@ tensors cross: it knows nothing of what they are."""
 
 from __future__ import annotations
 
+import socket
 from datetime import timedelta
 
 import torch
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on `host` now: where a link's rank 0 will serve its store."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
 
 
 class PeerLink:

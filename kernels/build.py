@@ -57,6 +57,11 @@ def nvjpeg_paths() -> tuple[Path, Path, str] | None:
     return None
 
 
+def nvjpeg_link_args(lib: Path, name: str) -> list[str]:
+    """Link flags for nvjpeg at lib/name, found again at run time (rpath): the JIT build's and setup.py's."""
+    return [f"-L{lib}", f"-l:{name}", f"-Wl,-rpath,{lib}"]
+
+
 def jpeg_build(verbose: bool = False) -> Path | None:
     """Build kernels._epd_jpeg (kernels/jpeg/decoder.cpp) where nvjpeg is found; None where not
     (the GPU path then decodes JPEGs with torchvision)."""
@@ -74,7 +79,7 @@ def jpeg_build(verbose: bool = False) -> Path | None:
         sources=[str(ROOT / src) for src in JPEG_SOURCES],
         extra_include_paths=[str(ROOT), str(include)],
         extra_cflags=CXX_FLAGS,
-        extra_ldflags=[f"-L{lib}", f"-l:{name}", f"-Wl,-rpath,{lib}"],
+        extra_ldflags=nvjpeg_link_args(lib, name),
         build_directory=str(build),
         verbose=verbose,
     )

@@ -12,7 +12,6 @@ end to end).
 
 from __future__ import annotations
 
-import socket
 import statistics
 import sys
 import time
@@ -24,13 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from ipc.peer_link import PeerLink  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from ipc.peer_link import PeerLink, free_port  # noqa: E402
 
 
 def receiver(port: int, backend: str, sizes: list[int], repeats: int) -> None:

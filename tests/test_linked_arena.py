@@ -5,21 +5,15 @@ link's timeout instead of hanging."""
 
 from __future__ import annotations
 
-import socket
 import time
 
 import pytest
 import torch
 
 from ipc.linked_arena import ArenaServer, LinkedArena, LinkSpec
+from ipc.peer_link import free_port
 
 SHAPE = (12, 2, 3, 4)  # 12 blocks; a block is [2, 3, 4] (KV-like: layers x ... )
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _arena(dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -30,7 +24,7 @@ def _arena(dtype: torch.dtype = torch.float32) -> torch.Tensor:
 
 def test_pull_and_read_in_the_readers_order() -> None:
     arena = _arena(torch.bfloat16)
-    spec = LinkSpec("127.0.0.1", _free_port(), timeout_s=30)
+    spec = LinkSpec("127.0.0.1", free_port(), timeout_s=30)
     server = ArenaServer(arena, spec, "kv-prefill0").start()
     reader = LinkedArena(spec, arena.shape, arena.dtype)
     src, dst_ids = [3, 0, 7, 7, 11], [1, 2, 5, 6, 0]
@@ -48,7 +42,7 @@ def test_pull_and_read_in_the_readers_order() -> None:
 
 
 def test_reader_checks_before_it_sends() -> None:
-    reader = LinkedArena(LinkSpec("127.0.0.1", _free_port()), SHAPE, torch.float32)
+    reader = LinkedArena(LinkSpec("127.0.0.1", free_port()), SHAPE, torch.float32)
     with pytest.raises(ValueError, match=r"blocks \[12, -1\] outside the arena's 12 blocks"):
         reader.read([1, 12, -1])
     with pytest.raises(ValueError, match="2 source blocks but 1 destination"):
@@ -80,7 +74,7 @@ def test_a_dead_owner_fails_the_read_not_hangs() -> None:
 
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
-    port = _free_port()
+    port = free_port()
     proc = ctx.Process(target=_owner, args=(port, 2, child))
     proc.start()
     try:
