@@ -145,14 +145,7 @@ class EPDEngine:
         if cluster:
             from engine import ray_stages
 
-            addresses = ray_stages.connect(cluster)
-            named = {h for kind in where.devices for h in where.hosts_of(kind) if h}
-            if named - set(addresses):
-                raise ValueError(f"placement {where.text!r}: host(s) {sorted(named - set(addresses))} name no node of "
-                                 f"the cluster at {cluster} (its nodes' custom resources: {sorted(addresses)})")
-            import ray
-
-            addresses[""] = ray.util.get_node_ip_address()  # this process's node: where actors connect to
+            addresses = ray_stages.connect(cluster, where)
         if dynamic is True:
             dynamic = AllocatorPolicy(max_num_seqs=config.max_num_seqs)
         self.dynamic = Dynamic(dynamic) if dynamic else None
@@ -172,7 +165,7 @@ class EPDEngine:
                  for i, (device, host) in enumerate(zip(where.of(kind), where.hosts_of(kind)))]
         # stages on one device share one copy of each weight half: the first to need it loads it
         # and packs it (engine/roles/weights.py), the others start once it has and map it
-        maps = self.weight_sources = weight_plan([(s.name, f"{s.host}/{s.config.device}",
+        maps = self.weight_sources = weight_plan([(s.name, (s.host, s.config.device),
                                                    switching.parts_of(s.kind, mode)) for s in specs])
         owners = {owner for owner in maps.values() if owner is not None}
         deadline = time.monotonic() + start_timeout_s

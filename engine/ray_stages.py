@@ -22,6 +22,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from engine.placement import Placement
 from engine.roles import RoleSpec, build_role
 from engine.stage_handles import StageHandle
 from ipc.channel import Inbox
@@ -29,9 +30,10 @@ from ipc.channel import Inbox
 CONNECT_TIMEOUT_S = 300.0  # an actor's start (a worker process, imports, its connections)
 
 
-def connect(address: str) -> dict[str, str]:
-    """Join the cluster at `address` (once per process); {host label: node IP} for every alive
-    node's custom resources (the labels a placement may name)."""
+def connect(address: str, where: Placement) -> dict[str, str]:
+    """Join the cluster at `address` (once per process): {host label: node IP} for every alive
+    node's custom resources, and "" for this process's node (where actors connect to).
+    ValueError if the placement names a host that is no node's resource."""
     import ray
 
     if not ray.is_initialized():
@@ -47,7 +49,11 @@ def connect(address: str) -> dict[str, str]:
             for resource in node.get("Resources", {}):
                 if not resource.startswith(("node:", "CPU", "GPU", "memory", "object_store_memory", "accelerator")):
                     labels[resource] = node["NodeManagerAddress"]
-    return labels
+    named = {h for kind in where.devices for h in where.hosts_of(kind) if h}
+    if named - set(labels):
+        raise ValueError(f"placement {where.text!r}: host(s) {sorted(named - set(labels))} name no node of "
+                         f"the cluster at {address} (its nodes' custom resources: {sorted(labels)})")
+    return {**labels, "": ray.util.get_node_ip_address()}
 
 
 def _actor_class():

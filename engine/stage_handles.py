@@ -244,8 +244,9 @@ def await_loaded(stages: dict[str, StageHandle], names: list[str], deadline: flo
             absorb(stages, msg)
 
 
-def weight_plan(stages: list[tuple[str, str, str]]) -> dict[str, str | None]:
-    """Which stage's weights each stage maps: stages are (name, device, parts) in start order;
+def weight_plan(stages: list[tuple[str, object, str]]) -> dict[str, str | None]:
+    """Which stage's weights each stage maps: stages are (name, device, parts) in start order,
+    device any key of where the memory is (EPDEngine: (host, device), as StageHandle.placed);
     a stage maps those of the first one before it on its device whose parts cover its own ("all"
     covers "vision" and "lm"), or none (it reads the checkpoint, and packs it when others map it)."""
     plan: dict[str, str | None] = {}
