@@ -207,6 +207,17 @@ def write_timelines(out: Path, pre: str, workloads: list[Workload], epd_runs: li
                                         "timeline": o.timeline, "token_times": o.token_times_s}) + "\n")
 
 
+def transports(stages: dict) -> str:
+    """How each reader reaches its peers' arenas, from status: mapped (CUDA IPC or a shared
+    file, same host) or pulled over a link (another host)."""
+    out = []
+    for name, st in stages.items():
+        for key, what in (("kv_linked_from", "KV"), ("mm_linked_from", "MM")):
+            if key in st:
+                out.append(f"{name} {what} {'linked from ' + str(st[key]) if st[key] else 'mapped'}")
+    return ", ".join(out) or "none reported"
+
+
 def main(argv: list[str] | None = None) -> None:
     from engine.cli import PLACEMENT_HELP, ArgumentParser, check_device, check_placement, positive_int
 
@@ -285,8 +296,10 @@ def main(argv: list[str] | None = None) -> None:
                        image_preprocess=pre, **settings) as epd:
             started = time.perf_counter() - t0
             epd_runs = run_workloads(epd, workloads, sp)
-            kv = {n: s.get("kv_cache_tokens") for n, s in epd.status()["stages"].items() if "kv_cache_tokens" in s}
-        print(f"image_preprocess {pre}: stages started in {started:.1f}s; KV tokens per stage: {kv}", flush=True)
+            stages = epd.status()["stages"]
+            kv = {n: s.get("kv_cache_tokens") for n, s in stages.items() if "kv_cache_tokens" in s}
+        print(f"image_preprocess {pre}: stages started in {started:.1f}s; KV tokens per stage: {kv}; "
+              f"transport: {transports(stages)}", flush=True)
         agg = LLM(args.model, image_preprocess=pre, **settings)
         agg_runs = run_workloads(agg, workloads, sp)
         del agg
