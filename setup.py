@@ -1,5 +1,4 @@
-"""Build the CUDA extension kernels._epd_C where CUDA is present (and kernels._epd_jpeg where nvjpeg
-is found too); everything else (metadata,
+"""Build the CUDA extension kernels._epd_C where CUDA is present; everything else (metadata,
 dependencies, packages, entry points) is in pyproject.toml.
 
     pip install -e .          # CPU: pure Python (torch backend); GPU: + the extension
@@ -27,25 +26,15 @@ def extensions() -> tuple[list, dict]:
         return [], {}
     if CUDA_HOME is None or not torch.cuda.is_available() and os.environ.get("EPD_FORCE_CUDA") != "1":
         return [], {}
-    from kernels.build import CXX_FLAGS, JPEG_SOURCES, NVCC_FLAGS, ROOT, nvjpeg_link_args, nvjpeg_paths, sources
+    from kernels.build import CXX_FLAGS, NVCC_FLAGS, ROOT, sources
 
-    exts = [CUDAExtension(
+    ext = CUDAExtension(
         name="kernels._epd_C",
         sources=sources(),
         include_dirs=[str(ROOT)],
         extra_compile_args={"cxx": CXX_FLAGS, "nvcc": NVCC_FLAGS},
-    )]
-    nvjpeg = nvjpeg_paths()
-    if nvjpeg is not None:  # the hardware JPEG decoder (kernels/jpeg), where nvjpeg is found
-        include, lib, name = nvjpeg
-        exts.append(CUDAExtension(
-            name="kernels._epd_jpeg",
-            sources=JPEG_SOURCES,
-            include_dirs=[str(ROOT), str(include)],
-            extra_compile_args={"cxx": CXX_FLAGS},
-            extra_link_args=nvjpeg_link_args(lib, name),
-        ))
-    return exts, {"build_ext": BuildExtension.with_options(use_ninja=True)}
+    )
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 
 ext_modules, cmdclass = extensions()

@@ -12,9 +12,11 @@ engine/preprocess_anyres.py, built on GpuImagePreprocessor):
   by ImageProcessor's own numpy operations. Given the same decoded uint8 pixels the float32 output is
   ImageProcessor's bit for bit; bfloat16/float16 output is that rounded to nearest even.
 
-JPEG decode on the GPU uses nvjpeg's hardware engine through our decoder (kernels/jpeg, one batched
-call whose allocations never synchronize the device), and torchvision (`torchvision.io.decode_jpeg(list,
-device=)`) for what that leaves, when torchvision imports. nvjpeg's IDCT and chroma upsampling differ from libjpeg's
+JPEG decode on the GPU uses nvjpeg through torchvision (`torchvision.io.decode_jpeg(list, device=)`,
+one batched call; the hardware JPEG engine where the GPU has one) when torchvision imports. The
+worker runs with 32 CUDA hardware queues (ipc/worker.py): under CUDA's default of 8, nvjpeg's
+internal streams shared a queue with the tower's and every decode waited for the tower (measured,
+docs/benchmarks.md, session 11). nvjpeg's IDCT and chroma upsampling differ from libjpeg's
 (PIL): decoded pixels differ by a few uint8 levels, so for JPEGs the GPU output is within that
 tolerance of ImageProcessor's, not equal (scripts/bench_preprocess.py measures it). An image goes to
 nvjpeg only when nvjpeg decodes what PIL would (`nvjpeg_decodable`): JPEG data (bytes, a path or a
@@ -51,7 +53,6 @@ from engine.images import (
     load_image,
 )
 from kernels.image import reference as image_ref
-from kernels.jpeg import decoder as jpeg_decoder
 
 if TYPE_CHECKING:
     from engine.config import EngineConfig, ModelConfig
@@ -217,23 +218,15 @@ class GpuImagePreprocessor:
         return out
 
     def _nvjpeg(self, raw: list[torch.Tensor]) -> list[torch.Tensor]:
-        """[3, H, W] uint8 on the device per JPEG: nvjpeg's hardware engine through our decoder
-        (kernels/jpeg: it never synchronizes the device), torchvision for what it leaves (a GPU
-        without the engine, a JPEG the engine does not take). Raises RuntimeError if nvjpeg
-        rejects one."""
+        """[3, H, W] uint8 on the device per JPEG, decoded by nvjpeg (torchvision). Raises
+        RuntimeError if nvjpeg rejects one."""
+        from torchvision.io import ImageReadMode, decode_jpeg
+
         # nvjpeg's hardware decode writes its output when it is called, not in stream order
         # (torchcodec PR #1634 measured it on the H100): nothing queued on this stream may still
         # use memory the allocator hands out for it. Idle here (each call ends synchronized): cheap.
         torch.cuda.current_stream(self.device).synchronize()
-        hardware = jpeg_decoder(self.device)
-        got = hardware.decode(raw) if hardware is not None else [None] * len(raw)
-        rest = [i for i, x in enumerate(got) if x is None]
-        if rest:
-            from torchvision.io import ImageReadMode, decode_jpeg
-
-            for i, x in zip(rest, decode_jpeg([raw[i] for i in rest], mode=ImageReadMode.RGB, device=self.device)):
-                got[i] = x
-        return got
+        return decode_jpeg(raw, mode=ImageReadMode.RGB, device=self.device)
 
     def target_hw(self, height: int, width: int) -> tuple[int, int]:
         """The resized (height, width), as ImageProcessor computes it."""

@@ -162,6 +162,9 @@ def worker_main(build: Callable[[Callable[[object], None]], Role], name: str, pa
     run_worker(build, name, torch_threads, inbox, outbox)
 
 
+CUDA_QUEUES = "32"  # CUDA_DEVICE_MAX_CONNECTIONS in every worker (run_worker)
+
+
 def run_worker(build: Callable[[Callable[[object], None]], Role], name: str, torch_threads: int, inbox,
                outbox) -> None:
     """Build the role and serve it over (inbox, outbox) until Shutdown or the inbox's end: a
@@ -170,8 +173,8 @@ def run_worker(build: Callable[[Callable[[object], None]], Role], name: str, tor
     # CUDA's hardware work queues per context (default 8, read when the context is made): streams
     # past that share queues, and a kernel waits for all that is queued ahead of it in its queue,
     # whatever its stream. An encoder runs the tower, the preprocessing and nvjpeg's eight internal
-    # streams; at 8, a decode waited for the tower (docs/benchmarks.md, session 10).
-    os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "32")
+    # streams; at 8, a decode waited for the tower, at 32 it does not (docs/benchmarks.md, session 11).
+    os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", CUDA_QUEUES)
     if torch_threads > 0:
         import torch
 

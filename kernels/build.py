@@ -2,7 +2,6 @@
 and the compile check.
 
     python -m kernels.build            # JIT-build (ninja, incremental) and copy the .so into kernels/
-                                       # (and kernels._epd_jpeg, where nvjpeg is found)
     python -m kernels.build --check    # compile every source with nvcc, no link (CI; no GPU needed)
 """
 
@@ -25,67 +24,12 @@ NVCC_FLAGS = ["-O3", "--use_fast_math", "--expt-relaxed-constexpr", "-lineinfo",
 CXX_FLAGS = ["-O3"]
 
 
-JPEG_SOURCES = ["kernels/jpeg/decoder.cpp"]  # the module kernels._epd_jpeg: it links nvjpeg, _epd_C does not
-
-
 def sources() -> list[str]:
-    """binding.cpp plus every family's .cu and .cpp files (but kernels/jpeg's), relative to ROOT."""
+    """binding.cpp plus every family's .cu and .cpp files, relative to ROOT."""
     if not (KERNELS / "binding.cpp").is_file():
         raise FileNotFoundError(f"kernel sources not found under {KERNELS} (an install without package data?)")
     files = sorted(KERNELS.glob("*/*.cu")) + sorted(KERNELS.glob("*/*.cpp")) + [KERNELS / "binding.cpp"]
-    return [str(f.relative_to(ROOT)) for f in files if f.parent.name != "jpeg"]
-
-
-def nvjpeg_paths() -> tuple[Path, Path, str] | None:
-    """(include dir, library dir, library file name) of nvjpeg: the CUDA toolkit's, else the
-    `nvidia-nvjpeg` wheel's (nvidia/cu13 or nvidia/nvjpeg for CUDA 12); None when neither is here."""
-    cuda = Path(os.environ.get("CUDA_HOME", "/usr/local/cuda"))
-    candidates = [(cuda / "include", cuda / "lib64"), (cuda / "targets" / "x86_64-linux" / "include",
-                                                       cuda / "targets" / "x86_64-linux" / "lib")]
-    try:
-        import nvidia  # namespace package of NVIDIA's wheels
-
-        for base in map(Path, nvidia.__path__):
-            candidates += [(base / "cu13" / "include", base / "cu13" / "lib"),
-                           (base / "nvjpeg" / "include", base / "nvjpeg" / "lib")]
-    except ImportError:
-        pass
-    for include, lib in candidates:
-        libs = sorted(lib.glob("libnvjpeg.so*")) if lib.is_dir() else []
-        if (include / "nvjpeg.h").is_file() and libs:
-            return include, lib, min(libs, key=lambda f: len(f.name)).name
-    return None
-
-
-def nvjpeg_link_args(lib: Path, name: str) -> list[str]:
-    """Link flags for nvjpeg at lib/name, found again at run time (rpath): the JIT build's and setup.py's."""
-    return [f"-L{lib}", f"-l:{name}", f"-Wl,-rpath,{lib}"]
-
-
-def jpeg_build(verbose: bool = False) -> Path | None:
-    """Build kernels._epd_jpeg (kernels/jpeg/decoder.cpp) where nvjpeg is found; None where not
-    (the GPU path then decodes JPEGs with torchvision)."""
-    from torch.utils.cpp_extension import load
-
-    found = nvjpeg_paths()
-    if found is None:
-        print("nvjpeg not found (CUDA toolkit or the nvidia-nvjpeg wheel): kernels._epd_jpeg not built", flush=True)
-        return None
-    include, lib, name = found
-    build = build_dir().parent / "jit_jpeg"
-    build.mkdir(parents=True, exist_ok=True)
-    module = load(
-        name="_epd_jpeg",
-        sources=[str(ROOT / src) for src in JPEG_SOURCES],
-        extra_include_paths=[str(ROOT), str(include)],
-        extra_cflags=CXX_FLAGS,
-        extra_ldflags=nvjpeg_link_args(lib, name),
-        build_directory=str(build),
-        verbose=verbose,
-    )
-    target = KERNELS / Path(module.__file__).name
-    shutil.copy2(module.__file__, target)
-    return target
+    return [str(f.relative_to(ROOT)) for f in files]
 
 
 def build_dir() -> Path:
@@ -155,16 +99,9 @@ def compile_check(jobs: int = 2) -> int:
         proc = subprocess.run(cmd, capture_output=True, text=True)
         return src, proc.returncode, proc.stderr
 
-    checked = sources()
-    found = nvjpeg_paths()
-    if found is None:
-        print(f"skip {' '.join(JPEG_SOURCES)}: nvjpeg not found (pip install nvidia-nvjpeg)", flush=True)
-    else:
-        inc.append(f"-I{found[0]}")
-        checked += JPEG_SOURCES
     failures = 0
     with ThreadPoolExecutor(jobs) as pool:
-        for src, rc, err in pool.map(one, checked):
+        for src, rc, err in pool.map(one, sources()):
             print(f"{'ok  ' if rc == 0 else 'FAIL'} {src}", flush=True)
             if rc:
                 failures += 1
@@ -191,9 +128,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         return 1 if compile_check(args.jobs) else 0
     print(jit_build(args.verbose))
-    jpeg = jpeg_build(args.verbose)
-    if jpeg is not None:
-        print(jpeg)
     return 0
 
 

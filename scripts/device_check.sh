@@ -8,10 +8,11 @@
 # decode profile at batch 1 and 8); image (GPU preprocessing, LLaVA-NeXT and cache GPU tests, bench_preprocess,
 # bench_epd with 2 JPEGs per request; with encodefirst, 1080p again with encode_first off); switch
 # (shared weights, role switches); serve (the OpenAI-server sweep); profile_stages (per-stage costs
-# for the simulator: $OUT/costs_h200.json); oneencoder (1080p bench_epd with one encoder process);
+# for the simulator: $OUT/costs_h200.json);
 # dynamic (a shifting workload through the OpenAI server, static vs --dynamic); encprofile (an encoder's
-# GPU time per image by kernel: scripts/profile_encoder.py); burst (the 1080p burst BURST_RUNS times, with
-# timelines).
+# GPU time per image by kernel: scripts/profile_encoder.py); burst (the 1080p burst BURST_RUNS times per
+# placement of BURST_PLACEMENTS, '|'-separated, with timelines); jpegtest (preprocessing GPU tests);
+# noregress (bench_epd on this tree vs an earlier one in BASE_TREE, alternating, twice).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/device_out}
@@ -156,13 +157,6 @@ if [[ " $STAGES " == *" switch "* ]]; then  # issue 14: weights shared over CUDA
   stage bench_switch python3 scripts/bench_switch.py --model /tmp/llava-7b
   grep -h "^| \|GPU used\|switch \|one at a time" "$OUT/bench_switch.log" >> "$SUMMARY"
 fi
-if [[ " $STAGES " == *" oneencoder "* ]]; then  # issue 13: one encoder process on the GPU instead of two
-  llava7b
-  stage bench_epd_one_encoder python3 scripts/bench_epd.py --model /tmp/llava-7b --placement "E:0 P:0 D:0" \
-    --requests 48 --images 2 --image-size 1920x1080 --image-format jpeg --max-tokens 16 --check-requests 2 \
-    --image-preprocess auto
-  grep -h "^| \|encode share" "$OUT/bench_epd_one_encoder.log" | grep -v "^| image emb\|^| KV" >> "$SUMMARY"
-fi
 if [[ " $STAGES " == *" batchab "* ]]; then  # issue 13: 1080p bursts, encoder batches of 16 then 8 items, same run
   llava7b
   for items in 16 8; do
@@ -187,10 +181,23 @@ if [[ " $STAGES " == *" timeline "* ]]; then  # issue 13: 1080p bursts with per-
   done
   (cd "$OUT" && tar czf timelines.tgz tl_* && rm -rf tl_*)
 fi
-if [[ " $STAGES " == *" jpegtest "* ]]; then  # the hardware JPEG decoder and the preprocessing / encode-role GPU tests
-  python3 -c "from kernels.build import nvjpeg_paths; print('nvjpeg:', nvjpeg_paths())" >> "$SUMMARY" 2>&1
-  stage pytest_gpu_jpeg python3 -m pytest -m gpu -q --tb=short -p no:cacheprovider tests/test_jpeg_decoder.py \
-    tests/test_preprocess.py tests/test_encode_role.py tests/test_llava_next.py
+if [[ " $STAGES " == *" jpegtest "* ]]; then  # the preprocessing / encode-role GPU tests (nvjpeg's no-wait test too)
+  stage pytest_gpu_jpeg python3 -m pytest -m gpu -q --tb=short -p no:cacheprovider tests/test_preprocess.py \
+    tests/test_encode_role.py
+fi
+if [[ " $STAGES " == *" noregress "* ]]; then  # issue 18: same-host stages still map arenas; this tree vs BASE_TREE
+  llava7b
+  BASE=${BASE_TREE:-.base}  # an earlier tree (git archive), its kernels the same as this one's
+  cp kernels/_epd_C*.so "$BASE/kernels/"
+  for round in 1 2; do
+    for tree in head base; do
+      dir=.; [[ $tree == base ]] && dir=$BASE
+      stage "bench_epd_${tree}_$round" bash -c "cd '$dir' && python3 scripts/bench_epd.py --model /tmp/llava-7b \
+        --placement 'E:0,0 P:0 D:0' --check-requests 2"
+      echo "$tree tree, round $round:" >> "$SUMMARY"
+      grep -h "^| \|stages started\|one at a time" "$OUT/bench_epd_${tree}_$round.log" >> "$SUMMARY"
+    done
+  done
 fi
 if [[ " $STAGES " == *" encprofile "* ]]; then  # issue 13/16: an encoder's GPU time per image, by kernel
   llava7b
@@ -204,14 +211,17 @@ if [[ " $STAGES " == *" encprofile "* ]]; then  # issue 13/16: an encoder's GPU 
     done
   done
 fi
-if [[ " $STAGES " == *" burst "* ]]; then  # issue 13: the 1080p burst, BURST_RUNS times, with per-request stamps
+if [[ " $STAGES " == *" burst "* ]]; then  # issue 13: the 1080p burst per placement, BURST_RUNS times, with stamps
   llava7b
+  IFS='|' read -ra placements <<< "${BURST_PLACEMENTS:-E:0,0 P:0 D:0}"
   for run in $(seq 1 "${BURST_RUNS:-2}"); do
-    stage "bench_epd_burst$run" python3 scripts/bench_epd.py --model /tmp/llava-7b --placement "E:0,0 P:0 D:0" \
-      --requests 48 --images 2 --image-size "${BURST_SIZE:-1920x1080}" --image-format jpeg --max-tokens 16 \
-      --check-requests 2 --image-preprocess auto --timeline "$OUT/tl_burst$run"
-    echo "burst $run:" >> "$SUMMARY"
-    grep -h "^| \|encode share" "$OUT/bench_epd_burst$run.log" | grep -v "^| image emb\|^| KV\|^| hand" >> "$SUMMARY"
+    for i in "${!placements[@]}"; do
+      stage "bench_epd_burst${run}_p$i" python3 scripts/bench_epd.py --model /tmp/llava-7b --placement "${placements[$i]}" \
+        --requests 48 --images 2 --image-size "${BURST_SIZE:-1920x1080}" --image-format jpeg --max-tokens 16 \
+        --check-requests 2 --image-preprocess auto --timeline "$OUT/tl_burst${run}_p$i"
+      echo "burst $run, ${placements[$i]}:" >> "$SUMMARY"
+      grep -h "^| \|encode share" "$OUT/bench_epd_burst${run}_p$i.log" | grep -v "^| image emb\|^| KV\|^| hand" >> "$SUMMARY"
+    done
   done
   (cd "$OUT" && tar czf timelines.tgz tl_* && rm -rf tl_*)
 fi

@@ -6,14 +6,12 @@ thread on its own stream, the tower on the worker's).
 
 Per batch size: the synchronized wall time of each part (median of --repeats), a profile of 3 calls
 (kernels grouped by name, busy time = the union of kernel and copy intervals, and the time the GPU
-sat idle inside the call), and images/s of --batches-in-a-row batches run serially and pipelined:
-as the encode role (tower on the default stream / on its own), with PIL decoding on 4 threads
-instead of nvjpeg, and with each hardware decode queued before the tower it overlaps. Then the
-preprocessing's steps, each synchronized, alone and during a tower, with our decoder and with
-torchvision's; and the pipelined runs' GPU activity by stream. CUDA_DEVICE_MAX_CONNECTIONS (the
-hardware queues, default 8) is read from the environment. What it answers: the GPU time per image,
-the part of the wall time the GPU is not busy, how much the pipeline hides, and what makes a decode
-wait for a tower.
+sat idle inside the call), and images/s of --batches-in-a-row batches run serially and pipelined
+as the encode role runs them (tower on the default stream / on its own). Then the preprocessing's
+steps, each synchronized, alone and during a tower; and the pipelined runs' GPU activity by stream.
+CUDA_DEVICE_MAX_CONNECTIONS (the hardware queues, default 8) is read from the environment. What it
+answers: the GPU time per image, the part of the wall time the GPU is not busy, how much the
+pipeline hides, and what makes a decode wait for a tower.
 """
 
 from __future__ import annotations
@@ -39,7 +37,6 @@ from engine.config import EngineConfig, ModelConfig  # noqa: E402
 from engine.images_anyres import all_items  # noqa: E402
 from engine.mm_cache import item_pixels  # noqa: E402
 from engine.preprocess import (  # noqa: E402
-    GpuImagePreprocessor,
     nvjpeg_decodable,
     on_side_stream,
     source_bytes,
@@ -48,7 +45,6 @@ from engine.preprocess import (  # noqa: E402
 from engine.request import Sequence  # noqa: E402
 from engine.runner import build_runner  # noqa: E402
 from engine.sampling import SamplingParams  # noqa: E402
-from kernels.jpeg import decoder as jpeg_decoder  # noqa: E402
 from scripts.bench_epd import requests  # noqa: E402
 from scripts.profile_decode import busy_time, short_name  # noqa: E402
 
@@ -157,20 +153,14 @@ def main(argv: list[str] | None = None) -> int:
     images = [r.images[0] for r in requests(count, 1, (width, height), "jpeg", seed=3)]
     hw = [(height, width)] * count
 
-    pil_decode = GpuImagePreprocessor(inner.cfg, inner.device, config.torch_dtype, workers=4, nvjpeg=False)
-    raw_bytes = [torch.frombuffer(bytearray(source_bytes(x)), dtype=torch.uint8) for x in images]
-
-    def prep(n: int, offset: int = 0, on: torch.cuda.Stream | None = None, proc=processor) -> torch.Tensor:
+    def prep(n: int, offset: int = 0) -> torch.Tensor:
         batch = images[offset: offset + n]
-        with on_side_stream(on or stream):
-            return item_pixels(proc, cfg, None, batch, all_items(cfg, hw[:n]), hw[:n], [])
+        with on_side_stream(stream):
+            return item_pixels(processor, cfg, None, batch, all_items(cfg, hw[:n]), hw[:n], [])
 
-    def prep_steps(n: int, during_tower: bool, torchvision: bool = False) -> dict[str, float]:
+    def prep_steps(n: int, during_tower: bool) -> dict[str, float]:
         """GpuImagePreprocessor's steps one by one, each synchronized: ms per step; with
-        during_tower, a tower replay is launched on another stream first (it runs meanwhile);
-        with torchvision, its decode_jpeg instead of our decoder (kernels/jpeg)."""
-        from torchvision.io import ImageReadMode, decode_jpeg
-
+        during_tower, a tower replay is launched on another stream first (it runs meanwhile)."""
         gpu, batch = inner, images[:n]
         marks: list[tuple[str, float]] = []
         if during_tower:  # the graph replay alone: runner.encode's scatter would wait for it on the host
@@ -191,9 +181,7 @@ def main(argv: list[str] | None = None) -> int:
             mark("header checks")
             raw = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in data]
             mark("bytes to tensors")
-            planes = (decode_jpeg(raw, mode=ImageReadMode.RGB, device=gpu.device) if torchvision
-                      else gpu._nvjpeg(raw))
-            decoded = [x.permute(1, 2, 0) for x in planes]
+            decoded = [x.permute(1, 2, 0) for x in gpu._nvjpeg(raw)]
             mark("nvjpeg decode")
             out = gpu.resize_normalize(decoded)
             mark("resize + normalize")
@@ -217,45 +205,19 @@ def main(argv: list[str] | None = None) -> int:
 
     side = torch.cuda.Stream()
 
-    def pipelined(n: int, own_stream: bool = False, proc=processor) -> None:
+    def pipelined(n: int, own_stream: bool = False) -> None:
         """As EncodeRole: batch i+1 preprocesses during tower i; the tower on the thread's
         current stream (the legacy default stream) or on a stream of its own."""
         tower_stream = side if own_stream else torch.cuda.current_stream()
         with ThreadPoolExecutor(1) as pool, torch.cuda.stream(tower_stream):
-            job = pool.submit(prep, n, 0, None, proc)
+            job = pool.submit(prep, n, 0)
             for i in range(k):
                 pixels = job.result()
                 pixels.record_stream(tower_stream)
                 if i + 1 < k:
-                    job = pool.submit(prep, n, ((i + 1) % 2) * n, None, proc)
+                    job = pool.submit(prep, n, ((i + 1) % 2) * n)
                 tower(pixels)
                 tower_stream.synchronize()
-
-    def decode_first(n: int) -> None:
-        """One thread: batch i+1's hardware decode queued (our decoder: no host waits inside)
-        before tower i is launched, its resize after; so no decode work sits behind a tower."""
-        hardware = jpeg_decoder(inner.device)
-        if hardware is None:
-            raise RuntimeError("no hardware JPEG decoder")
-
-        def resize(planes: list[torch.Tensor]) -> torch.Tensor:
-            return inner.resize_normalize([x.permute(1, 2, 0) for x in planes])
-
-        with torch.cuda.stream(side):
-            with torch.cuda.stream(stream):
-                pixels = resize(hardware.decode(raw_bytes[:n]))
-            stream.synchronize()
-            for i in range(k):
-                nxt = ((i + 1) % 2) * n
-                with torch.cuda.stream(stream):
-                    planes = hardware.decode(raw_bytes[nxt: nxt + n]) if i + 1 < k else None
-                pixels.record_stream(side)
-                tower(pixels)
-                if planes is not None:
-                    with torch.cuda.stream(stream):
-                        pixels = resize(planes)
-                side.synchronize()
-                stream.synchronize()
 
     tower_pixels: dict[int, torch.Tensor] = {}
 
@@ -265,23 +227,16 @@ def main(argv: list[str] | None = None) -> int:
         pre_busy = profile_table(f"preprocess, batch {n}", lambda: prep(n))
         tower_ms = wall_ms(lambda: tower(pixels), args.repeats)
         tower_busy = profile_table(f"tower + projector, batch {n}", lambda: tower(pixels))
-        variants = (serial, pipelined, lambda n: pipelined(n, own_stream=True),
-                    lambda n: pipelined(n, own_stream=True, proc=pil_decode), decode_first)
-        rates = []
-        for fn in variants:
-            try:
-                rates.append(k * n / (wall_ms(lambda fn=fn: fn(n), 5) / 1e3))
-            except RuntimeError as e:
-                print(f"a variant could not run: {e}")
-                rates.append(float("nan"))
+        variants = (serial, pipelined, lambda n: pipelined(n, own_stream=True))
+        rates = [k * n / (wall_ms(lambda fn=fn: fn(n), 5) / 1e3) for fn in variants]
         if getattr(inner, "nvjpeg", False):
             connections = os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS", "8 (default)")
             print(f"\n### preprocess steps, batch {n}, each synchronized (median ms of {args.repeats}), "
                   f"CUDA_DEVICE_MAX_CONNECTIONS {connections}")
-            print("| step | ours alone | ours during a tower | torchvision alone | torchvision during a tower |")
-            print("|---|---|---|---|---|")
-            cases = [(during, tv) for tv in (False, True) for during in (False, True)]
-            runs = {c: [prep_steps(n, *c) for _ in range(args.repeats + 2)][2:] for c in cases}
+            print("| step | alone | during a tower |")
+            print("|---|---|---|")
+            cases = (False, True)
+            runs = {c: [prep_steps(n, c) for _ in range(args.repeats + 2)][2:] for c in cases}
             for step in runs[cases[0]][0]:
                 cells = [1e3 * statistics.median(r[step] for r in runs[c]) for c in cases]
                 print(f"| {step} | " + " | ".join(f"{x:.2f}" for x in cells) + " |")
@@ -294,9 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = [measure(n) for n in batches]
     print("\n## summary")
     print("| batch | preprocess wall ms | GPU busy ms | tower wall ms | GPU busy ms | serial images/s | "
-          "pipelined images/s | pipelined, tower on its own stream | own stream, PIL decode on 4 threads | "
-          "decode queued before each tower |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "pipelined images/s | pipelined, tower on its own stream |")
+    print("|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
     return 0
 

@@ -6,8 +6,6 @@ PY=${PYTHON:-python3}
 bash scripts/install.sh
 "$PY" -m ruff check .
 if command -v nvcc >/dev/null; then
-  # nvjpeg's header for kernels/jpeg (the toolkit here may lack it): NVIDIA's wheel, 4 MB
-  "$PY" -m pip install -q nvidia-nvjpeg || echo "nvidia-nvjpeg not installed: kernels/jpeg is not compile-checked"
   "$PY" -m kernels.build --check --jobs "${JOBS:-2}"
 else
   echo "nvcc not found: skipping the CUDA compile check"

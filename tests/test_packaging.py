@@ -56,12 +56,12 @@ def _isolated_python(code: str, cwd: Path, first: list[str], site_dir: Path | No
 IMPORTS = """
 import engine, graphs, ipc, kernels, engine.generate_cli, ipc.serve_cli
 from engine import LLM
-from kernels.build import JPEG_SOURCES, KERNELS, sources
+from kernels.build import KERNELS, sources
 for name in ("engine", "graphs", "ipc", "kernels"):
     print(name, sys.modules[name].__file__)
 import re
 print("kernels_dir", KERNELS)
-print("sources", len(sources() + JPEG_SOURCES))
+print("sources", len(sources()))
 # every repo-rooted include of every source resolves beside the installed package (a compile would find it)
 includes = {m for f in KERNELS.rglob("*") if f.suffix in (".cu", ".cuh", ".cpp", ".h")
             for m in re.findall(r'#include "(kernels/[^"]+)"', f.read_text())}

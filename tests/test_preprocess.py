@@ -9,6 +9,11 @@ from __future__ import annotations
 import base64
 import functools
 import io
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -398,3 +403,58 @@ def test_stage_image_processor_choice(tiny_llava, tiny_llava_next) -> None:
         off = EngineConfig(str(tiny_llava_next), device="cuda", backend="cuda", image_preprocess="cpu")
         assert isinstance(stage_image_processor(off, next_cfg), AnyresImageProcessor)
 
+
+
+def no_wait_check() -> str:
+    """~280 ms of GEMMs queued on another stream, then GpuImagePreprocessor.decode of 8 1080p JPEGs
+    (nvjpeg): "decode_ms gemm_ms". Run in a fresh process: CUDA_DEVICE_MAX_CONNECTIONS is read
+    when the context is made."""
+    from engine.preprocess import GpuImagePreprocessor
+
+    gpu = GpuImagePreprocessor(ImageProcessorConfig(), "cuda", torch.bfloat16)
+    batch = [jpeg_bytes(smooth_pixels(1080, 1920, s)) for s in range(8)]
+    dec, other = torch.cuda.Stream(), torch.cuda.Stream()
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    with torch.cuda.stream(dec):
+        for _ in range(3):
+            gpu.decode(batch)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    with torch.cuda.stream(other):
+        start.record()
+        for _ in range(200):
+            a @ a
+        end.record()
+    end.synchronize()
+    gemm_ms = start.elapsed_time(end)
+    with torch.cuda.stream(other):
+        for _ in range(200):
+            a @ a
+    t0 = time.perf_counter()
+    with torch.cuda.stream(dec):
+        out = gpu.decode(batch)
+    dec.synchronize()
+    decode_ms = 1e3 * (time.perf_counter() - t0)
+    torch.cuda.synchronize()
+    assert [tuple(x.shape) for x in out] == [(1080, 1920, 3)] * 8
+    return f"{decode_ms:.1f} {gemm_ms:.1f}"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _gpu_ready(), reason="needs CUDA and kernels._epd_C")
+def test_jpeg_decode_does_not_wait_for_other_streams() -> None:
+    """With the workers' CUDA hardware queues (ipc/worker.CUDA_QUEUES), a decode does not wait for
+    another stream's work. At CUDA's default of 8 it did (317 ms with 410 ms of GEMMs queued, H200,
+    session 10): nvjpeg's internal streams shared a queue with the busy stream."""
+    from ipc.worker import CUDA_QUEUES
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "CUDA_DEVICE_MAX_CONNECTIONS": CUDA_QUEUES, "PYTHONPATH": str(root)}
+    code = "import sys; sys.path.insert(0, 'tests'); import test_preprocess as t; print(t.no_wait_check())"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    decode_ms, gemm_ms = map(float, proc.stdout.split()[-2:])
+    print(f"CUDA_DEVICE_MAX_CONNECTIONS={CUDA_QUEUES}: decode {decode_ms:.1f} ms with {gemm_ms:.1f} ms of GEMMs")
+    assert gemm_ms > 60, f"the GEMMs took {gemm_ms:.1f} ms: too short to tell a wait"
+    assert decode_ms < gemm_ms / 2, f"decode took {decode_ms:.1f} ms with {gemm_ms:.1f} ms of GEMMs on another stream"

@@ -2,9 +2,9 @@
 
 Two stages, pipelined: a preprocessing thread reads a batch's image bytes, checks them and
 decodes + preprocesses them (on its own CUDA stream where the GPU path runs), while the worker's
-thread runs the vision tower on the batch before, on a stream of its own. JPEGs are decoded on
-nvjpeg's hardware engine by a decoder whose allocations never synchronize the device
-(kernels/jpeg), so a decode does not wait for the tower; the thread releases the GIL there and in PIL.
+thread runs the vision tower on the batch before, on a stream of its own. JPEGs are decoded by
+nvjpeg (torchvision); with the worker's 32 CUDA hardware queues (ipc/worker.py) a decode does not
+wait for the tower. The thread releases the GIL there and in PIL.
 """
 
 from __future__ import annotations
