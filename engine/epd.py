@@ -99,6 +99,7 @@ class EPDEngine:
     mm_hints = EncoderHints(0)  # keeps nothing
     weight_sources: Mapping[str, str | None] = MappingProxyType({})  # stage -> the stage whose weights it maps
     switches: list[dict] = []  # noqa: RUF012 (read-only default for engines built with __new__)
+    stage_group = None  # the Ray placement group of the stages on named hosts (engine/ray_stages.py)
 
     def __init__(self, model: str | Path | EngineConfig, placement: str | None = None, mode: str = "epd",
                  share_kv_arena: bool = True, start_timeout_s: float = 600.0,
@@ -146,6 +147,7 @@ class EPDEngine:
             from engine import ray_stages
 
             addresses = ray_stages.connect(cluster, where)
+            self.stage_group = ray_stages.StageGroup(where)  # reserved for the engine's life
         if dynamic is True:
             dynamic = AllocatorPolicy(max_num_seqs=config.max_num_seqs)
         self.dynamic = Dynamic(dynamic) if dynamic else None
@@ -191,7 +193,7 @@ class EPDEngine:
         if spec.host and self.cluster:
             from engine import ray_stages
 
-            return ray_stages.spawn_ray_stage(ctx, spec, spec.config.device, addresses[""])
+            return ray_stages.spawn_ray_stage(ctx, spec, spec.config.device, addresses[""], self.stage_group)
         return spawn_stage(ctx, spec, spec.config.device)
 
     @property
@@ -649,6 +651,8 @@ class EPDEngine:
             self.image_bytes.close()
         if getattr(self, "busy_board", None) is not None:
             self.busy_board.close()
+        if self.stage_group is not None:
+            self.stage_group.close()
 
     def __enter__(self) -> EPDEngine:
         return self

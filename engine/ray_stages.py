@@ -3,8 +3,13 @@
     EPDEngine(model, placement="E:node0/0,node0/1 P:node1/0 D:node1/1", cluster="10.0.0.1:6379")
 
 A placement's host label names a Ray node by a custom resource of that name (`ray start ...
---resources='{"node1": 100}'`): the stage runs as an actor pinned there, with a GPU of its own
-for a GPU stage (Ray picks which of the node's GPUs: the placement's index is not kept there).
+--resources='{"node1": 100}'`). The engine reserves one placement group for its stages, a bundle
+per (host, device) of the placement: {label: 0.01} pins it to the node, plus {"GPU": 1} for a GPU.
+Each stage runs as an actor in its bundle; stages that share a device share its bundle (a fraction
+of its GPU each), so `E:node0/0,node0/0` puts two encoders on one GPU and `node0/0`, `node0/1` on
+two. Ray picks which GPU a bundle gets: the index tells a host's devices apart, it is not kept
+(each actor sees its GPU as cuda:0). What a node cannot hold (more GPUs than it has) is refused
+at start; a group the cluster cannot reserve now (GPUs held by others) fails after PLACE_TIMEOUT_S.
 The actor runs the same worker shell (ipc.worker.run_worker) over two socket connections to the
 orchestrator (multiprocess.connection, authkey) in place of pipes, so the messages and the
 protocol are those of a local stage. Tensors never go through Ray: embeddings and KV blocks
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import os
 import secrets
+from collections import Counter
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -28,6 +34,8 @@ from engine.stage_handles import StageHandle
 from ipc.channel import Inbox
 
 CONNECT_TIMEOUT_S = 300.0  # an actor's start (a worker process, imports, its connections)
+PLACE_TIMEOUT_S = 120.0  # the placement group's reservation
+LABEL_SHARE = 0.01  # of a node's label resource, per bundle
 
 
 def connect(address: str, where: Placement) -> dict[str, str]:
@@ -44,16 +52,66 @@ def connect(address: str, where: Placement) -> dict[str, str]:
         ray.init(address=address, log_to_driver=False, configure_logging=False,
                  runtime_env={"env_vars": {"PYTHONPATH": path}})
     labels: dict[str, str] = {}
+    gpus: dict[str, float] = {}
     for node in ray.nodes():
         if node.get("Alive"):
             for resource in node.get("Resources", {}):
                 if not resource.startswith(("node:", "CPU", "GPU", "memory", "object_store_memory", "accelerator")):
                     labels[resource] = node["NodeManagerAddress"]
+                    gpus[resource] = node["Resources"].get("GPU", 0)
     named = {h for kind in where.devices for h in where.hosts_of(kind) if h}
     if named - set(labels):
         raise ValueError(f"placement {where.text!r}: host(s) {sorted(named - set(labels))} name no node of "
                          f"the cluster at {address} (its nodes' custom resources: {sorted(labels)})")
+    for host in sorted(named):
+        want = len({d for h, d in _pairs(where) if h == host and d != "cpu"})
+        if want > gpus[host]:
+            raise ValueError(f"placement {where.text!r}: host {host} is given {want} GPU(s), but its node has "
+                             f"{gpus[host]:g}")
     return {**labels, "": ray.util.get_node_ip_address()}
+
+
+def _pairs(where: Placement) -> list[tuple[str, str]]:
+    """(host, device) of each stage the placement puts on a named host, in stage order."""
+    return [(h, d) for kind in where.devices for h, d in zip(where.hosts_of(kind), where.of(kind)) if h]
+
+
+class StageGroup:
+    """The engine's placement group: a bundle per (host, device) of the placement's named hosts;
+    options() places a stage's actor in its bundle; close() gives the reservation back."""
+
+    def __init__(self, where: Placement) -> None:
+        import ray
+        from ray.util.placement_group import placement_group, remove_placement_group
+
+        stages = _pairs(where)
+        self.sharing = Counter(stages)  # stages per (host, device): each takes that share of the bundle
+        self.bundle_of = {pair: i for i, pair in enumerate(dict.fromkeys(stages))}
+        self.bundles = [{host: LABEL_SHARE, **({"GPU": 1} if device != "cpu" else {})}
+                        for host, device in self.bundle_of]
+        self.group = placement_group(self.bundles, strategy="PACK")
+        ready, _ = ray.wait([self.group.ready()], timeout=PLACE_TIMEOUT_S)
+        if not ready:
+            remove_placement_group(self.group)
+            raise RuntimeError(f"placement {where.text!r}: the cluster could not reserve {self.bundles} within "
+                               f"{PLACE_TIMEOUT_S:.0f} s (its resources free now: {ray.available_resources()})")
+
+    def options(self, host: str, device: str) -> dict:
+        """The actor options of a stage on (host, device): its share of the bundle, in the bundle."""
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        share = 1.0 / self.sharing[(host, device)]
+        bundle = self.bundle_of[(host, device)]
+        strategy = PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=bundle)
+        return {"num_gpus": share if device != "cpu" else 0, "resources": {host: LABEL_SHARE * share},
+                "scheduling_strategy": strategy}
+
+    def close(self) -> None:
+        from ray.util.placement_group import remove_placement_group
+
+        if self.group is not None:
+            remove_placement_group(self.group)
+            self.group = None
 
 
 def _actor_class():
@@ -132,18 +190,19 @@ class RayProcess:
             self._released = True
 
 
-def spawn_ray_stage(ctx, spec: RoleSpec, device: str, listen_host: str) -> StageHandle:
-    """Start spec's role as an actor on the node whose resource is spec.host; the handle the
-    orchestrator keeps for it (its connections accepted here, on listen_host)."""
+def spawn_ray_stage(ctx, spec: RoleSpec, device: str, listen_host: str, group: StageGroup) -> StageHandle:
+    """Start spec's role as an actor in its bundle of `group` (on the node whose resource is
+    spec.host); the handle the orchestrator keeps for it (its connections accepted here, on
+    listen_host)."""
     from multiprocess.connection import Listener
 
     authkey = secrets.token_bytes(32)
     listener = Listener((listen_host, 0), authkey=authkey)
     try:
-        gpus = 1 if device.startswith("cuda") else 0
-        if gpus:  # Ray gives the actor one GPU of its node, visible to it as cuda:0
+        options = group.options(spec.host, device)
+        if device != "cpu":  # Ray gives the bundle one GPU of its node, visible to its actors as cuda:0
             spec = replace(spec, config=replace(spec.config, device="cuda:0"))
-        actor = _actor_class().options(resources={spec.host: 0.001}, num_gpus=gpus, name=None).remote()
+        actor = _actor_class().options(name=None, **options).remote()
         task = actor.run.remote(listener.address, authkey, partial(build_role, spec), spec.name,
                                 spec.config.torch_threads)
         listener._listener._socket.settimeout(CONNECT_TIMEOUT_S)

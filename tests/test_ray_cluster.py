@@ -58,6 +58,19 @@ def cluster():
         subprocess.run([RAY, "stop", "--force"], capture_output=True, timeout=120)
 
 
+def _node_of(label: str) -> str:
+    import ray
+
+    return next(n["NodeID"] for n in ray.nodes() if n.get("Alive") and label in n.get("Resources", {}))
+
+
+def _bundle_nodes(group) -> list[str]:
+    import ray
+
+    where = ray.util.placement_group_table(group)["bundles_to_node_id"]
+    return [where[i] for i in sorted(where)]
+
+
 def _expected(tiny_llava: Path) -> list[list[int]]:
     return [o.token_ids for o in LLM(tiny_llava, backend="torch", device="cpu").generate(_requests(), SP)]
 
@@ -70,6 +83,9 @@ def test_encoder_on_one_node_prefill_and_decode_on_the_other(cluster: str, tiny_
             "encode0": "node0", "prefill0": "node1", "decode0": "node1"}
         assert engine.stages["prefill0"].ready["mm_linked_from"] == [0], "the only path across: a link"
         assert engine.image_bytes is None, "no shared memory across the nodes: image bytes go in the tasks"
+        group = engine.stage_group.group
+        assert engine.stage_group.bundles == [{"node0": 0.01}, {"node1": 0.01}], "a bundle per (host, device)"
+        assert _bundle_nodes(group) == [_node_of("node0"), _node_of("node1")], "each bundle on its label's node"
         outputs = engine.generate(_requests(), SP)
         assert [o.token_ids for o in outputs] == _expected(tiny_llava)
         with_images = [o for o, r in zip(outputs, _requests()) if r.images]
@@ -77,6 +93,9 @@ def test_encoder_on_one_node_prefill_and_decode_on_the_other(cluster: str, tiny_
     finally:
         engine.shutdown()
     assert {name: proc.exitcode for name, proc in engine.procs.items()} == dict.fromkeys(engine.procs, 0)
+    import ray
+
+    assert ray.util.placement_group_table(group)["state"] == "REMOVED", "the reservation is given back"
 
 
 def test_a_killed_actor_is_routed_around(cluster: str, tiny_llava: Path) -> None:
@@ -88,6 +107,9 @@ def test_a_killed_actor_is_routed_around(cluster: str, tiny_llava: Path) -> None
     try:
         actors = {name: h.process.actor for name, h in engine.stages.items()}
         assert all(a is not None for a in actors.values()), "every stage is an actor"
+        # three stages share node1's bundle (a third of it each), encode0 has node0's
+        assert engine.stage_group.sharing == {("node0", "cpu"): 1, ("node1", "cpu"): 3}
+        assert _bundle_nodes(engine.stage_group.group) == [_node_of("node0"), _node_of("node1")]
         # encode0's arena is on the other node: read over a link; encode1's is mapped, as on one host
         assert engine.stages["prefill0"].ready["mm_linked_from"] == [0]
         assert engine.stages["prefill0"].ready["mm_in_place_from"] == [1]
@@ -110,4 +132,11 @@ def test_a_killed_actor_is_routed_around(cluster: str, tiny_llava: Path) -> None
 def test_a_host_that_names_no_node_is_refused(cluster: str, tiny_llava: Path) -> None:
     with pytest.raises(ValueError, match=r"host\(s\) \['node7'\] name no node of the cluster"):
         EPDEngine(tiny_llava, placement="E:node7/cpu P:node1/cpu D:node1/cpu", backend="torch", device="cpu",
+                  cluster=cluster)
+
+
+def test_more_gpus_than_a_node_has_is_refused(cluster: str, tiny_llava: Path) -> None:
+    """The nodes here have no GPU: a GPU stage on one is refused at start, naming host and counts."""
+    with pytest.raises(ValueError, match=r"host node0 is given 2 GPU\(s\), but its node has 0"):
+        EPDEngine(tiny_llava, placement="E:node0/0,node0/1 P:node1/cpu D:node1/cpu", backend="torch", device="cpu",
                   cluster=cluster)
