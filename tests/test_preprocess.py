@@ -411,7 +411,7 @@ def no_wait_check() -> str:
     when the context is made."""
     from engine.preprocess import GpuImagePreprocessor
 
-    gpu = GpuImagePreprocessor(ImageProcessorConfig(), "cuda", torch.bfloat16)
+    gpu = GpuImagePreprocessor(ImageProcessorConfig(image_size=336), "cuda", torch.bfloat16)
     batch = [jpeg_bytes(smooth_pixels(1080, 1920, s)) for s in range(8)]
     dec, other = torch.cuda.Stream(), torch.cuda.Stream()
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
