@@ -78,6 +78,7 @@ from engine.stage_handles import (
     await_loaded,
     await_ready,
     read_stages,
+    role_spec,
     spawn_stage,
     stage_threads,
     weight_plan,
@@ -139,14 +140,13 @@ class EPDEngine:
         self.late_events: list[TokenEvent] = []  # events found outside step(), returned by the next
         self.switches: list[dict] = []  # role switches done (engine/switching.py)
         self.estimator = LoadEstimator()  # per stage: arrivals, queues, speed, predicted wait
-        if dynamic and where.multi_host:
-            raise ValueError(f"placement {where.text!r}: role switching (dynamic) across hosts is not supported yet")
         self.multi_host = where.multi_host
-        self.cluster, addresses = cluster, {}
+        # host label -> its node's address (a cluster): where stages listen for links (engine/switching.py too)
+        self.cluster, self.addresses = cluster, {}
         if cluster:
             from engine import ray_stages
 
-            addresses = ray_stages.connect(cluster, where)
+            self.addresses = ray_stages.connect(cluster, where)
             self.stage_group = ray_stages.StageGroup(where)  # reserved for the engine's life
         if dynamic is True:
             dynamic = AllocatorPolicy(max_num_seqs=config.max_num_seqs)
@@ -160,10 +160,7 @@ class EPDEngine:
         # shared memory of this host, so only its stages have it
         self.busy_board = BusyBoard.create() if mode == "epd" else None
         ctx = mp.get_context("spawn")
-        specs = [RoleSpec(kind, i, replace(config, device=device), encodes=mode == "pd", shared=shared,
-                          image_bytes=self.image_bytes.handle if self.image_bytes else None,
-                          busy_board=self.busy_board.handle if self.busy_board and not host else None, host=host)
-                 for kind in ("encode", "prefill", "decode")
+        specs = [role_spec(self, kind, i, device, host, shared=shared) for kind in ("encode", "prefill", "decode")
                  for i, (device, host) in enumerate(zip(where.of(kind), where.hosts_of(kind)))]
         # stages on one device share one copy of each weight half: the first to need it loads it
         # and packs it (engine/roles/weights.py), the others start once it has and map it
@@ -174,26 +171,25 @@ class EPDEngine:
         try:
             for spec in specs:
                 if maps[spec.name] is None:
-                    self.stages[spec.name] = self._spawn(ctx, replace(spec, pack_weights=spec.name in owners),
-                                                         addresses)
+                    self.stages[spec.name] = self._spawn(ctx, replace(spec, pack_weights=spec.name in owners))
             await_loaded(self.stages, sorted(owners), deadline)
             for spec in specs:
                 if maps[spec.name] is not None:
                     manifest = self.stages[maps[spec.name]].weights  # None: it had no room to pack them
-                    self.stages[spec.name] = self._spawn(ctx, replace(spec, weights=manifest), addresses)
+                    self.stages[spec.name] = self._spawn(ctx, replace(spec, weights=manifest))
             self.stages = {spec.name: self.stages[spec.name] for spec in specs}  # in index order
             self.input_processor.kv_blocks = await_ready(self.stages, deadline, room_for_switch=bool(dynamic),
-                                                         addresses=addresses)
+                                                         addresses=self.addresses)
         except BaseException:
             self.shutdown()
             raise
 
-    def _spawn(self, ctx, spec: RoleSpec, addresses: dict[str, str]) -> StageHandle:
+    def _spawn(self, ctx, spec: RoleSpec) -> StageHandle:
         """A stage process here, or (a host label and a cluster) an actor on that node."""
         if spec.host and self.cluster:
             from engine import ray_stages
 
-            return ray_stages.spawn_ray_stage(ctx, spec, spec.config.device, addresses[""], self.stage_group)
+            return ray_stages.spawn_ray_stage(ctx, spec, spec.config.device, self.addresses[""], self.stage_group)
         return spawn_stage(ctx, spec, spec.config.device)
 
     @property

@@ -14,7 +14,7 @@ import signal
 import threading
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
 
@@ -186,14 +186,9 @@ def await_ready(stages: dict[str, StageHandle], deadline: float, room_for_switch
         size_next(handles, sizing, room_for_switch)
         if not peers_sent and all(h.arena is not None for h in handles if h.kind != "decode") \
                 and all(h.kv_blocks is not None for h in handles if h.kv_owner):
-            encoders = [h for h in handles if h.kind == "encode"]
-            prefills = [h for h in handles if h.kind == "prefill"]
-            owned = [h.kv_blocks for h in prefills]
             for handle in handles:
-                if handle.kind != "encode":
-                    owners = prefills if handle.kind == "decode" else encoders
-                    views = [peer_view(owner, handle, addresses or {}) for owner in owners]
-                    handle.inbox.put(Peers(views, owned) if handle.kind == "decode" else Peers(views))
+                if handle.kind in READS:
+                    handle.inbox.put(peers_for(handle, handles, addresses or {}))
             peers_sent = True
         msgs = read_stages(handles, 1.0)
         if not msgs:
@@ -256,18 +251,47 @@ def weight_plan(stages: list[tuple[str, object, str]]) -> dict[str, str | None]:
     return plan
 
 
+def role_spec(epd, kind: str, index: int, device: str, host: str, **fields) -> RoleSpec:
+    """The RoleSpec of a stage of `kind` on (host, device), at engine start or after a role
+    switch (engine/switching.py): the orchestrator's shared memory (the image byte arena, which
+    exists only when no stage is on another host; the busy board) only for the stages of its host."""
+    return RoleSpec(kind, index, replace(epd.config, device=device), encodes=epd.mode == "pd",
+                    image_bytes=epd.image_bytes.handle if epd.image_bytes else None,
+                    busy_board=epd.busy_board.handle if epd.busy_board and not host else None, host=host, **fields)
+
+
+def link_address(host: str, addresses: dict[str, str]) -> tuple[str, int]:
+    """Where a stage on `host` listens for a link (rank 0 of a PeerLink: an arena it serves,
+    weights it sends): its node's address (addresses, from the cluster; loopback for host labels
+    of this machine) and a port free now."""
+    return addresses.get(host, "127.0.0.1"), free_port()
+
+
 def peer_view(owner: StageHandle, reader: StageHandle, addresses: dict[str, str]):
     """What `reader` is given for `owner`'s arena: its handle (mapped) when they share a host;
     else a LinkedHandle, and the owner is told to serve the arena on that link (ServeArena):
     NCCL between two GPUs, gloo otherwise (the stages' CPU memory over TCP). The owner listens
-    on its host's address (addresses; loopback for host labels of this machine, no cluster)."""
+    on its host's address (link_address)."""
     if owner.host == reader.host:
         return owner.arena
     arena = owner.arena
     gpus = arena.device.startswith("cuda") and reader.device.startswith("cuda") and arena.device != reader.device
-    link = LinkSpec(addresses.get(owner.host, "127.0.0.1"), free_port(), "nccl" if gpus else "gloo")
+    link = LinkSpec(*link_address(owner.host, addresses), "nccl" if gpus else "gloo")
     owner.send(ServeArena(link, reader.name))
     return LinkedHandle(link, tuple(arena.shape), arena.dtype, arena.device)
+
+
+READS = {"prefill": "encode", "decode": "prefill"}  # a reader's kind -> the kind whose arenas it reads
+
+
+def peers_for(reader: StageHandle, stages: Iterable[StageHandle], addresses: dict[str, str]) -> Peers:
+    """The Peers message of a prefill (the encoders' MM arenas) or a decode (the prefills' KV
+    arenas, and the blocks each owns), at start-up or for a new role: each arena as peer_view
+    gives it (mapped on the reader's host, else linked); None where a stage is gone (dead, or a
+    hole left by a role switch) or is a new role not yet Ready (it tells its readers then)."""
+    owners = [h for h in stages if h.kind == READS[reader.kind]]
+    views = [None if h.dead or h.starting else peer_view(h, reader, addresses) for h in owners]
+    return Peers(views, [h.kv_blocks or 0 for h in owners]) if reader.kind == "decode" else Peers(views)
 
 
 def size_next(stages: list[StageHandle], sizing: dict[tuple, StageHandle], room_for_switch: bool = False) -> None:

@@ -8,12 +8,17 @@ engine goes on serving (issue 14). `EPDEngine.switch_role(kind, index, new_kind)
    blocks decode pulls; decode: its running requests), then closes it and builds the new role
    in the same process (ipc/worker.py);
 3. the new role goes through start-up as at engine start (Loaded, SizeKV for a KV owner,
-   Exported, Peers, Ready) under a new handle: `<new_kind><next index>`; its weights are mapped
-   from a stage on its device that holds them (engine/roles/weights.py), else copied from a live
-   stage that holds them (ipc/peer_link.py), else read from disk (`weights=` chooses);
-4. the stages that map its arenas learn of them (PeerArena: the prefills an encoder's, the
-   decodes a prefill's) and drop the old one's; the old handle stays in its kind's list as a
-   hole (indices never move), marked `moved_to`.
+   Exported, Peers, Ready) under a new handle: `<new_kind><next index>`, on the stage's host and
+   device, built as a stage of that host is at start-up (stage_handles.role_spec: no memory of
+   the orchestrator's on another host); its weights are mapped from a stage on its host and
+   device that holds them (engine/roles/weights.py), else copied from a live stage that holds
+   them over a PeerLink (ipc/peer_link.py: gloo on the CPU, NCCL between GPUs, across hosts too;
+   the source listens on its host's address), else read from disk (`weights=` chooses);
+4. the stages that read the old role's arenas drop them once it has closed (a link closes from
+   its reading end), and those that read the new role's learn of them (PeerArena: the prefills
+   an encoder's, the decodes a prefill's), per pair as at start-up (stage_handles.peer_view:
+   mapped on one host, linked across hosts); the old handle stays in its kind's list as a hole
+   (indices never move), marked `moved_to`.
 
 Each switch is recorded (durations of the drain and of the build) in `status()["switches"]`.
 """
@@ -25,12 +30,21 @@ import time
 from dataclasses import replace
 from functools import partial
 
-from engine.messages import Exported, Loaded, PeerArena, Peers, Ready, SendWeights, Sized, SizeKV
-from engine.roles import RoleSpec, build_role
+from engine.messages import Exported, Loaded, PeerArena, Ready, SendWeights, Sized, SizeKV
+from engine.roles import build_role
 from engine.roles.weights import covers
 from engine.sampling import RequestError
-from engine.stage_handles import StageError, StageHandle, absorb, smallest_kv_pool
-from ipc.peer_link import free_port
+from engine.stage_handles import (
+    READS,
+    StageError,
+    StageHandle,
+    absorb,
+    link_address,
+    peer_view,
+    peers_for,
+    role_spec,
+    smallest_kv_pool,
+)
 from ipc.worker import Crashed, Switched, SwitchRole
 
 KINDS = ("encode", "prefill", "decode")
@@ -50,8 +64,6 @@ def check_switch(epd, kind: str, index: int, new_kind: str) -> StageHandle:
         raise RequestError(f"switch_role: {kind}{index} already serves as {kind}")
     if epd.mode == "pd" and "encode" in (kind, new_kind):
         raise RequestError("switch_role: pd mode has no encoders (prefill encodes the images)")
-    if getattr(epd, "multi_host", False):
-        raise RequestError("switch_role: not supported yet when stages are on several hosts")
     stage = epd.stages.get(f"{kind}{index}")
     if stage is None or stage.moved_to is not None:
         have = [h.name for h in epd.of_kind(kind) if h.moved_to is None]
@@ -64,6 +76,11 @@ def check_switch(epd, kind: str, index: int, new_kind: str) -> StageHandle:
                                  for h in epd.of_kind("decode")):
         raise RequestError(f"switch_role: {stage.name}'s KV arena is shared with a decode stage (start the engine "
                            "with share_kv_arena=False to switch it)")
+    # the decode that continues a handed-over request maps the old one's KV arena (DecodeTask.src_arena)
+    away = [h.name for h in epd.of_kind("decode") if h.alive() and h.host != stage.host] if kind == "decode" else []
+    if away:
+        raise RequestError(f"switch_role: {stage.name} would hand its running requests over to {', '.join(away)} on "
+                           "another host, which cannot map its KV arena (not supported yet across hosts)")
     mappers = [name for name, source in epd.weight_sources.items()
                if source == stage.name and epd.stages[name].alive()]
     if mappers:
@@ -78,34 +95,33 @@ WEIGHT_SOURCES = ("auto", "map", "peer", "disk")
 def start_switch(epd, stage: StageHandle, new_kind: str, weights: str = "auto") -> StageHandle:
     """Stop routing to `stage`, tell its worker to switch once drained; the new role's handle
     (starting: not routed to until it is Ready). weights: where the new role's come from —
-    "map" (a stage on its device that holds them: zero copy), "peer" (a copy from a live stage
-    that holds them, over a PeerLink: NCCL between GPUs, gloo on the CPU), "disk", or "auto"
-    (map, else peer, else disk)."""
+    "map" (a stage on its host and device that holds them: zero copy), "peer" (a copy from a live
+    stage that holds them, on any host, over a PeerLink the source serves on its host's address:
+    NCCL between GPUs, gloo on the CPU), "disk", or "auto" (map, else peer, else disk). The new
+    role keeps the stage's host and device."""
     if weights not in WEIGHT_SOURCES:
         raise RequestError(f"switch_role: weights = {weights!r}; use one of {', '.join(WEIGHT_SOURCES)}")
     parts = parts_of(new_kind, epd.mode)
     index = len(epd.of_kind(new_kind))
-    config = replace(epd.config, device=stage.device)
-    here = _weight_source(epd, parts, lambda d: d == stage.device) if weights in ("auto", "map") else None
-    peer = (_weight_source(epd, parts, lambda d: d != stage.device or d == "cpu")
+    # mapped: only from its host and device; copied: from any other (host, device), or the CPU's
+    here = _weight_source(epd, parts, lambda h: h.placed == stage.placed) if weights in ("auto", "map") else None
+    peer = (_weight_source(epd, parts, lambda h: h.placed != stage.placed or h.device == "cpu")
             if weights == "peer" or (weights == "auto" and here is None) else None)
     if weights in ("map", "peer") and (here or peer) is None:
-        where = f"on {stage.device}" if weights == "map" else "on a device it can copy from"
+        where = f"on {'/'.join(filter(None, stage.placed))}" if weights == "map" else "on a device it can copy from"
         raise RequestError(f"switch_role: weights={weights!r}, but no live stage {where} holds packed {parts} weights")
-    spec = RoleSpec(new_kind, index, config, encodes=epd.mode == "pd",
-                    image_bytes=epd.image_bytes.handle if epd.image_bytes else None,
-                    busy_board=epd.busy_board.handle if epd.busy_board else None,
-                    weights=epd.stages[here].weights if here else None)
+    spec = role_spec(epd, new_kind, index, stage.device, stage.host, weights=epd.stages[here].weights if here else None)
     new = StageHandle(new_kind, index, stage.device, stage.process, stage.inbox, None, starting=True,
-                      switch_started=time.perf_counter())
+                      switch_started=time.perf_counter(), host=stage.host)
     new.weights_from = f"mapped from {here}" if here else "read from disk"
     if peer is not None:
         source = epd.stages[peer]
         backend = "gloo" if stage.device == "cpu" else "nccl"
-        port = free_port()
-        spec = replace(spec, weights_peer=("127.0.0.1", port, backend, source.weights))
-        new.peer_send = (source, SendWeights("127.0.0.1", port, backend))  # sent once the old role has closed
-        new.weights_from = f"copied from {peer} over {backend}"
+        address, port = link_address(source.host, epd.addresses)  # the source listens (rank 0), the new role connects
+        spec = replace(spec, weights_peer=(address, port, backend, source.weights))
+        new.peer_send = (source, SendWeights(address, port, backend))  # sent once the old role has closed
+        new.weights_from = f"copied from {peer}" + (f" on host {source.host or '(the orchestrator)'}"
+                                                    if source.host != stage.host else "") + f" over {backend}"
     epd.stages[new.name] = new
     epd.weight_sources = {**epd.weight_sources, new.name: here}
     stage.switching = new.name
@@ -113,10 +129,10 @@ def start_switch(epd, stage: StageHandle, new_kind: str, weights: str = "auto") 
     return new
 
 
-def _weight_source(epd, parts: str, on_device) -> str | None:
-    """A live stage on a device on_device accepts whose packed weights cover `parts`."""
+def _weight_source(epd, parts: str, where) -> str | None:
+    """A live stage that where(handle) accepts whose packed weights cover `parts`."""
     for h in epd.stages.values():
-        if on_device(h.device) and h.alive() and h.weights is not None and covers(h.weights.parts, parts):
+        if where(h) and h.alive() and h.weights is not None and covers(h.weights.parts, parts):
             return h.name
     return None
 
@@ -134,37 +150,34 @@ def advance(epd, new: StageHandle, msg: object) -> None:
         new.outbox, old.outbox = old.outbox, None
         epd.switches.append({"from": old.name, "to": new.name, "weights": new.weights_from,
                              "drain_s": round(msg.drain_s, 3)})
+        for h in _readers_of(epd, old.kind):  # drained: nothing reads its arena; a link closes from the reader
+            h.send(PeerArena(old.kind, old.index, None))
         if new.peer_send is not None:  # the new role is about to wait for its weights: the source sends
             source, send = new.peer_send
             source.send(send)
     elif isinstance(msg, Loaded) and new.kv_owner:
         new.send(SizeKV(share=1.0, for_decode=False))
-    elif isinstance(msg, Exported) and new.kind == "prefill":
-        new.send(Peers(_arenas(epd.of_kind("encode"))))
-    elif isinstance(msg, Sized) and new.kind == "decode":
-        prefills = epd.of_kind("prefill")
-        new.send(Peers(_arenas(prefills), [h.kv_blocks or 0 for h in prefills]))
+    elif (isinstance(msg, Exported) and new.kind == "prefill") or (isinstance(msg, Sized) and new.kind == "decode"):
+        new.send(peers_for(new, epd.stages.values(), epd.addresses))  # the arenas it reads, as at start-up
     elif isinstance(msg, Ready):
         _finish(epd, new)
 
 
-def _arenas(handles: list[StageHandle]) -> list:
-    """Their arenas by index; None where a stage is gone (dead, or a hole left by a switch)."""
-    return [None if h.dead else h.arena for h in handles]
+def _readers_of(epd, kind: str) -> list[StageHandle]:
+    """The stages that read arenas of `kind` (prefills an encoder's, decodes a prefill's) and
+    are told of a change: not dead, not switching (its role reads nothing new and closes what it
+    reads), not a new role before its Peers (which has the arenas as they are then)."""
+    return [h for h in epd.stages.values() if READS.get(h.kind) == kind and not h.dead and not h.switching
+            and (not h.starting or (h.arena if h.kind == "prefill" else h.kv_blocks) is not None)]
 
 
 def _finish(epd, new: StageHandle) -> None:
-    """The new role is Ready: the stages that map arenas learn of its arena and drop the old
-    one's; then it is routed to."""
+    """The new role is Ready: the stages that read arenas of its kind learn of its arena, each
+    as at start-up (mapped on its host, else linked: the new role serves it); then it is routed
+    to."""
     record = next(r for r in epd.switches if r["to"] == new.name)
-    old = epd.stages[record["from"]]
-    mappers = {"encode": "prefill", "prefill": "decode"}
-    if old.kind in mappers:
-        for h in epd.of_kind(mappers[old.kind]):
-            h.send(PeerArena(old.kind, old.index, None))
-    if new.kind in mappers:
-        for h in epd.of_kind(mappers[new.kind]):
-            h.send(PeerArena(new.kind, new.index, new.arena))
+    for h in _readers_of(epd, new.kind):
+        h.send(PeerArena(new.kind, new.index, peer_view(new, h, epd.addresses)))
     new.starting = False
     epd.input_processor.kv_blocks = smallest_kv_pool(h for h in epd.stages.values() if h.alive())
     record["seconds"] = round(time.perf_counter() - new.switch_started, 3)

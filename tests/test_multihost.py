@@ -1,7 +1,8 @@
 """Stages on different hosts (issue 18): placement host labels, and EPD whose stages share no memory
 across a host boundary: image bytes travel in the tasks, embeddings and KV blocks over links
-(ipc/linked_arena.py), never a mapped arena. Host labels without a cluster run on this machine,
-each label a host of its own, so CI runs the cross-host path for real."""
+(ipc/linked_arena.py), never a mapped arena; role switches there (weights over a gloo PeerLink, arenas
+mapped or linked per pair). Host labels without a cluster run on this machine, each label a host of
+its own, so CI runs the cross-host path for real."""
 
 from __future__ import annotations
 
@@ -71,7 +72,7 @@ def test_encoder_on_another_host_matches_aggregated(tiny_llava: Path) -> None:
         assert all(o.handoff["kv_bytes"] == 0 for o in outputs), "prefill and decode share host b's arena"
         served = sum(len(r.images) for r in _requests())  # one block per LLaVA-1.5 image
         assert _reported(engine, "encode0", "arena_served_blocks", served) == served
-        with pytest.raises(RequestError, match="several hosts"):
+        with pytest.raises(RequestError, match="encode0 is the last live encode stage"):
             engine.switch_role("encode", 0, "prefill")
     finally:
         engine.shutdown()
@@ -95,6 +96,95 @@ def test_kv_and_embeddings_cross_hosts(tiny_llava: Path) -> None:
     assert _exit_codes(engine) == dict.fromkeys(engine.procs, 0)
 
 
-def test_dynamic_across_hosts_is_refused(tiny_llava: Path) -> None:
-    with pytest.raises(ValueError, match="role switching .dynamic. across hosts is not supported yet"):
-        EPDEngine(tiny_llava, placement="E:a/cpu P:b/cpu D:b/cpu", backend="torch", device="cpu", dynamic=True)
+def _served_some(engine: EPDEngine, stage: str, timeout_s: float = 20.0) -> int:
+    """The blocks `stage` has served over links, once its reports say some (else 0)."""
+    deadline = time.monotonic() + timeout_s
+    while not (got := engine.status()["stages"][stage].get("arena_served_blocks", 0)) and time.monotonic() < deadline:
+        engine.step(timeout_s=0.05)
+    return got
+
+
+def test_role_switches_on_a_host_of_several(tiny_llava: Path) -> None:
+    """E:a/cpu,a/cpu P:b/cpu D:b/cpu (one encoder more than E:a/cpu P:b/cpu D:b/cpu, so that each
+    kind keeps a live stage): encode1 becomes a prefill on host a, its LM copied from prefill0 on
+    host b over gloo; it reads encode0 (host a) in place and decode0 (host b) pulls its KV over a
+    link. Then back to an encoder on host a, mapping encode0's tower there; prefill0 reads it over
+    a link, and decode0 has closed its link to prefill1's arena. Greedy tokens equal aggregated's
+    at each step; every stage exits 0 (each link closed from its reading end)."""
+    expected = _reference(tiny_llava) * 2
+    requests = _requests() * 2  # enough for every instance to get some
+    engine = EPDEngine(tiny_llava, placement="E:a/cpu,a/cpu P:b/cpu D:b/cpu", backend="torch", device="cpu",
+                       kv_cache_tokens=4096, mm_cache=False)  # no cache: images go to the least-loaded encoder
+    try:
+        assert engine.stages["decode0"].ready["kv_arena_of"] == "prefill0", "P and D share host b's arena"
+        record = engine.switch_role("encode", 1, "prefill")
+        assert record["to"] == "prefill1" and record["weights"] == "copied from prefill0 on host b over gloo"
+        prefill1 = engine.stages["prefill1"]
+        assert prefill1.host == "a" and prefill1.ready["mm_in_place_from"] == [0]
+        assert prefill1.ready["mm_linked_from"] == [] and prefill1.ready["weights"]["shared"] is False
+        outputs = engine.generate(requests, SP)
+        assert [o.token_ids for o in outputs] == expected
+        # prefill0's KV is read in place (one arena with decode0); prefill1's pulled over the link
+        blocks = sum(o.handoff["kv_bytes"] for o in outputs) // kv_block_bytes(engine.config, engine.cfg)
+        assert _reported(engine, "prefill1", "arena_served_blocks", blocks) == blocks > 0
+        back = engine.switch_role("prefill", 1, "encode")
+        assert back["to"] == "encode2" and back["weights"] == "mapped from encode0"
+        assert engine.stages["encode2"].host == "a" and engine.status()["stages"]["encode2"]["weights"]["shared"]
+        outputs = engine.generate(requests, SP)
+        assert [o.token_ids for o in outputs] == expected
+        assert all(o.handoff["kv_bytes"] == 0 for o in outputs), "prefill0 alone: KV in place"
+        assert _served_some(engine, "encode2") > 0, "prefill0 read encode2 over a link"
+        assert [s["from"] + ">" + s["to"] for s in engine.status()["switches"]] == ["encode1>prefill1",
+                                                                                    "prefill1>encode2"]
+    finally:
+        engine.shutdown()
+    assert _exit_codes(engine) == dict.fromkeys(engine.procs, 0), "every stage exits cleanly, links closed"
+
+
+def test_role_switches_with_encoders_on_two_hosts(tiny_llava: Path) -> None:
+    """E:a/cpu,b/cpu P:b/cpu D:b/cpu,a/cpu: encode0 (host a) becomes a prefill there (LM copied
+    from prefill0 over gloo), linked to encode1 on host b; decode0 (b) pulls its KV over a link,
+    decode1 (a) maps it. Then that prefill becomes an encoder again (no packed tower anywhere: read
+    from disk), read by prefill0 over a link. A decode whose requests would move to a decode on
+    another host is refused, naming why. Tokens equal aggregated's; every stage exits 0."""
+    expected = _reference(tiny_llava) * 2
+    requests = _requests() * 2
+    engine = EPDEngine(tiny_llava, placement="E:a/cpu,b/cpu P:b/cpu D:b/cpu,a/cpu", backend="torch", device="cpu",
+                       kv_cache_tokens=4096, mm_cache=False)
+    try:
+        record = engine.switch_role("encode", 0, "prefill")
+        assert record["to"] == "prefill1" and record["weights"] == "copied from prefill0 on host b over gloo"
+        assert engine.stages["prefill1"].ready["mm_linked_from"] == [1]  # encode0 is gone: encode1, over a link
+        assert engine.stages["prefill1"].ready["mm_in_place_from"] == []
+        outputs = engine.generate(requests, SP)
+        assert [o.token_ids for o in outputs] == expected
+        assert _served_some(engine, "encode1") > 0, "prefill1 read encode1 over a link"
+        with pytest.raises(RequestError, match="decode1 would hand its running requests over to decode0 on another "
+                                               "host, which cannot map its KV arena"):
+            engine.switch_role("decode", 1, "prefill")
+        back = engine.switch_role("prefill", 1, "encode")
+        assert back["to"] == "encode2" and back["weights"] == "read from disk"
+        with pytest.raises(RequestError, match="weights='map', but no live stage on a/cpu holds packed lm weights"):
+            engine.switch_role("encode", 2, "prefill", weights="map")
+        outputs = engine.generate(requests, SP)
+        assert [o.token_ids for o in outputs] == expected
+        assert _served_some(engine, "encode2") > 0, "prefill0 read encode2 over a link"
+        assert [s["weights"] for s in engine.status()["switches"]] == ["copied from prefill0 on host b over gloo",
+                                                                       "read from disk"]
+    finally:
+        engine.shutdown()
+    assert _exit_codes(engine) == dict.fromkeys(engine.procs, 0), "every stage exits cleanly, links closed"
+
+
+def test_dynamic_across_hosts_starts(tiny_llava: Path) -> None:
+    """dynamic=True with stages on several hosts: the allocator runs (a switch it decides is built
+    as above); with one stage of each kind every switch it may try is refused, and outputs are
+    aggregated's."""
+    expected = _reference(tiny_llava)
+    engine = EPDEngine(tiny_llava, placement="E:a/cpu P:b/cpu D:b/cpu", backend="torch", device="cpu", dynamic=True)
+    try:
+        assert "allocator" in engine.status()
+        assert [o.token_ids for o in engine.generate(_requests(), SP)] == expected
+    finally:
+        engine.shutdown()
+    assert _exit_codes(engine) == dict.fromkeys(engine.procs, 0)

@@ -173,8 +173,10 @@ class DecodeRole(_Role):
             # Reserve for the whole answer: a decode stage never preempts (it could not
             # recompute a prompt whose image embeddings stayed with the encoders).
             need = blocks_for(len(task.prompt_ids) + task.sampling.max_tokens, runner.block_size)
-            blocks = engine.kv_blocks.allocate(need - len(task.kv_blocks) if shared and task.src_arena is None
-                                               else need)
+            # in place: prefill0's blocks of the arena this role shares (a prefill added by a role
+            # switch has an arena of its own: its blocks are pulled)
+            in_place = shared and task.src_arena is None and task.prefill == 0
+            blocks = engine.kv_blocks.allocate(need - len(task.kv_blocks) if in_place else need)
             if blocks is None:
                 self.stalled = not engine.has_work()  # else a finishing request frees blocks
                 return
@@ -188,7 +190,7 @@ class DecodeRole(_Role):
                 _synchronize(self.device)
                 self.send(Migrated(task.req_id, nbytes, time.perf_counter() - start))
                 self.send(FreeKV(task.kv_blocks, 0, decode=task.src_decode))
-            elif shared:
+            elif in_place:
                 self.borrowed[task.req_id] = task.kv_blocks
                 blocks = task.kv_blocks + blocks
             else:
