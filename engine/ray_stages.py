@@ -71,6 +71,18 @@ def connect(address: str, where: Placement) -> dict[str, str]:
     return {**labels, "": ray.util.get_node_ip_address()}
 
 
+def free_port_on(host: str, address: str) -> int:
+    """A TCP port free now at `address` on the node labelled `host` (a link's rank 0 listens
+    there): asked of that node by a task, since a port free on the orchestrator's machine may be
+    taken on another."""
+    import ray
+
+    from ipc.peer_link import free_port
+
+    ask = ray.remote(num_cpus=0, resources={host: 0.0001})(free_port)
+    return ray.get(ask.remote(address), timeout=CONNECT_TIMEOUT_S)
+
+
 def _pairs(where: Placement) -> list[tuple[str, str]]:
     """(host, device) of each stage the placement puts on a named host, in stage order."""
     return [(h, d) for kind in where.devices for h, d in zip(where.hosts_of(kind), where.of(kind)) if h]

@@ -140,3 +140,22 @@ def test_more_gpus_than_a_node_has_is_refused(cluster: str, tiny_llava: Path) ->
     with pytest.raises(ValueError, match=r"host node0 is given 2 GPU\(s\), but its node has 0"):
         EPDEngine(tiny_llava, placement="E:node0/0,node0/1 P:node1/cpu D:node1/cpu", backend="torch", device="cpu",
                   cluster=cluster)
+
+
+def test_a_role_switch_across_nodes(cluster: str, tiny_llava: Path) -> None:
+    """encode1 on node0 becomes a prefill there: its LM copied over gloo from prefill0 on node1,
+    which listens on a port asked of node1 itself (ray_stages.free_port_on); decode0 (node1)
+    then pulls prefill1's KV over a link. Greedy tokens equal aggregated's."""
+    expected = _expected(tiny_llava) * 2
+    engine = EPDEngine(tiny_llava, placement="E:node0/cpu,node0/cpu P:node1/cpu D:node1/cpu", backend="torch",
+                       device="cpu", cluster=cluster, kv_cache_tokens=4096, mm_cache=False)
+    try:
+        record = engine.switch_role("encode", 1, "prefill")
+        assert record["weights"] == "copied from prefill0 on host node1 over gloo"
+        assert engine.stages["prefill1"].host == "node0"
+        outputs = engine.generate(_requests() * 2, SP)
+        assert [o.token_ids for o in outputs] == expected
+        assert any(o.handoff["kv_bytes"] > 0 for o in outputs), "some KV pulled from prefill1 across the nodes"
+    finally:
+        engine.shutdown()
+    assert {name: proc.exitcode for name, proc in engine.procs.items()} == dict.fromkeys(engine.procs, 0)
