@@ -106,6 +106,12 @@ class EncodeTask:
     keys: list[str] = field(default_factory=list)  # content key per item (engine/mm_cache.py); []: not cached
 
 
+# an encoder batch's stamps (Encoded.times), the last three on the GPU path only: the
+# preprocessing's image bytes read, decode returned, resize + normalize launched (host times)
+ENCODER_STAMPS = ("preprocess_start", "preprocess_end", "tower_start", "tower_end", "sources_end", "decode_end",
+                  "resize_end")
+
+
 @dataclass
 class Encoded:
     req_id: int
@@ -114,7 +120,7 @@ class Encoded:
     blocks: list[int]  # one MM block per item of the task, in order (a cached item's: one more reference)
     preprocess_s: float = 0.0  # decoding + preprocessing the task's items not cached (synchronized)
     tower_s: float = 0.0  # the vision tower + projector on them (synchronized)
-    times: tuple[float, ...] = ()  # the batch's preprocess start, end, tower start, end (perf_counter)
+    times: tuple[float, ...] = ()  # ENCODER_STAMPS (perf_counter), the GPU path's steps included
 
 
 @dataclass

@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from engine.messages import ENCODER_STAMPS
 from engine.request import CompletionOutput, RequestOutput, TokenEvent, TokenLogprob
 from engine.sampling import SamplingParams
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -28,7 +29,7 @@ class Metrics:
     tower_s: float | None = None  # EPD: the encoder's tower time (the rest of the encode interval is queueing)
     encode_start: float | None = None  # first encode of its images (requests with images)
     encode_end: float | None = None
-    encoder_times: tuple[float, ...] = ()  # EPD: the last part's batch: preprocess start, end, tower start, end
+    encoder_times: tuple[float, ...] = ()  # EPD: the last part's batch: ENCODER_STAMPS
     prefill_times: tuple[float, ...] = ()  # EPD: its prefill batch's start and end in the prefill stage
     prefill_start: float | None = None  # first prefill (TTFT = first_token - arrival)
     first_token: float | None = None
@@ -72,7 +73,7 @@ class Metrics:
         a request has not had are left out."""
         stamps = {"encode_start": self.encode_start, "encode_end": self.encode_end,
                   "prefill_start": self.prefill_start, "first_token": self.first_token}
-        stamps.update(zip(("preprocess_start", "preprocess_end", "tower_start", "tower_end"), self.encoder_times))
+        stamps.update(zip(ENCODER_STAMPS, self.encoder_times))
         stamps.update(zip(("prefill_batch_start", "prefill_batch_end"), self.prefill_times))
         return {k: v - self.arrival for k, v in stamps.items() if v is not None}
 

@@ -33,6 +33,7 @@ import base64
 import binascii
 import functools
 import io
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
@@ -183,6 +184,9 @@ class GpuImagePreprocessor:
         self._lut = torch.from_numpy(lut).to(self.device)  # [3, 256] float32
         self._pool = _pool(workers)
         self.nvjpeg = nvjpeg and nvjpeg_available()
+        # when a dict: decode() and resize_normalize() stamp their host return times there
+        # ("decode_end", "resize_end"; perf_counter), for the encoder's batch timeline
+        self.marks: dict[str, float] | None = None
 
     def preprocess(self, images: list[Any]) -> torch.Tensor:
         """Images (anything load_image accepts) -> [N, 3, S, S] of dtype on the device."""
@@ -215,6 +219,8 @@ class GpuImagePreprocessor:
         pixels = self._pool.map(load, indices) if self._pool is not None else map(load, indices)
         for i, x in zip(indices, pixels):
             out[i] = torch.from_numpy(x).to(self.device)
+        if self.marks is not None:
+            self.marks["decode_end"] = time.perf_counter()
         return out
 
     def _nvjpeg(self, raw: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -256,7 +262,10 @@ class GpuImagePreprocessor:
             else:
                 dst.copy_(x)
         meta = torch.tensor([[int(o), h, w] for o, (h, w) in zip(offsets, hws)], dtype=torch.int64)
-        return self._ops.crop_normalize(flat, meta.to(self.device), self._lut, size, self.dtype)
+        out = self._ops.crop_normalize(flat, meta.to(self.device), self._lut, size, self.dtype)
+        if self.marks is not None:
+            self.marks["resize_end"] = time.perf_counter()
+        return out
 
     def close(self) -> None:
         if self._pool is not None:

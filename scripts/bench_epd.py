@@ -183,15 +183,19 @@ def load_row(label: str, run: Run) -> str:
 SEGMENTS = (("intake", None, "encode_start"), ("to encoder batch", "encode_start", "preprocess_start"),
             ("preprocess", "preprocess_start", "preprocess_end"), ("to tower", "preprocess_end", "tower_start"),
             ("tower", "tower_start", "tower_end"), ("to orchestrator", "tower_end", "encode_end"))
+# the preprocess segment's steps (GPU path: host times of the encoder's preprocessing thread)
+PREP_STEPS = (("read bytes", "preprocess_start", "sources_end"), ("decode", "sources_end", "decode_end"),
+              ("resize + normalize", "decode_end", "resize_end"), ("stack + sync", "resize_end", "preprocess_end"))
 
 
-def timeline_row(label: str, run: Run) -> str | None:
+def timeline_row(label: str, run: Run, segments=SEGMENTS) -> str | None:
     """The encode share split at each stamp of the requests' timelines (p50s, ms); None without
-    encoder stamps (aggregated)."""
-    lines = [o.timeline for o in run.outs if "tower_end" in o.timeline]
+    those stamps (aggregated; PREP_STEPS on the CPU path)."""
+    last = segments[-1][2]
+    lines = [o.timeline for o in run.outs if last in o.timeline and segments[0][2] in o.timeline]
     if not lines:
         return None
-    cells = [median([t[b] - (t[a] if a else 0.0) for t in lines]) * 1e3 for _, a, b in SEGMENTS]
+    cells = [median([t[b] - (t[a] if a else 0.0) for t in lines]) * 1e3 for _, a, b in segments]
     return f"| {label} | " + " | ".join(f"{c:.1f}" for c in cells) + " |"
 
 
@@ -332,6 +336,12 @@ def main(argv: list[str] | None = None) -> None:
             print("\nthe encode share's stamps (p50 ms of each segment; intake: arrival to dispatch):")
             print("| engine | image_preprocess | " + " | ".join(name for name, _, _ in SEGMENTS) + " |")
             print("|---|---|" + "---|" * len(SEGMENTS))
+            print("\n".join(r for r in rows if r))
+        rows = [timeline_row(f"{args.mode} | {pre}", epd_runs[i], PREP_STEPS) for pre, (epd_runs, _) in results.items()]
+        if any(rows):
+            print("\nthe preprocess segment's steps (p50 ms; host times of the encoder's preprocessing thread):")
+            print("| engine | image_preprocess | " + " | ".join(name for name, _, _ in PREP_STEPS) + " |")
+            print("|---|---|" + "---|" * len(PREP_STEPS))
             print("\n".join(r for r in rows if r))
         share = median([sum(o.ttft_breakdown.get(k, 0.0) for k in ("queue_s", "preprocess_s", "encode_s"))
                         for o in results[modes[0]][0][i].outs])

@@ -318,6 +318,10 @@ def test_gpu_preprocessor_jpeg_within_decode_tolerance() -> None:
     assert torch.equal(got[3], expected[3]), "the EXIF-rotated JPEG is decoded by PIL: exact"
     assert levels.mean() <= JPEG_MEAN_LEVELS and levels.max() <= JPEG_MAX_LEVELS, \
         f"nvjpeg vs PIL: mean {levels.mean().item():.3f}, max {levels.max().item():.1f} levels"
+    pre.marks = marks = {}  # as the encoder asks: its decode and resize stamped (host times)
+    before = time.perf_counter()
+    pre.preprocess(jpegs)
+    assert before < marks["decode_end"] < marks["resize_end"] < time.perf_counter(), marks
 
 
 @pytest.mark.gpu

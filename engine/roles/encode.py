@@ -19,6 +19,7 @@ import torch
 from engine.block_manager import BlockManager
 from engine.images_anyres import all_items
 from engine.messages import (
+    ENCODER_STAMPS,
     Encoded,
     EncodeTask,
     Exported,
@@ -41,6 +42,9 @@ from ipc.busy_board import BusyBoard
 MAX_IN_FLIGHT = 2  # batches past the queue: one in the tower, one preprocessing
 
 
+STEP_STAMPS = ENCODER_STAMPS[4:]  # inside the preprocessing: bytes read, decoded, resized (host times)
+
+
 @dataclass
 class _Batch:
     """Tasks encoded together: their MM blocks (taken from the cache), which of their items
@@ -49,6 +53,7 @@ class _Batch:
     tasks: list[EncodeTask]
     taken: list[list[tuple[list[int], bool]]]
     job: Future | None = None
+    marks: dict[str, float] = field(default_factory=dict)  # the preprocessing's steps (STEP_STAMPS)
     blocks: list[list[int]] = field(init=False)
     misses: list[tuple[int, int]] = field(init=False)
 
@@ -171,6 +176,10 @@ class EncodeRole(_Role):
             return None, start, start
         for task in batch.tasks:
             task.images = self.image_sources(task.images)
+        batch.marks["sources_end"] = time.perf_counter()
+        inner = getattr(self.image_processor, "images", self.image_processor)
+        if hasattr(inner, "marks"):  # the GPU preprocessor stamps its decode and resize
+            inner.marks = batch.marks
         with on_side_stream(self._prep_stream):
             pixels = self._pixels(batch.tasks, batch.misses)
         return pixels, start, time.perf_counter()
@@ -213,7 +222,8 @@ class EncodeRole(_Role):
             self._retry_alone(batch, e)
             return
         end = time.perf_counter()
-        times = (prep_start, prep_end, start, end)
+        steps = tuple(batch.marks[k] for k in STEP_STAMPS) if all(k in batch.marks for k in STEP_STAMPS) else ()
+        times = (prep_start, prep_end, start, end, *steps)
         for task, blocks in zip(batch.tasks, batch.blocks):
             self.send(Encoded(task.req_id, task.part, self.spec.index, blocks, prep_end - prep_start, end - start,
                               times))
