@@ -164,6 +164,10 @@ class GpuImagePreprocessor:
     """`preprocess(images) -> [N, 3, S, S]` of `dtype` on a CUDA device; see the module docstring for
     what equals ImageProcessor bit for bit and what is within JPEG decode tolerance."""
 
+    # when a dict: decode() and resize_normalize() stamp their host return times there
+    # ("decode_end", "resize_end"; perf_counter), for the encoder's batch timeline
+    marks: dict[str, float] | None = None
+
     def __init__(self, cfg: ImageProcessorConfig, device: str | torch.device = "cuda",
                  dtype: torch.dtype = torch.float32, workers: int = 1, nvjpeg: bool = True) -> None:
         from kernels.image import cuda as image_ops  # needs the built extension
@@ -184,9 +188,6 @@ class GpuImagePreprocessor:
         self._lut = torch.from_numpy(lut).to(self.device)  # [3, 256] float32
         self._pool = _pool(workers)
         self.nvjpeg = nvjpeg and nvjpeg_available()
-        # when a dict: decode() and resize_normalize() stamp their host return times there
-        # ("decode_end", "resize_end"; perf_counter), for the encoder's batch timeline
-        self.marks: dict[str, float] | None = None
 
     def preprocess(self, images: list[Any]) -> torch.Tensor:
         """Images (anything load_image accepts) -> [N, 3, S, S] of dtype on the device."""

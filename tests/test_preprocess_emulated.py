@@ -118,6 +118,22 @@ def test_emulated_resize_normalize_equals_image_processor(emulated_ops: types.Mo
     assert torch.equal(pre.resize_normalize(pixels), expected)
 
 
+def test_emulated_steps_are_stamped_when_asked(emulated_ops: types.ModuleType) -> None:
+    """As an encoder asks (roles/encode.py): with `marks` a dict, decode and resize + normalize
+    stamp their host return times there, in order; by default nothing is stamped."""
+    import time
+
+    cfg = ImageProcessorConfig(image_size=64)
+    pre = emulated_preprocessor(cfg, emulated_ops)
+    images = _anyres_images([(80, 120), (50, 40)])
+    expected = pre.preprocess(images)
+    assert pre.marks is None
+    pre.marks = marks = {}
+    before = time.perf_counter()
+    assert torch.equal(pre.preprocess(images), expected)
+    assert before < marks["decode_end"] < marks["resize_end"] < time.perf_counter(), marks
+
+
 # (height, width) at tile 336: landscape, smaller than a tile, very wide, tall, a pinpoint exactly, one pixel
 ANYRES_HW = [(480, 640), (200, 150), (60, 1500), (1400, 300), (336, 672), (1, 1)]
 
