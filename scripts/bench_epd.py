@@ -191,8 +191,8 @@ PREP_STEPS = (("read bytes", "preprocess_start", "sources_end"), ("decode", "sou
 def timeline_row(label: str, run: Run, segments=SEGMENTS) -> str | None:
     """The encode share split at each stamp of the requests' timelines (p50s, ms); None without
     those stamps (aggregated; PREP_STEPS on the CPU path)."""
-    last = segments[-1][2]
-    lines = [o.timeline for o in run.outs if last in o.timeline and segments[0][2] in o.timeline]
+    stamps = {k for _, a, b in segments for k in (a, b) if k}
+    lines = [o.timeline for o in run.outs if stamps <= set(o.timeline)]
     if not lines:
         return None
     cells = [median([t[b] - (t[a] if a else 0.0) for t in lines]) * 1e3 for _, a, b in segments]
