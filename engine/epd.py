@@ -81,12 +81,13 @@ from engine.stage_handles import (
     role_spec,
     spawn_stage,
     stage_threads,
+    stop_stages,
     weight_plan,
 )
 from ipc.arena import unlink
 from ipc.busy_board import BusyBoard
 from ipc.byte_arena import ByteArena, ByteRef
-from ipc.worker import Crashed, Shutdown, StageStatus
+from ipc.worker import Crashed, StageStatus
 
 log = logging.getLogger(__name__)
 # the byte arena for image bytes on their way to the stages (full: sent pickled instead); small on
@@ -617,30 +618,8 @@ class EPDEngine:
         """Stop every stage process and remove the arena files: none is left behind. Returns
         within about timeout_s + 10 s whatever state the stages are in (dead, stuck in a step, or
         blocked sending to us: we read on while they exit)."""
-        stages = [h for h in self.stages.values() if h.moved_to is None]  # a process once, under its last role
-        deadline = time.monotonic() + timeout_s
-        # across hosts, readers of arenas stop before their owners (decode, prefill, encode): a link
-        # then closes from its reading end and each owner's server thread ends before its process
-        for group in ([[h for h in stages if h.kind == k] for k in ("decode", "prefill", "encode")]
-                      if getattr(self, "multi_host", False) else [stages]):
-            for stage in group:
-                if stage.process.is_alive():
-                    stage.inbox.put(Shutdown())
-            while any(h.process.is_alive() for h in group) and time.monotonic() < deadline:
-                self._read(0.05)  # discarded: we are stopping
-        for stage in stages:
-            proc = stage.process
-            if proc.is_alive():
-                proc.terminate()  # the stage's SIGTERM handler removes its files and exits
-                proc.join(timeout=5)
-            if proc.is_alive():
-                proc.kill()
-            proc.join(timeout=5)
-        for stage in stages:
-            stage.inbox.close()
-            if stage.outbox is not None:
-                stage.outbox.close()
-                stage.outbox = None
+        stop_stages([h for h in self.stages.values() if h.moved_to is None],  # a process once, under its last role
+                    self._read, timeout_s, readers_first=getattr(self, "multi_host", False))
         for arena in self.arenas:  # a killed stage could not remove its CPU arena file
             unlink(arena)
         if getattr(self, "image_bytes", None) is not None:

@@ -25,7 +25,7 @@ from engine.router import InstanceLoad
 from ipc.channel import Inbox
 from ipc.linked_arena import LinkedHandle, LinkSpec
 from ipc.peer_link import free_port
-from ipc.worker import Crashed, StageStatus, worker_main
+from ipc.worker import Crashed, Shutdown, StageStatus, worker_main
 
 log = logging.getLogger("engine.epd")
 DRAIN_LIMIT = 512  # messages read from one stage per call: a busy stage cannot hold up step or status
@@ -201,6 +201,35 @@ def await_ready(stages: dict[str, StageHandle], deadline: float, room_for_switch
     for handle in handles:
         log.info(stage_summary(handle.name, handle.ready))
     return smallest_kv_pool(handles)
+
+
+def stop_stages(stages: list[StageHandle], read, timeout_s: float, readers_first: bool = False) -> None:
+    """Shutdown to each live stage, reading on (read(timeout_s): the orchestrator's, its messages
+    discarded) while they exit, within timeout_s; then terminate, kill, and close the channels.
+    readers_first (stages on several hosts): decodes, then prefills, then encoders, so that a link
+    closes from its reading end and each owner's server thread ends before its process."""
+    deadline = time.monotonic() + timeout_s
+    kinds = ("decode", "prefill", "encode")
+    groups = [[h for h in stages if h.kind == k] for k in kinds] if readers_first else [stages]
+    for group in groups:
+        for stage in group:
+            if stage.process.is_alive():
+                stage.inbox.put(Shutdown())
+        while any(h.process.is_alive() for h in group) and time.monotonic() < deadline:
+            read(0.05)
+    for stage in stages:
+        proc = stage.process
+        if proc.is_alive():
+            proc.terminate()  # the stage's SIGTERM handler removes its files and exits
+            proc.join(timeout=5)
+        if proc.is_alive():
+            proc.kill()
+        proc.join(timeout=5)
+    for stage in stages:
+        stage.inbox.close()
+        if stage.outbox is not None:
+            stage.outbox.close()
+            stage.outbox = None
 
 
 def smallest_kv_pool(stages: Iterable[StageHandle]) -> int:
