@@ -33,6 +33,9 @@ from ipc.channel import sender
 from ipc.parent_watch import bind_to_parent
 
 REPORT_INTERVAL_S = 0.2  # at most this often while busy; always before the worker blocks
+# an idle worker wakes this often to report figures that change on other threads (an arena served
+# over a link counts its blocks on the link's thread): the longest a report is stale
+IDLE_WAKE_S = 0.5
 
 
 @dataclass
@@ -90,11 +93,11 @@ class Role(Protocol):
 
 
 def receive(inbox, block: bool) -> list:
-    """The messages waiting in the inbox (block: wait for the first). The parent gone (end of
-    the pipe) reads as Shutdown."""
+    """The messages waiting in the inbox (block: wait up to IDLE_WAKE_S for the first). The
+    parent gone (end of the pipe) reads as Shutdown."""
     msgs: list = []
     try:
-        if block:
+        if block and inbox.poll(IDLE_WAKE_S):
             msgs.append(inbox.recv())
         while inbox.poll():
             msgs.append(inbox.recv())

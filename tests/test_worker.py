@@ -40,7 +40,11 @@ class _Inbox:
     def __init__(self, *batches: list) -> None:
         self.batches = [list(b) for b in batches]
 
-    def poll(self) -> bool:
+    def poll(self, timeout: float | None = None) -> bool:
+        if timeout:  # the worker waits: the next batch arrives meanwhile (or the pipe's end)
+            while self.batches and not self.batches[0]:
+                self.batches.pop(0)
+            return True
         return bool(self.batches and self.batches[0])
 
     def recv(self):
@@ -87,6 +91,34 @@ def test_shell_steps_while_busy_and_reports_before_it_waits() -> None:
     assert role.handled == [3, 2] and role.done == 5 and role.closed is False  # worker_main closes
     reports = [m.stats["done"] for m in sent if isinstance(m, StageStatus)]
     assert reports[0] == 0 and reports[-1] == 5  # idle reports are never throttled
+
+
+def test_an_idle_shell_wakes_to_report_what_changed_on_another_thread() -> None:
+    """An idle worker's wait for messages ends after IDLE_WAKE_S: a figure that changed meanwhile
+    on another thread (an arena served over a link counts blocks on the link's thread) is reported
+    without any message arriving."""
+    from ipc.worker import IDLE_WAKE_S
+
+    role, sent = _Counter(), []
+
+    class Quiet:
+        waits = []
+
+        def poll(self, timeout=None):
+            if not timeout:
+                return False
+            self.waits.append(timeout)
+            if len(self.waits) == 1:  # the wait times out; meanwhile another thread changed a figure
+                role.done = 7
+                return False
+            return True
+
+        def recv(self):
+            return Shutdown()
+
+    serve(_Shell(role, "w0"), Quiet(), sent.append)
+    assert Quiet.waits == [IDLE_WAKE_S, IDLE_WAKE_S] and 0 < IDLE_WAKE_S <= 1.0
+    assert [m.stats["done"] for m in sent if isinstance(m, StageStatus)] == [0, 7]
 
 
 def test_shell_drain_finishes_work_in_hand_and_takes_no_more() -> None:
