@@ -293,11 +293,11 @@ def link_address(host: str, addresses: dict[str, str]) -> tuple[str, int]:
     """Where a stage on `host` listens for a link (rank 0 of a PeerLink: an arena it serves,
     weights it sends): its node's address (addresses, from the cluster; loopback for host labels
     of this machine) and a port free there now (asked of the node itself on a cluster)."""
-    if host in addresses:  # a node of a Ray cluster (engine/ray_stages.py)
+    if host and host in addresses:  # a node of a Ray cluster (engine/ray_stages.py)
         from engine.ray_stages import free_port_on
 
         return addresses[host], free_port_on(host, addresses[host])
-    return "127.0.0.1", free_port()
+    return addresses.get(host, "127.0.0.1"), free_port()  # this machine: the orchestrator's, or a label of it
 
 
 def peer_view(owner: StageHandle, reader: StageHandle, addresses: dict[str, str]):

@@ -188,3 +188,13 @@ def test_dynamic_across_hosts_starts(tiny_llava: Path) -> None:
     finally:
         engine.shutdown()
     assert _exit_codes(engine) == dict.fromkeys(engine.procs, 0)
+
+
+def test_a_stage_of_the_orchestrators_host_listens_here() -> None:
+    """link_address for a stage of the orchestrator's own host (""), with or without a cluster:
+    its address, a port free on this machine (no cluster task is asked; "" names no node)."""
+    from engine.stage_handles import link_address
+
+    address, port = link_address("", {"": "10.1.2.3", "node1": "10.1.2.4"})
+    assert address == "10.1.2.3" and 0 < port < 65536
+    assert link_address("a", {})[0] == "127.0.0.1", "a host label without a cluster: this machine"
