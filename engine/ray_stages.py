@@ -20,6 +20,7 @@ other stages serve on.
 
 from __future__ import annotations
 
+import functools
 import os
 import secrets
 from collections import Counter
@@ -77,10 +78,17 @@ def free_port_on(host: str, address: str) -> int:
     taken on another."""
     import ray
 
+    return ray.get(_port_asker(host).remote(address), timeout=CONNECT_TIMEOUT_S)
+
+
+@functools.cache
+def _port_asker(host: str):
+    """ipc.peer_link.free_port as a Ray task pinned to the node labelled `host` (made once per host)."""
+    import ray
+
     from ipc.peer_link import free_port
 
-    ask = ray.remote(num_cpus=0, resources={host: 0.0001})(free_port)
-    return ray.get(ask.remote(address), timeout=CONNECT_TIMEOUT_S)
+    return ray.remote(num_cpus=0, resources={host: 0.0001})(free_port)
 
 
 def _pairs(where: Placement) -> list[tuple[str, str]]:
