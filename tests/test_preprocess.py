@@ -409,19 +409,34 @@ def test_stage_image_processor_choice(tiny_llava, tiny_llava_next) -> None:
 
 
 
-def no_wait_check() -> str:
+NO_WAIT_CASES = ("same", "new", "larger")  # the timed batch: the warm-up's, new content, bigger bitstreams
+
+
+def no_wait_check(case: str = "same") -> str:
     """~280 ms of GEMMs queued on another stream, then GpuImagePreprocessor.decode of 8 1080p JPEGs
-    (nvjpeg): "decode_ms gemm_ms". Run in a fresh process: CUDA_DEVICE_MAX_CONNECTIONS is read
-    when the context is made."""
+    (nvjpeg): "decode_ms gemm_ms". The decoder is warmed on one batch first; the timed batch is that
+    batch ("same"), 8 others of the same kind ("new": what an engine's next batch is), or 8 with
+    noisier content whose bitstreams are larger than any decoded before ("larger": buffers the
+    decoder must grow, and growing device or pinned memory synchronizes the device). Run in a
+    fresh process: CUDA_DEVICE_MAX_CONNECTIONS is read when the context is made."""
     from engine.preprocess import GpuImagePreprocessor
 
     gpu = GpuImagePreprocessor(ImageProcessorConfig(image_size=336), "cuda", torch.bfloat16)
-    batch = [jpeg_bytes(smooth_pixels(1080, 1920, s)) for s in range(8)]
+    warm = [jpeg_bytes(smooth_pixels(1080, 1920, s)) for s in range(8)]
+    if case == "same":
+        batch = warm
+    elif case == "new":
+        batch = [jpeg_bytes(smooth_pixels(1080, 1920, 100 + s)) for s in range(8)]
+    else:
+        rng = np.random.default_rng(7)
+        batch = [jpeg_bytes(np.clip(smooth_pixels(1080, 1920, 200 + s) + rng.normal(0, 40, (1080, 1920, 3)),
+                                    0, 255).astype(np.uint8)) for s in range(8)]
+        assert min(map(len, batch)) > max(map(len, warm))
     dec, other = torch.cuda.Stream(), torch.cuda.Stream()
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     with torch.cuda.stream(dec):
         for _ in range(3):
-            gpu.decode(batch)
+            gpu.decode(warm)
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     with torch.cuda.stream(other):
@@ -446,19 +461,22 @@ def no_wait_check() -> str:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not _gpu_ready(), reason="needs CUDA and kernels._epd_C")
-def test_jpeg_decode_does_not_wait_for_other_streams() -> None:
+@pytest.mark.parametrize("case", NO_WAIT_CASES)
+def test_jpeg_decode_does_not_wait_for_other_streams(case: str) -> None:
     """With the workers' CUDA hardware queues (ipc/worker.CUDA_QUEUES), a decode does not wait for
-    another stream's work. At CUDA's default of 8 it did (317 ms with 410 ms of GEMMs queued, H200,
-    session 10): nvjpeg's internal streams shared a queue with the busy stream."""
+    another stream's work, whatever the batch (see no_wait_check). At CUDA's default of 8 it did
+    (317 ms with 410 ms of GEMMs queued, H200, session 10): nvjpeg's internal streams shared a queue
+    with the busy stream."""
     from ipc.worker import CUDA_QUEUES
 
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "CUDA_DEVICE_MAX_CONNECTIONS": CUDA_QUEUES, "PYTHONPATH": str(root)}
-    code = "import sys; sys.path.insert(0, 'tests'); import test_preprocess as t; print(t.no_wait_check())"
-    proc = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True,
+    code = "import sys; sys.path.insert(0, 'tests'); import test_preprocess as t; print(t.no_wait_check(sys.argv[1]))"
+    proc = subprocess.run([sys.executable, "-c", code, case], cwd=root, env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     decode_ms, gemm_ms = map(float, proc.stdout.split()[-2:])
-    print(f"CUDA_DEVICE_MAX_CONNECTIONS={CUDA_QUEUES}: decode {decode_ms:.1f} ms with {gemm_ms:.1f} ms of GEMMs")
+    print(f"CUDA_DEVICE_MAX_CONNECTIONS={CUDA_QUEUES}, {case} batch: decode {decode_ms:.1f} ms with "
+          f"{gemm_ms:.1f} ms of GEMMs")
     assert gemm_ms > 60, f"the GEMMs took {gemm_ms:.1f} ms: too short to tell a wait"
     assert decode_ms < gemm_ms / 2, f"decode took {decode_ms:.1f} ms with {gemm_ms:.1f} ms of GEMMs on another stream"
