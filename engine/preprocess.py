@@ -16,14 +16,19 @@ JPEG decode on the GPU uses nvjpeg through torchvision (`torchvision.io.decode_j
 one batched call; the hardware JPEG engine where the GPU has one) when torchvision imports. The
 worker runs with 32 CUDA hardware queues (ipc/worker.py): under CUDA's default of 8, nvjpeg's
 internal streams shared a queue with the tower's and every decode waited for the tower (measured,
-docs/benchmarks.md, session 11). nvjpeg's IDCT and chroma upsampling differ from libjpeg's
-(PIL): decoded pixels differ by a few uint8 levels, so for JPEGs the GPU output is within that
-tolerance of ImageProcessor's, not equal (scripts/bench_preprocess.py measures it). An image goes to
-nvjpeg only when nvjpeg decodes what PIL would (`nvjpeg_decodable`): JPEG data (bytes, a path or a
-base64 data URL) with PIL mode RGB (3 components; not grayscale, not CMYK), no Adobe marker, not
-progressive, no EXIF rotation (orientation 2-8, which load_image applies), ending with the EOI marker
-(truncated data goes to PIL, which rejects it), within the pixel limit. Everything else (PNG, WebP, PIL
-images, the excluded JPEGs) is decoded by `load_image` on the CPU (on `workers` threads) and uploaded;
+docs/benchmarks.md, session 11). nvjpeg also grows its buffers (cudaMalloc / cudaHostAlloc, which
+synchronize the device) whenever a batch's bitstreams need more than any before, and such a decode
+waits for all the GPU's work (a 1080p burst's decodes waited for the tower most of the time; a new
+batch after warm-up on another waited for ~400 ms of GEMMs queued on another stream: session 13), so
+`warm_up` makes them at a large JPEG's size (`WARM_JPEG_HW`) before the first request. nvjpeg's IDCT
+and chroma upsampling differ from libjpeg's (PIL): decoded pixels differ by a few uint8 levels, so
+for JPEGs the GPU output is within that tolerance of ImageProcessor's, not equal
+(scripts/bench_preprocess.py measures it). An image goes to nvjpeg only when nvjpeg decodes what PIL
+would (`nvjpeg_decodable`): JPEG data (bytes, a path or a base64 data URL) with PIL mode RGB (3
+components; not grayscale, not CMYK), no Adobe marker, not progressive, no EXIF rotation
+(orientation 2-8, which load_image applies), ending with the EOI marker (truncated data goes to PIL,
+which rejects it), within the pixel limit. Everything else (PNG, WebP, PIL images, the excluded
+JPEGs) is decoded by `load_image` on the CPU (on `workers` threads) and uploaded;
 a batch that nvjpeg rejects is decoded that way too, so errors are ImageProcessor's.
 """
 
@@ -59,6 +64,7 @@ if TYPE_CHECKING:
     from engine.config import EngineConfig, ModelConfig
 
 JPEG_SOI, JPEG_EOI = b"\xff\xd8\xff", b"\xff\xd9"
+WARM_JPEG_HW = (3024, 4032)  # (height, width) of the JPEG whose decode buffers warm_up makes: a 12 MP photo
 EXIF_ORIENTATION = 0x0112
 
 
@@ -99,6 +105,18 @@ def nvjpeg_decodable(data: bytes) -> bool:
 
 
 @functools.cache
+@functools.cache
+def _warm_jpeg() -> bytes:
+    """A WARM_JPEG_HW JPEG of gradients and heavy noise (4:2:0, quality 90): bigger than a photo of
+    that size, as nvjpeg's hardware path takes it."""
+    h, w = WARM_JPEG_HW
+    tile = np.random.default_rng(0).normal(0, 40, (504, 504, 3)).astype(np.float32)  # JPEG codes 8x8 blocks alone
+    x = np.linspace(0, 255, w, dtype=np.float32)[None, :, None] + np.tile(tile, (h // 504, w // 504, 1))
+    buf = io.BytesIO()
+    Image.fromarray(np.clip(x, 0, 255).astype(np.uint8)).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
 def nvjpeg_available() -> bool:
     """torchvision imports (with its CUDA decode); it is optional: CI and CPU torch do without."""
     try:
@@ -235,6 +253,18 @@ class GpuImagePreprocessor:
         torch.cuda.current_stream(self.device).synchronize()
         return decode_jpeg(raw, mode=ImageReadMode.RGB, device=self.device)
 
+    def warm_up(self, count: int) -> None:
+        """Decode `count` copies of a large, high-entropy JPEG (WARM_JPEG_HW, ~8 MB) once, so that
+        nvjpeg's buffers are that large before the first request and a batch of up to `count` such
+        images never grows them (growing synchronizes the device: see the module docstring). A
+        no-op without nvjpeg."""
+        if not self.nvjpeg or count <= 0:
+            return
+        raw = torch.frombuffer(bytearray(_warm_jpeg()), dtype=torch.uint8)
+        with torch.cuda.stream(torch.cuda.Stream(self.device)) as stream:
+            self._nvjpeg([raw] * count)
+            stream.synchronize()
+
     def target_hw(self, height: int, width: int) -> tuple[int, int]:
         """The resized (height, width), as ImageProcessor computes it."""
         cfg = self.cfg
@@ -302,8 +332,11 @@ def stage_image_processor(config: EngineConfig, cfg: ModelConfig):
         from engine.preprocess_anyres import GpuAnyresPreprocessor
 
         gpu = GpuImagePreprocessor(processor.cfg, device, config.torch_dtype, config.image_workers)
+        gpu.warm_up(config.max_images_per_batch)
         return GpuAnyresPreprocessor(gpu, processor.pinpoints)
     if on_gpu:
-        return GpuImagePreprocessor(processor.cfg, device, config.torch_dtype, config.image_workers)
+        gpu = GpuImagePreprocessor(processor.cfg, device, config.torch_dtype, config.image_workers)
+        gpu.warm_up(config.max_images_per_batch)
+        return gpu
     return CpuImagePreprocessor(processor.cfg, config.image_workers)
 

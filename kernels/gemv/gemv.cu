@@ -18,8 +18,8 @@
 //     lane (120 registers, 2 CTAs) 5.43 ms, 8 loads capped at 2 CTAs by shared memory 6.08 ms,
 //     this 5.26 ms;
 //   * tokens g >= M load zeros and their output columns are dropped, so M needs no template;
-//   * launched with programmatic dependent launch (common.cuh): a CTA's first weight loads are
-//     issued before it waits for the previous kernel, which lets the next kernel start early.
+//   * launched with programmatic dependent launch (common.cuh): a CTA prefetches its first weight
+//     lines into L2 before it waits for the previous kernel.
 // Every row's sum is formed in the same order whatever the tiling (chunks in order inside a warp's
 // slice, slices in warp order), so gate_up_silu's g and u equal linear's outputs bit for bit.
 #include <type_traits>
@@ -99,7 +99,7 @@ __device__ __forceinline__ void mma_chunk(float (&c)[4], const uint4& lo, const 
 // lane l's accumulators hold gate (e = 0, 1) and up (e = 2, 3) of one output column and the
 // epilogue needs no exchange; columns >= I masked. `rows` = N or 2I.
 template <typename T, bool kGateUp>
-__global__ void __launch_bounds__(kThreads, 3)
+__global__ void __launch_bounds__(kThreads, 2)
     gemv_kernel(T* __restrict__ out, const T* __restrict__ x, const T* __restrict__ w, int m, int64_t rows, int k) {
   constexpr int kChunks = kLoadsPerLane / 2;  // chunks loaded per step (two 16-byte loads of w each)
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -132,30 +132,33 @@ __global__ void __launch_bounds__(kThreads, 3)
   const int c_begin = warp * per_warp;
   const int c_end = min(num_chunks, c_begin + per_warp);
 
-  auto load_w = [&](uint4 (&wv)[kChunks][2], int c0) {
+  // PDL: the first step's weight lines are asked of L2 before the wait for the kernel before this
+  // one (weights are never written by it); x is read only after it. Prefetches hold no registers:
+  // holding the first step's loads in registers instead took 90 of them (2 CTAs per SM) and cost
+  // 3-9% at M = 8 (H200, session 13 call 2).
+#pragma unroll
+  for (int u = 0; u < kChunks; ++u) {
+    const int col = (c_begin + u) * kChunkK;
+    if (c_begin + u < c_end && col + 8 * t < k) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        if (row_ok[h]) asm volatile("prefetch.global.L2 [%0];" ::"l"(wp[h] + col));
+      }
+    }
+  }
+  pdl_wait();
+  pdl_trigger();
+
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+  for (int c0 = c_begin; c0 < c_end; c0 += kChunks) {
+    uint4 wv[kChunks][2];
+    uint4 xv[kChunks];
 #pragma unroll
     for (int u = 0; u < kChunks; ++u) {
       const int col = (c0 + u) * kChunkK;  // + 8t is in the pointers
       const bool k_ok = c0 + u < c_end && col + 8 * t < k;
 #pragma unroll
       for (int h = 0; h < 2; ++h) wv[u][h] = load_stream(wp[h] + col, k_ok && row_ok[h]);
-    }
-  };
-  // The first step's weights are in flight before the wait for the kernel before this one (PDL:
-  // weights are never written by it), so this kernel's ramp overlaps that kernel's tail.
-  uint4 wv[kChunks][2];
-  load_w(wv, c_begin);
-  pdl_wait();
-  pdl_trigger();
-
-  float acc[4] = {0.f, 0.f, 0.f, 0.f};
-  for (int c0 = c_begin; c0 < c_end; c0 += kChunks) {
-    if (c0 != c_begin) load_w(wv, c0);
-    uint4 xv[kChunks];
-#pragma unroll
-    for (int u = 0; u < kChunks; ++u) {
-      const int col = (c0 + u) * kChunkK;
-      const bool k_ok = c0 + u < c_end && col + 8 * t < k;
       xv[u] = load_cached(xp + col, k_ok && x_ok);
     }
 #pragma unroll
