@@ -261,9 +261,10 @@ class GpuImagePreprocessor:
         if not self.nvjpeg or count <= 0:
             return
         raw = torch.frombuffer(bytearray(_warm_jpeg()), dtype=torch.uint8)
-        with torch.cuda.stream(torch.cuda.Stream(self.device)) as stream:
+        stream = torch.cuda.Stream(self.device)
+        with torch.cuda.stream(stream):
             self._nvjpeg([raw] * count)
-            stream.synchronize()
+        stream.synchronize()
 
     def target_hw(self, height: int, width: int) -> tuple[int, int]:
         """The resized (height, width), as ImageProcessor computes it."""
