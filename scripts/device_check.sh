@@ -12,8 +12,7 @@
 # dynamic (a shifting workload through the OpenAI server, static vs --dynamic); encprofile (an encoder's
 # GPU time per image by kernel: scripts/profile_encoder.py); burst (the 1080p burst BURST_RUNS times per
 # placement of BURST_PLACEMENTS, '|'-separated, with timelines); jpegtest (preprocessing GPU tests);
-# noregress (bench_epd on this tree vs an earlier one in BASE_TREE, alternating, twice); pdlab (bench_decode
-# with EPD_PDL=1 and 0, alternating, twice).
+# noregress (bench_epd on this tree vs an earlier one in BASE_TREE, alternating, twice).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/device_out}
@@ -91,17 +90,6 @@ if [[ " $STAGES " == *" abpen "* ]]; then  # same-run A/B: decode graphs with an
         --batches 1,8,32,128 --multi-step 8 --steps 24 --no-hf $flag
       echo "penalty ops $variant, round $round:" >> "$SUMMARY"
       grep -h "^| [0-9]" "$OUT/bench_decode_${variant}_pen_$round.log" >> "$SUMMARY"
-    done
-  done
-fi
-if [[ " $STAGES " == *" pdlab "* ]]; then  # issue 16: decode with and without programmatic dependent launch, same run
-  llava7b
-  for run in 1 2; do
-    for pdl in 1 0; do
-      EPD_PDL=$pdl stage "bench_decode_pdl${pdl}_r$run" python3 scripts/bench_decode.py --model /tmp/llava-7b \
-        --batches "${PDL_BATCHES:-1,8,32,128}" --multi-step 1,8 --steps 24 --no-hf
-      echo "EPD_PDL=$pdl, run $run:" >> "$SUMMARY"
-      grep -h "^| [0-9]" "$OUT/bench_decode_pdl${pdl}_r$run.log" >> "$SUMMARY"
     done
   done
 fi

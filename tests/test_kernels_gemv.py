@@ -144,10 +144,10 @@ def test_linear_graph_capture() -> None:
 @gpu
 @pytest.mark.parametrize("graph", [False, True])
 def test_chained_gemvs_read_their_predecessors_output(graph: bool) -> None:
-    """The GEMVs launch with programmatic dependent launch (kernels/common.cuh): their first weight
-    loads run before the previous kernel has finished, their reads of x after. A chain of 12 GEMVs,
-    each reading the one before's output, eager back to back and replayed from a CUDA graph with
-    new inputs, equals the same chain run one op at a time with a device synchronize between ops."""
+    """A chain of 12 GEMVs, each reading the one before's output, eager back to back and replayed
+    from a CUDA graph with new inputs, equals the same chain run one op at a time with a device
+    synchronize between ops (a kernel that read x before its predecessor was done would not: the
+    check that kept programmatic dependent launch honest while it was tried, session 13)."""
     k, inter = 1024, 688
     ws = []
     for i in range(4):

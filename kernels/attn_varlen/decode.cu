@@ -61,7 +61,6 @@ constexpr int decode_min_ctas() { return kGroup >= 8 ? 1 : kGroup >= 4 ? 2 : 4; 
 
 template <typename T, int kHeadDim, int kGroup>
 __global__ void __launch_bounds__(kDecodeThreads, decode_min_ctas<kGroup>()) paged_decode_kernel(const PagedDecodeParams p) {
-  pdl_trigger();  // the next kernel, if PDL-launched (a GEMV), may start its weight loads now
   constexpr int D = kHeadDim;
   constexpr int C = D / 8;                  // 16-byte chunks per K/V row
   constexpr int CP = C <= 8 ? 8 : 16;       // lanes per token group (power of two >= C)
@@ -324,7 +323,6 @@ __global__ void __launch_bounds__(kDecodeThreads, decode_min_ctas<kGroup>()) pag
 // w_s = 2^(m_s - max_s m_s); empty splits (m = -inf, acc never written) are skipped.
 template <typename T>
 __global__ void __launch_bounds__(128) paged_decode_reduce_kernel(const PagedDecodeParams p) {
-  pdl_trigger();  // the next kernel, if PDL-launched (a GEMV), may start its weight loads now
   __shared__ float s_w[kDecodeMaxSplits];
   __shared__ float s_inv_sum;
   const int hq = blockIdx.x, b = blockIdx.y;

@@ -17,9 +17,7 @@
 //     at 80 registers 3 CTAs fit per SM. Measured in the decode step (H100, batch 1): 16 loads per
 //     lane (120 registers, 2 CTAs) 5.43 ms, 8 loads capped at 2 CTAs by shared memory 6.08 ms,
 //     this 5.26 ms;
-//   * tokens g >= M load zeros and their output columns are dropped, so M needs no template;
-//   * launched with programmatic dependent launch (common.cuh): a CTA prefetches its first weight
-//     lines into L2 before it waits for the previous kernel.
+//   * tokens g >= M load zeros and their output columns are dropped, so M needs no template.
 // Every row's sum is formed in the same order whatever the tiling (chunks in order inside a warp's
 // slice, slices in warp order), so gate_up_silu's g and u equal linear's outputs bit for bit.
 #include <type_traits>
@@ -132,23 +130,6 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int c_begin = warp * per_warp;
   const int c_end = min(num_chunks, c_begin + per_warp);
 
-  // PDL: the first step's weight lines are asked of L2 before the wait for the kernel before this
-  // one (weights are never written by it); x is read only after it. Prefetches hold no registers:
-  // holding the first step's loads in registers instead took 90 of them (2 CTAs per SM) and cost
-  // 3-9% at M = 8 (H200, session 13 call 2).
-#pragma unroll
-  for (int u = 0; u < kChunks; ++u) {
-    const int col = (c_begin + u) * kChunkK;
-    if (c_begin + u < c_end && col + 8 * t < k) {
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        if (row_ok[h]) asm volatile("prefetch.global.L2 [%0];" ::"l"(wp[h] + col));
-      }
-    }
-  }
-  pdl_wait();
-  pdl_trigger();
-
   float acc[4] = {0.f, 0.f, 0.f, 0.f};
   for (int c0 = c_begin; c0 < c_end; c0 += kChunks) {
     uint4 wv[kChunks][2];
@@ -200,9 +181,9 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 template <bool kGateUp>
 void launch(const GemvParams& p, int64_t ctas, cudaStream_t stream) {
   EPD_SWITCH_HALF_TYPES(p.dtype, [&] {
-    pdl_launch(gemv_kernel<scalar_t, kGateUp>, dim3(static_cast<unsigned>(ctas)), dim3(kThreads), stream,
-               static_cast<scalar_t*>(p.out), static_cast<const scalar_t*>(p.x),
-               static_cast<const scalar_t*>(p.w), p.m, p.rows, static_cast<int>(p.k));
+    gemv_kernel<scalar_t, kGateUp><<<static_cast<unsigned>(ctas), kThreads, 0, stream>>>(
+        static_cast<scalar_t*>(p.out), static_cast<const scalar_t*>(p.x), static_cast<const scalar_t*>(p.w), p.m,
+        p.rows, static_cast<int>(p.k));
   });
 }
 

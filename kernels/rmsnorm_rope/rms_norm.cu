@@ -13,7 +13,6 @@ namespace {
 template <typename T, int kN, int kVecs, bool kResidual>
 __global__ void __launch_bounds__(kNormMaxThreads)
     rms_norm_kernel(const RmsNormParams p, const int tpr, const int rows_per_block) {
-  pdl_trigger();  // the next kernel, if PDL-launched (a GEMV), may start its weight loads now
   using V = VecN<T, kN>;
   __shared__ float smem[32];
   const int sub = threadIdx.x / tpr;

@@ -21,7 +21,6 @@ template <typename T> __device__ __forceinline__ void load_rounded8(const float*
 
 template <typename T, int kHeadDim>
 __global__ void __launch_bounds__(kRopeThreads) rope_cache_kernel(const RopeCacheParams p) {
-  pdl_trigger();  // the next kernel, if PDL-launched (a GEMV), may start its weight loads now
   using V = VecN<T, 8>;
   constexpr int kHalf = kHeadDim / 2;
   constexpr int kChunks = kHalf / 8;
