@@ -367,6 +367,8 @@ class EngineConfig:
     encode_first (EPD): a prefill waits (0.25 s at most per batch) while an encoder on its device
     has work in hand (ipc/busy_board.py): without MPS a GPU time-slices between processes, and
     the encoders' batches of a few ms would wait behind a long prefill's slices.
+    deterministic: batch-invariant ops (kernels/invariant.py): a request's output is bit-identical
+    whatever shares its batches, the graph bucket, the number of encoders or the E/P/D split.
     """
 
     model: str
@@ -392,6 +394,7 @@ class EngineConfig:
     mm_cache: bool = True
     mm_pixel_cache_mb: int = 256
     encode_first: bool = True
+    deterministic: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model", str(self.model))
@@ -422,7 +425,7 @@ class EngineConfig:
             raise ConfigError(f"gpu_memory_utilization = {util!r}; must be a number in (0, 1]")
         if self.image_preprocess not in ("auto", "cpu"):
             raise ConfigError(f"image_preprocess = {self.image_preprocess!r}; use 'auto' or 'cpu'")
-        for name in ("cuda_graphs", "background_capture", "mm_cache", "encode_first"):
+        for name in ("cuda_graphs", "background_capture", "mm_cache", "encode_first", "deterministic"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} = {getattr(self, name)!r}; must be True or False")
 

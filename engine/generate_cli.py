@@ -35,6 +35,8 @@ def build_parser(model_help: str = "HF checkpoint directory (required)") -> argp
     p.add_argument("--dtype", default="auto", type=dtype_arg,
                    help="auto (the checkpoint's), float32, bfloat16 or float16")
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when present)")
+    p.add_argument("--deterministic", action="store_true",
+                   help="batch-invariant ops: the output does not depend on what else is batched (slower)")
     p.add_argument("--json", action="store_true",
                    help='print one JSON object {"text", "token_ids", "finish_reason", "ttft_s", "tokens_per_s"}')
     add_log_level(p, default="WARNING")
@@ -64,7 +66,7 @@ def main(argv: list[str] | None = None, default_model: Callable[[], Path] | None
         model = default_model()
     else:
         raise CLIError("--model is required (an HF checkpoint directory)")
-    llm = LLM(model, backend=args.backend, dtype=args.dtype, device=args.device)
+    llm = LLM(model, backend=args.backend, dtype=args.dtype, device=args.device, deterministic=args.deterministic)
     request = Request(prompt=args.prompt, images=args.image, raw_prompt=args.raw_prompt)
     output = None
     for event in llm.stream(request, sampling):

@@ -23,6 +23,7 @@ from engine.sampling import SamplingParams
 from graphs.decode_graphs import DecodeBatch, DecodeGraphs
 from graphs.vision_graphs import VisionGraphs
 from kernels import get_backend
+from kernels.invariant import batch_invariant
 
 log = logging.getLogger(__name__)
 NEWLINE_REF = (-1, -1)  # _image_rows: the token reads the model's image_newline vector
@@ -71,6 +72,8 @@ class ModelRunner:
         self.device, self.dtype = torch.device(config.device), config.torch_dtype
         self.ops = get_backend(config.backend, self.device, self.dtype)
         self.backend = "cuda" if self.ops.__name__.endswith("cuda_ops") else "torch"
+        if config.deterministic:
+            self.ops = batch_invariant(self.ops)
         self.block_size = config.block_size
         self.max_images_per_batch = config.max_images_per_batch
         self.vision_graphs: VisionGraphs | None = None  # captured by capture_graphs

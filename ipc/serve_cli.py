@@ -93,6 +93,9 @@ def build_parser(model_help: str = "HF checkpoint directory (required)") -> argp
                    help="encode every image, even one seen before (no caches keyed by image content)")
     p.add_argument("--mm-pixel-cache-mb", type=int, default=256,
                    help="preprocessed pixels kept per process, MB (0: none)")
+    p.add_argument("--deterministic", action="store_true",
+                   help="batch-invariant ops: a request's output is bit-identical whatever shares its batches "
+                        "or the E/P/D split (kernels/invariant.py; slower)")
     dyn = p.add_argument_group("epd / pd modes")
     dyn.add_argument("--cluster", help="a Ray cluster's address: stages whose --placement names a host run as actors "
                                        "on the node with that custom resource (the ray extra)")
@@ -170,7 +173,7 @@ def load_engine(args: argparse.Namespace, model: Path):
                           max_images_per_batch=args.max_images_per_batch, cuda_graphs=not args.no_cuda_graphs,
                           background_capture=args.background_capture, seed=args.seed,
                           mm_cache=not args.no_mm_cache, mm_pixel_cache_mb=args.mm_pixel_cache_mb,
-                          **{k: v for k, v in optional.items() if v is not None})
+                          deterministic=args.deterministic, **{k: v for k, v in optional.items() if v is not None})
     if args.mode == "aggregated":
         from engine import LLM
 

@@ -155,13 +155,14 @@ def paged_attention_prefill(
     block_tables: torch.Tensor,
     scale: float,
     max_seqlen_q: int | None = None,
+    invariant: bool = False,
 ) -> torch.Tensor:
     """Varlen causal attention over the paged cache, prior context included.
 
     q [T, Hq, D] packs B sequences (cu_seqlens_q [B+1]); sequence i's queries are the last
     cu_seqlens_q[i+1]-cu_seqlens_q[i] of its seq_lens[i] tokens, whose K/V are already in the
     arena. block_tables [B, max_blocks] int32. max_seqlen_q (host int) sizes a kernel's grid;
-    unused here. Returns [T, Hq, D].
+    unused here, as is invariant (one sequence at a time is batch-invariant already). Returns [T, Hq, D].
     """
     out = torch.empty_like(q)
     cu = cu_seqlens_q.tolist()
@@ -179,8 +180,10 @@ def paged_attention_decode(
     seq_lens: torch.Tensor,
     block_tables: torch.Tensor,
     scale: float,
+    invariant: bool = False,
 ) -> torch.Tensor:
-    """One query per sequence. q [B, Hq, D], seq_lens [B] (0 = padded row, output zeros) -> [B, Hq, D]."""
+    """One query per sequence. q [B, Hq, D], seq_lens [B] (0 = padded row, output zeros) -> [B, Hq, D].
+    invariant: the kernels' batch-invariant splits; one sequence at a time here is invariant already."""
     out = torch.zeros_like(q)
     for i, n in enumerate(seq_lens.tolist()):
         if n > 0:
@@ -301,9 +304,9 @@ def record_tokens(counts: torch.Tensor, slots: torch.Tensor, tokens: torch.Tenso
 # ----------------------------------------------------------------------------- linear (decode GEMMs)
 
 
-def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x [..., K] @ w [N, K]^T -> [..., N] (no bias): F.linear, i.e. cuBLAS on a GPU."""
-    return F.linear(x, w)
+def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K] @ w [N, K]^T (+ bias [N]) -> [..., N]: F.linear, i.e. cuBLAS on a GPU."""
+    return F.linear(x, w, bias)
 
 
 def gate_up_silu(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

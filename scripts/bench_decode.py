@@ -130,6 +130,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=64, help="decode steps timed per case")
     p.add_argument("--multi-step", default="1,8", help="decode steps per call, comma-separated")
     p.add_argument("--no-hf", action="store_true", help="skip the HF eager baseline")
+    p.add_argument("--deterministic", action="store_true",
+                   help="batch-invariant ops (kernels/invariant.py): outputs independent of the batch; slower")
     p.add_argument("--serve-time", action="store_true", help="time to first serve, background vs upfront capture")
     p.add_argument("--without-penalty-ops", action="store_true",
                    help="A/B only: capture the decode graphs without the penalty ops (apply_penalties, "
@@ -159,7 +161,8 @@ def main(argv: list[str] | None = None) -> None:
         ops.record_tokens = lambda *_: None
         print("A/B: decode graphs captured WITHOUT the penalty ops")
     llm = LLM(args.model, backend="cuda", dtype="bfloat16", device="cuda", max_num_seqs=max(batches),
-              max_num_batched_tokens=8 * args.context, multi_step=max(int(x) for x in args.multi_step.split(",")))
+              max_num_batched_tokens=8 * args.context, multi_step=max(int(x) for x in args.multi_step.split(",")),
+              deterministic=args.deterministic)
     t = llm.cfg.text
     weight_bytes = sum(p.numel() * p.element_size() for p in llm.runner.model.lm.parameters())
     kv_token_bytes = t.num_layers * 2 * t.num_kv_heads * t.head_dim * 2

@@ -237,6 +237,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="KV arena capacity in tokens, per stage (default: from GPU memory, shared out by the stages)")
     p.add_argument("--backend", default="cuda", choices=["cuda", "torch"],
                    help='torch: a CPU smoke run (--placement "E:cpu P:cpu D:cpu")')
+    p.add_argument("--deterministic", action="store_true",
+                   help="batch-invariant ops (kernels/invariant.py): outputs independent of the batch; slower")
     p.add_argument("--no-share", action="store_true", help="copy KV blocks even when P and D share a GPU")
     p.add_argument("--max-images-per-batch", type=int, default=8, help="vision-tower items per encode batch")
     p.add_argument("--image-size", default="336x336",
@@ -272,7 +274,7 @@ def main(argv: list[str] | None = None) -> None:
                  for text, size in sizes]
     settings = dict(backend=args.backend, device=devices["P"][0], dtype="bfloat16",
                     kv_cache_tokens=args.kv_cache_tokens, max_images_per_batch=args.max_images_per_batch,
-                    encode_first=not args.no_encode_first, progress=False)
+                    encode_first=not args.no_encode_first, deterministic=args.deterministic, progress=False)
     p_dev, d_dev = devices["P"][0], devices["D"][0]
     ceiling = copy_gbps(p_dev, d_dev)
     e_dev = devices.get("E", [p_dev])[0]

@@ -57,6 +57,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--hf-batch", type=int, default=32, help="HF generate batch size")
     p.add_argument("--vision-batches", default="1,8,32", help="image batch sizes for the vision tower, comma-separated")
     p.add_argument("--multi-step", type=int, default=8, help="decode steps per device call (1-64)")
+    p.add_argument("--deterministic", action="store_true",
+                   help="batch-invariant ops (kernels/invariant.py): outputs independent of the batch; slower")
     args = p.parse_args(argv)
     vision_batches = int_list("--vision-batches", args.vision_batches)
     for flag in ("requests", "output_tokens", "hf_requests", "hf_batch"):
@@ -65,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     require_cuda_backend("the offline benchmark")
 
     llm = LLM(args.model, backend="cuda", dtype="bfloat16", device="cuda", max_num_seqs=args.requests,
-              max_images_per_batch=max(vision_batches), multi_step=args.multi_step)
+              max_images_per_batch=max(vision_batches), multi_step=args.multi_step, deterministic=args.deterministic)
     pics = images(args.requests)
     reqs = [Request(PROMPT, images=[im]) for im in pics]
     sp = SamplingParams(max_tokens=args.output_tokens, ignore_eos=True)

@@ -12,7 +12,8 @@
 # dynamic (a shifting workload through the OpenAI server, static vs --dynamic); encprofile (an encoder's
 # GPU time per image by kernel: scripts/profile_encoder.py); burst (the 1080p burst BURST_RUNS times per
 # placement of BURST_PLACEMENTS, '|'-separated, with timelines); jpegtest (preprocessing GPU tests);
-# noregress (bench_epd on this tree vs an earlier one in BASE_TREE, alternating, twice).
+# noregress (bench_epd on this tree vs an earlier one in BASE_TREE, alternating, twice); determ (batch-invariant
+# mode: tests/test_deterministic.py on the GPU, bench_decode with and without it, bench_epd with it).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/device_out}
@@ -92,6 +93,18 @@ if [[ " $STAGES " == *" abpen "* ]]; then  # same-run A/B: decode graphs with an
       grep -h "^| [0-9]" "$OUT/bench_decode_${variant}_pen_$round.log" >> "$SUMMARY"
     done
   done
+fi
+if [[ " $STAGES " == *" determ "* ]]; then  # issue 16: batch-invariant mode: its GPU tests, its cost, EPD == aggregated
+  llava7b
+  stage pytest_deterministic python3 -m pytest -m gpu -q --tb=short -p no:cacheprovider tests/test_deterministic.py
+  for det in "" "--deterministic"; do
+    stage "bench_decode${det:+_det}" python3 scripts/bench_decode.py --model /tmp/llava-7b --batches 1,8,32,128 \
+      --multi-step 8 --steps 24 --no-hf $det
+    echo "bench_decode $det:" >> "$SUMMARY"; grep -h "^| [0-9]" "$OUT/bench_decode${det:+_det}.log" >> "$SUMMARY"
+  done
+  stage bench_epd_det python3 scripts/bench_epd.py --model /tmp/llava-7b --placement "E:0,0 P:0 D:0" --requests 32 \
+    --images 2 --check-requests 6 --deterministic
+  grep -h "token-for-token\|^| epd\|^| aggregated" "$OUT/bench_epd_det.log" >> "$SUMMARY"
 fi
 if [[ " $STAGES " == *" profile "* ]]; then
   llava7b

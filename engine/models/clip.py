@@ -5,7 +5,6 @@ from __future__ import annotations
 from types import ModuleType
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from engine.config import ModelConfig, VisionConfig
@@ -30,13 +29,13 @@ class CLIPLayer(nn.Module):
         n, length, c = hidden.shape
         eps = cfg.layer_norm_eps
         x = ops.layer_norm(hidden, self.layer_norm1_weight, self.layer_norm1_bias, eps)
-        qkv = F.linear(x, self.qkv_proj_weight, self.qkv_proj_bias).view(n, length, 3, cfg.num_heads, cfg.head_dim)
+        qkv = ops.linear(x, self.qkv_proj_weight, self.qkv_proj_bias).view(n, length, 3, cfg.num_heads, cfg.head_dim)
         attn = ops.attention_dense(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], cfg.head_dim**-0.5)
-        hidden = hidden + F.linear(attn.reshape(n, length, c), self.out_proj_weight, self.out_proj_bias)
+        hidden = hidden + ops.linear(attn.reshape(n, length, c), self.out_proj_weight, self.out_proj_bias)
         x = ops.layer_norm(hidden, self.layer_norm2_weight, self.layer_norm2_bias, eps)
         act = ops.quick_gelu if cfg.hidden_act == "quick_gelu" else ops.gelu
-        x = act(F.linear(x, self.fc1_weight, self.fc1_bias))
-        return hidden + F.linear(x, self.fc2_weight, self.fc2_bias)
+        x = act(ops.linear(x, self.fc1_weight, self.fc1_bias))
+        return hidden + ops.linear(x, self.fc2_weight, self.fc2_bias)
 
 
 class VisionTower(nn.Module):
@@ -64,7 +63,7 @@ class VisionTower(nn.Module):
         g = v.image_size // p
         pixels = pixel_values.to(self.patch_embedding.dtype)
         patches = pixels.reshape(n, 3, g, p, g, p).permute(0, 2, 4, 1, 3, 5).reshape(n, g * g, 3 * p * p)
-        embeds = F.linear(patches, self.patch_embedding)  # [N, P, C]
+        embeds = ops.linear(patches, self.patch_embedding)  # [N, P, C]
         cls = self.class_embedding.expand(n, 1, -1)
         hidden = torch.cat([cls, embeds], dim=1) + self.position_embedding
         hidden = ops.layer_norm(hidden, self.pre_layrnorm_weight, self.pre_layrnorm_bias, v.layer_norm_eps)
@@ -73,5 +72,5 @@ class VisionTower(nn.Module):
         if self.cfg.vision_feature_select_strategy == "default":
             hidden = hidden[:, 1:]
         act = ops.gelu if self.cfg.projector_hidden_act == "gelu" else ops.quick_gelu
-        x = act(F.linear(hidden, self.linear_1_weight, self.linear_1_bias))
-        return F.linear(x, self.linear_2_weight, self.linear_2_bias)
+        x = act(ops.linear(hidden, self.linear_1_weight, self.linear_1_bias))
+        return ops.linear(x, self.linear_2_weight, self.linear_2_bias)

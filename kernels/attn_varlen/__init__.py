@@ -25,6 +25,7 @@ def paged_attention_prefill(
     block_tables: torch.Tensor,
     scale: float,
     max_seqlen_q: int | None = None,
+    invariant: bool = False,
 ) -> torch.Tensor:
     """Causal varlen attention over the paged KV cache, prior context included.
 
@@ -34,14 +35,16 @@ def paged_attention_prefill(
     query j sits at position seq_lens[i] - q_len + j and sees keys 0..that position.
     block_tables [B, max_blocks] int32: block b of sequence i is arena block block_tables[i, b].
     Hq must be a multiple of Hkv. max_seqlen_q: host int >= every q_len (sizes the grid; None =
-    computed here with one device sync). Returns out [T, Hq, D], q's dtype.
+    computed here with one device sync). invariant: one tile shape whatever the batch (batch-invariant
+    mode, kernels/invariant.py). Returns out [T, Hq, D], q's dtype.
     """
     if q.shape[-1] not in KERNEL_HEAD_DIMS:
         return _reference.paged_attention_prefill(q, kv_arena, layer, cu_seqlens_q, seq_lens, block_tables, scale)
     if max_seqlen_q is None:
         max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max().item()) if cu_seqlens_q.numel() > 1 else 0
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    _epd_C.paged_attention_prefill(out, q, kv_arena, layer, cu_seqlens_q, seq_lens, block_tables, scale, max_seqlen_q)
+    _epd_C.paged_attention_prefill(out, q, kv_arena, layer, cu_seqlens_q, seq_lens, block_tables, scale, max_seqlen_q,
+                                   invariant)
     return out
 
 
@@ -52,16 +55,19 @@ def paged_attention_decode(
     seq_lens: torch.Tensor,
     block_tables: torch.Tensor,
     scale: float,
+    invariant: bool = False,
 ) -> torch.Tensor:
     """One query per sequence over the paged KV cache.
 
     q [B, Hq, D] fp16/bf16; kv_arena as above (q's dtype); seq_lens [B] int32 (0 = padded row,
-    whose output is zeros); block_tables [B, max_blocks] int32. Returns out [B, Hq, D], q's dtype.
+    whose output is zeros); block_tables [B, max_blocks] int32. invariant: splits of a fixed size and
+    the reduce pass always (batch-invariant mode): a sequence's output is independent of B and of
+    block_tables' width. Returns out [B, Hq, D], q's dtype.
     """
     if q.shape[-1] not in KERNEL_HEAD_DIMS:
         return _reference.paged_attention_decode(q, kv_arena, layer, seq_lens, block_tables, scale)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    _epd_C.paged_attention_decode(out, q, kv_arena, layer, seq_lens, block_tables, scale)
+    _epd_C.paged_attention_decode(out, q, kv_arena, layer, seq_lens, block_tables, scale, invariant)
     return out
 
 

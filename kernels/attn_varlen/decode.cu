@@ -90,7 +90,7 @@ __global__ void __launch_bounds__(kDecodeThreads, decode_min_ctas<kGroup>()) pag
   // This split's tiles, cut from the live length (clamped to what the block table can address).
   const int seq_len = max(0, min(p.seq_lens[b], p.max_blocks * p.block_size));
   const int n_tiles_total = (seq_len + TT - 1) / TT;
-  const int tiles_per_split = (n_tiles_total + p.num_splits - 1) / p.num_splits;
+  const int tiles_per_split = p.split_tiles > 0 ? p.split_tiles : (n_tiles_total + p.num_splits - 1) / p.num_splits;
   const int tile_begin = split * tiles_per_split;
   const int n_tiles = max(0, min(tiles_per_split, n_tiles_total - tile_begin));
 
@@ -98,7 +98,7 @@ __global__ void __launch_bounds__(kDecodeThreads, decode_min_ctas<kGroup>()) pag
   const int64_t part_row0 = (static_cast<int64_t>(b) * p.num_q_heads + q_head0) * p.num_splits + split;
 
   if (n_tiles == 0) {  // empty chunk (or padded row): zeros, or an empty partial (-inf max, 0 sum)
-    if (p.num_splits == 1) {
+    if (p.direct) {
       for (int i = tid; i < n_q * D; i += kDecodeThreads)
         out[(q_head0 + i / D) * p.out_stride_h + i % D] = from_float<T>(0.f);
     } else if (tid < n_q) {
@@ -306,7 +306,7 @@ __global__ void __launch_bounds__(kDecodeThreads, decode_min_ctas<kGroup>()) pag
       sum += s_l[w * kGroup + g] * f;
       a += s_acc[(w * kGroup + g) * D + d] * f;
     }
-    if (p.num_splits == 1) {
+    if (p.direct) {
       out[(q_head0 + g) * p.out_stride_h + d] = from_float<T>(sum > 0.f ? a / sum : 0.f);
     } else {
       const int64_t row = part_row0 + static_cast<int64_t>(g) * p.num_splits;
@@ -364,7 +364,7 @@ void launch(const PagedDecodeParams& p, cudaStream_t stream) {
   }
   const dim3 grid(p.num_splits, p.num_kv_heads * p.q_subgroups, p.batch);
   kernel<<<grid, kDecodeThreads, smem, stream>>>(p);
-  if (p.num_splits > 1) paged_decode_reduce_kernel<T><<<dim3(p.num_q_heads, p.batch), 128, 0, stream>>>(p);
+  if (!p.direct) paged_decode_reduce_kernel<T><<<dim3(p.num_q_heads, p.batch), 128, 0, stream>>>(p);
 }
 
 }  // namespace

@@ -55,7 +55,8 @@ int choose_num_splits(int64_t ctas, int64_t cap_tokens, int64_t block_size, int 
 }  // namespace
 
 void paged_attention_decode(torch::Tensor& out, const torch::Tensor& q, const torch::Tensor& kv_arena, int64_t layer,
-                            const torch::Tensor& seq_lens, const torch::Tensor& block_tables, double scale) {
+                            const torch::Tensor& seq_lens, const torch::Tensor& block_tables, double scale,
+                            bool invariant) {
   EPD_CHECK_CUDA(q);
   EPD_CHECK_SAME_DEVICE(out, q);
   EPD_CHECK_SAME_DEVICE(kv_arena, q);
@@ -137,8 +138,21 @@ void paged_attention_decode(torch::Tensor& out, const torch::Tensor& q, const to
   p.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
 
   const int64_t cap_tokens = max_blocks * block_size;
-  p.num_splits = choose_num_splits(batch * hkv * p.q_subgroups, cap_tokens, block_size, limits.num_sms);
-  const int64_t max_tiles_per_split = ceil_div(ceil_div(cap_tokens, kDecodeTileTokens), p.num_splits);
+  const int64_t cap_tiles = ceil_div(cap_tokens, kDecodeTileTokens);
+  if (invariant) {
+    p.split_tiles = kInvariantSplitTiles;
+    const int64_t splits = std::max<int64_t>(1, ceil_div(cap_tiles, kInvariantSplitTiles));
+    TORCH_CHECK(splits <= kDecodeMaxSplits, "batch-invariant decode attention covers ",
+                int64_t{kDecodeMaxSplits} * kInvariantSplitTiles * kDecodeTileTokens, " tokens per sequence; "
+                "block_tables addresses ", cap_tokens);
+    p.num_splits = static_cast<int>(splits);
+    p.direct = 0;
+  } else {
+    p.split_tiles = 0;
+    p.num_splits = choose_num_splits(batch * hkv * p.q_subgroups, cap_tokens, block_size, limits.num_sms);
+    p.direct = p.num_splits == 1;
+  }
+  const int64_t max_tiles_per_split = p.split_tiles > 0 ? p.split_tiles : ceil_div(cap_tiles, p.num_splits);
   p.bt_smem_entries =
       static_cast<int>(std::max<int64_t>(1, std::min(max_blocks, ceil_div(max_tiles_per_split * kDecodeTileTokens,
                                                                           block_size) + 1)));
@@ -147,7 +161,7 @@ void paged_attention_decode(torch::Tensor& out, const torch::Tensor& q, const to
               " bytes of shared memory per block; the device allows ", limits.max_smem_per_block);
 
   torch::Tensor partial_acc, partial_ml;
-  if (p.num_splits > 1) {
+  if (!p.direct) {
     const auto f32 = q.options().dtype(torch::kFloat32);
     partial_acc = torch::empty({batch, hq, p.num_splits, head_dim}, f32);
     partial_ml = torch::empty({batch, hq, p.num_splits, 2}, f32);

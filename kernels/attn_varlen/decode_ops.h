@@ -13,8 +13,11 @@ namespace epd {
 //   seq_lens     [B] int32 on the device, tokens in the cache (0 = padded row: out row is zeros)
 //   block_tables [B, max_blocks] int32, row i lists sequence i's blocks in order
 //   scale        softmax scale (usually head_dim ** -0.5)
+//   invariant    batch-invariant splits (kInvariantSplitTiles per split, the reduce always runs): a
+//                sequence's output is independent of the batch and of block_tables' width
 // Hq must be a multiple of Hkv (GQA / MHA); D in {64, 80, 96, 128}.
 void paged_attention_decode(torch::Tensor& out, const torch::Tensor& q, const torch::Tensor& kv_arena, int64_t layer,
-                            const torch::Tensor& seq_lens, const torch::Tensor& block_tables, double scale);
+                            const torch::Tensor& seq_lens, const torch::Tensor& block_tables, double scale,
+                            bool invariant);
 
 }  // namespace epd

@@ -12,6 +12,10 @@ constexpr int kDecodeTileTokens = 32;   // tokens per pipeline stage (K and V ti
 constexpr int kDecodeStages = 3;        // cp.async pipeline depth
 constexpr int kDecodeMaxGroup = 8;      // query heads one CTA serves; larger GQA groups are split over grid.y
 constexpr int kDecodeMaxSplits = 256;
+// Batch-invariant mode (EngineConfig.deterministic): every split covers this many tiles of a
+// sequence, whatever the batch or the block table's width, and the reduce pass always runs, so a
+// sequence's output depends on nothing but its own query and cache (up to 256 x 512 tokens).
+constexpr int kInvariantSplitTiles = 16;
 
 struct PagedDecodeParams {
   const void* q;          // [B, Hq, D], last dim contiguous
@@ -19,8 +23,8 @@ struct PagedDecodeParams {
   const void* kv_arena;   // [num_blocks, num_layers, 2, block_size, Hkv, D], last dim contiguous
   const int* seq_lens;    // [B] int32, 0 = padded row
   const int* block_tables;  // [B, max_blocks] int32, row stride bt_stride
-  float* partial_acc;     // [B, Hq, num_splits, D] fp32, unnormalised; unused when num_splits == 1
-  float* partial_ml;      // [B, Hq, num_splits, 2] fp32: (max in log2 units, sum of exp2); unused when num_splits == 1
+  float* partial_acc;     // [B, Hq, num_splits, D] fp32, unnormalised; unused when direct
+  float* partial_ml;      // [B, Hq, num_splits, 2] fp32: (max in log2 units, sum of exp2); unused when direct
 
   int64_t q_stride_b, q_stride_h;
   int64_t out_stride_b, out_stride_h;
@@ -36,6 +40,8 @@ struct PagedDecodeParams {
   int block_size, log2_block_size;
   int max_blocks;         // block_tables.shape[1]
   int num_splits;         // grid.x; fixed per launch shape, never from seq_lens
+  int split_tiles;        // > 0: tiles per split, fixed (invariant mode); 0: the live length / num_splits
+  int direct;             // 1: one split, no reduce pass (the kernel writes out); else partials + reduce
   int bt_smem_entries;    // block-table entries one split can touch (sizes shared memory)
   float scale_log2;       // softmax scale * log2(e)
   DType dtype;

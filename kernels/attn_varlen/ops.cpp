@@ -33,7 +33,8 @@ void check_int32_vector(const torch::Tensor& t, const char* name, int64_t len, c
 
 void paged_attention_prefill(torch::Tensor& out, const torch::Tensor& q, const torch::Tensor& kv_arena, int64_t layer,
                              const torch::Tensor& cu_seqlens_q, const torch::Tensor& seq_lens,
-                             const torch::Tensor& block_tables, double scale, int64_t max_seqlen_q) {
+                             const torch::Tensor& block_tables, double scale, int64_t max_seqlen_q,
+                             bool invariant) {
   EPD_CHECK_CUDA(q);
   EPD_CHECK_SAME_DEVICE(out, q);
   EPD_CHECK_SAME_DEVICE(kv_arena, q);
@@ -102,6 +103,7 @@ void paged_attention_prefill(torch::Tensor& out, const torch::Tensor& q, const t
   p.log2_block_size = 0;
   while ((int64_t{1} << p.log2_block_size) < block_size) ++p.log2_block_size;
   p.max_seqlen_q = static_cast<int>(max_seqlen_q);
+  p.invariant = invariant ? 1 : 0;
   p.scale_log2 = static_cast<float>(scale * kLog2e);
   p.dtype = dtype;
   launch_paged_attention_prefill(p, current_stream(q));

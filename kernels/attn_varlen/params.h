@@ -25,6 +25,7 @@ struct PagedPrefillParams {
   int batch, num_heads, num_kv_heads, head_dim;
   int log2_block_size;
   int max_seqlen_q;  // host-side bound on cu_seqlens_q[i+1] - cu_seqlens_q[i]; sizes the grid
+  int invariant;     // 1: one tile shape whatever the grid (batch-invariant mode)
   float scale_log2;  // softmax scale * log2(e)
   DType dtype;
 };

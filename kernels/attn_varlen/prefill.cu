@@ -11,7 +11,8 @@ void launch_paged_attention_prefill(const PagedPrefillParams& p, cudaStream_t st
   const int64_t rows = static_cast<int64_t>(p.max_seqlen_q) * group;  // packed (query, head-in-group) rows
   // Large grids: 128 rows per CTA (4 warps x 32 rows; each K/V fragment feeds two row fragments).
   // Small grids (e.g. one 640-token prompt): 64 rows per CTA for more CTAs per SM. Host data only.
-  const bool large = fmha::grid_ctas(rows, 128, p.batch, p.num_kv_heads) >= 4 * fmha::num_sms();
+  // Batch-invariant mode: always 64, so a sequence's tiles never depend on what shares the batch.
+  const bool large = !p.invariant && fmha::grid_ctas(rows, 128, p.batch, p.num_kv_heads) >= 4 * fmha::num_sms();
   EPD_SWITCH_HALF_TYPES(p.dtype, [&] {
     EPD_SWITCH_HEAD_DIM(p.head_dim, [&] {
       using Paged = fmha::PagedProblem<scalar_t>;

@@ -42,11 +42,13 @@ def _silu_and_mul(y: torch.Tensor) -> torch.Tensor:
     return reference.silu_and_mul(y)
 
 
-def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x [..., K] @ w [N, K]^T -> [..., N] of x.dtype (no bias), fp32 accumulation.
+def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K] @ w [N, K]^T (+ bias) -> [..., N] of x.dtype, fp32 accumulation.
 
-    At most 8 rows of x (fp16 / bf16, K % 8 == 0, contiguous): the weight-streaming kernel; anything
-    else: F.linear. No host sync; graph-capturable."""
+    At most 8 rows of x (fp16 / bf16, K % 8 == 0, contiguous), no bias: the weight-streaming kernel;
+    anything else: F.linear. No host sync; graph-capturable."""
+    if bias is not None:
+        return F.linear(x, w, bias)
     rows = _kernel_rows(x, w)
     if rows < 0:
         return F.linear(x, w)
