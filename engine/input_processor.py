@@ -31,7 +31,7 @@ class InputProcessor:
         self.kv_blocks, self.mm_blocks = kv_blocks, mm_blocks
         self.tokenizer = Tokenizer(config.model, cfg)
         self.image_processor = image_processor_for(config.model, cfg) if cfg.vision else None
-        self._preprocessor = None  # made at the first preprocess: on a GPU where it can (stage_image_processor)
+        self._preprocessor = None  # stage_processor(): on a GPU where it can (stage_image_processor)
         self._lock, self._local = threading.Lock(), threading.local()
         self.pixel_cache = PixelCache(config.pixel_cache_bytes) if config.pixel_cache_bytes else None
         self._rng = random.Random(config.seed)
@@ -112,7 +112,7 @@ class InputProcessor:
         image_preprocess "auto") on the device, made on this thread's own CUDA stream and
         synchronized: the caller reads them on its stream (record_stream). Thread-safe: the
         image workers run it."""
-        processor = self._stage_processor()
+        processor = self.stage_processor()
 
         def make(which: list[int]) -> torch.Tensor:
             pixels, decoded = processor.preprocess_items([images[i] for i in which])
@@ -125,7 +125,9 @@ class InputProcessor:
             pixels = cached_pixels(make, counts, keys, self.pixel_cache if stream is None else None)
         return pixels
 
-    def _stage_processor(self):
+    def stage_processor(self):
+        """The image preprocessor (made once, thread-safe): on a GPU it warms nvjpeg when made,
+        which the aggregated engine does at start rather than in its first request."""
         with self._lock:
             if self._preprocessor is None:
                 self._preprocessor = stage_image_processor(self.config, self.cfg)

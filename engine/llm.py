@@ -50,6 +50,8 @@ class LLM:
         self.output_processor = OutputProcessor(self.tokenizer)
         self.engine = AggregatedEngine(self.runner, config, on_phase=self.output_processor.stamp)
         self.image_processor = self.input_processor.image_processor
+        if self.image_processor and self.runner.backend == "cuda":  # the GPU path's start-up (nvjpeg's warm-up)
+            self.input_processor.stage_processor()
         # images are decoded and preprocessed here, off the engine thread; a request waits in
         # _preprocessing (its clock running) until its pixels are ready, then joins the engine
         self._image_pool = (ThreadPoolExecutor(config.image_workers, thread_name_prefix="images")

@@ -167,7 +167,7 @@ def test_aggregated_engine_preprocesses_on_its_gpu(small_llava: Path) -> None:
         llm = LLM(small_llava, image_preprocess=pre, mm_cache=False, **kw)
         alone = [llm.generate([r], sp)[0].token_ids for r in reqs[:3]]
         together = [o.token_ids for o in llm.generate(reqs, sp)]
-        on_gpu = isinstance(llm.input_processor._stage_processor(), GpuImagePreprocessor)
+        on_gpu = isinstance(llm.input_processor.stage_processor(), GpuImagePreprocessor)
         assert on_gpu == (pre == "auto")
         outs[pre] = alone, together
         del llm
