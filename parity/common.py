@@ -31,6 +31,7 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--backend", default="torch")
     p.add_argument("--steps", type=int, default=32, help="decode steps")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--deterministic", action="store_true", help="our engine in batch-invariant mode")
     return p
 
 
@@ -60,7 +61,8 @@ def make_llm(args: argparse.Namespace, model_dir: Path, **kw) -> LLM:
     an MM arena for every item of the test requests at once (LLaVA-NeXT: up to 5 per image)."""
     kw.setdefault("kv_cache_tokens", 16384)
     kw.setdefault("max_images_per_batch", 16)
-    return LLM(model_dir, backend=args.backend, dtype=parse_dtype(args.dtype), device=args.device, **kw)
+    return LLM(model_dir, backend=args.backend, dtype=parse_dtype(args.dtype), device=args.device,
+               deterministic=getattr(args, "deterministic", False), **kw)
 
 
 def free_gpu() -> None:

@@ -97,6 +97,8 @@ fi
 if [[ " $STAGES " == *" determ "* ]]; then  # issue 16: batch-invariant mode: its GPU tests, its cost, EPD == aggregated
   llava7b
   stage pytest_deterministic python3 -m pytest -m gpu -q --tb=short -p no:cacheprovider tests/test_deterministic.py
+  stage parity_decode_7b_det python3 parity/decode.py --model /tmp/llava-7b --dtype bfloat16 --device cuda \
+    --backend cuda --steps 64 --deterministic
   for det in "" "--deterministic"; do
     stage "bench_decode${det:+_det}" python3 scripts/bench_decode.py --model /tmp/llava-7b --batches 1,8,32,128 \
       --multi-step 8 --steps 24 --no-hf $det
