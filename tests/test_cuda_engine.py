@@ -78,19 +78,6 @@ def test_cuda_backend_close_to_torch_backend(small_llama: Path) -> None:
     assert agree >= len(PROMPTS) - 1, (ours, ref)
 
 
-@pytest.fixture(scope="module")
-def small_llava(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A small LLaVA whose vision and text heads are 64 wide (kernels and graphs apply), bf16."""
-    from scripts.make_tiny_model import make_tiny_llava
-
-    if not _extension_built():
-        pytest.skip("kernels._epd_C is not built")
-    return make_tiny_llava(tmp_path_factory.mktemp("models") / "small-llava", dtype=torch.bfloat16,
-                           vision_sizes={"hidden_size": 128, "num_attention_heads": 2, "intermediate_size": 256},
-                           text_sizes={"hidden_size": 256, "num_attention_heads": 4, "num_key_value_heads": 4,
-                                       "intermediate_size": 512})
-
-
 def test_vision_graphs_equal_eager_encode(small_llava: Path) -> None:
     from engine import LLM, Request, SamplingParams
     from scripts.bench_offline import images

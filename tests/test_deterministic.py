@@ -2,8 +2,8 @@
 log-probabilities are bit-identical alone or in a batch, and EPD with two encoders equals the
 aggregated engine in bf16 (which, without it, differs: test_epd's GPU test says why).
 
-The CPU tests run the torch backend; the `gpu` ones the cuda backend on a model whose head dims the
-kernels take (decode graphs per batch bucket, the split-KV decode, the prefill tiles)."""
+The CPU tests run the torch backend; the `gpu` ones the cuda backend on conftest's small_llava, whose
+head dims the kernels take (decode graphs per batch bucket, the split-KV decode, the prefill tiles)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from PIL import Image
 
 from engine import LLM, Request, SamplingParams
 from engine.config import ConfigError, EngineConfig
-from kernels import reference
+from kernels import cuda_available, reference
 from kernels.invariant import ROWS, batch_invariant
 
 SP = SamplingParams(max_tokens=10, ignore_eos=True, logprobs=True, top_logprobs=3)
@@ -98,29 +98,6 @@ def test_epd_with_two_encoders_equals_aggregated_in_bf16(tiny_llava: Path) -> No
 # ----------------------------------------------------------------------------- the cuda backend
 
 
-def _gpu_ready() -> bool:
-    if not torch.cuda.is_available():
-        return False
-    try:
-        from kernels import _epd_C  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-@pytest.fixture(scope="module")
-def small_llava(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Vision and text heads 64 wide: the cuda kernels and graphs run, not the reference fallback."""
-    from scripts.make_tiny_model import make_tiny_llava
-
-    if not _gpu_ready():
-        pytest.skip("needs CUDA and kernels._epd_C")
-    return make_tiny_llava(tmp_path_factory.mktemp("models") / "small-llava", dtype=torch.bfloat16,
-                           vision_sizes={"hidden_size": 128, "num_attention_heads": 2, "intermediate_size": 256},
-                           text_sizes={"hidden_size": 256, "num_attention_heads": 4, "num_key_value_heads": 2,
-                                       "intermediate_size": 512})
-
-
 @pytest.mark.gpu
 def test_cuda_output_does_not_depend_on_the_batch_or_the_graph_bucket(small_llava: Path) -> None:
     llm = LLM(small_llava, backend="cuda", device="cuda", dtype="bfloat16", deterministic=True,
@@ -144,7 +121,7 @@ def test_cuda_epd_with_two_encoders_equals_aggregated(small_llava: Path) -> None
 def test_invariant_decode_attention_ignores_batch_and_table_width() -> None:
     """The split-KV decode with invariant=True: one sequence's output alone, in a batch of 9, and
     with a block table twice as wide is bit-identical (without it the split count follows both)."""
-    if not _gpu_ready():
+    if not cuda_available():
         pytest.skip("needs CUDA and kernels._epd_C")
     from kernels.attn_varlen import paged_attention_decode
 
