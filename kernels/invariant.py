@@ -27,7 +27,7 @@ import types
 import torch
 import torch.nn.functional as F
 
-ROWS = 64  # rows of every GEMM call in batch-invariant mode
+ROWS = 128  # rows of every GEMM call here; cuBLAS at 128 rows costs what 64 cost (docs/benchmarks.md)
 
 
 def batch_invariant(ops: types.ModuleType) -> types.ModuleType:
