@@ -132,12 +132,15 @@ def test_invariant_decode_attention_ignores_batch_and_table_width() -> None:
     q = torch.randn(9, 8, d, device="cuda", generator=gen).to(torch.bfloat16)
     lens = torch.tensor([1500, 17, 640, 1, 900, 33, 2047, 512, 300], dtype=torch.int32, device="cuda")
     table = torch.randperm(blocks, device="cuda", generator=gen)[: 9 * 128].view(9, 128).to(torch.int32)
+    # the same sequence over 4, 8 and 12 splits of 512 tokens (tables 1x, 2x, 3x as wide): same bits
     wide = torch.cat([table, torch.zeros_like(table)], dim=1)
+    wider = torch.cat([table, torch.zeros_like(table), torch.zeros_like(table)], dim=1)
     batch = paged_attention_decode(q, arena, 0, lens, table, d**-0.5, invariant=True)
     for i in range(9):
         one = paged_attention_decode(q[i: i + 1], arena, 0, lens[i: i + 1], table[i: i + 1], d**-0.5, invariant=True)
         assert torch.equal(one, batch[i: i + 1]), i
-        w1 = paged_attention_decode(q[i: i + 1], arena, 0, lens[i: i + 1], wide[i: i + 1], d**-0.5, invariant=True)
-        assert torch.equal(w1, batch[i: i + 1]), i
+        for t in (wide, wider):
+            w1 = paged_attention_decode(q[i: i + 1], arena, 0, lens[i: i + 1], t[i: i + 1], d**-0.5, invariant=True)
+            assert torch.equal(w1, batch[i: i + 1]), (i, t.shape)
     ref = reference.paged_attention_decode(q, arena, 0, lens, table, d**-0.5)
     assert (batch.float() - ref.float()).abs().max().item() < 2e-2
