@@ -13,7 +13,9 @@
 # GPU time per image by kernel: scripts/profile_encoder.py); burst (the 1080p burst BURST_RUNS times per
 # placement of BURST_PLACEMENTS, '|'-separated, with timelines); jpegtest (preprocessing GPU tests);
 # noregress (bench_epd on this tree vs an earlier one in BASE_TREE, alternating, twice); determ (batch-invariant
-# mode: tests/test_deterministic.py on the GPU, bench_decode with and without it, bench_epd with it).
+# mode: tests/test_deterministic.py on the GPU, bench_decode with and without it, bench_epd with it); gemvab
+# (EPD_GEMV_PIPELINE 0/1: GEMV tests under both, kernel bench and bench_decode alternating; then
+# EPD_DECODE_CTAS_PER_SM 1/2/4 at batch 1-4).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/device_out}
@@ -92,6 +94,29 @@ if [[ " $STAGES " == *" abpen "* ]]; then  # same-run A/B: decode graphs with an
       echo "penalty ops $variant, round $round:" >> "$SUMMARY"
       grep -h "^| [0-9]" "$OUT/bench_decode_${variant}_pen_$round.log" >> "$SUMMARY"
     done
+  done
+fi
+if [[ " $STAGES " == *" gemvab "* ]]; then  # issue 16: the pipelined GEMV variant and decode-attention splits, A/B
+  llava7b
+  stage pytest_gemv python3 -m pytest -m gpu -q --tb=short -p no:cacheprovider tests/test_kernels_gemv.py
+  EPD_GEMV_PIPELINE=1 stage pytest_gemv_pipelined python3 -m pytest -m gpu -q --tb=short -p no:cacheprovider \
+    tests/test_kernels_gemv.py -k "not pipelined"
+  for on in 0 1; do
+    EPD_GEMV_PIPELINE=$on stage "bench_gemv_pipeline$on" python3 -m kernels.gemv.bench
+    echo "kernels.gemv.bench, EPD_GEMV_PIPELINE=$on:" >> "$SUMMARY"; grep -h "linear\|gate_up" "$OUT/bench_gemv_pipeline$on.log" >> "$SUMMARY"
+  done
+  for round in 1 2; do
+    for on in 0 1; do
+      EPD_GEMV_PIPELINE=$on stage "bench_decode_pipeline${on}_$round" python3 scripts/bench_decode.py \
+        --model /tmp/llava-7b --batches 1,8,32 --multi-step 8 --steps 24 --no-hf
+      echo "EPD_GEMV_PIPELINE=$on, round $round:" >> "$SUMMARY"
+      grep -h "^| [0-9]" "$OUT/bench_decode_pipeline${on}_$round.log" >> "$SUMMARY"
+    done
+  done
+  for n in 1 2 4 1; do
+    EPD_DECODE_CTAS_PER_SM=$n stage "bench_decode_splits$n" python3 scripts/bench_decode.py --model /tmp/llava-7b \
+      --batches 1,2,4 --multi-step 8 --steps 24 --no-hf
+    echo "EPD_DECODE_CTAS_PER_SM=$n:" >> "$SUMMARY"; grep -h "^| [0-9]" "$OUT/bench_decode_splits$n.log" >> "$SUMMARY"
   done
 fi
 if [[ " $STAGES " == *" determ "* ]]; then  # issue 16: batch-invariant mode: its GPU tests, its cost, EPD == aggregated

@@ -20,6 +20,7 @@
 //   * tokens g >= M load zeros and their output columns are dropped, so M needs no template.
 // Every row's sum is formed in the same order whatever the tiling (chunks in order inside a warp's
 // slice, slices in warp order), so gate_up_silu's g and u equal linear's outputs bit for bit.
+#include <cstdlib>
 #include <type_traits>
 
 #include "kernels/common.cuh"
@@ -96,7 +97,10 @@ __device__ __forceinline__ void mma_chunk(float (&c)[4], const uint4& lo, const 
 // Gate-up: tile rows 0-7 are gate rows blockIdx.x * 8 + [0, 8) and rows 8-15 the up rows I further, so
 // lane l's accumulators hold gate (e = 0, 1) and up (e = 2, 3) of one output column and the
 // epilogue needs no exchange; columns >= I masked. `rows` = N or 2I.
-template <typename T, bool kGateUp>
+// kPipelined (an A/B variant, EPD_GEMV_PIPELINE=1): the next step's loads are issued before this
+// step's MMAs (two register buffers, ~115 registers: 2 CTAs per SM instead of 3), so a warp always
+// has a step of weights in flight; the MMAs run in the same order, so the bits are the same.
+template <typename T, bool kGateUp, bool kPipelined>
 __global__ void __launch_bounds__(kThreads, 2)
     gemv_kernel(T* __restrict__ out, const T* __restrict__ x, const T* __restrict__ w, int m, int64_t rows, int k) {
   constexpr int kChunks = kLoadsPerLane / 2;  // chunks loaded per step (two 16-byte loads of w each)
@@ -131,9 +135,8 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int c_end = min(num_chunks, c_begin + per_warp);
 
   float acc[4] = {0.f, 0.f, 0.f, 0.f};
-  for (int c0 = c_begin; c0 < c_end; c0 += kChunks) {
-    uint4 wv[kChunks][2];
-    uint4 xv[kChunks];
+  // One step: the loads of chunks c0 .. c0 + kChunks - 1 (none past the slice), then their MMAs.
+  auto load_step = [&](uint4 (&wv)[kChunks][2], uint4 (&xv)[kChunks], int c0) {
 #pragma unroll
     for (int u = 0; u < kChunks; ++u) {
       const int col = (c0 + u) * kChunkK;  // + 8t is in the pointers
@@ -142,9 +145,28 @@ __global__ void __launch_bounds__(kThreads, 2)
       for (int h = 0; h < 2; ++h) wv[u][h] = load_stream(wp[h] + col, k_ok && row_ok[h]);
       xv[u] = load_cached(xp + col, k_ok && x_ok);
     }
+  };
+  auto mma_step = [&](const uint4 (&wv)[kChunks][2], const uint4 (&xv)[kChunks], int c0) {
 #pragma unroll
     for (int u = 0; u < kChunks; ++u) {
       if (c0 + u < c_end) mma_chunk<T>(acc, wv[u][0], wv[u][1], xv[u]);  // warp-uniform: no +0 past the slice
+    }
+  };
+  if constexpr (kPipelined) {
+    uint4 wa[kChunks][2], xa[kChunks], wb[kChunks][2], xb[kChunks];
+    load_step(wa, xa, c_begin);
+    for (int c0 = c_begin; c0 < c_end; c0 += 2 * kChunks) {
+      load_step(wb, xb, c0 + kChunks);  // predicated off past the slice
+      mma_step(wa, xa, c0);
+      load_step(wa, xa, c0 + 2 * kChunks);
+      mma_step(wb, xb, c0 + kChunks);
+    }
+  } else {
+    for (int c0 = c_begin; c0 < c_end; c0 += kChunks) {
+      uint4 wv[kChunks][2];
+      uint4 xv[kChunks];
+      load_step(wv, xv, c0);
+      mma_step(wv, xv, c0);
     }
   }
 
@@ -178,10 +200,20 @@ __global__ void __launch_bounds__(kThreads, 2)
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// EPD_GEMV_PIPELINE=1 runs the kPipelined variant (an A/B switch, read once; the same bits).
+bool pipelined() {
+  static const bool on = [] {
+    const char* v = std::getenv("EPD_GEMV_PIPELINE");
+    return v != nullptr && v[0] == '1';
+  }();
+  return on;
+}
+
 template <bool kGateUp>
 void launch(const GemvParams& p, int64_t ctas, cudaStream_t stream) {
   EPD_SWITCH_HALF_TYPES(p.dtype, [&] {
-    gemv_kernel<scalar_t, kGateUp><<<static_cast<unsigned>(ctas), kThreads, 0, stream>>>(
+    auto kernel = pipelined() ? gemv_kernel<scalar_t, kGateUp, true> : gemv_kernel<scalar_t, kGateUp, false>;
+    kernel<<<static_cast<unsigned>(ctas), kThreads, 0, stream>>>(
         static_cast<scalar_t*>(p.out), static_cast<const scalar_t*>(p.x), static_cast<const scalar_t*>(p.w), p.m,
         p.rows, static_cast<int>(p.k));
   });
