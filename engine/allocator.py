@@ -12,10 +12,12 @@ Policy, evaluated every `interval_s`:
    the requests decode has no slot for, and waits for its blocks. Its pressure then counts as
    decode's (decode's is raised to it, prefill's is 0: blocked, it needs no instance), so an
    instance goes to decode, not to a prefill that would only queue more (seen on the CPU:
-   prefill pressure 27 behind 64 full decode slots). Not done for encoders: a full MM arena (mm_full) is also the
-   normal state of a busy encoder whose arena holds two batches (the CPU's), so it does not tell
-   a blocked encoder from a saturated one. On the CPU the encoders looked busy for 48 s while a
-   KV-bound prefill held their embeddings, and no donor was found until then.
+   prefill pressure 27 behind 64 full decode slots). Then the encoders too, if their MM arena is
+   full (mm_full): a prefill that admits no request reads no embeddings, so the encoders wait on it
+   and their queue is decode's as well (on the CPU they looked busy for 48 s while a KV-bound
+   prefill held their embeddings, and no donor was found until then). A full MM arena alone is
+   not enough: it is also the normal state of a busy encoder whose arena holds two batches (the
+   CPU's), so it does not tell a blocked encoder from a saturated one unless the prefill is blocked.
    Utilization alone would call a stage that is busy but well within its budget hot; a wait
    alone misses a stage that answers at once but never rests.
 2. The hottest kind with pressure >= high is the receiver; the donor is the coolest other kind
@@ -98,6 +100,8 @@ class Allocator:
                 out[kind] = round(max(k["utilization"], wait), 3)
         if decode_full and "prefill" in out:  # blocked: its queue is decode's
             out["decode"], out["prefill"] = max(out["decode"], out["prefill"]), 0.0
+            if kinds.get("encode", {}).get("mm_full"):  # and the encoders wait on that prefill
+                out["decode"], out["encode"] = max(out["decode"], out["encode"]), 0.0
         return out
 
     def switched(self, decision: Decision, seconds: float, now: float) -> None:

@@ -233,3 +233,25 @@ def test_a_full_prefill_kv_arena_calls_for_decode_and_is_shown() -> None:
     d = Allocator(AllocatorPolicy(confirm=1)).evaluate(s, 0.0)
     assert d is not None and (d.from_kind, d.to_kind) == ("encode", "decode")
 
+
+
+def test_encoders_waiting_on_a_blocked_prefill_are_a_donor() -> None:
+    """The seed's offline case on the CPU: the prefill's KV arena is full (decode has no room for
+    its requests) and the encoders' MM arenas are full of embeddings it has not read, so they look
+    busy. Their pressure is then decode's, and an encoder goes to decode at once, instead of ~60 s
+    later when they drain; with the prefill not blocked, a full MM arena changes nothing."""
+    s = _snapshot(encode=1.0, prefill=0.3, decode_step=0.01, n={"encode": 2, "prefill": 1})
+    s["kinds"]["encode"]["predicted_wait_s"] = 12.0
+    s["kinds"]["encode"]["mm_full"] = True
+    s["kinds"]["prefill"]["predicted_wait_s"] = 5.0
+    s["kinds"]["prefill"]["kv_full"] = True
+    a = Allocator(AllocatorPolicy(confirm=1))
+    pressures = a.pressures(s)
+    assert pressures["encode"] == 0.0 and pressures["prefill"] == 0.0 and pressures["decode"] > 20
+    d = a.evaluate(s, 0.0)
+    assert d is not None and (d.from_kind, d.to_kind) == ("encode", "decode") and d.stage == "encode0"
+    s["kinds"]["prefill"]["kv_full"] = False  # the prefill takes requests: the encoders are really busy
+    s["kinds"]["prefill"]["predicted_wait_s"] = 0.0
+    assert Allocator(AllocatorPolicy(confirm=1)).pressures(s)["encode"] > 20
+    s["kinds"]["prefill"]["kv_full"], s["kinds"]["encode"]["mm_full"] = True, False  # encoders not full
+    assert Allocator(AllocatorPolicy(confirm=1)).pressures(s)["encode"] > 20
