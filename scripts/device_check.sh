@@ -14,7 +14,7 @@
 # placement of BURST_PLACEMENTS, '|'-separated, with timelines); jpegtest (preprocessing GPU tests);
 # noregress (bench_epd on this tree vs an earlier one in BASE_TREE, alternating, twice); determ (batch-invariant
 # mode: tests/test_deterministic.py on the GPU, bench_decode with and without it, bench_epd with it); gemvab
-# (EPD_GEMV_PIPELINE 0/1: GEMV tests under both, kernel bench and bench_decode alternating; then
+# (EPD_GEMV_PIPELINE 0/1/2: GEMV tests under each, kernel bench and bench_decode alternating; then
 # EPD_DECODE_CTAS_PER_SM 1/2/4 at batch 1-4).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -99,14 +99,16 @@ fi
 if [[ " $STAGES " == *" gemvab "* ]]; then  # issue 16: the pipelined GEMV variant and decode-attention splits, A/B
   llava7b
   stage pytest_gemv python3 -m pytest -m gpu -q --tb=short -p no:cacheprovider tests/test_kernels_gemv.py
-  EPD_GEMV_PIPELINE=1 stage pytest_gemv_pipelined python3 -m pytest -m gpu -q --tb=short -p no:cacheprovider \
-    tests/test_kernels_gemv.py -k "not pipelined"
-  for on in 0 1; do
+  for v in 1 2; do
+    EPD_GEMV_PIPELINE=$v stage "pytest_gemv_variant$v" python3 -m pytest -m gpu -q --tb=short -p no:cacheprovider \
+      tests/test_kernels_gemv.py -k "not pipelined"
+  done
+  for on in 0 1 2; do
     EPD_GEMV_PIPELINE=$on stage "bench_gemv_pipeline$on" python3 -m kernels.gemv.bench
     echo "kernels.gemv.bench, EPD_GEMV_PIPELINE=$on:" >> "$SUMMARY"; grep -h "linear\|gate_up" "$OUT/bench_gemv_pipeline$on.log" >> "$SUMMARY"
   done
   for round in 1 2; do
-    for on in 0 1; do
+    for on in 0 1 2; do
       EPD_GEMV_PIPELINE=$on stage "bench_decode_pipeline${on}_$round" python3 scripts/bench_decode.py \
         --model /tmp/llava-7b --batches 1,8,32 --multi-step 8 --steps 24 --no-hf
       echo "EPD_GEMV_PIPELINE=$on, round $round:" >> "$SUMMARY"

@@ -270,16 +270,18 @@ def _pipeline_case_outputs() -> list[torch.Tensor]:
 
 
 @gpu
-def test_pipelined_variant_gives_the_same_bits(tmp_path: Path) -> None:
-    """EPD_GEMV_PIPELINE=1 (next step's loads before this step's MMAs, an A/B variant) runs the MMAs
-    in the same order: linear and gate_up_silu give the default kernel's bits (odd and even step
-    counts, partial slices, M from 1 to 8)."""
+@pytest.mark.parametrize("variant", ["1", "2"])
+def test_pipelined_variants_give_the_same_bits(variant: str, tmp_path: Path) -> None:
+    """EPD_GEMV_PIPELINE=1 (next step's loads before this step's MMAs) and 2 (that, persistent over
+    the tiles), A/B variants, run the MMAs in the same order: linear and gate_up_silu give the
+    default kernel's bits (odd and even step counts, partial slices, more tiles than CTAs, M 1-8)."""
     ours = _pipeline_case_outputs()
     saved = tmp_path / "pipelined.pt"
     root, here = str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)
     code = (f"import sys, torch; sys.path.insert(0, {root!r}); sys.path.insert(0, {here!r}); "
             f"import test_kernels_gemv as t; torch.save(t._pipeline_case_outputs(), {str(saved)!r})")
-    subprocess.run([sys.executable, "-c", code], check=True, timeout=300, env={**os.environ, "EPD_GEMV_PIPELINE": "1"})
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300,
+                   env={**os.environ, "EPD_GEMV_PIPELINE": variant})
     for i, (a, b) in enumerate(zip(ours, torch.load(saved), strict=True)):
         assert torch.equal(a, b), f"case {_PIPELINE_CASES[i // 2]} ({'gate_up' if i % 2 else 'linear'}) differs"
 
