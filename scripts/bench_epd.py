@@ -349,6 +349,20 @@ def main(argv: list[str] | None = None) -> None:
                         for o in results[modes[0]][0][i].outs])
         print(f"encode share of TTFT (queue + preprocess + encode), p50, {w.size}, {modes[0]}: {share * 1e3:.1f} ms")
 
+    print("\nidle-engine TTFT (the check requests one at a time, first pass: fresh images; counted from "
+          "arrival, preprocessing included; ms):")
+    print("| engine | image_preprocess | image size | prompt tokens | TTFT p50 | min | queue | preprocess | tower | "
+          "wait | prefill (incl. hand-off) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for pre, (epd_runs, agg_runs) in results.items():
+        for w, e, a in zip(workloads, epd_runs, agg_runs):
+            for label, outs in ((f"{args.mode} {args.placement}", e.alone), (f"aggregated {p_dev}", a.alone)):
+                cells = [median([o.ttft_breakdown.get(k, 0.0) for o in outs]) * 1e3
+                         for k in ("queue_s", "preprocess_s", "encode_s", "wait_s", "prefill_s")]
+                ttfts = [o.ttft_s * 1e3 for o in outs]
+                print(f"| {label} | {pre} | {w.size} | {median([len(o.prompt_token_ids) for o in outs]):.0f} | "
+                      f"{median(ttfts):.1f} | {min(ttfts):.1f} | " + " | ".join(f"{c:.1f}" for c in cells) + " |")
+
     print("\n| hand-off (median per request) | image size | when | bytes | ms | GB/s | ceiling GB/s | % |")
     print("|---|---|---|---|---|---|---|---|")
     for w, run in zip(workloads, results[modes[0]][0]):

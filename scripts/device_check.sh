@@ -15,7 +15,8 @@
 # noregress (bench_epd on this tree vs an earlier one in BASE_TREE, alternating, twice); determ (batch-invariant
 # mode: tests/test_deterministic.py on the GPU, bench_decode with and without it, bench_epd with it); gemvab
 # (EPD_GEMV_PIPELINE 0/1/2: GEMV tests under each, kernel bench and bench_decode alternating; then
-# EPD_DECODE_CTAS_PER_SM 1/2/4 at batch 1-4).
+# EPD_DECODE_CTAS_PER_SM 1/2/4 at batch 1-4); ttft (idle-engine TTFT of one fresh 336x336 PNG in epd, pd and
+# aggregated: bench_epd's one-at-a-time pass).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/device_out}
@@ -119,6 +120,16 @@ if [[ " $STAGES " == *" gemvab "* ]]; then  # issue 16: the pipelined GEMV varia
     EPD_DECODE_CTAS_PER_SM=$n stage "bench_decode_splits$n" python3 scripts/bench_decode.py --model /tmp/llava-7b \
       --batches 1,2,4 --multi-step 8 --steps 24 --no-hf
     echo "EPD_DECODE_CTAS_PER_SM=$n:" >> "$SUMMARY"; grep -h "^| [0-9]" "$OUT/bench_decode_splits$n.log" >> "$SUMMARY"
+  done
+fi
+if [[ " $STAGES " == *" ttft "* ]]; then  # issue 16: idle-engine TTFT, 1 fresh 336x336 PNG, from arrival, every mode
+  llava7b
+  for mode in epd pd; do
+    stage "bench_epd_ttft_$mode" python3 scripts/bench_epd.py --model /tmp/llava-7b --mode "$mode" \
+      --placement "$([[ $mode == pd ]] && echo 'P:0 D:0' || echo 'E:0 P:0 D:0')" --requests 8 --check-requests 8 \
+      --max-tokens 8
+    echo "idle TTFT, $mode:" >> "$SUMMARY"
+    grep -h -A4 "^idle-engine TTFT" "$OUT/bench_epd_ttft_$mode.log" | grep "^| [a-z]" >> "$SUMMARY"
   done
 fi
 if [[ " $STAGES " == *" determ "* ]]; then  # issue 16: batch-invariant mode: its GPU tests, its cost, EPD == aggregated
