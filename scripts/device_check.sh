@@ -16,7 +16,10 @@
 # mode: tests/test_deterministic.py on the GPU, bench_decode with and without it, bench_epd with it); gemvab
 # (EPD_GEMV_PIPELINE 0/1/2: GEMV tests under each, kernel bench and bench_decode alternating; then
 # EPD_DECODE_CTAS_PER_SM 1/2/4 at batch 1-4); ttft (idle-engine TTFT of one fresh 336x336 PNG in epd, pd and
-# aggregated: bench_epd's one-at-a-time pass).
+# aggregated: bench_epd's one-at-a-time pass). Older A/Bs kept for reruns: abpen (decode graphs with and
+# without the penalty ops), prebench (with image: bench_preprocess), onecheck (with image: the token check
+# with one encoder), batchab (1080p bursts, encoder batches of 16 then 8), timeline (1080p bursts with
+# stamps, layer yields on / off / on).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/device_out}
