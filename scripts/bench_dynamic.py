@@ -99,7 +99,8 @@ def main(argv: list[str] | None = None) -> None:
         for d in r["decisions"]:
             print(f"{r['label']}: t={d['t_s']:.1f}s {d['stage']} -> {d['to']}: {d['reason']}"
                   + (f"; refused: {d['refused']}" if "refused" in d else "")
-                  + (f"; serves as {d['new_stage']} after {d['seconds']:.2f} s" if "new_stage" in d else ""))
+                  + (f"; serves as {d['new_stage']} after {d['seconds']:.2f} s (drain {d.get('drain_s', 0):.2f} s)"
+                     if "new_stage" in d else ""))
     sys.exit(0 if all(r["failed"] == 0 for r in rows) else 1)
 
 
