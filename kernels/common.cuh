@@ -1,4 +1,4 @@
-// Shared device helpers for every kernel family: dtype traits, 16-byte vectors, dispatch macros.
+// Shared helpers for every kernel family: dtype traits, 16-byte vectors, dispatch macros, the SM count.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -32,6 +32,20 @@ template <typename T> struct alignas(16) Vec16 {
   static constexpr int N = 16 / sizeof(T);
   T v[N];
 };
+
+// Multiprocessors of the current device (host; cached per device).
+inline int num_sms() {
+  static int cached[64] = {};
+  int dev = 0;
+  cudaGetDevice(&dev);
+  if (dev < 0 || dev >= 64) return 132;
+  if (cached[dev] == 0) {
+    int n = 0;
+    cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev);
+    cached[dev] = n > 0 ? n : 132;
+  }
+  return cached[dev];
+}
 
 #ifdef __CUDACC__  // device intrinsics: not seen by the host compiler (ops.cpp files)
 __device__ __forceinline__ float warp_sum(float x) {

@@ -234,7 +234,6 @@ def test_a_full_prefill_kv_arena_calls_for_decode_and_is_shown() -> None:
     assert d is not None and (d.from_kind, d.to_kind) == ("encode", "decode")
 
 
-
 def test_encoders_waiting_on_a_blocked_prefill_are_a_donor() -> None:
     """The seed's offline case on the CPU: the prefill's KV arena is full (decode has no room for
     its requests) and the encoders' MM arenas are full of embeddings it has not read, so they look

@@ -9,7 +9,7 @@ namespace epd {
 void launch_attention_dense(const DenseAttnParams& p, cudaStream_t stream) {
   // Same tile choice as prefill: 128 rows per CTA (4 warps x 32 rows) for large grids (16 images),
   // 64 rows per CTA for small ones (one image: 10 x 16 CTAs).
-  const bool large = fmha::grid_ctas(p.seqlen, 128, p.batch, p.num_heads) >= 4 * fmha::num_sms();
+  const bool large = fmha::grid_ctas(p.seqlen, 128, p.batch, p.num_heads) >= 4 * num_sms();
   EPD_SWITCH_HALF_TYPES(p.dtype, [&] {
     EPD_SWITCH_HEAD_DIM(p.head_dim, [&] {
       using Dense = fmha::DenseProblem<scalar_t>;

@@ -479,20 +479,6 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
   }
 }
 
-// Multiprocessors of the current device (host; cached per device).
-inline int num_sms() {
-  static int cached[64] = {};
-  int dev = 0;
-  cudaGetDevice(&dev);
-  if (dev < 0 || dev >= 64) return 132;
-  if (cached[dev] == 0) {
-    int n = 0;
-    cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev);
-    cached[dev] = n > 0 ? n : 132;
-  }
-  return cached[dev];
-}
-
 // CTAs of a grid with block_m rows per CTA.
 inline int64_t grid_ctas(int64_t rows, int block_m, int grid_y, int grid_z) {
   return (rows + block_m - 1) / block_m * grid_y * grid_z;

@@ -12,7 +12,7 @@ void launch_paged_attention_prefill(const PagedPrefillParams& p, cudaStream_t st
   // Large grids: 128 rows per CTA (4 warps x 32 rows; each K/V fragment feeds two row fragments).
   // Small grids (e.g. one 640-token prompt): 64 rows per CTA for more CTAs per SM. Host data only.
   // Batch-invariant mode: always 64, so a sequence's tiles never depend on what shares the batch.
-  const bool large = !p.invariant && fmha::grid_ctas(rows, 128, p.batch, p.num_kv_heads) >= 4 * fmha::num_sms();
+  const bool large = !p.invariant && fmha::grid_ctas(rows, 128, p.batch, p.num_kv_heads) >= 4 * num_sms();
   EPD_SWITCH_HALF_TYPES(p.dtype, [&] {
     EPD_SWITCH_HEAD_DIM(p.head_dim, [&] {
       using Paged = fmha::PagedProblem<scalar_t>;

@@ -251,17 +251,6 @@ int variant() {
   return v;
 }
 
-int sm_count() {  // of the current device, read once per device
-  static int counts[64] = {};
-  int device = 0;
-  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= 64) return 132;
-  if (counts[device] == 0) {
-    int n = 0;
-    counts[device] = cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device) == cudaSuccess && n > 0 ? n : 132;
-  }
-  return counts[device];
-}
-
 template <bool kGateUp>
 void launch(const GemvParams& p, int64_t tiles, cudaStream_t stream) {
   EPD_SWITCH_HALF_TYPES(p.dtype, [&] {
@@ -269,7 +258,7 @@ void launch(const GemvParams& p, int64_t tiles, cudaStream_t stream) {
     auto kernel = v == 2   ? gemv_kernel<scalar_t, kGateUp, 2>
                   : v == 1 ? gemv_kernel<scalar_t, kGateUp, 1>
                            : gemv_kernel<scalar_t, kGateUp, 0>;
-    const int64_t ctas = v == 2 ? std::min<int64_t>(tiles, 2 * int64_t{sm_count()}) : tiles;
+    const int64_t ctas = v == 2 ? std::min<int64_t>(tiles, 2 * int64_t{num_sms()}) : tiles;
     kernel<<<static_cast<unsigned>(ctas), kThreads, 0, stream>>>(
         static_cast<scalar_t*>(p.out), static_cast<const scalar_t*>(p.x), static_cast<const scalar_t*>(p.w), p.m,
         p.rows, static_cast<int>(p.k), tiles);
