@@ -13,9 +13,8 @@
 # GPU time per image by kernel: scripts/profile_encoder.py); burst (the 1080p burst BURST_RUNS times per
 # placement of BURST_PLACEMENTS, '|'-separated, with timelines); jpegtest (preprocessing GPU tests);
 # noregress (bench_epd on this tree vs an earlier one in BASE_TREE, alternating, twice); determ (batch-invariant
-# mode: tests/test_deterministic.py on the GPU, bench_decode with and without it, bench_epd with it); gemvab
-# (EPD_GEMV_PIPELINE 0/1/2: GEMV tests under each, kernel bench and bench_decode alternating; then
-# EPD_DECODE_CTAS_PER_SM 1/2/4 at batch 1-4); ttft (idle-engine TTFT of one fresh 336x336 PNG in epd, pd and
+# mode: tests/test_deterministic.py on the GPU, bench_decode with and without it, bench_epd with it);
+# ttft (idle-engine TTFT of one fresh 336x336 PNG in epd, pd and
 # aggregated: bench_epd's one-at-a-time pass). Older A/Bs kept for reruns: abpen (decode graphs with and
 # without the penalty ops), prebench (with image: bench_preprocess), onecheck (with image: the token check
 # with one encoder), batchab (1080p bursts, encoder batches of 16 then 8), timeline (1080p bursts with
@@ -98,31 +97,6 @@ if [[ " $STAGES " == *" abpen "* ]]; then  # same-run A/B: decode graphs with an
       echo "penalty ops $variant, round $round:" >> "$SUMMARY"
       grep -h "^| [0-9]" "$OUT/bench_decode_${variant}_pen_$round.log" >> "$SUMMARY"
     done
-  done
-fi
-if [[ " $STAGES " == *" gemvab "* ]]; then  # issue 16: the pipelined GEMV variant and decode-attention splits, A/B
-  llava7b
-  stage pytest_gemv python3 -m pytest -m gpu -q --tb=short -p no:cacheprovider tests/test_kernels_gemv.py
-  for v in 1 2; do
-    EPD_GEMV_PIPELINE=$v stage "pytest_gemv_variant$v" python3 -m pytest -m gpu -q --tb=short -p no:cacheprovider \
-      tests/test_kernels_gemv.py -k "not pipelined"
-  done
-  for on in 0 1 2; do
-    EPD_GEMV_PIPELINE=$on stage "bench_gemv_pipeline$on" python3 -m kernels.gemv.bench
-    echo "kernels.gemv.bench, EPD_GEMV_PIPELINE=$on:" >> "$SUMMARY"; grep -h "linear\|gate_up" "$OUT/bench_gemv_pipeline$on.log" >> "$SUMMARY"
-  done
-  for round in 1 2; do
-    for on in 0 1 2; do
-      EPD_GEMV_PIPELINE=$on stage "bench_decode_pipeline${on}_$round" python3 scripts/bench_decode.py \
-        --model /tmp/llava-7b --batches 1,8,32 --multi-step 8 --steps 24 --no-hf
-      echo "EPD_GEMV_PIPELINE=$on, round $round:" >> "$SUMMARY"
-      grep -h "^| [0-9]" "$OUT/bench_decode_pipeline${on}_$round.log" >> "$SUMMARY"
-    done
-  done
-  for n in 1 2 4 1; do
-    EPD_DECODE_CTAS_PER_SM=$n stage "bench_decode_splits$n" python3 scripts/bench_decode.py --model /tmp/llava-7b \
-      --batches 1,2,4 --multi-step 8 --steps 24 --no-hf
-    echo "EPD_DECODE_CTAS_PER_SM=$n:" >> "$SUMMARY"; grep -h "^| [0-9]" "$OUT/bench_decode_splits$n.log" >> "$SUMMARY"
   done
 fi
 if [[ " $STAGES " == *" ttft "* ]]; then  # issue 16: idle-engine TTFT, 1 fresh 336x336 PNG, from arrival, every mode

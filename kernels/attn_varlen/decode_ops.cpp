@@ -2,7 +2,6 @@
 #include <algorithm>
 #include <array>
 #include <atomic>
-#include <cstdlib>
 
 #include "kernels/attn_varlen/decode_ops.h"
 #include "kernels/attn_varlen/decode_params.h"
@@ -35,21 +34,14 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // The block-table slice one split keeps in shared memory stays below this many entries.
 constexpr int64_t kMaxBtEntries = 1024;
-// Split until the grid has a CTA per multiprocessor. Each CTA keeps 2-3 tiles (32-48 KB) of K/V in
-// flight, enough to saturate HBM with one CTA per SM; measured on H100 (B=8 x 2048, 32 heads), aiming
-// for 2 or 4 per SM only added splits (a reduction pass, partial fills) and ran 3-8% slower.
+// Split until the grid has a CTA per multiprocessor, two where the batch alone fills fewer than one
+// per SM. Each CTA keeps 2-3 tiles (32-48 KB) of K/V in flight, enough to saturate HBM with one CTA per
+// SM; measured on H100 (B=8 x 2048, 32 heads), aiming for 2 or 4 per SM there only added splits (a
+// reduction pass, partial fills) and ran 3-8% slower. Small batches are the other case: a sequence's
+// few splits of a few tiles each leave the memory idle (H200, 7B, ctx 640, 8-step graphs, session 15:
+// 2 per SM ran batch 1 in 4.106 ms vs 4.139-4.188 with 1 or 4, batch 2 4.201 vs 4.250-4.291).
 constexpr int64_t kTargetCtasPerSm = 1;
-// EPD_DECODE_CTAS_PER_SM (1-8, default kTargetCtasPerSm): an A/B switch for small batches, where a
-// sequence's 2-5 splits of a few tiles each leave the copy engines idle (H200, batch 1, ctx 640:
-// 0.20 ms of attention per step for 0.08 ms of bytes). Read once.
-int64_t target_ctas_per_sm() {
-  static const int64_t n = [] {
-    const char* v = std::getenv("EPD_DECODE_CTAS_PER_SM");
-    const long parsed = v == nullptr ? 0 : std::strtol(v, nullptr, 10);
-    return parsed >= 1 && parsed <= 8 ? static_cast<int64_t>(parsed) : kTargetCtasPerSm;
-  }();
-  return n;
-}
+constexpr int64_t kSmallBatchCtasPerSm = 2;
 // Don't cut a split below this many tiles of capacity: each split pays a pipeline fill.
 constexpr int64_t kMinTilesPerSplit = 2;
 
@@ -57,7 +49,8 @@ constexpr int64_t kMinTilesPerSplit = 2;
 // bounded by the table's capacity in tiles; and at least enough that a split's block-table slice fits.
 int choose_num_splits(int64_t ctas, int64_t cap_tokens, int64_t block_size, int num_sms) {
   const int64_t cap_tiles = ceil_div(cap_tokens, kDecodeTileTokens);
-  int64_t splits = ceil_div(target_ctas_per_sm() * num_sms, ctas);
+  const int64_t per_sm = ctas < num_sms ? kSmallBatchCtasPerSm : kTargetCtasPerSm;
+  int64_t splits = ceil_div(per_sm * num_sms, ctas);
   splits = std::min(splits, std::max<int64_t>(1, cap_tiles / kMinTilesPerSplit));
   const int64_t max_tiles_per_split = std::max<int64_t>(1, (kMaxBtEntries - 1) * block_size / kDecodeTileTokens);
   splits = std::max(splits, ceil_div(cap_tiles, max_tiles_per_split));

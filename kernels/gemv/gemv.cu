@@ -20,8 +20,6 @@
 //   * tokens g >= M load zeros and their output columns are dropped, so M needs no template.
 // Every row's sum is formed in the same order whatever the tiling (chunks in order inside a warp's
 // slice, slices in warp order), so gate_up_silu's g and u equal linear's outputs bit for bit.
-#include <algorithm>
-#include <cstdlib>
 #include <type_traits>
 
 #include "kernels/common.cuh"
@@ -68,10 +66,6 @@ __device__ __forceinline__ uint4 load_cached(const void* ptr, bool pred) {
   return v;
 }
 
-__device__ __forceinline__ void prefetch_l2(const void* ptr) {
-  asm volatile("prefetch.global.L2 [%0];\n" ::"l"(ptr));
-}
-
 // c += A (16 x 16, row-major fragment a0..a3) * B (16 x 8, col-major fragment b0, b1); fp32 accumulators.
 template <typename T>
 __device__ __forceinline__ void mma_16816(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
@@ -98,49 +92,35 @@ __device__ __forceinline__ void mma_chunk(float (&c)[4], const uint4& lo, const 
   mma_16816<T>(c, lo.z, hi.z, lo.w, hi.w, xv.z, xv.w);
 }
 
-// One 16-row MMA tile of w per CTA. Linear: tile rows tile * 16 + [0, 16), rows >= N masked.
-// Gate-up: tile rows 0-7 are gate rows tile * 8 + [0, 8) and rows 8-15 the up rows I further, so
+// One 16-row MMA tile of w per CTA. Linear: tile rows blockIdx.x * 16 + [0, 16), rows >= N masked.
+// Gate-up: tile rows 0-7 are gate rows blockIdx.x * 8 + [0, 8) and rows 8-15 the up rows I further, so
 // lane l's accumulators hold gate (e = 0, 1) and up (e = 2, 3) of one output column and the
 // epilogue needs no exchange; columns >= I masked. `rows` = N or 2I.
-//
-// A/B variants (EPD_GEMV_PIPELINE, read once; every variant runs the same MMAs in the same order and
-// sums the warps alike, so all give the same bits):
-//   0 (default): one tile per CTA, each step's loads then its MMAs;
-//   1: the next step's loads are issued before this step's MMAs (two register buffers, 128
-//      registers: 2 CTAs per SM instead of 3), so a warp always has a step of weights in flight;
-//   2: as 1, and persistent: 2 CTAs per SM stride over the tiles, each prefetching its next tile's
-//      first step into L2 before the cross-warp reduction of the current one.
 template <typename T, bool kGateUp>
-struct TileRows {  // this lane's rows of `tile` (tile rows g and g + 8) at column 8t
-  const T* wp[2];
-  bool row_ok[2];
-  __device__ __forceinline__ TileRows(const T* w, int64_t tile, int64_t rows, int k, int g, int t) {
-    const int64_t out_cols = kGateUp ? rows / 2 : rows;
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      int64_t row;
-      if constexpr (kGateUp) {
-        const int64_t col = tile * 8 + g;  // output column: gate row col, up row I + col
-        row_ok[h] = col < out_cols;
-        row = col + h * out_cols;
-      } else {
-        row = tile * int64_t{kTileRows} + g + 8 * h;
-        row_ok[h] = row < rows;
-      }
-      wp[h] = w + (row_ok[h] ? row : 0) * k + 8 * t;  // invalid rows point at row 0 and are never read
-    }
-  }
-};
-
-template <typename T, bool kGateUp, bool kPipelined>
-__device__ __forceinline__ void gemv_tile(int64_t tile, int64_t next_tile, T* __restrict__ out,
-                                          const T* __restrict__ x, const T* __restrict__ w, int m, int64_t rows,
-                                          int k, float (&red)[kWarps][4][32]) {
+__global__ void __launch_bounds__(kThreads, 2)
+    gemv_kernel(T* __restrict__ out, const T* __restrict__ x, const T* __restrict__ w, int m, int64_t rows, int k) {
   constexpr int kChunks = kLoadsPerLane / 2;  // chunks loaded per step (two 16-byte loads of w each)
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int g = lane >> 2, t = lane & 3;
   const int64_t out_cols = kGateUp ? rows / 2 : rows;  // N, or I
-  const TileRows<T, kGateUp> tr(w, tile, rows, k, g, t);
+
+  // This lane's rows (tile rows g and g + 8) and token g, at column 8t; invalid ones point at row 0 and
+  // are never read.
+  const T* wp[2];
+  bool row_ok[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    int64_t row;
+    if constexpr (kGateUp) {
+      const int64_t col = blockIdx.x * int64_t{8} + g;  // output column: gate row col, up row I + col
+      row_ok[h] = col < out_cols;
+      row = col + h * out_cols;
+    } else {
+      row = blockIdx.x * int64_t{kTileRows} + g + 8 * h;
+      row_ok[h] = row < rows;
+    }
+    wp[h] = w + (row_ok[h] ? row : 0) * k + 8 * t;
+  }
   const bool x_ok = g < m;
   const T* xp = x + (x_ok ? g : 0) * int64_t{k} + 8 * t;
 
@@ -151,117 +131,59 @@ __device__ __forceinline__ void gemv_tile(int64_t tile, int64_t next_tile, T* __
   const int c_end = min(num_chunks, c_begin + per_warp);
 
   float acc[4] = {0.f, 0.f, 0.f, 0.f};
-  // One step: the loads of chunks c0 .. c0 + kChunks - 1 (none past the slice), then their MMAs.
-  auto load_step = [&](uint4 (&wv)[kChunks][2], uint4 (&xv)[kChunks], int c0) {
+  for (int c0 = c_begin; c0 < c_end; c0 += kChunks) {
+    uint4 wv[kChunks][2];
+    uint4 xv[kChunks];
 #pragma unroll
     for (int u = 0; u < kChunks; ++u) {
       const int col = (c0 + u) * kChunkK;  // + 8t is in the pointers
       const bool k_ok = c0 + u < c_end && col + 8 * t < k;
 #pragma unroll
-      for (int h = 0; h < 2; ++h) wv[u][h] = load_stream(tr.wp[h] + col, k_ok && tr.row_ok[h]);
+      for (int h = 0; h < 2; ++h) wv[u][h] = load_stream(wp[h] + col, k_ok && row_ok[h]);
       xv[u] = load_cached(xp + col, k_ok && x_ok);
     }
-  };
-  auto mma_step = [&](const uint4 (&wv)[kChunks][2], const uint4 (&xv)[kChunks], int c0) {
 #pragma unroll
     for (int u = 0; u < kChunks; ++u) {
       if (c0 + u < c_end) mma_chunk<T>(acc, wv[u][0], wv[u][1], xv[u]);  // warp-uniform: no +0 past the slice
     }
-  };
-  if constexpr (kPipelined) {
-    uint4 wa[kChunks][2], xa[kChunks], wb[kChunks][2], xb[kChunks];
-    load_step(wa, xa, c_begin);
-    for (int c0 = c_begin; c0 < c_end; c0 += 2 * kChunks) {
-      load_step(wb, xb, c0 + kChunks);  // predicated off past the slice
-      mma_step(wa, xa, c0);
-      load_step(wa, xa, c0 + 2 * kChunks);
-      mma_step(wb, xb, c0 + kChunks);
-    }
-  } else {
-    for (int c0 = c_begin; c0 < c_end; c0 += kChunks) {
-      uint4 wv[kChunks][2];
-      uint4 xv[kChunks];
-      load_step(wv, xv, c0);
-      mma_step(wv, xv, c0);
-    }
-  }
-  if (next_tile >= 0) {  // persistent: the next tile's first step heads for L2 during the reduction
-    const TileRows<T, kGateUp> nr(w, next_tile, rows, k, g, t);
-#pragma unroll
-    for (int u = 0; u < kChunks; ++u) {
-      const int col = (c_begin + u) * kChunkK;
-      if (c_begin + u < c_end && col + 8 * t < k) {
-#pragma unroll
-        for (int h = 0; h < 2; ++h)
-          if (nr.row_ok[h]) prefetch_l2(nr.wp[h] + col);
-      }
-    }
   }
 
   // Sum the warps' partial tiles in warp order. red[w][e][lane]: accumulator e.
+  __shared__ float red[kWarps][4][32];
 #pragma unroll
   for (int e = 0; e < 4; ++e) red[warp][e][lane] = acc[e];
   __syncthreads();
 
   // Accumulator e of lane l holds tile row (l / 4) + 8 (e / 2), token 2 (l % 4) + e % 2.
   constexpr int kItems = (kGateUp ? 2 : 4) * 32;  // gate-up: items for e = 0, 1 also read e + 2
-  if (threadIdx.x < kItems) {
-    const int e = threadIdx.x / 32, l = threadIdx.x & 31;
-    const int token = 2 * (l & 3) + (e & 1);
-    float s = red[0][e][l];
+  if (threadIdx.x >= kItems) return;
+  const int e = threadIdx.x / 32, l = threadIdx.x & 31;
+  const int token = 2 * (l & 3) + (e & 1);
+  float s = red[0][e][l];
 #pragma unroll
-    for (int v = 1; v < kWarps; ++v) s += red[v][e][l];
-    if constexpr (kGateUp) {
-      const int64_t col = tile * 8 + (l >> 2);
-      float su = red[0][e + 2][l];
+  for (int v = 1; v < kWarps; ++v) s += red[v][e][l];
+  if constexpr (kGateUp) {
+    const int64_t col = blockIdx.x * int64_t{8} + (l >> 2);
+    if (col >= out_cols || token >= m) return;
+    float su = red[0][e + 2][l];
 #pragma unroll
-      for (int v = 1; v < kWarps; ++v) su += red[v][e + 2][l];
-      if (col < out_cols && token < m) out[token * out_cols + col] = silu_mul(from_float<T>(s), from_float<T>(su));
-    } else {
-      const int64_t row = tile * int64_t{kTileRows} + (l >> 2) + 8 * (e >> 1);
-      if (row < rows && token < m) out[token * out_cols + row] = from_float<T>(s);
-    }
-  }
-}
-
-template <typename T, bool kGateUp, int kVariant>
-__global__ void __launch_bounds__(kThreads, 2)
-    gemv_kernel(T* __restrict__ out, const T* __restrict__ x, const T* __restrict__ w, int m, int64_t rows, int k,
-                int64_t num_tiles) {
-  __shared__ float red[kWarps][4][32];
-  if constexpr (kVariant == 2) {
-    for (int64_t tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
-      const int64_t next = tile + gridDim.x < num_tiles ? tile + gridDim.x : -1;
-      gemv_tile<T, kGateUp, true>(tile, next, out, x, w, m, rows, k, red);
-      __syncthreads();  // red is the next tile's
-    }
+    for (int v = 1; v < kWarps; ++v) su += red[v][e + 2][l];
+    out[token * out_cols + col] = silu_mul(from_float<T>(s), from_float<T>(su));
   } else {
-    gemv_tile<T, kGateUp, kVariant == 1>(blockIdx.x, -1, out, x, w, m, rows, k, red);
+    const int64_t row = blockIdx.x * int64_t{kTileRows} + (l >> 2) + 8 * (e >> 1);
+    if (row >= rows || token >= m) return;
+    out[token * out_cols + row] = from_float<T>(s);
   }
 }
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// EPD_GEMV_PIPELINE=1 or 2 runs that variant (an A/B switch, read once; the same bits).
-int variant() {
-  static const int v = [] {
-    const char* s = std::getenv("EPD_GEMV_PIPELINE");
-    return s != nullptr && (s[0] == '1' || s[0] == '2') && s[1] == '\0' ? s[0] - '0' : 0;
-  }();
-  return v;
-}
-
 template <bool kGateUp>
-void launch(const GemvParams& p, int64_t tiles, cudaStream_t stream) {
+void launch(const GemvParams& p, int64_t ctas, cudaStream_t stream) {
   EPD_SWITCH_HALF_TYPES(p.dtype, [&] {
-    const int v = variant();
-    auto kernel = v == 2   ? gemv_kernel<scalar_t, kGateUp, 2>
-                  : v == 1 ? gemv_kernel<scalar_t, kGateUp, 1>
-                           : gemv_kernel<scalar_t, kGateUp, 0>;
-    const int64_t ctas = v == 2 ? std::min<int64_t>(tiles, 2 * int64_t{num_sms()}) : tiles;
-    kernel<<<static_cast<unsigned>(ctas), kThreads, 0, stream>>>(
+    gemv_kernel<scalar_t, kGateUp><<<static_cast<unsigned>(ctas), kThreads, 0, stream>>>(
         static_cast<scalar_t*>(p.out), static_cast<const scalar_t*>(p.x), static_cast<const scalar_t*>(p.w), p.m,
-        p.rows, static_cast<int>(p.k), tiles);
+        p.rows, static_cast<int>(p.k));
   });
 }
 
