@@ -76,6 +76,16 @@ class PeerArena:
 
 
 @dataclass
+class EncoderDraining:
+    """Encoder `index` drains for a role switch: a prefill copies the embeddings that its queued
+    prompts hold in that encoder's MM arena into its own MM blocks and frees them there (FreeMM),
+    so the encoder closes without waiting for those prompts' prefills (a blocked prefill can hold
+    them for as long as decode keeps its KV arena full)."""
+
+    index: int
+
+
+@dataclass
 class SendWeights:
     """Send this stage's packed weights to the stage that changes role, over a PeerLink
     (ipc/peer_link.py) it serves at host:port as rank 0; the stage serves on meanwhile."""

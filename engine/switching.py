@@ -4,9 +4,10 @@ engine goes on serving (issue 14). `EPDEngine.switch_role(kind, index, new_kind)
 1. checks: the stage is alive and not switching; its kind keeps a live instance; a prefill
    whose KV arena a decode shares, or a stage whose weights others map, cannot go (say which);
 2. the old handle stops being routed to; the worker gets SwitchRole and lets the role finish
-   what it holds (encode: its tasks and the blocks prefills read; prefill: its prompts and the KV
-   blocks decode pulls; decode: its running requests), then closes it and builds the new role
-   in the same process (ipc/worker.py);
+   what it holds (encode: its tasks, while the prefills copy the embeddings their queued prompts
+   hold in its arena into their own MM blocks (EncoderDraining), so that a blocked prefill does
+   not hold the switch up; prefill: its prompts and the KV blocks decode pulls; decode: its
+   running requests), then closes it and builds the new role in the same process (ipc/worker.py);
 3. the new role goes through start-up as at engine start (Loaded, SizeKV for a KV owner,
    Exported, Peers, Ready) under a new handle: `<new_kind><next index>`, on the stage's host and
    device, built as a stage of that host is at start-up (stage_handles.role_spec: no memory of
@@ -30,7 +31,7 @@ import time
 from dataclasses import replace
 from functools import partial
 
-from engine.messages import Exported, Loaded, PeerArena, Ready, SendWeights, Sized, SizeKV
+from engine.messages import EncoderDraining, Exported, Loaded, PeerArena, Ready, SendWeights, Sized, SizeKV
 from engine.roles import build_role
 from engine.roles.weights import covers
 from engine.sampling import RequestError
@@ -126,6 +127,9 @@ def start_switch(epd, stage: StageHandle, new_kind: str, weights: str = "auto") 
     epd.weight_sources = {**epd.weight_sources, new.name: here}
     stage.switching = new.name
     stage.send(SwitchRole(new.name, partial(build_role, spec)))
+    if stage.kind == "encode":  # the prefills take the embeddings their queued prompts hold there
+        for h in _readers_of(epd, "encode"):
+            h.send(EncoderDraining(stage.index))
     return new
 
 

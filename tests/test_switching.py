@@ -295,3 +295,47 @@ def test_pd_mode_decode_to_prefill_maps_the_whole_model(tiny_llava: Path) -> Non
         assert [o.token_ids for o in epd.generate(reqs, sp)] == expected
         with pytest.raises(RequestError, match="pd mode has no encoders"):
             epd.switch_role("prefill", 1, "encode")
+
+
+def test_a_draining_encoder_hands_its_embeddings_to_a_blocked_prefill(tiny_llava: Path) -> None:
+    """An encoder switched away while the prefill is blocked (decode's KV arena full: the prefill
+    holds its prompts) does not wait for their prefills: the prefill copies the embeddings its
+    queued prompts hold in that encoder's arena into its own MM blocks (EncoderDraining), so the
+    switch is over while those prompts still wait; their greedy tokens equal the aggregated
+    engine's, and no block stays used."""
+    sp = SamplingParams(max_tokens=40, ignore_eos=True)
+    reqs = [Request(f"Describe picture {i}", images=[_png(300 + i)]) for i in range(16)]
+    expected = [o.token_ids for o in LLM(tiny_llava, backend="torch", device="cpu").generate(reqs, sp)]
+    # 256 KV tokens per stage: decode holds 2 requests (92 tokens each), the prefill 4 more
+    with EPDEngine(tiny_llava, placement="E:cpu,cpu P:cpu D:cpu", share_kv_arena=False, backend="torch",
+                   device="cpu", kv_cache_tokens=256, max_model_len=128) as epd:
+        seqs = [epd.add_request(r, sp) for r in reqs]
+        index = {s.seq_id: i for i, s in enumerate(seqs)}
+        out: dict[int, object] = {}
+
+        def take(events) -> None:
+            for ev in events:
+                assert ev.error is None, ev.error
+                if ev.output is not None:
+                    out[index[ev.index]] = ev.output
+
+        deadline = time.monotonic() + 60
+        # every image encoded, and encode1's embeddings among the prompts the blocked prefill holds
+        while not (all(not f.parts for f in epd.flights.values()) and len(out) < 4
+                   and sum(f.prefill is not None for f in epd.flights.values()) >= 8):
+            assert time.monotonic() < deadline, "the prefill never blocked with encoded prompts queued"
+            take(epd.step(timeout_s=0.02))
+        record = epd.switch_role("encode", 1, "decode")
+        waiting = sum(f.prefill is not None for f in epd.flights.values())  # not prefilled yet
+        assert waiting >= 2, f"the switch waited for the prefills ({waiting} prompts left)"
+        assert record["to"] == "decode1" and record["drain_s"] < 10
+        take(epd.late_events)
+        epd.late_events.clear()
+        while len(out) < len(reqs) and time.monotonic() < deadline + 60:
+            take(epd.step(timeout_s=0.05))
+        assert [out[i].token_ids for i in range(len(reqs))] == expected
+        copied = [i for i in range(len(reqs)) if out[i].handoff.get("mm_bytes", 0) > 0]
+        assert copied, "no prompt's embeddings were copied out of the draining encoder"
+        stages = _idle_all(epd)
+        assert stages["encode1"]["moved_to"] == "decode1"
+        assert sum(h.load for h in epd.stages.values()) == 0

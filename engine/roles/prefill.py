@@ -11,6 +11,7 @@ import torch
 from engine.block_manager import BlockManager
 from engine.images_anyres import all_items
 from engine.messages import (
+    EncoderDraining,
     Exported,
     Failed,
     FreeKV,
@@ -105,6 +106,8 @@ class PrefillRole(_Role):
         self.runner: ModelRunner | None = None
         self.peers: list[SharedArena | LinkedArena | None] = []  # the encoders' MM arenas
         self.tasks: dict[int, PrefillTask] = {}
+        self.draining_encoders: set[int] = set()  # their embeddings are copied out as tasks come (EncoderDraining)
+        self.staged: dict[int, tuple[list[int], int] | str] = {}  # req_id: own MM blocks copied into, bytes; or why not
         self.stalled = False  # the first waiting prompt needs blocks that only a FreeKV returns
         self.board = (BusyBoard.open(spec.busy_board) if spec.busy_board is not None and config.encode_first
                       and not spec.encodes else None)
@@ -126,6 +129,11 @@ class PrefillRole(_Role):
             self._map_peers(msg)
         elif isinstance(msg, PeerArena):
             self._map_encoder(msg.index, msg.handle)
+            if msg.handle is None:
+                self.draining_encoders.discard(msg.index)
+        elif isinstance(msg, EncoderDraining):
+            self.draining_encoders.add(msg.index)
+            self._take_from_draining()
         elif isinstance(msg, FreeKV):
             self.kv_blocks.free(msg.blocks)
             self.stalled = False
@@ -140,6 +148,8 @@ class PrefillRole(_Role):
             self.sched.add(Sequence(seq_id=msg.req_id, prompt_ids=msg.prompt_ids, sampling=msg.sampling,
                                     seed=msg.seed, stop_token_ids=frozenset(), image_sizes=list(msg.image_sizes)))
             self.stalled = False
+            if self.draining_encoders:
+                self._take_from_draining()
 
     def _size(self, msg: SizeKV) -> None:
         """Make the KV arena (its blocks, and decode's after them when decode shares it), export it."""
@@ -210,7 +220,27 @@ class PrefillRole(_Role):
         time.sleep(0.0005)
         return True
 
+    def _take_from_draining(self) -> None:
+        """Copy the embeddings that queued tasks hold in draining encoders' arenas into own MM
+        blocks (FCFS, as many tasks as those blocks take; the rest when a prefill frees some),
+        and free them there: the encoders can close without waiting for these prefills."""
+        if self.runner is None:
+            return
+        for task in list(self.tasks.values()):
+            if task.req_id in self.staged or not any(e in self.draining_encoders for e, _ in task.mm_refs):
+                continue
+            blocks = self.mm_cache.allocate(len(task.mm_refs))
+            if blocks is None:
+                return
+            try:
+                self.staged[task.req_id] = (blocks, self._copy_in(task, blocks))
+            except Exception as e:  # the request fails when it is scheduled (its refs are gone)
+                self.mm_blocks.free(blocks)
+                self.staged[task.req_id] = f"copying its embeddings from a draining encoder failed: {e}"
+
     def step(self) -> None:
+        if self.draining_encoders:
+            self._take_from_draining()  # own MM blocks freed by the last batch take more
         if self._defer():
             return
         batch = self.sched.schedule(max_seqs=self.config.max_num_seqs)
@@ -259,6 +289,12 @@ class PrefillRole(_Role):
         read them in place in the encoders' arenas on this device, or copy them into own MM
         blocks from an encoder on another device. Encoder blocks copied (or failed) are freed
         here; those read in place after the prefill. Returns the bytes copied."""
+        if task.req_id in self.staged:  # copied in while its encoder drained
+            staged = self.staged.pop(task.req_id)
+            if isinstance(staged, str):
+                raise RuntimeError(staged)
+            seq.mm_blocks, nbytes = staged
+            return nbytes
         count = len(task.mm_refs) or sum(self.cfg.image_layout(h, w).num_items for h, w in task.image_sizes)
         if not count:
             return 0
@@ -277,8 +313,14 @@ class PrefillRole(_Role):
             if blocks is None:
                 raise RuntimeError(f"prefill MM staging arena is full ({count} items)")
             seq.mm_blocks = blocks
-            if task.images:
-                return 0
+            return 0 if task.images else self._copy_in(task, blocks)
+        finally:
+            self._free_encoder_blocks(task)
+
+    def _copy_in(self, task: PrefillTask, blocks: list[int]) -> int:
+        """Copy the task's embeddings from the encoders' arenas into own MM blocks `blocks` (one
+        per item, in order), synchronized, and free them there. Returns the bytes copied."""
+        try:
             for encoder in sorted({e for e, _ in task.mm_refs}):
                 pairs = [(local, block) for local, (e, block) in zip(blocks, task.mm_refs) if e == encoder]
                 peer = self.peers[encoder]
@@ -288,7 +330,7 @@ class PrefillRole(_Role):
                 for local, block in pairs:
                     self.mm_arena[local].copy_(peer.tensor[block], non_blocking=True)
             _synchronize(self.device)  # the encoders may overwrite these blocks once freed
-            return count * self.mm_arena[0].numel() * self.mm_arena.element_size()
+            return len(blocks) * self.mm_arena[0].numel() * self.mm_arena.element_size()
         finally:
             self._free_encoder_blocks(task)
 
