@@ -64,6 +64,7 @@ from engine.messages import (
     Prefilled,
     PrefillTask,
     Tokens,
+    Unencoded,
 )
 from engine.mm_cache import EncoderHints, total_stats
 from engine.output_processor import OutputProcessor, RequestState
@@ -306,6 +307,9 @@ class EPDEngine:
         if isinstance(msg, HandedOver):  # a decode changing role gave a request up: another continues it
             self._hand_over(stage, msg.task, events)
             return
+        if isinstance(msg, Unencoded):  # an encoder changing role gave a task back: another encodes it
+            self._re_encode(stage, msg, events)
+            return
         if isinstance(msg, Tokens):  # those of requests no longer here (finished or aborted) are late
             self.estimator.steps(stage.name, len(msg.req_ids), time.perf_counter())
             self._tokens([(self.flights[r].seq, t) for r, t in zip(msg.req_ids, msg.token_ids) if r in self.flights],
@@ -377,11 +381,27 @@ class EPDEngine:
                                seq.seed, seq.stop_token_ids))
         self._tokens([(seq, msg.first_token)], now, events)
 
+    def _re_encode(self, src: StageHandle, msg: Unencoded, events: list[TokenEvent]) -> None:
+        """A part a switching encoder had not started: its items to the least-loaded live encoders."""
+        self._done(src, msg.req_id, msg.items)
+        src.handed_over += 1
+        flight = self.flights.get(msg.req_id)
+        if flight is None:  # ended meanwhile: that stage has answered for its bytes
+            if self.image_bytes is not None:
+                self.image_bytes.answered(msg.req_id, src.name)
+            return
+        flight.parts.pop(msg.part, None)
+        try:
+            self._dispatch_encode(flight)
+        except StageError as e:
+            self._fail(flight, str(e), events)
+
     def _hand_over(self, src: StageHandle, task: DecodeTask, events: list[TokenEvent]) -> None:
         """A request a switching decode gave up: to the least-loaded live decode, which pulls its
         KV from where it is (the old decode's arena, or prefill's if it had not started)."""
         now = time.perf_counter()
         self._done(src, task.req_id, now=now)
+        src.handed_over += 1
         flight = self.flights.get(task.req_id)
         decodes = self.of_kind("decode")
         dst = self.router.decode_for([h.routing_load() for h in decodes]) if flight is not None else None
@@ -482,7 +502,7 @@ class EPDEngine:
             # (queues, blocks used, graphs)
             "stages": {h.name: {**(h.ready or {}), **h.stats, **({"moved_to": h.moved_to} if h.moved_to else {})}
                        for h in self.stages.values()},
-            "switches": list(self.switches),  # role switches: from, to, drain_s, seconds
+            "switches": list(self.switches),  # role switches: from, to, weights, drain_s, handed_over, seconds
             "load": self.load(),  # the load estimator's figures (engine/estimator.py)
             **({"allocator": self.dynamic.status()} if self.dynamic is not None else {}),
         }
@@ -500,7 +520,7 @@ class EPDEngine:
         builds the new role, which starts up as at engine start; requests go on meanwhile (their
         events come from the next step). weights: "auto", "map", "peer" or "disk" (where the new
         role's come from: switching.start_switch). Returns once it serves: {from, to, weights,
-        drain_s, seconds}. RequestError: not possible (the message says why)."""
+        drain_s, handed_over, seconds}. RequestError: not possible (the message says why)."""
         return switching.wait_switch(self, self.stages[self.begin_switch(kind, index, new_kind, weights)], timeout_s)
 
     def begin_switch(self, kind: str, index: int, new_kind: str, weights: str = "auto") -> str:

@@ -76,6 +76,16 @@ class PeerArena:
 
 
 @dataclass
+class Unencoded:
+    """An encoder that changes role gives back a task it had not started (its MM arena was full):
+    the orchestrator sends its items to another encoder."""
+
+    req_id: int
+    part: int
+    items: int
+
+
+@dataclass
 class EncoderDraining:
     """Encoder `index` drains for a role switch: a prefill copies the embeddings that its queued
     prompts hold in that encoder's MM arena into its own MM blocks and frees them there (FreeMM),

@@ -107,6 +107,7 @@ class StageHandle:
     moved_to: str | None = None
     starting: bool = False
     switch_started: float = 0.0
+    handed_over: int = 0  # tasks a switching role gave up to another instance (decode: requests, encode: parts)
     weights_from: str = ""  # a new role's: "mapped from X", "copied from X over gloo", "read from disk"
     peer_send: tuple | None = None  # (source handle, SendWeights) for a copy, sent when the old role closed
     host: str = ""  # its host label in the placement ("": the orchestrator's)

@@ -4,10 +4,13 @@ engine goes on serving (issue 14). `EPDEngine.switch_role(kind, index, new_kind)
 1. checks: the stage is alive and not switching; its kind keeps a live instance; a prefill
    whose KV arena a decode shares, or a stage whose weights others map, cannot go (say which);
 2. the old handle stops being routed to; the worker gets SwitchRole and lets the role finish
-   what it holds (encode: its tasks, while the prefills copy the embeddings their queued prompts
-   hold in its arena into their own MM blocks (EncoderDraining), so that a blocked prefill does
-   not hold the switch up; prefill: its prompts and the KV blocks decode pulls; decode: its
-   running requests), then closes it and builds the new role in the same process (ipc/worker.py);
+   what it holds, or hand it over: an encoder finishes its batches in flight, gives back the
+   tasks it has not started (Unencoded: the other encoders take them), and the prefills copy
+   the embeddings their queued prompts hold in its arena into MM blocks of their own
+   (EncoderDraining), so a blocked prefill does not hold the switch up; a prefill finishes its
+   prompts and waits for decode to pull their KV blocks; a decode gives its requests, with their
+   KV, to the other decodes (HandedOver). Then it closes the role and builds the new one in the
+   same process (ipc/worker.py);
 3. the new role goes through start-up as at engine start (Loaded, SizeKV for a KV owner,
    Exported, Peers, Ready) under a new handle: `<new_kind><next index>`, on the stage's host and
    device, built as a stage of that host is at start-up (stage_handles.role_spec: no memory of
@@ -21,7 +24,8 @@ engine goes on serving (issue 14). `EPDEngine.switch_role(kind, index, new_kind)
    mapped on one host, linked across hosts); the old handle stays in its kind's list as a hole
    (indices never move), marked `moved_to`.
 
-Each switch is recorded (durations of the drain and of the build) in `status()["switches"]`.
+Each switch is recorded (durations of the drain and of the build, tasks handed over) in
+`status()["switches"]`.
 """
 
 from __future__ import annotations
@@ -153,7 +157,7 @@ def advance(epd, new: StageHandle, msg: object) -> None:
         old.dead, old.moved_to, old.switching = True, new.name, None
         new.outbox, old.outbox = old.outbox, None
         epd.switches.append({"from": old.name, "to": new.name, "weights": new.weights_from,
-                             "drain_s": round(msg.drain_s, 3)})
+                             "drain_s": round(msg.drain_s, 3), "handed_over": old.handed_over})
         for h in _readers_of(epd, old.kind):  # drained: nothing reads its arena; a link closes from the reader
             h.send(PeerArena(old.kind, old.index, None))
         if new.peer_send is not None:  # the new role is about to wait for its weights: the source sends

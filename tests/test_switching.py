@@ -297,16 +297,18 @@ def test_pd_mode_decode_to_prefill_maps_the_whole_model(tiny_llava: Path) -> Non
             epd.switch_role("prefill", 1, "encode")
 
 
-def test_a_draining_encoder_hands_its_embeddings_to_a_blocked_prefill(tiny_llava: Path) -> None:
+def test_a_draining_encoder_hands_its_work_over_while_the_prefill_is_blocked(tiny_llava: Path) -> None:
     """An encoder switched away while the prefill is blocked (decode's KV arena full: the prefill
-    holds its prompts) does not wait for their prefills: the prefill copies the embeddings its
-    queued prompts hold in that encoder's arena into its own MM blocks (EncoderDraining), so the
-    switch is over while those prompts still wait; their greedy tokens equal the aggregated
-    engine's, and no block stays used."""
+    holds its prompts, the encoders' MM arenas are full of their embeddings, tasks wait for
+    blocks) does not wait for those prefills: the tasks it has not started go to the other
+    encoder (Unencoded), and the prefill copies the embeddings its queued prompts hold in that
+    encoder's arena into its own MM blocks (EncoderDraining). The switch is over while prompts
+    still wait; the greedy tokens equal the aggregated engine's, and no block stays used."""
     sp = SamplingParams(max_tokens=40, ignore_eos=True)
-    reqs = [Request(f"Describe picture {i}", images=[_png(300 + i)]) for i in range(16)]
+    reqs = [Request(f"Describe picture {i}", images=[_png(300 + i)]) for i in range(40)]
     expected = [o.token_ids for o in LLM(tiny_llava, backend="torch", device="cpu").generate(reqs, sp)]
-    # 256 KV tokens per stage: decode holds 2 requests (92 tokens each), the prefill 4 more
+    # 256 KV tokens per stage: decode holds 2 requests (92 tokens each), the prefill 4 more; 16 MM
+    # blocks per encoder: of encode1's ~20 tasks some wait for blocks
     with EPDEngine(tiny_llava, placement="E:cpu,cpu P:cpu D:cpu", share_kv_arena=False, backend="torch",
                    device="cpu", kv_cache_tokens=256, max_model_len=128) as epd:
         seqs = [epd.add_request(r, sp) for r in reqs]
@@ -319,16 +321,17 @@ def test_a_draining_encoder_hands_its_embeddings_to_a_blocked_prefill(tiny_llava
                 if ev.output is not None:
                     out[index[ev.index]] = ev.output
 
+        def on_encode1() -> int:
+            return sum(e == 1 for f in epd.flights.values() for e, _ in f.parts.values())
+
         deadline = time.monotonic() + 60
-        # every image encoded, and encode1's embeddings among the prompts the blocked prefill holds
-        while not (all(not f.parts for f in epd.flights.values()) and len(out) < 4
-                   and sum(f.prefill is not None for f in epd.flights.values()) >= 8):
+        while not (sum(f.prefill is not None for f in epd.flights.values()) >= 16 and on_encode1() and len(out) < 4):
             assert time.monotonic() < deadline, "the prefill never blocked with encoded prompts queued"
             take(epd.step(timeout_s=0.02))
         record = epd.switch_role("encode", 1, "decode")
         waiting = sum(f.prefill is not None for f in epd.flights.values())  # not prefilled yet
         assert waiting >= 2, f"the switch waited for the prefills ({waiting} prompts left)"
-        assert record["to"] == "decode1" and record["drain_s"] < 10
+        assert record["to"] == "decode1" and record["drain_s"] < 10 and record["handed_over"] >= 1, record
         take(epd.late_events)
         epd.late_events.clear()
         while len(out) < len(reqs) and time.monotonic() < deadline + 60:

@@ -29,6 +29,7 @@ from engine.messages import (
     Ready,
     SendWeights,
     ServeArena,
+    Unencoded,
 )
 from engine.mm_cache import EncoderCache, item_pixels
 from engine.preprocess import on_side_stream, on_stream, stage_image_processor
@@ -102,6 +103,15 @@ class EncodeRole(_Role):
     @property
     def drained(self) -> bool:  # and no prefill reads its blocks any more
         return not self.busy and not self.pending and self.cache.stats()["in_use_blocks"] == 0
+
+    def hand_over(self) -> None:
+        """For a role switch: take no new tasks, give back those not started (Unencoded: another
+        encoder takes them), finish the batches in flight."""
+        self.drain()
+        for task in self.pending:
+            self.send(Unencoded(task.req_id, task.part, len(task.items)))
+        self.pending.clear()
+        self._publish()
 
     def _can_start(self) -> bool:  # FCFS: the first task waits for MM blocks to be freed
         return bool(self.pending) and self.cache.can_acquire(self.pending[0].keys, [1] * len(self.pending[0].items))
