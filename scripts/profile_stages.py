@@ -29,7 +29,9 @@ synchronized before and after each; random token ids, real JPEG bytes, random KV
   these are what a copy would cost).
 
 Schema: {"version": 1, "device", "model", "backend", "dtype", "block_size", "image_tokens",
-"preprocess", "tower", "prefill", "decode", "handoff": {"fixed_s", "mm_item_s", "kv_token_s"}}.
+"preprocess", "tower", "prefill", "decode", "handoff": {"fixed_s", "mm_item_s", "kv_token_s"}}, and
+on the CPU "cpu_cores": the cores this process may use (stage processes run one thread each
+when they outnumber the cores: the simulator runs that many stage jobs at full speed at once).
 """
 
 from __future__ import annotations
@@ -541,6 +543,8 @@ def main(argv: list[str] | None = None) -> int:
         "dtype": args.dtype, "block_size": bs, "image_tokens": cfg.tokens_per_item, "preprocess": preprocess,
         "tower": tower, "prefill": sorted([t, s] for _, t, _, s in prefill), "decode": decode, "handoff": handoff,
     }
+    if device.type == "cpu":
+        costs["cpu_cores"] = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     out.write_text(dump(costs))
     print(f"\nwrote {out} in {time.perf_counter() - started:.1f} s", flush=True)
     return 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -43,7 +44,8 @@ def test_quick_profile(tiny_llava: Path, tmp_path: Path, capsys: pytest.CaptureF
     # one torch thread: steady timings on a CPU shared with other jobs
     assert main([*_base(tiny_llava, out), "--torch-threads", "1"]) == 0
     costs = json.loads(out.read_text())
-    assert set(costs) == KEYS
+    assert set(costs) == KEYS | {"cpu_cores"}  # on the CPU: the cores the stage processes share
+    assert costs["cpu_cores"] == (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
     assert (costs["version"], costs["device"], costs["model"], costs["backend"], costs["dtype"]) == (
         1, "cpu", str(tiny_llava), "torch", "float32")
     assert costs["block_size"] == 16 and costs["image_tokens"] == 36  # (84 / 14) ** 2 patches

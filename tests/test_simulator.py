@@ -8,6 +8,7 @@ import json
 import math
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -121,6 +122,13 @@ def test_processor_sharing() -> None:
     assert _finish_times(ProcessorSharing, [(0, 2.0), (1, 0.5)]) == pytest.approx([2.5, 2.0])
     assert _finish_times(ProcessorSharing, [(0, 1.0), (5, 1.0)]) == pytest.approx([1.0, 6.0])
     assert _finish_times(Unshared, [(0, 1.0), (0, 1.0)]) == pytest.approx([1.0, 1.0])
+    # a two-core CPU (each job one thread): two jobs at full speed, a third shares: 3 jobs of 1 s
+    # each at 2/3 speed end at 1.5. 1 s from 0, then 2 s and 1 s from 0.5: three share two cores
+    # until the first ends (0.5 + 0.5 x 1.5 = 1.25), the other two have 1.5 and 0.5 left at full speed
+    two_cores = partial(ProcessorSharing, servers=2)
+    assert _finish_times(two_cores, [(0, 1.0), (0, 1.0)]) == pytest.approx([1.0, 1.0])
+    assert _finish_times(two_cores, [(0, 1.0), (0, 1.0), (0, 1.0)]) == pytest.approx([1.5, 1.5, 1.5])
+    assert _finish_times(two_cores, [(0, 1.0), (0.5, 2.0), (0.5, 1.0)]) == pytest.approx([1.25, 2.75, 1.75])
 
 
 def test_two_instances_on_one_gpu_take_twice_as_long() -> None:

@@ -186,7 +186,10 @@ class CostModel:
         unknown = set(hand) - {"fixed_s", "mm_item_s", "kv_token_s"} if isinstance(hand, dict) else {"?"}
         if unknown:
             raise ValueError(f"cost model: 'handoff' takes fixed_s, mm_item_s, kv_token_s (got {sorted(unknown)})")
-        meta = {k: d[k] for k in ("device", "model", "backend", "dtype") if k in d}
+        meta = {k: d[k] for k in ("device", "model", "backend", "dtype", "cpu_cores") if k in d}
+        if "cpu_cores" in meta and (isinstance(meta["cpu_cores"], bool) or not isinstance(meta["cpu_cores"], int)
+                                    or meta["cpu_cores"] < 1):
+            raise ValueError(f"cost model: cpu_cores = {meta['cpu_cores']!r}: expected a positive integer")
         return cls(preprocess=preprocess, tower=_points("tower", d["tower"], 2),
                    prefill=_points("prefill", d["prefill"], 2), decode=_points("decode", d["decode"], 3),
                    handoff=Handoff(**{k: float(v) for k, v in hand.items()}),
@@ -203,6 +206,12 @@ class CostModel:
                 "decode": [list(p) for p in self.decode],
                 "handoff": {"fixed_s": h.fixed_s, "mm_item_s": h.mm_item_s, "kv_token_s": h.kv_token_s},
                 **({"calibration": self.calibration.to_dict()} if self.calibration is not None else {})}
+
+    @property
+    def cpu_cores(self) -> int:
+        """Stage jobs that run at full speed at once on the profiled CPU ("cpu_cores": the cores
+        the stages share, each stage process one thread; 1 when the file does not say)."""
+        return int((self.meta or {}).get("cpu_cores", 1))
 
     @property
     def calib(self) -> Calibration:

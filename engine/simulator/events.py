@@ -60,9 +60,10 @@ class ProcessorSharing:
 
     EPS = 1e-12  # remaining solo seconds below which a job is done
 
-    def __init__(self, loop: EventLoop, colocation_factor: float = 0.0) -> None:
+    def __init__(self, loop: EventLoop, colocation_factor: float = 0.0, servers: int = 1) -> None:
         self.loop = loop
         self.colocation_factor = colocation_factor  # k >= 2 busy jobs: each at 1 / (k (1 + f))
+        self.servers = max(1, servers)  # jobs that run at full speed at once (a CPU's cores; a GPU: 1)
         self.jobs: dict[int, list] = {}  # id -> [remaining solo seconds, callback]
         self._ids = itertools.count()
         self._last = 0.0  # when remaining work was last brought up to date
@@ -87,9 +88,10 @@ class ProcessorSharing:
         self._last = now
 
     def _stretch(self) -> float:
-        """Wall seconds per solo second of each busy job: k, times 1 + f when shared."""
+        """Wall seconds per solo second of each busy job: k / servers (at least 1), times 1 + f
+        when shared."""
         k = len(self.jobs)
-        return k * (1.0 + self.colocation_factor) if k > 1 else float(k)
+        return max(1.0, k / self.servers) * (1.0 + self.colocation_factor) if k > 1 else float(k)
 
     def _replan(self) -> None:
         self._plan += 1

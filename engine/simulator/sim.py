@@ -103,9 +103,10 @@ class Simulation:
         self.devices = parse_devices(mode, placement)
         self.placement = placement or DEFAULT_PLACEMENTS[mode]
         self.loop = EventLoop()
-        factor = costs.calib.colocation_factor
-        shared = factor > 0 and isinstance(sharing, type) and issubclass(sharing, ProcessorSharing)
-        self.gpus = {d: sharing(self.loop, factor) if shared else sharing(self.loop)
+        factor, cores = costs.calib.colocation_factor, costs.cpu_cores
+        shared = isinstance(sharing, type) and issubclass(sharing, ProcessorSharing)
+        # a CPU's stage processes each run one thread: as many run at full speed as it has cores
+        self.gpus = {d: sharing(self.loop, factor, servers=cores if d == "cpu" else 1) if shared else sharing(self.loop)
                      for kind in self.devices.values() for d in kind}
         make = {"encode": Encoder, "prefill": lambda s, i, d: Prefill(s, i, d, encodes=mode == "pd"),
                 "decode": Decode, "aggregated": Aggregated}
