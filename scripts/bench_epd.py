@@ -188,11 +188,11 @@ PREP_STEPS = (("read bytes", "preprocess_start", "sources_end"), ("decode", "sou
               ("resize + normalize", "decode_end", "resize_end"), ("stack + sync", "resize_end", "preprocess_end"))
 
 
-def timeline_row(label: str, run: Run, segments=SEGMENTS) -> str | None:
-    """The encode share split at each stamp of the requests' timelines (p50s, ms); None without
-    those stamps (aggregated; PREP_STEPS on the CPU path)."""
+def timeline_row(label: str, outs: list, segments=SEGMENTS) -> str | None:
+    """The encode share of these outputs split at each stamp of their timelines (p50s, ms); None
+    without those stamps (aggregated; PREP_STEPS on the CPU path)."""
     stamps = {k for _, a, b in segments for k in (a, b) if k}
-    lines = [o.timeline for o in run.outs if stamps <= set(o.timeline)]
+    lines = [o.timeline for o in outs if stamps <= set(o.timeline)]
     if not lines:
         return None
     cells = [median([t[b] - (t[a] if a else 0.0) for t in lines]) * 1e3 for _, a, b in segments]
@@ -333,13 +333,14 @@ def main(argv: list[str] | None = None) -> None:
         for pre, (epd_runs, agg_runs) in results.items():
             print(load_row(f"{args.mode} {args.placement} | {pre}", epd_runs[i]))
             print(load_row(f"aggregated {p_dev} | {pre}", agg_runs[i]))
-        rows = [timeline_row(f"{args.mode} | {pre}", epd_runs[i]) for pre, (epd_runs, _) in results.items()]
+        rows = [timeline_row(f"{args.mode} | {pre}", epd_runs[i].outs) for pre, (epd_runs, _) in results.items()]
         if any(rows):
             print("\nthe encode share's stamps (p50 ms of each segment; intake: arrival to dispatch):")
             print("| engine | image_preprocess | " + " | ".join(name for name, _, _ in SEGMENTS) + " |")
             print("|---|---|" + "---|" * len(SEGMENTS))
             print("\n".join(r for r in rows if r))
-        rows = [timeline_row(f"{args.mode} | {pre}", epd_runs[i], PREP_STEPS) for pre, (epd_runs, _) in results.items()]
+        rows = [timeline_row(f"{args.mode} | {pre}", epd_runs[i].outs, PREP_STEPS)
+                for pre, (epd_runs, _) in results.items()]
         if any(rows):
             print("\nthe preprocess segment's steps (p50 ms; host times of the encoder's preprocessing thread):")
             print("| engine | image_preprocess | " + " | ".join(name for name, _, _ in PREP_STEPS) + " |")
@@ -362,6 +363,14 @@ def main(argv: list[str] | None = None) -> None:
                 ttfts = [o.ttft_s * 1e3 for o in outs]
                 print(f"| {label} | {pre} | {w.size} | {median([len(o.prompt_token_ids) for o in outs]):.0f} | "
                       f"{median(ttfts):.1f} | {min(ttfts):.1f} | " + " | ".join(f"{c:.1f}" for c in cells) + " |")
+    for name, segments in (("stamps", SEGMENTS), ("preprocess steps", PREP_STEPS)):
+        rows = [timeline_row(f"{args.mode} | {pre} | {w.size}", e.alone, segments)
+                for pre, (epd_runs, _) in results.items() for w, e in zip(workloads, epd_runs)]
+        if any(rows):
+            print(f"\nidle-engine TTFT, the encode share's {name} (p50 ms):")
+            print("| engine | image_preprocess | image size | " + " | ".join(n for n, _, _ in segments) + " |")
+            print("|---|---|---|" + "---|" * len(segments))
+            print("\n".join(r for r in rows if r))
 
     print("\n| hand-off (median per request) | image size | when | bytes | ms | GB/s | ceiling GB/s | % |")
     print("|---|---|---|---|---|---|---|---|")

@@ -14,8 +14,9 @@
 # placement of BURST_PLACEMENTS, '|'-separated, with timelines); jpegtest (preprocessing GPU tests);
 # noregress (bench_epd on this tree vs an earlier one in BASE_TREE, alternating, twice); determ (batch-invariant
 # mode: tests/test_deterministic.py on the GPU, bench_decode with and without it, bench_epd with it);
-# ttft (idle-engine TTFT of one fresh 336x336 PNG in epd, pd and
-# aggregated: bench_epd's one-at-a-time pass). Older A/Bs kept for reruns: abpen (decode graphs with and
+# splits (decode attention's GPU tests, bench_decode at batches 1-32: the split rule); ttft (idle-engine
+# TTFT of one fresh 336x336 PNG in epd, pd and aggregated: bench_epd's one-at-a-time pass, its stamps).
+# Older A/Bs kept for reruns: abpen (decode graphs with and
 # without the penalty ops), prebench (with image: bench_preprocess), onecheck (with image: the token check
 # with one encoder), batchab (1080p bursts, encoder batches of 16 then 8), timeline (1080p bursts with
 # stamps, layer yields on / off / on).
@@ -98,6 +99,14 @@ if [[ " $STAGES " == *" abpen "* ]]; then  # same-run A/B: decode graphs with an
       grep -h "^| [0-9]" "$OUT/bench_decode_${variant}_pen_$round.log" >> "$SUMMARY"
     done
   done
+fi
+if [[ " $STAGES " == *" splits "* ]]; then  # issue 16: decode attention's small-batch split rule, as code
+  llava7b
+  stage pytest_attn_decode python3 -m pytest -m gpu -q --tb=short -p no:cacheprovider tests/test_kernels_attn_decode.py
+  stage bench_decode_splits python3 scripts/bench_decode.py --model /tmp/llava-7b --batches 1,2,4,8,32 \
+    --multi-step 8 --steps 24 --no-hf
+  echo "bench_decode (2 CTAs per SM below one per SM):" >> "$SUMMARY"
+  grep -h "^| [0-9]" "$OUT/bench_decode_splits.log" >> "$SUMMARY"
 fi
 if [[ " $STAGES " == *" ttft "* ]]; then  # issue 16: idle-engine TTFT, 1 fresh 336x336 PNG, from arrival, every mode
   llava7b

@@ -24,6 +24,6 @@ def test_device_check_header_names_every_stage() -> None:
     text = (SCRIPTS / "device_check.sh").read_text()
     header = " ".join(line for line in text.splitlines() if line.startswith("#"))
     stages = set(re.findall(r'STAGES " == \*" ([a-z_]+) "\*', text))
-    assert {"build", "test", "parity", "bench", "engine", "ttft", "determ"} <= stages
+    assert {"build", "test", "parity", "bench", "engine", "ttft", "determ", "splits"} <= stages
     missing = sorted(s for s in stages if not re.search(rf"\b{s}\b", header))
     assert not missing, f"stages without a word in device_check.sh's header: {missing}"
