@@ -34,14 +34,12 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // The block-table slice one split keeps in shared memory stays below this many entries.
 constexpr int64_t kMaxBtEntries = 1024;
-// Split until the grid has a CTA per multiprocessor, two where the batch alone fills fewer than one
-// per SM. Each CTA keeps 2-3 tiles (32-48 KB) of K/V in flight, enough to saturate HBM with one CTA per
-// SM; measured on H100 (B=8 x 2048, 32 heads), aiming for 2 or 4 per SM there only added splits (a
-// reduction pass, partial fills) and ran 3-8% slower. Small batches are the other case: a sequence's
-// few splits of a few tiles each leave the memory idle (H200, 7B, ctx 640, 8-step graphs, session 15:
-// 2 per SM ran batch 1 in 4.106 ms vs 4.139-4.188 with 1 or 4, batch 2 4.201 vs 4.250-4.291).
+// Split until the grid has a CTA per multiprocessor. Each CTA keeps 2-3 tiles (32-48 KB) of K/V in
+// flight, enough to saturate HBM with one CTA per SM; measured on H100 (B=8 x 2048, 32 heads), aiming
+// for 2 or 4 per SM only added splits (a reduction pass, partial fills) and ran 3-8% slower. On the
+// H200 (7B, ctx 640, batches 1-4, session 15) 2 per SM was within the run-to-run spread of 1 per SM
+// (4.106-4.186 vs 4.139-4.188 ms a step at batch 1), 4 per SM no better.
 constexpr int64_t kTargetCtasPerSm = 1;
-constexpr int64_t kSmallBatchCtasPerSm = 2;
 // Don't cut a split below this many tiles of capacity: each split pays a pipeline fill.
 constexpr int64_t kMinTilesPerSplit = 2;
 
@@ -49,8 +47,7 @@ constexpr int64_t kMinTilesPerSplit = 2;
 // bounded by the table's capacity in tiles; and at least enough that a split's block-table slice fits.
 int choose_num_splits(int64_t ctas, int64_t cap_tokens, int64_t block_size, int num_sms) {
   const int64_t cap_tiles = ceil_div(cap_tokens, kDecodeTileTokens);
-  const int64_t per_sm = ctas < num_sms ? kSmallBatchCtasPerSm : kTargetCtasPerSm;
-  int64_t splits = ceil_div(per_sm * num_sms, ctas);
+  int64_t splits = ceil_div(kTargetCtasPerSm * num_sms, ctas);
   splits = std::min(splits, std::max<int64_t>(1, cap_tiles / kMinTilesPerSplit));
   const int64_t max_tiles_per_split = std::max<int64_t>(1, (kMaxBtEntries - 1) * block_size / kDecodeTileTokens);
   splits = std::max(splits, ceil_div(cap_tiles, max_tiles_per_split));
