@@ -28,7 +28,9 @@ Policy, evaluated every `interval_s`:
    seconds) (a switch costs its drain and the new role's start); an instance that changed role
    stays at least min_dwell_s. A switch back (receiver -> donor of the last switch) also waits
    `reverse_after_s`: load that oscillates faster than that is not followed (no flapping).
-4. The donor instance: the one of its kind with the least queued work.
+4. The donor instance: the one of its kind with the least queued work, among those that can
+   change role (not "pinned" in the snapshot: others map its weights, a decode shares its KV
+   arena; on the CPU the first pick was refused and the switch came an evaluation later).
 
 Every evaluation that changes something returns a Decision with its reason (the pressures it
 saw); EPDEngine logs it and keeps the last ones in status()["allocator"].
@@ -147,7 +149,7 @@ class Allocator:
             return None
         candidates = [(row.get("queued_units", row.get("running", 0)), name)
                       for name, row in snapshot["stages"].items()
-                      if row["kind"] == donor and self.dwell_until.get(name, 0.0) <= now]
+                      if row["kind"] == donor and not row.get("pinned") and self.dwell_until.get(name, 0.0) <= now]
         if not candidates:
             return None
         stage = min(candidates)[1]

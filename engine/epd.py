@@ -508,11 +508,17 @@ class EPDEngine:
         }
 
     def load(self) -> dict:
-        """The load estimator's snapshot over the live, routed stages."""
+        """The load estimator's snapshot over the live, routed stages; a stage that cannot change
+        role (switching.pinned) has "pinned": why."""
         live = {h.name: h.kind for h in self.stages.values() if h.moved_to is None and h.alive()}
         blocks = {name: {arena: self.stages[name].stats.get(arena) for arena in ("kv_blocks", "mm_blocks")}
                   for name in live}
-        return self.estimator.snapshot(time.perf_counter(), live, blocks)
+        snapshot = self.estimator.snapshot(time.perf_counter(), live, blocks)
+        for name, row in snapshot["stages"].items():  # a stage that cannot change role is not a donor
+            why = switching.pinned(self, self.stages[name])
+            if why:
+                row["pinned"] = why
+        return snapshot
 
     def switch_role(self, kind: str, index: int, new_kind: str, weights: str = "auto", timeout_s: float = 300.0
                     ) -> dict:

@@ -77,21 +77,30 @@ def check_switch(epd, kind: str, index: int, new_kind: str) -> StageHandle:
         raise RequestError(f"switch_role: {stage.name} is {'switching' if stage.switching else 'not alive'}")
     if not any(h.alive() and h is not stage for h in epd.of_kind(kind)):
         raise RequestError(f"switch_role: {stage.name} is the last live {kind} stage; the engine needs one")
-    if kind == "prefill" and any(h.alive() and h.ready and h.ready.get("kv_arena_of") == stage.name
-                                 for h in epd.of_kind("decode")):
-        raise RequestError(f"switch_role: {stage.name}'s KV arena is shared with a decode stage (start the engine "
-                           "with share_kv_arena=False to switch it)")
-    # the decode that continues a handed-over request maps the old one's KV arena (DecodeTask.src_arena)
-    away = [h.name for h in epd.of_kind("decode") if h.alive() and h.host != stage.host] if kind == "decode" else []
-    if away:
-        raise RequestError(f"switch_role: {stage.name} would hand its running requests over to {', '.join(away)} on "
-                           "another host, which cannot map its KV arena (not supported yet across hosts)")
-    mappers = [name for name, source in epd.weight_sources.items()
-               if source == stage.name and epd.stages[name].alive()]
-    if mappers:
-        raise RequestError(f"switch_role: {stage.name}'s weights are mapped by {', '.join(mappers)}; "
-                           "switch those first")
+    why = pinned(epd, stage)
+    if why:
+        raise RequestError(f"switch_role: {why}")
     return stage
+
+
+def pinned(epd, stage: StageHandle) -> str | None:
+    """Why this live stage cannot change role whatever the new kind, or None: its KV arena is
+    shared with a decode, its requests would go to a decode on another host, or others map its
+    weights. The allocator does not pick such a stage (EPDEngine.load marks it)."""
+    if stage.kind == "prefill" and any(h.alive() and h.ready and h.ready.get("kv_arena_of") == stage.name
+                                       for h in epd.of_kind("decode")):
+        return (f"{stage.name}'s KV arena is shared with a decode stage (start the engine with "
+                "share_kv_arena=False to switch it)")
+    # the decode that continues a handed-over request maps the old one's KV arena (DecodeTask.src_arena)
+    away = ([h.name for h in epd.of_kind("decode") if h.alive() and h.host != stage.host]
+            if stage.kind == "decode" else [])
+    if away:
+        return (f"{stage.name} would hand its running requests over to {', '.join(away)} on another host, which "
+                "cannot map its KV arena (not supported yet across hosts)")
+    mappers = [name for name, source in epd.weight_sources.items() if source == stage.name and epd.stages[name].alive()]
+    if mappers:
+        return f"{stage.name}'s weights are mapped by {', '.join(mappers)}; switch those first"
+    return None
 
 
 WEIGHT_SOURCES = ("auto", "map", "peer", "disk")

@@ -88,6 +88,17 @@ def test_the_allocator_moves_a_cool_instance_to_a_hot_kind_after_confirmation() 
     assert Allocator(AllocatorPolicy(confirm=1)).evaluate(_snapshot(0.7, 0.1, 0.01), 0.0) is None
 
 
+def test_the_allocator_skips_a_pinned_instance() -> None:
+    """A donor instance that cannot change role (EPDEngine.load marks it "pinned": others map
+    its weights) is not picked; the other one is, at once; with every instance pinned, nothing."""
+    hot = _snapshot(encode=0.95, prefill=0.2, decode_step=0.01)
+    hot["stages"]["prefill0"]["pinned"] = "prefill0's weights are mapped by prefill1; switch those first"
+    d = Allocator(AllocatorPolicy(confirm=1)).evaluate(hot, 0.0)
+    assert d is not None and d.stage == "prefill1"  # prefill0 has less queued work, but is pinned
+    hot["stages"]["prefill1"]["pinned"] = "its KV arena is shared with a decode stage"
+    assert Allocator(AllocatorPolicy(confirm=1)).evaluate(hot, 0.0) is None
+
+
 def test_the_allocator_does_not_flap_on_an_oscillating_load() -> None:
     """Load that swaps between encode-heavy and prefill-heavy every 3 s for 60 s: the cooldown
     (10 x the switch's cost, 5 s at least), the dwell and the reverse delay allow few switches,

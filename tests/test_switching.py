@@ -112,6 +112,8 @@ def test_impossible_switches_are_refused_with_the_reason(tiny_llava: Path, refer
                    kv_cache_tokens=4096) as epd:
         with pytest.raises(RequestError, match="prefill0's weights are mapped by prefill1, decode0; switch those"):
             epd.switch_role("prefill", 0, "decode")
+        stages = epd.load()["stages"]  # so --dynamic's allocator never picks it
+        assert "mapped by prefill1, decode0" in stages["prefill0"]["pinned"] and "pinned" not in stages["prefill1"]
     with EPDEngine(tiny_llava, placement="E:cpu,cpu P:cpu D:cpu", backend="torch", device="cpu",
                    kv_cache_tokens=4096) as epd:  # prefill0 and decode0 share one KV arena; over RPC
         import threading
