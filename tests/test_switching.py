@@ -299,20 +299,30 @@ def test_pd_mode_decode_to_prefill_maps_the_whole_model(tiny_llava: Path) -> Non
             epd.switch_role("prefill", 1, "encode")
 
 
-def test_a_draining_encoder_hands_its_work_over_while_the_prefill_is_blocked(tiny_llava: Path) -> None:
+@pytest.mark.parametrize("where", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_a_draining_encoder_hands_its_work_over_while_the_prefill_is_blocked(tiny_llava: Path, where: str) -> None:
     """An encoder switched away while the prefill is blocked (decode's KV arena full: the prefill
     holds its prompts, the encoders' MM arenas are full of their embeddings, tasks wait for
     blocks) does not wait for those prefills: the tasks it has not started go to the other
     encoder (Unencoded), and the prefill copies the embeddings its queued prompts hold in that
     encoder's arena into its own MM blocks (EncoderDraining). The switch is over while prompts
-    still wait; the greedy tokens equal the aggregated engine's, and no block stays used."""
+    still wait; the greedy tokens equal the aggregated engine's, and no block stays used. On a GPU
+    (the cuda backend, bf16) in batch-invariant mode, so that the batches' shapes cannot move a
+    token."""
+    if where == "cuda":
+        pytest.importorskip("kernels._epd_C")
+        if not __import__("torch").cuda.is_available():
+            pytest.skip("needs CUDA")
     sp = SamplingParams(max_tokens=40, ignore_eos=True)
     reqs = [Request(f"Describe picture {i}", images=[_png(300 + i)]) for i in range(40)]
-    expected = [o.token_ids for o in LLM(tiny_llava, backend="torch", device="cpu").generate(reqs, sp)]
+    kw = ({"backend": "torch", "device": "cpu"} if where == "cpu" else
+          {"backend": "cuda", "device": "cuda", "dtype": "bfloat16", "deterministic": True, "mm_cache_items": 0})
+    expected = [o.token_ids for o in LLM(tiny_llava, **kw).generate(reqs, sp)]
     # 256 KV tokens per stage: decode holds 2 requests (92 tokens each), the prefill 4 more; 16 MM
     # blocks per encoder: of encode1's ~20 tasks some wait for blocks
-    with EPDEngine(tiny_llava, placement="E:cpu,cpu P:cpu D:cpu", share_kv_arena=False, backend="torch",
-                   device="cpu", kv_cache_tokens=256, max_model_len=128) as epd:
+    placement = "E:cpu,cpu P:cpu D:cpu" if where == "cpu" else "E:0,0 P:0 D:0"
+    with EPDEngine(tiny_llava, placement=placement, share_kv_arena=False, kv_cache_tokens=256, max_model_len=128,
+                   **kw) as epd:
         seqs = [epd.add_request(r, sp) for r in reqs]
         index = {s.seq_id: i for i, s in enumerate(seqs)}
         out: dict[int, object] = {}
