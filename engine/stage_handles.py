@@ -57,10 +57,14 @@ class StageError(RuntimeError):
     """A request failed inside a stage, or a stage failed to start (the message names the stage)."""
 
 
+def usable_cores() -> int:
+    """The CPU cores this process may use (its affinity where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def stage_threads(num_stages: int) -> int:
     """torch CPU threads per stage process: the cores this process may use, shared out."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, cores // num_stages)
+    return max(1, usable_cores() // num_stages)
 
 
 @contextlib.contextmanager

@@ -56,6 +56,7 @@ from engine.config import EngineConfig, ModelConfig  # noqa: E402
 from engine.request import Sequence  # noqa: E402
 from engine.runner import ModelRunner, kv_block_shape, load_weights, mm_arena_shape  # noqa: E402
 from engine.sampling import SamplingParams  # noqa: E402
+from engine.stage_handles import usable_cores  # noqa: E402
 
 VERSION = 1
 BLOCK_SIZE = 16  # the engine's default KV block
@@ -544,7 +545,7 @@ def main(argv: list[str] | None = None) -> int:
         "tower": tower, "prefill": sorted([t, s] for _, t, _, s in prefill), "decode": decode, "handoff": handoff,
     }
     if device.type == "cpu":
-        costs["cpu_cores"] = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        costs["cpu_cores"] = usable_cores()  # what the stages' threads are shared out of (stage_threads)
     out.write_text(dump(costs))
     print(f"\nwrote {out} in {time.perf_counter() - started:.1f} s", flush=True)
     return 0
