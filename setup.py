@@ -1,4 +1,4 @@
-"""Build the CUDA extension kernels._epd_C where CUDA is present; everything else (metadata,
+"""Build the CUDA extension epd_kernels._epd_C where CUDA is present; everything else (metadata,
 dependencies, packages, entry points) is in pyproject.toml.
 
     pip install -e .          # CPU: pure Python (torch backend); GPU: + the extension
@@ -26,10 +26,10 @@ def extensions() -> tuple[list, dict]:
         return [], {}
     if CUDA_HOME is None or not torch.cuda.is_available() and os.environ.get("EPD_FORCE_CUDA") != "1":
         return [], {}
-    from kernels.build import CXX_FLAGS, NVCC_FLAGS, ROOT, sources
+    from epd_kernels.build import CXX_FLAGS, NVCC_FLAGS, ROOT, sources
 
     ext = CUDAExtension(
-        name="kernels._epd_C",
+        name="epd_kernels._epd_C",
         sources=sources(),
         include_dirs=[str(ROOT)],
         extra_compile_args={"cxx": CXX_FLAGS, "nvcc": NVCC_FLAGS},

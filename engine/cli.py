@@ -15,7 +15,7 @@ from collections.abc import Callable
 EXIT_BAD_INPUT = 2  # argparse's status for usage errors; ours for every bad input
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports Ctrl-C
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
-PROJECT_LOGGERS = ("engine", "graphs", "ipc", "kernels")
+PROJECT_LOGGERS = ("engine", "graphs", "ipc", "epd_kernels")
 PLACEMENT_HELP = (
     'stage instances and their devices: "E:<dev>[,<dev>...] P:<dev>[,...] D:<dev>[,...]", where <dev> is a '
     'GPU index or "cpu" (one instance per entry), e.g. "E:0,1 P:2 D:3" or, on the CPU, "E:cpu,cpu P:cpu D:cpu"; '
@@ -161,26 +161,26 @@ def check_device(device: str | None, backend: str) -> None:
         if dev.type == "cuda":
             _check_gpu("--device", device, dev.index or 0)
     if backend == "cuda":
-        from kernels import cuda_available
+        from epd_kernels import cuda_available
 
         if device is not None and torch.device(device).type == "cpu":
             raise CLIError("--backend cuda runs on a GPU; with --device cpu use --backend torch (or auto)")
         if _cuda_devices() == 0:
             raise CLIError("--backend cuda needs a CUDA GPU, and this machine has none; use --backend torch")
         if not cuda_available():
-            raise CLIError("--backend cuda: the CUDA extension kernels._epd_C is not built "
-                           "(python -m kernels.build); or use --backend torch")
+            raise CLIError("--backend cuda: the CUDA extension epd_kernels._epd_C is not built "
+                           "(python -m epd_kernels.build); or use --backend torch")
 
 
 def require_cuda_backend(what: str) -> None:
     """For drivers that only run on the cuda backend (the GPU benchmarks): a GPU and the built
     extension, or CLIError saying which is missing."""
-    from kernels import cuda_available
+    from epd_kernels import cuda_available
 
     if _cuda_devices() == 0:
         raise CLIError(f"{what}: runs on a CUDA GPU only, and this machine has none")
     if not cuda_available():
-        raise CLIError(f"{what}: runs on the cuda backend only; build the extension (python -m kernels.build)")
+        raise CLIError(f"{what}: runs on the cuda backend only; build the extension (python -m epd_kernels.build)")
 
 
 def check_placement(placement: str, mode: str, cluster: bool = False) -> dict[str, list[str]]:

@@ -367,7 +367,7 @@ class EngineConfig:
     encode_first (EPD): a prefill waits (0.25 s at most per batch) while an encoder on its device
     has work in hand (ipc/busy_board.py): without MPS a GPU time-slices between processes, and
     the encoders' batches of a few ms would wait behind a long prefill's slices.
-    deterministic: batch-invariant ops (kernels/invariant.py): a request's output is bit-identical
+    deterministic: batch-invariant ops (epd_kernels/invariant.py): a request's output is bit-identical
     whatever shares its batches, the graph bucket, the number of encoders or the E/P/D split.
     """
 

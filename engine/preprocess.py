@@ -7,7 +7,7 @@ engine/preprocess_anyres.py, built on GpuImagePreprocessor):
 - CPU (`CpuImagePreprocessor`): the same per-image function on `workers` threads (PIL releases the
   GIL in decode and resize), so the output is identical by construction.
 - GPU (`GpuImagePreprocessor`): decode (below), then resize with our CUDA kernels, which reproduce
-  PIL's 8-bit resample bit for bit (kernels/image/reference.py, tested against PIL), then one batched
+  PIL's 8-bit resample bit for bit (epd_kernels/image/reference.py, tested against PIL), then one batched
   launch of HF center crop (zero pad) + rescale + normalize + HWC -> CHW through a [3, 256] table made
   by ImageProcessor's own numpy operations. Given the same decoded uint8 pixels the float32 output is
   ImageProcessor's bit for bit; bfloat16/float16 output is that rounded to nearest even.
@@ -58,7 +58,7 @@ from engine.images import (
     hf_composites_alpha,
     load_image,
 )
-from kernels.image import reference as image_ref
+from epd_kernels.image import reference as image_ref
 
 if TYPE_CHECKING:
     from engine.config import EngineConfig, ModelConfig
@@ -188,7 +188,7 @@ class GpuImagePreprocessor:
 
     def __init__(self, cfg: ImageProcessorConfig, device: str | torch.device = "cuda",
                  dtype: torch.dtype = torch.float32, workers: int = 1, nvjpeg: bool = True) -> None:
-        from kernels.image import cuda as image_ops  # needs the built extension
+        from epd_kernels.image import cuda as image_ops  # needs the built extension
 
         self.device = torch.device(device)
         if self.device.type != "cuda":

@@ -28,7 +28,7 @@ import torch
 from engine.image_layout import Pinpoints, patch_output_size, select_best_resolution
 from engine.images import ImageError
 from engine.preprocess import GpuImagePreprocessor
-from kernels.image import reference as image_ref
+from epd_kernels.image import reference as image_ref
 
 
 class GpuAnyresPreprocessor:

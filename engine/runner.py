@@ -20,10 +20,10 @@ from engine.models.llava import MultimodalModel
 from engine.penalties import PenaltyState
 from engine.request import Sequence
 from engine.sampling import SamplingParams
+from epd_kernels import get_backend
+from epd_kernels.invariant import batch_invariant
 from graphs.decode_graphs import DecodeBatch, DecodeGraphs
 from graphs.vision_graphs import VisionGraphs
-from kernels import get_backend
-from kernels.invariant import batch_invariant
 
 log = logging.getLogger(__name__)
 NEWLINE_REF = (-1, -1)  # _image_rows: the token reads the model's image_newline vector
@@ -115,7 +115,7 @@ class ModelRunner:
     def has_attention_kernel(self) -> bool:
         """The model's head_dim has a CUDA attention kernel; the torch fallback for other head
         dims syncs with the host, so such a model cannot run under CUDA graphs."""
-        from kernels.attn_varlen import KERNEL_HEAD_DIMS
+        from epd_kernels.attn_varlen import KERNEL_HEAD_DIMS
 
         return self.cfg.text.head_dim in KERNEL_HEAD_DIMS
 

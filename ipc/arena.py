@@ -1,6 +1,6 @@
 """Shared arenas: a tensor one process allocates and exports, which peers map once.
 
-On a GPU the handle is a CUDA IPC handle (cudaIpcGetMemHandle, via kernels._epd_C) plus the
+On a GPU the handle is a CUDA IPC handle (cudaIpcGetMemHandle, via epd_kernels._epd_C) plus the
 offset of the tensor inside its allocation; on the CPU (CI) it names a file in /dev/shm that
 both sides map (torch.from_file, shared); the file stays while the engine runs (a stage that
 changes role maps its peers' arenas then) and goes at shutdown, or with the processes. Either
@@ -58,7 +58,7 @@ class SharedArena:
         for n in shape:
             numel *= n
         if device.type == "cuda":
-            from kernels import _epd_C
+            from epd_kernels import _epd_C
 
             tensor = torch.zeros(shape, dtype=dtype, device=device)
             cuda_handle, offset = _epd_C.ipc_export(tensor)
@@ -79,7 +79,7 @@ class SharedArena:
         NCCL and vLLM's custom all-reduce do), so copies run there and use NVLink, and this
         process never creates a context on the owner's GPU. The tensor reports `device`."""
         if handle.device.startswith("cuda"):
-            from kernels import _epd_C
+            from epd_kernels import _epd_C
 
             here = torch.device(device if device is not None else handle.device)
             if here.type != "cuda":

@@ -38,7 +38,7 @@ def pull_blocks(src: torch.Tensor, src_ids: list[int], dst: torch.Tensor, dst_id
         if bad:
             raise ValueError(f"pull_blocks: {name} blocks {bad[:4]} outside the arena's {arena.shape[0]} blocks")
     if dst.is_cuda:  # one cudaMemcpyAsync per run, issued from C++ (no per-copy Python or events)
-        from kernels import _epd_C
+        from epd_kernels import _epd_C
 
         _epd_C.copy_blocks(dst, dst_ids, src, src_ids)
     else:

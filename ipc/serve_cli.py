@@ -95,7 +95,7 @@ def build_parser(model_help: str = "HF checkpoint directory (required)") -> argp
                    help="preprocessed pixels kept per process, MB (0: none)")
     p.add_argument("--deterministic", action="store_true",
                    help="batch-invariant ops: a request's output is bit-identical whatever shares its batches "
-                        "or the E/P/D split (kernels/invariant.py; slower)")
+                        "or the E/P/D split (epd_kernels/invariant.py; slower)")
     dyn = p.add_argument_group("epd / pd modes")
     dyn.add_argument("--cluster", help="a Ray cluster's address: stages whose --placement names a host run as actors "
                                        "on the node with that custom resource (the ray extra)")

@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--multi-step", default="1,8", help="decode steps per call, comma-separated")
     p.add_argument("--no-hf", action="store_true", help="skip the HF eager baseline")
     p.add_argument("--deterministic", action="store_true",
-                   help="batch-invariant ops (kernels/invariant.py): outputs independent of the batch; slower")
+                   help="batch-invariant ops (epd_kernels/invariant.py): outputs independent of the batch; slower")
     p.add_argument("--serve-time", action="store_true", help="time to first serve, background vs upfront capture")
     p.add_argument("--without-penalty-ops", action="store_true",
                    help="A/B only: capture the decode graphs without the penalty ops (apply_penalties, "
@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"time to first token in a fresh process, {mode} capture of decode graphs (max batch 256): "
                   f"{first:.2f} s (all graphs ready at {done:.2f} s; graph pool {nbytes / 2**20:.0f} MiB)", flush=True)
     if args.without_penalty_ops:
-        from kernels import get_backend
+        from epd_kernels import get_backend
 
         ops = get_backend("cuda", torch.device("cuda"), torch.bfloat16)
         ops.apply_penalties = lambda logits, *_: logits

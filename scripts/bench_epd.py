@@ -238,7 +238,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--backend", default="cuda", choices=["cuda", "torch"],
                    help='torch: a CPU smoke run (--placement "E:cpu P:cpu D:cpu")')
     p.add_argument("--deterministic", action="store_true",
-                   help="batch-invariant ops (kernels/invariant.py): outputs independent of the batch; slower")
+                   help="batch-invariant ops (epd_kernels/invariant.py): outputs independent of the batch; slower")
     p.add_argument("--no-share", action="store_true", help="copy KV blocks even when P and D share a GPU")
     p.add_argument("--max-images-per-batch", type=int, default=8, help="vision-tower items per encode batch")
     p.add_argument("--image-size", default="336x336",

@@ -17,10 +17,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from kernels.bench_utils import copy_bandwidth_GBps, gemm_tflops  # noqa: E402
+from epd_kernels.bench_utils import copy_bandwidth_GBps, gemm_tflops  # noqa: E402
 
-FAMILIES = ["kernels.rmsnorm_rope.bench", "kernels.elementwise.bench", "kernels.sampling.bench",
-            "kernels.attn_varlen.bench", "kernels.attn_varlen.decode_bench", "kernels.gemv.bench"]
+FAMILIES = ["epd_kernels.rmsnorm_rope.bench", "epd_kernels.elementwise.bench", "epd_kernels.sampling.bench",
+            "epd_kernels.attn_varlen.bench", "epd_kernels.attn_varlen.decode_bench", "epd_kernels.gemv.bench"]
 
 
 def ceilings() -> dict:

@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--vision-batches", default="1,8,32", help="image batch sizes for the vision tower, comma-separated")
     p.add_argument("--multi-step", type=int, default=8, help="decode steps per device call (1-64)")
     p.add_argument("--deterministic", action="store_true",
-                   help="batch-invariant ops (kernels/invariant.py): outputs independent of the batch; slower")
+                   help="batch-invariant ops (epd_kernels/invariant.py): outputs independent of the batch; slower")
     args = p.parse_args(argv)
     vision_batches = int_list("--vision-batches", args.vision_batches)
     for flag in ("requests", "output_tokens", "hf_requests", "hf_batch"):

@@ -48,7 +48,7 @@ stage() {  # stage NAME CMD...: run, log, record status and time
 }
 
 if [[ " $STAGES " == *" build "* ]]; then
-  stage build python3 -m kernels.build || { echo "build failed"; exit 1; }
+  stage build python3 -m epd_kernels.build || { echo "build failed"; exit 1; }
 fi
 if [[ " $STAGES " == *" test "* ]]; then
   stage pytest_gpu python3 -m pytest -m gpu -q --tb=short -p no:cacheprovider tests
@@ -227,7 +227,7 @@ fi
 if [[ " $STAGES " == *" noregress "* ]]; then  # issue 18: same-host stages still map arenas; this tree vs BASE_TREE
   llava7b
   BASE=${BASE_TREE:-.base}  # an earlier tree (git archive), its kernels the same as this one's
-  cp kernels/_epd_C*.so "$BASE/kernels/"
+  cp epd_kernels/_epd_C*.so "$BASE/kernels/"
   for round in 1 2; do
     for tree in head base; do
       dir=.; [[ $tree == base ]] && dir=$BASE

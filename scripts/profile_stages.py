@@ -468,11 +468,11 @@ def main(argv: list[str] | None = None) -> int:
         raise CLIError(f"--peer-device {args.peer_device!r}: GPU {peer.index} does not exist; this machine has "
                        f"{torch.cuda.device_count()}")
     if device.type == "cuda":
-        from kernels import cuda_available
+        from epd_kernels import cuda_available
 
         if not cuda_available():  # ipc.migration.pull_blocks copies with it on a GPU
-            raise CLIError("--device cuda: the KV hand-off needs the CUDA extension kernels._epd_C "
-                           "(python -m kernels.build)")
+            raise CLIError("--device cuda: the KV hand-off needs the CUDA extension epd_kernels._epd_C "
+                           "(python -m epd_kernels.build)")
 
     cfg = ModelConfig.from_dir(args.model)
     if not cfg.is_multimodal:

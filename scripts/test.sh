@@ -6,7 +6,7 @@ PY=${PYTHON:-python3}
 bash scripts/install.sh
 "$PY" -m ruff check .
 if command -v nvcc >/dev/null; then
-  "$PY" -m kernels.build --check --jobs "${JOBS:-2}"
+  "$PY" -m epd_kernels.build --check --jobs "${JOBS:-2}"
 else
   echo "nvcc not found: skipping the CUDA compile check"
 fi

@@ -30,10 +30,10 @@ def small_llava(tmp_path_factory: pytest.TempPathFactory) -> Path:
     not the reference fallback), bf16. Skips without CUDA and the built extension."""
     import torch
 
-    from kernels import cuda_available
+    from epd_kernels import cuda_available
 
     if not cuda_available():
-        pytest.skip("needs CUDA and kernels._epd_C")
+        pytest.skip("needs CUDA and epd_kernels._epd_C")
     return make_tiny_llava(tmp_path_factory.mktemp("models") / "small-llava", dtype=torch.bfloat16,
                            vision_sizes={"hidden_size": 128, "num_attention_heads": 2, "intermediate_size": 256},
                            text_sizes={"hidden_size": 256, "num_attention_heads": 4, "num_key_value_heads": 4,

@@ -83,7 +83,7 @@ def test_open_after_owner_closed_fails_clearly() -> None:
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_arena_is_shared_between_processes() -> None:
-    pytest.importorskip("kernels._epd_C")
+    pytest.importorskip("epd_kernels._epd_C")
     torch.empty(12345, device="cuda")  # so the arena is not at the start of its segment
     arena = SharedArena.create((4, 3, 5), torch.bfloat16, "cuda", "test")
     arena.tensor[1].fill_(2.0)

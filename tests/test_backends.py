@@ -8,8 +8,8 @@ from pathlib import Path
 
 import torch
 
-import kernels.reference as reference
-from kernels import get_backend
+import epd_kernels.reference as reference
+from epd_kernels import get_backend
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -21,10 +21,10 @@ def _public_functions(path: Path) -> dict[str, list[str]]:
 
 
 def test_cuda_ops_mirror_reference() -> None:
-    cuda_ops = ast.parse((ROOT / "kernels" / "cuda_ops.py").read_text())
+    cuda_ops = ast.parse((ROOT / "epd_kernels" / "cuda_ops.py").read_text())
     exported = {}
     for node in cuda_ops.body:
-        if isinstance(node, ast.ImportFrom) and node.module.startswith("kernels."):
+        if isinstance(node, ast.ImportFrom) and node.module.startswith("epd_kernels."):
             family = ROOT / Path(*node.module.split(".")) / "__init__.py"
             wrappers = _public_functions(family)
             for alias in node.names:

@@ -90,7 +90,7 @@ NO_GPU_CASES: list[tuple[str, list[str], dict, str]] = [
     ("bench_epd.py", ["--model", "{llava}", "--placement", "E:cpu P:cpu D:cpu"], {}, "--backend cuda needs a CUDA GPU"),
 ]
 # as real subprocesses: each kind of error (argparse, run_main's mapping, the device checks) in
-# the drivers and a benchmark, and kernels.build
+# the drivers and a benchmark, and epd_kernels.build
 SUBPROCESS_CASES = [CASES[0], CASES[10], CASES[14], CASES[26]] + ([NO_GPU_CASES[3], NO_GPU_CASES[8]] if NO_GPU else [])
 
 
@@ -155,11 +155,11 @@ def test_bad_input_as_subprocesses(paths: dict) -> None:
     cases = list(SUBPROCESS_CASES)
     with ThreadPoolExecutor(3) as pool:
         results = list(pool.map(run, cases))
-        build = subprocess.run([sys.executable, "-m", "kernels.build", "--jobs", "0"], cwd=ROOT, capture_output=True,
-                               text=True, timeout=300)
+        build = subprocess.run([sys.executable, "-m", "epd_kernels.build", "--jobs", "0"], cwd=ROOT,
+                               capture_output=True, text=True, timeout=300)
     for rc, stderr, expected, what in results:
         _check(rc, stderr, expected, what)
-    _check(build.returncode, build.stderr, "--jobs = 0; must be >= 1", "kernels.build")
+    _check(build.returncode, build.stderr, "--jobs = 0; must be >= 1", "epd_kernels.build")
 
 
 def test_installed_driver_needs_model(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:

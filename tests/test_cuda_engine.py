@@ -12,7 +12,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 def _extension_built() -> bool:
     try:
-        from kernels import _epd_C  # noqa: F401
+        from epd_kernels import _epd_C  # noqa: F401
     except ImportError:
         return False
     return True
@@ -26,7 +26,7 @@ def small_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from scripts.make_tiny_model import _init_non_flat, _start_dir
 
     if not _extension_built():
-        pytest.skip("kernels._epd_C is not built")
+        pytest.skip("epd_kernels._epd_C is not built")
     out, tok = _start_dir(tmp_path_factory.mktemp("models") / "small-llama", None)
     cfg = hf.LlamaConfig(vocab_size=len(tok), hidden_size=512, intermediate_size=1376, num_hidden_layers=4,
                          num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=2048,

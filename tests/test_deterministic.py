@@ -1,4 +1,4 @@
-"""Batch-invariant mode (EngineConfig.deterministic, kernels/invariant.py): a request's tokens and
+"""Batch-invariant mode (EngineConfig.deterministic, epd_kernels/invariant.py): a request's tokens and
 log-probabilities are bit-identical alone or in a batch, and EPD with two encoders equals the
 aggregated engine in bf16 (which, without it, differs: test_epd's GPU test says why).
 
@@ -17,8 +17,8 @@ from PIL import Image
 
 from engine import LLM, Request, SamplingParams
 from engine.config import ConfigError, EngineConfig
-from kernels import cuda_available, reference
-from kernels.invariant import ROWS, batch_invariant
+from epd_kernels import cuda_available, reference
+from epd_kernels.invariant import ROWS, batch_invariant
 
 SP = SamplingParams(max_tokens=10, ignore_eos=True, logprobs=True, top_logprobs=3)
 SP_EPD = SamplingParams(max_tokens=24, ignore_eos=True)  # EPD returns no logprobs yet: tokens only
@@ -123,8 +123,8 @@ def test_invariant_decode_attention_ignores_batch_and_table_width() -> None:
     """The split-KV decode with invariant=True: one sequence's output alone, in a batch of 9, and
     with a block table twice as wide is bit-identical (without it the split count follows both)."""
     if not cuda_available():
-        pytest.skip("needs CUDA and kernels._epd_C")
-    from kernels.attn_varlen import paged_attention_decode
+        pytest.skip("needs CUDA and epd_kernels._epd_C")
+    from epd_kernels.attn_varlen import paged_attention_decode
 
     gen = torch.Generator(device="cuda").manual_seed(0)
     bs, blocks, layers, hkv, d = 16, 1200, 1, 2, 64  # 128 blocks per sequence hold its 2047 tokens

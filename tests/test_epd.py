@@ -246,7 +246,7 @@ def test_epd_on_one_gpu_matches_aggregated(tiny_llava: Path) -> None:
     aggregated runs one of 3. With two encoders this test failed on the H100 (2026-11-26, d1d7e22);
     the torch backend in bf16 on the CPU shows the same: only the 3-image request differs, and
     only with two encoders."""
-    pytest.importorskip("kernels._epd_C")
+    pytest.importorskip("epd_kernels._epd_C")
     kw = {"backend": "cuda", "device": "cuda", "dtype": "bfloat16", "kv_cache_tokens": 4096}
     llm = LLM(tiny_llava, **kw)
     reference = [llm.generate([r], SP)[0].token_ids for r in _requests()]

@@ -1,4 +1,4 @@
-"""Split-KV paged decode attention (kernels/attn_varlen/decode.cu) vs kernels/reference.py.
+"""Split-KV paged decode attention (epd_kernels/attn_varlen/decode.cu) vs epd_kernels/reference.py.
 
 The reference runs in fp32 on upcast inputs. A case passes when the kernel's max abs error is at
 most 2x the error of torch SDPA run in the input dtype on the same gathered K/V, + 1e-5.
@@ -12,17 +12,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import reference
+from epd_kernels import reference
 
 try:
-    from kernels import _epd_C
+    from epd_kernels import _epd_C
 except ImportError:  # CPU machines: the extension is not built
     _epd_C = None
 
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
-    pytest.mark.skipif(_epd_C is None, reason="kernels._epd_C is not built"),
+    pytest.mark.skipif(_epd_C is None, reason="epd_kernels._epd_C is not built"),
 ]
 
 LENGTHS = [1, 7, 97, 577, 1025, 4096]

@@ -1,4 +1,4 @@
-"""CUDA paged prefill and dense attention vs the fp32 torch reference (kernels/reference.py).
+"""CUDA paged prefill and dense attention vs the fp32 torch reference (epd_kernels/reference.py).
 
 Pass criterion (flash-attention style): max |kernel - ref32| <= 2 * max |torch SDPA in the same
 low precision - ref32| + 1e-5, on fresh random inputs, shuffled block tables, mixed lengths,
@@ -17,17 +17,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import reference
+from epd_kernels import reference
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 try:
-    from kernels import _epd_C
+    from epd_kernels import _epd_C
 except ImportError:  # extension not built: every test skips
     _epd_C = None
 
 ROOT = Path(__file__).resolve().parents[1]
-needs_ext = pytest.mark.skipif(_epd_C is None, reason="kernels._epd_C is not built")
+needs_ext = pytest.mark.skipif(_epd_C is None, reason="epd_kernels._epd_C is not built")
 
 DTYPES = [torch.bfloat16, torch.float16]
 HEAD_DIMS = [64, 80, 96, 128]
@@ -188,7 +188,7 @@ def test_prefill_single_query_rows(dtype: torch.dtype) -> None:
 @needs_ext
 def test_prefill_wrapper_and_grid_bound() -> None:
     """The Python wrapper (max_seqlen_q computed there) and a generous host-side max_seqlen_q."""
-    from kernels import attn_varlen
+    from epd_kernels import attn_varlen
 
     c = _make_prefill([(300, 200), (50, 50), (1025, 1)], 32, 8, 96, torch.float16, block_size=32, seed=5)
     args = [c[k] for k in ("q", "kv_arena", "layer", "cu_seqlens_q", "seq_lens", "block_tables", "scale")]
@@ -200,7 +200,7 @@ def test_prefill_wrapper_and_grid_bound() -> None:
 
 _BAD_INPUT = """
 import torch
-from kernels import _epd_C
+from epd_kernels import _epd_C
 q = torch.randn(10, 4, 32, device="cuda", dtype=torch.bfloat16)  # head_dim 32: no kernel
 arena = torch.randn(2, 1, 2, 16, 2, 32, device="cuda", dtype=torch.bfloat16)
 i32 = dict(device="cuda", dtype=torch.int32)
@@ -253,7 +253,7 @@ def test_dense(dtype: torch.dtype, head_dim: int) -> None:
 @needs_ext
 def test_dense_wrapper_small_head_dim_falls_back() -> None:
     """head_dim 16 (tiny test model) runs the torch reference through the same wrapper."""
-    from kernels import attn_varlen
+    from epd_kernels import attn_varlen
 
     q, k, v = _make_dense(2, 37, 4, 16, torch.bfloat16, seed=0)
     out = attn_varlen.attention_dense(q, k, v, 0.25)

@@ -1,4 +1,4 @@
-"""CUDA elementwise kernels (silu_and_mul, gelu, quick_gelu, embed_tokens) against kernels/reference.py.
+"""CUDA elementwise kernels (silu_and_mul, gelu, quick_gelu, embed_tokens) against epd_kernels/reference.py.
 
 Activations: the kernel's error against the fp32 reference must be at most 2x that of the same op run
 by torch in the low-precision dtype (+1e-5), and within ~2 ulp elementwise. Embedding is a copy: exact.
@@ -9,18 +9,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import reference
+from epd_kernels import reference
 
 try:
-    from kernels import _epd_C
-    from kernels import elementwise as ew
+    from epd_kernels import _epd_C
+    from epd_kernels import elementwise as ew
 except ImportError:
     _epd_C = ew = None
 
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
-    pytest.mark.skipif(_epd_C is None, reason="kernels._epd_C is not built"),
+    pytest.mark.skipif(_epd_C is None, reason="epd_kernels._epd_C is not built"),
 ]
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]

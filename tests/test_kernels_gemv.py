@@ -1,4 +1,4 @@
-"""Small-batch GEMV kernels (linear, gate_up_silu) against kernels/reference.py and torch.
+"""Small-batch GEMV kernels (linear, gate_up_silu) against epd_kernels/reference.py and torch.
 
 Accuracy metric (linear): the truth is x @ w^T in float64. Both the kernel's max abs error and its
 relative Frobenius error (||got - truth|| / ||truth||) must be at most 2x those of torch's own F.linear
@@ -15,18 +15,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import reference
+from epd_kernels import reference
 
 try:
-    from kernels import _epd_C, gemv
-    from kernels import elementwise as ew
+    from epd_kernels import _epd_C, gemv
+    from epd_kernels import elementwise as ew
 except ImportError:
     _epd_C = ew = gemv = None
 
 
 def gpu(fn):
     """Mark a test as needing the GPU and the built extension (the CPU tests here run anywhere)."""
-    fn = pytest.mark.skipif(_epd_C is None, reason="kernels._epd_C is not built")(fn)
+    fn = pytest.mark.skipif(_epd_C is None, reason="epd_kernels._epd_C is not built")(fn)
     fn = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")(fn)
     return pytest.mark.gpu(fn)
 

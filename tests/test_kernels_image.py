@@ -1,4 +1,4 @@
-"""CUDA image kernels (kernels/image) against the numpy reference and PIL: bit-exact resize passes and
+"""CUDA image kernels (epd_kernels/image) against the numpy reference and PIL: bit-exact resize passes and
 crop + normalize, over awkward sizes, every filter, strided (CHW-permuted) inputs and mixed batches."""
 
 from __future__ import annotations
@@ -8,18 +8,18 @@ import pytest
 import torch
 from PIL import Image
 
-from kernels.image import reference as ref
+from epd_kernels.image import reference as ref
 
 try:
-    from kernels import _epd_C
-    from kernels.image import cuda as image_ops
+    from epd_kernels import _epd_C
+    from epd_kernels.image import cuda as image_ops
 except ImportError:
     _epd_C = image_ops = None
 
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
-    pytest.mark.skipif(_epd_C is None, reason="kernels._epd_C is not built"),
+    pytest.mark.skipif(_epd_C is None, reason="epd_kernels._epd_C is not built"),
 ]
 
 FILTERS = [ref.BICUBIC, ref.BILINEAR, ref.LANCZOS, ref.BOX, ref.HAMMING]

@@ -1,4 +1,4 @@
-"""CUDA rms_norm / add_rms_norm / layer_norm / rope_and_cache_write against kernels/reference.py.
+"""CUDA rms_norm / add_rms_norm / layer_norm / rope_and_cache_write against epd_kernels/reference.py.
 
 Each case: fresh seeded random inputs, outputs poisoned with NaN, the kernel compared with the fp32
 reference on upcast inputs (abs + rel tolerance, first failures printed) and its worst error held
@@ -12,17 +12,17 @@ import math
 import pytest
 import torch
 
-from kernels import reference as ref
+from epd_kernels import reference as ref
 
 try:
-    from kernels import _epd_C
+    from epd_kernels import _epd_C
 except ImportError:
     _epd_C = None
 
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
-    pytest.mark.skipif(_epd_C is None, reason="kernels._epd_C is not built"),
+    pytest.mark.skipif(_epd_C is None, reason="epd_kernels._epd_C is not built"),
 ]
 
 DTYPES = [torch.bfloat16, torch.float16]
@@ -156,7 +156,7 @@ def test_add_rms_norm_layouts(dtype: torch.dtype, layout: str) -> None:
 
 
 def test_add_rms_norm_wrapper_is_in_place() -> None:
-    from kernels import rmsnorm_rope as ops
+    from epd_kernels import rmsnorm_rope as ops
 
     gen = generator(5)
     x = randn((7, 4096), torch.bfloat16, gen)
@@ -191,7 +191,7 @@ def test_layer_norm(dtype: torch.dtype, tokens: int, hidden: int) -> None:
 @pytest.mark.parametrize("length", [1, 7, 97, 577])
 @pytest.mark.parametrize("hidden", [64, 1024])
 def test_layer_norm_wrapper_3d(dtype: torch.dtype, batch: int, length: int, hidden: int) -> None:
-    from kernels import rmsnorm_rope as ops
+    from epd_kernels import rmsnorm_rope as ops
 
     gen = generator(100 * batch + length + hidden)
     x = randn((batch, length, hidden), dtype, gen, scale=2.0, shift=-1.0)
@@ -305,7 +305,7 @@ def test_rope_and_cache_write(
 def test_rope_wrapper_contiguous_inputs_match_reference_bitwise(dtype: torch.dtype, tokens: int) -> None:
     """Separate contiguous q/k/v through the Python wrapper. The kernel rounds each fp32 op like
     torch's eager reference (no FMA), so q_rot and the whole arena equal the reference bit for bit."""
-    from kernels import rmsnorm_rope as ops
+    from epd_kernels import rmsnorm_rope as ops
 
     q, k, v, positions, cos_sin, kv_arena, layer, slot_mapping = rope_case(
         tokens, 32, 8, 128, dtype, 99 + tokens, "random"

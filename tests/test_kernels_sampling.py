@@ -1,4 +1,4 @@
-"""CUDA sampler against kernels/reference.py:sample (run on CPU in fp32).
+"""CUDA sampler against epd_kernels/reference.py:sample (run on CPU in fp32).
 
 The kernel computes the reference's function exactly in real arithmetic: same softmax, same
 descending order (ties by lower index), same top_k / top_p cut, same counter-based uniform, same
@@ -12,18 +12,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import reference
+from epd_kernels import reference
 
 try:
-    from kernels import _epd_C
-    from kernels import sampling as ks
+    from epd_kernels import _epd_C
+    from epd_kernels import sampling as ks
 except ImportError:
     _epd_C = ks = None
 
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
-    pytest.mark.skipif(_epd_C is None, reason="kernels._epd_C is not built"),
+    pytest.mark.skipif(_epd_C is None, reason="epd_kernels._epd_C is not built"),
 ]
 
 BOUNDARY_EPS = 1e-6  # how close u (or the top_p threshold) must be to a CDF boundary to excuse a mismatch

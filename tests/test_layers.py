@@ -1,4 +1,4 @@
-"""Import directions between engine/, graphs/, kernels/ and ipc/ (read from source with ast: no
+"""Import directions between engine/, graphs/, epd_kernels/ and ipc/ (read from source with ast: no
 imports run, lazy ones inside functions count too).
 
 The layers, lowest first: kernels (ops, no knowledge of requests), graphs (capture and replay of
@@ -16,7 +16,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("engine", "graphs", "kernels", "ipc")
+PACKAGES = ("engine", "graphs", "epd_kernels", "ipc")
 IPC_MECHANISMS = ("ipc.arena", "ipc.busy_board", "ipc.migration", "ipc.channel", "ipc.parent_watch", "ipc.connections",
                   "ipc.worker", "ipc.peer_link", "ipc.linked_arena")
 # The engine modules that drive processes, and what they may use of ipc: the orchestrator spawns
@@ -77,7 +77,7 @@ def _within(module: str, prefixes: tuple[str, ...]) -> bool:
 
 def forbidden(importer: str, imported: str) -> str | None:
     """Why the arrow importer -> imported breaks the layering, or None if it may exist."""
-    if _within(importer, ("kernels",)) and _within(imported, ("engine", "graphs", "ipc")):
+    if _within(importer, ("epd_kernels",)) and _within(imported, ("engine", "graphs", "ipc")):
         return "kernels import nothing above them"
     if _within(importer, ("graphs",)) and _within(imported, ("engine.request", "ipc")):
         return "graphs know no requests and no processes"
@@ -115,8 +115,8 @@ def test_the_scan_sees_todays_arrows() -> None:
 
 
 def test_rules_on_examples() -> None:
-    assert forbidden("kernels.attn_varlen", "engine.request")
-    assert forbidden("kernels", "ipc.arena")
+    assert forbidden("epd_kernels.attn_varlen", "engine.request")
+    assert forbidden("epd_kernels", "ipc.arena")
     assert forbidden("graphs.vision_graphs", "engine.request")
     assert forbidden("graphs.decode_graphs", "ipc.channel")
     assert forbidden("ipc.arena", "engine.config") and forbidden("ipc.connections", "engine")
@@ -127,4 +127,4 @@ def test_rules_on_examples() -> None:
     assert forbidden("ipc.server", "engine.epd") is None  # the RPC server sits above the engine
     assert forbidden("engine.runner", "graphs.decode_graphs") is None
     assert forbidden("graphs.decode_graphs", "engine.models.llama") is None
-    assert forbidden("ipc.arena", "kernels") is None
+    assert forbidden("ipc.arena", "epd_kernels") is None

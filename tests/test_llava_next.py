@@ -220,9 +220,9 @@ def small_next(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from scripts.make_tiny_model import make_tiny_llava_next
 
     try:
-        from kernels import _epd_C  # noqa: F401
+        from epd_kernels import _epd_C  # noqa: F401
     except ImportError:
-        pytest.skip("kernels._epd_C is not built")
+        pytest.skip("epd_kernels._epd_C is not built")
     return make_tiny_llava_next(tmp_path_factory.mktemp("models") / "small-llava-next", dtype=torch.bfloat16,
                                 vision_sizes={"hidden_size": 128, "num_attention_heads": 2, "intermediate_size": 256},
                                 text_sizes={"hidden_size": 256, "num_attention_heads": 4, "num_key_value_heads": 4,

@@ -91,8 +91,8 @@ def test_pull_blocks_runs_and_checks() -> None:
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_copy_blocks_on_gpu_matches_cpu_runs() -> None:
-    pytest.importorskip("kernels._epd_C")
-    from kernels import _epd_C
+    pytest.importorskip("epd_kernels._epd_C")
+    from epd_kernels import _epd_C
 
     g = torch.Generator().manual_seed(1)
     a = torch.randn(13, 3, 2, 16, 2, 8, generator=g).to(torch.bfloat16)

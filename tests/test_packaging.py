@@ -1,5 +1,5 @@
 """The installed package: a wheel and an editable install import from any directory, the wheel
-ships the kernel sources (so kernels.build works from site-packages) and the console entry
+ships the kernel sources (so epd_kernels.build works from site-packages) and the console entry
 points, and scripts/ and parity/ stay in the checkout.
 
 Both installs go into throwaway folders, from a copy of the checkout (no build/ left over from
@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = {"engine", "graphs", "ipc", "kernels"}
+PACKAGES = {"engine", "graphs", "ipc", "epd_kernels"}
 KERNEL_SUFFIXES = (".cu", ".cuh", ".cpp", ".h")
 ENV = {**os.environ, "EPD_SKIP_CUDA": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
 TIMEOUT_S = 300
@@ -54,17 +54,17 @@ def _isolated_python(code: str, cwd: Path, first: list[str], site_dir: Path | No
 
 
 IMPORTS = """
-import engine, graphs, ipc, kernels, engine.generate_cli, ipc.serve_cli
+import engine, graphs, ipc, epd_kernels, engine.generate_cli, ipc.serve_cli
 from engine import LLM
-from kernels.build import KERNELS, sources
-for name in ("engine", "graphs", "ipc", "kernels"):
+from epd_kernels.build import KERNELS, sources
+for name in ("engine", "graphs", "ipc", "epd_kernels"):
     print(name, sys.modules[name].__file__)
 import re
 print("kernels_dir", KERNELS)
 print("sources", len(sources()))
 # every repo-rooted include of every source resolves beside the installed package (a compile would find it)
 includes = {m for f in KERNELS.rglob("*") if f.suffix in (".cu", ".cuh", ".cpp", ".h")
-            for m in re.findall(r'#include "(kernels/[^"]+)"', f.read_text())}
+            for m in re.findall(r'#include "(epd_kernels/[^"]+)"', f.read_text())}
 print("unresolved", ",".join(sorted(i for i in includes if not (KERNELS.parent / i).is_file())) or "-")
 print("includes", len(includes))
 """
@@ -92,7 +92,24 @@ def wheel(source_copy: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _kernel_sources(root: Path) -> set[str]:
-    return {str(p.relative_to(root)) for p in (root / "kernels").rglob("*") if p.suffix in KERNEL_SUFFIXES}
+    return {str(p.relative_to(root)) for p in (root / "epd_kernels").rglob("*") if p.suffix in KERNEL_SUFFIXES}
+
+
+def test_top_level_names_are_ours_alone() -> None:
+    """No installed distribution but ours ships a top-level module of ours, and no requirement of
+    transformers is named like one: transformers 5.25 requires HF's `kernels`, which our own kernel
+    package shadowed (from the checkout) or overwrote (in site-packages) while it was called that."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+
+    owners = metadata.packages_distributions()
+    ours = {"epd-engine", "epd_engine"}
+    for name in PACKAGES:
+        others = set(owners.get(name, [])) - ours
+        assert not others, f"top-level package {name!r} is also shipped by {sorted(others)}"
+    wanted = {Requirement(r).name.replace("-", "_").lower() for r in metadata.requires("transformers") or []}
+    assert not PACKAGES & wanted, f"transformers requires {sorted(PACKAGES & wanted)}, named like our packages"
 
 
 def test_wheel_contents(wheel: Path, source_copy: Path) -> None:
@@ -100,7 +117,7 @@ def test_wheel_contents(wheel: Path, source_copy: Path) -> None:
     top = {n.split("/", 1)[0] for n in names if not n.split("/", 1)[0].endswith(".dist-info")}
     assert top == PACKAGES, f"top-level entries {sorted(top)}; only {sorted(PACKAGES)} are installed"
     wanted = _kernel_sources(source_copy)
-    assert len(wanted) > 40 and "kernels/attn_varlen/decode.cu" in wanted and "kernels/common.cuh" in wanted
+    assert len(wanted) > 40 and "epd_kernels/attn_varlen/decode.cu" in wanted and "epd_kernels/common.cuh" in wanted
     missing = wanted - names
     assert not missing, f"kernel sources not in the wheel: {sorted(missing)[:5]}"
     dist_info = next(n.split("/", 1)[0] for n in names if n.endswith(".dist-info/METADATA"))
@@ -120,7 +137,7 @@ def test_wheel_installs_and_imports_elsewhere(wheel: Path, source_copy: Path, tm
     found = _parse(_isolated_python(IMPORTS, elsewhere, [str(target)]))
     for name in PACKAGES:
         assert Path(found[name]).is_relative_to(target), (name, found[name])
-    assert Path(found["kernels_dir"]) == target / "kernels"
+    assert Path(found["kernels_dir"]) == target / "epd_kernels"
     assert int(found["sources"]) == len([s for s in _kernel_sources(source_copy) if s.endswith((".cu", ".cpp"))])
     assert found["unresolved"] == "-" and int(found["includes"]) > 10, found
     # the console script runs the installed driver (PYTHONPATH: the --target folder is no site dir)

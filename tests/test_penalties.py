@@ -13,8 +13,8 @@ from engine import LLM, Request, SamplingParams
 from engine.penalties import PenaltyState
 from engine.request import Sequence, Status
 from engine.runner import decode_batch
+from epd_kernels import reference
 from graphs.decode_graphs import StaticBuffers
-from kernels import reference
 
 PROMPTS = ["Count the birds in the tree", "Hello", "What colour is the sky on a clear summer day?"]
 
@@ -267,9 +267,9 @@ def small_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_graph_decode_with_penalties_equals_eager(small_llama: Path) -> None:
     try:
-        from kernels import _epd_C  # noqa: F401
+        from epd_kernels import _epd_C  # noqa: F401
     except ImportError:
-        pytest.skip("kernels._epd_C is not built")
+        pytest.skip("epd_kernels._epd_C is not built")
     params = [SamplingParams(max_tokens=24, ignore_eos=True, presence_penalty=1.0, frequency_penalty=0.5),
               SamplingParams(max_tokens=24, ignore_eos=True),
               SamplingParams(max_tokens=24, ignore_eos=True, repetition_penalty=1.5, temperature=0.7, seed=3,

@@ -1,4 +1,4 @@
-"""Image preprocessing off the PIL path: kernels/image/reference.py == PIL bit for bit, and
+"""Image preprocessing off the PIL path: epd_kernels/image/reference.py == PIL bit for bit, and
 engine/preprocess.py (CPU thread pool, GPU preprocessor, decode routing) == engine.images.
 
 CPU tests run in CI; the `gpu` ones need CUDA, the built extension and (for JPEG decode) torchvision.
@@ -22,7 +22,7 @@ from PIL import Image
 
 from engine import images as images_mod
 from engine.images import ImageProcessor, ImageProcessorConfig
-from kernels.image import reference as ref
+from epd_kernels.image import reference as ref
 
 FILTERS = [ref.BICUBIC, ref.BILINEAR, ref.LANCZOS, ref.BOX, ref.HAMMING]
 # (in_hw, out_hw): downscales by awkward factors, upscales, one axis only, no-op, 1 pixel
@@ -237,7 +237,7 @@ def test_make_preprocessor_errors() -> None:
 
 
 def _gpu_ready() -> bool:
-    from kernels import cuda_available  # the image kernels are in the same extension
+    from epd_kernels import cuda_available  # the image kernels are in the same extension
 
     return cuda_available()
 
@@ -266,7 +266,7 @@ def mixed_pngs() -> list:
                                  ImageProcessorConfig(image_size=100, do_resize=False)], ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.gpu
-@pytest.mark.skipif(not _gpu_ready(), reason="needs CUDA and kernels._epd_C")
+@pytest.mark.skipif(not _gpu_ready(), reason="needs CUDA and epd_kernels._epd_C")
 def test_gpu_preprocessor_png_bit_exact(cfg: ImageProcessorConfig, dtype: torch.dtype) -> None:
     from engine.preprocess import make_preprocessor
 
@@ -283,7 +283,7 @@ def test_gpu_preprocessor_png_bit_exact(cfg: ImageProcessorConfig, dtype: torch.
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not _gpu_ready(), reason="needs CUDA and kernels._epd_C")
+@pytest.mark.skipif(not _gpu_ready(), reason="needs CUDA and epd_kernels._epd_C")
 def test_gpu_resize_normalize_same_pixels_bit_exact() -> None:
     from engine.preprocess import GpuImagePreprocessor
 
@@ -297,7 +297,7 @@ def test_gpu_resize_normalize_same_pixels_bit_exact() -> None:
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not _gpu_ready(), reason="needs CUDA and kernels._epd_C")
+@pytest.mark.skipif(not _gpu_ready(), reason="needs CUDA and epd_kernels._epd_C")
 def test_gpu_preprocessor_jpeg_within_decode_tolerance() -> None:
     from engine.preprocess import GpuImagePreprocessor, nvjpeg_available
 
@@ -325,7 +325,7 @@ def test_gpu_preprocessor_jpeg_within_decode_tolerance() -> None:
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not _gpu_ready(), reason="needs CUDA and kernels._epd_C")
+@pytest.mark.skipif(not _gpu_ready(), reason="needs CUDA and epd_kernels._epd_C")
 def test_gpu_preprocessor_errors_are_image_processors() -> None:
     from engine.preprocess import GpuImagePreprocessor
 
@@ -342,7 +342,7 @@ ANYRES_HW = [(480, 640), (200, 150), (60, 1500), (1400, 300), (336, 672), (3024,
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.gpu
-@pytest.mark.skipif(not _gpu_ready(), reason="needs CUDA and kernels._epd_C")
+@pytest.mark.skipif(not _gpu_ready(), reason="needs CUDA and epd_kernels._epd_C")
 def test_gpu_anyres_png_bit_exact(dtype: torch.dtype) -> None:
     """GpuAnyresPreprocessor == AnyresImageProcessor (LLaVA-NeXT's pinpoints, tile 336) on PNGs, all in one
     call and two in one call; select_items on its device pixels."""
@@ -471,7 +471,7 @@ def no_wait_check(case: str = "same") -> str:
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not _gpu_ready(), reason="needs CUDA and kernels._epd_C")
+@pytest.mark.skipif(not _gpu_ready(), reason="needs CUDA and epd_kernels._epd_C")
 @pytest.mark.parametrize("case", NO_WAIT_CASES)
 def test_jpeg_decode_does_not_wait_for_other_streams(case: str) -> None:
     """With the workers' CUDA hardware queues (ipc/worker.CUDA_QUEUES), a decode does not wait for

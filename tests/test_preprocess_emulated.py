@@ -1,7 +1,7 @@
-"""The Python glue of the GPU image path, on the CPU: kernels/image/cuda.py (pass order, first-pass
+"""The Python glue of the GPU image path, on the CPU: epd_kernels/image/cuda.py (pass order, first-pass
 spans, offsets, strided input, flat output slices) and GpuImagePreprocessor.resize_normalize (packing,
 meta, LUT), run against an emulation of the three _epd_C image ops that follows the kernels' index
-math (kernels/image/resample.cu, crop_normalize.cu). The kernels themselves are tested on the GPU
+math (epd_kernels/image/resample.cu, crop_normalize.cu). The kernels themselves are tested on the GPU
 (tests/test_kernels_image.py); this catches glue bugs in CI. Also GpuAnyresPreprocessor (LLaVA-NeXT tiles)
 against AnyresImageProcessor on the same emulation."""
 
@@ -18,13 +18,13 @@ import pytest
 import torch
 from PIL import Image
 
-import kernels
+import epd_kernels
 from engine.config import DEFAULT_PINPOINTS
 from engine.images import ImageProcessor, ImageProcessorConfig
 from engine.images_anyres import AnyresImageProcessor, image_processor_for
 from engine.preprocess import GpuImagePreprocessor
 from engine.preprocess_anyres import GpuAnyresPreprocessor
-from kernels.image import reference as ref
+from epd_kernels.image import reference as ref
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -64,16 +64,16 @@ def _crop_normalize(out: torch.Tensor, src: torch.Tensor, meta: torch.Tensor, lu
 
 @pytest.fixture
 def emulated_ops(monkeypatch: pytest.MonkeyPatch) -> types.ModuleType:
-    """A private copy of kernels/image/cuda.py bound to the emulation (the real modules stay untouched)."""
-    fake = types.ModuleType("kernels._epd_C")
+    """A private copy of epd_kernels/image/cuda.py bound to the emulation (the real modules stay untouched)."""
+    fake = types.ModuleType("epd_kernels._epd_C")
     fake.resample_horizontal = lambda out, src, b, k, offset=0: _resample(out, src, b, k, offset, True)
     fake.resample_vertical = lambda out, src, b, k, offset=0: _resample(out, src, b, k, offset, False)
     fake.crop_normalize = _crop_normalize
-    spec = importlib.util.spec_from_file_location("emulated_image_cuda", ROOT / "kernels" / "image" / "cuda.py")
+    spec = importlib.util.spec_from_file_location("emulated_image_cuda", ROOT / "epd_kernels" / "image" / "cuda.py")
     module = importlib.util.module_from_spec(spec)
     with monkeypatch.context() as m:
-        m.setitem(sys.modules, "kernels._epd_C", fake)
-        m.setattr(kernels, "_epd_C", fake, raising=False)
+        m.setitem(sys.modules, "epd_kernels._epd_C", fake)
+        m.setattr(epd_kernels, "_epd_C", fake, raising=False)
         spec.loader.exec_module(module)
     return module
 

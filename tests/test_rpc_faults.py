@@ -579,9 +579,9 @@ def test_decode_graphs_capture_stops_after_the_bucket_in_progress(monkeypatch: p
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_capture_verbs_on_the_gpu(tmp_path: Path) -> None:
     try:
-        from kernels import _epd_C  # noqa: F401
+        from epd_kernels import _epd_C  # noqa: F401
     except ImportError:
-        pytest.skip("kernels._epd_C is not built")
+        pytest.skip("epd_kernels._epd_C is not built")
     from scripts.make_tiny_model import make_tiny_llava
 
     model = make_tiny_llava(tmp_path / "small-llava", dtype=torch.bfloat16,

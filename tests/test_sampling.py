@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from engine.sampling import RequestError, SamplingParams
-from kernels.reference import random_uniform, sample
+from epd_kernels.reference import random_uniform, sample
 
 
 def _params(b: int, temp: float = 1.0, k: int = 0, p: float = 1.0, seed: int = 0):

@@ -93,7 +93,7 @@ class LlamaModel(nn.Module):
         self.register_buffer("cos_sin", torch.empty(0), persistent=False)
 
     def init_rope(self, max_positions: int) -> None:
-        from kernels.reference import rope_cos_sin
+        from epd_kernels.reference import rope_cos_sin
 
         table = rope_cos_sin(self.cfg.rope.inv_freq(self.cfg.head_dim), max_positions)
         self.cos_sin = table.to(self.embed_tokens.device)

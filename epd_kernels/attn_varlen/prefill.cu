@@ -1,0 +1,30 @@
+// Paged varlen causal prefill attention: launcher for the shared FlashAttention-2 mainloop (fmha.cuh)
+// with K/V gathered from the paged arena through each sequence's block table.
+#include "epd_kernels/attn_varlen/fmha.cuh"
+#include "epd_kernels/attn_varlen/params.h"
+#include "epd_kernels/common.cuh"
+
+namespace epd {
+
+void launch_paged_attention_prefill(const PagedPrefillParams& p, cudaStream_t stream) {
+  const int group = p.num_heads / p.num_kv_heads;
+  const int64_t rows = static_cast<int64_t>(p.max_seqlen_q) * group;  // packed (query, head-in-group) rows
+  // Large grids: 128 rows per CTA (4 warps x 32 rows; each K/V fragment feeds two row fragments).
+  // Small grids (e.g. one 640-token prompt): 64 rows per CTA for more CTAs per SM. Host data only.
+  // Batch-invariant mode: always 64, so a sequence's tiles never depend on what shares the batch.
+  const bool large = !p.invariant && fmha::grid_ctas(rows, 128, p.batch, p.num_kv_heads) >= 4 * num_sms();
+  EPD_SWITCH_HALF_TYPES(p.dtype, [&] {
+    EPD_SWITCH_HEAD_DIM(p.head_dim, [&] {
+      using Paged = fmha::PagedProblem<scalar_t>;
+      if (large) {
+        fmha::launch_fmha<scalar_t, fmha::FmhaConfig<kHeadDim, 4, 2, 64>, true, Paged>(p, rows, p.batch,
+                                                                                       p.num_kv_heads, stream);
+      } else {
+        fmha::launch_fmha<scalar_t, fmha::FmhaConfig<kHeadDim, 4, 1, 64>, true, Paged>(p, rows, p.batch,
+                                                                                       p.num_kv_heads, stream);
+      }
+    });
+  });
+}
+
+}  // namespace epd

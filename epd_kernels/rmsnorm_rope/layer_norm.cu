@@ -1,0 +1,84 @@
+// LayerNorm with fp32 statistics, two passes over the row held in registers (mean, then the
+// centred sum of squares), so x is read once and the output written once, rounded once.
+#include "epd_kernels/common.cuh"
+#include "epd_kernels/rmsnorm_rope/params.h"
+#include "epd_kernels/rmsnorm_rope/row_vec.cuh"
+
+namespace epd {
+namespace {
+
+// Same row layout as rms_norm_kernel: vector index j * tpr + lane, up to kVecs per thread.
+template <typename T, int kN, int kVecs>
+__global__ void __launch_bounds__(kNormMaxThreads)
+    layer_norm_kernel(const LayerNormParams p, const int tpr, const int rows_per_block) {
+  using V = VecN<T, kN>;
+  __shared__ float smem[32];
+  const int sub = threadIdx.x / tpr;
+  const int lane = threadIdx.x - sub * tpr;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * rows_per_block + sub;
+  const bool valid = row < p.rows;
+  const int64_t r = valid ? row : 0;  // out-of-range rows compute nothing but join the reductions
+  const int nvec = p.hidden / kN;
+
+  const V* x = reinterpret_cast<const V*>(static_cast<const T*>(p.x) + r * p.x_row_stride);
+  V a[kVecs];
+#pragma unroll
+  for (int j = 0; j < kVecs; ++j) {
+    const int i = j * tpr + lane;
+    if (valid && i < nvec) a[j] = x[i];
+  }
+  float sum = 0.f;
+#pragma unroll
+  for (int j = 0; j < kVecs; ++j) {
+    const int i = j * tpr + lane;
+    if (valid && i < nvec) {
+#pragma unroll
+      for (int e = 0; e < kN; ++e) sum += to_float(a[j].v[e]);
+    }
+  }
+  const float inv_h = 1.f / static_cast<float>(p.hidden);
+  const float mean = row_sum(sum, tpr, smem) * inv_h;
+  float sum_sq = 0.f;
+#pragma unroll
+  for (int j = 0; j < kVecs; ++j) {
+    const int i = j * tpr + lane;
+    if (valid && i < nvec) {
+#pragma unroll
+      for (int e = 0; e < kN; ++e) {
+        const float d = to_float(a[j].v[e]) - mean;
+        sum_sq += d * d;
+      }
+    }
+  }
+  const float rstd = rsqrtf(row_sum(sum_sq, tpr, smem) * inv_h + p.eps);
+
+  const V* w = static_cast<const V*>(p.weight);
+  const V* b = static_cast<const V*>(p.bias);
+  V* out = reinterpret_cast<V*>(static_cast<T*>(p.out) + r * p.out_row_stride);
+#pragma unroll
+  for (int j = 0; j < kVecs; ++j) {
+    const int i = j * tpr + lane;
+    if (valid && i < nvec) {
+      const V wv = w[i], bv = b[i];
+      V o;
+#pragma unroll
+      for (int e = 0; e < kN; ++e)
+        o.v[e] = from_float<T>((to_float(a[j].v[e]) - mean) * rstd * to_float(wv.v[e]) + to_float(bv.v[e]));
+      out[i] = o;
+    }
+  }
+}
+
+}  // namespace
+
+void launch_layer_norm(const LayerNormParams& p, cudaStream_t stream) {
+  if (p.rows == 0) return;
+  EPD_SWITCH_HALF_TYPES(p.dtype, [&] {
+    dispatch_rows(norm_vectorized(p), p.rows, p.hidden, [&](auto n, auto vecs, const RowPlan& plan) {
+      layer_norm_kernel<scalar_t, decltype(n)::value, decltype(vecs)::value>
+          <<<static_cast<unsigned>(plan.grid), plan.block, 0, stream>>>(p, plan.tpr, plan.rows_per_block);
+    });
+  });
+}
+
+}  // namespace epd

@@ -1,4 +1,0 @@
-"""Image preprocessing ops: PIL's resize on uint8 RGB, bit for bit, and CLIP's crop + rescale +
-normalize. `kernels.image.reference` is the numpy oracle (runs anywhere); `kernels.image.cuda`
-holds the CUDA wrappers (needs kernels._epd_C). This package imports neither, so that the
-reference works on a machine without the extension."""
