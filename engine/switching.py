@@ -7,9 +7,10 @@ engine goes on serving (issue 14). `EPDEngine.switch_role(kind, index, new_kind)
    what it holds, or hand it over: an encoder finishes its batches in flight, gives back the
    tasks it has not started (Unencoded: the other encoders take them), and the prefills copy
    the embeddings their queued prompts hold in its arena into MM blocks of their own
-   (EncoderDraining), so a blocked prefill does not hold the switch up; a prefill finishes its
-   prompts and waits for decode to pull their KV blocks; a decode gives its requests, with their
-   KV, to the other decodes (HandedOver). Then it closes the role and builds the new one in the
+   (EncoderDraining; a prefill role that starts meanwhile is told right after its Peers), so a
+   blocked prefill does not hold the switch up; a prefill finishes its prompts and waits for
+   decode to pull their KV blocks; a decode gives its requests, with their KV, to the other
+   decodes (HandedOver). Then it closes the role and builds the new one in the
    same process (ipc/worker.py);
 3. the new role goes through start-up as at engine start (Loaded, SizeKV for a KV owner,
    Exported, Peers, Ready) under a new handle: `<new_kind><next index>`, on the stage's host and
@@ -176,6 +177,10 @@ def advance(epd, new: StageHandle, msg: object) -> None:
         new.send(SizeKV(share=1.0, for_decode=False))
     elif (isinstance(msg, Exported) and new.kind == "prefill") or (isinstance(msg, Sized) and new.kind == "decode"):
         new.send(peers_for(new, epd.stages.values(), epd.addresses))  # the arenas it reads, as at start-up
+        if new.kind == "prefill":  # an encoder that began to drain before this role read arenas: as start_switch
+            for h in epd.of_kind("encode"):
+                if h.switching and not h.dead:
+                    new.send(EncoderDraining(h.index))
     elif isinstance(msg, Ready):
         _finish(epd, new)
 

@@ -310,7 +310,7 @@ def test_a_draining_encoder_hands_its_work_over_while_the_prefill_is_blocked(tin
     (the cuda backend, bf16) in batch-invariant mode, so that the batches' shapes cannot move a
     token."""
     if where == "cuda":
-        pytest.importorskip("kernels._epd_C")
+        pytest.importorskip("epd_kernels._epd_C")
         if not __import__("torch").cuda.is_available():
             pytest.skip("needs CUDA")
     sp = SamplingParams(max_tokens=40, ignore_eos=True)
@@ -354,3 +354,32 @@ def test_a_draining_encoder_hands_its_work_over_while_the_prefill_is_blocked(tin
         stages = _idle_all(epd)
         assert stages["encode1"]["moved_to"] == "decode1"
         assert sum(h.load for h in epd.stages.values()) == 0
+
+
+def test_a_prefill_that_starts_while_an_encoder_drains_is_told_of_it() -> None:
+    """Overlapping switches: a prefill role that reaches its Peers after an encoder began to drain
+    (start_switch told only the prefills that read arenas then) is told too, right after its Peers,
+    so that it copies out that encoder's embeddings as the others do instead of holding its
+    blocks (and the switch) while it waits for KV blocks."""
+    from types import SimpleNamespace
+
+    from engine import switching
+    from engine.messages import EncoderDraining, Exported, Peers
+    from engine.stage_handles import StageHandle
+
+    class Inbox(list):
+        put = list.append
+
+    running = SimpleNamespace(is_alive=lambda: True)
+
+    def handle(kind: str, index: int, **kw) -> StageHandle:
+        return StageHandle(kind, index, "cpu", running, Inbox(), None, **kw)
+
+    enc0, enc1 = handle("encode", 0, arena="mm0"), handle("encode", 1, arena="mm1", switching="decode1")
+    old = handle("decode", 1, switching="prefill1")
+    new = handle("prefill", 1, starting=True)
+    stages = {h.name: h for h in (enc0, enc1, handle("prefill", 0, arena="kv0"), handle("decode", 0), old, new)}
+    epd = SimpleNamespace(stages=stages, addresses={}, of_kind=lambda k: [h for h in stages.values() if h.kind == k])
+    switching.advance(epd, new, Exported("prefill1", "kv1"))
+    assert new.inbox == [Peers(["mm0", "mm1"]), EncoderDraining(1)], new.inbox
+    assert enc0.inbox == [] and enc1.inbox == []
