@@ -596,6 +596,8 @@ async def _run(args: argparse.Namespace, rates: list[float], specs: list[Request
                 base_url, args.endpoint, requests, rate, burstiness=args.burstiness, seed=args.seed + i,
                 api_key=api_key, max_concurrency=args.max_concurrency, timeout=args.request_timeout,
                 progress=not args.no_progress, offsets=offsets)
+            for rec in records:  # a rate listed twice in --rates makes two runs (the simulator tells them apart)
+                rec["run"] = i
             if phases:
                 for rec in records:
                     rec["rate"] = phases[rec["phase"]].rate

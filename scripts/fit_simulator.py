@@ -17,9 +17,11 @@ test are shifted, and scanned over a fine grid). The calibrated cost model is th
 same on the other file: per rate predicted / measured and the errors, and how many rates have all
 three within +-10 (percent for TTFT p50 / p90, points for attainment).
 
-bench_serve.py sends the same images at every rate of a run to one server (after a warm-up
-request), so they are cached after their first sending; the simulation does the same
-(compare.py's repeated_images) unless --fresh-images.
+bench_serve.py --same-images sends the same images at every rate of a run to one server (after a
+warm-up request), so they are cached after their first sending; the simulation does the same
+(compare.py's repeated_images) unless --fresh-images, for bench_serve.py's default runs (new
+images at every rate). A rate listed twice in --rates is two runs, simulated each on its own and
+pooled (compare.py), so that one server start can measure each rate at two times.
 """
 
 from __future__ import annotations
@@ -227,8 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--slo-ttft", type=float, default=1.4, help="TTFT SLO in seconds")
     p.add_argument("--slo-tpot", type=float, default=0.04, help="TPOT SLO in seconds")
     p.add_argument("--fresh-images", action="store_true",
-                   help="every image of every rate new (default: bench_serve.py's, the same images at every rate "
-                        "to one server, cached after their first sending)")
+                   help="every image of every rate new, as bench_serve.py sends them by default (without it: "
+                        "its --same-images runs, the same images at every rate to one server, cached after their "
+                        "first sending)")
     p.add_argument("--warmup-requests", type=int, default=1, help="bench_serve.py's warm-up requests")
     return p
 

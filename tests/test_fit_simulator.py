@@ -129,6 +129,23 @@ def test_repeated_images_are_encoded_once() -> None:
 # ---------------------------------------------------------------- the fitter
 
 
+def test_a_rate_listed_twice_is_two_runs_pooled() -> None:
+    """bench_serve.py --rates 10,25,10 marks each record with its run (its place in --rates): each
+    run is simulated alone (two runs of 10 req/s overlaid would be 20 req/s), then pooled by rate."""
+    recs = records(BASE, rates=(10.0, 25.0, 10.0), n=30)
+    for i in range(3):
+        for r in recs[30 * i:30 * (i + 1)]:
+            r["run"] = i
+    runs = simulate_runs(BASE, "epd", None, recs, [SIZE])
+    assert [(key, len(m), len(p)) for key, m, p in runs] == [(10.0, 60, 60), (25.0, 30, 30)]
+    alone = [p for i in (0, 2) for _, _, p in simulate_runs(BASE, "epd", None, recs[30 * i:30 * (i + 1)], [SIZE])]
+    assert runs[0][2] == alone[0] + alone[1]
+    overlaid = simulate_runs(BASE, "epd", None, [{k: v for k, v in r.items() if k != "run"} for r in recs], [SIZE])
+    assert [r["ttft_s"] for r in overlaid[0][2]] != [r["ttft_s"] for r in runs[0][2]]
+    rows = compare(BASE, "epd", None, recs, [SIZE])
+    assert [(r["rate"], r["requests"]) for r in rows] == [(10.0, 60), (25.0, 30)]
+
+
 def test_fitter_recovers_a_known_calibration() -> None:
     """Records simulated with a known calibration (every image new, so the encoders' overhead shows
     at every rate); the fit on them finds it again, and its tables say every rate is within."""

@@ -3,8 +3,9 @@
 The measured records give the workload exactly: each request's send time (scheduled_s), images,
 output tokens (what it made; max_tokens if it failed) and prompt tokens (the server's usage count,
 when it sent one). What they lack comes from the caller: the image size (per phase for a --phases
-run) and the text tokens of a prompt without a usage count. A records file holds one run per rate,
-or one --phases run (records with a phase index), compared per phase and over all.
+run) and the text tokens of a prompt without a usage count. A records file holds one run per entry
+of --rates (a rate listed twice makes two runs, simulated each on its own and compared pooled), or
+one --phases run (records with a phase index), compared per phase and over all.
 
 repeated_images: the file is one bench_serve.py run against one server, which sends request i's
 images (seeded by the run's seed, i and the image's index) at every rate, after a warm-up of its
@@ -28,12 +29,14 @@ Size = tuple[int, int]
 
 
 def group_runs(records: list[dict]) -> dict[object, list[dict]]:
-    """Runs of a records file: "phases" -> every record of a --phases run, else rate -> its records."""
+    """Runs of a records file, in its order: "phases" -> every record of a --phases run, else
+    (rate, run) -> its records (run: the rate's place in bench_serve.py's --rates, so that a rate
+    listed twice is two runs; 0 in records without it)."""
     if any(r.get("phase") is not None for r in records):
         return {"phases": records}
     runs: dict[object, list[dict]] = {}
     for r in records:
-        runs.setdefault(float(r["rate"]), []).append(r)
+        runs.setdefault((float(r["rate"]), r.get("run", 0)), []).append(r)
     return runs
 
 
@@ -75,9 +78,10 @@ def warm_up_state(costs: CostModel, mode: str, placement: str | None, records: l
 def simulate_runs(costs: CostModel, mode: str, placement: str | None, records: list[dict], sizes: list[Size],
                   prompt_tokens: int = 22, config: SimConfig | None = None, repeated_images: bool = False,
                   warmup: int = 1) -> list[tuple[object, list[dict], list[dict]]]:
-    """(run key, measured records, predicted records) per run of the file, in its order (see the
-    module docstring for repeated_images and warmup)."""
-    out = []
+    """(rate or "phases", measured records, predicted records) per rate of the file, in its order
+    (see the module docstring for repeated_images and warmup). Each run is simulated on its own;
+    the runs of one rate (it was listed more than once) are pooled."""
+    pooled: dict[object, tuple[object, list[dict], list[dict]]] = {}
     state = (warm_up_state(costs, mode, placement, records, sizes, prompt_tokens, config, warmup)
              if repeated_images and warmup > 0 else None)
     for key, measured in group_runs(records).items():
@@ -86,8 +90,11 @@ def simulate_runs(costs: CostModel, mode: str, placement: str | None, records: l
         predicted = [r.record() for r in sim.run(requests_of(measured, costs, sizes, prompt_tokens, repeated_images))]
         if repeated_images:
             state = sim.cache_state()
-        out.append((key, measured, predicted))
-    return out
+        rate = key if key == "phases" else key[0]
+        _, m, p = pooled.setdefault(rate, (rate, [], []))
+        m += measured
+        p += predicted
+    return list(pooled.values())
 
 
 def _summary(records: list[dict], slo_ttft: float, slo_tpot: float) -> dict:
