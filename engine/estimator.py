@@ -16,7 +16,10 @@ constant tau_s, so a figure reflects about the last tau_s seconds:
   batch that answers eight tasks at once is counted right, work in progress is not counted
   before its answer); predicted_wait_s: the queued units at that speed;
 - decode: running requests, the step time (EWMA of the gaps between its token messages while it
-  had requests) and tokens per second.
+  had requests), tokens per second, departure_rate (requests answered per second) and step_slope_s:
+  how much a step grows per running request, a least-squares line through the recent (batch, step)
+  pairs (decayed sums; None until the batch has varied by more than one request), so that the
+  allocator can predict the step at the batch that the arrivals beyond the departures will make.
 Per kind, the instances' capacities add up: predicted_wait_s = queued units / sum of speeds.
 """
 
@@ -58,10 +61,21 @@ class _Instance:
     step_s: float | None = None  # decode: EWMA
     batch: float = 0.0  # decode: EWMA of the step's requests
     last_step: float | None = None
+    departures: Decayed = field(init=False)
+    fit: dict[str, Decayed] = field(init=False)  # decode: sums of 1, batch, gap, batch^2, batch x gap
 
     def __post_init__(self) -> None:
         self.arrivals, self.busy, self.units_done = Decayed(self.tau_s), Decayed(self.tau_s), Decayed(self.tau_s)
-        self.work = Decayed(self.tau_s)
+        self.work, self.departures = Decayed(self.tau_s), Decayed(self.tau_s)
+        self.fit = {k: Decayed(self.tau_s) for k in ("n", "x", "y", "xx", "xy")}
+
+    def step_slope(self, now: float) -> float | None:
+        """Seconds a step grows per request in it (>= 0), from the decayed (batch, step) pairs;
+        None while the batch has varied too little to tell (variance under 1 request^2)."""
+        n, x, y, xx, xy = (self.fit[k].get(now) for k in ("n", "x", "y", "xx", "xy"))
+        if n < 3 or xx / n - (x / n) ** 2 < 1.0:
+            return None
+        return max((xy / n - x / n * y / n) / (xx / n - (x / n) ** 2), 0.0)
 
     @property
     def queued_requests(self) -> int:
@@ -113,11 +127,12 @@ class LoadEstimator:
         if not queued:
             del x.tasks[req_id]
         x.units_done.add(float(units), now)
+        x.departures.add(1.0, now)
         if x.work_mark is not None:
             x.work.add(max(now - x.work_mark, 0.0), now)
         x.work_mark = now if x.queued_requests > 0 else None
-        if x.queued_requests == 0:
-            x.busy_mark = None
+        if x.queued_requests == 0:  # idle: its next step's gap would count the idle spell as a step
+            x.busy_mark = x.last_step = None
 
     def steps(self, name: str, batch: int, now: float) -> None:
         """A decode's token message: one step over `batch` requests (its first one after an idle
@@ -127,6 +142,8 @@ class LoadEstimator:
             gap = now - x.last_step
             x.step_s = gap if x.step_s is None else (1 - self.STEP_ALPHA) * x.step_s + self.STEP_ALPHA * gap
             x.batch = (1 - self.STEP_ALPHA) * x.batch + self.STEP_ALPHA * batch if x.batch else float(batch)
+            for k, v in (("n", 1.0), ("x", batch), ("y", gap), ("xx", batch * batch), ("xy", batch * gap)):
+                x.fit[k].add(v, now)
         x.last_step = now if x.queued_requests > 0 else None
 
     def forget(self, name: str) -> None:
@@ -147,7 +164,8 @@ class LoadEstimator:
                    "utilization": round(min(busy / self.tau_s, 1.0), 3)}
             if kind == "decode":
                 row.update(running=x.queued_requests, step_s=x.step_s,
-                           tokens_per_s=round(x.batch / x.step_s, 1) if x.step_s else None)
+                           tokens_per_s=round(x.batch / x.step_s, 1) if x.step_s else None,
+                           departure_rate=round(x.departures.get(now) / self.tau_s, 3), step_slope_s=x.step_slope(now))
             else:
                 s_per_unit = work / units if units > 1e-9 else None
                 row.update(queued_requests=x.queued_requests, queued_units=x.queued_units, s_per_unit=s_per_unit,
@@ -172,7 +190,10 @@ def _by_kind(stages: dict[str, dict]) -> dict[str, dict]:
                  "mm_full": any(r.get("mm_used", 0.0) >= KV_FULL for r in rows)}
         if kind == "decode":
             steps = [r["step_s"] for r in rows if r["step_s"] is not None]
-            total.update(running=sum(r["running"] for r in rows), step_s=max(steps) if steps else None)
+            slopes = [r["step_slope_s"] for r in rows if r["step_slope_s"] is not None]
+            total.update(running=sum(r["running"] for r in rows), step_s=max(steps) if steps else None,
+                         departure_rate=round(sum(r["departure_rate"] for r in rows), 3),
+                         step_slope_s=max(slopes) if slopes else None)
         else:
             speeds = [1.0 / r["s_per_unit"] for r in rows if r["s_per_unit"]]
             queued = sum(r["queued_units"] for r in rows)

@@ -136,11 +136,104 @@ def test_a_slow_switch_lengthens_the_cooldown() -> None:
     assert a.evaluate(hot, 30.5) is not None
 
 
+TRACE_KINDS = {"encode0": "encode", "encode1": "encode", "prefill0": "prefill", "prefill1": "prefill",
+               "decode0": "decode"}
+
+
+def _decode_trace(policy: AllocatorPolicy, phases: list[tuple[float, float, int]], seed: int,
+                  step_s: float = 0.010, per_request_s: float = 0.00025) -> list[tuple[float, str, str]]:
+    """A synthetic estimator trace: Poisson arrivals at one decode, phases of (seconds, req/s, tokens
+    each), whose step takes step_s + per_request_s x running (the CPU's: 25 ms at ~60 running); the
+    encoders and prefills idle. The allocator evaluates after every step; its decisions (a decision
+    is not carried out: the first is what counts)."""
+    rng = np.random.default_rng(seed)
+    arrivals, end = [], 0.0
+    for seconds, rate, tokens in phases:
+        t = end
+        while (t := t + rng.exponential(1 / rate)) < end + seconds:
+            arrivals.append((t, tokens))
+        end += seconds
+    est, alloc = LoadEstimator(2.0), Allocator(policy)
+    left: dict[int, int] = {}
+    t, i, decisions = 0.0, 0, []
+    while t < end:
+        while i < len(arrivals) and arrivals[i][0] <= t:
+            est.sent("decode0", i, 0, arrivals[i][0])
+            left[i] = arrivals[i][1]
+            i += 1
+        if not left:
+            t = arrivals[i][0] if i < len(arrivals) else end
+        else:
+            t += step_s + per_request_s * len(left)
+            est.steps("decode0", len(left), t)
+            for r in list(left):
+                left[r] -= 1
+                if left[r] == 0:
+                    del left[r]
+                    est.done("decode0", r, t)
+        d = alloc.evaluate(est.snapshot(t, TRACE_KINDS), t)
+        if d is not None:
+            decisions.append((t, d.from_kind, d.to_kind))
+            alloc.switched(d, 0.1, t)
+    return decisions
+
+
+def test_the_allocator_sees_a_decode_heavy_phase_coming() -> None:
+    """The CPU's shifting workload as a synthetic trace: 20 s of short answers (10 req/s, 2 tokens),
+    then 18 req/s of 128 tokens, where decode settles at ~0.95 of the TPOT SLO. Judged by its step
+    alone, decode's pressure passes `high` late on some seeds (9-10 s into the phase: the step's
+    EWMA creeps up as the batch fills); with arrivals beyond departures counted lookahead_s ahead
+    it is seen within ~5 s on every seed. A steady load at ~0.6 of the SLO, from idle, moves
+    nothing in 60 s (the growth of its first seconds is not taken for more)."""
+    shift = [(20.0, 10.0, 2), (30.0, 18.0, 128)]
+    lags = {}
+    for name, policy in (("ahead", AllocatorPolicy(slo_tpot_s=0.025)),
+                         ("now", AllocatorPolicy(slo_tpot_s=0.025, lookahead_s=0.0))):
+        first = [_decode_trace(policy, shift, seed)[0] for seed in range(8)]
+        assert all(to == "decode" and t > 20.0 for t, _, to in first), first
+        lags[name] = [t - 20.0 for t, _, _ in first]
+    assert max(lags["ahead"]) < 5.5 and max(lags["now"]) > 8.0, lags
+    assert all(a <= n + 1e-9 for a, n in zip(lags["ahead"], lags["now"])), lags
+    for seed in range(8):
+        assert _decode_trace(AllocatorPolicy(slo_tpot_s=0.025), [(60.0, 10.0, 128)], seed) == []
+        assert _decode_trace(AllocatorPolicy(slo_tpot_s=0.025), [(60.0, 10.0, 2)], seed) == []
+
+
+def test_decode_figures_for_the_lookahead() -> None:
+    """departure_rate counts answered requests; step_slope_s is the step's growth per request from
+    (batch, step) pairs; an idle spell between requests is not taken for a step."""
+    est = LoadEstimator(tau_s=2.0)
+    t, req = 0.0, 0
+    for batch in (4, 8, 12, 16) * 10:  # steps of 10 ms + 1 ms per request
+        while len(est.instances.get("decode0").tasks if "decode0" in est.instances else {}) < batch:
+            est.sent("decode0", req, 0, t)
+            req += 1
+        t += 0.010 + 0.001 * batch
+        est.steps("decode0", batch, t)
+    d = est.snapshot(t, KINDS)["stages"]["decode0"]
+    assert d["step_slope_s"] == pytest.approx(0.001, rel=0.01)
+    assert d["departure_rate"] == 0.0
+    for r in range(req):
+        est.done("decode0", r, t)
+    assert est.snapshot(t, KINDS)["kinds"]["decode"]["departure_rate"] == pytest.approx(req / 2.0, rel=0.01)
+    # one short request at a time, 1 s apart, each 2 steps of 5 ms: the step stays 5 ms
+    idle = LoadEstimator(tau_s=2.0)
+    for r in range(10):
+        idle.sent("decode0", r, 0, r * 1.0)
+        idle.steps("decode0", 1, r * 1.0 + 0.005)
+        idle.steps("decode0", 1, r * 1.0 + 0.010)
+        idle.done("decode0", r, r * 1.0 + 0.010)
+    s = idle.snapshot(10.0, KINDS)["stages"]["decode0"]
+    assert s["step_s"] == pytest.approx(0.005) and s["step_slope_s"] is None
+
+
 def test_policy_errors_name_the_field() -> None:
     with pytest.raises(ValueError, match="low"):
         AllocatorPolicy(low=0.9, high=0.8)
     with pytest.raises(ValueError, match="slo_ttft_s"):
         AllocatorPolicy(slo_ttft_s=0)
+    with pytest.raises(ValueError, match="lookahead_s"):
+        AllocatorPolicy(lookahead_s=-1)
 
 
 def _png(seed: int) -> bytes:
