@@ -32,7 +32,13 @@ class Dynamic:
             return
         if not self.allocator.due(now):  # the snapshot only when the allocator will read it
             return
-        decision = self.allocator.evaluate(epd.load(), now)
+        snapshot = epd.load()
+        decision = self.allocator.evaluate(snapshot, now)
+        if log.isEnabledFor(logging.DEBUG):  # every evaluation, to follow why a switch came when it did
+            d = snapshot["kinds"].get("decode", {})
+            log.debug("dynamic: t %.1f s pressures %s; decode running %s, arriving %s/s, departing %s/s, step %s",
+                      now - self.started, self.allocator.last_pressures, d.get("running"), d.get("arrival_rate"),
+                      d.get("departure_rate"), d.get("step_s") and round(d["step_s"], 4))
         if decision is None:
             return
         stage = epd.stages[decision.stage]
