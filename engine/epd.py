@@ -50,12 +50,12 @@ from engine.allocator import AllocatorPolicy
 from engine.config import EngineConfig, ModelConfig
 from engine.dynamic import Dynamic
 from engine.estimator import LoadEstimator
+from engine.flight import Flight
 from engine.input_processor import InputProcessor
 from engine.messages import (
     Abort,
     DecodeTask,
     Encoded,
-    EncodeTask,
     Failed,
     FreeKV,
     FreeMM,
@@ -67,7 +67,7 @@ from engine.messages import (
     Unencoded,
 )
 from engine.mm_cache import EncoderHints, total_stats
-from engine.output_processor import OutputProcessor, RequestState
+from engine.output_processor import OutputProcessor
 from engine.placement import Placement
 from engine.request import Request, RequestOutput, Sequence, TokenEvent, append_step
 from engine.roles import RoleSpec
@@ -138,7 +138,7 @@ class EPDEngine:
         # where each image was encoded last (its embeddings likely cached there): 4x what the encoders hold
         self.mm_hints = EncoderHints(4 * len(where.of("encode")) * config.num_mm_blocks(self.cfg))
         self.broken: str | None = None
-        self.flights: dict[int, _Flight] = {}  # requests in the stages, by seq_id
+        self.flights: dict[int, Flight] = {}  # requests in the stages, by seq_id
         self.late_events: list[TokenEvent] = []  # events found outside step(), returned by the next
         self.switches: list[dict] = []  # role switches done (engine/switching.py)
         self.estimator = LoadEstimator()  # per stage: arrivals, queues, speed, predicted wait
@@ -227,7 +227,7 @@ class EPDEngine:
                                "serve it yet; the aggregated mode (LLM, serve.py --mode aggregated) does")
         state = self.output_processor.add(seq.seq_id, seq.prompt_ids, sp, arrival)
         layouts = [self.cfg.image_layout(h, w) for h, w in seq.image_sizes]
-        flight = self.flights[seq.seq_id] = _Flight(seq, state, [self._ship(x) for x in images],
+        flight = self.flights[seq.seq_id] = Flight(seq, state, [self._ship(x) for x in images],
                                                     [x.num_items for x in layouts])
         self._dispatch_encode(flight)
         return seq
@@ -242,7 +242,7 @@ class EPDEngine:
         ref = self.image_bytes.put(bytes(src))
         return ref if ref is not None else src
 
-    def _free_bytes(self, flight: _Flight, readers: Counter | None = None) -> None:
+    def _free_bytes(self, flight: Flight, readers: Counter | None = None) -> None:
         """The request's image bytes are read (or it has ended): free their spans, once, after
         the stages in readers (names, tasks each) have answered for them."""
         refs = [src for src in flight.images if isinstance(src, ByteRef)]
@@ -305,10 +305,10 @@ class EPDEngine:
             self._kv_owner(msg).send(msg)
             return
         if isinstance(msg, HandedOver):  # a decode changing role gave a request up: another continues it
-            self._hand_over(stage, msg.task, events)
+            switching.hand_over(self, stage, msg.task, events)
             return
         if isinstance(msg, Unencoded):  # an encoder changing role gave a task back: another encodes it
-            self._re_encode(stage, msg, events)
+            switching.re_encode(self, stage, msg, events)
             return
         if isinstance(msg, Tokens):  # those of requests no longer here (finished or aborted) are late
             self.estimator.steps(stage.name, len(msg.req_ids), time.perf_counter())
@@ -361,7 +361,7 @@ class EPDEngine:
                 flight.parts.pop(next((p for p, (e, _) in flight.parts.items() if e == stage.index), None), None)
             self._fail(flight, f"{msg.stage}: {msg.error}", events)
 
-    def _prefilled(self, flight: _Flight, msg: Prefilled, now: float, events: list[TokenEvent]) -> None:
+    def _prefilled(self, flight: Flight, msg: Prefilled, now: float, events: list[TokenEvent]) -> None:
         """Prefill is done: its KV goes to the least-loaded live decode, its first token out."""
         seq, prefill = flight.seq, self.of_kind("prefill")[msg.prefill]
         self._free_bytes(flight)  # pd: the prefill read them
@@ -381,41 +381,6 @@ class EPDEngine:
                                seq.seed, seq.stop_token_ids))
         self._tokens([(seq, msg.first_token)], now, events)
 
-    def _re_encode(self, src: StageHandle, msg: Unencoded, events: list[TokenEvent]) -> None:
-        """A part a switching encoder had not started: its items to the least-loaded live encoders."""
-        self._done(src, msg.req_id, msg.items)
-        src.handed_over += 1
-        flight = self.flights.get(msg.req_id)
-        if flight is None:  # ended meanwhile: that stage has answered for its bytes
-            if self.image_bytes is not None:
-                self.image_bytes.answered(msg.req_id, src.name)
-            return
-        flight.parts.pop(msg.part, None)
-        try:
-            self._dispatch_encode(flight)
-        except StageError as e:
-            self._fail(flight, str(e), events)
-
-    def _hand_over(self, src: StageHandle, task: DecodeTask, events: list[TokenEvent]) -> None:
-        """A request a switching decode gave up: to the least-loaded live decode, which pulls its
-        KV from where it is (the old decode's arena, or prefill's if it had not started)."""
-        now = time.perf_counter()
-        self._done(src, task.req_id, now=now)
-        src.handed_over += 1
-        flight = self.flights.get(task.req_id)
-        decodes = self.of_kind("decode")
-        dst = self.router.decode_for([h.routing_load() for h in decodes]) if flight is not None else None
-        if dst is None:  # ended meanwhile, or no decode left: the KV goes back where it is
-            back = FreeKV(task.kv_blocks, task.prefill, decode=task.src_decode)
-            self._kv_owner(back).send(back)
-            if flight is not None:
-                flight.decode = None
-                self._fail(flight, "no decode process is alive", events)
-            return
-        flight.decode = dst
-        self._sent(decodes[dst], task.req_id, now=now)
-        decodes[dst].send(task)
-
     def _sent(self, stage: StageHandle, req_id: int, units: int = 0, now: float | None = None) -> None:
         """A task to `stage`: its routing load (items for an encoder, requests for the others)
         and the estimator's record (units: items, prompt tokens, or 0 for a decode)."""
@@ -432,13 +397,13 @@ class EPDEngine:
         its requests over."""
         return self.of_kind("decode")[free.decode] if free.decode is not None else self.of_kind("prefill")[free.prefill]
 
-    def _fail(self, flight: _Flight, error: str, events: list[TokenEvent]) -> None:
+    def _fail(self, flight: Flight, error: str, events: list[TokenEvent]) -> None:
         del self.flights[flight.seq.seq_id]
         self.output_processor.remove(flight.seq.seq_id)
         self._release(flight)
         events.append(TokenEvent(flight.seq.seq_id, -1, "", error=error))
 
-    def _release(self, flight: _Flight) -> None:
+    def _release(self, flight: Flight) -> None:
         """Free what a request still holds in the stages: embeddings not yet handed to prefill,
         its decode slot (KV still in prefill is freed when its late Prefilled arrives; embeddings
         handed to prefill are freed by prefill)."""
@@ -539,7 +504,7 @@ class EPDEngine:
         """The record of the switch to `name` once it serves, else None; StageError if it died."""
         return switching.done(self, self.stages[name])
 
-    def _dispatch_encode(self, flight: _Flight) -> None:
+    def _dispatch_encode(self, flight: Flight) -> None:
         """Split the request's items (images, or LLaVA-NeXT bases and tiles) not yet encoded or
         being encoded over the least-loaded live encoders (one part each); in pd mode (or without
         images) go straight to prefill."""
@@ -561,7 +526,7 @@ class EPDEngine:
             flight.parts[part] = (encoder, items)
             encoders[encoder].send(flight.encode_task(part, items))
 
-    def _dispatch_prefill(self, flight: _Flight, now: float) -> None:
+    def _dispatch_prefill(self, flight: Flight, now: float) -> None:
         seq = flight.seq
         flight.state.metrics.prefill_start = now
         prefills = self.of_kind("prefill")
@@ -680,31 +645,3 @@ class EPDEngine:
     def _capture_in_stages(self) -> str:
         return (f"in {self.mode} mode the decode stages capture their graphs at start (see status: "
                 "stages.decodeN); capture control is for the aggregated engine")
-
-
-class _Flight:
-    """A request in flight: its sequence (the orchestrator's record of its tokens), its output
-    state, image sources, encoder parts and MM references. Items are numbered over the request:
-    image 0's items, then image 1's, ..."""
-
-    def __init__(self, seq: Sequence, state: RequestState, images: list, items_per_image: list[int]) -> None:
-        self.seq, self.state, self.images = seq, state, images
-        self.items = [(image, k) for image, n in enumerate(items_per_image) for k in range(n)]  # (image, its item)
-        self.parts: dict[int, tuple[int, list[int]]] = {}  # part id -> (encoder, items being encoded)
-        self.next_part = 0
-        self.refs: dict[int, tuple[int, int]] = {}  # item -> (encoder, MM block), until prefill takes them
-        self.prefill: int | None = None  # the instances it was routed to (prefill: until Prefilled)
-        self.decode: int | None = None
-
-    def encode_task(self, part: int, items: list[int]) -> EncodeTask:
-        """The task for `items` of this request: the images they come from, once each, and the
-        items' content keys."""
-        used = sorted({self.items[i][0] for i in items})
-        where = {image: k for k, image in enumerate(used)}
-        return EncodeTask(self.seq.seq_id, part, [self.images[i] for i in used],
-                          items=[(where[self.items[i][0]], self.items[i][1]) for i in items],
-                          image_sizes=[self.seq.image_sizes[i] for i in used], keys=self.keys(items))
-
-    def keys(self, items: list[int]) -> list[str]:
-        """The content keys of these items ([] with the cache off)."""
-        return [self.seq.mm_keys[i] for i in items] if self.seq.mm_keys else []

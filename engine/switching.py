@@ -26,7 +26,8 @@ engine goes on serving (issue 14). `EPDEngine.switch_role(kind, index, new_kind)
    (indices never move), marked `moved_to`.
 
 Each switch is recorded (durations of the drain and of the build, tasks handed over) in
-`status()["switches"]`.
+`status()["switches"]`. The orchestrator's step (engine/epd.py) passes what a draining role gives
+up to `re_encode` (an encoder's unstarted part) and `hand_over` (a decode's request).
 """
 
 from __future__ import annotations
@@ -36,7 +37,20 @@ import time
 from dataclasses import replace
 from functools import partial
 
-from engine.messages import EncoderDraining, Exported, Loaded, PeerArena, Ready, SendWeights, Sized, SizeKV
+from engine.messages import (
+    DecodeTask,
+    EncoderDraining,
+    Exported,
+    FreeKV,
+    Loaded,
+    PeerArena,
+    Ready,
+    SendWeights,
+    Sized,
+    SizeKV,
+    Unencoded,
+)
+from engine.request import TokenEvent
 from engine.roles import build_role
 from engine.roles.weights import covers
 from engine.sampling import RequestError
@@ -224,3 +238,40 @@ def wait_switch(epd, new: StageHandle, timeout_s: float) -> dict:
         events = epd.step(timeout_s=0.02)  # two statements: step replaces epd.late_events
         epd.late_events.extend(events)
     return record
+
+
+def re_encode(epd, src: StageHandle, msg: Unencoded, events: list[TokenEvent]) -> None:
+    """A part a switching encoder had not started: its items to the least-loaded live encoders."""
+    epd._done(src, msg.req_id, msg.items)
+    src.handed_over += 1
+    flight = epd.flights.get(msg.req_id)
+    if flight is None:  # ended meanwhile: that stage has answered for its bytes
+        if epd.image_bytes is not None:
+            epd.image_bytes.answered(msg.req_id, src.name)
+        return
+    flight.parts.pop(msg.part, None)
+    try:
+        epd._dispatch_encode(flight)
+    except StageError as e:
+        epd._fail(flight, str(e), events)
+
+
+def hand_over(epd, src: StageHandle, task: DecodeTask, events: list[TokenEvent]) -> None:
+    """A request a switching decode gave up: to the least-loaded live decode, which pulls its
+    KV from where it is (the old decode's arena, or prefill's if it had not started)."""
+    now = time.perf_counter()
+    epd._done(src, task.req_id, now=now)
+    src.handed_over += 1
+    flight = epd.flights.get(task.req_id)
+    decodes = epd.of_kind("decode")
+    dst = epd.router.decode_for([h.routing_load() for h in decodes]) if flight is not None else None
+    if dst is None:  # ended meanwhile, or no decode left: the KV goes back where it is
+        back = FreeKV(task.kv_blocks, task.prefill, decode=task.src_decode)
+        epd._kv_owner(back).send(back)
+        if flight is not None:
+            flight.decode = None
+            epd._fail(flight, "no decode process is alive", events)
+        return
+    flight.decode = dst
+    epd._sent(decodes[dst], task.req_id, now=now)
+    decodes[dst].send(task)
