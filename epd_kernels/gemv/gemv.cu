@@ -20,6 +20,7 @@
 //   * tokens g >= M load zeros and their output columns are dropped, so M needs no template.
 // Every row's sum is formed in the same order whatever the tiling (chunks in order inside a warp's
 // slice, slices in warp order), so gate_up_silu's g and u equal linear's outputs bit for bit.
+#include <cstdlib>
 #include <type_traits>
 
 #include "epd_kernels/common.cuh"
@@ -92,6 +93,39 @@ __device__ __forceinline__ void mma_chunk(float (&c)[4], const uint4& lo, const 
   mma_16816<T>(c, lo.z, hi.z, lo.w, hi.w, xv.z, xv.w);
 }
 
+// The end of a tile, the same in every kernel: sum the warps' partial tiles in warp order, store.
+template <typename T, bool kGateUp>
+__device__ __forceinline__ void finish_tile(T* __restrict__ out, const float (&acc)[4], int m, int64_t rows) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int64_t out_cols = kGateUp ? rows / 2 : rows;
+  // red[w][e][lane]: accumulator e.
+  __shared__ float red[kWarps][4][32];
+#pragma unroll
+  for (int e = 0; e < 4; ++e) red[warp][e][lane] = acc[e];
+  __syncthreads();
+
+  // Accumulator e of lane l holds tile row (l / 4) + 8 (e / 2), token 2 (l % 4) + e % 2.
+  constexpr int kItems = (kGateUp ? 2 : 4) * 32;  // gate-up: items for e = 0, 1 also read e + 2
+  if (threadIdx.x >= kItems) return;
+  const int e = threadIdx.x / 32, l = threadIdx.x & 31;
+  const int token = 2 * (l & 3) + (e & 1);
+  float s = red[0][e][l];
+#pragma unroll
+  for (int v = 1; v < kWarps; ++v) s += red[v][e][l];
+  if constexpr (kGateUp) {
+    const int64_t col = blockIdx.x * int64_t{8} + (l >> 2);
+    if (col >= out_cols || token >= m) return;
+    float su = red[0][e + 2][l];
+#pragma unroll
+    for (int v = 1; v < kWarps; ++v) su += red[v][e + 2][l];
+    out[token * out_cols + col] = silu_mul(from_float<T>(s), from_float<T>(su));
+  } else {
+    const int64_t row = blockIdx.x * int64_t{kTileRows} + (l >> 2) + 8 * (e >> 1);
+    if (row >= rows || token >= m) return;
+    out[token * out_cols + row] = from_float<T>(s);
+  }
+}
+
 // One 16-row MMA tile of w per CTA. Linear: tile rows blockIdx.x * 16 + [0, 16), rows >= N masked.
 // Gate-up: tile rows 0-7 are gate rows blockIdx.x * 8 + [0, 8) and rows 8-15 the up rows I further, so
 // lane l's accumulators hold gate (e = 0, 1) and up (e = 2, 3) of one output column and the
@@ -148,39 +182,179 @@ __global__ void __launch_bounds__(kThreads, 2)
     }
   }
 
-  // Sum the warps' partial tiles in warp order. red[w][e][lane]: accumulator e.
-  __shared__ float red[kWarps][4][32];
-#pragma unroll
-  for (int e = 0; e < 4; ++e) red[warp][e][lane] = acc[e];
-  __syncthreads();
+  finish_tile<T, kGateUp>(out, acc, m, rows);
+}
 
-  // Accumulator e of lane l holds tile row (l / 4) + 8 (e / 2), token 2 (l % 4) + e % 2.
-  constexpr int kItems = (kGateUp ? 2 : 4) * 32;  // gate-up: items for e = 0, 1 also read e + 2
-  if (threadIdx.x >= kItems) return;
-  const int e = threadIdx.x / 32, l = threadIdx.x & 31;
-  const int token = 2 * (l & 3) + (e & 1);
-  float s = red[0][e][l];
-#pragma unroll
-  for (int v = 1; v < kWarps; ++v) s += red[v][e][l];
-  if constexpr (kGateUp) {
-    const int64_t col = blockIdx.x * int64_t{8} + (l >> 2);
-    if (col >= out_cols || token >= m) return;
-    float su = red[0][e + 2][l];
-#pragma unroll
-    for (int v = 1; v < kWarps; ++v) su += red[v][e + 2][l];
-    out[token * out_cols + col] = silu_mul(from_float<T>(s), from_float<T>(su));
-  } else {
-    const int64_t row = blockIdx.x * int64_t{kTileRows} + (l >> 2) + 8 * (e >> 1);
-    if (row >= rows || token >= m) return;
-    out[token * out_cols + row] = from_float<T>(s);
+// ---------------------------------------------------------------- A/B variant: bulk copies (issue 16)
+// EPD_GEMV_BULK=1 (read once; sm_90 only, else the kernel above): the same tiles, slices and MMAs in
+// the same order (the same bits), but w reaches the warps through shared memory: each warp keeps a
+// ring of kBulkStages stages of its own K slice (a stage = kChunks chunks x 16 rows = 4 KB), each
+// row's 256 bytes one cp.async.bulk completing on the stage's mbarrier. The copies take no registers,
+// so a CTA keeps up to 8 x kBulkStages x 4 KB in flight instead of 8 x 32 lanes x 8 x 16 bytes (32 KB):
+// the H200 needs more bytes in flight per SM than the register budget allows (kernel bench: qkv 83.7%,
+// down 82.9% of copy bandwidth at M = 1). Smem reads are 2-way bank conflicted (rows 256 bytes apart),
+// at ~20 of the SM's 128 bytes per clock.
+constexpr int kBulkStages = 2;
+constexpr int kStageCols = kChunkK * (kLoadsPerLane / 2);  // 128 columns per stage
+
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+template <typename T>
+__device__ __forceinline__ int64_t tile_row(int j, int64_t rows, bool* ok, bool gate_up) {
+  // Tile row j (0..15) of this CTA's tile: linear rows blockIdx.x * 16 + j; gate-up gate rows
+  // blockIdx.x * 8 + j (j < 8) and the matching up rows I further (j >= 8).
+  if (gate_up) {
+    const int64_t out_cols = rows / 2, col = blockIdx.x * int64_t{8} + (j & 7);
+    *ok = col < out_cols;
+    return col + (j >> 3) * out_cols;
   }
+  const int64_t row = blockIdx.x * int64_t{kTileRows} + j;
+  *ok = row < rows;
+  return row;
+}
+
+template <typename T, bool kGateUp>
+__global__ void __launch_bounds__(kThreads, 3)
+    gemv_bulk_kernel(T* __restrict__ out, const T* __restrict__ x, const T* __restrict__ w, int m, int64_t rows,
+                     int k) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  constexpr int kChunks = kLoadsPerLane / 2;
+  constexpr int kStageElems = kTileRows * kStageCols;
+  extern __shared__ __align__(128) unsigned char bulk_smem[];
+  T* ring = reinterpret_cast<T*>(bulk_smem);  // [warp][stage][16 rows][128 columns]
+  uint64_t* bars = reinterpret_cast<uint64_t*>(bulk_smem + sizeof(T) * kWarps * kBulkStages * kStageElems);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int g = lane >> 2, t = lane & 3;
+  T* my_ring = ring + warp * kBulkStages * kStageElems;
+  uint64_t* my_bars = bars + warp * kBulkStages;
+
+  const int num_chunks = (k + kChunkK - 1) / kChunkK;
+  const int per_warp = ((num_chunks + kWarps - 1) / kWarps + kSliceAlign - 1) / kSliceAlign * kSliceAlign;
+  const int c_begin = warp * per_warp;
+  const int c_end = min(num_chunks, c_begin + per_warp);
+  const int stages = c_end > c_begin ? (c_end - c_begin + kChunks - 1) / kChunks : 0;
+
+  // Copy lanes 0..15: tile row `lane`; the stage's bytes per row (the last stage of the last slice may
+  // be cut by K, a multiple of 8, so every size is a multiple of 16 bytes).
+  bool copy_ok = false;
+  const int64_t copy_row = lane < kTileRows ? tile_row<T>(lane, rows, &copy_ok, kGateUp) : 0;
+  copy_ok = copy_ok && lane < kTileRows;
+  const T* copy_src = w + copy_row * k;
+  int valid_rows = 0;
+#pragma unroll
+  for (int j = 0; j < kTileRows; ++j) {
+    bool ok;
+    tile_row<T>(j, rows, &ok, kGateUp);
+    valid_rows += ok;
+  }
+  auto issue = [&](int stage) {  // the whole warp: lane 0 arms the barrier, lanes 0..15 copy a row each
+    const int col0 = (c_begin + stage * kChunks) * kChunkK;
+    const uint32_t bytes = static_cast<uint32_t>(min(kStageCols, k - col0)) * sizeof(T);
+    uint64_t* bar = my_bars + stage % kBulkStages;
+    if (lane == 0) {
+      asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n"
+                   :: "r"(smem_u32(bar)), "r"(bytes * valid_rows) : "memory");
+    }
+    __syncwarp();
+    if (copy_ok) {
+      T* dst = my_ring + (stage % kBulkStages) * kStageElems + lane * kStageCols;
+      asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n"
+                   :: "r"(smem_u32(dst)), "l"(copy_src + col0), "r"(bytes), "r"(smem_u32(bar)) : "memory");
+    }
+  };
+
+  if (lane == 0) {
+#pragma unroll
+    for (int s = 0; s < kBulkStages; ++s) {
+      asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n" :: "r"(smem_u32(my_bars + s)) : "memory");
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  __syncwarp();
+  for (int s = 0; s < min(stages, kBulkStages); ++s) issue(s);
+
+  const bool x_ok = g < m;
+  const T* xp = x + (x_ok ? g : 0) * int64_t{k} + 8 * t;
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+  for (int s = 0; s < stages; ++s) {
+    const int c0 = c_begin + s * kChunks;
+    uint4 xv[kChunks];
+#pragma unroll
+    for (int u = 0; u < kChunks; ++u) {  // x before the wait: its latency under the copy's
+      const int col = (c0 + u) * kChunkK;
+      xv[u] = load_cached(xp + col, c0 + u < c_end && col + 8 * t < k && x_ok);
+    }
+    const uint32_t bar = smem_u32(my_bars + s % kBulkStages);
+    const uint32_t parity = (s / kBulkStages) & 1;
+    asm volatile(
+        "{\n"
+        "  .reg .pred done;\n"
+        "WAIT_%=:\n"
+        "  mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+        "  @!done bra WAIT_%=;\n"
+        "}\n" :: "r"(bar), "r"(parity) : "memory");
+    const T* st = my_ring + (s % kBulkStages) * kStageElems;
+#pragma unroll
+    for (int u = 0; u < kChunks; ++u) {
+      if (c0 + u >= c_end) break;  // warp-uniform, as in the kernel above
+      const int cs = u * kChunkK + 8 * t;  // column within the stage
+      const bool k_ok = (c0 + u) * kChunkK + 8 * t < k;  // past K the stage holds stale bytes: zeros
+      const uint4 zero = make_uint4(0, 0, 0, 0);
+      const uint4 lo = k_ok ? *reinterpret_cast<const uint4*>(st + g * kStageCols + cs) : zero;
+      const uint4 hi = k_ok ? *reinterpret_cast<const uint4*>(st + (g + 8) * kStageCols + cs) : zero;
+      mma_chunk<T>(acc, lo, hi, xv[u]);
+    }
+    if (s + kBulkStages < stages) {  // this slot is read: refill it (the async proxy writes after our reads)
+      __syncwarp();
+      asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+      issue(s + kBulkStages);
+    }
+  }
+  finish_tile<T, kGateUp>(out, acc, m, rows);
+#else
+  __trap();  // not launched below sm_90 (bulk_ok)
+#endif
+}
+
+bool bulk_requested() {
+  static const bool on = [] {
+    const char* s = std::getenv("EPD_GEMV_BULK");
+    return s != nullptr && s[0] == '1';
+  }();
+  return on;
+}
+
+bool bulk_ok() {  // requested, and the current device is sm_90 or newer
+  if (!bulk_requested()) return false;
+  int device = 0, major = 0;
+  cudaGetDevice(&device);
+  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+  return major >= 9;
+}
+
+template <typename T, bool kGateUp>
+void launch_bulk(const GemvParams& p, int64_t ctas, cudaStream_t stream) {
+  constexpr size_t kSmem = sizeof(T) * kWarps * kBulkStages * kTileRows * kStageCols + 8 * kWarps * kBulkStages;
+  static const bool attr = [] {
+    cudaFuncSetAttribute(gemv_bulk_kernel<T, kGateUp>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                         static_cast<int>(kSmem));
+    return true;
+  }();
+  (void)attr;
+  gemv_bulk_kernel<T, kGateUp><<<static_cast<unsigned>(ctas), kThreads, kSmem, stream>>>(
+      static_cast<T*>(p.out), static_cast<const T*>(p.x), static_cast<const T*>(p.w), p.m, p.rows,
+      static_cast<int>(p.k));
 }
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 template <bool kGateUp>
 void launch(const GemvParams& p, int64_t ctas, cudaStream_t stream) {
+  static const bool bulk = bulk_ok();
   EPD_SWITCH_HALF_TYPES(p.dtype, [&] {
+    if (bulk) return launch_bulk<scalar_t, kGateUp>(p, ctas, stream);
     gemv_kernel<scalar_t, kGateUp><<<static_cast<unsigned>(ctas), kThreads, 0, stream>>>(
         static_cast<scalar_t*>(p.out), static_cast<const scalar_t*>(p.x), static_cast<const scalar_t*>(p.w), p.m,
         p.rows, static_cast<int>(p.k));
