@@ -73,8 +73,9 @@ class AllocatorPolicy:
                 raise ValueError(f"AllocatorPolicy.{name} = {getattr(self, name)}; must be > 0")
         if not 0 < self.low < self.high:
             raise ValueError(f"AllocatorPolicy: need 0 < low ({self.low}) < high ({self.high})")
-        if not self.lookahead_s >= 0:
-            raise ValueError(f"AllocatorPolicy.lookahead_s = {self.lookahead_s}; must be >= 0")
+        for name in ("lookahead_s", "growth"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"AllocatorPolicy.{name} = {getattr(self, name)}; must be >= 0")
         if self.confirm < 1:
             raise ValueError(f"AllocatorPolicy.confirm = {self.confirm}; must be >= 1")
 

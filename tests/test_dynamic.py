@@ -234,6 +234,8 @@ def test_policy_errors_name_the_field() -> None:
         AllocatorPolicy(slo_ttft_s=0)
     with pytest.raises(ValueError, match="lookahead_s"):
         AllocatorPolicy(lookahead_s=-1)
+    with pytest.raises(ValueError, match="growth"):
+        AllocatorPolicy(growth=-0.1)
 
 
 def _png(seed: int) -> bytes:
