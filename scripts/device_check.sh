@@ -16,7 +16,7 @@
 # mode: tests/test_deterministic.py on the GPU, bench_decode with and without it, bench_epd with it);
 # splits (decode attention's GPU tests, bench_decode at batches 1-32: the split rule); ttft (idle-engine
 # TTFT of one fresh 336x336 PNG in epd, pd and aggregated: bench_epd's one-at-a-time pass, its stamps);
-# gemvbulk (the bulk-copy GEMV variant: its GPU tests, kernel bench and bench_decode alternating with the
+# gemvbulk (the bulk-copy GEMV variant, ring depths 2 and 3: its GPU tests, kernel bench and bench_decode alternating with the
 # default kernel).
 # Older A/Bs kept for reruns: abpen (decode graphs with and
 # without the penalty ops), prebench (with image: bench_preprocess), onecheck (with image: the token check
@@ -110,18 +110,20 @@ if [[ " $STAGES " == *" splits "* ]]; then  # issue 16: decode attention's small
   echo "bench_decode (2 CTAs per SM below one per SM):" >> "$SUMMARY"
   grep -h "^| [0-9]" "$OUT/bench_decode_splits.log" >> "$SUMMARY"
 fi
-if [[ " $STAGES " == *" gemvbulk "* ]]; then  # issue 16: the bulk-copy GEMV variant (EPD_GEMV_BULK=1), A/B
+if [[ " $STAGES " == *" gemvbulk "* ]]; then  # issue 16: the bulk-copy GEMV variant (EPD_GEMV_BULK=2/3), A/B
   llava7b
   stage pytest_gemv python3 -m pytest -m gpu -q --tb=short -p no:cacheprovider tests/test_kernels_gemv.py
-  EPD_GEMV_BULK=1 stage pytest_gemv_bulk python3 -m pytest -m gpu -q --tb=short -p no:cacheprovider \
-    tests/test_kernels_gemv.py -k "not bulk_copy"
-  for on in 0 1 0 1; do
+  for v in 2 3; do
+    EPD_GEMV_BULK=$v stage "pytest_gemv_bulk$v" python3 -m pytest -m gpu -q --tb=short -p no:cacheprovider \
+      tests/test_kernels_gemv.py -k "not bulk_copy"
+  done
+  for on in 0 2 3; do
     EPD_GEMV_BULK=$on stage "bench_gemv_bulk$on" python3 -m epd_kernels.gemv.bench
     echo "epd_kernels.gemv.bench, EPD_GEMV_BULK=$on:" >> "$SUMMARY"
     grep -h "linear\|gate_up" "$OUT/bench_gemv_bulk$on.log" >> "$SUMMARY"
   done
   for round in 1 2; do
-    for on in 0 1; do
+    for on in 0 2 3; do
       EPD_GEMV_BULK=$on stage "bench_decode_bulk${on}_$round" python3 scripts/bench_decode.py \
         --model /tmp/llava-7b --batches 1,8,32 --multi-step 8 --steps 24 --no-hf
       echo "bench_decode, EPD_GEMV_BULK=$on, round $round:" >> "$SUMMARY"

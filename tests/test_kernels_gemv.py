@@ -273,10 +273,11 @@ def _bulk_case_outputs() -> list[torch.Tensor]:
 
 
 @gpu
-def test_bulk_copy_variant_gives_the_same_bits(tmp_path: Path) -> None:
-    """EPD_GEMV_BULK=1 (w through per-warp shared-memory rings filled by cp.async.bulk, an A/B variant
-    on sm_90) runs the same MMAs in the same order: linear and gate_up_silu give the default
-    kernel's bits, fp16 and bf16, M 1-8, K and N tails."""
+@pytest.mark.parametrize("stages", ["2", "3"])
+def test_bulk_copy_variant_gives_the_same_bits(stages: str, tmp_path: Path) -> None:
+    """EPD_GEMV_BULK=2 / 3 (w through per-warp shared-memory rings of that depth filled by
+    cp.async.bulk, an A/B variant on sm_90) runs the same MMAs in the same order: linear and
+    gate_up_silu give the default kernel's bits, fp16 and bf16, M 1-8, K and N tails."""
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("the bulk-copy variant needs sm_90")
     ours = _bulk_case_outputs()
@@ -287,7 +288,7 @@ def test_bulk_copy_variant_gives_the_same_bits(tmp_path: Path) -> None:
             "with profile(activities=[ProfilerActivity.CUDA]) as prof: outs = t._bulk_case_outputs()\n"
             "assert any('gemv_bulk' in e.name for e in prof.events()), 'the bulk kernel did not run'\n"
             f"torch.save(outs, {str(saved)!r})")
-    subprocess.run([sys.executable, "-c", code], check=True, timeout=300, env={**os.environ, "EPD_GEMV_BULK": "1"})
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300, env={**os.environ, "EPD_GEMV_BULK": stages})
     for i, (a, b) in enumerate(zip(ours, torch.load(saved), strict=True)):
         assert torch.equal(a, b), f"case {_BULK_CASES[i // 2]} ({'gate_up' if i % 2 else 'linear'}) differs"
 

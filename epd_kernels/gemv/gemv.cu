@@ -186,18 +186,17 @@ __global__ void __launch_bounds__(kThreads, 2)
 }
 
 // ---------------------------------------------------------------- A/B variant: bulk copies (issue 16)
-// EPD_GEMV_BULK=1 (read once; sm_90 only, else the kernel above): the same tiles, slices and MMAs in
-// the same order (the same bits), but w reaches the warps through shared memory: each warp keeps a
-// ring of kBulkStages stages of its own K slice (a stage = kChunks chunks x 16 rows = 4 KB), each
-// row's 256 bytes one cp.async.bulk completing on the stage's mbarrier. The copies take no registers,
-// so a CTA keeps up to 8 x kBulkStages x 4 KB in flight instead of 8 x 32 lanes x 8 x 16 bytes (32 KB):
-// the H200 needs more bytes in flight per SM than the register budget allows (kernel bench: qkv 83.7%,
-// down 82.9% of copy bandwidth at M = 1). Smem reads are 2-way bank conflicted (rows 256 bytes apart),
-// at ~20 of the SM's 128 bytes per clock.
-constexpr int kBulkStages = 2;
+// EPD_GEMV_BULK=2 or 3 (the ring's depth; read once; sm_90 only, else the kernel above): the same
+// tiles, slices and MMAs in the same order (the same bits), but w reaches the warps through shared
+// memory: each warp keeps a ring of kStages stages of its own K slice (a stage = kChunks chunks x 16
+// rows = 4 KB), each row's 256 bytes one cp.async.bulk completing on the stage's mbarrier. The copies
+// take no registers, so a CTA keeps up to 8 x kStages x 4 KB in flight instead of 8 x 32 lanes x 8 x
+// 16 bytes (32 KB): the H200 needs more bytes in flight per SM than the register budget allows
+// (kernel bench: qkv 83.7%, down 82.9% of copy bandwidth at M = 1). Smem reads are 2-way bank
+// conflicted (rows 256 bytes apart), at ~20 of the SM's 128 bytes per clock.
 constexpr int kStageCols = kChunkK * (kLoadsPerLane / 2);  // 128 columns per stage
 
-__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+[[maybe_unused]] __device__ __forceinline__ uint32_t smem_u32(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
 
@@ -215,8 +214,10 @@ __device__ __forceinline__ int64_t tile_row(int j, int64_t rows, bool* ok, bool 
   return row;
 }
 
-template <typename T, bool kGateUp>
-__global__ void __launch_bounds__(kThreads, 3)
+// kStages 2: 64 KB of ring per CTA, 3 CTAs per SM; 3: 96 KB, 2 CTAs per SM (about the same bytes in
+// flight per SM, fewer CTAs to a wave).
+template <typename T, bool kGateUp, int kStages>
+__global__ void __launch_bounds__(kThreads, kStages == 2 ? 3 : 2)
     gemv_bulk_kernel(T* __restrict__ out, const T* __restrict__ x, const T* __restrict__ w, int m, int64_t rows,
                      int k) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -224,11 +225,11 @@ __global__ void __launch_bounds__(kThreads, 3)
   constexpr int kStageElems = kTileRows * kStageCols;
   extern __shared__ __align__(128) unsigned char bulk_smem[];
   T* ring = reinterpret_cast<T*>(bulk_smem);  // [warp][stage][16 rows][128 columns]
-  uint64_t* bars = reinterpret_cast<uint64_t*>(bulk_smem + sizeof(T) * kWarps * kBulkStages * kStageElems);
+  uint64_t* bars = reinterpret_cast<uint64_t*>(bulk_smem + sizeof(T) * kWarps * kStages * kStageElems);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int g = lane >> 2, t = lane & 3;
-  T* my_ring = ring + warp * kBulkStages * kStageElems;
-  uint64_t* my_bars = bars + warp * kBulkStages;
+  T* my_ring = ring + warp * kStages * kStageElems;
+  uint64_t* my_bars = bars + warp * kStages;
 
   const int num_chunks = (k + kChunkK - 1) / kChunkK;
   const int per_warp = ((num_chunks + kWarps - 1) / kWarps + kSliceAlign - 1) / kSliceAlign * kSliceAlign;
@@ -252,14 +253,14 @@ __global__ void __launch_bounds__(kThreads, 3)
   auto issue = [&](int stage) {  // the whole warp: lane 0 arms the barrier, lanes 0..15 copy a row each
     const int col0 = (c_begin + stage * kChunks) * kChunkK;
     const uint32_t bytes = static_cast<uint32_t>(min(kStageCols, k - col0)) * sizeof(T);
-    uint64_t* bar = my_bars + stage % kBulkStages;
+    uint64_t* bar = my_bars + stage % kStages;
     if (lane == 0) {
       asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n"
                    :: "r"(smem_u32(bar)), "r"(bytes * valid_rows) : "memory");
     }
     __syncwarp();
     if (copy_ok) {
-      T* dst = my_ring + (stage % kBulkStages) * kStageElems + lane * kStageCols;
+      T* dst = my_ring + (stage % kStages) * kStageElems + lane * kStageCols;
       asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n"
                    :: "r"(smem_u32(dst)), "l"(copy_src + col0), "r"(bytes), "r"(smem_u32(bar)) : "memory");
     }
@@ -267,13 +268,13 @@ __global__ void __launch_bounds__(kThreads, 3)
 
   if (lane == 0) {
 #pragma unroll
-    for (int s = 0; s < kBulkStages; ++s) {
+    for (int s = 0; s < kStages; ++s) {
       asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n" :: "r"(smem_u32(my_bars + s)) : "memory");
     }
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
   __syncwarp();
-  for (int s = 0; s < min(stages, kBulkStages); ++s) issue(s);
+  for (int s = 0; s < min(stages, kStages); ++s) issue(s);
 
   const bool x_ok = g < m;
   const T* xp = x + (x_ok ? g : 0) * int64_t{k} + 8 * t;
@@ -286,8 +287,8 @@ __global__ void __launch_bounds__(kThreads, 3)
       const int col = (c0 + u) * kChunkK;
       xv[u] = load_cached(xp + col, c0 + u < c_end && col + 8 * t < k && x_ok);
     }
-    const uint32_t bar = smem_u32(my_bars + s % kBulkStages);
-    const uint32_t parity = (s / kBulkStages) & 1;
+    const uint32_t bar = smem_u32(my_bars + s % kStages);
+    const uint32_t parity = (s / kStages) & 1;
     asm volatile(
         "{\n"
         "  .reg .pred done;\n"
@@ -295,7 +296,7 @@ __global__ void __launch_bounds__(kThreads, 3)
         "  mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
         "  @!done bra WAIT_%=;\n"
         "}\n" :: "r"(bar), "r"(parity) : "memory");
-    const T* st = my_ring + (s % kBulkStages) * kStageElems;
+    const T* st = my_ring + (s % kStages) * kStageElems;
 #pragma unroll
     for (int u = 0; u < kChunks; ++u) {
       if (c0 + u >= c_end) break;  // warp-uniform, as in the kernel above
@@ -306,44 +307,40 @@ __global__ void __launch_bounds__(kThreads, 3)
       const uint4 hi = k_ok ? *reinterpret_cast<const uint4*>(st + (g + 8) * kStageCols + cs) : zero;
       mma_chunk<T>(acc, lo, hi, xv[u]);
     }
-    if (s + kBulkStages < stages) {  // this slot is read: refill it (the async proxy writes after our reads)
+    if (s + kStages < stages) {  // this slot is read: refill it (the async proxy writes after our reads)
       __syncwarp();
       asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-      issue(s + kBulkStages);
+      issue(s + kStages);
     }
   }
   finish_tile<T, kGateUp>(out, acc, m, rows);
 #else
-  __trap();  // not launched below sm_90 (bulk_ok)
+  __trap();  // not launched below sm_90 (bulk_stages)
 #endif
 }
 
-bool bulk_requested() {
-  static const bool on = [] {
+int bulk_stages() {  // EPD_GEMV_BULK's ring depth (2 or 3) on an sm_90+ device; 0: the register kernel
+  static const int stages = [] {
     const char* s = std::getenv("EPD_GEMV_BULK");
-    return s != nullptr && s[0] == '1';
+    const int n = s != nullptr && (s[0] == '2' || s[0] == '3') && s[1] == '\0' ? s[0] - '0' : 0;
+    int device = 0, major = 0;
+    cudaGetDevice(&device);
+    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+    return major >= 9 ? n : 0;
   }();
-  return on;
+  return stages;
 }
 
-bool bulk_ok() {  // requested, and the current device is sm_90 or newer
-  if (!bulk_requested()) return false;
-  int device = 0, major = 0;
-  cudaGetDevice(&device);
-  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
-  return major >= 9;
-}
-
-template <typename T, bool kGateUp>
+template <typename T, bool kGateUp, int kStages>
 void launch_bulk(const GemvParams& p, int64_t ctas, cudaStream_t stream) {
-  constexpr size_t kSmem = sizeof(T) * kWarps * kBulkStages * kTileRows * kStageCols + 8 * kWarps * kBulkStages;
+  constexpr size_t kSmem = sizeof(T) * kWarps * kStages * kTileRows * kStageCols + 8 * kWarps * kStages;
   static const bool attr = [] {
-    cudaFuncSetAttribute(gemv_bulk_kernel<T, kGateUp>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+    cudaFuncSetAttribute(gemv_bulk_kernel<T, kGateUp, kStages>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                          static_cast<int>(kSmem));
     return true;
   }();
   (void)attr;
-  gemv_bulk_kernel<T, kGateUp><<<static_cast<unsigned>(ctas), kThreads, kSmem, stream>>>(
+  gemv_bulk_kernel<T, kGateUp, kStages><<<static_cast<unsigned>(ctas), kThreads, kSmem, stream>>>(
       static_cast<T*>(p.out), static_cast<const T*>(p.x), static_cast<const T*>(p.w), p.m, p.rows,
       static_cast<int>(p.k));
 }
@@ -352,9 +349,10 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 template <bool kGateUp>
 void launch(const GemvParams& p, int64_t ctas, cudaStream_t stream) {
-  static const bool bulk = bulk_ok();
+  static const int bulk = bulk_stages();
   EPD_SWITCH_HALF_TYPES(p.dtype, [&] {
-    if (bulk) return launch_bulk<scalar_t, kGateUp>(p, ctas, stream);
+    if (bulk == 2) return launch_bulk<scalar_t, kGateUp, 2>(p, ctas, stream);
+    if (bulk == 3) return launch_bulk<scalar_t, kGateUp, 3>(p, ctas, stream);
     gemv_kernel<scalar_t, kGateUp><<<static_cast<unsigned>(ctas), kThreads, 0, stream>>>(
         static_cast<scalar_t*>(p.out), static_cast<const scalar_t*>(p.x), static_cast<const scalar_t*>(p.w), p.m,
         p.rows, static_cast<int>(p.k));
