@@ -126,6 +126,34 @@ __device__ __forceinline__ void finish_tile(T* __restrict__ out, const float (&a
   }
 }
 
+// Tile row j (0..15) of this CTA's tile, and whether it exists (*ok): linear rows blockIdx.x * 16 + j
+// (< N); gate-up gate rows blockIdx.x * 8 + j (j < 8) and the matching up rows I further (j >= 8),
+// for output columns < I.
+template <bool kGateUp>
+__device__ __forceinline__ int64_t tile_row(int j, int64_t rows, bool* ok) {
+  if constexpr (kGateUp) {
+    const int64_t out_cols = rows / 2, col = blockIdx.x * int64_t{8} + (j & 7);
+    *ok = col < out_cols;
+    return col + (j >> 3) * out_cols;
+  } else {
+    const int64_t row = blockIdx.x * int64_t{kTileRows} + j;
+    *ok = row < rows;
+    return row;
+  }
+}
+
+// This warp's contiguous slice [begin, end) of the K chunks; the same for every N and in every
+// kernel, so every variant sums alike.
+struct Slice {
+  int begin, end;
+};
+__device__ __forceinline__ Slice warp_slice(int k, int warp) {
+  const int num_chunks = (k + kChunkK - 1) / kChunkK;
+  const int per_warp = ((num_chunks + kWarps - 1) / kWarps + kSliceAlign - 1) / kSliceAlign * kSliceAlign;
+  const int begin = warp * per_warp;
+  return {begin, min(num_chunks, begin + per_warp)};
+}
+
 // One 16-row MMA tile of w per CTA. Linear: tile rows blockIdx.x * 16 + [0, 16), rows >= N masked.
 // Gate-up: tile rows 0-7 are gate rows blockIdx.x * 8 + [0, 8) and rows 8-15 the up rows I further, so
 // lane l's accumulators hold gate (e = 0, 1) and up (e = 2, 3) of one output column and the
@@ -136,7 +164,6 @@ __global__ void __launch_bounds__(kThreads, 2)
   constexpr int kChunks = kLoadsPerLane / 2;  // chunks loaded per step (two 16-byte loads of w each)
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int g = lane >> 2, t = lane & 3;
-  const int64_t out_cols = kGateUp ? rows / 2 : rows;  // N, or I
 
   // This lane's rows (tile rows g and g + 8) and token g, at column 8t; invalid ones point at row 0 and
   // are never read.
@@ -144,25 +171,14 @@ __global__ void __launch_bounds__(kThreads, 2)
   bool row_ok[2];
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
-    int64_t row;
-    if constexpr (kGateUp) {
-      const int64_t col = blockIdx.x * int64_t{8} + g;  // output column: gate row col, up row I + col
-      row_ok[h] = col < out_cols;
-      row = col + h * out_cols;
-    } else {
-      row = blockIdx.x * int64_t{kTileRows} + g + 8 * h;
-      row_ok[h] = row < rows;
-    }
+    const int64_t row = tile_row<kGateUp>(g + 8 * h, rows, &row_ok[h]);
     wp[h] = w + (row_ok[h] ? row : 0) * k + 8 * t;
   }
   const bool x_ok = g < m;
   const T* xp = x + (x_ok ? g : 0) * int64_t{k} + 8 * t;
 
-  // This warp's contiguous slice of the K chunks; the same for every N, so every variant sums alike.
-  const int num_chunks = (k + kChunkK - 1) / kChunkK;
-  const int per_warp = ((num_chunks + kWarps - 1) / kWarps + kSliceAlign - 1) / kSliceAlign * kSliceAlign;
-  const int c_begin = warp * per_warp;
-  const int c_end = min(num_chunks, c_begin + per_warp);
+  const Slice slice = warp_slice(k, warp);
+  const int c_begin = slice.begin, c_end = slice.end;
 
   float acc[4] = {0.f, 0.f, 0.f, 0.f};
   for (int c0 = c_begin; c0 < c_end; c0 += kChunks) {
@@ -200,20 +216,6 @@ constexpr int kStageCols = kChunkK * (kLoadsPerLane / 2);  // 128 columns per st
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
 
-template <typename T>
-__device__ __forceinline__ int64_t tile_row(int j, int64_t rows, bool* ok, bool gate_up) {
-  // Tile row j (0..15) of this CTA's tile: linear rows blockIdx.x * 16 + j; gate-up gate rows
-  // blockIdx.x * 8 + j (j < 8) and the matching up rows I further (j >= 8).
-  if (gate_up) {
-    const int64_t out_cols = rows / 2, col = blockIdx.x * int64_t{8} + (j & 7);
-    *ok = col < out_cols;
-    return col + (j >> 3) * out_cols;
-  }
-  const int64_t row = blockIdx.x * int64_t{kTileRows} + j;
-  *ok = row < rows;
-  return row;
-}
-
 // kStages 2: 64 KB of ring per CTA, 3 CTAs per SM; 3: 96 KB, 2 CTAs per SM (about the same bytes in
 // flight per SM, fewer CTAs to a wave).
 template <typename T, bool kGateUp, int kStages>
@@ -231,23 +233,21 @@ __global__ void __launch_bounds__(kThreads, kStages == 2 ? 3 : 2)
   T* my_ring = ring + warp * kStages * kStageElems;
   uint64_t* my_bars = bars + warp * kStages;
 
-  const int num_chunks = (k + kChunkK - 1) / kChunkK;
-  const int per_warp = ((num_chunks + kWarps - 1) / kWarps + kSliceAlign - 1) / kSliceAlign * kSliceAlign;
-  const int c_begin = warp * per_warp;
-  const int c_end = min(num_chunks, c_begin + per_warp);
+  const Slice slice = warp_slice(k, warp);
+  const int c_begin = slice.begin, c_end = slice.end;
   const int stages = c_end > c_begin ? (c_end - c_begin + kChunks - 1) / kChunks : 0;
 
   // Copy lanes 0..15: tile row `lane`; the stage's bytes per row (the last stage of the last slice may
   // be cut by K, a multiple of 8, so every size is a multiple of 16 bytes).
   bool copy_ok = false;
-  const int64_t copy_row = lane < kTileRows ? tile_row<T>(lane, rows, &copy_ok, kGateUp) : 0;
+  const int64_t copy_row = lane < kTileRows ? tile_row<kGateUp>(lane, rows, &copy_ok) : 0;
   copy_ok = copy_ok && lane < kTileRows;
   const T* copy_src = w + copy_row * k;
   int valid_rows = 0;
 #pragma unroll
   for (int j = 0; j < kTileRows; ++j) {
     bool ok;
-    tile_row<T>(j, rows, &ok, kGateUp);
+    tile_row<kGateUp>(j, rows, &ok);
     valid_rows += ok;
   }
   auto issue = [&](int stage) {  // the whole warp: lane 0 arms the barrier, lanes 0..15 copy a row each
