@@ -228,7 +228,7 @@ class EPDEngine:
         state = self.output_processor.add(seq.seq_id, seq.prompt_ids, sp, arrival)
         layouts = [self.cfg.image_layout(h, w) for h, w in seq.image_sizes]
         flight = self.flights[seq.seq_id] = Flight(seq, state, [self._ship(x) for x in images],
-                                                    [x.num_items for x in layouts])
+                                                   [x.num_items for x in layouts])
         self._dispatch_encode(flight)
         return seq
 

@@ -10,8 +10,8 @@ engine goes on serving (issue 14). `EPDEngine.switch_role(kind, index, new_kind)
    (EncoderDraining; a prefill role that starts meanwhile is told right after its Peers), so a
    blocked prefill does not hold the switch up; a prefill finishes its prompts and waits for
    decode to pull their KV blocks; a decode gives its requests, with their KV, to the other
-   decodes (HandedOver). Then it closes the role and builds the new one in the
-   same process (ipc/worker.py);
+   decodes (HandedOver). Then it closes the role and builds the new one in the same process
+   (ipc/worker.py);
 3. the new role goes through start-up as at engine start (Loaded, SizeKV for a KV owner,
    Exported, Peers, Ready) under a new handle: `<new_kind><next index>`, on the stage's host and
    device, built as a stage of that host is at start-up (stage_handles.role_spec: no memory of

@@ -204,8 +204,8 @@ def test_decode_figures_for_the_lookahead() -> None:
     (batch, step) pairs; an idle spell between requests is not taken for a step."""
     est = LoadEstimator(tau_s=2.0)
     t, req = 0.0, 0
-    for batch in (4, 8, 12, 16) * 10:  # steps of 10 ms + 1 ms per request
-        while len(est.instances.get("decode0").tasks if "decode0" in est.instances else {}) < batch:
+    for batch in (4, 8, 12, 16) * 10:  # steps of 10 ms + 1 ms per request (none answered yet: req running)
+        while req < batch:
             est.sent("decode0", req, 0, t)
             req += 1
         t += 0.010 + 0.001 * batch
