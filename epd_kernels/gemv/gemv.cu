@@ -18,9 +18,10 @@
 //     lane (120 registers, 2 CTAs) 5.43 ms, 8 loads capped at 2 CTAs by shared memory 6.08 ms,
 //     this 5.26 ms;
 //   * tokens g >= M load zeros and their output columns are dropped, so M needs no template.
+//   * launched with programmatic dependent launch (sm_90): a CTA issues its first loads of w before
+//     the grid dependency wait, so they overlap the end of the kernels ahead of it; x after it.
 // Every row's sum is formed in the same order whatever the tiling (chunks in order inside a warp's
 // slice, slices in warp order), so gate_up_silu's g and u equal linear's outputs bit for bit.
-#include <cstdlib>
 #include <type_traits>
 
 #include "epd_kernels/common.cuh"
@@ -93,7 +94,7 @@ __device__ __forceinline__ void mma_chunk(float (&c)[4], const uint4& lo, const 
   mma_16816<T>(c, lo.z, hi.z, lo.w, hi.w, xv.z, xv.w);
 }
 
-// The end of a tile, the same in every kernel: sum the warps' partial tiles in warp order, store.
+// The end of a tile: sum the warps' partial tiles in warp order, store (gate-up: silu(g) * u).
 template <typename T, bool kGateUp>
 __device__ __forceinline__ void finish_tile(T* __restrict__ out, const float (&acc)[4], int m, int64_t rows) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -142,8 +143,8 @@ __device__ __forceinline__ int64_t tile_row(int j, int64_t rows, bool* ok) {
   }
 }
 
-// This warp's contiguous slice [begin, end) of the K chunks; the same for every N and in every
-// kernel, so every variant sums alike.
+// This warp's contiguous slice [begin, end) of the K chunks; the same for every N, so linear and
+// gate_up_silu sum alike.
 struct Slice {
   int begin, end;
 };
@@ -180,6 +181,9 @@ __global__ void __launch_bounds__(kThreads, 2)
   const Slice slice = warp_slice(k, warp);
   const int c_begin = slice.begin, c_end = slice.end;
 
+  // Weights are read before the grid dependency wait (launch_pdl): the first loads of w overlap the
+  // end of the kernel before, whose output x is read only after it.
+  pdl_launch_dependents();
   float acc[4] = {0.f, 0.f, 0.f, 0.f};
   for (int c0 = c_begin; c0 < c_end; c0 += kChunks) {
     uint4 wv[kChunks][2];
@@ -190,172 +194,31 @@ __global__ void __launch_bounds__(kThreads, 2)
       const bool k_ok = c0 + u < c_end && col + 8 * t < k;
 #pragma unroll
       for (int h = 0; h < 2; ++h) wv[u][h] = load_stream(wp[h] + col, k_ok && row_ok[h]);
-      xv[u] = load_cached(xp + col, k_ok && x_ok);
+    }
+    if (c0 == c_begin) pdl_wait();  // warp-uniform; returns at once after the first time
+#pragma unroll
+    for (int u = 0; u < kChunks; ++u) {
+      const int col = (c0 + u) * kChunkK;
+      xv[u] = load_cached(xp + col, c0 + u < c_end && col + 8 * t < k && x_ok);
     }
 #pragma unroll
     for (int u = 0; u < kChunks; ++u) {
       if (c0 + u < c_end) mma_chunk<T>(acc, wv[u][0], wv[u][1], xv[u]);  // warp-uniform: no +0 past the slice
     }
   }
+  pdl_wait();  // a warp with an empty slice (K short) never waited above
 
   finish_tile<T, kGateUp>(out, acc, m, rows);
-}
-
-// ---------------------------------------------------------------- A/B variant: bulk copies (issue 16)
-// EPD_GEMV_BULK=2 or 3 (the ring's depth; read once; sm_90 only, else the kernel above): the same
-// tiles, slices and MMAs in the same order (the same bits), but w reaches the warps through shared
-// memory: each warp keeps a ring of kStages stages of its own K slice (a stage = kChunks chunks x 16
-// rows = 4 KB), each row's 256 bytes one cp.async.bulk completing on the stage's mbarrier. The copies
-// take no registers, so a CTA keeps up to 8 x kStages x 4 KB in flight instead of 8 x 32 lanes x 8 x
-// 16 bytes (32 KB): the H200 needs more bytes in flight per SM than the register budget allows
-// (kernel bench: qkv 83.7%, down 82.9% of copy bandwidth at M = 1). Smem reads are 2-way bank
-// conflicted (rows 256 bytes apart), at ~20 of the SM's 128 bytes per clock.
-constexpr int kStageCols = kChunkK * (kLoadsPerLane / 2);  // 128 columns per stage
-
-[[maybe_unused]] __device__ __forceinline__ uint32_t smem_u32(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-// kStages 2: 64 KB of ring per CTA, 3 CTAs per SM; 3: 96 KB, 2 CTAs per SM (about the same bytes in
-// flight per SM, fewer CTAs to a wave).
-template <typename T, bool kGateUp, int kStages>
-__global__ void __launch_bounds__(kThreads, kStages == 2 ? 3 : 2)
-    gemv_bulk_kernel(T* __restrict__ out, const T* __restrict__ x, const T* __restrict__ w, int m, int64_t rows,
-                     int k) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  constexpr int kChunks = kLoadsPerLane / 2;
-  constexpr int kStageElems = kTileRows * kStageCols;
-  extern __shared__ __align__(128) unsigned char bulk_smem[];
-  T* ring = reinterpret_cast<T*>(bulk_smem);  // [warp][stage][16 rows][128 columns]
-  uint64_t* bars = reinterpret_cast<uint64_t*>(bulk_smem + sizeof(T) * kWarps * kStages * kStageElems);
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int g = lane >> 2, t = lane & 3;
-  T* my_ring = ring + warp * kStages * kStageElems;
-  uint64_t* my_bars = bars + warp * kStages;
-
-  const Slice slice = warp_slice(k, warp);
-  const int c_begin = slice.begin, c_end = slice.end;
-  const int stages = c_end > c_begin ? (c_end - c_begin + kChunks - 1) / kChunks : 0;
-
-  // Copy lanes 0..15: tile row `lane`; the stage's bytes per row (the last stage of the last slice may
-  // be cut by K, a multiple of 8, so every size is a multiple of 16 bytes).
-  bool copy_ok = false;
-  const int64_t copy_row = lane < kTileRows ? tile_row<kGateUp>(lane, rows, &copy_ok) : 0;
-  copy_ok = copy_ok && lane < kTileRows;
-  const T* copy_src = w + copy_row * k;
-  int valid_rows = 0;
-#pragma unroll
-  for (int j = 0; j < kTileRows; ++j) {
-    bool ok;
-    tile_row<kGateUp>(j, rows, &ok);
-    valid_rows += ok;
-  }
-  auto issue = [&](int stage) {  // the whole warp: lane 0 arms the barrier, lanes 0..15 copy a row each
-    const int col0 = (c_begin + stage * kChunks) * kChunkK;
-    const uint32_t bytes = static_cast<uint32_t>(min(kStageCols, k - col0)) * sizeof(T);
-    uint64_t* bar = my_bars + stage % kStages;
-    if (lane == 0) {
-      asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n"
-                   :: "r"(smem_u32(bar)), "r"(bytes * valid_rows) : "memory");
-    }
-    __syncwarp();
-    if (copy_ok) {
-      T* dst = my_ring + (stage % kStages) * kStageElems + lane * kStageCols;
-      asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n"
-                   :: "r"(smem_u32(dst)), "l"(copy_src + col0), "r"(bytes), "r"(smem_u32(bar)) : "memory");
-    }
-  };
-
-  if (lane == 0) {
-#pragma unroll
-    for (int s = 0; s < kStages; ++s) {
-      asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n" :: "r"(smem_u32(my_bars + s)) : "memory");
-    }
-    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-  }
-  __syncwarp();
-  for (int s = 0; s < min(stages, kStages); ++s) issue(s);
-
-  const bool x_ok = g < m;
-  const T* xp = x + (x_ok ? g : 0) * int64_t{k} + 8 * t;
-  float acc[4] = {0.f, 0.f, 0.f, 0.f};
-  for (int s = 0; s < stages; ++s) {
-    const int c0 = c_begin + s * kChunks;
-    uint4 xv[kChunks];
-#pragma unroll
-    for (int u = 0; u < kChunks; ++u) {  // x before the wait: its latency under the copy's
-      const int col = (c0 + u) * kChunkK;
-      xv[u] = load_cached(xp + col, c0 + u < c_end && col + 8 * t < k && x_ok);
-    }
-    const uint32_t bar = smem_u32(my_bars + s % kStages);
-    const uint32_t parity = (s / kStages) & 1;
-    asm volatile(
-        "{\n"
-        "  .reg .pred done;\n"
-        "WAIT_%=:\n"
-        "  mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
-        "  @!done bra WAIT_%=;\n"
-        "}\n" :: "r"(bar), "r"(parity) : "memory");
-    const T* st = my_ring + (s % kStages) * kStageElems;
-#pragma unroll
-    for (int u = 0; u < kChunks; ++u) {
-      if (c0 + u >= c_end) break;  // warp-uniform, as in the kernel above
-      const int cs = u * kChunkK + 8 * t;  // column within the stage
-      const bool k_ok = (c0 + u) * kChunkK + 8 * t < k;  // past K the stage holds stale bytes: zeros
-      const uint4 zero = make_uint4(0, 0, 0, 0);
-      const uint4 lo = k_ok ? *reinterpret_cast<const uint4*>(st + g * kStageCols + cs) : zero;
-      const uint4 hi = k_ok ? *reinterpret_cast<const uint4*>(st + (g + 8) * kStageCols + cs) : zero;
-      mma_chunk<T>(acc, lo, hi, xv[u]);
-    }
-    if (s + kStages < stages) {  // this slot is read: refill it (the async proxy writes after our reads)
-      __syncwarp();
-      asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-      issue(s + kStages);
-    }
-  }
-  finish_tile<T, kGateUp>(out, acc, m, rows);
-#else
-  __trap();  // not launched below sm_90 (bulk_stages)
-#endif
-}
-
-int bulk_stages() {  // EPD_GEMV_BULK's ring depth (2 or 3) on an sm_90+ device; 0: the register kernel
-  static const int stages = [] {
-    const char* s = std::getenv("EPD_GEMV_BULK");
-    const int n = s != nullptr && (s[0] == '2' || s[0] == '3') && s[1] == '\0' ? s[0] - '0' : 0;
-    int device = 0, major = 0;
-    cudaGetDevice(&device);
-    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
-    return major >= 9 ? n : 0;
-  }();
-  return stages;
-}
-
-template <typename T, bool kGateUp, int kStages>
-void launch_bulk(const GemvParams& p, int64_t ctas, cudaStream_t stream) {
-  constexpr size_t kSmem = sizeof(T) * kWarps * kStages * kTileRows * kStageCols + 8 * kWarps * kStages;
-  static const bool attr = [] {
-    cudaFuncSetAttribute(gemv_bulk_kernel<T, kGateUp, kStages>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                         static_cast<int>(kSmem));
-    return true;
-  }();
-  (void)attr;
-  gemv_bulk_kernel<T, kGateUp, kStages><<<static_cast<unsigned>(ctas), kThreads, kSmem, stream>>>(
-      static_cast<T*>(p.out), static_cast<const T*>(p.x), static_cast<const T*>(p.w), p.m, p.rows,
-      static_cast<int>(p.k));
 }
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 template <bool kGateUp>
 void launch(const GemvParams& p, int64_t ctas, cudaStream_t stream) {
-  static const int bulk = bulk_stages();
   EPD_SWITCH_HALF_TYPES(p.dtype, [&] {
-    if (bulk == 2) return launch_bulk<scalar_t, kGateUp, 2>(p, ctas, stream);
-    if (bulk == 3) return launch_bulk<scalar_t, kGateUp, 3>(p, ctas, stream);
-    gemv_kernel<scalar_t, kGateUp><<<static_cast<unsigned>(ctas), kThreads, 0, stream>>>(
-        static_cast<scalar_t*>(p.out), static_cast<const scalar_t*>(p.x), static_cast<const scalar_t*>(p.w), p.m,
-        p.rows, static_cast<int>(p.k));
+    launch_pdl(gemv_kernel<scalar_t, kGateUp>, dim3(static_cast<unsigned>(ctas)), dim3(kThreads), 0, stream,
+               static_cast<scalar_t*>(p.out), static_cast<const scalar_t*>(p.x), static_cast<const scalar_t*>(p.w), p.m,
+               p.rows, static_cast<int>(p.k));
   });
 }
 
