@@ -166,8 +166,6 @@ def load_model(
     _assemble(model, params, tensors, unexpected)
     if model.lm is not None:
         model.lm.init_rope(cfg.text.max_position_embeddings)
-    if device.type == "cuda":  # the weights are written: kernels may read them before their grid
-        torch.cuda.synchronize(device)  # dependency wait (epd_kernels/common.cuh, launch_pdl)
     return model.eval()
 
 

@@ -2,7 +2,6 @@
 #include <torch/extension.h>
 
 #include "epd_kernels/attn_varlen/bind.h"
-#include "epd_kernels/common.cuh"
 #include "epd_kernels/cuda_ipc/bind.h"
 #include "epd_kernels/elementwise/bind.h"
 #include "epd_kernels/gemv/bind.h"
@@ -19,6 +18,4 @@ PYBIND11_MODULE(_epd_C, m) {
   epd::bind_sampling(m);
   epd::bind_cuda_ipc(m);
   epd::bind_image(m);
-  m.def("pdl_enabled", &epd::pdl_enabled,
-        "whether the decode kernels launch with programmatic dependent launch on this device (sm_90+, EPD_PDL != 0)");
 }

@@ -4,8 +4,6 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <cstdint>
-#include <cstdlib>
-#include <utility>
 
 namespace epd {
 
@@ -49,24 +47,6 @@ inline int num_sms() {
   return cached[dev];
 }
 
-// Whether launch_pdl asks for PDL: on sm_90+ devices unless EPD_PDL=0 (read once; cached per device).
-inline bool pdl_enabled() {
-  static const bool env_on = [] {
-    const char* s = std::getenv("EPD_PDL");
-    return s == nullptr || !(s[0] == '0' && s[1] == '\0');
-  }();
-  static int cached[64] = {};  // 0 unknown, 1 off, 2 on
-  int dev = 0;
-  cudaGetDevice(&dev);
-  if (!env_on || dev < 0 || dev >= 64) return false;
-  if (cached[dev] == 0) {
-    int major = 0;
-    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
-    cached[dev] = major >= 9 ? 2 : 1;
-  }
-  return cached[dev] == 2;
-}
-
 #ifdef __CUDACC__  // device intrinsics: not seen by the host compiler (ops.cpp files)
 __device__ __forceinline__ float warp_sum(float x) {
 #pragma unroll
@@ -77,41 +57,6 @@ __device__ __forceinline__ float warp_max(float x) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
   return x;
-}
-
-// Programmatic dependent launch (sm_90+). A kernel started with launch_pdl may begin while the
-// kernel before it on the stream is still running, so it must call pdl_wait() in every CTA before
-// any early return, before it reads anything an earlier kernel wrote and before it writes anything
-// (reading what no kernel of the stream writes, like weights, may come first). Every kernel of the
-// decode step calls pdl_launch_dependents() at its start, which lets a launch_pdl kernel after it be
-// scheduled once all of its CTAs have started. Both are no-ops in a kernel launched without PDL.
-__device__ __forceinline__ void pdl_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;\n" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void pdl_launch_dependents() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
-#endif
-}
-
-// kernel<<<grid, block, smem, stream>>>(args...), allowed to overlap the previous kernel's tail
-// (see pdl_wait). Errors are left for EPD_CHECK_LAUNCH, as with <<<>>>.
-template <typename... Params, typename... Args>
-void launch_pdl(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
-                Args&&... args) {
-  cudaLaunchAttribute attr;
-  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr.val.programmaticStreamSerializationAllowed = 1;
-  cudaLaunchConfig_t config = {};
-  config.gridDim = grid;
-  config.blockDim = block;
-  config.dynamicSmemBytes = smem;
-  config.stream = stream;
-  config.attrs = &attr;
-  config.numAttrs = pdl_enabled() ? 1 : 0;
-  (void)cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
 }
 
 #endif  // __CUDACC__

@@ -16,8 +16,6 @@
 # mode: tests/test_deterministic.py on the GPU, bench_decode with and without it, bench_epd with it);
 # splits (decode attention's GPU tests, bench_decode at batches 1-32: the split rule); ttft (idle-engine
 # TTFT of one fresh 336x336 PNG in epd, pd and aggregated: bench_epd's one-at-a-time pass, its stamps);
-# pdl (programmatic dependent launch: its GPU tests, the test against a build without the waits, bench_decode
-# with EPD_PDL=0 and on, alternating twice, the batch-1 profile);
 # Older A/Bs kept for reruns: abpen (decode graphs with and
 # without the penalty ops), prebench (with image: bench_preprocess), onecheck (with image: the token check
 # with one encoder), batchab (1080p bursts, encoder batches of 16 then 8), timeline (1080p bursts with
@@ -109,31 +107,6 @@ if [[ " $STAGES " == *" splits "* ]]; then  # issue 16: decode attention's small
     --multi-step 8 --steps 24 --no-hf
   echo "bench_decode (2 CTAs per SM below one per SM):" >> "$SUMMARY"
   grep -h "^| [0-9]" "$OUT/bench_decode_splits.log" >> "$SUMMARY"
-fi
-if [[ " $STAGES " == *" pdl "* ]]; then  # issue 16: programmatic dependent launch, A/B (EPD_PDL=0 vs on)
-  llava7b
-  stage pytest_pdl python3 -m pytest -m gpu -q --tb=short -p no:cacheprovider tests/test_pdl.py \
-    tests/test_kernels_gemv.py tests/test_kernels_rmsnorm_rope.py tests/test_kernels_attn_decode.py tests/test_cuda_engine.py
-  # the test must catch a kernel that skips its wait: the same tree built with the waits removed
-  rm -rf /tmp/nowait && cp -r . /tmp/nowait
-  sed -i 's/asm volatile("griddepcontrol.wait;\\n" ::: "memory");//' /tmp/nowait/epd_kernels/common.cuh
-  if grep -q "griddepcontrol.wait" /tmp/nowait/epd_kernels/common.cuh; then echo "nowait: sed missed" >> "$SUMMARY"
-  else
-    (cd /tmp/nowait && EPD_CACHE_DIR=/tmp/epd-cache-nowait stage build_nowait python3 -m epd_kernels.build)
-    (cd /tmp/nowait && stage pytest_pdl_nowait python3 -m pytest -m gpu -q --tb=line -p no:cacheprovider \
-      tests/test_pdl.py -k back_to_back)
-    echo "the PDL test on a build without waits (must fail): $(tail -n 1 "$OUT/pytest_pdl_nowait.log")" >> "$SUMMARY"
-  fi
-  for round in 1 2; do
-    for pdl in 0 1; do
-      EPD_PDL=$pdl stage "bench_decode_pdl${pdl}_$round" python3 scripts/bench_decode.py --model /tmp/llava-7b \
-        --batches 1,8,32 --multi-step 8 --steps 24 --no-hf
-      echo "bench_decode, EPD_PDL=$pdl, round $round:" >> "$SUMMARY"
-      grep -h "^| [0-9]" "$OUT/bench_decode_pdl${pdl}_$round.log" >> "$SUMMARY"
-    done
-  done
-  stage profile_decode_pdl python3 scripts/profile_decode.py --model /tmp/llava-7b --batch 1
-  grep -h "^timed:\|^  " "$OUT/profile_decode_pdl.log" | head -n 14 >> "$SUMMARY"
 fi
 if [[ " $STAGES " == *" ttft "* ]]; then  # issue 16: idle-engine TTFT, 1 fresh 336x336 PNG, from arrival, every mode
   llava7b

@@ -86,8 +86,6 @@ __global__ void __launch_bounds__(kDecodeThreads, decode_min_ctas<kGroup>()) pag
   const int n_q = min(kGroup, p.group - (blockIdx.y % p.q_subgroups) * kGroup);
   const int b = blockIdx.z;
   const int tid = threadIdx.x;
-  pdl_launch_dependents();
-  pdl_wait();
 
   // This split's tiles, cut from the live length (clamped to what the block table can address).
   const int seq_len = max(0, min(p.seq_lens[b], p.max_blocks * p.block_size));
@@ -327,8 +325,6 @@ template <typename T>
 __global__ void __launch_bounds__(128) paged_decode_reduce_kernel(const PagedDecodeParams p) {
   __shared__ float s_w[kDecodeMaxSplits];
   __shared__ float s_inv_sum;
-  pdl_launch_dependents();
-  pdl_wait();
   const int hq = blockIdx.x, b = blockIdx.y;
   const int S = p.num_splits;
   const int64_t row0 = (static_cast<int64_t>(b) * p.num_q_heads + hq) * S;
@@ -367,8 +363,8 @@ void launch(const PagedDecodeParams& p, cudaStream_t stream) {
     if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) != cudaSuccess) return;
   }
   const dim3 grid(p.num_splits, p.num_kv_heads * p.q_subgroups, p.batch);
-  launch_pdl(kernel, grid, dim3(kDecodeThreads), smem, stream, p);
-  if (!p.direct) launch_pdl(paged_decode_reduce_kernel<T>, dim3(p.num_q_heads, p.batch), dim3(128), 0, stream, p);
+  kernel<<<grid, kDecodeThreads, smem, stream>>>(p);
+  if (!p.direct) paged_decode_reduce_kernel<T><<<dim3(p.num_q_heads, p.batch), 128, 0, stream>>>(p);
 }
 
 }  // namespace

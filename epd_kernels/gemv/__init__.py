@@ -4,10 +4,6 @@ epd_kernels/reference.py; outputs are allocated here and filled by epd_kernels._
 The kernels take x with at most MAX_ROWS rows (leading dims flattened), K % 8 == 0, fp16 or bf16,
 contiguous 16-byte-aligned x and w on one CUDA device. Any other call runs torch (cuBLAS) instead,
 so callers may use these for every shape.
-
-w is meant to be a weight: on sm_90 the kernels start reading it before the kernels queued ahead
-of them on the stream have finished (programmatic dependent launch, epd_kernels/common.cuh), so w
-must not be written by recent kernels on that stream; x is read only after they finish.
 """
 
 from __future__ import annotations

@@ -18,8 +18,6 @@
 //     lane (120 registers, 2 CTAs) 5.43 ms, 8 loads capped at 2 CTAs by shared memory 6.08 ms,
 //     this 5.26 ms;
 //   * tokens g >= M load zeros and their output columns are dropped, so M needs no template.
-//   * launched with programmatic dependent launch (sm_90): a CTA issues its first loads of w before
-//     the grid dependency wait, so they overlap the end of the kernels ahead of it; x after it.
 // Every row's sum is formed in the same order whatever the tiling (chunks in order inside a warp's
 // slice, slices in warp order), so gate_up_silu's g and u equal linear's outputs bit for bit.
 #include <type_traits>
@@ -181,9 +179,6 @@ __global__ void __launch_bounds__(kThreads, 2)
   const Slice slice = warp_slice(k, warp);
   const int c_begin = slice.begin, c_end = slice.end;
 
-  // Weights are read before the grid dependency wait (launch_pdl): the first loads of w overlap the
-  // end of the kernel before, whose output x is read only after it.
-  pdl_launch_dependents();
   float acc[4] = {0.f, 0.f, 0.f, 0.f};
   for (int c0 = c_begin; c0 < c_end; c0 += kChunks) {
     uint4 wv[kChunks][2];
@@ -194,19 +189,13 @@ __global__ void __launch_bounds__(kThreads, 2)
       const bool k_ok = c0 + u < c_end && col + 8 * t < k;
 #pragma unroll
       for (int h = 0; h < 2; ++h) wv[u][h] = load_stream(wp[h] + col, k_ok && row_ok[h]);
-    }
-    if (c0 == c_begin) pdl_wait();  // warp-uniform; returns at once after the first time
-#pragma unroll
-    for (int u = 0; u < kChunks; ++u) {
-      const int col = (c0 + u) * kChunkK;
-      xv[u] = load_cached(xp + col, c0 + u < c_end && col + 8 * t < k && x_ok);
+      xv[u] = load_cached(xp + col, k_ok && x_ok);
     }
 #pragma unroll
     for (int u = 0; u < kChunks; ++u) {
       if (c0 + u < c_end) mma_chunk<T>(acc, wv[u][0], wv[u][1], xv[u]);  // warp-uniform: no +0 past the slice
     }
   }
-  pdl_wait();  // a warp with an empty slice (K short) never waited above
 
   finish_tile<T, kGateUp>(out, acc, m, rows);
 }
@@ -216,9 +205,9 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 template <bool kGateUp>
 void launch(const GemvParams& p, int64_t ctas, cudaStream_t stream) {
   EPD_SWITCH_HALF_TYPES(p.dtype, [&] {
-    launch_pdl(gemv_kernel<scalar_t, kGateUp>, dim3(static_cast<unsigned>(ctas)), dim3(kThreads), 0, stream,
-               static_cast<scalar_t*>(p.out), static_cast<const scalar_t*>(p.x), static_cast<const scalar_t*>(p.w), p.m,
-               p.rows, static_cast<int>(p.k));
+    gemv_kernel<scalar_t, kGateUp><<<static_cast<unsigned>(ctas), kThreads, 0, stream>>>(
+        static_cast<scalar_t*>(p.out), static_cast<const scalar_t*>(p.x), static_cast<const scalar_t*>(p.w), p.m,
+        p.rows, static_cast<int>(p.k));
   });
 }
 

@@ -15,8 +15,6 @@ __global__ void __launch_bounds__(kNormMaxThreads)
     rms_norm_kernel(const RmsNormParams p, const int tpr, const int rows_per_block) {
   using V = VecN<T, kN>;
   __shared__ float smem[32];
-  pdl_launch_dependents();
-  pdl_wait();
   const int sub = threadIdx.x / tpr;
   const int lane = threadIdx.x - sub * tpr;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * rows_per_block + sub;
@@ -96,8 +94,8 @@ template <bool kResidual> void launch(const RmsNormParams& p, cudaStream_t strea
   if (p.rows == 0) return;
   EPD_SWITCH_HALF_TYPES(p.dtype, [&] {
     dispatch_rows(norm_vectorized(p), p.rows, p.hidden, [&](auto n, auto vecs, const RowPlan& plan) {
-      launch_pdl(rms_norm_kernel<scalar_t, decltype(n)::value, decltype(vecs)::value, kResidual>,
-                 dim3(static_cast<unsigned>(plan.grid)), dim3(plan.block), 0, stream, p, plan.tpr, plan.rows_per_block);
+      rms_norm_kernel<scalar_t, decltype(n)::value, decltype(vecs)::value, kResidual>
+          <<<static_cast<unsigned>(plan.grid), plan.block, 0, stream>>>(p, plan.tpr, plan.rows_per_block);
     });
   });
 }

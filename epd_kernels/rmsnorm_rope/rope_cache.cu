@@ -25,8 +25,6 @@ __global__ void __launch_bounds__(kRopeThreads) rope_cache_kernel(const RopeCach
   constexpr int kHalf = kHeadDim / 2;
   constexpr int kChunks = kHalf / 8;
   static_assert(kHalf % 8 == 0, "head_dim / 2 must be a multiple of 8");
-  pdl_launch_dependents();
-  pdl_wait();
   const int heads = p.num_q_heads + 2 * p.num_kv_heads;
   const int64_t items = static_cast<int64_t>(heads) * kChunks;  // threads per token
   const int64_t idx = static_cast<int64_t>(blockIdx.x) * kRopeThreads + threadIdx.x;
@@ -88,7 +86,7 @@ void launch_rope_and_cache_write(const RopeCacheParams& p, cudaStream_t stream) 
     EPD_SWITCH_HEAD_DIM(p.head_dim, [&] {
       const int64_t threads = p.num_tokens * (p.num_q_heads + 2 * p.num_kv_heads) * (kHeadDim / 16);
       const unsigned grid = static_cast<unsigned>((threads + kRopeThreads - 1) / kRopeThreads);
-      launch_pdl(rope_cache_kernel<scalar_t, kHeadDim>, dim3(grid), dim3(kRopeThreads), 0, stream, p);
+      rope_cache_kernel<scalar_t, kHeadDim><<<grid, kRopeThreads, 0, stream>>>(p);
     });
   });
 }
