@@ -16,6 +16,7 @@
 # mode: tests/test_deterministic.py on the GPU, bench_decode with and without it, bench_epd with it);
 # splits (decode attention's GPU tests, bench_decode at batches 1-32: the split rule); ttft (idle-engine
 # TTFT of one fresh 336x336 PNG in epd, pd and aggregated: bench_epd's one-at-a-time pass, its stamps);
+# visattn (attention kernels vs SDPA flash and cuDNN; the tower with its attention swapped: scripts/ab_vision_attention.py).
 # Older A/Bs kept for reruns: abpen (decode graphs with and
 # without the penalty ops), prebench (with image: bench_preprocess), onecheck (with image: the token check
 # with one encoder), batchab (1080p bursts, encoder batches of 16 then 8), timeline (1080p bursts with
@@ -107,6 +108,13 @@ if [[ " $STAGES " == *" splits "* ]]; then  # issue 16: decode attention's small
     --multi-step 8 --steps 24 --no-hf
   echo "bench_decode (2 CTAs per SM below one per SM):" >> "$SUMMARY"
   grep -h "^| [0-9]" "$OUT/bench_decode_splits.log" >> "$SUMMARY"
+fi
+if [[ " $STAGES " == *" visattn "* ]]; then  # issue 16: the tower's attention, ours vs SDPA flash / cuDNN
+  llava7b
+  stage bench_attn python3 -m epd_kernels.attn_varlen.bench
+  grep -h "prefill\|vision" "$OUT/bench_attn.log" >> "$SUMMARY"
+  stage ab_vision_attention python3 scripts/ab_vision_attention.py --model /tmp/llava-7b --batches 1,8,32
+  grep -h "^|\|difference\|unavailable" "$OUT/ab_vision_attention.log" >> "$SUMMARY"
 fi
 if [[ " $STAGES " == *" ttft "* ]]; then  # issue 16: idle-engine TTFT, 1 fresh 336x336 PNG, from arrival, every mode
   llava7b
