@@ -16,7 +16,8 @@
 # mode: tests/test_deterministic.py on the GPU, bench_decode with and without it, bench_epd with it);
 # splits (decode attention's GPU tests, bench_decode at batches 1-32: the split rule); ttft (idle-engine
 # TTFT of one fresh 336x336 PNG in epd, pd and aggregated: bench_epd's one-at-a-time pass, its stamps);
-# visattn (attention kernels vs SDPA flash and cuDNN; the tower with its attention swapped: scripts/ab_vision_attention.py).
+# visattn (attention kernels vs SDPA flash and cuDNN; the tower with its attention swapped: scripts/ab_vision_attention.py);
+# fmhatiles (the attention tile A/B, EPD_FMHA_TILES=0-3: prefill/dense GPU tests, attention bench, the tower at batch 32).
 # Older A/Bs kept for reruns: abpen (decode graphs with and
 # without the penalty ops), prebench (with image: bench_preprocess), onecheck (with image: the token check
 # with one encoder), batchab (1080p bursts, encoder batches of 16 then 8), timeline (1080p bursts with
@@ -115,6 +116,21 @@ if [[ " $STAGES " == *" visattn "* ]]; then  # issue 16: the tower's attention, 
   grep -h "prefill\|vision" "$OUT/bench_attn.log" >> "$SUMMARY"
   stage ab_vision_attention python3 scripts/ab_vision_attention.py --model /tmp/llava-7b --batches 1,8,32
   grep -h "^|\|difference\|unavailable" "$OUT/ab_vision_attention.log" >> "$SUMMARY"
+fi
+if [[ " $STAGES " == *" fmhatiles "* ]]; then  # issue 16: attention tile A/B (EPD_FMHA_TILES=0..3), tests + benches
+  llava7b
+  for v in 0 1 2 3; do
+    EPD_FMHA_TILES=$v stage "pytest_fmha_tiles$v" python3 -m pytest -m gpu -q --tb=short -p no:cacheprovider \
+      tests/test_kernels_attn_prefill.py -k "dense or long or mixed"
+    EPD_FMHA_TILES=$v stage "bench_attn_tiles$v" python3 -m epd_kernels.attn_varlen.bench
+    echo "attention bench, EPD_FMHA_TILES=$v: $(tail -n 1 "$OUT/pytest_fmha_tiles$v.log")" >> "$SUMMARY"
+    grep -h "8x640\|16x577" "$OUT/bench_attn_tiles$v.log" | grep "flash" >> "$SUMMARY"
+  done
+  for v in 0 2 0 2; do  # the tower at batch 32, today's tiles and variant 2 alternating
+    EPD_FMHA_TILES=$v stage "profile_encoder_tiles$v" python3 scripts/profile_encoder.py --model /tmp/llava-7b \
+      --size 336x336 --batch 32 --batches-in-a-row 8
+    echo "tower, EPD_FMHA_TILES=$v: $(grep -h "^| 32 |" "$OUT/profile_encoder_tiles$v.log" | head -n 1)" >> "$SUMMARY"
+  done
 fi
 if [[ " $STAGES " == *" ttft "* ]]; then  # issue 16: idle-engine TTFT, 1 fresh 336x336 PNG, from arrival, every mode
   llava7b

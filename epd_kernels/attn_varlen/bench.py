@@ -97,9 +97,9 @@ def run(ceilings: dict) -> list[dict]:
 if __name__ == "__main__":
     require_cuda()
     table = run({"gemm_TFLOPs": gemm_tflops()})
-    print(f"{'case':46s} {'ms':>8s} {'TFLOP/s':>8s} {'%ceil':>6s} {'peer ms':>8s} {'vs peer':>7s}")
+    print(f"{'case':46s} {'ms':>8s} {'TFLOP/s':>8s} {'%ceil':>6s} {'peer ms':>8s} {'vs peer':>7s}  peer")
     for r in table:
         print(
             f"{r['case']:46s} {r['ms']:8.4f} {r['achieved']:8.1f} {r['pct']:6.1f} {r['peer_ms']:8.4f} "
-            f"{r['peer_ms'] / r['ms']:7.2f}x"
+            f"{r['peer_ms'] / r['ms']:7.2f}x  {r['peer']}"
         )

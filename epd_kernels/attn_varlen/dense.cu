@@ -13,7 +13,21 @@ void launch_attention_dense(const DenseAttnParams& p, cudaStream_t stream) {
   EPD_SWITCH_HALF_TYPES(p.dtype, [&] {
     EPD_SWITCH_HEAD_DIM(p.head_dim, [&] {
       using Dense = fmha::DenseProblem<scalar_t>;
-      if (large) {
+      if constexpr (kHeadDim == 64) {  // the A/B's other tiles (fmha::tiles_variant), this head_dim only
+        const int variant = large ? fmha::tiles_variant() : 0;
+        if (variant == 1) {  // 8 warps x 16 rows, Q in registers, 2 CTAs per SM (122 registers)
+          fmha::launch_fmha<scalar_t, fmha::FmhaConfig<kHeadDim, 8, 1, 64, 2>, false, Dense>(p, p.seqlen, p.batch,
+                                                                                             p.num_heads, stream);
+        } else if (variant == 2) {  // 4 warps x 16 rows, Q in registers, 4 CTAs per SM (126 registers)
+          fmha::launch_fmha<scalar_t, fmha::FmhaConfig<kHeadDim, 4, 1, 64, 4>, false, Dense>(p, p.seqlen, p.batch,
+                                                                                             p.num_heads, stream);
+        } else if (variant == 3) {  // today's tile, 3 CTAs per SM (168 registers, 16 bytes of spills)
+          fmha::launch_fmha<scalar_t, fmha::FmhaConfig<kHeadDim, 4, 2, 64, 3>, false, Dense>(p, p.seqlen, p.batch,
+                                                                                             p.num_heads, stream);
+        }
+        if (variant != 0) return;
+      }
+      if (large) {  // 222 registers at head_dim 64: 2 CTAs per SM
         fmha::launch_fmha<scalar_t, fmha::FmhaConfig<kHeadDim, 4, 2, 64>, false, Dense>(p, p.seqlen, p.batch,
                                                                                         p.num_heads, stream);
       } else {

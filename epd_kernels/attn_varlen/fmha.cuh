@@ -19,6 +19,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstdlib>
 
 #include "epd_kernels/attn_varlen/params.h"
 #include "epd_kernels/common.cuh"
@@ -477,6 +478,17 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
       }
     }
   }
+}
+
+// A/B switch (issue 16, session 17; the winner becomes the code and the switch goes): EPD_FMHA_TILES
+// = 1, 2 or 3 picks another tile configuration for the large-grid path of the dense (head_dim 64) and
+// prefill (head_dim 128) launchers; unset or anything else: today's. Read once per process.
+inline int tiles_variant() {
+  static const int v = [] {
+    const char* s = std::getenv("EPD_FMHA_TILES");
+    return s != nullptr && s[0] >= '1' && s[0] <= '3' && s[1] == '\0' ? s[0] - '0' : 0;
+  }();
+  return v;
 }
 
 // CTAs of a grid with block_m rows per CTA.

@@ -16,7 +16,21 @@ void launch_paged_attention_prefill(const PagedPrefillParams& p, cudaStream_t st
   EPD_SWITCH_HALF_TYPES(p.dtype, [&] {
     EPD_SWITCH_HEAD_DIM(p.head_dim, [&] {
       using Paged = fmha::PagedProblem<scalar_t>;
-      if (large) {
+      if constexpr (kHeadDim == 128) {  // the A/B's other tiles (fmha::tiles_variant), this head_dim only
+        const int variant = large ? fmha::tiles_variant() : 0;
+        if (variant == 1) {  // 8 warps x 16 rows, Q in registers (205 registers: 1 CTA per SM)
+          fmha::launch_fmha<scalar_t, fmha::FmhaConfig<kHeadDim, 8, 1, 64>, true, Paged>(p, rows, p.batch,
+                                                                                         p.num_kv_heads, stream);
+        } else if (variant == 2) {  // 4 warps x 16 rows, Q in registers, 2 CTAs per SM (219 registers)
+          fmha::launch_fmha<scalar_t, fmha::FmhaConfig<kHeadDim, 4, 1, 64, 2>, true, Paged>(p, rows, p.batch,
+                                                                                            p.num_kv_heads, stream);
+        } else if (variant == 3) {  // the same, 3 CTAs per SM (168 registers, 40 bytes of spills)
+          fmha::launch_fmha<scalar_t, fmha::FmhaConfig<kHeadDim, 4, 1, 64, 3>, true, Paged>(p, rows, p.batch,
+                                                                                            p.num_kv_heads, stream);
+        }
+        if (variant != 0) return;
+      }
+      if (large) {  // 255 registers and 16 bytes of spills at head_dim 128: 2 CTAs per SM
         fmha::launch_fmha<scalar_t, fmha::FmhaConfig<kHeadDim, 4, 2, 64>, true, Paged>(p, rows, p.batch,
                                                                                        p.num_kv_heads, stream);
       } else {
