@@ -21,9 +21,9 @@ void launch_attention_dense(const DenseAttnParams& p, cudaStream_t stream) {
         } else if (variant == 2) {  // 4 warps x 16 rows, Q in registers, 4 CTAs per SM (126 registers)
           fmha::launch_fmha<scalar_t, fmha::FmhaConfig<kHeadDim, 4, 1, 64, 4>, false, Dense>(p, p.seqlen, p.batch,
                                                                                              p.num_heads, stream);
-        } else if (variant == 3) {  // today's tile, 3 CTAs per SM (168 registers, 16 bytes of spills)
-          fmha::launch_fmha<scalar_t, fmha::FmhaConfig<kHeadDim, 4, 2, 64, 3>, false, Dense>(p, p.seqlen, p.batch,
-                                                                                             p.num_heads, stream);
+        } else if (variant == 3) {  // 128 rows x 128 keys, FlashAttention-2's tile at this head_dim (255 registers)
+          fmha::launch_fmha<scalar_t, fmha::FmhaConfig<kHeadDim, 4, 2, 128>, false, Dense>(p, p.seqlen, p.batch,
+                                                                                           p.num_heads, stream);
         }
         if (variant != 0) return;
       }
