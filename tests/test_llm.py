@@ -279,3 +279,39 @@ def test_finish_reason_in_every_output(llama_llm: LLM) -> None:
     assert aborted.finish_reason == aborted.outputs[0].finish_reason == "abort"
     assert aborted.token_ids == base.token_ids[:3] and llama_llm.abort(seq) is None
     assert not llama_llm.has_work() and llama_llm.engine.kv_blocks.num_free == llama_llm.runner.num_kv_blocks
+
+
+def test_block_runs_cut_blocks_into_consecutive_runs() -> None:
+    from engine.runner import block_runs
+
+    assert block_runs([]) == []
+    assert block_runs([4]) == [(0, 4, 1)]
+    assert block_runs([7, 8, 9, 2, 3]) == [(0, 7, 3), (3, 2, 2)]
+    assert block_runs([5, 3, 4, 6]) == [(0, 5, 1), (1, 3, 2), (3, 6, 1)]
+
+
+def test_encode_writes_each_item_into_its_own_block(llava_llm: LLM) -> None:
+    """runner.encode copies the tower's output into the MM arena run by run: items whose blocks
+    are scattered and out of order land in their own blocks, and no other block changes."""
+    import torch
+
+    from engine.request import Sequence
+
+    runner, pool = llava_llm.runner, llava_llm.engine.mm_blocks
+    got = pool.allocate(6)
+    assert got is not None
+    try:
+        blocks = [got[3], got[4], got[0], got[1], got[5]]  # two runs, one lone block, got[2] left out
+        size = runner.cfg.vision.image_size
+        pixels = torch.randn((len(blocks), 3, size, size), generator=torch.Generator().manual_seed(3))
+        before = runner.mm_arena.clone()
+        seq = Sequence(seq_id=-1, prompt_ids=[], sampling=SamplingParams(), seed=0, stop_token_ids=frozenset(),
+                       pixel_values=pixels, mm_blocks=blocks)
+        runner.encode([seq])
+        want = runner.encode_images(pixels)
+        for i, b in enumerate(blocks):
+            assert torch.equal(runner.mm_arena[b], want[i]), f"item {i} (block {b})"
+        untouched = [b for b in range(runner.mm_arena.shape[0]) if b not in blocks]
+        assert torch.equal(runner.mm_arena[untouched], before[untouched])
+    finally:
+        pool.free(got)
