@@ -63,3 +63,27 @@ def test_incremental_detokenizer_equals_full_decode(tok: Tokenizer) -> None:
         detok = IncrementalDetokenizer(tok)
         text = "".join(detok.add(t) for t in ids) + detok.flush()
         assert text == tok.decode(ids)
+
+
+@pytest.mark.parametrize("skip", [True, False])
+def test_decode_stream_gives_the_window_decoders_deltas(tok: Tokenizer, skip: bool) -> None:
+    """The fast path (tokenizers' DecodeStream) emits the same delta at every token as the
+    two-decode window it replaces, special tokens (ids 0-3) included, kept or skipped."""
+    import random
+
+    rng = random.Random(5)
+    for _ in range(50):
+        ids = [rng.randrange(0, tok.hf.vocab_size) for _ in range(rng.randrange(1, 80))]
+        fast, window = IncrementalDetokenizer(tok, skip), IncrementalDetokenizer(tok, skip)
+        assert fast._stream is not None, "a fast tokenizer without clean-up takes the DecodeStream path"
+        window._stream = None
+        assert [fast.add(t) for t in ids] == [window.add(t) for t in ids]
+        assert fast.flush() == window.flush()
+        assert fast.text == tok.decode(ids, skip)
+
+
+def test_a_tokenizer_that_cleans_up_spaces_keeps_the_window_decoder(tok: Tokenizer, monkeypatch) -> None:
+    """DecodeStream does not do transformers' Python-side clean-up of spaces: such tokenizers
+    decode through the window, whose text is decode()'s."""
+    monkeypatch.setattr(tok.hf, "clean_up_tokenization_spaces", True)
+    assert IncrementalDetokenizer(tok)._stream is None
