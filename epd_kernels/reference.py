@@ -35,6 +35,14 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
     return F.layer_norm(x.float(), (x.shape[-1],), weight.float(), bias.float(), eps).to(x.dtype)
 
 
+def add_layer_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (layer_norm(x + residual), x + residual); the sum is rounded to x.dtype first."""
+    new_residual = x + residual
+    return layer_norm(new_residual, weight, bias, eps), new_residual
+
+
 # ----------------------------------------------------------------------------- activations
 
 

@@ -1,4 +1,4 @@
-"""CUDA rms_norm / add_rms_norm / layer_norm / rope_and_cache_write against epd_kernels/reference.py.
+"""CUDA rms_norm / add_rms_norm / layer_norm / add_layer_norm / rope_and_cache_write against epd_kernels/reference.py.
 
 Each case: fresh seeded random inputs, outputs poisoned with NaN, the kernel compared with the fp32
 reference on upcast inputs (abs + rel tolerance, first failures printed) and its worst error held
@@ -200,6 +200,51 @@ def test_layer_norm_wrapper_3d(dtype: torch.dtype, batch: int, length: int, hidd
     assert out.shape == x.shape and out.dtype == dtype
     ref32 = ref.layer_norm(x.float(), weight.float(), bias.float(), 1e-5)
     check_close("layer_norm 3d", out, ref32, ref.layer_norm(x, weight, bias, 1e-5), 1e-4, 1.5 * unit_roundoff(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens", TOKENS)
+@pytest.mark.parametrize("hidden", HIDDEN)
+@pytest.mark.parametrize("layout", ["contiguous", "row_stride", "misaligned"])
+def test_add_layer_norm_is_the_add_then_layer_norm_bit_for_bit(
+    dtype: torch.dtype, tokens: int, hidden: int, layout: str
+) -> None:
+    """add_layer_norm (the vision tower's residual add fused into the LayerNorm after it): residual
+    becomes round(x + residual) in place, out is the layer_norm kernel's output on that sum, bit
+    for bit, in every layout (the vectorized and the scalar paths)."""
+    if layout != "contiguous" and (tokens, hidden) not in [(97, 1024), (577, 4096), (7, 100)]:
+        pytest.skip("layouts: a few shapes")
+    gen = generator(7000 * tokens + hidden)
+    x = norm_input(tokens, hidden, dtype, gen, layout, scale=2.0)
+    residual = norm_input(tokens, hidden, dtype, gen, layout, scale=4.0)
+    weight, bias = randn((hidden,), dtype, gen), randn((hidden,), dtype, gen)
+    expected_residual = x + residual
+    same_layout = norm_input(tokens, hidden, dtype, gen, layout)  # the same path (vector or scalar) as below
+    same_layout.copy_(expected_residual)
+    expected = poisoned((tokens, hidden), dtype)
+    _epd_C.layer_norm(expected, same_layout, weight, bias, 1e-5)
+    out = poisoned((tokens, hidden), dtype)
+    _epd_C.add_layer_norm(out, residual, x, weight, bias, 1e-5)
+    assert torch.equal(residual, expected_residual), "residual is not round(x + residual)"
+    assert torch.equal(out, expected), f"{int((out != expected).sum())} outputs differ from layer_norm(x + residual)"
+    ref32 = ref.layer_norm(expected_residual.float(), weight.float(), bias.float(), 1e-5)
+    check_close("add_layer_norm", out, ref32, ref.layer_norm(expected_residual, weight, bias, 1e-5), 1e-4,
+                1.5 * unit_roundoff(dtype))
+
+
+def test_add_layer_norm_wrapper_is_in_place_and_matches_reference() -> None:
+    from epd_kernels import rmsnorm_rope as ops
+
+    gen = generator(9)
+    x = randn((3, 577, 1024), torch.bfloat16, gen)
+    residual = randn((3, 577, 1024), torch.bfloat16, gen, scale=3.0)
+    weight, bias = randn((1024,), torch.bfloat16, gen), randn((1024,), torch.bfloat16, gen)
+    want_out, want_residual = ref.add_layer_norm(x, residual, weight, bias, 1e-5)
+    out, new_residual = ops.add_layer_norm(x, residual, weight, bias, 1e-5)
+    assert new_residual.data_ptr() == residual.data_ptr(), "new_residual should reuse residual's memory"
+    assert new_residual.shape == x.shape and torch.equal(new_residual, want_residual)
+    check_close("add_layer_norm wrapper", out, ref.layer_norm(want_residual.float(), weight.float(), bias.float(),
+                                                              1e-5), want_out, 1e-4, 1.5 * 2.0**-8)
 
 
 def test_layer_norm_statistics_fp32() -> None:

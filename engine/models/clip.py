@@ -23,19 +23,27 @@ class CLIPLayer(nn.Module):
         self.fc1_weight, self.fc1_bias = _weight(i, h), _weight(i)
         self.fc2_weight, self.fc2_bias = _weight(h, i), _weight(h)
 
-    def forward(self, ops: ModuleType, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [N, L, C] -> [N, L, C]."""
+    def forward(
+        self, ops: ModuleType, hidden: torch.Tensor, residual: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the previous layer's MLP output, the residual stream) [N, L, C] -> this layer's; the
+        first layer takes (its input, None). The layer's output is their sum: each residual add
+        happens in the LayerNorm after it (ops.add_layer_norm: the same bits as the add and then
+        the norm, in one pass)."""
         cfg = self.cfg
         n, length, c = hidden.shape
         eps = cfg.layer_norm_eps
-        x = ops.layer_norm(hidden, self.layer_norm1_weight, self.layer_norm1_bias, eps)
+        if residual is None:
+            residual, x = hidden, ops.layer_norm(hidden, self.layer_norm1_weight, self.layer_norm1_bias, eps)
+        else:
+            x, residual = ops.add_layer_norm(hidden, residual, self.layer_norm1_weight, self.layer_norm1_bias, eps)
         qkv = ops.linear(x, self.qkv_proj_weight, self.qkv_proj_bias).view(n, length, 3, cfg.num_heads, cfg.head_dim)
         attn = ops.attention_dense(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], cfg.head_dim**-0.5)
-        hidden = hidden + ops.linear(attn.reshape(n, length, c), self.out_proj_weight, self.out_proj_bias)
-        x = ops.layer_norm(hidden, self.layer_norm2_weight, self.layer_norm2_bias, eps)
+        out = ops.linear(attn.reshape(n, length, c), self.out_proj_weight, self.out_proj_bias)
+        x, residual = ops.add_layer_norm(out, residual, self.layer_norm2_weight, self.layer_norm2_bias, eps)
         act = ops.quick_gelu if cfg.hidden_act == "quick_gelu" else ops.gelu
         x = act(ops.linear(x, self.fc1_weight, self.fc1_bias))
-        return hidden + ops.linear(x, self.fc2_weight, self.fc2_bias)
+        return ops.linear(x, self.fc2_weight, self.fc2_bias), residual
 
 
 class VisionTower(nn.Module):
@@ -67,8 +75,11 @@ class VisionTower(nn.Module):
         cls = self.class_embedding.expand(n, 1, -1)
         hidden = torch.cat([cls, embeds], dim=1) + self.position_embedding
         hidden = ops.layer_norm(hidden, self.pre_layrnorm_weight, self.pre_layrnorm_bias, v.layer_norm_eps)
+        residual = None
         for layer in self.layers:
-            hidden = layer(ops, hidden)
+            hidden, residual = layer(ops, hidden, residual)
+        if residual is not None:
+            hidden = residual + hidden  # the last layer's output (HF's order: residual first)
         if self.cfg.vision_feature_select_strategy == "default":
             hidden = hidden[:, 1:]
         act = ops.gelu if self.cfg.projector_hidden_act == "gelu" else ops.quick_gelu

@@ -53,6 +53,21 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
     return out
 
 
+def add_layer_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x, residual [..., H], weight, bias [H] -> (normed [..., H], new_residual [..., H]).
+
+    new_residual = round(x + residual) and normed = layer_norm(new_residual, weight, bias, eps), bit
+    for bit; in place like add_rms_norm (new_residual is `residual`'s memory), one pass.
+    """
+    hidden = x.shape[-1]
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    res = residual.reshape(-1, hidden)  # a view of residual unless its layout forbids (then a copy)
+    _epd_C.add_layer_norm(out.view(-1, hidden), res, x.reshape(-1, hidden), weight, bias, eps)
+    return out, res.reshape(residual.shape)
+
+
 def rope_and_cache_write(
     q: torch.Tensor,
     k: torch.Tensor,

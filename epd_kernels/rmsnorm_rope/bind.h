@@ -15,6 +15,9 @@ inline void bind_rmsnorm_rope(pybind11::module& m) {
         py::arg("residual"), py::arg("x"), py::arg("weight"), py::arg("eps"));
   m.def("layer_norm", &layer_norm, "out[T,H] (mutated) = LayerNorm(x[T,H]) * weight[H] + bias[H]", py::arg("out"),
         py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("eps"));
+  m.def("add_layer_norm", &add_layer_norm,
+        "residual[T,H] (mutated) = x + residual; out[T,H] (mutated) = LayerNorm(residual) * weight[H] + bias[H]",
+        py::arg("out"), py::arg("residual"), py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("eps"));
   m.def("rope_and_cache_write", &rope_and_cache_write,
         "q_rot[T,Hq,D] (mutated) = RoPE(q); kv_arena (mutated) gets RoPE(k) and v at slot_mapping",
         py::arg("q_rot"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("positions"), py::arg("cos_sin"),

@@ -1,5 +1,6 @@
-// LayerNorm with fp32 statistics, two passes over the row held in registers (mean, then the
-// centred sum of squares), so x is read once and the output written once, rounded once.
+// LayerNorm and fused residual-add + LayerNorm, fp32 statistics, two passes over the row held in
+// registers (mean, then the centred sum of squares), so each input is read once and each output
+// written once; the normalised output is rounded once.
 #include "epd_kernels/common.cuh"
 #include "epd_kernels/rmsnorm_rope/params.h"
 #include "epd_kernels/rmsnorm_rope/row_vec.cuh"
@@ -8,7 +9,9 @@ namespace epd {
 namespace {
 
 // Same row layout as rms_norm_kernel: vector index j * tpr + lane, up to kVecs per thread.
-template <typename T, int kN, int kVecs>
+// kResidual: residual = round(x + residual) is written back and normalised instead of x (the same
+// arithmetic as layer_norm on that rounded sum).
+template <typename T, int kN, int kVecs, bool kResidual>
 __global__ void __launch_bounds__(kNormMaxThreads)
     layer_norm_kernel(const LayerNormParams p, const int tpr, const int rows_per_block) {
   using V = VecN<T, kN>;
@@ -26,6 +29,24 @@ __global__ void __launch_bounds__(kNormMaxThreads)
   for (int j = 0; j < kVecs; ++j) {
     const int i = j * tpr + lane;
     if (valid && i < nvec) a[j] = x[i];
+  }
+  if constexpr (kResidual) {
+    V* res = reinterpret_cast<V*>(static_cast<T*>(p.residual) + r * p.residual_row_stride);
+    V b[kVecs];
+#pragma unroll
+    for (int j = 0; j < kVecs; ++j) {
+      const int i = j * tpr + lane;
+      if (valid && i < nvec) b[j] = res[i];
+    }
+#pragma unroll
+    for (int j = 0; j < kVecs; ++j) {
+      const int i = j * tpr + lane;
+      if (valid && i < nvec) {
+#pragma unroll
+        for (int e = 0; e < kN; ++e) a[j].v[e] = from_float<T>(to_float(a[j].v[e]) + to_float(b[j].v[e]));
+        res[i] = a[j];
+      }
+    }
   }
   float sum = 0.f;
 #pragma unroll
@@ -69,16 +90,19 @@ __global__ void __launch_bounds__(kNormMaxThreads)
   }
 }
 
-}  // namespace
-
-void launch_layer_norm(const LayerNormParams& p, cudaStream_t stream) {
+template <bool kResidual> void launch(const LayerNormParams& p, cudaStream_t stream) {
   if (p.rows == 0) return;
   EPD_SWITCH_HALF_TYPES(p.dtype, [&] {
     dispatch_rows(norm_vectorized(p), p.rows, p.hidden, [&](auto n, auto vecs, const RowPlan& plan) {
-      layer_norm_kernel<scalar_t, decltype(n)::value, decltype(vecs)::value>
+      layer_norm_kernel<scalar_t, decltype(n)::value, decltype(vecs)::value, kResidual>
           <<<static_cast<unsigned>(plan.grid), plan.block, 0, stream>>>(p, plan.tpr, plan.rows_per_block);
     });
   });
 }
+
+}  // namespace
+
+void launch_layer_norm(const LayerNormParams& p, cudaStream_t stream) { launch<false>(p, stream); }
+void launch_add_layer_norm(const LayerNormParams& p, cudaStream_t stream) { launch<true>(p, stream); }
 
 }  // namespace epd

@@ -96,6 +96,38 @@ void run_rms_norm(torch::Tensor& out, const torch::Tensor& x, const torch::Tenso
   EPD_CHECK_LAUNCH();
 }
 
+// residual == nullptr: plain LayerNorm.
+void run_layer_norm(torch::Tensor& out, const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& bias,
+                    double eps, torch::Tensor* residual) {
+  const DType dtype = check_norm_io(out, x, weight);
+  check_vector(bias, "bias", x);
+  if (residual != nullptr) {
+    check_rows(*residual, "residual", x);
+    TORCH_CHECK(out.data_ptr() != residual->data_ptr(), "out must not alias residual");
+  }
+  const c10::cuda::CUDAGuard guard(x.device());
+  LayerNormParams p{};
+  p.out = out.data_ptr();
+  p.x = x.data_ptr();
+  p.residual = residual != nullptr ? residual->data_ptr() : nullptr;
+  p.weight = weight.data_ptr();
+  p.bias = bias.data_ptr();
+  p.rows = x.size(0);
+  p.hidden = static_cast<int>(x.size(1));
+  p.out_row_stride = row_stride(out);
+  p.x_row_stride = row_stride(x);
+  p.residual_row_stride = residual != nullptr ? row_stride(*residual) : 0;
+  p.eps = static_cast<float>(eps);
+  p.dtype = dtype;
+  check_hidden(x.size(1), norm_vectorized(p));
+  if (residual != nullptr) {
+    launch_add_layer_norm(p, current_stream(x));
+  } else {
+    launch_layer_norm(p, current_stream(x));
+  }
+  EPD_CHECK_LAUNCH();
+}
+
 }  // namespace
 
 void rms_norm(torch::Tensor& out, const torch::Tensor& x, const torch::Tensor& weight, double eps) {
@@ -109,23 +141,12 @@ void add_rms_norm(torch::Tensor& out, torch::Tensor& residual, const torch::Tens
 
 void layer_norm(torch::Tensor& out, const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& bias,
                 double eps) {
-  const DType dtype = check_norm_io(out, x, weight);
-  check_vector(bias, "bias", x);
-  const c10::cuda::CUDAGuard guard(x.device());
-  LayerNormParams p{};
-  p.out = out.data_ptr();
-  p.x = x.data_ptr();
-  p.weight = weight.data_ptr();
-  p.bias = bias.data_ptr();
-  p.rows = x.size(0);
-  p.hidden = static_cast<int>(x.size(1));
-  p.out_row_stride = row_stride(out);
-  p.x_row_stride = row_stride(x);
-  p.eps = static_cast<float>(eps);
-  p.dtype = dtype;
-  check_hidden(x.size(1), norm_vectorized(p));
-  launch_layer_norm(p, current_stream(x));
-  EPD_CHECK_LAUNCH();
+  run_layer_norm(out, x, weight, bias, eps, nullptr);
+}
+
+void add_layer_norm(torch::Tensor& out, torch::Tensor& residual, const torch::Tensor& x, const torch::Tensor& weight,
+                    const torch::Tensor& bias, double eps) {
+  run_layer_norm(out, x, weight, bias, eps, &residual);
 }
 
 namespace {

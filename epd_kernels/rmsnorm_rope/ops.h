@@ -15,6 +15,10 @@ void add_rms_norm(torch::Tensor& out, torch::Tensor& residual, const torch::Tens
 void layer_norm(torch::Tensor& out, const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& bias,
                 double eps);
 
+// residual [T, H] (mutated, in place) = round(x + residual); out [T, H] (mutated) = layer_norm(residual).
+void add_layer_norm(torch::Tensor& out, torch::Tensor& residual, const torch::Tensor& x, const torch::Tensor& weight,
+                    const torch::Tensor& bias, double eps);
+
 // q_rot [T, Hq, D] (mutated) = rope(q); kv_arena (mutated) [.., layer, 0/1, slot] = rope(k) / v for
 // slot_mapping >= 0. q/k/v [T, H, D] with contiguous heads and any 16-byte-aligned row stride.
 void rope_and_cache_write(torch::Tensor& q_rot, const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,

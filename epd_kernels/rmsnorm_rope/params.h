@@ -1,5 +1,5 @@
 // Parameter structs for the rmsnorm_rope family (POD, no torch): rms_norm, add_rms_norm,
-// layer_norm and rope_and_cache_write. Strides are in elements; pointers are device pointers.
+// layer_norm, add_layer_norm and rope_and_cache_write. Strides are in elements; pointers are device pointers.
 #pragma once
 #include <cstdint>
 #include <initializer_list>
@@ -22,15 +22,17 @@ struct RmsNormParams {
   DType dtype;           // of every tensor above
 };
 
-// out = (x - mean) * rsqrt(var + eps) * weight + bias, statistics in fp32, one rounding.
+// layer_norm: out = (x - mean) * rsqrt(var + eps) * weight + bias, statistics in fp32, one rounding.
+// add_layer_norm: residual = round(x + residual) (in place), then out = layer_norm(residual).
 struct LayerNormParams {
   void* out;             // [rows, hidden]
   const void* x;         // [rows, hidden]
+  void* residual;        // add_layer_norm only: [rows, hidden], read and overwritten; nullptr for layer_norm
   const void* weight;    // [hidden]
   const void* bias;      // [hidden]
   int64_t rows;
   int hidden;
-  int64_t out_row_stride, x_row_stride;
+  int64_t out_row_stride, x_row_stride, residual_row_stride;
   float eps;
   DType dtype;
 };
@@ -82,12 +84,14 @@ inline bool norm_vectorized(const RmsNormParams& p) {
                               {p.out_row_stride, p.x_row_stride, p.residual ? p.residual_row_stride : 0});
 }
 inline bool norm_vectorized(const LayerNormParams& p) {
-  return norm_rows_vectorized(p.hidden, {p.out, p.x, p.weight, p.bias}, {p.out_row_stride, p.x_row_stride});
+  return norm_rows_vectorized(p.hidden, {p.out, p.x, p.residual, p.weight, p.bias},
+                              {p.out_row_stride, p.x_row_stride, p.residual ? p.residual_row_stride : 0});
 }
 
 void launch_rms_norm(const RmsNormParams& p, cudaStream_t stream);
 void launch_add_rms_norm(const RmsNormParams& p, cudaStream_t stream);
 void launch_layer_norm(const LayerNormParams& p, cudaStream_t stream);
+void launch_add_layer_norm(const LayerNormParams& p, cudaStream_t stream);
 void launch_rope_and_cache_write(const RopeCacheParams& p, cudaStream_t stream);
 
 }  // namespace epd
