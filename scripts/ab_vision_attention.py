@@ -40,15 +40,16 @@ def sdpa_attention(backend):
 
 
 def main(argv: list[str] | None = None) -> None:
-    from argparse import ArgumentParser
-
     from torch.nn.attention import SDPBackend
 
-    p = ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", required=True)
-    p.add_argument("--batches", default="1,8,32")
+    from engine.cli import ArgumentParser, require_cuda_backend
+
+    p = ArgumentParser(description=__doc__)
+    p.add_argument("--model", required=True, help="LLaVA checkpoint dir (e.g. from scripts/make_random_model.py)")
+    p.add_argument("--batches", default="1,8,32", help="image batch sizes, comma-separated")
     args = p.parse_args(argv)
     batches = int_list("--batches", args.batches)
+    require_cuda_backend("the attention A/B")
     llm = LLM(args.model, backend="cuda", dtype="bfloat16", device="cuda", max_num_seqs=8,
               max_images_per_batch=max(batches), cuda_graphs=False)
     runner = llm.runner
