@@ -31,22 +31,8 @@ __global__ void __launch_bounds__(kNormMaxThreads)
     if (valid && i < nvec) a[j] = x[i];
   }
   if constexpr (kResidual) {
-    V* res = reinterpret_cast<V*>(static_cast<T*>(p.residual) + r * p.residual_row_stride);
-    V b[kVecs];
-#pragma unroll
-    for (int j = 0; j < kVecs; ++j) {
-      const int i = j * tpr + lane;
-      if (valid && i < nvec) b[j] = res[i];
-    }
-#pragma unroll
-    for (int j = 0; j < kVecs; ++j) {
-      const int i = j * tpr + lane;
-      if (valid && i < nvec) {
-#pragma unroll
-        for (int e = 0; e < kN; ++e) a[j].v[e] = from_float<T>(to_float(a[j].v[e]) + to_float(b[j].v[e]));
-        res[i] = a[j];
-      }
-    }
+    add_residual<T, kN, kVecs>(a, reinterpret_cast<V*>(static_cast<T*>(p.residual) + r * p.residual_row_stride),
+                               valid, nvec, tpr, lane);
   }
   float sum = 0.f;
 #pragma unroll

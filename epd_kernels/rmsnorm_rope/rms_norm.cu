@@ -24,46 +24,24 @@ __global__ void __launch_bounds__(kNormMaxThreads)
 
   const V* x = reinterpret_cast<const V*>(static_cast<const T*>(p.x) + r * p.x_row_stride);
   V a[kVecs];
-  float sum_sq = 0.f;
+#pragma unroll
+  for (int j = 0; j < kVecs; ++j) {
+    const int i = j * tpr + lane;
+    if (valid && i < nvec) a[j] = x[i];
+  }
   if constexpr (kResidual) {
-    V* res = reinterpret_cast<V*>(static_cast<T*>(p.residual) + r * p.residual_row_stride);
-    V b[kVecs];
+    add_residual<T, kN, kVecs>(a, reinterpret_cast<V*>(static_cast<T*>(p.residual) + r * p.residual_row_stride),
+                               valid, nvec, tpr, lane);
+  }
+  float sum_sq = 0.f;
 #pragma unroll
-    for (int j = 0; j < kVecs; ++j) {
-      const int i = j * tpr + lane;
-      if (valid && i < nvec) {
-        a[j] = x[i];
-        b[j] = res[i];
-      }
-    }
+  for (int j = 0; j < kVecs; ++j) {
+    const int i = j * tpr + lane;
+    if (valid && i < nvec) {
 #pragma unroll
-    for (int j = 0; j < kVecs; ++j) {
-      const int i = j * tpr + lane;
-      if (valid && i < nvec) {
-#pragma unroll
-        for (int e = 0; e < kN; ++e) {
-          a[j].v[e] = from_float<T>(to_float(a[j].v[e]) + to_float(b[j].v[e]));
-          const float f = to_float(a[j].v[e]);
-          sum_sq += f * f;
-        }
-        res[i] = a[j];
-      }
-    }
-  } else {
-#pragma unroll
-    for (int j = 0; j < kVecs; ++j) {
-      const int i = j * tpr + lane;
-      if (valid && i < nvec) a[j] = x[i];
-    }
-#pragma unroll
-    for (int j = 0; j < kVecs; ++j) {
-      const int i = j * tpr + lane;
-      if (valid && i < nvec) {
-#pragma unroll
-        for (int e = 0; e < kN; ++e) {
-          const float f = to_float(a[j].v[e]);
-          sum_sq += f * f;
-        }
+      for (int e = 0; e < kN; ++e) {
+        const float f = to_float(a[j].v[e]);
+        sum_sq += f * f;
       }
     }
   }

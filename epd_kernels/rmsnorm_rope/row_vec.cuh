@@ -14,6 +14,29 @@ template <typename T, int kN> struct alignas(sizeof(T) * kN) VecN {
   T v[kN];
 };
 
+// The fused residual add of add_rms_norm / add_layer_norm: this thread's vectors a[j] (vector index
+// j * tpr + lane of a row, those < nvec when `valid`) become round(a + residual), written back to
+// the residual row `res` as well.
+template <typename T, int kN, int kVecs>
+__device__ __forceinline__ void add_residual(VecN<T, kN> (&a)[kVecs], VecN<T, kN>* res, bool valid, int nvec,
+                                             int tpr, int lane) {
+  VecN<T, kN> b[kVecs];
+#pragma unroll
+  for (int j = 0; j < kVecs; ++j) {
+    const int i = j * tpr + lane;
+    if (valid && i < nvec) b[j] = res[i];
+  }
+#pragma unroll
+  for (int j = 0; j < kVecs; ++j) {
+    const int i = j * tpr + lane;
+    if (valid && i < nvec) {
+#pragma unroll
+      for (int e = 0; e < kN; ++e) a[j].v[e] = from_float<T>(to_float(a[j].v[e]) + to_float(b[j].v[e]));
+      res[i] = a[j];
+    }
+  }
+}
+
 // Sum of `v` over the `tpr` threads that share a row. tpr is uniform over the block and either a
 // power of two <= 32 (rows packed in aligned lane groups of a warp; every lane of the warp must call)
 // or a multiple of 32 equal to blockDim.x (one row per block; every thread must call: barriers).
