@@ -24,15 +24,8 @@ __global__ void __launch_bounds__(kNormMaxThreads)
 
   const V* x = reinterpret_cast<const V*>(static_cast<const T*>(p.x) + r * p.x_row_stride);
   V a[kVecs];
-#pragma unroll
-  for (int j = 0; j < kVecs; ++j) {
-    const int i = j * tpr + lane;
-    if (valid && i < nvec) a[j] = x[i];
-  }
-  if constexpr (kResidual) {
-    add_residual<T, kN, kVecs>(a, reinterpret_cast<V*>(static_cast<T*>(p.residual) + r * p.residual_row_stride),
-                               valid, nvec, tpr, lane);
-  }
+  V* res = kResidual ? reinterpret_cast<V*>(static_cast<T*>(p.residual) + r * p.residual_row_stride) : nullptr;
+  load_row<T, kN, kVecs, kResidual>(a, x, res, valid, nvec, tpr, lane);
   float sum_sq = 0.f;
 #pragma unroll
   for (int j = 0; j < kVecs; ++j) {

@@ -14,12 +14,18 @@ template <typename T, int kN> struct alignas(sizeof(T) * kN) VecN {
   T v[kN];
 };
 
-// The fused residual add of add_rms_norm / add_layer_norm: this thread's vectors a[j] (vector index
-// j * tpr + lane of a row, those < nvec when `valid`) become round(a + residual), written back to
-// the residual row `res` as well.
-template <typename T, int kN, int kVecs>
-__device__ __forceinline__ void add_residual(VecN<T, kN> (&a)[kVecs], VecN<T, kN>* res, bool valid, int nvec,
-                                             int tpr, int lane) {
+// This thread's vectors of a row (vector index j * tpr + lane, those < nvec when `valid`) into a[j];
+// kResidual (add_rms_norm / add_layer_norm): a[j] = round(x + residual), written back to the
+// residual row `res` as well.
+template <typename T, int kN, int kVecs, bool kResidual>
+__device__ __forceinline__ void load_row(VecN<T, kN> (&a)[kVecs], const VecN<T, kN>* x, VecN<T, kN>* res, bool valid,
+                                         int nvec, int tpr, int lane) {
+#pragma unroll
+  for (int j = 0; j < kVecs; ++j) {
+    const int i = j * tpr + lane;
+    if (valid && i < nvec) a[j] = x[i];
+  }
+  if constexpr (!kResidual) return;
   VecN<T, kN> b[kVecs];
 #pragma unroll
   for (int j = 0; j < kVecs; ++j) {
