@@ -30,9 +30,9 @@ def test_cuda_ops_mirror_reference() -> None:
             for alias in node.names:
                 assert alias.name in wrappers, f"{family} has no wrapper {alias.name}"
                 exported[alias.name] = wrappers[alias.name]
-    model_ops = {"rms_norm", "add_rms_norm", "layer_norm", "add_layer_norm", "silu_and_mul", "gelu", "quick_gelu", "embed_tokens",
-                 "rope_and_cache_write", "paged_attention_prefill", "paged_attention_decode", "attention_dense",
-                 "sample", "apply_penalties", "record_tokens", "linear", "gate_up_silu"}
+    model_ops = {"rms_norm", "add_rms_norm", "layer_norm", "add_layer_norm", "silu_and_mul", "gelu", "quick_gelu",
+                 "embed_tokens", "rope_and_cache_write", "paged_attention_prefill", "paged_attention_decode",
+                 "attention_dense", "sample", "apply_penalties", "record_tokens", "linear", "gate_up_silu"}
     assert set(exported) == model_ops
     for name, args in exported.items():
         ref_args = list(inspect.signature(getattr(reference, name)).parameters)
