@@ -137,9 +137,10 @@ class IncrementalDetokenizer:
         self.prefix_offset = 0
         self.read_offset = 0
         self.text = ""
-        self._backend = getattr(tokenizer.hf, "backend_tokenizer", None)
+        hf = getattr(tokenizer, "hf", None)  # an engine Tokenizer's transformers tokenizer
+        self._backend = getattr(hf, "backend_tokenizer", None)
         self._stream = None
-        if self._backend is not None and not getattr(tokenizer.hf, "clean_up_tokenization_spaces", False):
+        if self._backend is not None and not getattr(hf, "clean_up_tokenization_spaces", False):
             try:
                 from tokenizers.decoders import DecodeStream
             except ImportError:  # tokenizers < 0.21

@@ -290,16 +290,17 @@ def test_block_runs_cut_blocks_into_consecutive_runs() -> None:
     assert block_runs([5, 3, 4, 6]) == [(0, 5, 1), (1, 3, 2), (3, 6, 1)]
 
 
-def test_encode_writes_each_item_into_its_own_block(llava_llm: LLM) -> None:
+def test_encode_writes_each_item_into_its_own_block(tiny_llava: Path) -> None:
     """runner.encode copies the tower's output into the MM arena run by run: items whose blocks
     are scattered and out of order land in their own blocks, and no other block changes."""
     import torch
 
     from engine.request import Sequence
 
-    runner, pool = llava_llm.runner, llava_llm.engine.mm_blocks
+    llm = LLM(tiny_llava, backend="torch", device="cpu", mm_cache=False)  # its own arena, all blocks free
+    runner, pool = llm.runner, llm.engine.mm_blocks
     got = pool.allocate(6)
-    assert got is not None
+    assert got is not None, f"{pool.num_free} MM blocks free"
     try:
         blocks = [got[3], got[4], got[0], got[1], got[5]]  # two runs, one lone block, got[2] left out
         size = runner.cfg.vision.image_size
