@@ -141,12 +141,9 @@ class IncrementalDetokenizer:
         self._backend = getattr(hf, "backend_tokenizer", None)
         self._stream = None
         if self._backend is not None and not getattr(hf, "clean_up_tokenization_spaces", False):
-            try:
-                from tokenizers.decoders import DecodeStream
-            except ImportError:  # tokenizers < 0.21
-                DecodeStream = None
-            if DecodeStream is not None:
-                self._stream = DecodeStream(skip_special_tokens=skip_special_tokens)
+            from tokenizers.decoders import DecodeStream  # tokenizers >= 0.23 (transformers 5.17's pin)
+
+            self._stream = DecodeStream(skip_special_tokens=skip_special_tokens)
 
     def add(self, token_id: int) -> str:
         """Append one token; return the newly complete text (possibly empty)."""

@@ -55,25 +55,26 @@ void check_hidden(int64_t hidden, bool vectorized) {
               vectorized ? "" : " for rows that are not 16-byte aligned or whose size is not a multiple of 8");
 }
 
-// x (fp16/bf16, [T, H]) and out; returns x's dtype.
-DType check_norm_io(const torch::Tensor& out, const torch::Tensor& x, const torch::Tensor& weight) {
+// x (fp16/bf16, [T, H]), out and, for the add_ variants, residual; returns x's dtype.
+DType check_norm_io(const torch::Tensor& out, const torch::Tensor& x, const torch::Tensor& weight,
+                    const torch::Tensor* residual) {
   EPD_CHECK_CUDA(x);
   const DType dtype = half_dtype(x, "x");
   TORCH_CHECK(x.dim() == 2, "x must be 2-D [T, H], got shape ", x.sizes());
   check_rows(x, "x", x);
   check_rows(out, "out", x);
   check_vector(weight, "weight", x);
+  if (residual != nullptr) {
+    check_rows(*residual, "residual", x);
+    TORCH_CHECK(out.data_ptr() != residual->data_ptr(), "out must not alias residual");
+  }
   return dtype;
 }
 
 // residual == nullptr: plain RMSNorm.
 void run_rms_norm(torch::Tensor& out, const torch::Tensor& x, const torch::Tensor& weight, double eps,
                   torch::Tensor* residual) {
-  const DType dtype = check_norm_io(out, x, weight);
-  if (residual != nullptr) {
-    check_rows(*residual, "residual", x);
-    TORCH_CHECK(out.data_ptr() != residual->data_ptr(), "out must not alias residual");
-  }
+  const DType dtype = check_norm_io(out, x, weight, residual);
   const c10::cuda::CUDAGuard guard(x.device());
   RmsNormParams p{};
   p.out = out.data_ptr();
@@ -99,12 +100,8 @@ void run_rms_norm(torch::Tensor& out, const torch::Tensor& x, const torch::Tenso
 // residual == nullptr: plain LayerNorm.
 void run_layer_norm(torch::Tensor& out, const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& bias,
                     double eps, torch::Tensor* residual) {
-  const DType dtype = check_norm_io(out, x, weight);
+  const DType dtype = check_norm_io(out, x, weight, residual);
   check_vector(bias, "bias", x);
-  if (residual != nullptr) {
-    check_rows(*residual, "residual", x);
-    TORCH_CHECK(out.data_ptr() != residual->data_ptr(), "out must not alias residual");
-  }
   const c10::cuda::CUDAGuard guard(x.device());
   LayerNormParams p{};
   p.out = out.data_ptr();

@@ -25,20 +25,21 @@ __device__ __forceinline__ void load_row(VecN<T, kN> (&a)[kVecs], const VecN<T, 
     const int i = j * tpr + lane;
     if (valid && i < nvec) a[j] = x[i];
   }
-  if constexpr (!kResidual) return;
-  VecN<T, kN> b[kVecs];
+  if constexpr (kResidual) {
+    VecN<T, kN> b[kVecs];
 #pragma unroll
-  for (int j = 0; j < kVecs; ++j) {
-    const int i = j * tpr + lane;
-    if (valid && i < nvec) b[j] = res[i];
-  }
+    for (int j = 0; j < kVecs; ++j) {
+      const int i = j * tpr + lane;
+      if (valid && i < nvec) b[j] = res[i];
+    }
 #pragma unroll
-  for (int j = 0; j < kVecs; ++j) {
-    const int i = j * tpr + lane;
-    if (valid && i < nvec) {
+    for (int j = 0; j < kVecs; ++j) {
+      const int i = j * tpr + lane;
+      if (valid && i < nvec) {
 #pragma unroll
-      for (int e = 0; e < kN; ++e) a[j].v[e] = from_float<T>(to_float(a[j].v[e]) + to_float(b[j].v[e]));
-      res[i] = a[j];
+        for (int e = 0; e < kN; ++e) a[j].v[e] = from_float<T>(to_float(a[j].v[e]) + to_float(b[j].v[e]));
+        res[i] = a[j];
+      }
     }
   }
 }
