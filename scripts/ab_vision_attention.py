@@ -70,11 +70,11 @@ def main(argv: list[str] | None = None) -> None:
     usable = {}
     for label, ops in variants.items():
         try:
-            usable[label] = ops
             tower(ops, batches[0])
         except RuntimeError as e:
             print(f"{label}: unavailable: {str(e).splitlines()[0][:160]}")
-            usable.pop(label)
+            continue
+        usable[label] = ops
     ref = tower(runner.ops, min(8, max(batches))).float()
     for label, ops in usable.items():
         diff = (tower(ops, min(8, max(batches))).float() - ref).abs().max().item()
